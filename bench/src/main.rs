@@ -1,0 +1,40 @@
+//! Dormouse benchmark commands. Run with: `cargo run --release -p dormouse-bench -- <scenario>`.
+//!
+//! Each scenario prints one JSON object: its figures and the parameters that produced them,
+//! so a result can be pasted into docs/BENCHMARKS.md and re-run exactly.
+//!
+//! # Layout
+//! - `activation`: activation, hibernation and wake cost of many objects, in process.
+//! - `storage_churn`: the storage engine under the replay-buffer workload.
+//! - `proc`: memory figures from `/proc/self/status`.
+
+mod activation;
+mod proc;
+mod storage_churn;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(about = "Dormouse benchmarks; each prints one JSON line")]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// Activate N objects (each writes one event), let them hibernate, then wake a sample.
+    Activation(activation::Args),
+    /// Append to 1,000 logs trimmed to their last 1,000 events; disk size and RSS over time.
+    StorageChurn(storage_churn::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let report = match cli.scenario {
+        Scenario::Activation(args) => serde_json::to_string(&activation::run(args)?)?,
+        Scenario::StorageChurn(args) => serde_json::to_string(&storage_churn::run(args)?)?,
+    };
+    println!("{report}");
+    Ok(())
+}

@@ -1,0 +1,25 @@
+use axum::Json;
+use axum::extract::State;
+use serde_json::{Value, json};
+
+use crate::{ApiError, AppState};
+
+/// Liveness: the process is up and serving HTTP. Never touches storage, so a slow disk does
+/// not get a healthy process restarted.
+pub(crate) async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// Readiness: storage answers, so requests routed here can succeed.
+pub(crate) async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let storage = state.runtime.storage().clone();
+    let size = tokio::task::spawn_blocking(move || storage.size_on_disk())
+        .await
+        .map_err(|e| ApiError::unavailable(format!("storage check did not finish: {e}")))?
+        .map_err(|e| ApiError::unavailable(format!("storage is not ready: {e}")))?;
+    Ok(Json(json!({
+        "status": "ready",
+        "durability": state.runtime.storage().durability().to_string(),
+        "storage_bytes": size,
+    })))
+}

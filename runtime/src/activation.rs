@@ -1,0 +1,260 @@
+//! One live object, hosted by a ractor actor. Private to the crate: users see [`Object`].
+//!
+//! The actor processes its mailbox one message at a time, which is what makes requests to an
+//! object never overlap. It builds the object lazily on the first request (so a failed
+//! activation fails that request rather than the spawn), and rebuilds it after any failure.
+
+use std::any::Any;
+use std::marker::PhantomData;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use dormouse_storage::{ObjectId, Storage};
+use futures::FutureExt;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use crate::context::{Context, Effect};
+use crate::gate::Gate;
+use crate::namespace::Shared;
+use crate::{Error, Object, Result};
+
+/// Messages an activation understands.
+pub(crate) enum ActivationMsg<O: Object> {
+    /// A request from a caller, counted in the slot's `inflight` before it was sent.
+    Call {
+        request: O::Request,
+        reply: oneshot::Sender<Result<O::Response>>,
+    },
+    /// The idle timer fired; hibernate if nothing happened since.
+    IdleCheck,
+    /// Orderly shutdown: release everything gated, then stop.
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// The ractor actor type; a marker, all state lives in [`ActivationState`].
+pub(crate) struct ObjectActor<O>(PhantomData<fn() -> O>);
+
+impl<O> ObjectActor<O> {
+    pub(crate) fn new() -> Self {
+        Self(PhantomData)
+    }
+}
+
+/// What a new activation is told by the directory that spawned it.
+pub(crate) struct ActivationArgs<O: Object> {
+    pub(crate) shared: Arc<Shared<O>>,
+    pub(crate) id: ObjectId,
+    /// Distinguishes this activation's directory slot from a later one for the same name.
+    pub(crate) generation: u64,
+    /// Requests sent to this activation and not yet processed; shared with the slot.
+    pub(crate) inflight: Arc<AtomicUsize>,
+}
+
+pub(crate) struct ActivationState<O: Object> {
+    args: ActivationArgs<O>,
+    /// `None` before the first request and after a failure: rebuilt from storage on demand.
+    object: Option<O>,
+    gate: Gate,
+    last_active: Instant,
+}
+
+impl<O: Object> Actor for ObjectActor<O> {
+    type Msg = ActivationMsg<O>;
+    type State = ActivationState<O>;
+    type Arguments = ActivationArgs<O>;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: Self::Arguments,
+    ) -> std::result::Result<Self::State, ActorProcessingErr> {
+        schedule_idle_check(&myself, args.shared.config.idle_timeout);
+        Ok(ActivationState {
+            args,
+            object: None,
+            gate: Gate::default(),
+            last_active: Instant::now(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> std::result::Result<(), ActorProcessingErr> {
+        match message {
+            ActivationMsg::Call { request, reply } => {
+                state.last_active = Instant::now();
+                state.call(request, reply).await;
+                state.args.inflight.fetch_sub(1, Ordering::AcqRel);
+            }
+            ActivationMsg::IdleCheck => {
+                let idle_timeout = state.args.shared.config.idle_timeout;
+                let idle_for = state.last_active.elapsed();
+                if idle_for < idle_timeout {
+                    schedule_idle_check(&myself, idle_timeout - idle_for);
+                } else if state.args.shared.try_retire(&state.args) {
+                    debug!(object = %state.args.id, "hibernating");
+                    myself.stop(None);
+                } else {
+                    // A request is queued behind this check; it will refresh `last_active`.
+                    schedule_idle_check(&myself, idle_timeout);
+                }
+            }
+            ActivationMsg::Shutdown(done) => {
+                state.gate.drain().await;
+                let _ = done.send(());
+                myself.stop(None);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn schedule_idle_check<O: Object>(myself: &ActorRef<ActivationMsg<O>>, after: Duration) {
+    // The timer task is detached; if the actor is gone when it fires, the send just fails.
+    drop(myself.send_after(after, || ActivationMsg::IdleCheck));
+}
+
+impl<O: Object> ActivationState<O> {
+    async fn call(&mut self, request: O::Request, reply: oneshot::Sender<Result<O::Response>>) {
+        let shared = self.args.shared.clone();
+        shared.counters.requests.fetch_add(1, Ordering::Relaxed);
+        if self.gate.take_poisoned() {
+            self.object = None;
+        }
+        if self.object.is_none() {
+            match self.activate().await {
+                Ok(object) => self.object = Some(object),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+            }
+        }
+        let Some(object) = self.object.as_mut() else {
+            return;
+        };
+        let storage: &dyn Storage = &*shared.storage;
+        let mut ctx = Context::new(&self.args.id, storage);
+        let outcome = AssertUnwindSafe(object.handle(&mut ctx, request))
+            .catch_unwind()
+            .await;
+        match settle(&self.args.id, &shared, outcome) {
+            Ok(response) => {
+                let (batch, effects) = ctx.finish();
+                match commit(&self.args.id, storage, batch) {
+                    Ok(sync) => self.gate.submit(sync, release(effects, reply, response)),
+                    Err(e) => {
+                        self.object = None;
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            Err(e) => {
+                self.object = None;
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    async fn activate(&mut self) -> Result<O> {
+        let shared = self.args.shared.clone();
+        let storage: &dyn Storage = &*shared.storage;
+        let mut ctx = Context::new(&self.args.id, storage);
+        let outcome = AssertUnwindSafe(O::activate(&mut ctx, &shared.env))
+            .catch_unwind()
+            .await;
+        let object = settle(&self.args.id, &shared, outcome)?;
+        let (batch, effects) = ctx.finish();
+        let sync = commit(&self.args.id, storage, batch)?;
+        self.gate.submit(
+            sync,
+            Box::new(move |outcome| {
+                if outcome.is_ok() {
+                    run_effects(effects);
+                }
+            }),
+        );
+        shared.counters.activations.fetch_add(1, Ordering::Relaxed);
+        debug!(object = %self.args.id, "activated");
+        Ok(object)
+    }
+}
+
+/// Turns a handler's outcome (including a panic) into the runtime's error vocabulary.
+fn settle<O: Object, T>(
+    id: &ObjectId,
+    shared: &Shared<O>,
+    outcome: std::thread::Result<anyhow::Result<T>>,
+) -> Result<T> {
+    let error = match outcome {
+        Ok(Ok(value)) => return Ok(value),
+        Ok(Err(e)) => Error::Handler {
+            id: id.to_string(),
+            message: format!("{e:#}"),
+        },
+        Err(panic) => Error::Panicked {
+            id: id.to_string(),
+            message: panic_message(panic.as_ref()),
+        },
+    };
+    shared.counters.failures.fetch_add(1, Ordering::Relaxed);
+    warn!(object = %id, error = %error, "object failed; it will be rebuilt from storage");
+    Err(error)
+}
+
+fn panic_message(panic: &(dyn Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_string()
+    }
+}
+
+/// Applies a handler's writes; returns the commit to wait for, or `None` if it wrote nothing.
+fn commit(
+    id: &ObjectId,
+    storage: &dyn Storage,
+    batch: dormouse_storage::WriteBatch,
+) -> Result<Option<dormouse_storage::SyncFuture>> {
+    if batch.is_empty() {
+        return Ok(None);
+    }
+    storage.apply(id, batch)?;
+    Ok(Some(storage.sync()))
+}
+
+fn release<T: Send + 'static>(
+    effects: Vec<Effect>,
+    reply: oneshot::Sender<Result<T>>,
+    response: T,
+) -> crate::gate::Release {
+    Box::new(move |outcome| match outcome {
+        Ok(()) => {
+            run_effects(effects);
+            let _ = reply.send(Ok(response));
+        }
+        Err(e) => {
+            let _ = reply.send(Err(e));
+        }
+    })
+}
+
+/// Runs released effects; a panicking effect is logged and skipped so it cannot stall the
+/// gate for the requests behind it.
+fn run_effects(effects: Vec<Effect>) {
+    for effect in effects {
+        if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(effect)) {
+            warn!(panic = %panic_message(panic.as_ref()), "an after-commit effect panicked");
+        }
+    }
+}

@@ -1,0 +1,182 @@
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Bound;
+
+use dormouse_storage::{Bytes, LogEntry, LogMeta, ObjectId, Retention, Storage, Write, WriteBatch};
+
+use crate::Result;
+
+/// A deferred output, run by the output gate once the writes before it are durable.
+pub(crate) type Effect = Box<dyn FnOnce() + Send + 'static>;
+
+/// A handler's window onto its object: its identity, its own storage, and the outputs it
+/// wants released after its writes are durable.
+///
+/// Writes are buffered in the context and applied as one atomic batch when the handler
+/// returns `Ok`; key/value reads see the handler's own buffered writes, so a handler reads
+/// what it wrote. Log reads see only what earlier handlers committed.
+pub struct Context<'a> {
+    /// Which object this is; also the storage key prefix of everything it owns.
+    id: &'a ObjectId,
+    /// The shared engine; only this object's records are ever touched through it.
+    storage: &'a dyn Storage,
+    /// Writes of this handler, applied together on success, discarded on failure.
+    batch: WriteBatch,
+    /// Key/value writes of this handler by key (`None` = deleted), for read-your-writes.
+    overlay: BTreeMap<Vec<u8>, Option<Bytes>>,
+    /// Set when the handler cleared all its keys, so reads must not fall through to storage.
+    cleared: bool,
+    /// Outputs to release, in order, after the batch is durable.
+    effects: Vec<Effect>,
+}
+
+impl fmt::Debug for Context<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Context")
+            .field("id", self.id)
+            .field("pending_writes", &self.batch.len())
+            .field("pending_effects", &self.effects.len())
+            .finish()
+    }
+}
+
+impl<'a> Context<'a> {
+    pub(crate) fn new(id: &'a ObjectId, storage: &'a dyn Storage) -> Self {
+        Self {
+            id,
+            storage,
+            batch: WriteBatch::new(),
+            overlay: BTreeMap::new(),
+            cleared: false,
+            effects: Vec::new(),
+        }
+    }
+
+    /// The object's identity (namespace and name).
+    pub fn id(&self) -> &ObjectId {
+        self.id
+    }
+
+    /// The object's name within its namespace.
+    pub fn name(&self) -> &str {
+        self.id.name()
+    }
+
+    /// Reads one key, seeing this handler's own pending writes first.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Bytes>> {
+        if let Some(pending) = self.overlay.get(key) {
+            return Ok(pending.clone());
+        }
+        if self.cleared {
+            return Ok(None);
+        }
+        Ok(self.storage.get(self.id, key)?)
+    }
+
+    /// Lists up to `limit` keys starting with `prefix`, after `start_after`, merging this
+    /// handler's pending writes with what is stored.
+    pub fn list(
+        &self,
+        prefix: &[u8],
+        start_after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Bytes)>> {
+        let mut merged: BTreeMap<Vec<u8>, Bytes> = BTreeMap::new();
+        if !self.cleared {
+            // Fetch enough stored rows that pending deletes cannot starve the page.
+            let deletes = self.overlay.values().filter(|v| v.is_none()).count();
+            for (k, v) in
+                self.storage
+                    .list(self.id, prefix, start_after, limit.saturating_add(deletes))?
+            {
+                merged.insert(k, v);
+            }
+        }
+        let lower = match start_after {
+            Some(after) => Bound::Excluded(after.to_vec()),
+            None => Bound::Included(prefix.to_vec()),
+        };
+        for (k, v) in self.overlay.range((lower, Bound::Unbounded)) {
+            if !k.starts_with(prefix) {
+                if k.as_slice() > prefix {
+                    break;
+                }
+                continue;
+            }
+            match v {
+                Some(value) => {
+                    merged.insert(k.clone(), value.clone());
+                }
+                None => {
+                    merged.remove(k);
+                }
+            }
+        }
+        Ok(merged.into_iter().take(limit).collect())
+    }
+
+    /// Sets a key; committed with the rest of this handler's writes.
+    pub fn put(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Bytes>) {
+        let key = key.into();
+        let value = value.into();
+        self.overlay.insert(key.clone(), Some(value.clone()));
+        self.batch.push(Write::Put { key, value });
+    }
+
+    /// Removes a key; committed with the rest of this handler's writes.
+    pub fn delete(&mut self, key: impl Into<Vec<u8>>) {
+        let key = key.into();
+        self.overlay.insert(key.clone(), None);
+        self.batch.push(Write::Delete { key });
+    }
+
+    /// Removes every key of the object.
+    pub fn delete_all(&mut self) {
+        self.overlay.clear();
+        self.cleared = true;
+        self.batch.push(Write::DeleteAllKv);
+    }
+
+    /// The object's event log bounds as committed by earlier handlers.
+    pub fn log_meta(&self) -> Result<Option<LogMeta>> {
+        Ok(self.storage.log_meta(self.id)?)
+    }
+
+    /// Committed log entries from `from_seq` on.
+    pub fn read_log(&self, from_seq: u64, limit: usize) -> Result<Vec<LogEntry>> {
+        Ok(self.storage.read_log(self.id, from_seq, limit)?)
+    }
+
+    /// The newest `limit` committed log entries, oldest first.
+    pub fn read_log_tail(&self, limit: usize) -> Result<Vec<LogEntry>> {
+        Ok(self.storage.read_log_tail(self.id, limit)?)
+    }
+
+    /// Appends an event to the object's log; `seq` must exceed every earlier sequence of the
+    /// current epoch, or the whole batch is refused.
+    pub fn append_log(&mut self, seq: u64, timestamp_ms: u64, data: impl Into<Bytes>) {
+        self.batch.append(seq, timestamp_ms, data);
+    }
+
+    /// Trims the log to the retention bounds, measured at `now_ms`.
+    pub fn trim_log(&mut self, retention: Retention, now_ms: u64) {
+        self.batch.trim(retention, now_ms);
+    }
+
+    /// Deletes the log; the next append starts a new epoch.
+    pub fn delete_log(&mut self) {
+        self.batch.push(Write::DeleteLog);
+    }
+
+    /// Registers an output to run after this handler's writes (and every earlier handler's)
+    /// are durable, in registration order and before the reply is released. This is how an
+    /// object talks to the outside world without ever revealing state a crash could undo.
+    pub fn after_commit(&mut self, effect: impl FnOnce() + Send + 'static) {
+        self.effects.push(Box::new(effect));
+    }
+
+    /// Hands the buffered writes and effects to the activation once the handler succeeded.
+    pub(crate) fn finish(self) -> (WriteBatch, Vec<Effect>) {
+        (self.batch, self.effects)
+    }
+}

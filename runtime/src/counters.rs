@@ -1,0 +1,46 @@
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Live counters of one namespace, updated with relaxed atomics on the hot path.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) active: AtomicU64,
+    pub(crate) hibernated: AtomicU64,
+    pub(crate) activations: AtomicU64,
+    pub(crate) wakes: AtomicU64,
+    pub(crate) hibernations: AtomicU64,
+    pub(crate) failures: AtomicU64,
+    pub(crate) requests: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn snapshot(&self) -> NamespaceStats {
+        NamespaceStats {
+            active: self.active.load(Ordering::Relaxed),
+            hibernated: self.hibernated.load(Ordering::Relaxed),
+            activations_total: self.activations.load(Ordering::Relaxed),
+            wakes_total: self.wakes.load(Ordering::Relaxed),
+            hibernations_total: self.hibernations.load(Ordering::Relaxed),
+            failures_total: self.failures.load(Ordering::Relaxed),
+            requests_total: self.requests.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A point-in-time view of a namespace, for metrics and the admin page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct NamespaceStats {
+    /// Objects with a live activation now.
+    pub active: u64,
+    /// Objects that hibernated in this process and have not woken since.
+    pub hibernated: u64,
+    /// Activations started (cold starts and wakes).
+    pub activations_total: u64,
+    /// Activations of an object that had hibernated in this process.
+    pub wakes_total: u64,
+    /// Activations that ended by idling out.
+    pub hibernations_total: u64,
+    /// Handler or activation failures (errors and panics).
+    pub failures_total: u64,
+    /// Requests delivered to objects.
+    pub requests_total: u64,
+}

@@ -1,0 +1,347 @@
+//! Name to activation: the directory that makes activation lazy and single, and hibernation
+//! race-free.
+//!
+//! # The hand-off protocol
+//! A sender locks the name's shard, finds or spawns the activation, increments the slot's
+//! `inflight` count and enqueues its message, all before unlocking. An activation that has
+//! idled out locks the same shard and removes its slot only if `inflight` is zero. So when a
+//! slot is removed no message can be in its mailbox, and any later sender spawns a fresh
+//! activation, which reads storage only after the old one applied all its writes. Every
+//! message is therefore handled exactly once, by exactly one activation, in the order each
+//! sender sent it.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::future::Future;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use dormouse_storage::{ObjectId, Storage};
+use ractor::{ActorRef, ActorRuntime, MessagingErr};
+use tokio::sync::oneshot;
+
+use crate::activation::{ActivationArgs, ActivationMsg, ObjectActor};
+use crate::counters::Counters;
+use crate::{Error, NamespaceConfig, NamespaceStats, Object, Result};
+
+const SHARDS: usize = 64;
+
+/// All instances of one [`Object`] type, addressed by name: the equivalent of a Durable Object
+/// namespace plus `idFromName`. Cheap to clone; clones share the same directory.
+pub struct Namespace<O: Object> {
+    shared: Arc<Shared<O>>,
+}
+
+impl<O: Object> Clone for Namespace<O> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<O: Object> fmt::Debug for Namespace<O> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Namespace")
+            .field("name", &self.shared.name)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// Where one object is right now, as far as this process knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ObjectState {
+    /// A live activation holds it in memory.
+    Active,
+    /// It hibernated in this process and has not woken since.
+    Hibernated,
+    /// Not seen by this process since it started: it may exist in storage, or not at all.
+    Dormant,
+}
+
+/// A typed handle to one named object, for calling it from Rust code without HTTP. Holds only
+/// the name, so it stays valid across hibernations.
+pub struct ObjectHandle<O: Object> {
+    namespace: Namespace<O>,
+    name: Arc<str>,
+}
+
+impl<O: Object> Clone for ObjectHandle<O> {
+    fn clone(&self) -> Self {
+        Self {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+        }
+    }
+}
+
+impl<O: Object> fmt::Debug for ObjectHandle<O> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "ObjectHandle({}/{})",
+            self.namespace.shared.name, self.name
+        )
+    }
+}
+
+impl<O: Object> ObjectHandle<O> {
+    /// The object's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Sends one request; see [`Namespace::call`].
+    pub fn call(
+        &self,
+        request: O::Request,
+    ) -> impl Future<Output = Result<O::Response>> + Send + 'static {
+        self.namespace.call(&self.name, request)
+    }
+}
+
+/// State shared by a namespace's handles and all of its activations.
+pub(crate) struct Shared<O: Object> {
+    pub(crate) name: Arc<str>,
+    pub(crate) storage: Arc<dyn Storage>,
+    pub(crate) env: O::Env,
+    pub(crate) config: NamespaceConfig,
+    pub(crate) counters: Counters,
+    shards: Box<[Mutex<Shard<O>>]>,
+    next_generation: AtomicU64,
+    closed: AtomicBool,
+}
+
+struct Shard<O: Object> {
+    live: HashMap<Arc<str>, Slot<O>>,
+    /// Name hashes of objects that hibernated here: 8 bytes each instead of the name, so a
+    /// hibernated object costs (almost) nothing. A hash collision can only mislabel a dormant
+    /// object as hibernated in [`Namespace::state`]; it never affects delivery.
+    hibernated: HashSet<u64>,
+}
+
+struct Slot<O: Object> {
+    actor: ActorRef<ActivationMsg<O>>,
+    generation: u64,
+    inflight: Arc<AtomicUsize>,
+}
+
+impl<O: Object> Namespace<O> {
+    pub(crate) fn new(
+        name: &str,
+        storage: Arc<dyn Storage>,
+        config: NamespaceConfig,
+        env: O::Env,
+    ) -> Self {
+        let shards = (0..SHARDS)
+            .map(|_| {
+                Mutex::new(Shard {
+                    live: HashMap::new(),
+                    hibernated: HashSet::new(),
+                })
+            })
+            .collect();
+        Self {
+            shared: Arc::new(Shared {
+                name: name.into(),
+                storage,
+                env,
+                config,
+                counters: Counters::default(),
+                shards,
+                next_generation: AtomicU64::new(1),
+                closed: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// The namespace's name, the first path segment of its objects' storage keys.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// The configuration it was created with.
+    pub fn config(&self) -> &NamespaceConfig {
+        &self.shared.config
+    }
+
+    /// The shared environment every instance receives on activation.
+    pub fn env(&self) -> &O::Env {
+        &self.shared.env
+    }
+
+    /// A handle to the object called `name`; creating it costs nothing and activates nothing.
+    pub fn get(&self, name: &str) -> ObjectHandle<O> {
+        ObjectHandle {
+            namespace: self.clone(),
+            name: name.into(),
+        }
+    }
+
+    /// Sends `request` to the object called `name`, activating it if needed, and resolves
+    /// with its response once the output gate releases it.
+    ///
+    /// The request is enqueued before this returns, not when the future is first polled, so
+    /// requests issued one after another by the same task are handled in that order even if
+    /// their futures are awaited later or together.
+    pub fn call(
+        &self,
+        name: &str,
+        request: O::Request,
+    ) -> impl Future<Output = Result<O::Response>> + Send + 'static {
+        let (reply, response) = oneshot::channel();
+        let sent = self
+            .shared
+            .dispatch(name, ActivationMsg::Call { request, reply });
+        let what = format!("{}/{}", self.shared.name, name);
+        async move {
+            sent?;
+            response.await.map_err(|_| Error::Unavailable(what))?
+        }
+    }
+
+    /// Whether `name` is in memory, hibernated, or unknown to this process.
+    pub fn state(&self, name: &str) -> ObjectState {
+        let hash = name_hash(name);
+        let shard = self.shared.shard(hash);
+        if shard.live.contains_key(name) {
+            ObjectState::Active
+        } else if shard.hibernated.contains(&hash) {
+            ObjectState::Hibernated
+        } else {
+            ObjectState::Dormant
+        }
+    }
+
+    /// The namespace's counters.
+    pub fn stats(&self) -> NamespaceStats {
+        self.shared.counters.snapshot()
+    }
+
+    /// Stops accepting requests, lets every activation finish what is queued and release its
+    /// gated outputs, then stops them. Requests after this fail with [`Error::Unavailable`].
+    pub async fn shutdown(&self) {
+        self.shared.closed.store(true, Ordering::Release);
+        let mut waits = Vec::new();
+        for shard in self.shared.shards.iter() {
+            let mut shard = lock(shard);
+            for (_, slot) in shard.live.drain() {
+                let (done, wait) = oneshot::channel();
+                if slot
+                    .actor
+                    .send_message(ActivationMsg::Shutdown(done))
+                    .is_ok()
+                {
+                    waits.push((wait, slot.actor));
+                }
+                self.shared.counters.active.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        for (released, actor) in waits {
+            let _ = released.await;
+            // Wait for the actor to be gone too, so its hold on storage is released.
+            let _ = actor.get_cell().wait(None).await;
+        }
+    }
+}
+
+impl<O: Object> Shared<O> {
+    fn shard(&self, hash: u64) -> MutexGuard<'_, Shard<O>> {
+        lock(&self.shards[(hash % SHARDS as u64) as usize])
+    }
+
+    /// Enqueues `msg` on the live activation of `name`, spawning one if there is none.
+    fn dispatch(self: &Arc<Self>, name: &str, mut msg: ActivationMsg<O>) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Unavailable(format!("{}/{}", self.name, name)));
+        }
+        let hash = name_hash(name);
+        let mut shard = self.shard(hash);
+        loop {
+            if let Some(slot) = shard.live.get(name) {
+                slot.inflight.fetch_add(1, Ordering::AcqRel);
+                match slot.actor.send_message(msg) {
+                    Ok(()) => return Ok(()),
+                    Err(MessagingErr::SendErr(back)) => {
+                        // The activation died outside the protocol (it should not: handlers
+                        // are isolated). Forget it and start a fresh one.
+                        slot.inflight.fetch_sub(1, Ordering::AcqRel);
+                        msg = back;
+                        shard.live.remove(name);
+                        self.counters.active.fetch_sub(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    Err(_) => {
+                        return Err(Error::Unavailable(format!("{}/{}", self.name, name)));
+                    }
+                }
+            }
+            let name: Arc<str> = name.into();
+            let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+            let inflight = Arc::new(AtomicUsize::new(0));
+            let args = ActivationArgs {
+                shared: self.clone(),
+                id: ObjectId::new(self.name.clone(), name.clone()),
+                generation,
+                inflight: inflight.clone(),
+            };
+            let (actor, _startup) = ActorRuntime::spawn_instant(None, ObjectActor::new(), args)
+                .map_err(|e| Error::Unavailable(format!("{}/{}: {e}", self.name, name)))?;
+            if shard.hibernated.remove(&hash) {
+                self.counters.hibernated.fetch_sub(1, Ordering::Relaxed);
+                self.counters.wakes.fetch_add(1, Ordering::Relaxed);
+            }
+            self.counters.active.fetch_add(1, Ordering::Relaxed);
+            shard.live.insert(
+                name,
+                Slot {
+                    actor,
+                    generation,
+                    inflight,
+                },
+            );
+        }
+    }
+
+    /// Removes the activation's slot if nothing is queued for it; true means the caller must
+    /// stop, and that no message can reach it any more.
+    pub(crate) fn try_retire(&self, args: &ActivationArgs<O>) -> bool {
+        let name = args.id.name();
+        let hash = name_hash(name);
+        let mut shard = self.shard(hash);
+        match shard.live.get(name) {
+            Some(slot) if slot.generation == args.generation => {
+                if slot.inflight.load(Ordering::Acquire) != 0 {
+                    return false;
+                }
+            }
+            // Already removed (shutdown) or replaced: this activation is retired either way.
+            _ => return true,
+        }
+        shard.live.remove(name);
+        if shard.hibernated.insert(hash) {
+            self.counters.hibernated.fetch_add(1, Ordering::Relaxed);
+        }
+        self.counters.active.fetch_sub(1, Ordering::Relaxed);
+        self.counters.hibernations.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+}
+
+fn name_hash(name: &str) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    name.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// Locks a shard, recovering from poisoning: shard state is a map updated by single
+/// inserts/removes, which a panic cannot leave half-done.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}

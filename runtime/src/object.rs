@@ -1,0 +1,39 @@
+use std::future::Future;
+
+use crate::Context;
+
+/// A user-defined object type, the equivalent of a Durable Object class.
+///
+/// The runtime creates an instance per name on first use ([`Object::activate`], which rebuilds
+/// it from storage), feeds it requests one at a time ([`Object::handle`]), and drops it when
+/// it has been idle for the namespace's `idle_timeout`. Anything that must survive that, or a
+/// crash, goes through the [`Context`]'s storage; plain fields are a cache.
+///
+/// A handler's storage writes commit together when it returns `Ok`, and its reply (and any
+/// effects registered with [`Context::after_commit`]) are released only once those writes are
+/// durable. A handler that returns `Err` or panics has its writes discarded and its instance
+/// dropped, so the next request rebuilds it from storage: a bug in one object can never leave
+/// a half-updated instance serving requests, and never takes down the process.
+pub trait Object: Sized + Send + 'static {
+    /// What every instance of the type shares (configuration, handles to other services),
+    /// the equivalent of a Durable Object's `env`.
+    type Env: Send + Sync + 'static;
+    /// A typed request; the runtime never inspects it.
+    type Request: Send + 'static;
+    /// What a request answers.
+    type Response: Send + 'static;
+
+    /// Builds the instance from its storage. Called once per activation, before the first
+    /// request after a cold start or a hibernation.
+    fn activate(
+        ctx: &mut Context<'_>,
+        env: &Self::Env,
+    ) -> impl Future<Output = anyhow::Result<Self>> + Send;
+
+    /// Handles one request. Requests to one object never overlap.
+    fn handle(
+        &mut self,
+        ctx: &mut Context<'_>,
+        request: Self::Request,
+    ) -> impl Future<Output = anyhow::Result<Self::Response>> + Send;
+}

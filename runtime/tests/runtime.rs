@@ -1,0 +1,212 @@
+//! The runtime's guarantees, observed through its public API.
+
+mod support;
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dormouse_runtime::storage::{Durability, MemoryStorage, SledConfig, SledStorage};
+use dormouse_runtime::{Error, Namespace, NamespaceConfig, ObjectState, Runtime};
+use support::{GatedStorage, Probe, ProbeEnv, ProbeReq};
+
+fn probes(idle: Duration) -> (Namespace<Probe>, Arc<ProbeEnv>) {
+    let env = Arc::new(ProbeEnv::default());
+    let runtime = Runtime::new(Arc::new(MemoryStorage::new()));
+    let ns = runtime.namespace(
+        "probe",
+        NamespaceConfig::with_idle_timeout(idle),
+        env.clone(),
+    );
+    (ns, env)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_name_hit_by_64_tasks_activates_once() {
+    let (ns, env) = probes(Duration::from_secs(60));
+    *env.activate_delay.lock().unwrap() = Some(Duration::from_millis(20));
+    let barrier = Arc::new(tokio::sync::Barrier::new(64));
+    let tasks: Vec<_> = (0..64)
+        .map(|_| {
+            let ns = ns.clone();
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                ns.call("cold", ProbeReq::Add(1)).await
+            })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for task in tasks {
+        results.push(task.await.unwrap().unwrap());
+    }
+    results.sort_unstable();
+    assert_eq!(
+        results,
+        (1..=64).collect::<Vec<u64>>(),
+        "each add seen once"
+    );
+    assert_eq!(env.activations.load(Ordering::SeqCst), 1);
+    assert_eq!(ns.stats().activations_total, 1);
+    assert_eq!(ns.stats().active, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_object_hibernates_and_wakes_from_storage() {
+    let (ns, env) = probes(Duration::from_millis(50));
+    assert_eq!(ns.call("h", ProbeReq::Add(5)).await.unwrap(), 5);
+    assert_eq!(ns.state("h"), ObjectState::Active);
+
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    assert_eq!(ns.call("h", ProbeReq::Get).await.unwrap(), 5);
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    // 60 ms after the first call but only 30 ms after the last: still awake.
+    assert_eq!(ns.state("h"), ObjectState::Active);
+
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(ns.state("h"), ObjectState::Hibernated);
+    let stats = ns.stats();
+    assert_eq!(
+        (stats.active, stats.hibernated, stats.hibernations_total),
+        (0, 1, 1)
+    );
+
+    // The wake rebuilds the object from storage: the counter continues.
+    assert_eq!(ns.call("h", ProbeReq::Add(1)).await.unwrap(), 6);
+    let stats = ns.stats();
+    assert_eq!(
+        (stats.active, stats.hibernated, stats.wakes_total),
+        (1, 0, 1)
+    );
+    assert_eq!(env.activations.load(Ordering::SeqCst), 2);
+    assert_eq!(ns.state("never-used"), ObjectState::Dormant);
+}
+
+/// 100,000 messages from 40 concurrent senders to 300 names with a 1 ms idle timeout, so
+/// activations hibernate and wake constantly while messages race them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hand_off_under_constant_hibernation_loses_and_duplicates_nothing() {
+    const SENDERS: u32 = 40;
+    const PER_SENDER: u64 = 2_500;
+    const NAMES: u64 = 300;
+    let (ns, env) = probes(Duration::from_millis(1));
+    let senders: Vec<_> = (0..SENDERS)
+        .map(|sender| {
+            let ns = ns.clone();
+            tokio::spawn(async move {
+                let mut seq = 0u64;
+                while seq < PER_SENDER {
+                    // A window of requests enqueued back to back, then awaited together:
+                    // ordering must come from the runtime, not from the sender waiting.
+                    let mut window = Vec::new();
+                    for _ in 0..50 {
+                        seq += 1;
+                        let name = format!("n{}", (seq * 7 + sender as u64 * 13) % NAMES);
+                        window.push(ns.call(&name, ProbeReq::Seq { sender, seq }));
+                    }
+                    for reply in futures::future::join_all(window).await {
+                        reply.expect("every message answered");
+                    }
+                    // Let activations idle out between windows.
+                    if seq.is_multiple_of(500) {
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                }
+            })
+        })
+        .collect();
+    for sender in senders {
+        sender.await.unwrap();
+    }
+    assert_eq!(env.violations.load(Ordering::SeqCst), 0);
+    let handled = env.handled.lock().unwrap().len() as u64;
+    assert_eq!(handled, SENDERS as u64 * PER_SENDER);
+    let stats = ns.stats();
+    assert_eq!(stats.requests_total, SENDERS as u64 * PER_SENDER);
+    assert!(
+        stats.hibernations_total > 100,
+        "the test must actually race hibernation: {stats:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_and_effects_wait_for_durability() {
+    let storage = Arc::new(GatedStorage::new());
+    let runtime = Runtime::new(storage.clone());
+    let env = Arc::new(ProbeEnv::default());
+    let ns: Namespace<Probe> = runtime.namespace("probe", NamespaceConfig::default(), env.clone());
+    let log = Arc::new(Mutex::new(Vec::new()));
+
+    let write = ns.call("g", ProbeReq::AddWithEffect(1, log.clone()));
+    // A read behind the write may have observed its state: it must not overtake it.
+    let read = ns.call("g", ProbeReq::Get);
+    let (write, read) = (tokio::spawn(write), tokio::spawn(read));
+    while storage.syncs_requested.load(Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!write.is_finished(), "reply released before its commit");
+    assert!(
+        !read.is_finished(),
+        "a later reply overtook a pending commit"
+    );
+    assert!(
+        log.lock().unwrap().is_empty(),
+        "effect ran before its commit"
+    );
+
+    storage.release(1);
+    assert_eq!(write.await.unwrap().unwrap(), 1);
+    assert_eq!(read.await.unwrap().unwrap(), 1);
+    assert_eq!(*log.lock().unwrap(), vec!["effect 1".to_string()]);
+}
+
+#[tokio::test]
+async fn a_failing_or_panicking_handler_fails_only_its_request() {
+    let (ns, env) = probes(Duration::from_secs(60));
+    assert_eq!(ns.call("f", ProbeReq::Add(10)).await.unwrap(), 10);
+    assert_eq!(ns.call("other", ProbeReq::Add(1)).await.unwrap(), 1);
+
+    let err = ns.call("f", ProbeReq::WriteThenFail(5)).await.unwrap_err();
+    assert!(matches!(err, Error::Handler { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains("refusing after writing 5"),
+        "{err}"
+    );
+    // Its write was discarded and the instance rebuilt from storage.
+    assert_eq!(ns.call("f", ProbeReq::Get).await.unwrap(), 10);
+    assert_eq!(env.activations.load(Ordering::SeqCst), 3);
+
+    let err = ns.call("f", ProbeReq::Panic).await.unwrap_err();
+    assert!(matches!(err, Error::Panicked { .. }), "{err:?}");
+    assert!(err.to_string().contains("probe asked to panic"), "{err}");
+    assert_eq!(ns.call("f", ProbeReq::Add(1)).await.unwrap(), 11);
+    // The neighbour never noticed.
+    assert_eq!(ns.call("other", ProbeReq::Get).await.unwrap(), 1);
+    assert_eq!(ns.stats().failures_total, 2);
+}
+
+#[tokio::test]
+async fn state_survives_a_restart_on_sled() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = || {
+        let mut config = SledConfig::new(dir.path());
+        config.durability = Durability::Always;
+        Arc::new(SledStorage::open(config).unwrap())
+    };
+    {
+        let runtime = Runtime::new(open());
+        let ns: Namespace<Probe> =
+            runtime.namespace("probe", NamespaceConfig::default(), Arc::default());
+        assert_eq!(ns.call("s", ProbeReq::Add(41)).await.unwrap(), 41);
+        ns.shutdown().await;
+        assert!(matches!(
+            ns.call("s", ProbeReq::Get).await,
+            Err(Error::Unavailable(_))
+        ));
+    }
+    let runtime = Runtime::new(open());
+    let ns: Namespace<Probe> =
+        runtime.namespace("probe", NamespaceConfig::default(), Arc::default());
+    assert_eq!(ns.call("s", ProbeReq::Add(1)).await.unwrap(), 42);
+}

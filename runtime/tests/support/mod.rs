@@ -1,0 +1,217 @@
+//! Test objects and storage wrappers shared by the runtime's integration tests.
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use dormouse_runtime::Context;
+use dormouse_runtime::Object;
+use dormouse_runtime::storage::{
+    Bytes, LogEntry, LogMeta, MemoryStorage, ObjectId, Storage, SyncFuture, WriteBatch,
+};
+use tokio::sync::Semaphore;
+
+/// Reads a big-endian u64 stored under `key`, 0 when absent.
+pub fn read_u64(ctx: &Context<'_>, key: &[u8]) -> anyhow::Result<u64> {
+    Ok(match ctx.get(key)? {
+        Some(bytes) => u64::from_be_bytes(bytes.as_ref().try_into().context("u64 record")?),
+        None => 0,
+    })
+}
+
+/// What every `Probe` activation shares with the test.
+#[derive(Debug, Default)]
+pub struct ProbeEnv {
+    /// Times `activate` ran, all names together.
+    pub activations: AtomicUsize,
+    /// How long `activate` dawdles, to widen activation races.
+    pub activate_delay: Mutex<Option<Duration>>,
+    /// Names currently inside a handler: two entries for one name = two live activations.
+    pub busy: Mutex<HashSet<String>>,
+    /// Every (sender, seq) handled, to prove exactly-once.
+    pub handled: Mutex<HashSet<(u32, u64)>>,
+    /// Count of violations seen by handlers (overlap, duplicate, reordering).
+    pub violations: AtomicU64,
+}
+
+/// Requests understood by [`Probe`].
+#[derive(Debug)]
+pub enum ProbeReq {
+    /// Adds to the persistent counter and returns the new value.
+    Add(u64),
+    /// Returns the counter.
+    Get,
+    /// Writes a value then fails: the write must be discarded.
+    WriteThenFail(u64),
+    /// Panics.
+    Panic,
+    /// One message of the stress test.
+    Seq { sender: u32, seq: u64 },
+    /// Adds, and registers an after-commit effect that records into the given log.
+    AddWithEffect(u64, Arc<Mutex<Vec<String>>>),
+}
+
+/// A test object with a persistent counter and instrumentation.
+#[derive(Debug)]
+pub struct Probe {
+    counter: u64,
+    env: Arc<ProbeEnv>,
+}
+
+impl Object for Probe {
+    type Env = Arc<ProbeEnv>;
+    type Request = ProbeReq;
+    type Response = u64;
+
+    async fn activate(ctx: &mut Context<'_>, env: &Arc<ProbeEnv>) -> anyhow::Result<Self> {
+        env.activations.fetch_add(1, Ordering::SeqCst);
+        let delay = *env.activate_delay.lock().unwrap();
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
+        }
+        Ok(Probe {
+            counter: read_u64(ctx, b"counter")?,
+            env: env.clone(),
+        })
+    }
+
+    async fn handle(&mut self, ctx: &mut Context<'_>, req: ProbeReq) -> anyhow::Result<u64> {
+        match req {
+            ProbeReq::Add(n) => {
+                self.counter += n;
+                ctx.put(b"counter".to_vec(), self.counter.to_be_bytes().to_vec());
+                Ok(self.counter)
+            }
+            ProbeReq::Get => Ok(self.counter),
+            ProbeReq::WriteThenFail(n) => {
+                self.counter += n;
+                ctx.put(b"counter".to_vec(), self.counter.to_be_bytes().to_vec());
+                anyhow::bail!("refusing after writing {n}")
+            }
+            ProbeReq::Panic => panic!("probe asked to panic"),
+            ProbeReq::AddWithEffect(n, log) => {
+                self.counter += n;
+                ctx.put(b"counter".to_vec(), self.counter.to_be_bytes().to_vec());
+                let value = self.counter;
+                ctx.after_commit(move || log.lock().unwrap().push(format!("effect {value}")));
+                Ok(self.counter)
+            }
+            ProbeReq::Seq { sender, seq } => {
+                let name = ctx.name().to_string();
+                if !self.env.busy.lock().unwrap().insert(name.clone()) {
+                    self.env.violations.fetch_add(1, Ordering::SeqCst);
+                }
+                // Give a second activation, if one existed, the chance to overlap.
+                tokio::task::yield_now().await;
+                let key = format!("last/{sender}").into_bytes();
+                let last = read_u64(ctx, &key)?;
+                if seq <= last {
+                    self.env.violations.fetch_add(1, Ordering::SeqCst);
+                }
+                ctx.put(key, seq.to_be_bytes().to_vec());
+                if !self.env.handled.lock().unwrap().insert((sender, seq)) {
+                    self.env.violations.fetch_add(1, Ordering::SeqCst);
+                }
+                self.env.busy.lock().unwrap().remove(&name);
+                Ok(seq)
+            }
+        }
+    }
+}
+
+/// Storage whose commits complete only when the test says so, to observe the output gate.
+#[derive(Debug)]
+pub struct GatedStorage {
+    inner: MemoryStorage,
+    permits: Arc<Semaphore>,
+    pub syncs_requested: AtomicUsize,
+}
+
+impl GatedStorage {
+    pub fn new() -> Self {
+        Self {
+            inner: MemoryStorage::new(),
+            permits: Arc::new(Semaphore::new(0)),
+            syncs_requested: AtomicUsize::new(0),
+        }
+    }
+
+    /// Lets `n` pending or future commits complete.
+    pub fn release(&self, n: usize) {
+        self.permits.add_permits(n);
+    }
+}
+
+impl Storage for GatedStorage {
+    fn apply(&self, id: &ObjectId, batch: WriteBatch) -> dormouse_runtime::storage::Result<()> {
+        self.inner.apply(id, batch)
+    }
+    fn sync(&self) -> SyncFuture {
+        self.syncs_requested.fetch_add(1, Ordering::SeqCst);
+        let permits = self.permits.clone();
+        Box::pin(async move {
+            permits.acquire().await.expect("semaphore open").forget();
+            Ok(())
+        })
+    }
+    fn durability(&self) -> dormouse_runtime::storage::Durability {
+        self.inner.durability()
+    }
+    fn log_meta(&self, id: &ObjectId) -> dormouse_runtime::storage::Result<Option<LogMeta>> {
+        self.inner.log_meta(id)
+    }
+    fn read_log(
+        &self,
+        id: &ObjectId,
+        from_seq: u64,
+        limit: usize,
+    ) -> dormouse_runtime::storage::Result<Vec<LogEntry>> {
+        self.inner.read_log(id, from_seq, limit)
+    }
+    fn read_log_tail(
+        &self,
+        id: &ObjectId,
+        limit: usize,
+    ) -> dormouse_runtime::storage::Result<Vec<LogEntry>> {
+        self.inner.read_log_tail(id, limit)
+    }
+    fn get(&self, id: &ObjectId, key: &[u8]) -> dormouse_runtime::storage::Result<Option<Bytes>> {
+        self.inner.get(id, key)
+    }
+    fn list(
+        &self,
+        id: &ObjectId,
+        prefix: &[u8],
+        start_after: Option<&[u8]>,
+        limit: usize,
+    ) -> dormouse_runtime::storage::Result<Vec<(Vec<u8>, Bytes)>> {
+        self.inner.list(id, prefix, start_after, limit)
+    }
+    fn alarm(&self, id: &ObjectId) -> dormouse_runtime::storage::Result<Option<u64>> {
+        self.inner.alarm(id)
+    }
+    fn due_alarms(
+        &self,
+        now_ms: u64,
+        limit: usize,
+    ) -> dormouse_runtime::storage::Result<Vec<(ObjectId, u64)>> {
+        self.inner.due_alarms(now_ms, limit)
+    }
+    fn next_alarm(&self) -> dormouse_runtime::storage::Result<Option<(ObjectId, u64)>> {
+        self.inner.next_alarm()
+    }
+    fn list_logs(
+        &self,
+        namespace: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> dormouse_runtime::storage::Result<Vec<String>> {
+        self.inner.list_logs(namespace, start_after, limit)
+    }
+    fn size_on_disk(&self) -> dormouse_runtime::storage::Result<u64> {
+        self.inner.size_on_disk()
+    }
+}

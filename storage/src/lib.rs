@@ -1,0 +1,117 @@
+//! Durable state for Dormouse objects: an append-only event log, a key/value map and at most one
+//! alarm per object, behind the [`Storage`] trait so the engine stays replaceable.
+//!
+//! # Layout
+//! - `error`: the crate's one [`Error`] type, with messages meant for an operator.
+//! - `object`: [`ObjectId`], the (namespace, name) pair every record belongs to.
+//! - `batch`: [`WriteBatch`], the unit of atomicity: everything one handler wrote.
+//! - `log`: [`LogEntry`], [`LogMeta`] and [`Retention`], the event-log vocabulary.
+//! - `durability`: [`Durability`], when a write counts as safe.
+//! - `key`: the byte-ordered key encoding shared by every engine that needs ordered keys.
+//! - `group_commit`: [`GroupCommit`], one fsync shared by every writer that waited during the last.
+//! - `sled_store`: [`SledStorage`], the production engine on sled 0.34.
+//! - `memory`: [`MemoryStorage`], an in-process engine for tests.
+//! - `raw` (private): what an engine must provide (point reads, ordered scans) and the read
+//!   operations written once on top of it.
+//! - `plan` (private): turns a [`WriteBatch`] into raw puts and removes plus the new log meta,
+//!   shared by both engines so their semantics cannot drift.
+//! - `record` (private): the fixed-size big-endian value encodings.
+//!
+//! # Contract
+//! Writes become visible to reads as soon as [`Storage::apply`] returns, and become durable
+//! when a later [`Storage::sync`] resolves. Writes to one object must be serialised by the
+//! caller (the runtime guarantees one activation per object); writes to different objects may
+//! run concurrently.
+
+mod batch;
+mod durability;
+mod error;
+mod group_commit;
+pub mod key;
+mod log;
+mod memory;
+mod object;
+mod plan;
+mod raw;
+mod record;
+mod sled_store;
+
+use std::fmt::Debug;
+
+pub use batch::{Write, WriteBatch};
+pub use bytes::Bytes;
+pub use durability::Durability;
+pub use error::{Error, Result};
+pub use group_commit::GroupCommit;
+pub use log::{LogEntry, LogMeta, Retention};
+pub use memory::MemoryStorage;
+pub use object::ObjectId;
+pub use sled_store::{SledConfig, SledStorage};
+
+/// A future that resolves once the writes applied before it was created are durable.
+pub type SyncFuture = futures::future::BoxFuture<'static, Result<()>>;
+
+/// What the runtime needs from a storage engine. Object-safe so the runtime can hold an
+/// `Arc<dyn Storage>` and tests can swap in [`MemoryStorage`].
+pub trait Storage: Send + Sync + Debug + 'static {
+    /// Applies every write of `batch` to object `id` atomically: after a crash either all of
+    /// them are present or none. Visible to reads on return; durable after the next `sync`.
+    fn apply(&self, id: &ObjectId, batch: WriteBatch) -> Result<()>;
+
+    /// Resolves when every write applied before this call is durable under the configured
+    /// [`Durability`]. Under `always` concurrent callers share one fsync (group commit); under
+    /// `interval` and `never` it resolves at once.
+    fn sync(&self) -> SyncFuture;
+
+    /// The policy this store was opened with, so callers can report it.
+    fn durability(&self) -> Durability;
+
+    /// The log's epoch and bounds, or `None` if the object has no log (never appended, or
+    /// deleted). The epoch is new each time a log is created, and strictly greater than any
+    /// epoch this data dir handed out before.
+    fn log_meta(&self, id: &ObjectId) -> Result<Option<LogMeta>>;
+
+    /// Up to `limit` entries with `seq >= from_seq`, in sequence order.
+    fn read_log(&self, id: &ObjectId, from_seq: u64, limit: usize) -> Result<Vec<LogEntry>>;
+
+    /// The last `limit` entries of the log, in sequence order; what an activation loads to
+    /// rebuild its in-memory tail.
+    fn read_log_tail(&self, id: &ObjectId, limit: usize) -> Result<Vec<LogEntry>>;
+
+    /// One key/value record of the object.
+    fn get(&self, id: &ObjectId, key: &[u8]) -> Result<Option<Bytes>>;
+
+    /// Up to `limit` key/value records whose key starts with `prefix`, in key order, starting
+    /// strictly after `start_after` when given (for pagination).
+    fn list(
+        &self,
+        id: &ObjectId,
+        prefix: &[u8],
+        start_after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Bytes)>>;
+
+    /// The object's alarm, as milliseconds since the Unix epoch.
+    fn alarm(&self, id: &ObjectId) -> Result<Option<u64>>;
+
+    /// Up to `limit` alarms due at or before `now_ms`, earliest first, read from the
+    /// due-time index; how the runtime finds alarms after a restart.
+    fn due_alarms(&self, now_ms: u64, limit: usize) -> Result<Vec<(ObjectId, u64)>>;
+
+    /// The earliest alarm of any object, so the alarm scheduler knows how long to sleep.
+    fn next_alarm(&self) -> Result<Option<(ObjectId, u64)>>;
+
+    /// Up to `limit` names of objects of `namespace` that have a log, after `start_after`
+    /// (for pagination). The order is the storage order: by name length in bytes, then
+    /// bytewise (names are length-prefixed in keys), which pages correctly but is not
+    /// alphabetical.
+    fn list_logs(
+        &self,
+        namespace: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>>;
+
+    /// Bytes the engine occupies on disk, for metrics and benchmarks.
+    fn size_on_disk(&self) -> Result<u64>;
+}

@@ -1,0 +1,362 @@
+//! Turns a [`WriteBatch`] into the raw key puts and removes that implement it, computing the
+//! new log meta on the way. Shared by every engine, so they agree on semantics; an engine
+//! only has to apply the result atomically.
+//!
+//! Writes are applied to an in-memory overlay in order, and every read during planning looks
+//! at the overlay first, so later writes of a batch see earlier ones (append then trim,
+//! delete log then append, put then delete-all). Validation errors return before anything
+//! reaches the engine, so a rejected batch applies nothing.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+
+use crate::raw::{self, Raw};
+use crate::{Error, LogMeta, ObjectId, Result, Retention, Write, key, record};
+
+/// Raw changes for the engine: `Some` puts, `None` removes. One entry per key (the last
+/// write wins), in key order.
+pub(crate) type Ops = BTreeMap<Vec<u8>, Option<Bytes>>;
+
+/// A batch ready to apply.
+#[derive(Debug)]
+pub(crate) struct Plan<'l> {
+    pub(crate) ops: Ops,
+    /// Held from reading the epoch counter until the engine has applied the plan, so two
+    /// concurrent log creations (on different objects) cannot hand out the same epoch or
+    /// write the counter backwards. `None` when the batch creates no log.
+    _epoch_guard: Option<MutexGuard<'l, ()>>,
+}
+
+/// Plans `writes` for object `id` against the engine's current state.
+///
+/// `epoch_lock` serialises epoch allocation for engines that plan without holding a global
+/// lock (sled); an engine whose whole apply runs under one lock (memory) passes `None`.
+pub(crate) fn plan<'l>(
+    raw: &dyn Raw,
+    id: &ObjectId,
+    writes: Vec<Write>,
+    epoch_lock: Option<&'l Mutex<()>>,
+) -> Result<Plan<'l>> {
+    let mut planner = Planner {
+        raw,
+        id,
+        overlay: Ops::new(),
+        meta: None,
+        meta_dirty: false,
+        epoch_lock,
+        epoch_guard: None,
+        entry_prefix: key::object_prefix(key::LOG_ENTRY, id)?,
+    };
+    for write in writes {
+        planner.write(write)?;
+    }
+    planner.finish()
+}
+
+struct Planner<'a, 'l> {
+    raw: &'a dyn Raw,
+    id: &'a ObjectId,
+    overlay: Ops,
+    /// The log meta as of the writes planned so far; `None` until a log write loads it, then
+    /// `Some(None)` while the object has no log.
+    meta: Option<Option<LogMeta>>,
+    meta_dirty: bool,
+    epoch_lock: Option<&'l Mutex<()>>,
+    epoch_guard: Option<MutexGuard<'l, ()>>,
+    entry_prefix: Vec<u8>,
+}
+
+impl<'l> Planner<'_, 'l> {
+    fn write(&mut self, write: Write) -> Result<()> {
+        match write {
+            Write::Append {
+                seq,
+                timestamp_ms,
+                data,
+            } => self.append(seq, timestamp_ms, &data),
+            Write::Trim { retention, now_ms } => self.trim(retention, now_ms),
+            Write::DeleteLog => self.delete_log(),
+            Write::Put { key, value } => {
+                self.overlay
+                    .insert(key::kv_key(self.id, &key)?, Some(value));
+                Ok(())
+            }
+            Write::Delete { key } => {
+                self.overlay.insert(key::kv_key(self.id, &key)?, None);
+                Ok(())
+            }
+            Write::DeleteAllKv => {
+                let prefix = key::object_prefix(key::KV, self.id)?;
+                self.remove_prefix(&prefix)
+            }
+            Write::SetAlarm { at_ms } => self.set_alarm(Some(at_ms)),
+            Write::DeleteAlarm => self.set_alarm(None),
+        }
+    }
+
+    fn finish(self) -> Result<Plan<'l>> {
+        let mut ops = self.overlay;
+        if self.meta_dirty {
+            let meta = self.meta.flatten().map(|meta| record::encode_meta(&meta));
+            ops.insert(key::log_meta_key(self.id)?, meta);
+        }
+        Ok(Plan {
+            ops,
+            _epoch_guard: self.epoch_guard,
+        })
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<Bytes>> {
+        match self.overlay.get(key) {
+            Some(value) => Ok(value.clone()),
+            None => self.raw.get(key),
+        }
+    }
+
+    /// Scans `(start, end)` forwards as the state would be after the writes planned so far:
+    /// overlay puts are visited, overlay removes hide engine records.
+    fn scan(&self, start: Bound<&[u8]>, end: Bound<&[u8]>, visit: raw::Visit<'_>) -> Result<()> {
+        if raw::range_is_empty(start, end) {
+            return Ok(());
+        }
+        let pending: Vec<_> = self.overlay.range::<[u8], _>((start, end)).collect();
+        let mut next = 0;
+        let mut stopped = false;
+        self.raw.scan_nonempty(start, end, false, &mut |k, v| {
+            while let Some((pending_key, pending_value)) = pending.get(next) {
+                let pending_key = pending_key.as_slice();
+                if pending_key > k {
+                    break;
+                }
+                next += 1;
+                if let Some(value) = pending_value
+                    && !visit(pending_key, value)?
+                {
+                    stopped = true;
+                    return Ok(false);
+                }
+                if pending_key == k {
+                    // The overlay shadows the engine's record of the same key.
+                    return Ok(true);
+                }
+            }
+            if !visit(k, v)? {
+                stopped = true;
+                return Ok(false);
+            }
+            Ok(true)
+        })?;
+        if !stopped {
+            for (pending_key, pending_value) in &pending[next..] {
+                if let Some(value) = pending_value
+                    && !visit(pending_key, value)?
+                {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn remove_prefix(&mut self, prefix: &[u8]) -> Result<()> {
+        let end = raw::end_of(prefix);
+        let mut doomed = Vec::new();
+        self.scan(Bound::Included(prefix), raw::as_ref(&end), &mut |k, _| {
+            doomed.push(k.to_vec());
+            Ok(true)
+        })?;
+        for k in doomed {
+            self.overlay.insert(k, None);
+        }
+        Ok(())
+    }
+
+    fn meta(&mut self) -> Result<Option<LogMeta>> {
+        if let Some(meta) = self.meta {
+            return Ok(meta);
+        }
+        let meta = raw::log_meta(self.raw, self.id)?;
+        self.meta = Some(meta);
+        Ok(meta)
+    }
+
+    fn set_meta(&mut self, meta: Option<LogMeta>) {
+        self.meta = Some(meta);
+        self.meta_dirty = true;
+    }
+
+    fn append(&mut self, seq: u64, timestamp_ms: u64, data: &[u8]) -> Result<()> {
+        let len = data.len() as u64;
+        let meta = match self.meta()? {
+            Some(mut meta) => {
+                if seq <= meta.last_seq {
+                    return Err(self.seq_not_increasing(seq, meta.last_seq));
+                }
+                if meta.count == 0 {
+                    meta.first_seq = seq;
+                }
+                meta.last_seq = seq;
+                meta.count = meta.count.saturating_add(1);
+                meta.bytes = meta.bytes.saturating_add(len);
+                meta
+            }
+            None => {
+                // A new log: `last_seq` is 0 before the first append, so seq 0 is rejected
+                // like any other non-increasing seq.
+                if seq == 0 {
+                    return Err(self.seq_not_increasing(seq, 0));
+                }
+                LogMeta {
+                    epoch: self.new_epoch()?,
+                    first_seq: seq,
+                    last_seq: seq,
+                    count: 1,
+                    bytes: len,
+                }
+            }
+        };
+        self.overlay.insert(
+            key::log_entry_key(self.id, seq)?,
+            Some(record::encode_entry(timestamp_ms, data)),
+        );
+        self.set_meta(Some(meta));
+        Ok(())
+    }
+
+    fn seq_not_increasing(&self, seq: u64, last: u64) -> Error {
+        Error::SeqNotIncreasing {
+            id: self.id.clone(),
+            seq,
+            last,
+        }
+    }
+
+    /// `max(counter + 1, now in µs)`: strictly increasing per data dir, and unlikely to
+    /// collide with an epoch of a data dir that was wiped and recreated.
+    fn new_epoch(&mut self) -> Result<u64> {
+        if self.epoch_guard.is_none()
+            && let Some(lock) = self.epoch_lock
+        {
+            self.epoch_guard = Some(lock.lock().unwrap_or_else(PoisonError::into_inner));
+        }
+        let counter_key = key::epoch_counter_key();
+        let last = self
+            .get(&counter_key)?
+            .map(|value| record::decode_u64("epoch counter", &value))
+            .transpose()?
+            .unwrap_or(0);
+        let epoch = last.saturating_add(1).max(now_micros());
+        self.overlay
+            .insert(counter_key, Some(record::encode_u64(epoch)));
+        Ok(epoch)
+    }
+
+    fn trim(&mut self, retention: Retention, now_ms: u64) -> Result<()> {
+        let Some(mut meta) = self.meta()? else {
+            return Ok(());
+        };
+        let over_count = |m: &LogMeta| retention.max_events.is_some_and(|max| m.count > max);
+        // The newest entry is never dropped for size alone: it is the one left when count is 1.
+        let over_bytes =
+            |m: &LogMeta| retention.max_bytes.is_some_and(|max| m.bytes > max) && m.count > 1;
+        let cutoff = retention
+            .max_age
+            .map(|age| now_ms.saturating_sub(millis(age)));
+        if meta.count == 0 || (cutoff.is_none() && !over_count(&meta) && !over_bytes(&meta)) {
+            // The common case (a trim after each append, within bounds) reads nothing.
+            return Ok(());
+        }
+
+        let start = key::log_entry_key(self.id, meta.first_seq)?;
+        let end = raw::end_of(&self.entry_prefix);
+        let mut doomed = Vec::new();
+        let mut first_kept = None;
+        let prefix = self.entry_prefix.clone();
+        self.scan(Bound::Included(&start), raw::as_ref(&end), &mut |k, v| {
+            let seq = key::entry_seq(&prefix, k)?;
+            let (timestamp_ms, len) = record::entry_header(v)?;
+            let too_old = cutoff.is_some_and(|cutoff| timestamp_ms < cutoff);
+            if over_count(&meta) || over_bytes(&meta) || too_old {
+                doomed.push(k.to_vec());
+                meta.count = meta.count.saturating_sub(1);
+                meta.bytes = meta.bytes.saturating_sub(len);
+                Ok(true)
+            } else {
+                first_kept = Some(seq);
+                Ok(false)
+            }
+        })?;
+        if doomed.is_empty() {
+            return Ok(());
+        }
+        for k in doomed {
+            self.overlay.insert(k, None);
+        }
+        match first_kept {
+            Some(seq) => meta.first_seq = seq,
+            None => {
+                if meta.count != 0 || meta.bytes != 0 {
+                    tracing::warn!(
+                        object = %self.id,
+                        count = meta.count,
+                        bytes = meta.bytes,
+                        "log meta counted entries that are not stored; resetting to empty"
+                    );
+                }
+                meta.first_seq = meta.last_seq.saturating_add(1);
+                meta.count = 0;
+                meta.bytes = 0;
+            }
+        }
+        self.set_meta(Some(meta));
+        Ok(())
+    }
+
+    fn delete_log(&mut self) -> Result<()> {
+        let prefix = self.entry_prefix.clone();
+        self.remove_prefix(&prefix)?;
+        if self.meta()?.is_some() {
+            self.set_meta(None);
+        }
+        Ok(())
+    }
+
+    fn set_alarm(&mut self, at_ms: Option<u64>) -> Result<()> {
+        let alarm_key = key::alarm_key(self.id)?;
+        let old = self
+            .get(&alarm_key)?
+            .map(|value| record::decode_u64("alarm", &value))
+            .transpose()?;
+        if let Some(old) = old {
+            self.overlay
+                .insert(key::alarm_index_key(old, self.id)?, None);
+        }
+        match at_ms {
+            Some(at_ms) => {
+                self.overlay
+                    .insert(key::alarm_index_key(at_ms, self.id)?, Some(Bytes::new()));
+                self.overlay
+                    .insert(alarm_key, Some(record::encode_u64(at_ms)));
+            }
+            None => {
+                self.overlay.insert(alarm_key, None);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
