@@ -31,6 +31,9 @@ pub(crate) struct Args {
     /// Storage durability: always, never or a period.
     #[arg(long, default_value = "always")]
     durability: Durability,
+    /// sled page cache, MiB (the server's `--cache-mib`).
+    #[arg(long, default_value_t = 64)]
+    cache_mib: u64,
     /// Runtime worker threads.
     #[arg(long, default_value_t = 2)]
     workers: usize,
@@ -43,12 +46,16 @@ pub(crate) struct Report {
     concurrency: usize,
     idle_timeout_ms: u128,
     durability: String,
+    cache_mib: u64,
     workers: usize,
     wake_sample: u64,
     rss_baseline_bytes: u64,
     rss_peak_bytes: u64,
     rss_after_hibernation_bytes: u64,
     rss_after_hibernation_over_baseline_bytes: i64,
+    heap_baseline_bytes: u64,
+    heap_active_bytes: u64,
+    heap_after_hibernation_bytes: u64,
     activation_p50_us: u64,
     activation_p99_us: u64,
     activation_max_us: u64,
@@ -110,6 +117,7 @@ async fn run_async(args: Args) -> anyhow::Result<Report> {
     let dir = tempfile::tempdir()?;
     let mut config = SledConfig::new(dir.path());
     config.durability = args.durability;
+    config.cache_capacity_bytes = args.cache_mib * 1024 * 1024;
     let storage = Arc::new(SledStorage::open(config)?);
     let runtime = Runtime::new(storage.clone());
     let idle: Duration = args.idle_timeout.into();
@@ -120,15 +128,21 @@ async fn run_async(args: Args) -> anyhow::Result<Report> {
     ns.call("warmup", BenchReq::Write).await?;
     wait_for_hibernation(&ns, idle).await?;
     let rss_baseline_bytes = proc::rss_bytes();
+    let heap_baseline_bytes = proc::heap_allocated_bytes();
 
     let started = Instant::now();
     let activation = activate_all(&ns, args.objects, args.concurrency).await?;
     let activation_secs = started.elapsed().as_secs_f64();
+    let heap_active_bytes = proc::heap_allocated_bytes();
 
     let hibernation_started = Instant::now();
     wait_for_hibernation(&ns, idle).await?;
     let hibernation_wait_ms = hibernation_started.elapsed().as_millis();
+    // jemalloc returns freed pages after its 1 s decay (see .cargo/config.toml); measure
+    // after it, so the figure is what Dormouse holds rather than what is about to be purged.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let rss_after_hibernation_bytes = proc::rss_bytes();
+    let heap_after_hibernation_bytes = proc::heap_allocated_bytes();
     let rss_peak_bytes = proc::peak_rss_bytes();
 
     let mut wake = Histogram::<u64>::new(3)?;
@@ -154,6 +168,7 @@ async fn run_async(args: Args) -> anyhow::Result<Report> {
         concurrency: args.concurrency,
         idle_timeout_ms: idle.as_millis(),
         durability: args.durability.to_string(),
+        cache_mib: args.cache_mib,
         workers: args.workers,
         wake_sample: sample,
         rss_baseline_bytes,
@@ -161,6 +176,9 @@ async fn run_async(args: Args) -> anyhow::Result<Report> {
         rss_after_hibernation_bytes,
         rss_after_hibernation_over_baseline_bytes: rss_after_hibernation_bytes as i64
             - rss_baseline_bytes as i64,
+        heap_baseline_bytes,
+        heap_active_bytes,
+        heap_after_hibernation_bytes,
         activation_p50_us: activation.value_at_quantile(0.5),
         activation_p99_us: activation.value_at_quantile(0.99),
         activation_max_us: activation.max(),

@@ -14,6 +14,12 @@ mod storage_churn;
 
 use clap::{Parser, Subcommand};
 
+/// jemalloc, as in the `dormouse` binary: it hands freed memory back to the kernel (glibc's
+/// malloc keeps most of it after a burst of activations), so RSS after hibernation
+/// measures what Dormouse holds, not what the allocator hoards.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Debug, Parser)]
 #[command(about = "Dormouse benchmarks; each prints one JSON line")]
 struct Cli {

@@ -19,3 +19,11 @@ fn status_kib(field: &str) -> u64 {
         .and_then(|kib| kib.parse().ok())
         .unwrap_or(0)
 }
+
+/// Bytes the allocator has handed out and not had back (jemalloc's `stats.allocated`):
+/// live heap, as opposed to RSS, which also counts memory the allocator keeps cached.
+pub(crate) fn heap_allocated_bytes() -> u64 {
+    // Statistics are cached per epoch; advancing it refreshes them.
+    let _ = tikv_jemalloc_ctl::epoch::advance();
+    tikv_jemalloc_ctl::stats::allocated::read().map_or(0, |b| b as u64)
+}

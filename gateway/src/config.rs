@@ -1,26 +1,413 @@
+//! Configuration: defaults, then a TOML file, then `DORMOUSE_*` environment variables, then
+//! command-line flags, each overriding the one before. Every key of the file can be set from
+//! the environment as `DORMOUSE_<SECTION>_<KEY>` (for example
+//! `DORMOUSE_LIMITS_MAX_MESSAGE_SIZE=32MiB`), so the same binary runs unchanged under
+//! systemd, Docker and a shell. A bad value fails at start with the key named.
+
+mod size;
+
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use anyhow::Context as _;
+use dormouse_actors::channel::{ChannelEnv, ChannelSettings};
 use dormouse_storage::Durability;
+use serde::{Deserialize, Serialize};
 
-/// What an operator can set. Every field is a flag and a `DORMOUSE_*` environment variable,
-/// so the same binary runs unchanged under systemd, Docker and a shell.
-#[derive(Debug, Clone, clap::Args)]
-pub struct Config {
+pub use size::ByteSize;
+
+/// The whole configuration. Field docs are the reference; `docs/CONFIG.md` shows a file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
     /// Address to listen on. Loopback by default so a fresh install is not exposed.
-    #[arg(long, env = "DORMOUSE_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
-
     /// Directory holding the embedded database; one dormouse process per directory.
-    #[arg(long, env = "DORMOUSE_DATA_DIR", default_value = "./dormouse-data")]
     pub data_dir: PathBuf,
+    /// Storage engine settings.
+    pub storage: StorageSettings,
+    /// Channel retention and lifetime.
+    pub channels: ChannelsSettings,
+    /// Request and connection limits.
+    pub limits: LimitsSettings,
+    /// Server-Sent Events behaviour.
+    pub sse: SseSettings,
+    /// WebSocket behaviour.
+    pub websocket: WebSocketSettings,
+}
 
+/// `[storage]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageSettings {
     /// When a write counts as safe: "always" (fsync before acknowledging, group-committed),
     /// a period such as "100ms" (fsync on that period), or "never".
-    #[arg(long, env = "DORMOUSE_DURABILITY", default_value = "always")]
+    #[serde(with = "durability_serde")]
     pub durability: Durability,
+    /// Memory for the storage engine's page cache; bounds storage memory use.
+    pub cache: ByteSize,
+}
 
-    /// Memory for the storage engine's page cache, in MiB; bounds storage memory use.
-    #[arg(long, env = "DORMOUSE_CACHE_MIB", default_value_t = 64)]
-    pub cache_mib: u64,
+/// `[channels]`: defaults for every channel, plus `[[channels.prefix]]` overrides.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChannelsSettings {
+    /// How long a channel with no traffic stays in memory before hibernating (its
+    /// subscribers stay connected).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Events kept for replay per channel.
+    pub max_events: u64,
+    /// Payload bytes kept for replay per channel.
+    pub max_bytes: ByteSize,
+    /// Events older than this leave the replay buffer.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// How long an `Idempotency-Key` is remembered.
+    #[serde(with = "humantime_serde")]
+    pub idempotency_window: Duration,
+    /// Recent events an active channel keeps in memory for fast replay.
+    pub memory_tail: ByteSize,
+    /// Per name-prefix overrides of the retention settings; the longest prefix wins.
+    pub prefix: Vec<PrefixSettings>,
+}
+
+/// One `[[channels.prefix]]` entry: unset fields inherit from `[channels]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrefixSettings {
+    /// Channel names starting with this.
+    pub prefix: String,
+    /// See `[channels] max_events`.
+    pub max_events: Option<u64>,
+    /// See `[channels] max_bytes`.
+    pub max_bytes: Option<ByteSize>,
+    /// See `[channels] max_age`.
+    #[serde(default, with = "humantime_serde::option")]
+    pub max_age: Option<Duration>,
+    /// See `[channels] idempotency_window`.
+    #[serde(default, with = "humantime_serde::option")]
+    pub idempotency_window: Option<Duration>,
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsSettings {
+    /// Largest message body; checked while the body streams in, so a larger one is refused
+    /// (413) before it is buffered.
+    pub max_message_size: ByteSize,
+    /// Largest `POST /v1/publish` body.
+    pub max_batch_size: ByteSize,
+    /// Most messages in one batch publish.
+    pub max_batch_messages: usize,
+    /// Bytes queued for one subscriber before it is cut off as too slow (it reconnects and
+    /// resumes from its last id).
+    pub subscriber_queue: ByteSize,
+    /// Most events one history request returns.
+    pub max_history_page: usize,
+}
+
+/// `[sse]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SseSettings {
+    /// Interval of keep-alive comments, so proxies do not time idle streams out.
+    #[serde(with = "humantime_serde")]
+    pub keepalive: Duration,
+    /// The `retry:` hint: how long EventSource waits before reconnecting.
+    #[serde(with = "humantime_serde")]
+    pub retry: Duration,
+}
+
+/// `[websocket]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebSocketSettings {
+    /// Interval of server pings.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// A client that sends nothing (not even a pong) for this long is disconnected.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Whether clients may publish by sending messages on the socket.
+    pub client_publish: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("./dormouse-data"),
+            storage: StorageSettings::default(),
+            channels: ChannelsSettings::default(),
+            limits: LimitsSettings::default(),
+            sse: SseSettings::default(),
+            websocket: WebSocketSettings::default(),
+        }
+    }
+}
+
+impl Default for StorageSettings {
+    fn default() -> Self {
+        Self {
+            durability: Durability::Always,
+            cache: ByteSize::mib(64),
+        }
+    }
+}
+
+impl Default for ChannelsSettings {
+    fn default() -> Self {
+        let d = ChannelSettings::default();
+        Self {
+            idle_timeout: Duration::from_secs(30),
+            max_events: d.max_events,
+            max_bytes: ByteSize(d.max_bytes),
+            max_age: d.max_age,
+            idempotency_window: d.idempotency_window,
+            memory_tail: ByteSize::mib(1),
+            prefix: Vec::new(),
+        }
+    }
+}
+
+impl Default for LimitsSettings {
+    fn default() -> Self {
+        Self {
+            max_message_size: ByteSize::mib(16),
+            max_batch_size: ByteSize::mib(32),
+            max_batch_messages: 10_000,
+            subscriber_queue: ByteSize::mib(8),
+            max_history_page: 1000,
+        }
+    }
+}
+
+impl Default for SseSettings {
+    fn default() -> Self {
+        Self {
+            keepalive: Duration::from_secs(15),
+            retry: Duration::from_secs(2),
+        }
+    }
+}
+
+impl Default for WebSocketSettings {
+    fn default() -> Self {
+        Self {
+            ping_interval: Duration::from_secs(20),
+            idle_timeout: Duration::from_secs(60),
+            client_publish: true,
+        }
+    }
+}
+
+impl ChannelsSettings {
+    /// What the `Channel` objects share, built from these settings.
+    pub fn env(&self) -> ChannelEnv {
+        let default = ChannelSettings {
+            max_events: self.max_events,
+            max_bytes: self.max_bytes.0,
+            max_age: self.max_age,
+            idempotency_window: self.idempotency_window,
+        };
+        let prefixes = self
+            .prefix
+            .iter()
+            .map(|p| {
+                (
+                    p.prefix.clone(),
+                    ChannelSettings {
+                        max_events: p.max_events.unwrap_or(default.max_events),
+                        max_bytes: p.max_bytes.map_or(default.max_bytes, |b| b.0),
+                        max_age: p.max_age.unwrap_or(default.max_age),
+                        idempotency_window: p
+                            .idempotency_window
+                            .unwrap_or(default.idempotency_window),
+                    },
+                )
+            })
+            .collect();
+        ChannelEnv {
+            default,
+            prefixes,
+            memory_tail_bytes: self.memory_tail.0 as usize,
+        }
+    }
+}
+
+impl Settings {
+    /// Loads settings: defaults, then `file` (if given), then the environment `env` (pass
+    /// `std::env::vars()`). Errors name the offending key and its source.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> anyhow::Result<Self> {
+        let mut value = toml::Value::try_from(Settings::default())
+            .context("serialising the default settings")?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading config file {}", path.display()))?;
+            let from_file: toml::Table = toml::from_str(&text)
+                .with_context(|| format!("parsing config file {}", path.display()))?;
+            merge(&mut value, toml::Value::Table(from_file));
+            // Validate the file on its own first, so an error names the file.
+            Self::from_value(value.clone())
+                .with_context(|| format!("in config file {}", path.display()))?;
+        }
+        let env: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("DORMOUSE_"))
+            .collect();
+        if let toml::Value::Table(root) = &mut value {
+            apply_env(root, "DORMOUSE", &env);
+        }
+        Self::from_value(value).context("in DORMOUSE_* environment variables")
+    }
+
+    fn from_value(value: toml::Value) -> anyhow::Result<Self> {
+        serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            anyhow::anyhow!("setting `{path}`: {}", e.into_inner())
+        })
+    }
+}
+
+/// Overlays `overlay` onto `base`, table by table.
+fn merge(base: &mut toml::Value, overlay: toml::Value) {
+    match (base, overlay) {
+        (toml::Value::Table(base), toml::Value::Table(overlay)) => {
+            for (key, value) in overlay {
+                match base.get_mut(&key) {
+                    Some(existing) if existing.is_table() && value.is_table() => {
+                        merge(existing, value)
+                    }
+                    _ => {
+                        base.insert(key, value);
+                    }
+                }
+            }
+        }
+        (base, overlay) => *base = overlay,
+    }
+}
+
+/// Sets every scalar key of `table` found in the environment as `PREFIX_KEY`, recursing
+/// into sub-tables as `PREFIX_SECTION_KEY`. Values parse as TOML scalars when they can
+/// (numbers, booleans) and are strings otherwise.
+fn apply_env(table: &mut toml::Table, prefix: &str, env: &[(String, String)]) {
+    for (key, value) in table.iter_mut() {
+        let name = format!("{prefix}_{}", key.to_ascii_uppercase());
+        if let toml::Value::Table(sub) = value {
+            apply_env(sub, &name, env);
+            continue;
+        }
+        if let Some((_, raw)) = env.iter().find(|(k, _)| *k == name) {
+            *value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .filter(|v| !v.is_table() && !v.is_array())
+                .unwrap_or_else(|| toml::Value::String(raw.clone()));
+        }
+    }
+}
+
+mod durability_serde {
+    use dormouse_storage::Durability;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(d: &Durability, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&d.to_string())
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Durability, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_round_trip_and_work_out_of_the_box() {
+        let s = Settings::load(None, env(&[])).unwrap();
+        assert_eq!(s, Settings::default());
+        assert_eq!(s.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.limits.max_message_size, ByteSize::mib(16));
+    }
+
+    #[test]
+    fn file_then_environment_override_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dormouse.toml");
+        std::fs::write(
+            &path,
+            r#"
+listen = "127.0.0.1:9000"
+[channels]
+idle_timeout = "5s"
+max_bytes = "2MiB"
+[[channels.prefix]]
+prefix = "chat:"
+max_events = 50
+[limits]
+max_message_size = "1MiB"
+"#,
+        )
+        .unwrap();
+        let s = Settings::load(
+            Some(&path),
+            env(&[
+                ("DORMOUSE_LIMITS_MAX_MESSAGE_SIZE", "2MiB"),
+                ("DORMOUSE_CHANNELS_MAX_EVENTS", "7"),
+                ("DORMOUSE_STORAGE_DURABILITY", "never"),
+                ("DORMOUSE_WEBSOCKET_CLIENT_PUBLISH", "false"),
+                ("OTHER", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.listen.port(), 9000);
+        assert_eq!(s.channels.idle_timeout, Duration::from_secs(5));
+        assert_eq!(s.channels.max_bytes, ByteSize::mib(2));
+        assert_eq!(s.channels.max_events, 7);
+        assert_eq!(s.limits.max_message_size, ByteSize::mib(2));
+        assert_eq!(s.storage.durability, Durability::Never);
+        assert!(!s.websocket.client_publish);
+        let env = s.channels.env();
+        assert_eq!(env.settings_for("chat:1").max_events, 50);
+        assert_eq!(env.settings_for("chat:1").max_bytes, 2 * 1024 * 1024);
+        assert_eq!(env.settings_for("news").max_events, 7);
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let err =
+            Settings::load(None, env(&[("DORMOUSE_CHANNELS_IDLE_TIMEOUT", "soon")])).unwrap_err();
+        let text = format!("{err:#}");
+        assert!(text.contains("channels.idle_timeout"), "{text}");
+        assert!(text.contains("DORMOUSE_"), "{text}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, "[limits]\nmax_message_size = \"lots\"\n").unwrap();
+        let text = format!("{:#}", Settings::load(Some(&path), env(&[])).unwrap_err());
+        assert!(text.contains("limits.max_message_size"), "{text}");
+        assert!(text.contains("bad.toml"), "{text}");
+
+        std::fs::write(&path, "[limits]\nmax_mesage_size = \"1MiB\"\n").unwrap();
+        let text = format!("{:#}", Settings::load(Some(&path), env(&[])).unwrap_err());
+        assert!(text.contains("max_mesage_size"), "{text}");
+    }
 }

@@ -52,3 +52,38 @@ impl IntoResponse for ApiError {
         (self.status, Json(body)).into_response()
     }
 }
+
+impl ApiError {
+    /// The request is malformed; `message` says how.
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    /// The body exceeds a configured size.
+    pub fn too_large(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message)
+    }
+}
+
+impl From<dormouse_runtime::Error> for ApiError {
+    fn from(e: dormouse_runtime::Error) -> Self {
+        use dormouse_runtime::Error;
+        match &e {
+            Error::Storage(inner) if inner.is_disk_full() => Self::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "storage_full",
+                format!("the server's disk is full; nothing was stored: {inner}"),
+            ),
+            Error::Storage(inner) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage_unavailable",
+                format!("storage failed; nothing was acknowledged: {inner}"),
+            ),
+            Error::Unavailable(_) => Self::unavailable(e.to_string()),
+            Error::Handler { .. } | Error::Panicked { .. } => {
+                tracing::error!(error = %e, "object failed");
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            }
+        }
+    }
+}

@@ -1,18 +1,29 @@
-//! The front door: configuration, the HTTP server and the `dormouse` binary's plumbing.
+//! The front door: configuration, the HTTP API, SSE and WebSocket connections, and the
+//! `dormouse` binary's plumbing.
 //!
 //! # Layout
-//! - `config`: [`Config`], what the operator can set (flags and `DORMOUSE_*` variables).
+//! - `config`: [`Settings`], from defaults, a TOML file, `DORMOUSE_*` variables and flags.
 //! - `error`: [`ApiError`], the one type every failure becomes on the wire:
 //!   `{"error": {"code", "message"}}` with its HTTP status.
-//! - `server`: [`app`] builds the router (tests use the same one) and [`serve`] runs it on an
-//!   already-bound listener until a shutdown future resolves.
+//! - `server`: [`Dormouse`] opens storage and the runtime, [`Dormouse::router`] builds the
+//!   routes (tests use the same router), [`Dormouse::serve`] runs until shutdown.
 //! - `health`: liveness and readiness probes.
+//! - `channels`: the channel routes: publish, history, info, list, delete.
+//! - `publish`: batch publish (`POST /v1/publish`, JSON array or NDJSON).
+//! - `cursor`: where a subscriber starts (`Last-Event-ID` header or query).
+//! - `sse`: the Server-Sent Events connection task.
+//! - `ws`: the WebSocket connection task.
 
+mod channels;
 mod config;
+mod cursor;
 mod error;
 mod health;
+mod publish;
 mod server;
+mod sse;
+mod ws;
 
-pub use config::Config;
+pub use config::{ByteSize, Settings};
 pub use error::ApiError;
-pub use server::{AppState, app, serve};
+pub use server::{AppState, Dormouse};

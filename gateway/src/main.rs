@@ -1,32 +1,55 @@
-//! The `dormouse` server binary. Run with: `cargo run --release -- serve` (or just
-//! `cargo run --release`, which serves with the defaults).
+//! The `dormouse` server binary. Run with: `cargo run --release` (serves with the defaults:
+//! 127.0.0.1:8080, data in ./dormouse-data) or `cargo run --release -- serve --help`.
 
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use dormouse_gateway::{AppState, Config, serve};
-use dormouse_runtime::Runtime;
-use dormouse_storage::{SledConfig, SledStorage};
+use dormouse_gateway::{Dormouse, Settings};
 use tokio::net::TcpListener;
 use tracing::info;
 use tracing_subscriber::EnvFilter;
 
-/// Dormouse: a self-hosted actor runtime for real-time channels.
+/// jemalloc with a 1 s decay (see .cargo/config.toml): memory freed when objects hibernate or
+/// connections close goes back to the kernel instead of staying cached by glibc's malloc.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// Dormouse: a self-hosted actor runtime for real-time channels (pub/sub with replay over
+/// SSE and WebSocket).
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
-    /// Settings used when no subcommand is given (same as `serve`).
+    /// Options used when no subcommand is given (the same as `serve`).
     #[command(flatten)]
-    config: Config,
+    serve: ServeArgs,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the server (the default).
-    Serve(Config),
+    Serve(ServeArgs),
+}
+
+/// Flags override `DORMOUSE_*` environment variables, which override the config file.
+#[derive(Debug, Clone, clap::Args)]
+struct ServeArgs {
+    /// Address to listen on [default: 127.0.0.1:8080; env: DORMOUSE_LISTEN].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Directory of the embedded database [default: ./dormouse-data; env: DORMOUSE_DATA_DIR].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// TOML configuration file; every key can also be set as DORMOUSE_<SECTION>_<KEY>
+    /// (see docs/CONFIG.md).
+    #[arg(long, env = "DORMOUSE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
 }
 
 #[tokio::main]
@@ -37,32 +60,27 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let cli = Cli::parse();
-    let config = match cli.command {
-        Some(Command::Serve(config)) => config,
-        None => cli.config,
+    let args = match cli.command {
+        Some(Command::Serve(args)) => args,
+        None => cli.serve,
     };
-    run(config).await
-}
-
-async fn run(config: Config) -> anyhow::Result<()> {
-    let mut storage_config = SledConfig::new(&config.data_dir);
-    storage_config.cache_capacity_bytes = config.cache_mib * 1024 * 1024;
-    storage_config.durability = config.durability;
-    let storage = Arc::new(
-        SledStorage::open(storage_config)
-            .with_context(|| format!("opening data dir {}", config.data_dir.display()))?,
-    );
-    let runtime = Runtime::new(storage.clone());
-    let listener = TcpListener::bind(config.listen)
+    let mut settings = Settings::load(args.config.as_deref(), std::env::vars())?;
+    if let Some(listen) = args.listen {
+        settings.listen = listen;
+    }
+    if let Some(data_dir) = args.data_dir {
+        settings.data_dir = data_dir;
+    }
+    if args.print_config {
+        print!("{}", toml::to_string(&settings)?);
+        return Ok(());
+    }
+    let listen = settings.listen;
+    let server = Dormouse::open(settings)?;
+    let listener = TcpListener::bind(listen)
         .await
-        .with_context(|| format!("binding {}", config.listen))?;
-    serve(listener, AppState { runtime }, shutdown_signal()).await?;
-    // Every write acknowledged under "always" is already durable; this covers the weaker
-    // policies before the process exits.
-    let flushed = tokio::task::spawn_blocking(move || storage.flush()).await?;
-    flushed.context("final storage flush")?;
-    info!("stopped");
-    Ok(())
+        .with_context(|| format!("binding {listen}"))?;
+    server.serve(listener, shutdown_signal()).await
 }
 
 /// Resolves on SIGINT or SIGTERM, the signals an operator or a supervisor uses to stop us.

@@ -8,14 +8,22 @@ use support::TestServer;
 #[tokio::test]
 async fn health_and_readiness_answer_json() {
     let server = TestServer::start().await;
-    let client = reqwest::Client::new();
-
-    let res = client.get(server.url("/healthz")).send().await.unwrap();
+    let res = server
+        .client
+        .get(server.url("/healthz"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 200);
     let body: Value = res.json().await.unwrap();
     assert_eq!(body["status"], "ok");
 
-    let res = client.get(server.url("/readyz")).send().await.unwrap();
+    let res = server
+        .client
+        .get(server.url("/readyz"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 200);
     let body: Value = res.json().await.unwrap();
     assert_eq!(body["status"], "ready");
@@ -27,15 +35,18 @@ async fn health_and_readiness_answer_json() {
 #[tokio::test]
 async fn unknown_routes_and_wrong_methods_get_json_errors() {
     let server = TestServer::start().await;
-    let client = reqwest::Client::new();
-
-    let res = client.get(server.url("/nope")).send().await.unwrap();
+    let res = server.client.get(server.url("/nope")).send().await.unwrap();
     assert_eq!(res.status(), 404);
     let body: Value = res.json().await.unwrap();
     assert_eq!(body["error"]["code"], "not_found");
     assert_eq!(body["error"]["message"], "no route for GET /nope");
 
-    let res = client.post(server.url("/healthz")).send().await.unwrap();
+    let res = server
+        .client
+        .post(server.url("/healthz"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 405);
     let body: Value = res.json().await.unwrap();
     assert_eq!(body["error"]["code"], "method_not_allowed");

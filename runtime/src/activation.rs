@@ -21,6 +21,7 @@ use tracing::{debug, warn};
 use crate::context::{Context, Effect};
 use crate::gate::Gate;
 use crate::namespace::Shared;
+use crate::socket::Sockets;
 use crate::{Error, Object, Result};
 
 /// Messages an activation understands.
@@ -53,6 +54,8 @@ pub(crate) struct ActivationArgs<O: Object> {
     pub(crate) generation: u64,
     /// Requests sent to this activation and not yet processed; shared with the slot.
     pub(crate) inflight: Arc<AtomicUsize>,
+    /// Sockets parked by the previous activation's hibernation, handed back.
+    pub(crate) sockets: Sockets,
 }
 
 pub(crate) struct ActivationState<O: Object> {
@@ -61,6 +64,8 @@ pub(crate) struct ActivationState<O: Object> {
     object: Option<O>,
     gate: Gate,
     last_active: Instant,
+    /// The object's sockets; parked in the directory when this activation hibernates.
+    sockets: Sockets,
 }
 
 impl<O: Object> Actor for ObjectActor<O> {
@@ -71,11 +76,13 @@ impl<O: Object> Actor for ObjectActor<O> {
     async fn pre_start(
         &self,
         myself: ActorRef<Self::Msg>,
-        args: Self::Arguments,
+        mut args: Self::Arguments,
     ) -> std::result::Result<Self::State, ActorProcessingErr> {
         schedule_idle_check(&myself, args.shared.config.idle_timeout);
+        let sockets = std::mem::take(&mut args.sockets);
         Ok(ActivationState {
             args,
+            sockets,
             object: None,
             gate: Gate::default(),
             last_active: Instant::now(),
@@ -99,7 +106,11 @@ impl<O: Object> Actor for ObjectActor<O> {
                 let idle_for = state.last_active.elapsed();
                 if idle_for < idle_timeout {
                     schedule_idle_check(&myself, idle_timeout - idle_for);
-                } else if state.args.shared.try_retire(&state.args) {
+                } else if state
+                    .args
+                    .shared
+                    .try_retire(&state.args, &mut state.sockets)
+                {
                     debug!(object = %state.args.id, "hibernating");
                     myself.stop(None);
                 } else {
@@ -129,6 +140,7 @@ impl<O: Object> ActivationState<O> {
         if self.gate.take_poisoned() {
             self.object = None;
         }
+        self.sockets.prune();
         if self.object.is_none() {
             match self.activate().await {
                 Ok(object) => self.object = Some(object),
@@ -142,7 +154,7 @@ impl<O: Object> ActivationState<O> {
             return;
         };
         let storage: &dyn Storage = &*shared.storage;
-        let mut ctx = Context::new(&self.args.id, storage);
+        let mut ctx = Context::new(&self.args.id, storage, &mut self.sockets);
         let outcome = AssertUnwindSafe(object.handle(&mut ctx, request))
             .catch_unwind()
             .await;
@@ -167,7 +179,7 @@ impl<O: Object> ActivationState<O> {
     async fn activate(&mut self) -> Result<O> {
         let shared = self.args.shared.clone();
         let storage: &dyn Storage = &*shared.storage;
-        let mut ctx = Context::new(&self.args.id, storage);
+        let mut ctx = Context::new(&self.args.id, storage, &mut self.sockets);
         let outcome = AssertUnwindSafe(O::activate(&mut ctx, &shared.env))
             .catch_unwind()
             .await;

@@ -1,10 +1,12 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Bound;
+use std::sync::Arc;
 
 use dormouse_storage::{Bytes, LogEntry, LogMeta, ObjectId, Retention, Storage, Write, WriteBatch};
 
 use crate::Result;
+use crate::socket::{Socket, Sockets};
 
 /// A deferred output, run by the output gate once the writes before it are durable.
 pub(crate) type Effect = Box<dyn FnOnce() + Send + 'static>;
@@ -28,6 +30,9 @@ pub struct Context<'a> {
     cleared: bool,
     /// Outputs to release, in order, after the batch is durable.
     effects: Vec<Effect>,
+    /// The object's connected clients; owned by the activation (and parked while it
+    /// hibernates), lent to each handler.
+    sockets: &'a mut Sockets,
 }
 
 impl fmt::Debug for Context<'_> {
@@ -41,10 +46,15 @@ impl fmt::Debug for Context<'_> {
 }
 
 impl<'a> Context<'a> {
-    pub(crate) fn new(id: &'a ObjectId, storage: &'a dyn Storage) -> Self {
+    pub(crate) fn new(
+        id: &'a ObjectId,
+        storage: &'a dyn Storage,
+        sockets: &'a mut Sockets,
+    ) -> Self {
         Self {
             id,
             storage,
+            sockets,
             batch: WriteBatch::new(),
             overlay: BTreeMap::new(),
             cleared: false,
@@ -163,6 +173,18 @@ impl<'a> Context<'a> {
         self.batch.trim(retention, now_ms);
     }
 
+    /// Reserves a fresh log epoch (see [`Context::create_log`]). Not part of the batch: an
+    /// unused reservation is harmless.
+    pub fn allocate_epoch(&self) -> Result<u64> {
+        Ok(self.storage.allocate_epoch()?)
+    }
+
+    /// Starts a new, empty log with `epoch` (from [`Context::allocate_epoch`]), replacing
+    /// any existing one, so the object knows its epoch before the batch commits.
+    pub fn create_log(&mut self, epoch: u64) {
+        self.batch.push(Write::CreateLog { epoch });
+    }
+
     /// Deletes the log; the next append starts a new epoch.
     pub fn delete_log(&mut self) {
         self.batch.push(Write::DeleteLog);
@@ -173,6 +195,29 @@ impl<'a> Context<'a> {
     /// object talks to the outside world without ever revealing state a crash could undo.
     pub fn after_commit(&mut self, effect: impl FnOnce() + Send + 'static) {
         self.effects.push(Box::new(effect));
+    }
+
+    /// Takes ownership of a client connection: it stays with this object, across
+    /// hibernation, until the client leaves or the object drops it.
+    pub fn accept_socket(&mut self, socket: Socket) {
+        self.sockets.add(socket);
+    }
+
+    /// The object's sockets (clients that left are pruned before each request). A snapshot:
+    /// hand it to an [`Context::after_commit`] effect to fan out after the commit.
+    pub fn sockets(&self) -> Arc<Vec<Socket>> {
+        self.sockets.snapshot()
+    }
+
+    /// Number of sockets the object holds.
+    pub fn socket_count(&self) -> usize {
+        self.sockets.len()
+    }
+
+    /// Stops holding a socket; the connection ends once the returned handle and its clones
+    /// are dropped.
+    pub fn remove_socket(&mut self, id: u64) -> Option<Socket> {
+        self.sockets.remove(id)
     }
 
     /// Hands the buffered writes and effects to the activation once the handler succeeded.

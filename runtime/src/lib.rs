@@ -8,6 +8,7 @@
 //! - `namespace`: [`Namespace`], name to activation, the directory that makes activation single
 //!   and hibernation race-free, and [`ObjectHandle`] for typed calls.
 //! - `activation`: the ractor actor that hosts one live object (private: ractor stays inside).
+//! - `socket`: [`Socket`], a client connection's queue, which outlives hibernation.
 //! - `gate`: the output gate, which releases replies and effects in order after their writes
 //!   are durable.
 //! - `config`: [`NamespaceConfig`], per-type tunables such as `idle_timeout`.
@@ -63,6 +64,7 @@ mod gate;
 mod namespace;
 mod object;
 mod runtime;
+mod socket;
 
 pub use config::NamespaceConfig;
 pub use context::Context;
@@ -71,5 +73,6 @@ pub use error::{Error, Result};
 pub use namespace::{Namespace, ObjectHandle, ObjectState};
 pub use object::Object;
 pub use runtime::Runtime;
+pub use socket::{Outbound, SendOutcome, Socket, SocketReceiver, Sockets, Transport};
 
 pub use dormouse_storage as storage;

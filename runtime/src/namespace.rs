@@ -24,6 +24,7 @@ use tokio::sync::oneshot;
 
 use crate::activation::{ActivationArgs, ActivationMsg, ObjectActor};
 use crate::counters::Counters;
+use crate::socket::Sockets;
 use crate::{Error, NamespaceConfig, NamespaceStats, Object, Result};
 
 const SHARDS: usize = 64;
@@ -99,7 +100,7 @@ impl<O: Object> ObjectHandle<O> {
     pub fn call(
         &self,
         request: O::Request,
-    ) -> impl Future<Output = Result<O::Response>> + Send + 'static {
+    ) -> impl Future<Output = Result<O::Response>> + Send + 'static + use<O> {
         self.namespace.call(&self.name, request)
     }
 }
@@ -122,6 +123,9 @@ struct Shard<O: Object> {
     /// hibernated object costs (almost) nothing. A hash collision can only mislabel a dormant
     /// object as hibernated in [`Namespace::state`]; it never affects delivery.
     hibernated: HashSet<u64>,
+    /// Sockets of hibernated objects, handed back on wake. Only objects that had clients
+    /// connected when they hibernated appear here.
+    parked: HashMap<Arc<str>, Sockets>,
 }
 
 struct Slot<O: Object> {
@@ -142,6 +146,7 @@ impl<O: Object> Namespace<O> {
                 Mutex::new(Shard {
                     live: HashMap::new(),
                     hibernated: HashSet::new(),
+                    parked: HashMap::new(),
                 })
             })
             .collect();
@@ -192,7 +197,7 @@ impl<O: Object> Namespace<O> {
         &self,
         name: &str,
         request: O::Request,
-    ) -> impl Future<Output = Result<O::Response>> + Send + 'static {
+    ) -> impl Future<Output = Result<O::Response>> + Send + 'static + use<O> {
         let (reply, response) = oneshot::channel();
         let sent = self
             .shared
@@ -215,6 +220,13 @@ impl<O: Object> Namespace<O> {
         } else {
             ObjectState::Dormant
         }
+    }
+
+    /// Connected clients of a hibernated object, counted without waking it; `None` when the
+    /// object is active (ask it) or has no parked sockets.
+    pub fn parked_sockets(&self, name: &str) -> Option<usize> {
+        let shard = self.shared.shard(name_hash(name));
+        shard.parked.get(name).map(Sockets::live)
     }
 
     /// The namespace's counters.
@@ -283,11 +295,13 @@ impl<O: Object> Shared<O> {
             let name: Arc<str> = name.into();
             let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
             let inflight = Arc::new(AtomicUsize::new(0));
+            let sockets = shard.parked.remove(&name).unwrap_or_default();
             let args = ActivationArgs {
                 shared: self.clone(),
                 id: ObjectId::new(self.name.clone(), name.clone()),
                 generation,
                 inflight: inflight.clone(),
+                sockets,
             };
             let (actor, _startup) = ActorRuntime::spawn_instant(None, ObjectActor::new(), args)
                 .map_err(|e| Error::Unavailable(format!("{}/{}: {e}", self.name, name)))?;
@@ -309,7 +323,7 @@ impl<O: Object> Shared<O> {
 
     /// Removes the activation's slot if nothing is queued for it; true means the caller must
     /// stop, and that no message can reach it any more.
-    pub(crate) fn try_retire(&self, args: &ActivationArgs<O>) -> bool {
+    pub(crate) fn try_retire(&self, args: &ActivationArgs<O>, sockets: &mut Sockets) -> bool {
         let name = args.id.name();
         let hash = name_hash(name);
         let mut shard = self.shard(hash);
@@ -322,7 +336,13 @@ impl<O: Object> Shared<O> {
             // Already removed (shutdown) or replaced: this activation is retired either way.
             _ => return true,
         }
-        shard.live.remove(name);
+        let Some((name, _)) = shard.live.remove_entry(name) else {
+            return true;
+        };
+        sockets.prune();
+        if !sockets.is_empty() {
+            shard.parked.insert(name, std::mem::take(sockets));
+        }
         if shard.hibernated.insert(hash) {
             self.counters.hibernated.fetch_add(1, Ordering::Relaxed);
         }

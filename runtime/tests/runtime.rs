@@ -6,8 +6,10 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dormouse_runtime::storage::{Durability, MemoryStorage, SledConfig, SledStorage};
-use dormouse_runtime::{Error, Namespace, NamespaceConfig, ObjectState, Runtime};
+use dormouse_runtime::storage::{Bytes, Durability, MemoryStorage, SledConfig, SledStorage};
+use dormouse_runtime::{
+    Error, Namespace, NamespaceConfig, ObjectState, Outbound, Runtime, Socket, Transport,
+};
 use support::{GatedStorage, Probe, ProbeEnv, ProbeReq};
 
 fn probes(idle: Duration) -> (Namespace<Probe>, Arc<ProbeEnv>) {
@@ -209,4 +211,47 @@ async fn state_survives_a_restart_on_sled() {
     let ns: Namespace<Probe> =
         runtime.namespace("probe", NamespaceConfig::default(), Arc::default());
     assert_eq!(ns.call("s", ProbeReq::Add(1)).await.unwrap(), 42);
+}
+
+#[tokio::test(start_paused = true)]
+async fn sockets_are_parked_across_hibernation_and_a_broadcast_wakes_the_object() {
+    let (ns, env) = probes(Duration::from_millis(50));
+    let (a, mut rx_a) = Socket::new(Transport::Sse, 1024, Bytes::new());
+    let (b, mut rx_b) = Socket::new(Transport::WebSocket, 1024, Bytes::new());
+    assert_eq!(ns.call("room", ProbeReq::Accept(a)).await.unwrap(), 1);
+    assert_eq!(ns.call("room", ProbeReq::Accept(b)).await.unwrap(), 2);
+    assert_eq!(
+        ns.parked_sockets("room"),
+        None,
+        "an active object parks nothing"
+    );
+
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(ns.state("room"), ObjectState::Hibernated);
+    assert_eq!(ns.parked_sockets("room"), Some(2));
+    let stats = ns.stats();
+    assert_eq!(
+        (stats.active, stats.hibernated, stats.wakes_total),
+        (0, 1, 0)
+    );
+
+    assert_eq!(
+        ns.call("room", ProbeReq::Broadcast("hello".to_string()))
+            .await
+            .unwrap(),
+        2
+    );
+    let hello = Outbound::Text(Bytes::from_static(b"hello"));
+    assert_eq!(rx_a.try_recv(), Some(hello.clone()));
+    assert_eq!(rx_b.try_recv(), Some(hello));
+    assert_eq!((rx_a.try_recv(), rx_b.try_recv()), (None, None));
+
+    assert_eq!(ns.state("room"), ObjectState::Active);
+    assert_eq!(ns.parked_sockets("room"), None, "handed back on wake");
+    let stats = ns.stats();
+    assert_eq!(
+        (stats.active, stats.hibernated, stats.wakes_total),
+        (1, 0, 1)
+    );
+    assert_eq!(env.activations.load(Ordering::SeqCst), 2);
 }

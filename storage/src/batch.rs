@@ -24,6 +24,13 @@ pub enum Write {
     },
     /// Removes the log and its meta; the next append starts a new epoch.
     DeleteLog,
+    /// Replaces the log (if any) with an empty one of the given epoch, which the caller got
+    /// from [`crate::Storage::allocate_epoch`]. This is how an object learns its new log's
+    /// epoch before its batch commits, so it can hand out ids that include it.
+    CreateLog {
+        /// The epoch for the new log.
+        epoch: u64,
+    },
     /// Sets one key/value record.
     Put {
         /// The user key.

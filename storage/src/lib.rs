@@ -63,6 +63,10 @@ pub trait Storage: Send + Sync + Debug + 'static {
     /// `interval` and `never` it resolves at once.
     fn sync(&self) -> SyncFuture;
 
+    /// Reserves a new log epoch, strictly greater than any handed out before in this data
+    /// dir, for a [`Write::CreateLog`]. Reserving without using one is harmless.
+    fn allocate_epoch(&self) -> Result<u64>;
+
     /// The policy this store was opened with, so callers can report it.
     fn durability(&self) -> Durability;
 

@@ -81,6 +81,13 @@ impl Storage for MemoryStorage {
         Ok(())
     }
 
+    fn allocate_epoch(&self) -> Result<u64> {
+        let mut records = self.records();
+        let (key, value, epoch) = plan::allocate_epoch(&*records)?;
+        records.insert(key, value);
+        Ok(epoch)
+    }
+
     fn sync(&self) -> SyncFuture {
         Box::pin(std::future::ready(Ok(())))
     }

@@ -80,6 +80,23 @@ impl<'l> Planner<'_, 'l> {
             } => self.append(seq, timestamp_ms, &data),
             Write::Trim { retention, now_ms } => self.trim(retention, now_ms),
             Write::DeleteLog => self.delete_log(),
+            Write::CreateLog { epoch } => {
+                self.delete_log()?;
+                self.lock_epochs();
+                let counter = self.epoch_counter()?;
+                if epoch > counter {
+                    self.overlay
+                        .insert(key::epoch_counter_key(), Some(record::encode_u64(epoch)));
+                }
+                self.set_meta(Some(LogMeta {
+                    epoch,
+                    first_seq: 1,
+                    last_seq: 0,
+                    count: 0,
+                    bytes: 0,
+                }));
+                Ok(())
+            }
             Write::Put { key, value } => {
                 self.overlay
                     .insert(key::kv_key(self.id, &key)?, Some(value));
@@ -238,21 +255,27 @@ impl<'l> Planner<'_, 'l> {
     /// `max(counter + 1, now in µs)`: strictly increasing per data dir, and unlikely to
     /// collide with an epoch of a data dir that was wiped and recreated.
     fn new_epoch(&mut self) -> Result<u64> {
+        self.lock_epochs();
+        let epoch = successor_epoch(self.epoch_counter()?);
+        self.overlay
+            .insert(key::epoch_counter_key(), Some(record::encode_u64(epoch)));
+        Ok(epoch)
+    }
+
+    fn lock_epochs(&mut self) {
         if self.epoch_guard.is_none()
             && let Some(lock) = self.epoch_lock
         {
             self.epoch_guard = Some(lock.lock().unwrap_or_else(PoisonError::into_inner));
         }
-        let counter_key = key::epoch_counter_key();
-        let last = self
-            .get(&counter_key)?
+    }
+
+    fn epoch_counter(&self) -> Result<u64> {
+        Ok(self
+            .get(&key::epoch_counter_key())?
             .map(|value| record::decode_u64("epoch counter", &value))
             .transpose()?
-            .unwrap_or(0);
-        let epoch = last.saturating_add(1).max(now_micros());
-        self.overlay
-            .insert(counter_key, Some(record::encode_u64(epoch)));
-        Ok(epoch)
+            .unwrap_or(0))
     }
 
     fn trim(&mut self, retention: Retention, now_ms: u64) -> Result<()> {
@@ -359,4 +382,23 @@ fn now_micros() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
         .unwrap_or(0)
+}
+
+/// The epoch after `counter`: `max(counter + 1, now in µs)`, so strictly increasing per data
+/// dir and unlikely to collide with an epoch of a data dir that was wiped and recreated.
+fn successor_epoch(counter: u64) -> u64 {
+    counter.saturating_add(1).max(now_micros())
+}
+
+/// Reserves a fresh epoch: returns it with the counter record the engine must write. The
+/// caller holds the engine's epoch lock (or its global lock) until the record is written.
+pub(crate) fn allocate_epoch(raw: &dyn Raw) -> Result<(Vec<u8>, Bytes, u64)> {
+    let key = key::epoch_counter_key();
+    let counter = raw
+        .get(&key)?
+        .map(|value| record::decode_u64("epoch counter", &value))
+        .transpose()?
+        .unwrap_or(0);
+    let epoch = successor_epoch(counter);
+    Ok((key, record::encode_u64(epoch), epoch))
 }

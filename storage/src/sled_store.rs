@@ -310,6 +310,16 @@ impl Storage for SledStorage {
         Ok(())
     }
 
+    fn allocate_epoch(&self) -> Result<u64> {
+        let _guard = self
+            .epoch_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (key, value, epoch) = plan::allocate_epoch(&*self.db)?;
+        self.db.insert(key, value.as_ref()).engine()?;
+        Ok(epoch)
+    }
+
     fn sync(&self) -> SyncFuture {
         match &self.group_commit {
             Some(group_commit) => group_commit.sync(),

@@ -600,3 +600,45 @@ fn sync_resolves() {
         futures::executor::block_on(store.sync()).unwrap();
     });
 }
+
+#[test]
+fn a_log_created_with_an_allocated_epoch_knows_it_before_commit() {
+    each_engine(|store| {
+        let chan = id("channel", "fresh");
+        append_n(store, &chan, 1..=3, 8);
+        let old = store.log_meta(&chan).unwrap().unwrap().epoch;
+
+        let epoch = store.allocate_epoch().unwrap();
+        assert!(epoch > old, "allocated {epoch} after {old}");
+        let again = store.allocate_epoch().unwrap();
+        assert!(again > epoch);
+
+        // Replaces the old log: entries gone, the chosen epoch in place, seqs restart at 1.
+        apply(store, &chan, |b| {
+            b.push(Write::CreateLog { epoch });
+            b.append(1, 0, payload(0, 1, 8));
+        })
+        .unwrap();
+        let meta = store.log_meta(&chan).unwrap().unwrap();
+        assert_eq!(
+            (meta.epoch, meta.first_seq, meta.last_seq, meta.count),
+            (epoch, 1, 1, 1)
+        );
+        assert_eq!(seqs(&store.read_log(&chan, 0, 10).unwrap()), [1]);
+
+        // An empty created log reads as empty with first = last + 1.
+        let empty = id("channel", "empty");
+        let epoch = store.allocate_epoch().unwrap();
+        apply(store, &empty, |b| {
+            b.push(Write::CreateLog { epoch });
+        })
+        .unwrap();
+        let meta = store.log_meta(&empty).unwrap().unwrap();
+        assert_eq!((meta.first_seq, meta.last_seq, meta.count), (1, 0, 0));
+
+        // Epochs handed out later still increase past every one used.
+        let later = id("channel", "later");
+        append_n(store, &later, 1..=1, 8);
+        assert!(store.log_meta(&later).unwrap().unwrap().epoch > again);
+    });
+}

@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use dormouse_runtime::Context;
-use dormouse_runtime::Object;
 use dormouse_runtime::storage::{
     Bytes, LogEntry, LogMeta, MemoryStorage, ObjectId, Storage, SyncFuture, WriteBatch,
 };
+use dormouse_runtime::{Object, Outbound, Socket};
 use tokio::sync::Semaphore;
 
 /// Reads a big-endian u64 stored under `key`, 0 when absent.
@@ -52,6 +52,10 @@ pub enum ProbeReq {
     Seq { sender: u32, seq: u64 },
     /// Adds, and registers an after-commit effect that records into the given log.
     AddWithEffect(u64, Arc<Mutex<Vec<String>>>),
+    /// Keeps a client connection; returns how many sockets the object now holds.
+    Accept(Socket),
+    /// Sends the text to every socket after the commit; returns how many it went to.
+    Broadcast(String),
 }
 
 /// A test object with a persistent counter and instrumentation.
@@ -98,6 +102,21 @@ impl Object for Probe {
                 let value = self.counter;
                 ctx.after_commit(move || log.lock().unwrap().push(format!("effect {value}")));
                 Ok(self.counter)
+            }
+            ProbeReq::Accept(socket) => {
+                ctx.accept_socket(socket);
+                Ok(ctx.socket_count() as u64)
+            }
+            ProbeReq::Broadcast(text) => {
+                let sockets = ctx.sockets();
+                let count = sockets.len() as u64;
+                let text = Bytes::from(text);
+                ctx.after_commit(move || {
+                    for socket in sockets.iter() {
+                        socket.send(Outbound::Text(text.clone()));
+                    }
+                });
+                Ok(count)
             }
             ProbeReq::Seq { sender, seq } => {
                 let name = ctx.name().to_string();
@@ -156,6 +175,9 @@ impl Storage for GatedStorage {
             permits.acquire().await.expect("semaphore open").forget();
             Ok(())
         })
+    }
+    fn allocate_epoch(&self) -> dormouse_runtime::storage::Result<u64> {
+        self.inner.allocate_epoch()
     }
     fn durability(&self) -> dormouse_runtime::storage::Durability {
         self.inner.durability()

@@ -1,0 +1,460 @@
+//! The `Channel` object: pub/sub with a replay buffer persisted in the object's log.
+//!
+//! Publish assigns ids, appends to the log and trims it in one batch; the fan-out to
+//! subscribers and the publisher's acknowledgement are effects released by the output gate,
+//! so no subscriber ever sees an event a crash could take back. Subscribing sends the backlog
+//! after the client's cursor and adds the socket in one handler, so there is neither a gap nor
+//! a duplicate between backlog and live events.
+
+mod config;
+mod event;
+mod id;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use dormouse_runtime::{Context, Object, Socket};
+use serde::Serialize;
+
+pub use config::{
+    ChannelEnv, ChannelSettings, MAX_CHANNEL_NAME, MAX_EVENT_NAME, MAX_IDEMPOTENCY_KEY,
+    validate_channel_name, validate_event_name, validate_idempotency_key,
+};
+pub use event::{Control, DEFAULT_EVENT, Event};
+pub use id::{BadEventId, EventId};
+
+/// The namespace channels live in (their storage key prefix).
+pub const NAMESPACE: &str = "channel";
+
+const IDEMPOTENCY_PREFIX: &[u8] = b"idem/";
+/// Keyed publishes between sweeps of expired idempotency records.
+const SWEEP_EVERY: u32 = 64;
+
+/// One message to publish. Names and keys are validated by the caller (the gateway answers
+/// 400 for bad ones without waking the channel).
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    /// Event type; [`DEFAULT_EVENT`] when `None`.
+    pub event: Option<String>,
+    /// Payload, any bytes.
+    pub data: Bytes,
+    /// A retry with the same key within the window returns the first id and stores nothing.
+    pub idempotency_key: Option<String>,
+}
+
+/// The outcome of one published message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Published {
+    /// The event's id.
+    pub id: String,
+    /// True when the idempotency key matched an earlier publish: nothing new was stored.
+    pub duplicate: bool,
+}
+
+/// Where a read starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// Only events published from now on.
+    Live,
+    /// The oldest event still retained.
+    Oldest,
+    /// The event after this id (a `Last-Event-ID`).
+    After(EventId),
+}
+
+/// What a channel can be asked.
+#[derive(Debug)]
+pub enum ChannelRequest {
+    /// Publishes messages, in order.
+    Publish(Vec<NewMessage>),
+    /// Adds a subscriber, first sending it the backlog from `start`.
+    Subscribe {
+        /// The client's connection.
+        socket: Socket,
+        /// Where its stream starts.
+        start: Start,
+    },
+    /// Reads stored events from `start`.
+    History {
+        /// Where the page starts.
+        start: Start,
+        /// Most events to return.
+        limit: usize,
+    },
+    /// Describes the channel.
+    Info,
+    /// Deletes the channel's events and state; the next publish starts a new epoch.
+    Delete,
+}
+
+/// What a channel answers.
+#[derive(Debug)]
+pub enum ChannelResponse {
+    /// One result per published message, in order.
+    Published(Vec<Published>),
+    /// The subscriber was added.
+    Subscribed,
+    /// A page of history.
+    History(HistoryPage),
+    /// The channel's description.
+    Info(ChannelInfo),
+    /// The channel was deleted.
+    Deleted,
+}
+
+/// A page of stored events.
+#[derive(Debug)]
+pub struct HistoryPage {
+    /// Present when the requested start is no longer (or never was) available.
+    pub gap: Option<Control>,
+    /// The events, oldest first.
+    pub events: Vec<Arc<Event>>,
+}
+
+/// A channel as the API describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ChannelInfo {
+    /// Id of the newest event, if any.
+    pub last_id: Option<String>,
+    /// Id of the oldest event still available for replay.
+    pub earliest_id: Option<String>,
+    /// Events retained.
+    pub events: u64,
+    /// Payload bytes retained.
+    pub bytes: u64,
+    /// Connected subscribers.
+    pub subscribers: usize,
+}
+
+/// A live channel.
+#[derive(Debug)]
+pub struct Channel {
+    settings: ChannelSettings,
+    memory_tail_bytes: usize,
+    /// The log's epoch; 0 while the channel has no log.
+    epoch: u64,
+    next_seq: u64,
+    /// The newest events, for cheap replay to reconnecting clients.
+    tail: VecDeque<Arc<Event>>,
+    tail_bytes: usize,
+    keyed_publishes: u32,
+}
+
+impl Object for Channel {
+    type Env = ChannelEnv;
+    type Request = ChannelRequest;
+    type Response = ChannelResponse;
+
+    async fn activate(ctx: &mut Context<'_>, env: &ChannelEnv) -> anyhow::Result<Self> {
+        let settings = env.settings_for(ctx.name()).clone();
+        let mut channel = Channel {
+            settings,
+            memory_tail_bytes: env.memory_tail_bytes.max(1),
+            epoch: 0,
+            next_seq: 1,
+            tail: VecDeque::new(),
+            tail_bytes: 0,
+            keyed_publishes: 0,
+        };
+        if let Some(meta) = ctx.log_meta()? {
+            channel.epoch = meta.epoch;
+            channel.next_seq = meta.last_seq + 1;
+            // Newest first until the memory bound, then back into order.
+            let mut budget = channel.memory_tail_bytes;
+            let mut loaded = Vec::new();
+            let mut before = channel.next_seq;
+            'outer: while before > meta.first_seq {
+                let from = before.saturating_sub(64).max(meta.first_seq);
+                let chunk = ctx.read_log(from, (before - from) as usize)?;
+                for entry in chunk.iter().rev() {
+                    let event =
+                        Event::from_record(meta.epoch, entry.seq, entry.timestamp_ms, &entry.data)?;
+                    if !loaded.is_empty() && event.weight() > budget {
+                        break 'outer;
+                    }
+                    budget = budget.saturating_sub(event.weight());
+                    loaded.push(Arc::new(event));
+                }
+                before = from;
+            }
+            for event in loaded.into_iter().rev() {
+                channel.push_tail(event);
+            }
+        }
+        Ok(channel)
+    }
+
+    async fn handle(
+        &mut self,
+        ctx: &mut Context<'_>,
+        request: ChannelRequest,
+    ) -> anyhow::Result<ChannelResponse> {
+        match request {
+            ChannelRequest::Publish(messages) => self.publish(ctx, messages),
+            ChannelRequest::Subscribe { socket, start } => {
+                let (gap, backlog) = self.read(ctx, start, self.settings.max_events as usize)?;
+                let transport = socket.transport();
+                let subscriber = socket.clone();
+                ctx.accept_socket(socket);
+                ctx.after_commit(move || {
+                    if let Some(gap) = gap {
+                        subscriber.send(gap.frame(transport));
+                    }
+                    for event in backlog {
+                        subscriber.send(event.frame(transport));
+                    }
+                });
+                Ok(ChannelResponse::Subscribed)
+            }
+            ChannelRequest::History { start, limit } => {
+                let (gap, events) = self.read(ctx, start, limit)?;
+                Ok(ChannelResponse::History(HistoryPage { gap, events }))
+            }
+            ChannelRequest::Info => Ok(ChannelResponse::Info(self.info(ctx)?)),
+            ChannelRequest::Delete => {
+                ctx.delete_log();
+                ctx.delete_all();
+                self.epoch = 0;
+                self.next_seq = 1;
+                self.tail.clear();
+                self.tail_bytes = 0;
+                let gap = Control {
+                    r#type: "gap",
+                    reason: "deleted",
+                    message: "the channel was deleted; its history is gone".to_string(),
+                    earliest_id: None,
+                    requested_id: None,
+                };
+                let sockets = ctx.sockets();
+                ctx.after_commit(move || {
+                    for socket in sockets.iter() {
+                        socket.send(gap.frame(socket.transport()));
+                    }
+                });
+                Ok(ChannelResponse::Deleted)
+            }
+        }
+    }
+}
+
+impl Channel {
+    fn publish(
+        &mut self,
+        ctx: &mut Context<'_>,
+        messages: Vec<NewMessage>,
+    ) -> anyhow::Result<ChannelResponse> {
+        let now = now_ms();
+        if self.epoch == 0 {
+            self.epoch = ctx.allocate_epoch()?;
+            ctx.create_log(self.epoch);
+            self.next_seq = 1;
+        }
+        let mut results = Vec::with_capacity(messages.len());
+        let mut fresh = Vec::with_capacity(messages.len());
+        for message in messages {
+            let idem_key = message
+                .idempotency_key
+                .as_ref()
+                .map(|key| [IDEMPOTENCY_PREFIX, key.as_bytes()].concat());
+            if let Some(key) = &idem_key
+                && let Some(seq) = self.remembered(ctx, key, now)?
+            {
+                results.push(Published {
+                    id: EventId {
+                        epoch: self.epoch,
+                        seq,
+                    }
+                    .to_string(),
+                    duplicate: true,
+                });
+                continue;
+            }
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            let event = Arc::new(Event::new(
+                EventId {
+                    epoch: self.epoch,
+                    seq,
+                },
+                message.event.unwrap_or_else(|| DEFAULT_EVENT.to_string()),
+                message.data,
+                now,
+            ));
+            ctx.append_log(seq, now, event.record());
+            if let Some(key) = idem_key {
+                ctx.put(key, idempotency_record(self.epoch, seq, now));
+                self.keyed_publishes += 1;
+            }
+            results.push(Published {
+                id: event.id.to_string(),
+                duplicate: false,
+            });
+            self.push_tail(event.clone());
+            fresh.push(event);
+        }
+        if fresh.is_empty() {
+            return Ok(ChannelResponse::Published(results));
+        }
+        ctx.trim_log(self.settings.retention(), now);
+        if self.keyed_publishes >= SWEEP_EVERY {
+            self.keyed_publishes = 0;
+            self.sweep_idempotency(ctx, now)?;
+        }
+        let sockets = ctx.sockets();
+        if !sockets.is_empty() {
+            ctx.after_commit(move || {
+                for socket in sockets.iter() {
+                    let transport = socket.transport();
+                    for event in &fresh {
+                        socket.send(event.frame(transport));
+                    }
+                }
+            });
+        }
+        Ok(ChannelResponse::Published(results))
+    }
+
+    /// The seq a still-valid idempotency record points to.
+    fn remembered(&self, ctx: &Context<'_>, key: &[u8], now: u64) -> anyhow::Result<Option<u64>> {
+        let Some(record) = ctx.get(key)? else {
+            return Ok(None);
+        };
+        let (epoch, seq, at) = parse_idempotency_record(&record)?;
+        let window = self.settings.idempotency_window.as_millis() as u64;
+        Ok((epoch == self.epoch && at.saturating_add(window) > now).then_some(seq))
+    }
+
+    /// Deletes a bounded number of expired idempotency records, so they cannot pile up.
+    fn sweep_idempotency(&self, ctx: &mut Context<'_>, now: u64) -> anyhow::Result<()> {
+        let window = self.settings.idempotency_window.as_millis() as u64;
+        for (key, record) in ctx.list(IDEMPOTENCY_PREFIX, None, 256)? {
+            let (epoch, _, at) = parse_idempotency_record(&record)?;
+            if epoch != self.epoch || at.saturating_add(window) <= now {
+                ctx.delete(key);
+            }
+        }
+        Ok(())
+    }
+
+    fn push_tail(&mut self, event: Arc<Event>) {
+        self.tail_bytes += event.weight();
+        self.tail.push_back(event);
+        while self.tail.len() > 1
+            && (self.tail_bytes > self.memory_tail_bytes
+                || self.tail.len() as u64 > self.settings.max_events)
+        {
+            if let Some(old) = self.tail.pop_front() {
+                self.tail_bytes -= old.weight();
+            }
+        }
+    }
+
+    /// Events from `start`, at most `limit`, with a gap notice when `start` is not available.
+    fn read(
+        &self,
+        ctx: &Context<'_>,
+        start: Start,
+        limit: usize,
+    ) -> anyhow::Result<(Option<Control>, Vec<Arc<Event>>)> {
+        let (mut gap, from, cursor) = match start {
+            Start::Live => return Ok((None, Vec::new())),
+            Start::Oldest => (None, 1, None),
+            Start::After(cursor) if self.epoch == 0 || cursor.epoch != self.epoch => (
+                Some((
+                    "epoch_changed",
+                    "the id is from an earlier incarnation of this channel; replaying everything retained",
+                )),
+                1,
+                Some(cursor),
+            ),
+            Start::After(cursor) if cursor.seq >= self.next_seq => (
+                Some((
+                    "unknown_id",
+                    "the id is newer than anything this channel holds (history was lost); continuing with new events",
+                )),
+                self.next_seq,
+                Some(cursor),
+            ),
+            Start::After(cursor) => (None, cursor.seq + 1, Some(cursor)),
+        };
+        let events = if limit == 0 || from >= self.next_seq {
+            Vec::new()
+        } else if let Some(front) = self.tail.front()
+            && from >= front.id.seq
+        {
+            self.tail
+                .iter()
+                .filter(|e| e.id.seq >= from)
+                .take(limit)
+                .cloned()
+                .collect()
+        } else {
+            ctx.read_log(from, limit)?
+                .iter()
+                .map(|entry| {
+                    Event::from_record(self.epoch, entry.seq, entry.timestamp_ms, &entry.data)
+                        .map(Arc::new)
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .context("reading the channel log")?
+        };
+        if gap.is_none() && cursor.is_some() && from < self.next_seq {
+            let first = events.first().map(|e| e.id.seq);
+            if first != Some(from) {
+                gap = Some((
+                    "trimmed",
+                    "events after the id were dropped from the replay buffer; replaying from the oldest retained",
+                ));
+            }
+        }
+        let control = gap.map(|(reason, message)| Control {
+            r#type: "gap",
+            reason,
+            message: message.to_string(),
+            earliest_id: events.first().map(|e| e.id.to_string()),
+            requested_id: cursor.map(|c| c.to_string()),
+        });
+        Ok((control, events))
+    }
+
+    fn info(&self, ctx: &Context<'_>) -> anyhow::Result<ChannelInfo> {
+        let meta = ctx.log_meta()?;
+        let id = |seq| {
+            EventId {
+                epoch: self.epoch,
+                seq,
+            }
+            .to_string()
+        };
+        Ok(ChannelInfo {
+            last_id: (self.epoch != 0 && self.next_seq > 1).then(|| id(self.next_seq - 1)),
+            earliest_id: meta.filter(|m| m.count > 0).map(|m| id(m.first_seq)),
+            events: meta.map_or(0, |m| m.count),
+            bytes: meta.map_or(0, |m| m.bytes),
+            subscribers: ctx.socket_count(),
+        })
+    }
+}
+
+fn idempotency_record(epoch: u64, seq: u64, at: u64) -> Vec<u8> {
+    [epoch.to_be_bytes(), seq.to_be_bytes(), at.to_be_bytes()].concat()
+}
+
+fn parse_idempotency_record(record: &[u8]) -> anyhow::Result<(u64, u64, u64)> {
+    anyhow::ensure!(record.len() == 24, "corrupt idempotency record");
+    let field = |i: usize| {
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(&record[i * 8..i * 8 + 8]);
+        u64::from_be_bytes(bytes)
+    };
+    Ok((field(0), field(1), field(2)))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

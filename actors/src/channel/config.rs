@@ -1,0 +1,168 @@
+//! What can be tuned per channel, and the naming rules.
+
+use std::time::Duration;
+
+use dormouse_storage::Retention;
+
+/// Longest channel name, in bytes. Long enough for `tenant:room:thread` schemes, short
+/// enough to keep storage keys and logs small.
+pub const MAX_CHANNEL_NAME: usize = 200;
+/// Longest event type name, in bytes (it is stored with every event).
+pub const MAX_EVENT_NAME: usize = 64;
+/// Longest idempotency key, in bytes.
+pub const MAX_IDEMPOTENCY_KEY: usize = 200;
+
+/// Retention and deduplication of one channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelSettings {
+    /// Events kept for replay.
+    pub max_events: u64,
+    /// Payload bytes kept for replay (the newest event is always kept).
+    pub max_bytes: u64,
+    /// Events older than this are dropped from the replay buffer.
+    pub max_age: Duration,
+    /// How long an `Idempotency-Key` is remembered.
+    pub idempotency_window: Duration,
+}
+
+impl Default for ChannelSettings {
+    fn default() -> Self {
+        Self {
+            max_events: 1000,
+            max_bytes: 64 * 1024 * 1024,
+            max_age: Duration::from_secs(24 * 3600),
+            idempotency_window: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl ChannelSettings {
+    /// The storage retention these settings imply.
+    pub fn retention(&self) -> Retention {
+        Retention {
+            max_events: Some(self.max_events),
+            max_bytes: Some(self.max_bytes),
+            max_age: Some(self.max_age),
+        }
+    }
+}
+
+/// What every channel shares: settings (global, and per name prefix) and memory bounds.
+#[derive(Debug, Clone, Default)]
+pub struct ChannelEnv {
+    /// Settings for channels no prefix matches.
+    pub default: ChannelSettings,
+    /// `(prefix, settings)`: the longest matching prefix wins.
+    pub prefixes: Vec<(String, ChannelSettings)>,
+    /// Bytes of recent events an active channel keeps in memory (older replay comes from
+    /// storage); bounds the memory of an active channel whatever its retention.
+    pub memory_tail_bytes: usize,
+}
+
+impl ChannelEnv {
+    /// The settings that apply to `channel`.
+    pub fn settings_for(&self, channel: &str) -> &ChannelSettings {
+        self.prefixes
+            .iter()
+            .filter(|(prefix, _)| channel.starts_with(prefix.as_str()))
+            .max_by_key(|(prefix, _)| prefix.len())
+            .map_or(&self.default, |(_, settings)| settings)
+    }
+}
+
+fn allowed(c: char, extra: &str) -> bool {
+    c.is_ascii_alphanumeric() || extra.contains(c)
+}
+
+/// Checks a channel name: 1 to 200 bytes of ASCII letters, digits and `_ - . : @ =`. The
+/// error states the rule, for a 400 body.
+pub fn validate_channel_name(name: &str) -> Result<(), String> {
+    let rule = "channel names are 1 to 200 characters from A-Z a-z 0-9 _ - . : @ =";
+    if name.is_empty() || name.len() > MAX_CHANNEL_NAME {
+        return Err(format!("{rule}; got {} characters", name.chars().count()));
+    }
+    if let Some(c) = name.chars().find(|&c| !allowed(c, "_-.:@=")) {
+        return Err(format!("{rule}; got {c:?} in {:?}", truncate(name)));
+    }
+    Ok(())
+}
+
+/// Checks an event type name: 1 to 64 bytes of ASCII letters, digits and `_ - .`. No `:`,
+/// which the SSE encoding uses to mark base64 payloads.
+pub fn validate_event_name(name: &str) -> Result<(), String> {
+    let rule = "event names are 1 to 64 characters from A-Z a-z 0-9 _ - .";
+    if name.is_empty() || name.len() > MAX_EVENT_NAME {
+        return Err(format!("{rule}; got {} characters", name.chars().count()));
+    }
+    if let Some(c) = name.chars().find(|&c| !allowed(c, "_-.")) {
+        return Err(format!("{rule}; got {c:?} in {:?}", truncate(name)));
+    }
+    Ok(())
+}
+
+/// Checks an idempotency key: 1 to 200 printable ASCII characters.
+pub fn validate_idempotency_key(key: &str) -> Result<(), String> {
+    if key.is_empty()
+        || key.len() > MAX_IDEMPOTENCY_KEY
+        || !key.chars().all(|c| c.is_ascii_graphic())
+    {
+        return Err("idempotency keys are 1 to 200 printable ASCII characters".to_string());
+    }
+    Ok(())
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(60).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_names() {
+        for ok in [
+            "a",
+            "chat:room-1",
+            "user@example.com",
+            "a.b_c=d",
+            &"x".repeat(200),
+        ] {
+            assert!(validate_channel_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "a b", "a/b", "ü", "a?b", &"x".repeat(201)] {
+            let err = validate_channel_name(bad).unwrap_err();
+            assert!(err.starts_with("channel names are 1 to 200"), "{err}");
+        }
+    }
+
+    #[test]
+    fn event_names() {
+        assert!(validate_event_name("token.delta").is_ok());
+        assert!(validate_event_name("base64:x").is_err());
+        assert!(validate_event_name("").is_err());
+        assert!(validate_event_name(&"e".repeat(65)).is_err());
+    }
+
+    #[test]
+    fn longest_prefix_wins() {
+        let small = ChannelSettings {
+            max_events: 10,
+            ..ChannelSettings::default()
+        };
+        let tiny = ChannelSettings {
+            max_events: 1,
+            ..ChannelSettings::default()
+        };
+        let env = ChannelEnv {
+            prefixes: vec![
+                ("chat:".into(), small.clone()),
+                ("chat:vip:".into(), tiny.clone()),
+            ],
+            ..ChannelEnv::default()
+        };
+        assert_eq!(env.settings_for("chat:vip:1"), &tiny);
+        assert_eq!(env.settings_for("chat:1"), &small);
+        assert_eq!(env.settings_for("news"), &ChannelSettings::default());
+    }
+}

@@ -1,0 +1,316 @@
+//! One published event and its encodings: the storage record, an SSE frame and a WebSocket
+//! message. Each wire encoding is built at most once per event (on first use) and shared, as
+//! `Bytes`, by every subscriber's queue.
+
+use std::sync::OnceLock;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use bytes::{BufMut, Bytes, BytesMut};
+use dormouse_runtime::{Outbound, Transport};
+use serde::Serialize;
+
+use super::id::EventId;
+
+/// The event type clients see when the publisher named none (EventSource's default).
+pub const DEFAULT_EVENT: &str = "message";
+
+const RECORD_VERSION: u8 = 1;
+const FLAG_TEXT: u8 = 1;
+
+/// A published event.
+#[derive(Debug)]
+pub struct Event {
+    /// Its position.
+    pub id: EventId,
+    /// Its event type, validated at publish time.
+    pub name: String,
+    /// The payload, exactly as published.
+    pub data: Bytes,
+    /// Milliseconds since the Unix epoch when it was accepted.
+    pub timestamp_ms: u64,
+    /// True when the payload can travel as text on every transport: valid UTF-8 without
+    /// carriage returns (which SSE cannot carry). Otherwise it travels base64-encoded.
+    pub text: bool,
+    sse: OnceLock<Bytes>,
+    ws: OnceLock<Bytes>,
+}
+
+/// Why a stored record could not be read back.
+#[derive(Debug, thiserror::Error)]
+#[error("corrupt event record at seq {seq}: {why}")]
+pub struct BadRecord {
+    seq: u64,
+    why: &'static str,
+}
+
+impl Event {
+    /// A new event; decides once how its payload travels.
+    pub fn new(id: EventId, name: String, data: Bytes, timestamp_ms: u64) -> Self {
+        let text = is_text(&data);
+        Self {
+            id,
+            name,
+            data,
+            timestamp_ms,
+            text,
+            sse: OnceLock::new(),
+            ws: OnceLock::new(),
+        }
+    }
+
+    /// The log record: version, flags, event name, payload. The id and timestamp are the
+    /// log entry's own seq and timestamp, so they are not repeated.
+    pub fn record(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(3 + self.name.len() + self.data.len());
+        out.put_u8(RECORD_VERSION);
+        out.put_u8(if self.text { FLAG_TEXT } else { 0 });
+        out.put_u8(self.name.len() as u8);
+        out.put_slice(self.name.as_bytes());
+        out.put_slice(&self.data);
+        out.freeze()
+    }
+
+    /// Rebuilds an event from its log entry.
+    pub fn from_record(
+        epoch: u64,
+        seq: u64,
+        timestamp_ms: u64,
+        record: &Bytes,
+    ) -> Result<Self, BadRecord> {
+        let bad = |why| BadRecord { seq, why };
+        if record.len() < 3 {
+            return Err(bad("too short"));
+        }
+        if record[0] != RECORD_VERSION {
+            return Err(bad("unknown record version"));
+        }
+        let text = record[1] & FLAG_TEXT != 0;
+        let name_len = record[2] as usize;
+        let name = record
+            .get(3..3 + name_len)
+            .ok_or_else(|| bad("truncated event name"))?;
+        let name = std::str::from_utf8(name)
+            .map_err(|_| bad("event name is not UTF-8"))?
+            .to_string();
+        let data = record.slice(3 + name_len..);
+        Ok(Self {
+            id: EventId { epoch, seq },
+            name,
+            data,
+            timestamp_ms,
+            text,
+            sse: OnceLock::new(),
+            ws: OnceLock::new(),
+        })
+    }
+
+    /// The frame for a subscriber on `transport`, encoded on first use and shared after.
+    pub fn frame(&self, transport: Transport) -> Outbound {
+        match transport {
+            Transport::Sse => Outbound::Text(self.sse.get_or_init(|| self.encode_sse()).clone()),
+            Transport::WebSocket => {
+                Outbound::Text(self.ws.get_or_init(|| self.encode_ws()).clone())
+            }
+        }
+    }
+
+    /// `id`, `event` and one `data:` line per payload line. Binary payloads go base64 with
+    /// the event type prefixed `base64:` (event names cannot contain `:`, so this is never
+    /// ambiguous).
+    fn encode_sse(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(self.data.len() + self.name.len() + 64);
+        out.put_slice(b"id: ");
+        out.put_slice(self.id.to_string().as_bytes());
+        out.put_slice(b"\nevent: ");
+        if self.text {
+            out.put_slice(self.name.as_bytes());
+            out.put_u8(b'\n');
+            // `text` guarantees no CR, so LF is the only line break to split on.
+            for line in self.data.split(|&b| b == b'\n') {
+                out.put_slice(b"data: ");
+                out.put_slice(line);
+                out.put_u8(b'\n');
+            }
+        } else {
+            out.put_slice(b"base64:");
+            out.put_slice(self.name.as_bytes());
+            out.put_slice(b"\ndata: ");
+            out.put_slice(BASE64.encode(&self.data).as_bytes());
+            out.put_u8(b'\n');
+        }
+        out.put_u8(b'\n');
+        out.freeze()
+    }
+
+    /// A JSON text message: `data` holds the text as is, or `data_base64` the bytes.
+    fn encode_ws(&self) -> Bytes {
+        #[derive(Serialize)]
+        struct Message<'a> {
+            r#type: &'static str,
+            id: String,
+            event: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            data: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            data_base64: Option<String>,
+        }
+        let message = Message {
+            r#type: "message",
+            id: self.id.to_string(),
+            event: &self.name,
+            data: if self.text {
+                std::str::from_utf8(&self.data).ok()
+            } else {
+                None
+            },
+            data_base64: (!self.text).then(|| BASE64.encode(&self.data)),
+        };
+        Bytes::from(serde_json::to_vec(&message).unwrap_or_default())
+    }
+
+    /// The payload as JSON-friendly fields, for the history API.
+    pub fn json(&self) -> serde_json::Value {
+        let mut value = serde_json::json!({
+            "id": self.id.to_string(),
+            "event": self.name,
+            "timestamp_ms": self.timestamp_ms,
+        });
+        if self.text {
+            value["data"] = String::from_utf8_lossy(&self.data).into();
+        } else {
+            value["data_base64"] = BASE64.encode(&self.data).into();
+        }
+        value
+    }
+
+    /// Bytes this event keeps in memory, for the in-memory tail's bound.
+    pub fn weight(&self) -> usize {
+        self.data.len() + self.name.len() + 64
+    }
+}
+
+fn is_text(data: &[u8]) -> bool {
+    !data.contains(&b'\r') && std::str::from_utf8(data).is_ok()
+}
+
+/// A control message: not an event, carries no id, so it never moves a client's cursor.
+#[derive(Debug, Clone, Serialize)]
+pub struct Control {
+    /// `gap` or `reconnect`.
+    pub r#type: &'static str,
+    /// Machine-readable cause.
+    pub reason: &'static str,
+    /// Human-readable explanation.
+    pub message: String,
+    /// The oldest id still available, when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub earliest_id: Option<String>,
+    /// The cursor the client asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requested_id: Option<String>,
+}
+
+impl Control {
+    /// The frame for `transport`: an SSE event of type `dormouse.<type>`, or a WebSocket text
+    /// message with `"type": "<type>"`.
+    pub fn frame(&self, transport: Transport) -> Outbound {
+        let json = serde_json::to_string(self).unwrap_or_default();
+        match transport {
+            Transport::Sse => Outbound::Text(Bytes::from(format!(
+                "event: dormouse.{}\ndata: {json}\n\n",
+                self.r#type
+            ))),
+            Transport::WebSocket => Outbound::Text(Bytes::from(json)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(data: &[u8], name: &str) -> Event {
+        Event::new(
+            EventId {
+                epoch: 0xab,
+                seq: 7,
+            },
+            name.to_string(),
+            Bytes::copy_from_slice(data),
+            1000,
+        )
+    }
+
+    fn text(frame: Outbound) -> String {
+        match frame {
+            Outbound::Text(b) => String::from_utf8(b.to_vec()).unwrap(),
+            other => panic!("not text: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn sse_splits_lines_and_keeps_empty_ones() {
+        let e = event(b"one\n\nthree\n", "update");
+        assert_eq!(
+            text(e.frame(Transport::Sse)),
+            "id: ab-7\nevent: update\ndata: one\ndata: \ndata: three\ndata: \n\n"
+        );
+    }
+
+    #[test]
+    fn binary_and_carriage_returns_travel_base64() {
+        for data in [&[0xff, 0x00, 0x80][..], b"a\r\nb"] {
+            let e = event(data, "message");
+            assert!(!e.text);
+            let sse = text(e.frame(Transport::Sse));
+            assert_eq!(
+                sse,
+                format!(
+                    "id: ab-7\nevent: base64:message\ndata: {}\n\n",
+                    BASE64.encode(data)
+                )
+            );
+            let ws: serde_json::Value =
+                serde_json::from_str(&text(e.frame(Transport::WebSocket))).unwrap();
+            assert_eq!(ws["data_base64"], BASE64.encode(data));
+            assert!(ws.get("data").is_none());
+        }
+    }
+
+    #[test]
+    fn websocket_text_is_readable_json() {
+        let e = event("héllo \"world\"\n".as_bytes(), "chat");
+        let ws: serde_json::Value =
+            serde_json::from_str(&text(e.frame(Transport::WebSocket))).unwrap();
+        assert_eq!(ws["type"], "message");
+        assert_eq!(ws["id"], "ab-7");
+        assert_eq!(ws["event"], "chat");
+        assert_eq!(ws["data"], "héllo \"world\"\n");
+    }
+
+    #[test]
+    fn records_round_trip() {
+        for data in [&b"text"[..], &[0xfe, 0xff][..], b""] {
+            let e = event(data, "n");
+            let back = Event::from_record(0xab, 7, 1000, &e.record()).unwrap();
+            assert_eq!(
+                (back.id, back.name.as_str(), &back.data[..], back.text),
+                (e.id, "n", data, e.text)
+            );
+        }
+        assert!(Event::from_record(1, 1, 0, &Bytes::from_static(b"\x01\x01\x09ab")).is_err());
+        assert!(Event::from_record(1, 1, 0, &Bytes::from_static(b"\x02\x01\x00")).is_err());
+    }
+
+    #[test]
+    fn frames_are_encoded_once_and_shared() {
+        let e = event(b"x", "message");
+        let (Outbound::Text(a), Outbound::Text(b)) =
+            (e.frame(Transport::Sse), e.frame(Transport::Sse))
+        else {
+            panic!()
+        };
+        assert_eq!(a.as_ptr(), b.as_ptr());
+    }
+}

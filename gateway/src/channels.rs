@@ -1,0 +1,346 @@
+//! The channel routes: publish one message, read history, describe, list and delete.
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, Uri};
+use bytes::Bytes;
+use dormouse_actors::channel::{
+    ChannelRequest, ChannelResponse, EventId, NAMESPACE, NewMessage, Start, validate_channel_name,
+    validate_event_name, validate_idempotency_key,
+};
+use dormouse_runtime::ObjectState;
+use dormouse_storage::ObjectId;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use crate::{ApiError, AppState};
+
+/// A channel name taken from the path and validated, so handlers never see a bad one.
+#[derive(Debug)]
+pub(crate) struct ChannelName(pub(crate) String);
+
+impl<S: Send + Sync> FromRequestParts<S> for ChannelName {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Path(name) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::bad_request("bad_path", e.body_text()))?;
+        check_channel(&name)?;
+        Ok(Self(name))
+    }
+}
+
+pub(crate) fn check_channel(name: &str) -> Result<(), ApiError> {
+    validate_channel_name(name).map_err(|m| ApiError::bad_request("bad_channel_name", m))
+}
+
+/// Parses the query string into `T`, answering a JSON 400 that names the problem.
+pub(crate) fn query<T: DeserializeOwned>(uri: &Uri) -> Result<T, ApiError> {
+    let raw = uri.query().unwrap_or("");
+    serde_urlencoded_from_str(raw)
+}
+
+fn serde_urlencoded_from_str<T: DeserializeOwned>(raw: &str) -> Result<T, ApiError> {
+    let uri: Uri = format!("/?{raw}")
+        .parse()
+        .map_err(|_| ApiError::bad_request("bad_query", "the query string is not valid"))?;
+    axum::extract::Query::<T>::try_from_uri(&uri)
+        .map(|q| q.0)
+        .map_err(|e| ApiError::bad_request("bad_query", e.body_text()))
+}
+
+/// Parses an event id given by a client, as a 400 when malformed (never a silent restart).
+pub(crate) fn parse_id(raw: &str, what: &str) -> Result<EventId, ApiError> {
+    raw.parse::<EventId>()
+        .map_err(|e| ApiError::bad_request("bad_event_id", format!("{what}: {e}")))
+}
+
+/// Reads a body of at most `limit` bytes, refusing a larger one as soon as it shows.
+pub(crate) async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: u64,
+    what: &str,
+) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::too_large(format!(
+            "{what} is larger than the limit of {} bytes",
+            limit
+        ))
+    };
+    if let Some(length) = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        && length > limit
+    {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(body, limit as usize)
+        .await
+        .map_err(|e| {
+            let inner = e.into_inner();
+            if inner.is::<http_body_util::LengthLimitError>() {
+                too_large()
+            } else {
+                ApiError::bad_request("bad_body", format!("could not read the body: {inner}"))
+            }
+        })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishQuery {
+    event: Option<String>,
+}
+
+/// Validates an optional event name and idempotency key.
+pub(crate) fn check_message(event: Option<&str>, key: Option<&str>) -> Result<(), ApiError> {
+    if let Some(event) = event {
+        validate_event_name(event).map_err(|m| ApiError::bad_request("bad_event_name", m))?;
+    }
+    if let Some(key) = key {
+        validate_idempotency_key(key)
+            .map_err(|m| ApiError::bad_request("bad_idempotency_key", m))?;
+    }
+    Ok(())
+}
+
+/// `POST /v1/channels/{channel}/messages`: the body is the message.
+pub(crate) async fn publish(
+    State(state): State<AppState>,
+    ChannelName(channel): ChannelName,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let PublishQuery { event } = query(&uri)?;
+    let event = match event {
+        Some(e) => Some(e),
+        None => header(&headers, "x-dormouse-event")?,
+    };
+    let idempotency_key = header(&headers, "idempotency-key")?;
+    check_message(event.as_deref(), idempotency_key.as_deref())?;
+    let limit = state.settings.limits.max_message_size.0;
+    let data = read_body(&headers, body, limit, "the message").await?;
+    let message = NewMessage {
+        event,
+        data,
+        idempotency_key,
+    };
+    let response = state
+        .channels
+        .call(&channel, ChannelRequest::Publish(vec![message]))
+        .await?;
+    let ChannelResponse::Published(mut results) = response else {
+        return Err(unexpected());
+    };
+    let published = results.pop().ok_or_else(unexpected)?;
+    let status = if published.duplicate {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((
+        status,
+        Json(json!({"id": published.id, "channel": channel, "duplicate": published.duplicate})),
+    ))
+}
+
+fn header(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiError> {
+    headers
+        .get(name)
+        .map(|v| {
+            v.to_str().map(str::to_string).map_err(|_| {
+                ApiError::bad_request("bad_header", format!("header {name} must be ASCII text"))
+            })
+        })
+        .transpose()
+}
+
+pub(crate) fn unexpected() -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "the channel answered with an unexpected response",
+    )
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryQuery {
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /v1/channels/{channel}/messages?after=ID&limit=N`: stored events as JSON.
+pub(crate) async fn history(
+    State(state): State<AppState>,
+    ChannelName(channel): ChannelName,
+    uri: Uri,
+) -> Result<Json<Value>, ApiError> {
+    let HistoryQuery { after, limit } = query(&uri)?;
+    let max = state.settings.limits.max_history_page;
+    let limit = limit.unwrap_or(100.min(max));
+    if limit == 0 || limit > max {
+        return Err(ApiError::bad_request(
+            "bad_limit",
+            format!("limit must be between 1 and {max}"),
+        ));
+    }
+    let start = match after {
+        Some(raw) => Start::After(parse_id(&raw, "after")?),
+        None => Start::Oldest,
+    };
+    let response = state
+        .channels
+        .call(&channel, ChannelRequest::History { start, limit })
+        .await?;
+    let ChannelResponse::History(page) = response else {
+        return Err(unexpected());
+    };
+    let events: Vec<Value> = page.events.iter().map(|e| e.json()).collect();
+    let next_after = page.events.last().map(|e| e.id.to_string());
+    Ok(Json(json!({
+        "channel": channel,
+        "events": events,
+        "gap": page.gap,
+        "next_after": next_after,
+    })))
+}
+
+/// `GET /v1/channels/{channel}`: what the channel holds, without waking it if it sleeps.
+pub(crate) async fn info(
+    State(state): State<AppState>,
+    ChannelName(channel): ChannelName,
+) -> Result<Json<Value>, ApiError> {
+    let object_state = state.channels.state(&channel);
+    if object_state == ObjectState::Active {
+        let response = state.channels.call(&channel, ChannelRequest::Info).await?;
+        let ChannelResponse::Info(info) = response else {
+            return Err(unexpected());
+        };
+        return Ok(Json(json!({
+            "channel": channel,
+            "state": "active",
+            "last_id": info.last_id,
+            "earliest_id": info.earliest_id,
+            "events": info.events,
+            "bytes": info.bytes,
+            "subscribers": info.subscribers,
+        })));
+    }
+    let stored = stored_info(&state, &channel)?;
+    let subscribers = state.channels.parked_sockets(&channel).unwrap_or(0);
+    if stored.is_none() && subscribers == 0 {
+        return Err(ApiError::not_found(format!(
+            "channel {channel:?} has no events and no subscribers"
+        )));
+    }
+    let stored =
+        stored.unwrap_or(json!({"last_id": null, "earliest_id": null, "events": 0, "bytes": 0}));
+    Ok(Json(json!({
+        "channel": channel,
+        "state": "hibernated",
+        "last_id": stored["last_id"],
+        "earliest_id": stored["earliest_id"],
+        "events": stored["events"],
+        "bytes": stored["bytes"],
+        "subscribers": subscribers,
+    })))
+}
+
+/// The channel's log bounds read straight from storage (no activation).
+fn stored_info(state: &AppState, channel: &str) -> Result<Option<Value>, ApiError> {
+    let meta = state
+        .runtime
+        .storage()
+        .log_meta(&ObjectId::new(NAMESPACE, channel))
+        .map_err(dormouse_runtime::Error::from)?;
+    Ok(meta.map(|m| {
+        let id = |seq| {
+            EventId {
+                epoch: m.epoch,
+                seq,
+            }
+            .to_string()
+        };
+        json!({
+            "last_id": (m.last_seq > 0).then(|| id(m.last_seq)),
+            "earliest_id": (m.count > 0).then(|| id(m.first_seq)),
+            "events": m.count,
+            "bytes": m.bytes,
+        })
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /v1/channels?after=NAME&limit=N`: channels with a log, a page at a time, plus counts.
+pub(crate) async fn list(State(state): State<AppState>, uri: Uri) -> Result<Json<Value>, ApiError> {
+    let ListQuery { after, limit } = query(&uri)?;
+    let limit = limit.unwrap_or(100);
+    if limit == 0 || limit > 1000 {
+        return Err(ApiError::bad_request(
+            "bad_limit",
+            "limit must be between 1 and 1000",
+        ));
+    }
+    if let Some(after) = &after {
+        check_channel(after)?;
+    }
+    let names = state
+        .runtime
+        .storage()
+        .list_logs(NAMESPACE, after.as_deref(), limit)
+        .map_err(dormouse_runtime::Error::from)?;
+    let mut channels = Vec::with_capacity(names.len());
+    for name in &names {
+        let stored = stored_info(&state, name)?.unwrap_or(Value::Null);
+        let object_state = match state.channels.state(name) {
+            ObjectState::Active => "active",
+            ObjectState::Hibernated | ObjectState::Dormant => "hibernated",
+        };
+        channels.push(json!({
+            "channel": name,
+            "state": object_state,
+            "last_id": stored["last_id"],
+            "events": stored["events"],
+        }));
+    }
+    let stats = state.channels.stats();
+    let next_after = (names.len() == limit)
+        .then(|| names.last().cloned())
+        .flatten();
+    Ok(Json(json!({
+        "channels": channels,
+        "next_after": next_after,
+        "active": stats.active,
+        "hibernated": stats.hibernated,
+    })))
+}
+
+/// `DELETE /v1/channels/{channel}`: drops the history; the next publish starts a new epoch,
+/// so old cursors get a gap event instead of pointing into the new history.
+pub(crate) async fn delete(
+    State(state): State<AppState>,
+    ChannelName(channel): ChannelName,
+) -> Result<Json<Value>, ApiError> {
+    let response = state
+        .channels
+        .call(&channel, ChannelRequest::Delete)
+        .await?;
+    let ChannelResponse::Deleted = response else {
+        return Err(unexpected());
+    };
+    Ok(Json(json!({"channel": channel, "deleted": true})))
+}

@@ -1,0 +1,28 @@
+//! Where a subscriber's stream starts: after the `Last-Event-ID` header (what EventSource
+//! sends when it reconnects) or the `last_event_id` query parameter (for clients that cannot
+//! set headers, such as a browser's first EventSource connection or WebSocket). The header
+//! wins, because a reconnecting EventSource keeps its original URL.
+
+use axum::http::HeaderMap;
+use dormouse_actors::channel::Start;
+
+use crate::ApiError;
+use crate::channels::parse_id;
+
+pub(crate) fn start(headers: &HeaderMap, query: Option<&str>) -> Result<Start, ApiError> {
+    let header = headers
+        .get("last-event-id")
+        .map(|v| {
+            v.to_str().map_err(|_| {
+                ApiError::bad_request("bad_event_id", "Last-Event-ID must be ASCII text")
+            })
+        })
+        .transpose()?;
+    match (header, query) {
+        (Some(raw), _) if !raw.trim().is_empty() => {
+            Ok(Start::After(parse_id(raw.trim(), "Last-Event-ID")?))
+        }
+        (_, Some(raw)) if !raw.is_empty() => Ok(Start::After(parse_id(raw, "last_event_id")?)),
+        _ => Ok(Start::Live),
+    }
+}

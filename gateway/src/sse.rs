@@ -1,0 +1,219 @@
+//! Server-Sent Events: one task per connection drains the socket's queue into the response
+//! body, batching whatever is ready into one write, and sends keep-alive comments on its own
+//! timer (so an idle client never wakes its channel).
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, Uri, header};
+use axum::response::{IntoResponse, Response};
+use bytes::{Bytes, BytesMut};
+use dormouse_actors::channel::{ChannelRequest, ChannelResponse, Control, Start};
+use dormouse_runtime::{Outbound, Socket, SocketReceiver, Transport};
+use futures::Stream;
+use serde::Deserialize;
+use tokio::sync::watch;
+use tokio::time::{Instant, Interval, MissedTickBehavior};
+
+use crate::channels::{ChannelName, check_channel, query, unexpected};
+use crate::{ApiError, AppState, cursor};
+
+/// Most bytes gathered into one body chunk from messages that are already queued.
+const BATCH_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubscribeQuery {
+    last_event_id: Option<String>,
+}
+
+/// `GET /v1/channels/{channel}/events`
+pub(crate) async fn subscribe(
+    State(state): State<AppState>,
+    ChannelName(channel): ChannelName,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let SubscribeQuery { last_event_id } = query(&uri)?;
+    let start = cursor::start(&headers, last_event_id.as_deref())?;
+    open(state, channel, start).await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CompatQuery {
+    channel: Option<String>,
+    last_event_id: Option<String>,
+}
+
+/// `GET /sub?channel=NAME`: the same stream, for clients of Redis-backed SSE proxies.
+pub(crate) async fn subscribe_compat(
+    State(state): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let CompatQuery {
+        channel,
+        last_event_id,
+    } = query(&uri)?;
+    let channel = channel.ok_or_else(|| {
+        ApiError::bad_request("missing_channel", "the channel query parameter is required")
+    })?;
+    check_channel(&channel)?;
+    let start = cursor::start(&headers, last_event_id.as_deref())?;
+    open(state, channel, start).await
+}
+
+async fn open(state: AppState, channel: String, start: Start) -> Result<Response, ApiError> {
+    let queue = state.settings.limits.subscriber_queue.0 as usize;
+    let (socket, receiver) = Socket::new(Transport::Sse, queue, Bytes::new());
+    let response = state
+        .channels
+        .call(&channel, ChannelRequest::Subscribe { socket, start })
+        .await?;
+    let ChannelResponse::Subscribed = response else {
+        return Err(unexpected());
+    };
+    tracing::debug!(channel = %channel, "sse subscriber connected");
+    let sse = &state.settings.sse;
+    let body = Body::from_stream(stream(
+        receiver,
+        sse.keepalive,
+        sse.retry,
+        state.shutdown.clone(),
+    ));
+    let mut response = body.into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(response)
+}
+
+struct Conn {
+    receiver: SocketReceiver,
+    keepalive: Interval,
+    shutdown: watch::Receiver<bool>,
+    opening: Option<Bytes>,
+    done: bool,
+}
+
+fn stream(
+    receiver: SocketReceiver,
+    keepalive: Duration,
+    retry: Duration,
+    shutdown: watch::Receiver<bool>,
+) -> impl Stream<Item = Result<Bytes, std::convert::Infallible>> + Send {
+    let mut keepalive = tokio::time::interval_at(Instant::now() + keepalive, keepalive);
+    keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let conn = Conn {
+        receiver,
+        keepalive,
+        shutdown,
+        // Sent at once, so the client (and any proxy) sees the stream open immediately.
+        opening: Some(Bytes::from(format!(
+            ": connected\nretry: {}\n\n",
+            retry.as_millis()
+        ))),
+        done: false,
+    };
+    futures::stream::unfold(conn, |mut conn| async move {
+        if conn.done {
+            return None;
+        }
+        if let Some(opening) = conn.opening.take() {
+            return Some((Ok(opening), conn));
+        }
+        let chunk = conn.next_chunk().await?;
+        Some((Ok(chunk), conn))
+    })
+}
+
+impl Conn {
+    /// The next bytes to write, or `None` to end the response.
+    async fn next_chunk(&mut self) -> Option<Bytes> {
+        enum Wake {
+            Shutdown,
+            Message(Option<Outbound>),
+            KeepAlive,
+        }
+        let wake = tokio::select! {
+            biased;
+            _ = self.shutdown.wait_for(|stopping| *stopping) => Wake::Shutdown,
+            message = self.receiver.recv() => Wake::Message(message),
+            _ = self.keepalive.tick() => Wake::KeepAlive,
+        };
+        match wake {
+            Wake::Shutdown => {
+                self.done = true;
+                Some(reconnect(
+                    "shutdown",
+                    "the server is restarting; reconnect with your last event id",
+                ))
+            }
+            Wake::Message(message) => {
+                let first = self.frame(message?)?;
+                Some(self.gather(first))
+            }
+            Wake::KeepAlive => Some(Bytes::from_static(b": keep-alive\n\n")),
+        }
+    }
+
+    fn frame(&mut self, message: Outbound) -> Option<Bytes> {
+        match message {
+            Outbound::Text(bytes) => Some(bytes),
+            // The object never sends binary frames to SSE; drop rather than corrupt.
+            Outbound::Binary(_) => Some(Bytes::new()),
+            Outbound::Close { code, reason } => {
+                self.done = true;
+                let cause = if code == 1008 {
+                    "slow_consumer"
+                } else {
+                    "closed"
+                };
+                Some(reconnect(cause, &reason))
+            }
+        }
+    }
+
+    /// Appends whatever else is already queued (up to a bound), so a burst is one write.
+    fn gather(&mut self, first: Bytes) -> Bytes {
+        if self.done || first.len() >= BATCH_BYTES {
+            return first;
+        }
+        let mut batch: Option<BytesMut> = None;
+        while batch.as_ref().map_or(first.len(), BytesMut::len) < BATCH_BYTES {
+            let Some(message) = self.receiver.try_recv() else {
+                break;
+            };
+            let Some(next) = self.frame(message) else {
+                break;
+            };
+            batch
+                .get_or_insert_with(|| BytesMut::from(&first[..]))
+                .extend_from_slice(&next);
+            if self.done {
+                break;
+            }
+        }
+        batch.map_or(first, BytesMut::freeze)
+    }
+}
+
+fn reconnect(reason: &'static str, message: &str) -> Bytes {
+    let control = Control {
+        r#type: "reconnect",
+        reason,
+        message: message.to_string(),
+        earliest_id: None,
+        requested_id: None,
+    };
+    match control.frame(Transport::Sse) {
+        Outbound::Text(bytes) => bytes,
+        _ => Bytes::new(),
+    }
+}

@@ -1,0 +1,380 @@
+//! WebSocket subscribers (and publishers). One task per connection selects over the socket's
+//! outbound queue, the client's frames, a ping timer and the shutdown signal; outbound
+//! messages already queued are fed together and flushed once.
+//!
+//! Framing (documented in docs/API.md): server to client, JSON text messages
+//! `{"type":"message","id","event","data"|"data_base64"}`, `{"type":"gap",...}`,
+//! `{"type":"ack","id","ref"}`, `{"type":"error","code","message","ref"}`; client to server,
+//! `{"type":"publish","event"?,"data"|"data_base64","idempotency_key"?,"ref"?}` as text, or a
+//! binary frame whose bytes are published as is.
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::http::{HeaderMap, Uri};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use bytes::Bytes;
+use dormouse_actors::Channel;
+use dormouse_actors::channel::{ChannelRequest, ChannelResponse, NewMessage};
+use dormouse_runtime::{Namespace, Outbound, Socket, SocketReceiver, Transport};
+use futures::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, MissedTickBehavior};
+
+use crate::channels::{ChannelName, check_message, query, unexpected};
+use crate::{ApiError, AppState, cursor};
+
+/// Close codes, documented for clients.
+mod close {
+    /// The server is restarting; reconnect with your last id.
+    pub(super) const RESTART: u16 = 1012;
+    /// The client fell too far behind; reconnect with your last id.
+    pub(super) const SLOW_CONSUMER: u16 = 1008;
+    /// Nothing (not even a pong) arrived within the idle timeout.
+    pub(super) const HEARTBEAT_TIMEOUT: u16 = 4000;
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubscribeQuery {
+    last_event_id: Option<String>,
+}
+
+/// `GET /v1/channels/{channel}/ws`
+pub(crate) async fn subscribe(
+    State(state): State<AppState>,
+    ChannelName(channel): ChannelName,
+    uri: Uri,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let upgrade = upgrade.map_err(|e| {
+        ApiError::new(
+            e.status(),
+            "websocket_upgrade_required",
+            format!("{}: connect with a WebSocket client", e.body_text()),
+        )
+    })?;
+    let SubscribeQuery { last_event_id } = query(&uri)?;
+    let start = cursor::start(&headers, last_event_id.as_deref())?;
+    let settings = state.settings.clone();
+    let queue = settings.limits.subscriber_queue.0 as usize;
+    let (socket, receiver) = Socket::new(Transport::WebSocket, queue, Bytes::new());
+    let response = state
+        .channels
+        .call(&channel, ChannelRequest::Subscribe { socket, start })
+        .await?;
+    let ChannelResponse::Subscribed = response else {
+        return Err(unexpected());
+    };
+    // Base64 in JSON inflates a payload by 4/3; leave room for it and the envelope.
+    let max_message = settings.limits.max_message_size.0 as usize / 3 * 4 + 64 * 1024;
+    let conn = Conn {
+        channel,
+        channels: state.channels.clone(),
+        receiver,
+        shutdown: state.shutdown.clone(),
+        ping_interval: settings.websocket.ping_interval,
+        idle_timeout: settings.websocket.idle_timeout,
+        client_publish: settings.websocket.client_publish,
+        max_message_size: settings.limits.max_message_size.0 as usize,
+    };
+    Ok(upgrade
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(8 * 1024)
+        .max_message_size(max_message)
+        .max_frame_size(max_message)
+        .on_upgrade(move |ws| conn.run(ws))
+        .into_response())
+}
+
+struct Conn {
+    channel: String,
+    channels: Namespace<Channel>,
+    receiver: SocketReceiver,
+    shutdown: watch::Receiver<bool>,
+    ping_interval: Duration,
+    idle_timeout: Duration,
+    client_publish: bool,
+    max_message_size: usize,
+}
+
+/// Why a connection ended, for the log line.
+#[derive(Debug)]
+enum End {
+    ClientLeft,
+    Closed(u16),
+    WriteFailed,
+}
+
+impl Conn {
+    async fn run(mut self, ws: WebSocket) {
+        let opened = Instant::now();
+        let end = self.serve(ws).await;
+        let code = match end {
+            End::Closed(code) => Some(code),
+            End::ClientLeft | End::WriteFailed => None,
+        };
+        tracing::debug!(channel = %self.channel, ?end, ?code, duration = ?opened.elapsed(), "websocket closed");
+    }
+
+    async fn serve(&mut self, ws: WebSocket) -> End {
+        let (mut sink, mut stream) = ws.split();
+        let (acks, mut ack_rx) = mpsc::unbounded_channel::<Value>();
+        let mut ping =
+            tokio::time::interval_at(Instant::now() + self.ping_interval, self.ping_interval);
+        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut last_heard = Instant::now();
+        loop {
+            enum Wake {
+                Shutdown,
+                Outbound(Option<Outbound>),
+                Ack(Value),
+                Incoming(Option<Result<Message, axum::Error>>),
+                Ping,
+            }
+            let wake = tokio::select! {
+                biased;
+                _ = self.shutdown.wait_for(|stopping| *stopping) => Wake::Shutdown,
+                outbound = self.receiver.recv() => Wake::Outbound(outbound),
+                Some(ack) = ack_rx.recv() => Wake::Ack(ack),
+                incoming = stream.next() => Wake::Incoming(incoming),
+                _ = ping.tick() => Wake::Ping,
+            };
+            match wake {
+                Wake::Shutdown => {
+                    return close_with(&mut sink, close::RESTART, "service restart").await;
+                }
+                Wake::Outbound(None) => {
+                    return close_with(&mut sink, 1000, "the channel ended the subscription").await;
+                }
+                Wake::Outbound(Some(first)) => {
+                    if let Some(end) = self.write_batch(&mut sink, first).await {
+                        return end;
+                    }
+                }
+                Wake::Ack(ack) => {
+                    let text = Utf8Bytes::from(ack.to_string());
+                    if sink.send(Message::Text(text)).await.is_err() {
+                        return End::WriteFailed;
+                    }
+                }
+                Wake::Incoming(incoming) => {
+                    last_heard = Instant::now();
+                    match incoming {
+                        None | Some(Err(_)) | Some(Ok(Message::Close(_))) => {
+                            return End::ClientLeft;
+                        }
+                        Some(Ok(Message::Text(text))) => self.on_text(text.as_str(), &acks),
+                        Some(Ok(Message::Binary(data))) => {
+                            self.on_publish(None, data, None, None, &acks)
+                        }
+                        // tungstenite answers pings itself; a pong only proves liveness.
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                    }
+                }
+                Wake::Ping => {
+                    if last_heard.elapsed() > self.idle_timeout {
+                        return close_with(
+                            &mut sink,
+                            close::HEARTBEAT_TIMEOUT,
+                            "heartbeat timeout",
+                        )
+                        .await;
+                    }
+                    if sink.send(Message::Ping(Bytes::new())).await.is_err() {
+                        return End::WriteFailed;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Feeds `first` and everything else already queued, then flushes once.
+    async fn write_batch<S>(&mut self, sink: &mut S, first: Outbound) -> Option<End>
+    where
+        S: futures::Sink<Message> + Unpin,
+    {
+        let mut next = Some(first);
+        let mut fed = 0usize;
+        while let Some(outbound) = next.take() {
+            match outbound {
+                Outbound::Text(bytes) => {
+                    fed += bytes.len();
+                    let Ok(text) = Utf8Bytes::try_from(bytes) else {
+                        continue;
+                    };
+                    if sink.feed(Message::Text(text)).await.is_err() {
+                        return Some(End::WriteFailed);
+                    }
+                }
+                Outbound::Binary(bytes) => {
+                    fed += bytes.len();
+                    if sink.feed(Message::Binary(bytes)).await.is_err() {
+                        return Some(End::WriteFailed);
+                    }
+                }
+                Outbound::Close { code, reason } => {
+                    let code = if code == 1008 {
+                        close::SLOW_CONSUMER
+                    } else {
+                        code
+                    };
+                    return Some(close_with(sink, code, &reason).await);
+                }
+            }
+            if fed < 256 * 1024 {
+                next = self.receiver.try_recv();
+            }
+        }
+        if sink.flush().await.is_err() {
+            return Some(End::WriteFailed);
+        }
+        None
+    }
+
+    fn on_text(&self, text: &str, acks: &mpsc::UnboundedSender<Value>) {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Publish {
+            r#type: String,
+            event: Option<String>,
+            data: Option<String>,
+            data_base64: Option<String>,
+            idempotency_key: Option<String>,
+            r#ref: Option<Value>,
+        }
+        let error = |code: &str, message: String, r#ref: Option<Value>| {
+            let _ =
+                acks.send(json!({"type": "error", "code": code, "message": message, "ref": r#ref}));
+        };
+        let request: Publish = match serde_json::from_str(text) {
+            Ok(r) => r,
+            Err(e) => {
+                return error(
+                    "bad_message",
+                    format!("expected {{\"type\":\"publish\",\"data\":...}}: {e}"),
+                    None,
+                );
+            }
+        };
+        if request.r#type != "publish" {
+            return error(
+                "bad_message",
+                format!(
+                    "unknown message type {:?}; clients may send \"publish\"",
+                    request.r#type
+                ),
+                request.r#ref,
+            );
+        }
+        let data = match (request.data, request.data_base64) {
+            (Some(text), None) => Bytes::from(text),
+            (None, Some(b64)) => match BASE64.decode(b64.as_bytes()) {
+                Ok(bytes) => Bytes::from(bytes),
+                Err(e) => {
+                    return error(
+                        "bad_message",
+                        format!("data_base64 is not base64: {e}"),
+                        request.r#ref,
+                    );
+                }
+            },
+            _ => {
+                return error(
+                    "bad_message",
+                    "give exactly one of data and data_base64".to_string(),
+                    request.r#ref,
+                );
+            }
+        };
+        self.on_publish(
+            request.event,
+            data,
+            request.idempotency_key,
+            request.r#ref,
+            acks,
+        );
+    }
+
+    fn on_publish(
+        &self,
+        event: Option<String>,
+        data: Bytes,
+        idempotency_key: Option<String>,
+        r#ref: Option<Value>,
+        acks: &mpsc::UnboundedSender<Value>,
+    ) {
+        let fail = |code: &str, message: String| {
+            let _ = acks.send(
+                json!({"type": "error", "code": code, "message": message, "ref": r#ref.clone()}),
+            );
+        };
+        if !self.client_publish {
+            return fail(
+                "forbidden",
+                "publishing over this socket is disabled".to_string(),
+            );
+        }
+        if data.len() > self.max_message_size {
+            return fail(
+                "payload_too_large",
+                format!(
+                    "the message is larger than the limit of {} bytes",
+                    self.max_message_size
+                ),
+            );
+        }
+        if let Err(e) = check_message(event.as_deref(), idempotency_key.as_deref()) {
+            return fail(e.code, e.message);
+        }
+        let reply = self.channels.call(
+            &self.channel,
+            ChannelRequest::Publish(vec![NewMessage {
+                event,
+                data,
+                idempotency_key,
+            }]),
+        );
+        let acks = acks.clone();
+        tokio::spawn(async move {
+            let frame = match reply.await {
+                Ok(ChannelResponse::Published(results)) => match results.first() {
+                    Some(p) => {
+                        json!({"type": "ack", "id": p.id, "duplicate": p.duplicate, "ref": r#ref})
+                    }
+                    None => {
+                        json!({"type": "error", "code": "internal", "message": "no result", "ref": r#ref})
+                    }
+                },
+                Ok(_) => {
+                    json!({"type": "error", "code": "internal", "message": "unexpected response", "ref": r#ref})
+                }
+                Err(e) => {
+                    let e = ApiError::from(e);
+                    json!({"type": "error", "code": e.code, "message": e.message, "ref": r#ref})
+                }
+            };
+            let _ = acks.send(frame);
+        });
+    }
+}
+
+async fn close_with<S>(sink: &mut S, code: u16, reason: &str) -> End
+where
+    S: futures::Sink<Message> + Unpin,
+{
+    let frame = CloseFrame {
+        code,
+        reason: Utf8Bytes::from(reason.to_string()),
+    };
+    let _ = sink.send(Message::Close(Some(frame))).await;
+    let _ = sink.close().await;
+    End::Closed(code)
+}

@@ -1,0 +1,358 @@
+//! Sockets: the runtime's handle on a client connection, which outlives the activation that
+//! accepted it.
+//!
+//! The gateway owns the real connection (an SSE response or a WebSocket) and runs one task
+//! per connection that drains a [`SocketReceiver`]. The object only ever holds a [`Socket`],
+//! the sending half: a byte-bounded queue plus a small attachment. When the object
+//! hibernates, the runtime parks its sockets (a few hundred bytes each) and hands them back on
+//! wake, so clients stay connected while the object costs no memory of its own. Keep-alives
+//! are the connection task's job, so idle clients never wake anything.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+/// How the client is connected; decides which encoding of an event an object sends it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    /// A `text/event-stream` response: frames are SSE-encoded text.
+    Sse,
+    /// A WebSocket: frames are WebSocket messages.
+    WebSocket,
+}
+
+/// One unit of output for a connection. Payloads are `Bytes` so an event encoded once is
+/// shared by every subscriber's queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outbound {
+    /// For SSE, an already-encoded frame; for WebSocket, a text message (valid UTF-8).
+    Text(Bytes),
+    /// A binary WebSocket message (never used for SSE).
+    Binary(Bytes),
+    /// Close the connection after what is queued, with a reason for the client.
+    Close {
+        /// WebSocket close code (SSE ignores it).
+        code: u16,
+        /// Human-readable reason.
+        reason: String,
+    },
+}
+
+impl Outbound {
+    fn cost(&self) -> usize {
+        match self {
+            Self::Text(b) | Self::Binary(b) => b.len(),
+            Self::Close { reason, .. } => reason.len(),
+        }
+    }
+}
+
+/// What happened to a [`Socket::send`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendOutcome {
+    /// Queued for the connection.
+    Queued,
+    /// The client is gone; the socket should be dropped.
+    Closed,
+    /// The client is too slow: its queue would exceed its byte bound, so the socket was
+    /// marked overflowed and the connection will end after what it already has, telling the
+    /// client to resume from its last id. Nothing is buffered beyond the bound.
+    Overflowed,
+}
+
+static NEXT_SOCKET_ID: AtomicU64 = AtomicU64::new(1);
+
+/// State shared by a socket and its receiver. Holds no sender: the receiver keeps an `Inner`,
+/// and a sender in here would keep the queue open after every [`Socket`] is gone.
+struct Inner {
+    id: u64,
+    transport: Transport,
+    /// Bytes queued and not yet taken by the connection task.
+    queued: AtomicUsize,
+    /// The bound on `queued`; beyond it the client is cut off rather than buffered.
+    max_queued: usize,
+    overflowed: AtomicBool,
+    /// Small per-connection state the object keeps across hibernation (a user name, a
+    /// subscription filter): the equivalent of a hibernatable WebSocket's attachment.
+    attachment: Mutex<Bytes>,
+}
+
+/// The object's side of a client connection. Cheap to clone; clones are the same socket.
+#[derive(Clone)]
+pub struct Socket {
+    inner: Arc<Inner>,
+    /// Owned by the socket handles only, so the receiver sees the end of the stream once the
+    /// last clone is dropped.
+    tx: mpsc::UnboundedSender<Outbound>,
+}
+
+impl fmt::Debug for Socket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Socket")
+            .field("id", &self.inner.id)
+            .field("transport", &self.inner.transport)
+            .field("queued", &self.inner.queued.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+/// The connection task's side: yields what the object sent, in order.
+pub struct SocketReceiver {
+    inner: Arc<Inner>,
+    rx: mpsc::UnboundedReceiver<Outbound>,
+}
+
+impl fmt::Debug for SocketReceiver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SocketReceiver")
+            .field("id", &self.inner.id)
+            .finish()
+    }
+}
+
+impl Socket {
+    /// Creates a socket whose queue holds at most `max_queued_bytes` of payload, with an
+    /// initial attachment.
+    pub fn new(
+        transport: Transport,
+        max_queued_bytes: usize,
+        attachment: Bytes,
+    ) -> (Socket, SocketReceiver) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            id: NEXT_SOCKET_ID.fetch_add(1, Ordering::Relaxed),
+            transport,
+            queued: AtomicUsize::new(0),
+            max_queued: max_queued_bytes,
+            overflowed: AtomicBool::new(false),
+            attachment: Mutex::new(attachment),
+        });
+        (
+            Socket {
+                inner: inner.clone(),
+                tx,
+            },
+            SocketReceiver { inner, rx },
+        )
+    }
+
+    /// Process-unique id, to find a socket in a list.
+    pub fn id(&self) -> u64 {
+        self.inner.id
+    }
+
+    /// How the client is connected.
+    pub fn transport(&self) -> Transport {
+        self.inner.transport
+    }
+
+    /// The attachment.
+    pub fn attachment(&self) -> Bytes {
+        self.inner
+            .attachment
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replaces the attachment.
+    pub fn set_attachment(&self, attachment: Bytes) {
+        *self
+            .inner
+            .attachment
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = attachment;
+    }
+
+    /// True once the client went away or was cut off; such a socket can be dropped.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed() || self.inner.overflowed.load(Ordering::Acquire)
+    }
+
+    /// Bytes waiting for the connection to write them.
+    pub fn queued_bytes(&self) -> usize {
+        self.inner.queued.load(Ordering::Relaxed)
+    }
+
+    /// Queues `message` unless the client is gone or too far behind.
+    pub fn send(&self, message: Outbound) -> SendOutcome {
+        if self.inner.overflowed.load(Ordering::Acquire) {
+            return SendOutcome::Overflowed;
+        }
+        let cost = message.cost();
+        let queued = self.inner.queued.fetch_add(cost, Ordering::AcqRel) + cost;
+        // One message larger than the whole bound is still let through when the queue is
+        // empty, so a big event reaches a client that keeps up.
+        if queued > self.inner.max_queued && queued != cost {
+            self.inner.queued.fetch_sub(cost, Ordering::AcqRel);
+            self.inner.overflowed.store(true, Ordering::Release);
+            let _ = self.tx.send(Outbound::Close {
+                code: 1008,
+                reason: "slow consumer: reconnect with your last event id".to_string(),
+            });
+            return SendOutcome::Overflowed;
+        }
+        match self.tx.send(message) {
+            Ok(()) => SendOutcome::Queued,
+            Err(_) => {
+                self.inner.queued.fetch_sub(cost, Ordering::AcqRel);
+                SendOutcome::Closed
+            }
+        }
+    }
+}
+
+impl SocketReceiver {
+    /// The next message, or `None` when every [`Socket`] clone is gone.
+    pub async fn recv(&mut self) -> Option<Outbound> {
+        let message = self.rx.recv().await?;
+        self.inner
+            .queued
+            .fetch_sub(message.cost(), Ordering::AcqRel);
+        Some(message)
+    }
+
+    /// A message if one is ready now; lets a connection batch writes before one flush.
+    pub fn try_recv(&mut self) -> Option<Outbound> {
+        let message = self.rx.try_recv().ok()?;
+        self.inner
+            .queued
+            .fetch_sub(message.cost(), Ordering::AcqRel);
+        Some(message)
+    }
+
+    /// True if the object cut this connection off as a slow consumer.
+    pub fn overflowed(&self) -> bool {
+        self.inner.overflowed.load(Ordering::Acquire)
+    }
+
+    /// The socket's id, the same as [`Socket::id`].
+    pub fn id(&self) -> u64 {
+        self.inner.id
+    }
+}
+
+/// An object's sockets: copy-on-write, so a fan-out effect can hold a snapshot while the
+/// object accepts or drops sockets for the next request.
+#[derive(Debug, Clone, Default)]
+pub struct Sockets {
+    list: Arc<Vec<Socket>>,
+}
+
+impl Sockets {
+    /// The sockets, as a cheap snapshot.
+    pub fn snapshot(&self) -> Arc<Vec<Socket>> {
+        self.list.clone()
+    }
+
+    /// Number of sockets, including any whose client left since the last prune.
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    /// True when there are none.
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// Sockets whose client is still there.
+    pub fn live(&self) -> usize {
+        self.list.iter().filter(|s| !s.is_closed()).count()
+    }
+
+    pub(crate) fn add(&mut self, socket: Socket) {
+        Arc::make_mut(&mut self.list).push(socket);
+    }
+
+    pub(crate) fn remove(&mut self, id: u64) -> Option<Socket> {
+        let index = self.list.iter().position(|s| s.id() == id)?;
+        Some(Arc::make_mut(&mut self.list).remove(index))
+    }
+
+    /// Drops closed sockets; returns how many went.
+    pub(crate) fn prune(&mut self) -> usize {
+        if !self.list.iter().any(Socket::is_closed) {
+            return 0;
+        }
+        let list = Arc::make_mut(&mut self.list);
+        let before = list.len();
+        list.retain(|s| !s.is_closed());
+        before - list.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(n: usize) -> Outbound {
+        Outbound::Text(Bytes::from(vec![b'x'; n]))
+    }
+
+    #[tokio::test]
+    async fn a_slow_reader_is_cut_off_at_the_bound_not_buffered() {
+        let (socket, mut rx) = Socket::new(Transport::Sse, 100, Bytes::new());
+        assert_eq!(socket.send(text(60)), SendOutcome::Queued);
+        assert_eq!(socket.send(text(30)), SendOutcome::Queued);
+        assert_eq!(socket.queued_bytes(), 90);
+        assert_eq!(socket.send(text(20)), SendOutcome::Overflowed);
+        assert_eq!(socket.send(text(1)), SendOutcome::Overflowed);
+        assert!(socket.is_closed());
+        assert_eq!(rx.recv().await, Some(text(60)));
+        assert_eq!(rx.recv().await, Some(text(30)));
+        assert!(matches!(
+            rx.recv().await,
+            Some(Outbound::Close { code: 1008, .. })
+        ));
+        assert!(rx.overflowed());
+    }
+
+    #[tokio::test]
+    async fn one_message_larger_than_the_bound_passes_an_empty_queue() {
+        let (socket, mut rx) = Socket::new(Transport::WebSocket, 10, Bytes::new());
+        assert_eq!(socket.send(text(50)), SendOutcome::Queued);
+        assert_eq!(rx.recv().await, Some(text(50)));
+        assert_eq!(socket.queued_bytes(), 0);
+    }
+
+    #[test]
+    fn a_dropped_receiver_closes_the_socket() {
+        let (socket, rx) = Socket::new(Transport::Sse, 10, Bytes::from_static(b"a"));
+        drop(rx);
+        assert!(socket.is_closed());
+        assert_eq!(socket.send(text(1)), SendOutcome::Closed);
+        assert_eq!(socket.attachment(), Bytes::from_static(b"a"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_receiver_ends_when_every_socket_is_dropped() {
+        let (socket, mut rx) = Socket::new(Transport::Sse, 10, Bytes::new());
+        let clone = socket.clone();
+        assert_eq!(socket.send(text(1)), SendOutcome::Queued);
+        drop(socket);
+        drop(clone);
+        assert_eq!(rx.recv().await, Some(text(1)));
+        let end = tokio::time::timeout(std::time::Duration::from_secs(1), rx.recv()).await;
+        assert_eq!(end, Ok(None), "the stream must end, not hang");
+    }
+
+    #[test]
+    fn snapshots_are_unaffected_by_later_changes() {
+        let mut sockets = Sockets::default();
+        let (a, _ra) = Socket::new(Transport::Sse, 10, Bytes::new());
+        let (b, rb) = Socket::new(Transport::Sse, 10, Bytes::new());
+        sockets.add(a.clone());
+        sockets.add(b.clone());
+        let snapshot = sockets.snapshot();
+        drop(rb);
+        assert_eq!(sockets.prune(), 1);
+        assert_eq!(snapshot.len(), 2);
+        assert_eq!(sockets.len(), 1);
+        assert!(sockets.remove(a.id()).is_some());
+        assert!(sockets.is_empty());
+    }
+}
