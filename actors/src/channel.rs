@@ -123,7 +123,8 @@ pub struct ChannelInfo {
     pub earliest_id: Option<String>,
     /// Events retained.
     pub events: u64,
-    /// Payload bytes retained.
+    /// Bytes of the retained records: payloads plus, per event, its name and 3 bytes of
+    /// header (what `max_bytes` bounds too).
     pub bytes: u64,
     /// Connected subscribers.
     pub subscribers: usize,
@@ -195,7 +196,9 @@ impl Object for Channel {
         match request {
             ChannelRequest::Publish(messages) => self.publish(ctx, messages),
             ChannelRequest::Subscribe { socket, start } => {
-                let (gap, backlog) = self.read(ctx, start, self.settings.max_events as usize)?;
+                // Everything retained after the cursor: the log may hold more than
+                // `max_events` until the next publish trims it (after a config change).
+                let (gap, backlog) = self.read(ctx, start, usize::MAX)?;
                 let transport = socket.transport();
                 let subscriber = socket.clone();
                 ctx.accept_socket(socket);
@@ -401,7 +404,7 @@ impl Channel {
                 .collect::<Result<Vec<_>, _>>()
                 .context("reading the channel log")?
         };
-        if gap.is_none() && cursor.is_some() && from < self.next_seq {
+        if gap.is_none() && cursor.is_some() && limit > 0 && from < self.next_seq {
             let first = events.first().map(|e| e.id.seq);
             if first != Some(from) {
                 gap = Some((

@@ -11,7 +11,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
 use dormouse_actors::channel::{
-    ChannelInfo, ChannelRequest, ChannelSettings, NewMessage, Published, Start,
+    ChannelInfo, ChannelRequest, ChannelResponse, ChannelSettings, NewMessage, Published, Start,
 };
 use dormouse_runtime::storage::{Durability, MemoryStorage, SledConfig, SledStorage};
 use dormouse_runtime::{ObjectState, Outbound, Socket, Transport};
@@ -146,7 +146,7 @@ async fn a_publish_racing_a_subscribe_is_delivered_exactly_once() {
     s1.await.unwrap();
     s2.await.unwrap();
     let published_id = |response| match response {
-        dormouse_actors::channel::ChannelResponse::Published(r) => r[0].id.clone(),
+        ChannelResponse::Published(r) => r[0].id.clone(),
         other => panic!("{other:?}"),
     };
     let (id3, id4) = (published_id(p3), published_id(p4));
@@ -639,7 +639,7 @@ async fn a_thousand_subscribers_get_the_same_fifty_events_in_order() {
     let mut ids = Vec::new();
     for reply in pending {
         match reply.await.unwrap() {
-            dormouse_actors::channel::ChannelResponse::Published(r) => ids.push(r[0].id.clone()),
+            ChannelResponse::Published(r) => ids.push(r[0].id.clone()),
             other => panic!("{other:?}"),
         }
     }

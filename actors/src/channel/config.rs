@@ -17,7 +17,8 @@ pub const MAX_IDEMPOTENCY_KEY: usize = 200;
 pub struct ChannelSettings {
     /// Events kept for replay.
     pub max_events: u64,
-    /// Payload bytes kept for replay (the newest event is always kept).
+    /// Bytes kept for replay, counting each event's payload, name and 3 header bytes (the
+    /// newest event is always kept).
     pub max_bytes: u64,
     /// Events older than this are dropped from the replay buffer.
     pub max_age: Duration,

@@ -152,8 +152,8 @@ pub fn id(s: &str) -> EventId {
         .unwrap_or_else(|e| panic!("{s:?} is not an id: {e}"))
 }
 
-/// `events` that are ids of one epoch: the epoch, checking each id reads `{epoch:x}-{seq}`
-/// with `seq` counting up from `first_seq`.
+/// Checks that `ids` read `{epoch:x}-{seq}`, one epoch, `seq` counting up from `first_seq`;
+/// returns the epoch.
 pub fn assert_consecutive(ids: &[String], first_seq: u64) -> u64 {
     let epoch = id(&ids[0]).epoch;
     assert_ne!(epoch, 0, "epoch 0 means 'no log'");

@@ -130,6 +130,9 @@ pub struct SseClient {
     pub last_id: Option<String>,
     pub retry: Option<u64>,
     pub comments: usize,
+    /// Bytes of `buf` already searched for a blank line, so a multi-MiB event arriving in
+    /// many chunks is parsed in linear time.
+    scanned: usize,
 }
 
 impl SseClient {
@@ -150,6 +153,7 @@ impl SseClient {
             last_id: last_id.map(str::to_string),
             retry: None,
             comments: 0,
+            scanned: 0,
         }
     }
 
@@ -175,7 +179,13 @@ impl SseClient {
     /// Parses one complete event block from the buffer, if there is one.
     fn parse_one(&mut self) -> Option<SseEvent> {
         loop {
-            let end = find_blank_line(&self.buf)?;
+            let from = self.scanned.saturating_sub(1);
+            let Some(end) = find_blank_line(&self.buf[from..]) else {
+                self.scanned = self.buf.len();
+                return None;
+            };
+            let end = (from + end.0, end.1);
+            self.scanned = 0;
             let block = self.buf.split_to(end.0);
             let _ = self.buf.split_to(end.1);
             let text = String::from_utf8(block.to_vec()).expect("SSE is UTF-8");
@@ -263,4 +273,211 @@ impl WsClient {
             .await
             .expect("send");
     }
+}
+
+/// A JSON error answer taken apart: (status, `error.code`, `error.message`). Panics when the
+/// body is not the documented `{"error": {"code", "message"}}` shape.
+pub async fn error_of(res: reqwest::Response) -> (u16, String, String) {
+    let status = res.status().as_u16();
+    let text = res.text().await.expect("error body");
+    let body: Value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("error body is not JSON ({e}): {text:?}"));
+    let code = body["error"]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error.code in {body}"))
+        .to_string();
+    let message = body["error"]["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error.message in {body}"))
+        .to_string();
+    (status, code, message)
+}
+
+impl TestServer {
+    /// `GET path` as JSON, asserting `status`.
+    pub async fn get_json(&self, path: &str, status: u16) -> Value {
+        let res = self
+            .client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("GET request");
+        assert_eq!(res.status(), status, "status of GET {path}");
+        res.json().await.expect("JSON body")
+    }
+
+    /// One page of history as JSON; `query` is `""` or starts with `?`.
+    pub async fn history(&self, channel: &str, query: &str) -> Value {
+        self.get_json(&format!("/v1/channels/{channel}/messages{query}"), 200)
+            .await
+    }
+
+    /// Every retained event of `channel`, oldest first, read page by page.
+    pub async fn all_history(&self, channel: &str) -> Vec<Value> {
+        let mut events = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let query = match &after {
+                Some(id) => format!("?after={id}&limit=1000"),
+                None => "?limit=1000".to_string(),
+            };
+            let page = self.history(channel, &query).await;
+            assert!(page["gap"].is_null(), "unexpected gap: {page}");
+            let batch = page["events"].as_array().expect("events").clone();
+            if batch.is_empty() {
+                return events;
+            }
+            after = page["next_after"].as_str().map(str::to_string);
+            events.extend(batch);
+        }
+    }
+
+    /// Publishes with an event name (`?event=`), returning the id.
+    pub async fn publish_event(
+        &self,
+        channel: &str,
+        event: &str,
+        data: impl Into<reqwest::Body>,
+    ) -> String {
+        let res = self
+            .client
+            .post(self.url(&format!("/v1/channels/{channel}/messages?event={event}")))
+            .body(data)
+            .send()
+            .await
+            .expect("publish request");
+        assert_eq!(res.status(), 201, "publish status");
+        let body: Value = res.json().await.expect("publish json");
+        body["id"].as_str().expect("id").to_string()
+    }
+}
+
+impl SseClient {
+    /// Connects with extra request headers and returns the raw response when it is not a
+    /// stream (for error answers).
+    pub async fn try_connect(
+        server: &TestServer,
+        path: &str,
+        headers: &[(&str, &[u8])],
+    ) -> Result<Self, reqwest::Response> {
+        let mut req = server.client.get(server.url(path));
+        let mut last_id = None;
+        for (name, value) in headers {
+            let value = reqwest::header::HeaderValue::from_bytes(value).expect("header value");
+            if name.eq_ignore_ascii_case("last-event-id") {
+                last_id = value.to_str().ok().map(str::to_string);
+            }
+            req = req.header(*name, value);
+        }
+        let res = req.send().await.expect("sse request");
+        if res.status() != 200 {
+            return Err(res);
+        }
+        assert_eq!(res.headers()["content-type"], "text/event-stream");
+        Ok(Self {
+            stream: res.bytes_stream().boxed(),
+            buf: BytesMut::new(),
+            last_id,
+            retry: None,
+            comments: 0,
+            scanned: 0,
+        })
+    }
+
+    /// The next event, asserting it is a message with exactly this id, type and data.
+    pub async fn expect_event(&mut self, id: &str, event: &str, data: &str) {
+        let got = self
+            .next()
+            .await
+            .expect("an event, not the end of the stream");
+        assert_eq!(
+            got,
+            SseEvent {
+                id: Some(id.to_string()),
+                event: event.to_string(),
+                data: data.to_string(),
+            }
+        );
+    }
+
+    /// The next event, asserting it is the control event `dormouse.<kind>`; returns its JSON.
+    pub async fn expect_control(&mut self, kind: &str) -> Value {
+        let got = self.next().await.expect("a control event");
+        assert_eq!(
+            got.event,
+            format!("dormouse.{kind}"),
+            "control event: {got:?}"
+        );
+        assert_eq!(got.id, None, "control events carry no id: {got:?}");
+        let value: Value = serde_json::from_str(&got.data).expect("control JSON");
+        assert_eq!(value["type"], kind, "{value}");
+        value
+    }
+}
+
+/// Frame and message limits for a client that receives very large messages (a 16 MiB payload
+/// is larger than one default-sized frame once JSON-escaped or base64-encoded).
+pub fn large_ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(64 << 20))
+        .max_frame_size(Some(64 << 20))
+}
+
+impl WsClient {
+    /// Connects with a custom request (extra headers) and client config; the handshake error
+    /// (an HTTP answer other than 101) is returned as is.
+    pub async fn try_connect_with(
+        server: &TestServer,
+        path: &str,
+        headers: &[(&str, &str)],
+        config: Option<tokio_tungstenite::tungstenite::protocol::WebSocketConfig>,
+    ) -> Result<Self, tokio_tungstenite::tungstenite::Error> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+        let mut request = server
+            .ws_url(path)
+            .into_client_request()
+            .expect("ws request");
+        for (name, value) in headers {
+            request.headers_mut().insert(
+                reqwest::header::HeaderName::from_bytes(name.as_bytes()).expect("header name"),
+                value.parse().expect("header value"),
+            );
+        }
+        let (ws, res) =
+            tokio_tungstenite::connect_async_with_config(request, config, false).await?;
+        assert_eq!(res.status(), 101);
+        Ok(Self { ws })
+    }
+
+    /// The next message, asserting it is the event with exactly this id, type and text data.
+    pub async fn expect_event(&mut self, id: &str, event: &str, data: &str) {
+        let got = self
+            .next()
+            .await
+            .expect("a message, not the end of the socket");
+        assert_eq!(
+            got,
+            serde_json::json!({"type": "message", "id": id, "event": event, "data": data})
+        );
+    }
+}
+
+/// The handshake a WebSocket client sends, made with reqwest so that an error answer can be
+/// read whole: (status, code, message).
+pub async fn ws_handshake_error(
+    server: &TestServer,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String, String) {
+    let mut req = server
+        .client
+        .get(server.url(path))
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==");
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    error_of(req.send().await.expect("handshake request")).await
 }

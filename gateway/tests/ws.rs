@@ -1,0 +1,325 @@
+//! WebSocket subscribers (and publishers) end to end: a real server, a real WebSocket client.
+
+mod support;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use dormouse_gateway::ByteSize;
+use futures::SinkExt as _;
+use serde_json::{Value, json};
+use support::{TestServer, WsClient, error_of, ws_handshake_error};
+use tokio_tungstenite::tungstenite::Message;
+
+const WS: &str = "/v1/channels/room-ws/ws";
+
+/// Reads `n` messages and returns them sorted by `type`, for a publisher that receives both
+/// its ack and (being subscribed too) the event, in either order.
+async fn next_n_by_type(ws: &mut WsClient, n: usize) -> Vec<Value> {
+    let mut got = Vec::new();
+    for _ in 0..n {
+        got.push(ws.next().await.expect("a message"));
+    }
+    got.sort_by(|a, b| a["type"].as_str().cmp(&b["type"].as_str()));
+    got
+}
+
+#[tokio::test]
+async fn a_dropped_socket_resumes_with_exactly_the_missed_events_then_live_ones() {
+    let server = TestServer::start().await;
+    let mut ws = WsClient::connect(&server, WS).await;
+    let mut first = Vec::new();
+    for i in 0..3 {
+        first.push(server.publish("room-ws", format!("a{i}")).await);
+    }
+    for (i, id) in first.iter().enumerate() {
+        ws.expect_event(id, "message", &format!("a{i}")).await;
+    }
+    drop(ws);
+
+    let mut missed = Vec::new();
+    for i in 0..4 {
+        missed.push(server.publish("room-ws", format!("b{i}")).await);
+    }
+    let last = &first[2];
+    let mut ws = WsClient::connect(&server, &format!("{WS}?last_event_id={last}")).await;
+    for (i, id) in missed.iter().enumerate() {
+        ws.expect_event(id, "message", &format!("b{i}")).await;
+    }
+    let live = server.publish_event("room-ws", "update", "c0").await;
+    ws.expect_event(&live, "update", "c0").await;
+
+    // The header cursor works on the WebSocket route as well.
+    let mut by_header =
+        WsClient::try_connect_with(&server, WS, &[("Last-Event-ID", &missed[2])], None)
+            .await
+            .expect("connect with a Last-Event-ID header");
+    by_header.expect_event(&missed[3], "message", "b3").await;
+    by_header.expect_event(&live, "update", "c0").await;
+    drop((ws, by_header));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn text_arrives_as_readable_json_and_binary_as_exact_base64() {
+    let server = TestServer::start().await;
+    let mut ws = WsClient::connect(&server, WS).await;
+
+    let json_text = r#"{"user":"zoë","said":"hi \"there\"","n":[1,2]}"#;
+    let text_id = server.publish("room-ws", json_text).await;
+    let got = ws.next().await.expect("text message");
+    // The payload is the JSON string as published, not re-encoded or base64-encoded.
+    assert_eq!(
+        got,
+        json!({"type": "message", "id": text_id, "event": "message", "data": json_text})
+    );
+
+    let multi = "line one\n\n  line three: with colon\n";
+    let multi_id = server.publish("room-ws", multi).await;
+    ws.expect_event(&multi_id, "message", multi).await;
+
+    let binary: Vec<u8> = vec![0xff, 0x00, 0x80, 0xfe, b'a', 0xc3, 0x28, 0x00, 0x7f];
+    let binary_id = server
+        .publish_event("room-ws", "blob", binary.clone())
+        .await;
+    let got = ws.next().await.expect("binary message");
+    assert_eq!(got["type"], "message");
+    assert_eq!(got["id"], binary_id.as_str());
+    assert_eq!(got["event"], "blob");
+    assert!(
+        got.get("data").is_none(),
+        "binary must not travel as data: {got}"
+    );
+    let decoded = BASE64
+        .decode(got["data_base64"].as_str().expect("data_base64"))
+        .expect("valid base64");
+    assert_eq!(decoded, binary);
+
+    // A carriage return cannot travel over SSE, so such text goes base64 everywhere.
+    let crlf = b"a\r\nb".to_vec();
+    let crlf_id = server.publish("room-ws", crlf.clone()).await;
+    let got = ws.next().await.expect("crlf message");
+    assert_eq!(
+        got,
+        json!({"type": "message", "id": crlf_id, "event": "message", "data_base64": BASE64.encode(&crlf)})
+    );
+    drop(ws);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_publishes_over_the_socket_and_gets_an_ack_with_its_ref() {
+    let server = TestServer::start().await;
+    let mut publisher = WsClient::connect(&server, WS).await;
+    let mut other = WsClient::connect(&server, WS).await;
+
+    publisher
+        .send_json(json!({"type": "publish", "data": "x", "ref": 1}))
+        .await;
+    let got = next_n_by_type(&mut publisher, 2).await;
+    let id = got[0]["id"].as_str().expect("ack id").to_string();
+    assert_eq!(
+        got,
+        vec![
+            json!({"type": "ack", "id": id, "duplicate": false, "ref": 1}),
+            json!({"type": "message", "id": id, "event": "message", "data": "x"}),
+        ]
+    );
+    other.expect_event(&id, "message", "x").await;
+
+    // Event name, a string ref, and an idempotency key honoured on retry.
+    let publish = json!({"type": "publish", "event": "chat", "data": "hi", "idempotency_key": "k-1", "ref": "r2"});
+    publisher.send_json(publish.clone()).await;
+    let got = next_n_by_type(&mut publisher, 2).await;
+    let chat = got[0]["id"].as_str().expect("ack id").to_string();
+    assert_ne!(chat, id);
+    assert_eq!(
+        got,
+        vec![
+            json!({"type": "ack", "id": chat, "duplicate": false, "ref": "r2"}),
+            json!({"type": "message", "id": chat, "event": "chat", "data": "hi"}),
+        ]
+    );
+    other.expect_event(&chat, "chat", "hi").await;
+    publisher.send_json(publish).await;
+    assert_eq!(
+        publisher.next().await,
+        Some(json!({"type": "ack", "id": chat, "duplicate": true, "ref": "r2"}))
+    );
+
+    // A binary frame is published as is, with the default event name.
+    let bytes = vec![0u8, 1, 2, 0xff];
+    publisher
+        .ws
+        .send(Message::Binary(bytes.clone().into()))
+        .await
+        .expect("send binary");
+    let got = next_n_by_type(&mut publisher, 2).await;
+    let blob = got[0]["id"].as_str().expect("ack id").to_string();
+    let message =
+        json!({"type": "message", "id": blob, "event": "message", "data_base64": "AAEC/w=="});
+    assert_eq!(
+        got,
+        vec![
+            json!({"type": "ack", "id": blob, "duplicate": false, "ref": null}),
+            message.clone(),
+        ]
+    );
+    assert_eq!(other.next().await, Some(message));
+
+    // The log holds exactly the three distinct events, in order.
+    let history = server.history("room-ws", "").await;
+    let ids: Vec<&str> = history["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![id.as_str(), chat.as_str(), blob.as_str()]);
+    drop((publisher, other));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_malformed_client_message_gets_an_error_and_the_socket_stays_usable() {
+    let server = TestServer::start_with(|s| s.limits.max_message_size = ByteSize(1024)).await;
+    let mut ws = WsClient::connect(&server, "/v1/channels/talk/ws").await;
+    let mut watcher = WsClient::connect(&server, "/v1/channels/talk/ws").await;
+
+    ws.ws
+        .send(Message::Text("not json".into()))
+        .await
+        .expect("send");
+    let got = ws.next().await.expect("error");
+    assert_eq!(got["type"], "error");
+    assert_eq!(got["code"], "bad_message");
+    assert_eq!(got["ref"], Value::Null);
+    let message = got["message"].as_str().unwrap();
+    assert!(
+        message.starts_with(r#"expected {"type":"publish","data":...}"#),
+        "{message}"
+    );
+
+    let cases = [
+        (
+            json!({"type": "subscribe", "ref": 7}),
+            "bad_message",
+            Some(r#"unknown message type "subscribe"; clients may send "publish""#),
+        ),
+        (
+            json!({"type": "publish", "ref": 8}),
+            "bad_message",
+            Some("give exactly one of data and data_base64"),
+        ),
+        (
+            json!({"type": "publish", "data": "a", "data_base64": "YQ==", "ref": 9}),
+            "bad_message",
+            Some("give exactly one of data and data_base64"),
+        ),
+        (
+            json!({"type": "publish", "data_base64": "!!not base64", "ref": 10}),
+            "bad_message",
+            None,
+        ),
+        (
+            json!({"type": "publish", "data": "x", "event": "bad:name", "ref": 11}),
+            "bad_event_name",
+            None,
+        ),
+        (
+            json!({"type": "publish", "data": "x".repeat(1025), "ref": 12}),
+            "payload_too_large",
+            Some("the message is larger than the limit of 1024 bytes"),
+        ),
+    ];
+    for (request, code, message) in &cases {
+        ws.send_json(request.clone()).await;
+        let got = ws.next().await.expect("error");
+        assert_eq!(got["type"], "error", "{request} -> {got}");
+        assert_eq!(got["code"], *code, "{request} -> {got}");
+        assert_eq!(got["ref"], request["ref"], "{request} -> {got}");
+        let text = got["message"].as_str().expect("message");
+        assert!(!text.is_empty());
+        if let Some(message) = message {
+            assert_eq!(text, *message, "{request}");
+        }
+    }
+    // An unknown field is refused too (deny_unknown_fields), naming the field.
+    ws.send_json(json!({"type": "publish", "data": "x", "chanel": "y"}))
+        .await;
+    let got = ws.next().await.expect("error");
+    assert_eq!(
+        (&got["type"], &got["code"]),
+        (&json!("error"), &json!("bad_message"))
+    );
+    assert!(got["message"].as_str().unwrap().contains("chanel"), "{got}");
+
+    // Still usable: a good publish is acknowledged and delivered, and nothing else was.
+    ws.send_json(json!({"type": "publish", "data": "ok", "ref": 13}))
+        .await;
+    let got = next_n_by_type(&mut ws, 2).await;
+    let id = got[0]["id"].as_str().expect("ack id").to_string();
+    assert_eq!(
+        got[0],
+        json!({"type": "ack", "id": id, "duplicate": false, "ref": 13})
+    );
+    assert_eq!(
+        got[1],
+        json!({"type": "message", "id": id, "event": "message", "data": "ok"})
+    );
+    watcher.expect_event(&id, "message", "ok").await;
+    let history = server.history("talk", "").await;
+    assert_eq!(history["events"].as_array().unwrap().len(), 1, "{history}");
+    drop((ws, watcher));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_plain_http_get_gets_a_json_error() {
+    let server = TestServer::start().await;
+    let res = server.client.get(server.url(WS)).send().await.unwrap();
+    let (status, code, message) = error_of(res).await;
+    assert_eq!(status, 400);
+    assert_eq!(code, "websocket_upgrade_required");
+    assert_eq!(
+        message,
+        "Connection header did not include 'upgrade': connect with a WebSocket client"
+    );
+
+    let res = server.client.post(server.url(WS)).send().await.unwrap();
+    let (status, code, _) = error_of(res).await;
+    assert_eq!((status, code.as_str()), (405, "method_not_allowed"));
+
+    // A real handshake with a bad cursor is refused before upgrading.
+    let (status, code, message) =
+        ws_handshake_error(&server, &format!("{WS}?last_event_id=nope"), &[]).await;
+    assert_eq!((status, code.as_str()), (400, "bad_event_id"));
+    assert!(
+        message.starts_with(r#"last_event_id: malformed event id "nope""#),
+        "{message}"
+    );
+    // The server still serves WebSockets.
+    let mut ws = WsClient::connect(&server, WS).await;
+    let id = server.publish("room-ws", "after").await;
+    ws.expect_event(&id, "message", "after").await;
+    drop(ws);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_graceful_stop_closes_the_socket_with_1012() {
+    let server = TestServer::start().await;
+    let mut ws = WsClient::connect(&server, WS).await;
+    let id = server.publish("room-ws", "before").await;
+    ws.expect_event(&id, "message", "before").await;
+
+    let stopping = tokio::spawn(server.stop());
+    assert_eq!(
+        ws.next().await,
+        Some(json!({"type": "close", "code": 1012, "reason": "service restart"}))
+    );
+    assert_eq!(ws.next().await, None, "nothing after the close frame");
+    tokio::time::timeout(support::PATIENCE, stopping)
+        .await
+        .expect("server stops in time")
+        .expect("stop task");
+}
