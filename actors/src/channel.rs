@@ -30,6 +30,10 @@ pub use id::{BadEventId, EventId};
 pub const NAMESPACE: &str = "channel";
 
 const IDEMPOTENCY_PREFIX: &[u8] = b"idem/";
+/// Records the boot in which the channel last moved past possibly lost ids.
+const BOOT_KEY: &[u8] = b"boot";
+/// More seqs than one run could hand out between two flushes, by far.
+const SEQ_JUMP_AFTER_CRASH: u64 = 1 << 32;
 /// Keyed publishes between sweeps of expired idempotency records.
 const SWEEP_EVERY: u32 = 64;
 
@@ -184,6 +188,7 @@ impl Object for Channel {
             for event in loaded.into_iter().rev() {
                 channel.push_tail(event);
             }
+            channel.skip_possibly_lost_ids(ctx, meta.last_seq)?;
         }
         Ok(channel)
     }
@@ -320,6 +325,34 @@ impl Channel {
         Ok(ChannelResponse::Published(results))
     }
 
+    /// After a crash, events past the log's end may have been delivered (under a weak
+    /// durability, delivery precedes the fsync) and then lost. Their ids must never be handed
+    /// out again, or a client that saw one would later skip a different event with the same
+    /// id. So the first activation after a crash moves the next seq far past anything the lost
+    /// run could have used; the unused range is a hole, which readers step over silently
+    /// (it never held an event anyone can still get).
+    fn skip_possibly_lost_ids(
+        &mut self,
+        ctx: &mut Context<'_>,
+        last_seq: u64,
+    ) -> anyhow::Result<()> {
+        let boot = ctx.boot();
+        if !boot.unclean {
+            return Ok(());
+        }
+        let seen = match ctx.get(BOOT_KEY)? {
+            Some(v) => Some(u64::from_be_bytes(
+                v.as_ref().try_into().context("corrupt boot record")?,
+            )),
+            None => None,
+        };
+        if seen != Some(boot.id) {
+            self.next_seq = last_seq + 1 + SEQ_JUMP_AFTER_CRASH;
+            ctx.put(BOOT_KEY, boot.id.to_be_bytes().to_vec());
+        }
+        Ok(())
+    }
+
     /// The seq a still-valid idempotency record points to.
     fn remembered(&self, ctx: &Context<'_>, key: &[u8], now: u64) -> anyhow::Result<Option<u64>> {
         let Some(record) = ctx.get(key)? else {
@@ -404,9 +437,11 @@ impl Channel {
                 .collect::<Result<Vec<_>, _>>()
                 .context("reading the channel log")?
         };
+        // Trimmed means: the log's oldest retained event is past the cursor. (A seq the log
+        // never held, such as the hole after a crash, is not a gap.)
         if gap.is_none() && cursor.is_some() && limit > 0 && from < self.next_seq {
-            let first = events.first().map(|e| e.id.seq);
-            if first != Some(from) {
+            let oldest = ctx.log_meta()?.filter(|m| m.count > 0).map(|m| m.first_seq);
+            if oldest.is_none_or(|oldest| from < oldest) {
                 gap = Some((
                     "trimmed",
                     "events after the id were dropped from the replay buffer; replaying from the oldest retained",

@@ -470,9 +470,18 @@ async fn a_restarted_channel_on_sled_resumes_from_a_cursor() {
         let name = format!("restart-{memory_tail_bytes}");
         let sent = payloads(1..=10);
         let ids = {
-            let ns = channels_on(open(), AWAKE, memory_tail_bytes, ChannelSettings::default());
+            let storage = open();
+            let ns = channels_on(
+                storage.clone(),
+                AWAKE,
+                memory_tail_bytes,
+                ChannelSettings::default(),
+            );
             let ids = publish_each(&ns, &name, &sent).await;
             ns.shutdown().await;
+            // A clean shutdown: the next run continues the seqs (after a crash it would
+            // skip ahead; see tests/crash_ids.rs).
+            storage.close().unwrap();
             ids
         };
         let ns = channels_on(open(), AWAKE, memory_tail_bytes, ChannelSettings::default());

@@ -100,7 +100,7 @@ impl Dormouse {
             .context("serving HTTP")?;
         self.state.channels.shutdown().await;
         let storage = self.storage.clone();
-        tokio::task::spawn_blocking(move || storage.flush())
+        tokio::task::spawn_blocking(move || storage.close())
             .await?
             .context("final storage flush")?;
         info!("stopped");

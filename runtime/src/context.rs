@@ -173,6 +173,12 @@ impl<'a> Context<'a> {
         self.batch.trim(retention, now_ms);
     }
 
+    /// This run of the data dir and whether the previous one crashed; an object whose ids
+    /// may have been seen by clients before they were durable uses it to avoid reusing them.
+    pub fn boot(&self) -> dormouse_storage::Boot {
+        self.storage.boot()
+    }
+
     /// Reserves a fresh log epoch (see [`Context::create_log`]). Not part of the batch: an
     /// unused reservation is harmless.
     pub fn allocate_epoch(&self) -> Result<u64> {

@@ -4,7 +4,7 @@
 //!
 //! | tag    | record           | key after the tag                           | value                          |
 //! |--------|------------------|---------------------------------------------|--------------------------------|
-//! | `0x00` | system           | a fixed name (`schema_version`, `epoch_counter`) | u32 BE version / u64 BE epoch |
+//! | `0x00` | system           | a fixed name (`schema_version`, `epoch_counter`, `boot_counter`, `clean_shutdown`) | u32 BE version / u64 BE |
 //! | `0x01` | log meta         | `ns` `name`                                 | 5 × u64 BE: epoch, first_seq, last_seq, count, bytes |
 //! | `0x02` | log entry        | `ns` `name` seq (u64 BE)                    | timestamp_ms (u64 BE) + payload |
 //! | `0x03` | key/value        | `ns` `name` user key (raw bytes)            | the user value                 |
@@ -100,6 +100,17 @@ pub fn schema_version_key() -> Vec<u8> {
 /// even if the clock goes back.
 pub fn epoch_counter_key() -> Vec<u8> {
     system_key(EPOCH_COUNTER)
+}
+
+/// Where the number of times this data dir was opened is recorded: the boot id.
+pub fn boot_counter_key() -> Vec<u8> {
+    system_key(b"boot_counter")
+}
+
+/// Present only while the data dir is closed cleanly: written by a clean shutdown, removed
+/// (durably) when the dir is opened. Its absence at open means the last run crashed.
+pub fn clean_shutdown_key() -> Vec<u8> {
+    system_key(b"clean_shutdown")
 }
 
 fn system_key(name: &[u8]) -> Vec<u8> {

@@ -41,12 +41,22 @@ use std::fmt::Debug;
 pub use batch::{Write, WriteBatch};
 pub use bytes::Bytes;
 pub use durability::Durability;
+
 pub use error::{Error, Result};
 pub use group_commit::GroupCommit;
 pub use log::{LogEntry, LogMeta, Retention};
 pub use memory::MemoryStorage;
 pub use object::ObjectId;
 pub use sled_store::{SledConfig, SledStorage};
+
+/// Which run of a data dir this is; see [`Storage::boot`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Boot {
+    /// Increments every time the data dir is opened.
+    pub id: u64,
+    /// True when the previous run did not shut down cleanly (a crash or `kill -9`).
+    pub unclean: bool,
+}
 
 /// A future that resolves once the writes applied before it was created are durable.
 pub type SyncFuture = futures::future::BoxFuture<'static, Result<()>>;
@@ -66,6 +76,12 @@ pub trait Storage: Send + Sync + Debug + 'static {
     /// Reserves a new log epoch, strictly greater than any handed out before in this data
     /// dir, for a [`Write::CreateLog`]. Reserving without using one is harmless.
     fn allocate_epoch(&self) -> Result<u64>;
+
+    /// Which run of the data dir this is, and whether the previous run ended without a clean
+    /// shutdown (so writes it acknowledged under a weak durability may be missing).
+    fn boot(&self) -> Boot {
+        Boot::default()
+    }
 
     /// The policy this store was opened with, so callers can report it.
     fn durability(&self) -> Durability;

@@ -55,6 +55,8 @@ pub struct SledStorage {
     db: sled::Db,
     durability: Durability,
     path: PathBuf,
+    /// This run's boot id and whether the previous run crashed.
+    boot: crate::Boot,
     /// Serialises epoch allocation between batches that create logs; see [`plan::plan`].
     epoch_lock: Mutex<()>,
     /// Held (locked) for the life of the store and declared last, so it is released only
@@ -93,6 +95,13 @@ impl SledStorage {
             });
         let db = open_sled(&sled_config, &path)?;
         let created = check_schema(&db, &path)?;
+        let boot = start_boot(&db, created)?;
+        if boot.unclean {
+            tracing::warn!(
+                boot = boot.id,
+                "the previous run did not shut down cleanly; weakly durable writes may be lost"
+            );
+        }
         if created {
             // Make the new files' directory entries durable too, not only their contents.
             sync_dir(&sled_dir)?;
@@ -109,6 +118,7 @@ impl SledStorage {
             db,
             durability: config.durability,
             path,
+            boot,
             epoch_lock: Mutex::new(()),
             _lock: lock,
         })
@@ -128,6 +138,16 @@ impl SledStorage {
         File::open(&db_file_path)
             .and_then(|file| file.sync_data())
             .map_err(|e| at(&db_file_path, e))
+    }
+
+    /// Marks the data dir as cleanly shut down and flushes it: the last thing a graceful
+    /// shutdown does. The next open then knows nothing acknowledged can be missing. Writing
+    /// after this (by mistake) is safe: the next open just treats the run as a crash.
+    pub fn close(&self) -> Result<()> {
+        self.db
+            .insert(key::clean_shutdown_key(), &[1u8][..])
+            .engine()?;
+        self.flush()
     }
 
     /// Flushes run by group commit so far (0 unless `always`); compared with the number of
@@ -204,6 +224,27 @@ fn check_schema(db: &sled::Db, path: &Path) -> Result<bool> {
         .engine()?;
     db.flush().engine()?;
     Ok(true)
+}
+
+/// Counts this open and consumes the clean-shutdown marker. The removal is flushed before
+/// anything else is written, so a crash in this run can never leave the marker behind.
+fn start_boot(db: &sled::Db, created: bool) -> Result<crate::Boot> {
+    let counter_key = key::boot_counter_key();
+    let previous = db
+        .get(&counter_key)
+        .engine()?
+        .map(|v| record::decode_u64("boot counter", &v))
+        .transpose()?
+        .unwrap_or(0);
+    let clean = db.remove(key::clean_shutdown_key()).engine()?.is_some();
+    let id = previous + 1;
+    db.insert(counter_key, record::encode_u64(id).as_ref())
+        .engine()?;
+    db.flush().engine()?;
+    Ok(crate::Boot {
+        id,
+        unclean: !created && !clean,
+    })
 }
 
 /// Group commit flushes with sled's `flush` (which writes its buffers and waits for them
@@ -308,6 +349,10 @@ impl Storage for SledStorage {
         drop(plan);
         tracing::trace!(object = %id, writes, ops, "applied batch");
         Ok(())
+    }
+
+    fn boot(&self) -> crate::Boot {
+        self.boot
     }
 
     fn allocate_epoch(&self) -> Result<u64> {

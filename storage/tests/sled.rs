@@ -220,3 +220,32 @@ fn config_defaults() {
     assert_eq!(config.cache_capacity_bytes, 64 * 1024 * 1024);
     assert_eq!(config.durability, Durability::Always);
 }
+
+#[test]
+fn a_crash_is_told_apart_from_a_clean_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_sled(dir.path(), Durability::Never);
+    assert_eq!(
+        store.boot(),
+        dormouse_storage::Boot {
+            id: 1,
+            unclean: false
+        },
+        "a new data dir has no previous run"
+    );
+    store.close().unwrap();
+    drop(store);
+
+    let store = open_sled(dir.path(), Durability::Never);
+    assert_eq!(store.boot().id, 2);
+    assert!(!store.boot().unclean, "closed cleanly");
+    // Dropped without close: as far as the next run can tell, a crash.
+    drop(store);
+
+    let store = open_sled(dir.path(), Durability::Never);
+    assert_eq!(store.boot().id, 3);
+    assert!(store.boot().unclean);
+    store.close().unwrap();
+    drop(store);
+    assert!(!open_sled(dir.path(), Durability::Never).boot().unclean);
+}

@@ -176,6 +176,9 @@ impl Storage for GatedStorage {
             Ok(())
         })
     }
+    fn boot(&self) -> dormouse_runtime::storage::Boot {
+        self.inner.boot()
+    }
     fn allocate_epoch(&self) -> dormouse_runtime::storage::Result<u64> {
         self.inner.allocate_epoch()
     }

@@ -1,0 +1,94 @@
+//! Ids a crashed run may have shown to clients are never handed out again.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dormouse_actors::channel::{ChannelSettings, EventId, Start};
+use dormouse_runtime::Transport;
+use dormouse_storage::{Durability, SledConfig, SledStorage};
+use support::{channels_on, message, publish_each, subscribe};
+
+fn open(dir: &std::path::Path) -> Arc<SledStorage> {
+    let mut config = SledConfig::new(dir);
+    config.durability = Durability::Never;
+    Arc::new(SledStorage::open(config).unwrap())
+}
+
+#[tokio::test]
+async fn after_a_crash_new_events_get_ids_past_anything_the_lost_run_could_have_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let payloads: Vec<String> = (1..=3).map(|i| format!("m{i}")).collect();
+    let ids = {
+        let storage = open(dir.path());
+        let ns = channels_on(
+            storage,
+            Duration::from_secs(60),
+            1 << 20,
+            ChannelSettings::default(),
+        );
+        let ids = publish_each(&ns, "c", &payloads).await;
+        ns.shutdown().await;
+        // Dropped without `close()`: the next run sees a crash.
+        ids
+    };
+    let epoch = ids[0].parse::<EventId>().unwrap().epoch;
+    // A client that saw two more events the crash lost (seq 4 and 5) holds this cursor.
+    let lost = EventId { epoch, seq: 5 }.to_string();
+
+    let storage = open(dir.path());
+    assert!(dormouse_storage::Storage::boot(&*storage).unclean);
+    let ns = channels_on(
+        storage.clone(),
+        Duration::from_secs(60),
+        1 << 20,
+        ChannelSettings::default(),
+    );
+    let mut saw_lost = subscribe(
+        &ns,
+        "c",
+        Transport::Sse,
+        Start::After(lost.parse().unwrap()),
+    )
+    .await;
+    let mut saw_last = subscribe(
+        &ns,
+        "c",
+        Transport::WebSocket,
+        Start::After(ids[2].parse().unwrap()),
+    )
+    .await;
+    // Neither is told about a gap: nothing either of them could still get is missing.
+    assert_eq!(saw_lost.drain(), vec![]);
+    assert_eq!(saw_last.drain(), vec![]);
+
+    let new = publish_each(&ns, "c", &["after".to_string()]).await;
+    let new_id: EventId = new[0].parse().unwrap();
+    assert_eq!(new_id.epoch, epoch);
+    assert!(new_id.seq > 5, "id {new_id} reuses a possibly lost seq");
+    assert_eq!(saw_lost.drain(), vec![message(&new[0], "after")]);
+    assert_eq!(saw_last.drain(), vec![message(&new[0], "after")]);
+
+    // Resuming across the hole later is seamless too, and the jump happens once per run.
+    let mut late = subscribe(
+        &ns,
+        "c",
+        Transport::Sse,
+        Start::After(ids[1].parse().unwrap()),
+    )
+    .await;
+    assert_eq!(
+        late.drain(),
+        vec![message(&ids[2], "m3"), message(&new[0], "after")]
+    );
+    ns.shutdown().await;
+    let ns = channels_on(
+        storage,
+        Duration::from_secs(60),
+        1 << 20,
+        ChannelSettings::default(),
+    );
+    let next = publish_each(&ns, "c", &["next".to_string()]).await;
+    assert_eq!(next[0].parse::<EventId>().unwrap().seq, new_id.seq + 1);
+}

@@ -1,0 +1,250 @@
+//! A minimal Server-Sent Events subscriber: one HTTP/1.1 GET, the chunked body decoded into a
+//! byte buffer, and events split on blank lines with only `id`, `event` and `data` read.
+
+use std::net::{IpAddr, SocketAddr};
+
+use anyhow::Context as _;
+
+use super::Incoming;
+use super::conn::Conn;
+
+#[derive(Debug)]
+pub(crate) struct SseClient {
+    conn: Conn,
+    /// The decoded body; `body[pos..]` is not yet parsed.
+    body: Vec<u8>,
+    pos: usize,
+    chunks: Dechunk,
+}
+
+impl SseClient {
+    /// Opens the event stream on `path`; once the response head arrives, the subscription is
+    /// live (the server subscribes before it answers).
+    pub(crate) async fn connect(
+        addr: SocketAddr,
+        source: Option<IpAddr>,
+        path: &str,
+        buffer: usize,
+    ) -> anyhow::Result<Self> {
+        let mut conn = Conn::connect(addr, source, buffer)
+            .await
+            .with_context(|| format!("connecting to {addr} from {source:?}"))?;
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n");
+        conn.write_all(request.as_bytes()).await?;
+        let head = conn.read_head().await?;
+        anyhow::ensure!(
+            head.status == 200,
+            "event stream {path} refused: {}",
+            head.status_line()
+        );
+        let chunked = head
+            .header("transfer-encoding")
+            .is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
+        Ok(Self {
+            conn,
+            body: Vec::with_capacity(buffer.min(64 * 1024)),
+            pos: 0,
+            chunks: Dechunk::new(chunked),
+        })
+    }
+
+    /// The next event; `None` once the stream ended.
+    pub(crate) async fn next(&mut self) -> anyhow::Result<Option<Incoming<'_>>> {
+        loop {
+            if self.pos == self.body.len() {
+                self.body.clear();
+                self.pos = 0;
+            }
+            if let Some(end) = memchr::memmem::find(&self.body[self.pos..], b"\n\n") {
+                let frame = self.pos..self.pos + end + 1;
+                self.pos += end + 2;
+                match parse_event(&self.body[frame.clone()]) {
+                    Event::Skip => continue,
+                    Event::Other => return Ok(Some(Incoming::Other)),
+                    Event::Message { seq, data } => {
+                        let data = frame.start + data.start..frame.start + data.end;
+                        return Ok(Some(Incoming::Message {
+                            seq,
+                            data: &self.body[data],
+                        }));
+                    }
+                }
+            }
+            if self.pos > 64 * 1024 {
+                self.body.drain(..self.pos);
+                self.pos = 0;
+            }
+            // Decode what is buffered; read the socket only when that yields nothing.
+            loop {
+                let before = self.body.len();
+                let used = self.chunks.decode(self.conn.buffered(), &mut self.body)?;
+                self.conn.consume(used);
+                if self.body.len() > before {
+                    break;
+                }
+                if self.chunks.ended || !self.conn.fill().await? {
+                    return Ok(None);
+                }
+            }
+        }
+    }
+}
+
+/// One event's lines, as this client cares about them.
+#[derive(Debug, PartialEq, Eq)]
+enum Event {
+    /// A comment, or an event with no data: EventSource dispatches nothing.
+    Skip,
+    /// A control event (gap, reconnect) or a payload that is not a bench message.
+    Other,
+    /// A published message: its sequence number and where its data is in the frame.
+    Message {
+        seq: Option<u64>,
+        data: std::ops::Range<usize>,
+    },
+}
+
+/// Parses one event (its lines, without the blank line that ends it).
+fn parse_event(frame: &[u8]) -> Event {
+    let mut seq = None;
+    let mut control = false;
+    let mut data = None;
+    let mut at = 0;
+    for line in frame.split(|&b| b == b'\n') {
+        let start = at;
+        at += line.len() + 1;
+        if let Some(value) = field(line, b"id") {
+            seq = super::seq_of(value);
+        } else if let Some(value) = field(line, b"event") {
+            control = value.starts_with(b"dormouse.") || value.starts_with(b"base64:");
+        } else if let Some(value) = field(line, b"data") {
+            // Bench payloads are one line; a second data line is not ours.
+            control |= data.is_some();
+            let offset = start + line.len() - value.len();
+            data = Some(offset..offset + value.len());
+        }
+    }
+    match (data, control) {
+        (Some(data), false) => Event::Message { seq, data },
+        (Some(_), true) => Event::Other,
+        (None, _) => Event::Skip,
+    }
+}
+
+/// `name: value` (one optional space after the colon), as the SSE grammar has it.
+fn field<'a>(line: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+    let value = line.strip_prefix(name)?.strip_prefix(b":")?;
+    Some(value.strip_prefix(b" ").unwrap_or(value))
+}
+
+/// HTTP/1.1 chunked transfer decoding, incremental: moves body bytes from the connection's
+/// buffer into a body buffer as they arrive.
+#[derive(Debug)]
+struct Dechunk {
+    chunked: bool,
+    /// Bytes of the current chunk not yet moved.
+    left: usize,
+    /// The CRLF after a chunk's data is still to come.
+    crlf: bool,
+    /// The last (empty) chunk arrived: the response is over.
+    ended: bool,
+}
+
+impl Dechunk {
+    fn new(chunked: bool) -> Self {
+        Self {
+            chunked,
+            left: 0,
+            crlf: false,
+            ended: false,
+        }
+    }
+
+    /// Appends the body bytes found in `raw` (what the connection has buffered) to `body`;
+    /// returns how many bytes of `raw` it used.
+    fn decode(&mut self, raw: &[u8], body: &mut Vec<u8>) -> anyhow::Result<usize> {
+        if !self.chunked {
+            body.extend_from_slice(raw);
+            return Ok(raw.len());
+        }
+        let mut used = 0;
+        while !self.ended && used < raw.len() {
+            let rest = &raw[used..];
+            if self.left > 0 {
+                let n = self.left.min(rest.len());
+                body.extend_from_slice(&rest[..n]);
+                used += n;
+                self.left -= n;
+                self.crlf = self.left == 0;
+            } else if self.crlf {
+                if rest.len() < 2 {
+                    break;
+                }
+                anyhow::ensure!(&rest[..2] == b"\r\n", "bad chunked encoding: no CRLF");
+                used += 2;
+                self.crlf = false;
+            } else {
+                let Some(eol) = memchr::memmem::find(rest, b"\r\n") else {
+                    anyhow::ensure!(rest.len() < 1024, "bad chunked encoding: no size line");
+                    break;
+                };
+                let size = rest[..eol]
+                    .split(|&b| b == b';')
+                    .next()
+                    .and_then(|hex| std::str::from_utf8(hex).ok())
+                    .and_then(|hex| usize::from_str_radix(hex.trim(), 16).ok())
+                    .context("bad chunked encoding: bad size line")?;
+                used += eol + 2;
+                self.left = size;
+                self.ended = size == 0;
+            }
+        }
+        Ok(used)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_comments_and_controls() {
+        let frame = b"id: ab-7\nevent: message\ndata: 00ffxx\n";
+        let Event::Message { seq, data } = parse_event(frame) else {
+            panic!("not a message");
+        };
+        assert_eq!((seq, &frame[data]), (Some(7), &b"00ffxx"[..]));
+        assert_eq!(parse_event(b": connected\nretry: 2000\n"), Event::Skip);
+        assert_eq!(parse_event(b": keep-alive\n"), Event::Skip);
+        assert_eq!(
+            parse_event(b"event: dormouse.reconnect\ndata: {}\n"),
+            Event::Other
+        );
+        assert_eq!(
+            parse_event(b"data:x\n"),
+            Event::Message {
+                seq: None,
+                data: 5..6
+            }
+        );
+    }
+
+    #[test]
+    fn chunked_bodies_decode_across_reads() {
+        let wire = b"5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\n\r\n";
+        // Feed the bytes in every split, as reads may cut them anywhere.
+        for cut in 0..wire.len() {
+            let mut dechunk = Dechunk::new(true);
+            let mut body = Vec::new();
+            let mut buffered = wire[..cut].to_vec();
+            let used = dechunk.decode(&buffered, &mut body).unwrap();
+            buffered.drain(..used);
+            buffered.extend_from_slice(&wire[cut..]);
+            let used = dechunk.decode(&buffered, &mut body).unwrap();
+            assert_eq!(body, b"hello, world", "cut at {cut}");
+            assert!(dechunk.ended);
+            assert_eq!(used, buffered.len() - 2, "the trailer CRLF is left");
+        }
+    }
+}
