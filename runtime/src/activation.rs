@@ -11,13 +11,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use dormouse_storage::{ObjectId, Storage};
+use dormouse_storage::{ObjectId, Storage, Write, WriteBatch};
 use futures::FutureExt;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use crate::alarm::{Alarms, MAX_ATTEMPTS, backoff, now_ms};
 use crate::context::{Context, Effect};
 use crate::gate::Gate;
 use crate::namespace::Shared;
@@ -30,6 +31,11 @@ pub(crate) enum ActivationMsg<O: Object> {
     Call {
         request: O::Request,
         reply: oneshot::Sender<Result<O::Response>>,
+    },
+    /// The object's alarm is due (from the scheduler, counted in `inflight` like a call).
+    Alarm {
+        attempt: u32,
+        reply: oneshot::Sender<Result<()>>,
     },
     /// The idle timer fired; hibernate if nothing happened since.
     IdleCheck,
@@ -101,6 +107,11 @@ impl<O: Object> Actor for ObjectActor<O> {
                 state.call(request, reply).await;
                 state.args.inflight.fetch_sub(1, Ordering::AcqRel);
             }
+            ActivationMsg::Alarm { attempt, reply } => {
+                state.last_active = Instant::now();
+                state.fire_alarm(attempt, reply).await;
+                state.args.inflight.fetch_sub(1, Ordering::AcqRel);
+            }
             ActivationMsg::IdleCheck => {
                 let idle_timeout = state.args.shared.config.idle_timeout;
                 let idle_for = state.last_active.elapsed();
@@ -161,7 +172,7 @@ impl<O: Object> ActivationState<O> {
         match settle(&self.args.id, &shared, outcome) {
             Ok(response) => {
                 let (batch, effects) = ctx.finish();
-                match commit(&self.args.id, storage, batch) {
+                match commit(&self.args.id, storage, &shared.alarms, batch) {
                     Ok(sync) => self.gate.submit(sync, release(effects, reply, response)),
                     Err(e) => {
                         self.object = None;
@@ -176,6 +187,83 @@ impl<O: Object> ActivationState<O> {
         }
     }
 
+    async fn fire_alarm(&mut self, attempt: u32, reply: oneshot::Sender<Result<()>>) {
+        let shared = self.args.shared.clone();
+        if self.gate.take_poisoned() {
+            self.object = None;
+        }
+        self.sockets.prune();
+        // A request may have moved or deleted the alarm since the scheduler read it.
+        match shared.storage.alarm(&self.args.id) {
+            Ok(Some(at)) if at <= now_ms() => {}
+            Ok(_) => {
+                let _ = reply.send(Ok(()));
+                return;
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e.into()));
+                return;
+            }
+        }
+        if self.object.is_none() {
+            match self.activate().await {
+                Ok(object) => self.object = Some(object),
+                Err(e) => {
+                    self.retry_alarm(attempt);
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+            }
+        }
+        let Some(object) = self.object.as_mut() else {
+            return;
+        };
+        let storage: &dyn Storage = &*shared.storage;
+        let mut ctx = Context::new(&self.args.id, storage, &mut self.sockets);
+        let outcome = AssertUnwindSafe(object.alarm(&mut ctx))
+            .catch_unwind()
+            .await;
+        match settle(&self.args.id, &shared, outcome) {
+            Ok(()) => {
+                let touched = ctx.touched_alarm();
+                let (mut batch, effects) = ctx.finish();
+                if !touched {
+                    batch.push(Write::DeleteAlarm);
+                }
+                match commit(&self.args.id, storage, &shared.alarms, batch) {
+                    Ok(sync) => self.gate.submit(sync, release(effects, reply, ())),
+                    Err(e) => {
+                        self.object = None;
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            Err(e) => {
+                self.object = None;
+                self.retry_alarm(attempt);
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    /// After a failed alarm handler: reschedule with backoff, or give up after the last
+    /// attempt. The write goes through the gate like any other.
+    fn retry_alarm(&mut self, attempt: u32) {
+        let shared = self.args.shared.clone();
+        let mut batch = WriteBatch::new();
+        if attempt + 1 >= MAX_ATTEMPTS {
+            warn!(object = %self.args.id, attempts = attempt + 1, "alarm failed every attempt; giving up");
+            batch.push(Write::DeleteAlarm);
+        } else {
+            let retry_at = now_ms() + backoff(attempt).as_millis() as u64;
+            batch.push(Write::SetAlarm { at_ms: retry_at });
+        }
+        match commit(&self.args.id, &*shared.storage, &shared.alarms, batch) {
+            Ok(sync) => self.gate.submit(sync, Box::new(|_| {})),
+            Err(e) => warn!(object = %self.args.id, error = %e, "could not reschedule the alarm"),
+        }
+    }
+
     async fn activate(&mut self) -> Result<O> {
         let shared = self.args.shared.clone();
         let storage: &dyn Storage = &*shared.storage;
@@ -185,7 +273,7 @@ impl<O: Object> ActivationState<O> {
             .await;
         let object = settle(&self.args.id, &shared, outcome)?;
         let (batch, effects) = ctx.finish();
-        let sync = commit(&self.args.id, storage, batch)?;
+        let sync = commit(&self.args.id, storage, &shared.alarms, batch)?;
         self.gate.submit(
             sync,
             Box::new(move |outcome| {
@@ -236,12 +324,20 @@ fn panic_message(panic: &(dyn Any + Send)) -> String {
 fn commit(
     id: &ObjectId,
     storage: &dyn Storage,
-    batch: dormouse_storage::WriteBatch,
+    alarms: &Alarms,
+    batch: WriteBatch,
 ) -> Result<Option<dormouse_storage::SyncFuture>> {
     if batch.is_empty() {
         return Ok(None);
     }
+    let sets_alarm = batch
+        .writes()
+        .iter()
+        .any(|w| matches!(w, Write::SetAlarm { .. }));
     storage.apply(id, batch)?;
+    if sets_alarm {
+        alarms.changed();
+    }
     Ok(Some(storage.sync()))
 }
 

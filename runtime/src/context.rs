@@ -2,6 +2,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Bound;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dormouse_storage::{Bytes, LogEntry, LogMeta, ObjectId, Retention, Storage, Write, WriteBatch};
 
@@ -28,6 +29,8 @@ pub struct Context<'a> {
     overlay: BTreeMap<Vec<u8>, Option<Bytes>>,
     /// Set when the handler cleared all its keys, so reads must not fall through to storage.
     cleared: bool,
+    /// The alarm as this handler left it: `None` = untouched, `Some(None)` = deleted.
+    alarm: Option<Option<u64>>,
     /// Outputs to release, in order, after the batch is durable.
     effects: Vec<Effect>,
     /// The object's connected clients; owned by the activation (and parked while it
@@ -58,6 +61,7 @@ impl<'a> Context<'a> {
             batch: WriteBatch::new(),
             overlay: BTreeMap::new(),
             cleared: false,
+            alarm: None,
             effects: Vec::new(),
         }
     }
@@ -194,6 +198,34 @@ impl<'a> Context<'a> {
     /// Deletes the log; the next append starts a new epoch.
     pub fn delete_log(&mut self) {
         self.batch.push(Write::DeleteLog);
+    }
+
+    /// The object's alarm, as this handler left it.
+    pub fn alarm(&self) -> Result<Option<SystemTime>> {
+        let at = match self.alarm {
+            Some(pending) => pending,
+            None => self.storage.alarm(self.id)?,
+        };
+        Ok(at.map(|ms| UNIX_EPOCH + Duration::from_millis(ms)))
+    }
+
+    /// Sets the object's one alarm (replacing any other) to fire at `at`; committed with the
+    /// handler's other writes. A time in the past fires as soon as possible.
+    pub fn set_alarm(&mut self, at: SystemTime) {
+        let at_ms = crate::alarm::to_ms(at);
+        self.alarm = Some(Some(at_ms));
+        self.batch.push(Write::SetAlarm { at_ms });
+    }
+
+    /// Removes the object's alarm, if any.
+    pub fn delete_alarm(&mut self) {
+        self.alarm = Some(None);
+        self.batch.push(Write::DeleteAlarm);
+    }
+
+    /// True when this handler set or deleted the alarm.
+    pub(crate) fn touched_alarm(&self) -> bool {
+        self.alarm.is_some()
     }
 
     /// Registers an output to run after this handler's writes (and every earlier handler's)

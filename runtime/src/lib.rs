@@ -9,6 +9,7 @@
 //!   and hibernation race-free, and [`ObjectHandle`] for typed calls.
 //! - `activation`: the ractor actor that hosts one live object (private: ractor stays inside).
 //! - `socket`: [`Socket`], a client connection's queue, which outlives hibernation.
+//! - `alarm`: the scheduler that fires objects' alarms, waking them if they hibernate.
 //! - `gate`: the output gate, which releases replies and effects in order after their writes
 //!   are durable.
 //! - `config`: [`NamespaceConfig`], per-type tunables such as `idle_timeout`.
@@ -56,6 +57,7 @@
 //! ```
 
 mod activation;
+mod alarm;
 mod config;
 mod context;
 mod counters;

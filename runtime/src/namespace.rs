@@ -16,13 +16,14 @@ use std::fmt;
 use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use dormouse_storage::{ObjectId, Storage};
 use ractor::{ActorRef, ActorRuntime, MessagingErr};
 use tokio::sync::oneshot;
 
 use crate::activation::{ActivationArgs, ActivationMsg, ObjectActor};
+use crate::alarm::{AlarmTarget, Alarms};
 use crate::counters::Counters;
 use crate::socket::Sockets;
 use crate::{Error, NamespaceConfig, NamespaceStats, Object, Result};
@@ -109,6 +110,8 @@ impl<O: Object> ObjectHandle<O> {
 pub(crate) struct Shared<O: Object> {
     pub(crate) name: Arc<str>,
     pub(crate) storage: Arc<dyn Storage>,
+    /// The runtime's alarm scheduler, told when a handler sets an alarm.
+    pub(crate) alarms: Arc<Alarms>,
     pub(crate) env: O::Env,
     pub(crate) config: NamespaceConfig,
     pub(crate) counters: Counters,
@@ -138,6 +141,7 @@ impl<O: Object> Namespace<O> {
     pub(crate) fn new(
         name: &str,
         storage: Arc<dyn Storage>,
+        alarms: Arc<Alarms>,
         config: NamespaceConfig,
         env: O::Env,
     ) -> Self {
@@ -150,18 +154,19 @@ impl<O: Object> Namespace<O> {
                 })
             })
             .collect();
-        Self {
-            shared: Arc::new(Shared {
-                name: name.into(),
-                storage,
-                env,
-                config,
-                counters: Counters::default(),
-                shards,
-                next_generation: AtomicU64::new(1),
-                closed: AtomicBool::new(false),
-            }),
-        }
+        let shared = Arc::new(Shared {
+            name: name.into(),
+            storage,
+            alarms: alarms.clone(),
+            env,
+            config,
+            counters: Counters::default(),
+            shards,
+            next_generation: AtomicU64::new(1),
+            closed: AtomicBool::new(false),
+        });
+        alarms.register(name, Arc::new(AlarmHandle(Arc::downgrade(&shared))));
+        Self { shared }
     }
 
     /// The namespace's name, the first path segment of its objects' storage keys.
@@ -364,4 +369,22 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The scheduler's handle on a namespace; weak, so a dropped namespace is not kept alive.
+struct AlarmHandle<O: Object>(Weak<Shared<O>>);
+
+impl<O: Object> AlarmTarget for AlarmHandle<O> {
+    fn fire(&self, name: &str, attempt: u32) -> futures::future::BoxFuture<'static, Result<()>> {
+        let what = name.to_string();
+        let Some(shared) = self.0.upgrade() else {
+            return Box::pin(async move { Err(Error::Unavailable(what)) });
+        };
+        let (reply, done) = oneshot::channel();
+        let sent = shared.dispatch(name, ActivationMsg::Alarm { attempt, reply });
+        Box::pin(async move {
+            sent?;
+            done.await.map_err(|_| Error::Unavailable(what))?
+        })
+    }
 }

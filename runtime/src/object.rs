@@ -36,4 +36,13 @@ pub trait Object: Sized + Send + 'static {
         ctx: &mut Context<'_>,
         request: Self::Request,
     ) -> impl Future<Output = anyhow::Result<Self::Response>> + Send;
+
+    /// Runs when the alarm set with [`Context::set_alarm`] is due, waking the object if it
+    /// hibernated, in turn with its requests. On `Ok` the alarm is cleared (unless the handler
+    /// set a new one); on `Err` (or a panic) it is retried with exponential backoff (2 s, 4 s,
+    /// ...) up to 6 attempts. At least once: a crash during the handler fires it again.
+    fn alarm(&mut self, ctx: &mut Context<'_>) -> impl Future<Output = anyhow::Result<()>> + Send {
+        let _ = ctx;
+        async { Ok(()) }
+    }
 }

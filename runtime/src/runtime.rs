@@ -3,12 +3,15 @@ use std::sync::Arc;
 
 use dormouse_storage::Storage;
 
+use crate::alarm::Alarms;
 use crate::{Namespace, NamespaceConfig, Object};
 
-/// The host of every namespace in a process: owns the storage engine they share.
+/// The host of every namespace in a process: owns the storage engine they share and the
+/// scheduler that fires their alarms.
 #[derive(Clone)]
 pub struct Runtime {
     storage: Arc<dyn Storage>,
+    alarms: Arc<Alarms>,
 }
 
 impl fmt::Debug for Runtime {
@@ -22,7 +25,10 @@ impl fmt::Debug for Runtime {
 impl Runtime {
     /// A runtime over `storage`; every object's state lives there under its namespace.
     pub fn new(storage: Arc<dyn Storage>) -> Self {
-        Self { storage }
+        Self {
+            alarms: Arc::new(Alarms::new(storage.clone())),
+            storage,
+        }
     }
 
     /// The storage engine, for components (like the gateway's readiness check) that need it.
@@ -38,6 +44,6 @@ impl Runtime {
         config: NamespaceConfig,
         env: O::Env,
     ) -> Namespace<O> {
-        Namespace::new(name, self.storage.clone(), config, env)
+        Namespace::new(name, self.storage.clone(), self.alarms.clone(), config, env)
     }
 }

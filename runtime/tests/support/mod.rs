@@ -35,6 +35,10 @@ pub struct ProbeEnv {
     pub handled: Mutex<HashSet<(u32, u64)>>,
     /// Count of violations seen by handlers (overlap, duplicate, reordering).
     pub violations: AtomicU64,
+    /// Alarm handler runs, all names together.
+    pub alarm_calls: AtomicUsize,
+    /// How many alarm handler runs should fail before they succeed.
+    pub failing_alarms: AtomicUsize,
 }
 
 /// Requests understood by [`Probe`].
@@ -56,6 +60,12 @@ pub enum ProbeReq {
     Accept(Socket),
     /// Sends the text to every socket after the commit; returns how many it went to.
     Broadcast(String),
+    /// Sets the alarm this far from now.
+    SetAlarmIn(std::time::Duration),
+    /// Deletes the alarm.
+    DeleteAlarm,
+    /// 1 when an alarm is set, else 0.
+    HasAlarm,
 }
 
 /// A test object with a persistent counter and instrumentation.
@@ -82,6 +92,10 @@ impl Object for Probe {
         })
     }
 
+    async fn alarm(&mut self, ctx: &mut Context<'_>) -> anyhow::Result<()> {
+        self.on_alarm(ctx).await
+    }
+
     async fn handle(&mut self, ctx: &mut Context<'_>, req: ProbeReq) -> anyhow::Result<u64> {
         match req {
             ProbeReq::Add(n) => {
@@ -96,6 +110,15 @@ impl Object for Probe {
                 anyhow::bail!("refusing after writing {n}")
             }
             ProbeReq::Panic => panic!("probe asked to panic"),
+            ProbeReq::SetAlarmIn(after) => {
+                ctx.set_alarm(std::time::SystemTime::now() + after);
+                Ok(0)
+            }
+            ProbeReq::DeleteAlarm => {
+                ctx.delete_alarm();
+                Ok(0)
+            }
+            ProbeReq::HasAlarm => Ok(u64::from(ctx.alarm()?.is_some())),
             ProbeReq::AddWithEffect(n, log) => {
                 self.counter += n;
                 ctx.put(b"counter".to_vec(), self.counter.to_be_bytes().to_vec());
@@ -138,6 +161,21 @@ impl Object for Probe {
                 Ok(seq)
             }
         }
+    }
+}
+
+impl Probe {
+    /// Counts alarm runs in storage (so a count survives restarts) and in the env.
+    async fn on_alarm(&mut self, ctx: &mut Context<'_>) -> anyhow::Result<()> {
+        self.env.alarm_calls.fetch_add(1, Ordering::SeqCst);
+        let failing = self.env.failing_alarms.load(Ordering::SeqCst);
+        if failing > 0 {
+            self.env.failing_alarms.fetch_sub(1, Ordering::SeqCst);
+            anyhow::bail!("alarm asked to fail");
+        }
+        let fired = read_u64(ctx, b"alarms")? + 1;
+        ctx.put(b"alarms".to_vec(), fired.to_be_bytes().to_vec());
+        Ok(())
     }
 }
 
