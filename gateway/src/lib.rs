@@ -13,12 +13,14 @@
 //! - `cursor`: where a subscriber starts (`Last-Event-ID` header or query).
 //! - `sse`: the Server-Sent Events connection task.
 //! - `ws`: the WebSocket connection task.
+//! - `objects`: user-defined objects mounted under `/v1/objects/{namespace}/{name}/...`.
 
 mod channels;
 mod config;
 mod cursor;
 mod error;
 mod health;
+mod objects;
 mod publish;
 mod server;
 mod sse;
@@ -26,4 +28,4 @@ mod ws;
 
 pub use config::{ByteSize, Settings};
 pub use error::ApiError;
-pub use server::{AppState, Dormouse};
+pub use server::{AppState, Dormouse, shutdown_signal};

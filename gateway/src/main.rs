@@ -4,11 +4,8 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use dormouse_gateway::{Dormouse, Settings};
-use tokio::net::TcpListener;
-use tracing::info;
 use tracing_subscriber::EnvFilter;
 
 /// jemalloc with a 1 s decay (see .cargo/config.toml): memory freed when objects hibernate or
@@ -75,33 +72,5 @@ async fn main() -> anyhow::Result<()> {
         print!("{}", toml::to_string(&settings)?);
         return Ok(());
     }
-    let listen = settings.listen;
-    let server = Dormouse::open(settings)?;
-    let listener = TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("binding {listen}"))?;
-    server.serve(listener, shutdown_signal()).await
-}
-
-/// Resolves on SIGINT or SIGTERM, the signals an operator or a supervisor uses to stop us.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = terminate => {},
-    }
-    info!("shutdown requested");
+    Dormouse::open(settings)?.serve_until_signal().await
 }

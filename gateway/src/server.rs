@@ -1,20 +1,21 @@
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use anyhow::Context as _;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{Method, Uri};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use dormouse_actors::Channel;
 use dormouse_actors::channel::NAMESPACE;
-use dormouse_runtime::{Namespace, NamespaceConfig, Runtime};
+use dormouse_runtime::{DynNamespace, Namespace, NamespaceConfig, Object, Runtime};
 use dormouse_storage::{SledConfig, SledStorage};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::info;
 
-use crate::{ApiError, Settings, channels, health, publish, sse, ws};
+use crate::{ApiError, Settings, channels, health, objects, publish, sse, ws};
 
 /// Everything a request handler may need; cloned per request (all fields are handles).
 #[derive(Debug, Clone)]
@@ -25,6 +26,8 @@ pub struct AppState {
     pub channels: Namespace<Channel>,
     /// The configuration in force.
     pub settings: Arc<Settings>,
+    /// User-defined object namespaces mounted under `/v1/objects/{namespace}/...`.
+    pub objects: Arc<RwLock<HashMap<String, Arc<dyn DynNamespace>>>>,
     /// Flips to `true` when the server is stopping, so long-lived connections can say
     /// goodbye (SSE: reconnect hint; WebSocket: close 1012 "service restart").
     pub shutdown: watch::Receiver<bool>,
@@ -61,11 +64,45 @@ impl Dormouse {
                 runtime,
                 channels,
                 settings: Arc::new(settings),
+                objects: Arc::default(),
                 shutdown,
             },
             storage,
             stop,
         })
+    }
+
+    /// The runtime, to create namespaces of user-defined objects.
+    pub fn runtime(&self) -> &Runtime {
+        &self.state.runtime
+    }
+
+    /// Creates a namespace of object type `O` and mounts it under
+    /// `/v1/objects/{namespace}/{name}/...` (HTTP to [`Object::fetch`], WebSocket upgrades to
+    /// [`Object::websocket`]). Returns the namespace for typed calls from Rust.
+    pub fn mount<O: Object>(
+        &self,
+        namespace: &str,
+        config: NamespaceConfig,
+        env: O::Env,
+    ) -> anyhow::Result<Namespace<O>> {
+        crate::objects::check_namespace_name(namespace).map_err(anyhow::Error::msg)?;
+        anyhow::ensure!(
+            namespace != NAMESPACE,
+            "the namespace name {NAMESPACE:?} is reserved for channels"
+        );
+        let mut objects = self
+            .state
+            .objects
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        anyhow::ensure!(
+            !objects.contains_key(namespace),
+            "namespace {namespace:?} is already mounted"
+        );
+        let ns = self.state.runtime.namespace::<O>(namespace, config, env);
+        objects.insert(namespace.to_string(), Arc::new(ns.clone()));
+        Ok(ns)
     }
 
     /// The state handlers see; for tests and embedders.
@@ -99,6 +136,17 @@ impl Dormouse {
             .await
             .context("serving HTTP")?;
         self.state.channels.shutdown().await;
+        let mounted: Vec<Arc<dyn DynNamespace>> = self
+            .state
+            .objects
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for ns in mounted {
+            ns.shutdown().await;
+        }
         let storage = self.storage.clone();
         tokio::task::spawn_blocking(move || storage.close())
             .await?
@@ -106,6 +154,40 @@ impl Dormouse {
         info!("stopped");
         Ok(())
     }
+}
+
+impl Dormouse {
+    /// Binds the configured address and serves until SIGINT or SIGTERM: what a `main` does.
+    pub async fn serve_until_signal(self) -> anyhow::Result<()> {
+        let listen = self.state.settings.listen;
+        let listener = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding {listen}"))?;
+        self.serve(listener, shutdown_signal()).await
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM, the signals an operator or a supervisor uses to stop us.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    info!("shutdown requested");
 }
 
 fn router(state: AppState) -> Router {
@@ -128,6 +210,11 @@ fn router(state: AppState) -> Router {
         .route("/v1/channels/{channel}/events", get(sse::subscribe))
         .route("/v1/channels/{channel}/ws", get(ws::subscribe))
         .route("/v1/publish", post(publish::batch))
+        .route("/v1/objects/{namespace}/{name}", any(objects::route))
+        .route(
+            "/v1/objects/{namespace}/{name}/{*rest}",
+            any(objects::route),
+        )
         // Compatibility with Redis-backed SSE proxies.
         .route("/channel/{channel}/messages", post(channels::publish))
         .route("/sub", get(sse::subscribe_compat))
@@ -143,4 +230,15 @@ async fn fallback(method: Method, uri: Uri) -> ApiError {
 
 async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     ApiError::method_not_allowed(format!("{method} is not allowed on {}", uri.path()))
+}
+
+impl AppState {
+    /// The mounted namespace called `name`.
+    pub(crate) fn object_namespace(&self, name: &str) -> Option<Arc<dyn DynNamespace>> {
+        self.objects
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
 }

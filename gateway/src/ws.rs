@@ -20,7 +20,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
 use dormouse_actors::Channel;
 use dormouse_actors::channel::{ChannelRequest, ChannelResponse, NewMessage};
-use dormouse_runtime::{Namespace, Outbound, Socket, SocketReceiver, Transport};
+use dormouse_runtime::{Inbound, Namespace, Outbound, Socket, SocketReceiver, Transport};
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -76,33 +76,57 @@ pub(crate) async fn subscribe(
     // Base64 in JSON inflates a payload by 4/3; leave room for it and the envelope.
     let max_message = settings.limits.max_message_size.0 as usize / 3 * 4 + 64 * 1024;
     let conn = Conn {
-        channel,
-        channels: state.channels.clone(),
+        label: channel.clone(),
+        mode: Mode::Channel {
+            channel,
+            channels: state.channels.clone(),
+            client_publish: settings.websocket.client_publish,
+            max_message_size: settings.limits.max_message_size.0 as usize,
+        },
         receiver,
         shutdown: state.shutdown.clone(),
         ping_interval: settings.websocket.ping_interval,
         idle_timeout: settings.websocket.idle_timeout,
-        client_publish: settings.websocket.client_publish,
-        max_message_size: settings.limits.max_message_size.0 as usize,
     };
-    Ok(upgrade
-        .read_buffer_size(4 * 1024)
-        .write_buffer_size(8 * 1024)
-        .max_message_size(max_message)
-        .max_frame_size(max_message)
+    Ok(tuned(upgrade, max_message)
         .on_upgrade(move |ws| conn.run(ws))
         .into_response())
 }
 
-struct Conn {
-    channel: String,
-    channels: Namespace<Channel>,
-    receiver: SocketReceiver,
-    shutdown: watch::Receiver<bool>,
-    ping_interval: Duration,
-    idle_timeout: Duration,
-    client_publish: bool,
-    max_message_size: usize,
+/// Small buffers: an idle connection should cost little memory. `max_message` bounds what a
+/// client may send in one message.
+pub(crate) fn tuned(upgrade: WebSocketUpgrade, max_message: usize) -> WebSocketUpgrade {
+    upgrade
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(8 * 1024)
+        .max_message_size(max_message)
+        .max_frame_size(max_message)
+}
+
+/// One WebSocket connection's task state.
+pub(crate) struct Conn {
+    /// What the connection is for, in logs: a channel name or `namespace/name`.
+    pub(crate) label: String,
+    pub(crate) mode: Mode,
+    pub(crate) receiver: SocketReceiver,
+    pub(crate) shutdown: watch::Receiver<bool>,
+    pub(crate) ping_interval: Duration,
+    pub(crate) idle_timeout: Duration,
+}
+
+/// Where the client's own messages go.
+pub(crate) enum Mode {
+    /// A channel subscriber, who may publish to the channel.
+    Channel {
+        channel: String,
+        channels: Namespace<Channel>,
+        client_publish: bool,
+        max_message_size: usize,
+    },
+    /// A socket accepted by a user object: messages are forwarded, in order, to the object.
+    Object {
+        forward: mpsc::UnboundedSender<Inbound>,
+    },
 }
 
 /// Why a connection ended, for the log line.
@@ -114,14 +138,14 @@ enum End {
 }
 
 impl Conn {
-    async fn run(mut self, ws: WebSocket) {
+    pub(crate) async fn run(mut self, ws: WebSocket) {
         let opened = Instant::now();
         let end = self.serve(ws).await;
         let code = match end {
             End::Closed(code) => Some(code),
             End::ClientLeft | End::WriteFailed => None,
         };
-        tracing::debug!(channel = %self.channel, ?end, ?code, duration = ?opened.elapsed(), "websocket closed");
+        tracing::debug!(target = %self.label, ?end, ?code, duration = ?opened.elapsed(), "websocket closed");
     }
 
     async fn serve(&mut self, ws: WebSocket) -> End {
@@ -152,7 +176,7 @@ impl Conn {
                     return close_with(&mut sink, close::RESTART, "service restart").await;
                 }
                 Wake::Outbound(None) => {
-                    return close_with(&mut sink, 1000, "the channel ended the subscription").await;
+                    return close_with(&mut sink, 1000, "the server ended the connection").await;
                 }
                 Wake::Outbound(Some(first)) => {
                     if let Some(end) = self.write_batch(&mut sink, first).await {
@@ -171,10 +195,18 @@ impl Conn {
                         None | Some(Err(_)) | Some(Ok(Message::Close(_))) => {
                             return End::ClientLeft;
                         }
-                        Some(Ok(Message::Text(text))) => self.on_text(text.as_str(), &acks),
-                        Some(Ok(Message::Binary(data))) => {
-                            self.on_publish(None, data, None, None, &acks)
-                        }
+                        Some(Ok(Message::Text(text))) => match &self.mode {
+                            Mode::Channel { .. } => self.on_text(text.as_str(), &acks),
+                            Mode::Object { forward } => {
+                                let _ = forward.send(Inbound::Text(text.as_str().to_string()));
+                            }
+                        },
+                        Some(Ok(Message::Binary(data))) => match &self.mode {
+                            Mode::Channel { .. } => self.on_publish(None, data, None, None, &acks),
+                            Mode::Object { forward } => {
+                                let _ = forward.send(Inbound::Binary(data));
+                            }
+                        },
                         // tungstenite answers pings itself; a pong only proves liveness.
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                     }
@@ -316,26 +348,35 @@ impl Conn {
                 json!({"type": "error", "code": code, "message": message, "ref": r#ref.clone()}),
             );
         };
-        if !self.client_publish {
+        let Mode::Channel {
+            channel,
+            channels,
+            client_publish,
+            max_message_size,
+        } = &self.mode
+        else {
+            return;
+        };
+        if !client_publish {
             return fail(
                 "forbidden",
                 "publishing over this socket is disabled".to_string(),
             );
         }
-        if data.len() > self.max_message_size {
+        if data.len() > *max_message_size {
             return fail(
                 "payload_too_large",
                 format!(
                     "the message is larger than the limit of {} bytes",
-                    self.max_message_size
+                    max_message_size
                 ),
             );
         }
         if let Err(e) = check_message(event.as_deref(), idempotency_key.as_deref()) {
             return fail(e.code, e.message);
         }
-        let reply = self.channels.call(
-            &self.channel,
+        let reply = channels.call(
+            channel,
             ChannelRequest::Publish(vec![NewMessage {
                 event,
                 data,

@@ -19,19 +19,17 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::alarm::{Alarms, MAX_ATTEMPTS, backoff, now_ms};
-use crate::context::{Context, Effect};
+use crate::context::{Context, Effect, Lifecycle};
 use crate::gate::Gate;
 use crate::namespace::Shared;
-use crate::socket::Sockets;
-use crate::{Error, Object, Result};
+use crate::socket::{Inbound, Socket, Sockets};
+use crate::{Error, HttpRequest, HttpResponse, Object, Result};
 
 /// Messages an activation understands.
 pub(crate) enum ActivationMsg<O: Object> {
-    /// A request from a caller, counted in the slot's `inflight` before it was sent.
-    Call {
-        request: O::Request,
-        reply: oneshot::Sender<Result<O::Response>>,
-    },
+    /// Work from a caller (a typed request, an HTTP request, a socket event), counted in
+    /// the slot's `inflight` before it was sent.
+    Call { work: Box<Work<O>>, reply: Reply<O> },
     /// The object's alarm is due (from the scheduler, counted in `inflight` like a call).
     Alarm {
         attempt: u32,
@@ -41,6 +39,78 @@ pub(crate) enum ActivationMsg<O: Object> {
     IdleCheck,
     /// Orderly shutdown: release everything gated, then stop.
     Shutdown(oneshot::Sender<()>),
+}
+
+/// What a caller asks an object to do; each kind runs one of the `Object` hooks.
+pub(crate) enum Work<O: Object> {
+    Request(O::Request),
+    Fetch(HttpRequest),
+    Connect(Socket, http::request::Parts),
+    SocketMessage(u64, Inbound),
+    SocketClose(u64),
+}
+
+/// Where the outcome of a [`Work`] goes; the variant always matches the work's kind.
+pub(crate) enum Reply<O: Object> {
+    Response(oneshot::Sender<Result<O::Response>>),
+    Http(oneshot::Sender<Result<HttpResponse>>),
+    Done(oneshot::Sender<Result<()>>),
+}
+
+enum Output<O: Object> {
+    Response(O::Response),
+    Http(HttpResponse),
+    Done,
+}
+
+impl<O: Object> Reply<O> {
+    fn fail(self, e: Error) {
+        match self {
+            Self::Response(tx) => drop(tx.send(Err(e))),
+            Self::Http(tx) => drop(tx.send(Err(e))),
+            Self::Done(tx) => drop(tx.send(Err(e))),
+        }
+    }
+
+    fn succeed(self, output: Output<O>) {
+        match (self, output) {
+            (Self::Response(tx), Output::Response(r)) => drop(tx.send(Ok(r))),
+            (Self::Http(tx), Output::Http(r)) => drop(tx.send(Ok(r))),
+            (Self::Done(tx), Output::Done) => drop(tx.send(Ok(()))),
+            (reply, _) => reply.fail(Error::Unavailable(
+                "mismatched reply (a runtime bug)".into(),
+            )),
+        }
+    }
+}
+
+/// Runs one unit of work against the object.
+async fn run_work<O: Object>(
+    object: &mut O,
+    ctx: &mut Context<'_>,
+    work: Work<O>,
+) -> anyhow::Result<Output<O>> {
+    match work {
+        Work::Request(request) => object.handle(ctx, request).await.map(Output::Response),
+        Work::Fetch(request) => object.fetch(ctx, request).await.map(Output::Http),
+        Work::Connect(socket, parts) => {
+            object.websocket(ctx, socket, parts).await?;
+            Ok(Output::Done)
+        }
+        Work::SocketMessage(id, message) => {
+            // A socket dropped by the object (or gone) has nobody to hear it.
+            if let Some(socket) = ctx.socket(id) {
+                object.socket_message(ctx, &socket, message).await?;
+            }
+            Ok(Output::Done)
+        }
+        Work::SocketClose(id) => {
+            if let Some(socket) = ctx.remove_socket(id) {
+                object.socket_close(ctx, &socket).await?;
+            }
+            Ok(Output::Done)
+        }
+    }
 }
 
 /// The ractor actor type; a marker, all state lives in [`ActivationState`].
@@ -70,6 +140,8 @@ pub(crate) struct ActivationState<O: Object> {
     object: Option<O>,
     gate: Gate,
     last_active: Instant,
+    /// Set by [`Context::stay_awake_for`]: no hibernation before this.
+    awake_until: Option<Instant>,
     /// The object's sockets; parked in the directory when this activation hibernates.
     sockets: Sockets,
 }
@@ -92,6 +164,7 @@ impl<O: Object> Actor for ObjectActor<O> {
             object: None,
             gate: Gate::default(),
             last_active: Instant::now(),
+            awake_until: None,
         })
     }
 
@@ -102,10 +175,21 @@ impl<O: Object> Actor for ObjectActor<O> {
         state: &mut Self::State,
     ) -> std::result::Result<(), ActorProcessingErr> {
         match message {
-            ActivationMsg::Call { request, reply } => {
+            ActivationMsg::Call { work, reply } => {
                 state.last_active = Instant::now();
-                state.call(request, reply).await;
+                let lifecycle = state.call(*work, reply).await;
                 state.args.inflight.fetch_sub(1, Ordering::AcqRel);
+                match lifecycle {
+                    Lifecycle::Default => {}
+                    Lifecycle::StayAwake(until) => {
+                        state.awake_until = Some(state.awake_until.map_or(until, |u| u.max(until)));
+                    }
+                    Lifecycle::Hibernate => {
+                        state.awake_until = None;
+                        state.last_active = Instant::now() - state.args.shared.config.idle_timeout;
+                        schedule_idle_check(&myself, Duration::ZERO);
+                    }
+                }
             }
             ActivationMsg::Alarm { attempt, reply } => {
                 state.last_active = Instant::now();
@@ -115,7 +199,9 @@ impl<O: Object> Actor for ObjectActor<O> {
             ActivationMsg::IdleCheck => {
                 let idle_timeout = state.args.shared.config.idle_timeout;
                 let idle_for = state.last_active.elapsed();
-                if idle_for < idle_timeout {
+                if let Some(until) = state.awake_until.filter(|u| *u > Instant::now()) {
+                    schedule_idle_check(&myself, until - Instant::now());
+                } else if idle_for < idle_timeout {
                     schedule_idle_check(&myself, idle_timeout - idle_for);
                 } else if state
                     .args
@@ -145,7 +231,7 @@ fn schedule_idle_check<O: Object>(myself: &ActorRef<ActivationMsg<O>>, after: Du
 }
 
 impl<O: Object> ActivationState<O> {
-    async fn call(&mut self, request: O::Request, reply: oneshot::Sender<Result<O::Response>>) {
+    async fn call(&mut self, work: Work<O>, reply: Reply<O>) -> Lifecycle {
         let shared = self.args.shared.clone();
         shared.counters.requests.fetch_add(1, Ordering::Relaxed);
         if self.gate.take_poisoned() {
@@ -156,33 +242,45 @@ impl<O: Object> ActivationState<O> {
             match self.activate().await {
                 Ok(object) => self.object = Some(object),
                 Err(e) => {
-                    let _ = reply.send(Err(e));
-                    return;
+                    reply.fail(e);
+                    return Lifecycle::Default;
                 }
             }
         }
         let Some(object) = self.object.as_mut() else {
-            return;
+            return Lifecycle::Default;
         };
         let storage: &dyn Storage = &*shared.storage;
         let mut ctx = Context::new(&self.args.id, storage, &mut self.sockets);
-        let outcome = AssertUnwindSafe(object.handle(&mut ctx, request))
+        let outcome = AssertUnwindSafe(run_work(object, &mut ctx, work))
             .catch_unwind()
             .await;
         match settle(&self.args.id, &shared, outcome) {
-            Ok(response) => {
+            Ok(output) => {
+                let lifecycle = ctx.lifecycle();
                 let (batch, effects) = ctx.finish();
                 match commit(&self.args.id, storage, &shared.alarms, batch) {
-                    Ok(sync) => self.gate.submit(sync, release(effects, reply, response)),
+                    Ok(sync) => self.gate.submit(
+                        sync,
+                        Box::new(move |outcome| match outcome {
+                            Ok(()) => {
+                                run_effects(effects);
+                                reply.succeed(output);
+                            }
+                            Err(e) => reply.fail(e),
+                        }),
+                    ),
                     Err(e) => {
                         self.object = None;
-                        let _ = reply.send(Err(e));
+                        reply.fail(e);
                     }
                 }
+                lifecycle
             }
             Err(e) => {
                 self.object = None;
-                let _ = reply.send(Err(e));
+                reply.fail(e);
+                Lifecycle::Default
             }
         }
     }

@@ -9,6 +9,17 @@ use dormouse_storage::{Bytes, LogEntry, LogMeta, ObjectId, Retention, Storage, W
 use crate::Result;
 use crate::socket::{Socket, Sockets};
 
+/// What a handler asked about its activation's lifetime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Lifecycle {
+    /// Hibernate after the namespace's idle timeout, as usual.
+    Default,
+    /// Do not hibernate before this instant.
+    StayAwake(tokio::time::Instant),
+    /// Hibernate as soon as nothing is queued.
+    Hibernate,
+}
+
 /// A deferred output, run by the output gate once the writes before it are durable.
 pub(crate) type Effect = Box<dyn FnOnce() + Send + 'static>;
 
@@ -31,6 +42,8 @@ pub struct Context<'a> {
     cleared: bool,
     /// The alarm as this handler left it: `None` = untouched, `Some(None)` = deleted.
     alarm: Option<Option<u64>>,
+    /// What the handler asked about hibernation.
+    lifecycle: Lifecycle,
     /// Outputs to release, in order, after the batch is durable.
     effects: Vec<Effect>,
     /// The object's connected clients; owned by the activation (and parked while it
@@ -62,6 +75,7 @@ impl<'a> Context<'a> {
             overlay: BTreeMap::new(),
             cleared: false,
             alarm: None,
+            lifecycle: Lifecycle::Default,
             effects: Vec::new(),
         }
     }
@@ -250,6 +264,31 @@ impl<'a> Context<'a> {
     /// Number of sockets the object holds.
     pub fn socket_count(&self) -> usize {
         self.sockets.len()
+    }
+
+    /// The socket with this id, if the object holds it.
+    pub fn socket(&self, id: u64) -> Option<Socket> {
+        self.sockets
+            .snapshot()
+            .iter()
+            .find(|s| s.id() == id)
+            .cloned()
+    }
+
+    /// Keeps the object in memory for at least `duration` from now, whatever the idle
+    /// timeout: for an object that expects traffic soon and is expensive to rebuild.
+    pub fn stay_awake_for(&mut self, duration: Duration) {
+        self.lifecycle = Lifecycle::StayAwake(tokio::time::Instant::now() + duration);
+    }
+
+    /// Asks to hibernate as soon as nothing else is queued, instead of after the idle
+    /// timeout: for an object that knows it is done for now. Its sockets stay connected.
+    pub fn hibernate(&mut self) {
+        self.lifecycle = Lifecycle::Hibernate;
+    }
+
+    pub(crate) fn lifecycle(&self) -> Lifecycle {
+        self.lifecycle
     }
 
     /// Stops holding a socket; the connection ends once the returned handle and its clones

@@ -72,9 +72,18 @@ pub use config::NamespaceConfig;
 pub use context::Context;
 pub use counters::NamespaceStats;
 pub use error::{Error, Result};
-pub use namespace::{Namespace, ObjectHandle, ObjectState};
+pub use namespace::{DynNamespace, Namespace, ObjectHandle, ObjectState};
 pub use object::Object;
 pub use runtime::Runtime;
-pub use socket::{Outbound, SendOutcome, Socket, SocketReceiver, Sockets, Transport};
+pub use socket::{Inbound, Outbound, SendOutcome, Socket, SocketReceiver, Sockets, Transport};
+
+pub use bytes::Bytes;
+pub use http;
+
+/// An HTTP request as an object sees it: the path is relative to the object
+/// (`/v1/objects/{namespace}/{name}/rest` arrives as `/rest`), the body is fully read.
+pub type HttpRequest = http::Request<Bytes>;
+/// An HTTP response from an object.
+pub type HttpResponse = http::Response<Bytes>;
 
 pub use dormouse_storage as storage;

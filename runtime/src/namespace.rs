@@ -13,6 +13,8 @@
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+
+use futures::future::BoxFuture;
 use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -22,11 +24,11 @@ use dormouse_storage::{ObjectId, Storage};
 use ractor::{ActorRef, ActorRuntime, MessagingErr};
 use tokio::sync::oneshot;
 
-use crate::activation::{ActivationArgs, ActivationMsg, ObjectActor};
+use crate::activation::{ActivationArgs, ActivationMsg, ObjectActor, Reply, Work};
 use crate::alarm::{AlarmTarget, Alarms};
 use crate::counters::Counters;
-use crate::socket::Sockets;
-use crate::{Error, NamespaceConfig, NamespaceStats, Object, Result};
+use crate::socket::{Inbound, Socket, Sockets};
+use crate::{Error, HttpRequest, HttpResponse, NamespaceConfig, NamespaceStats, Object, Result};
 
 const SHARDS: usize = 64;
 
@@ -204,9 +206,85 @@ impl<O: Object> Namespace<O> {
         request: O::Request,
     ) -> impl Future<Output = Result<O::Response>> + Send + 'static + use<O> {
         let (reply, response) = oneshot::channel();
-        let sent = self
-            .shared
-            .dispatch(name, ActivationMsg::Call { request, reply });
+        self.send(
+            name,
+            Work::Request(request),
+            Reply::Response(reply),
+            response,
+        )
+    }
+
+    /// Routes an HTTP request to the object's [`Object::fetch`].
+    pub fn fetch(
+        &self,
+        name: &str,
+        request: HttpRequest,
+    ) -> impl Future<Output = Result<HttpResponse>> + Send + 'static + use<O> {
+        let (reply, response) = oneshot::channel();
+        self.send(name, Work::Fetch(request), Reply::Http(reply), response)
+    }
+
+    /// Offers a new WebSocket client to the object's [`Object::websocket`].
+    pub fn connect(
+        &self,
+        name: &str,
+        socket: Socket,
+        request: http::request::Parts,
+    ) -> impl Future<Output = Result<()>> + Send + 'static + use<O> {
+        let (reply, response) = oneshot::channel();
+        self.send(
+            name,
+            Work::Connect(socket, request),
+            Reply::Done(reply),
+            response,
+        )
+    }
+
+    /// Delivers a client's message to [`Object::socket_message`], waking the object if it
+    /// hibernated (its sockets come back with their attachments).
+    pub fn socket_message(
+        &self,
+        name: &str,
+        socket: u64,
+        message: Inbound,
+    ) -> impl Future<Output = Result<()>> + Send + 'static + use<O> {
+        let (reply, response) = oneshot::channel();
+        let work = Work::SocketMessage(socket, message);
+        self.send(name, work, Reply::Done(reply), response)
+    }
+
+    /// Tells the object a client's socket closed ([`Object::socket_close`]).
+    pub fn socket_closed(
+        &self,
+        name: &str,
+        socket: u64,
+    ) -> impl Future<Output = Result<()>> + Send + 'static + use<O> {
+        let (reply, response) = oneshot::channel();
+        self.send(
+            name,
+            Work::SocketClose(socket),
+            Reply::Done(reply),
+            response,
+        )
+    }
+
+    fn send<T>(
+        &self,
+        name: &str,
+        work: Work<O>,
+        reply: Reply<O>,
+        response: oneshot::Receiver<Result<T>>,
+    ) -> impl Future<Output = Result<T>> + Send + 'static + use<O, T>
+    where
+        T: Send + 'static,
+    {
+        let sent = self.shared.dispatch(
+            name,
+            ActivationMsg::Call {
+                work: Box::new(work),
+                reply,
+            },
+        );
         let what = format!("{}/{}", self.shared.name, name);
         async move {
             sent?;
@@ -386,5 +464,69 @@ impl<O: Object> AlarmTarget for AlarmHandle<O> {
             sent?;
             done.await.map_err(|_| Error::Unavailable(what))?
         })
+    }
+}
+
+/// A namespace with its object type erased, so a gateway can route HTTP and WebSocket traffic
+/// to namespaces of any type by name (`/v1/objects/{namespace}/{name}/...`).
+pub trait DynNamespace: Send + Sync + fmt::Debug {
+    /// The namespace's name.
+    fn name(&self) -> &str;
+    /// See [`Namespace::fetch`].
+    fn fetch(&self, name: &str, request: HttpRequest) -> BoxFuture<'static, Result<HttpResponse>>;
+    /// See [`Namespace::connect`].
+    fn connect(
+        &self,
+        name: &str,
+        socket: Socket,
+        request: http::request::Parts,
+    ) -> BoxFuture<'static, Result<()>>;
+    /// See [`Namespace::socket_message`].
+    fn socket_message(
+        &self,
+        name: &str,
+        socket: u64,
+        message: Inbound,
+    ) -> BoxFuture<'static, Result<()>>;
+    /// See [`Namespace::socket_closed`].
+    fn socket_closed(&self, name: &str, socket: u64) -> BoxFuture<'static, Result<()>>;
+    /// See [`Namespace::stats`].
+    fn stats(&self) -> NamespaceStats;
+    /// See [`Namespace::shutdown`].
+    fn shutdown(&self) -> BoxFuture<'static, ()>;
+}
+
+impl<O: Object> DynNamespace for Namespace<O> {
+    fn name(&self) -> &str {
+        Namespace::name(self)
+    }
+    fn fetch(&self, name: &str, request: HttpRequest) -> BoxFuture<'static, Result<HttpResponse>> {
+        Box::pin(Namespace::fetch(self, name, request))
+    }
+    fn connect(
+        &self,
+        name: &str,
+        socket: Socket,
+        request: http::request::Parts,
+    ) -> BoxFuture<'static, Result<()>> {
+        Box::pin(Namespace::connect(self, name, socket, request))
+    }
+    fn socket_message(
+        &self,
+        name: &str,
+        socket: u64,
+        message: Inbound,
+    ) -> BoxFuture<'static, Result<()>> {
+        Box::pin(Namespace::socket_message(self, name, socket, message))
+    }
+    fn socket_closed(&self, name: &str, socket: u64) -> BoxFuture<'static, Result<()>> {
+        Box::pin(Namespace::socket_closed(self, name, socket))
+    }
+    fn stats(&self) -> NamespaceStats {
+        Namespace::stats(self)
+    }
+    fn shutdown(&self) -> BoxFuture<'static, ()> {
+        let ns = self.clone();
+        Box::pin(async move { ns.shutdown().await })
     }
 }

@@ -1,6 +1,6 @@
 use std::future::Future;
 
-use crate::Context;
+use crate::{Context, HttpRequest, HttpResponse, Inbound, Socket};
 
 /// A user-defined object type, the equivalent of a Durable Object class.
 ///
@@ -36,6 +36,59 @@ pub trait Object: Sized + Send + 'static {
         ctx: &mut Context<'_>,
         request: Self::Request,
     ) -> impl Future<Output = anyhow::Result<Self::Response>> + Send;
+
+    /// Handles an HTTP request routed to this object (`/v1/objects/{namespace}/{name}/...`
+    /// when its namespace is mounted on the gateway). The default answers 404.
+    fn fetch(
+        &mut self,
+        ctx: &mut Context<'_>,
+        request: HttpRequest,
+    ) -> impl Future<Output = anyhow::Result<HttpResponse>> + Send {
+        let _ = (ctx, request);
+        async {
+            Ok(http::Response::builder()
+                .status(http::StatusCode::NOT_FOUND)
+                .header("content-type", "application/json")
+                .body(bytes::Bytes::from_static(
+                    br#"{"error":{"code":"not_found","message":"this object does not handle HTTP requests"}}"#,
+                ))?)
+        }
+    }
+
+    /// A WebSocket client connected (the upgrade request is in `request`). Keep it with
+    /// [`Context::accept_socket`]; a socket not accepted is closed. Accepted sockets stay
+    /// connected across hibernation, and their messages wake the object. The default refuses.
+    fn websocket(
+        &mut self,
+        ctx: &mut Context<'_>,
+        socket: Socket,
+        request: http::request::Parts,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send {
+        let _ = (ctx, socket, request);
+        async { Ok(()) }
+    }
+
+    /// A client sent a message on an accepted socket (its attachment is as the object left
+    /// it, even across hibernation).
+    fn socket_message(
+        &mut self,
+        ctx: &mut Context<'_>,
+        socket: &Socket,
+        message: Inbound,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send {
+        let _ = (ctx, socket, message);
+        async { Ok(()) }
+    }
+
+    /// A client's socket closed; the socket has already left [`Context::sockets`].
+    fn socket_close(
+        &mut self,
+        ctx: &mut Context<'_>,
+        socket: &Socket,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send {
+        let _ = (ctx, socket);
+        async { Ok(()) }
+    }
 
     /// Runs when the alarm set with [`Context::set_alarm`] is due, waking the object if it
     /// hibernated, in turn with its requests. On `Ok` the alarm is cleared (unless the handler

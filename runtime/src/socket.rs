@@ -51,6 +51,15 @@ impl Outbound {
     }
 }
 
+/// A message a client sent on a WebSocket, for [`crate::Object::socket_message`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inbound {
+    /// A text message.
+    Text(String),
+    /// A binary message.
+    Binary(Bytes),
+}
+
 /// What happened to a [`Socket::send`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SendOutcome {

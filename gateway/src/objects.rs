@@ -1,0 +1,156 @@
+//! User-defined objects mounted under `/v1/objects/{namespace}/{name}/...`: HTTP requests go
+//! to the object's `fetch`, WebSocket upgrades to its `websocket`, and accepted sockets'
+//! messages and closes to `socket_message` and `socket_close` (waking it if it hibernated).
+
+use axum::body::Body;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{FromRequestParts, Path, Request, State};
+use axum::http::{HeaderMap, Uri};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use dormouse_runtime::{DynNamespace, Inbound, Socket, Transport};
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+use crate::channels::{check_channel, read_body};
+use crate::ws::{Conn, Mode, tuned};
+use crate::{ApiError, AppState};
+
+/// `/v1/objects/{namespace}/{name}` and everything below it, any method.
+pub(crate) async fn route(State(state): State<AppState>, request: Request) -> Response {
+    match handle(state, request).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn handle(state: AppState, request: Request) -> Result<Response, ApiError> {
+    let (mut parts, body) = request.into_parts();
+    let Path(segments) = Path::<Vec<(String, String)>>::from_request_parts(&mut parts, &state)
+        .await
+        .map_err(|e| ApiError::bad_request("bad_path", e.body_text()))?;
+    let get = |key: &str| {
+        segments
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+    };
+    let namespace = get("namespace").unwrap_or_default();
+    let name = get("name").unwrap_or_default();
+    let rest = get("rest").unwrap_or_default();
+    let target = state.object_namespace(&namespace).ok_or_else(|| {
+        ApiError::not_found(format!("no object namespace {namespace:?} is mounted"))
+    })?;
+    check_channel(&name).map_err(|e| {
+        ApiError::bad_request(
+            "bad_object_name",
+            e.message.replace("channel names", "object names"),
+        )
+    })?;
+    let path_and_query = match parts.uri.query() {
+        Some(q) => format!("/{rest}?{q}"),
+        None => format!("/{rest}"),
+    };
+    let uri: Uri = path_and_query
+        .parse()
+        .map_err(|_| ApiError::bad_request("bad_path", "the path is not a valid URI"))?;
+
+    if is_websocket(&parts.headers) {
+        let upgrade = WebSocketUpgrade::from_request_parts(&mut parts, &state)
+            .await
+            .map_err(|e| ApiError::new(e.status(), "websocket_upgrade_required", e.body_text()))?;
+        return connect(state, target, name, uri, parts, upgrade).await;
+    }
+
+    let limit = state.settings.limits.max_message_size.0;
+    let data = read_body(&parts.headers, Body::new(body), limit, "the request body").await?;
+    let mut request = http::Request::builder()
+        .method(parts.method.clone())
+        .uri(uri)
+        .body(data)
+        .map_err(|e| ApiError::bad_request("bad_request", e.to_string()))?;
+    *request.headers_mut() = parts.headers.clone();
+    let response = target.fetch(&name, request).await?;
+    let (parts, body) = response.into_parts();
+    Ok(Response::from_parts(parts, Body::from(body)))
+}
+
+fn is_websocket(headers: &HeaderMap) -> bool {
+    headers
+        .get(axum::http::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+}
+
+async fn connect(
+    state: AppState,
+    target: Arc<dyn DynNamespace>,
+    name: String,
+    uri: Uri,
+    parts: axum::http::request::Parts,
+    upgrade: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let settings = state.settings.clone();
+    let queue = settings.limits.subscriber_queue.0 as usize;
+    let (socket, receiver) = Socket::new(Transport::WebSocket, queue, Bytes::new());
+    let socket_id = socket.id();
+    let mut request = http::Request::builder()
+        .method(parts.method.clone())
+        .uri(uri)
+        .body(())
+        .map_err(|e| ApiError::bad_request("bad_request", e.to_string()))?;
+    *request.headers_mut() = parts.headers.clone();
+    let (request_parts, ()) = request.into_parts();
+    target.connect(&name, socket, request_parts).await?;
+
+    // Messages go to the object one at a time, in the order the client sent them; the close
+    // goes last.
+    let (forward, mut inbound) = mpsc::unbounded_channel::<Inbound>();
+    let forwarder = {
+        let target = target.clone();
+        let name = name.clone();
+        async move {
+            while let Some(message) = inbound.recv().await {
+                if let Err(e) = target.socket_message(&name, socket_id, message).await {
+                    tracing::warn!(object = %name, error = %e, "socket message failed");
+                }
+            }
+            if let Err(e) = target.socket_closed(&name, socket_id).await {
+                tracing::debug!(object = %name, error = %e, "socket close not delivered");
+            }
+        }
+    };
+    let conn = Conn {
+        label: format!("{}/{name}", target.name()),
+        mode: Mode::Object { forward },
+        receiver,
+        shutdown: state.shutdown.clone(),
+        ping_interval: settings.websocket.ping_interval,
+        idle_timeout: settings.websocket.idle_timeout,
+    };
+    let max_message = settings.limits.max_message_size.0 as usize + 64 * 1024;
+    Ok(tuned(upgrade, max_message)
+        .on_upgrade(move |ws| async move {
+            let forwarding = tokio::spawn(forwarder);
+            // Dropping the connection drops `forward`, which ends the forwarder after it
+            // delivered everything, then the close.
+            conn.run(ws).await;
+            let _ = forwarding.await;
+        })
+        .into_response())
+}
+
+/// Namespace names appear in URLs and storage keys: keep them short and plain.
+pub(crate) fn check_namespace_name(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(format!(
+            "namespace names are 1 to 64 characters from A-Z a-z 0-9 _ -; got {name:?}"
+        ));
+    }
+    Ok(())
+}
