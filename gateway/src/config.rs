@@ -25,6 +25,10 @@ pub struct Settings {
     pub listen: SocketAddr,
     /// Directory holding the embedded database; one dormouse process per directory.
     pub data_dir: PathBuf,
+    /// How long a graceful stop waits for connections to say goodbye before cutting the
+    /// ones that do not (a client that stopped reading).
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
     /// Storage engine settings.
     pub storage: StorageSettings,
     /// Channel retention and lifetime.
@@ -107,6 +111,10 @@ pub struct LimitsSettings {
     pub subscriber_queue: ByteSize,
     /// Most events one history request returns.
     pub max_history_page: usize,
+    /// A connection whose writes make no progress for this long (a client that stopped
+    /// reading) is closed; the client resumes with its last id when it comes back.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
 }
 
 /// `[sse]`
@@ -140,6 +148,7 @@ impl Default for Settings {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: PathBuf::from("./dormouse-data"),
+            shutdown_grace: Duration::from_secs(5),
             storage: StorageSettings::default(),
             channels: ChannelsSettings::default(),
             limits: LimitsSettings::default(),
@@ -181,6 +190,7 @@ impl Default for LimitsSettings {
             max_batch_messages: 10_000,
             subscriber_queue: ByteSize::mib(8),
             max_history_page: 1000,
+            write_timeout: Duration::from_secs(30),
         }
     }
 }

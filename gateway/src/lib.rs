@@ -8,6 +8,7 @@
 //! - `server`: [`Dormouse`] opens storage and the runtime, [`Dormouse::router`] builds the
 //!   routes (tests use the same router), [`Dormouse::serve`] runs until shutdown.
 //! - `health`: liveness and readiness probes.
+//! - `listener`: connection IO with a kill switch (bounded shutdown) and a lingering close.
 //! - `channels`: the channel routes: publish, history, info, list, delete.
 //! - `publish`: batch publish (`POST /v1/publish`, JSON array or NDJSON).
 //! - `cursor`: where a subscriber starts (`Last-Event-ID` header or query).
@@ -20,6 +21,7 @@ mod config;
 mod cursor;
 mod error;
 mod health;
+mod listener;
 mod objects;
 mod publish;
 mod server;

@@ -129,13 +129,16 @@ async fn connect(
         idle_timeout: settings.websocket.idle_timeout,
     };
     let max_message = settings.limits.max_message_size.0 as usize + 64 * 1024;
+    let tasks = state.tasks.clone();
     Ok(tuned(upgrade, max_message)
-        .on_upgrade(move |ws| async move {
-            let forwarding = tokio::spawn(forwarder);
-            // Dropping the connection drops `forward`, which ends the forwarder after it
-            // delivered everything, then the close.
-            conn.run(ws).await;
-            let _ = forwarding.await;
+        .on_upgrade(move |ws| {
+            tasks.track_future(async move {
+                let forwarding = tokio::spawn(forwarder);
+                // Dropping the connection drops `forward`, which ends the forwarder after it
+                // delivered everything, then the close.
+                conn.run(ws).await;
+                let _ = forwarding.await;
+            })
         })
         .into_response())
 }

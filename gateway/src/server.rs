@@ -13,8 +13,11 @@ use dormouse_runtime::{DynNamespace, Namespace, NamespaceConfig, Object, Runtime
 use dormouse_storage::{SledConfig, SledStorage};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::info;
 
+use crate::listener::GuardedListener;
 use crate::{ApiError, Settings, channels, health, objects, publish, sse, ws};
 
 /// Everything a request handler may need; cloned per request (all fields are handles).
@@ -28,6 +31,9 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     /// User-defined object namespaces mounted under `/v1/objects/{namespace}/...`.
     pub objects: Arc<RwLock<HashMap<String, Arc<dyn DynNamespace>>>>,
+    /// Long-lived connection tasks (WebSockets), so a stop can wait for them to let go of
+    /// storage.
+    pub tasks: TaskTracker,
     /// Flips to `true` when the server is stopping, so long-lived connections can say
     /// goodbye (SSE: reconnect hint; WebSocket: close 1012 "service restart").
     pub shutdown: watch::Receiver<bool>,
@@ -65,6 +71,7 @@ impl Dormouse {
                 channels,
                 settings: Arc::new(settings),
                 objects: Arc::default(),
+                tasks: TaskTracker::new(),
                 shutdown,
             },
             storage,
@@ -126,15 +133,34 @@ impl Dormouse {
     ) -> anyhow::Result<()> {
         info!(addr = %listener.local_addr()?, "listening");
         let stop = self.stop.clone();
+        let kill = CancellationToken::new();
+        let grace = self.state.settings.shutdown_grace;
+        let write_timeout = self.state.settings.limits.write_timeout;
+        let listener = GuardedListener::new(listener, kill.clone(), write_timeout);
         let app = self.router();
+        let cut_off = kill.clone();
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 shutdown.await;
                 info!("shutting down: closing connections");
                 let _ = stop.send(true);
+                // Connections that cannot say goodbye in time (a client that stopped
+                // reading) are cut.
+                tokio::spawn(async move {
+                    tokio::time::sleep(grace).await;
+                    cut_off.cancel();
+                });
             })
             .await
             .context("serving HTTP")?;
+        self.state.tasks.close();
+        if tokio::time::timeout(grace * 2, self.state.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some WebSocket connections did not end in time");
+        }
+        kill.cancel();
         self.state.channels.shutdown().await;
         let mounted: Vec<Arc<dyn DynNamespace>> = self
             .state

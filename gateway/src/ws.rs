@@ -88,8 +88,9 @@ pub(crate) async fn subscribe(
         ping_interval: settings.websocket.ping_interval,
         idle_timeout: settings.websocket.idle_timeout,
     };
+    let tasks = state.tasks.clone();
     Ok(tuned(upgrade, max_message)
-        .on_upgrade(move |ws| conn.run(ws))
+        .on_upgrade(move |ws| tasks.track_future(conn.run(ws)))
         .into_response())
 }
 

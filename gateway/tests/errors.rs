@@ -720,3 +720,30 @@ async fn the_same_idempotency_key_twice_stores_one_event() {
     still_serving(&server, "idem").await;
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_body_with_content_length_always_gets_its_413_answer() {
+    let server = TestServer::start_with(|s| s.limits.max_message_size = ByteSize(1024)).await;
+    let url = server.url("/v1/channels/reset/messages");
+    for attempt in 0..20 {
+        let res = reqwest::Client::new()
+            .post(&url)
+            .body(vec![b'z'; 8 << 20])
+            .send()
+            .await
+            .unwrap_or_else(|e| {
+                panic!("attempt {attempt}: no answer, the connection broke: {e:?}")
+            });
+        assert_eq!(
+            error_of(res).await,
+            (
+                413,
+                "payload_too_large".to_string(),
+                "the message is larger than the limit of 1024 bytes".to_string()
+            ),
+            "attempt {attempt}"
+        );
+    }
+    still_serving(&server, "reset").await;
+    server.stop().await;
+}

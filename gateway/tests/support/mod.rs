@@ -138,12 +138,17 @@ pub struct SseClient {
 impl SseClient {
     /// Connects; `last_id` is sent as the `Last-Event-ID` header.
     pub async fn connect(server: &TestServer, path: &str, last_id: Option<&str>) -> Self {
-        let mut req = server.client.get(server.url(path));
+        Self::connect_to(&server.client, &server.url(path), last_id).await
+    }
+
+    /// Connects to any URL (a server run as a child process, say).
+    pub async fn connect_to(client: &reqwest::Client, url: &str, last_id: Option<&str>) -> Self {
+        let mut req = client.get(url);
         if let Some(id) = last_id {
             req = req.header("Last-Event-ID", id);
         }
         let res = req.send().await.expect("sse request");
-        assert_eq!(res.status(), 200, "sse status for {path}");
+        assert_eq!(res.status(), 200, "sse status for {url}");
         assert_eq!(res.headers()["content-type"], "text/event-stream");
         assert_eq!(res.headers()["cache-control"], "no-cache");
         assert_eq!(res.headers()["x-accel-buffering"], "no");
@@ -480,4 +485,34 @@ pub async fn ws_handshake_error(
         req = req.header(*name, *value);
     }
     error_of(req.send().await.expect("handshake request")).await
+}
+
+/// Sends `head` (a request line and headers, without the blank line) over a fresh TCP
+/// connection, with `Connection: close`, and no body, whatever the headers announce; returns
+/// the status and the body of the answer. For testing what the server decides from the
+/// headers alone.
+pub async fn raw_request(addr: SocketAddr, head: &str) -> (u16, Vec<u8>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let request = format!("{head}\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("write request");
+    let mut answer = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut answer))
+        .await
+        .expect("the server answers and closes in time")
+        .expect("read answer");
+    let split = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a complete head");
+    let head = String::from_utf8_lossy(&answer[..split]);
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status line");
+    (status, answer[split + 4..].to_vec())
 }
