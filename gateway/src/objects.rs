@@ -94,6 +94,8 @@ async fn connect(
     let queue = settings.limits.subscriber_queue.0 as usize;
     let (socket, receiver) = Socket::new(Transport::WebSocket, queue, Bytes::new());
     let socket_id = socket.id();
+    // This connection delivers its close as an event (below), so the object sees it.
+    socket.set_close_reported();
     let mut request = http::Request::builder()
         .method(parts.method.clone())
         .uri(uri)

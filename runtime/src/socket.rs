@@ -85,6 +85,9 @@ struct Inner {
     /// The bound on `queued`; beyond it the client is cut off rather than buffered.
     max_queued: usize,
     overflowed: AtomicBool,
+    /// The connection reports its close as an event (`Object::socket_close`), so the
+    /// runtime must not drop it silently when it sees it closed.
+    close_reported: AtomicBool,
     /// Small per-connection state the object keeps across hibernation (a user name, a
     /// subscription filter): the equivalent of a hibernatable WebSocket's attachment.
     attachment: Mutex<Bytes>,
@@ -138,6 +141,7 @@ impl Socket {
             queued: AtomicUsize::new(0),
             max_queued: max_queued_bytes,
             overflowed: AtomicBool::new(false),
+            close_reported: AtomicBool::new(false),
             attachment: Mutex::new(attachment),
         });
         (
@@ -175,6 +179,18 @@ impl Socket {
             .attachment
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = attachment;
+    }
+
+    /// Declares that whoever owns the connection will deliver its close to the object as an
+    /// event; until then the socket stays in the object's list even once it reads as closed,
+    /// so the object's `socket_close` sees it. (Channels' subscribers do not report closes:
+    /// leaving must not wake a hibernated channel, so they are pruned silently.)
+    pub fn set_close_reported(&self) {
+        self.inner.close_reported.store(true, Ordering::Release);
+    }
+
+    fn close_reported(&self) -> bool {
+        self.inner.close_reported.load(Ordering::Acquire)
     }
 
     /// True once the client went away or was cut off; such a socket can be dropped.
@@ -282,14 +298,15 @@ impl Sockets {
         Some(Arc::make_mut(&mut self.list).remove(index))
     }
 
-    /// Drops closed sockets; returns how many went.
+    /// Drops closed sockets whose close is not reported as an event; returns how many went.
     pub(crate) fn prune(&mut self) -> usize {
-        if !self.list.iter().any(Socket::is_closed) {
+        let prunable = |s: &Socket| s.is_closed() && !s.close_reported();
+        if !self.list.iter().any(prunable) {
             return 0;
         }
         let list = Arc::make_mut(&mut self.list);
         let before = list.len();
-        list.retain(|s| !s.is_closed());
+        list.retain(|s| !prunable(s));
         before - list.len()
     }
 }

@@ -1,0 +1,202 @@
+//! Chat over the wire: real WebSocket clients against a real server.
+
+use std::time::Duration;
+
+use dormouse_gateway::{Dormouse, Settings};
+use dormouse_runtime::NamespaceConfig;
+use example_chat::{NAMESPACE, Room};
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::Message;
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+struct Server {
+    addr: String,
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    _dir: tempfile::TempDir,
+}
+
+async fn start(idle: Duration) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = Settings {
+        data_dir: dir.path().to_path_buf(),
+        ..Settings::default()
+    };
+    let server = Dormouse::open(settings).unwrap();
+    server
+        .mount::<Room>(NAMESPACE, NamespaceConfig::with_idle_timeout(idle), ())
+        .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(server.serve(listener, async {
+        let _ = stopped.await;
+    }));
+    Server {
+        addr,
+        stop,
+        task,
+        _dir: dir,
+    }
+}
+
+async fn join(server: &Server, room: &str, name: &str) -> (Ws, Value) {
+    let url = format!(
+        "ws://{}/v1/objects/{NAMESPACE}/{room}/ws?name={name}",
+        server.addr
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let welcome = next(&mut ws).await;
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    (ws, welcome)
+}
+
+async fn next(ws: &mut Ws) -> Value {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match ws.next().await.expect("socket open").expect("frame") {
+                Message::Text(t) => return serde_json::from_str(&t).unwrap(),
+                Message::Close(frame) => {
+                    return json!({"type": "closed", "frame": format!("{frame:?}")});
+                }
+                _ => continue,
+            }
+        }
+    })
+    .await
+    .expect("a message in time")
+}
+
+async fn say(ws: &mut Ws, text: &str) {
+    ws.send(Message::Text(
+        json!({"type": "message", "text": text}).to_string().into(),
+    ))
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn people_chat_and_presence_and_history_survive_hibernation() {
+    let server = start(Duration::from_millis(50)).await;
+    let (mut alice, welcome) = join(&server, "lobby", "alice").await;
+    assert_eq!(welcome["members"], json!(["alice"]));
+    assert_eq!(welcome["history"], json!([]));
+
+    let (mut bob, welcome) = join(&server, "lobby", "bob").await;
+    assert_eq!(welcome["members"], json!(["alice", "bob"]));
+    assert_eq!(
+        next(&mut alice).await,
+        json!({"type": "join", "name": "bob"})
+    );
+
+    say(&mut alice, "hi bob").await;
+    for ws in [&mut alice, &mut bob] {
+        let m = next(ws).await;
+        assert_eq!(
+            (
+                m["type"].as_str(),
+                m["name"].as_str(),
+                m["text"].as_str(),
+                m["id"].as_u64()
+            ),
+            (Some("message"), Some("alice"), Some("hi bob"), Some(1))
+        );
+    }
+
+    // Let the room hibernate with both still connected.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let client = reqwest::Client::new();
+    let members: Value = client
+        .get(format!(
+            "http://{}/v1/objects/{NAMESPACE}/lobby/members",
+            server.addr
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        members["members"],
+        json!(["alice", "bob"]),
+        "presence survived hibernation"
+    );
+
+    // A message from a parked socket wakes the room; attachments (names) are intact.
+    say(&mut bob, "still here").await;
+    for ws in [&mut alice, &mut bob] {
+        let m = next(ws).await;
+        assert_eq!(
+            (m["name"].as_str(), m["text"].as_str(), m["id"].as_u64()),
+            (Some("bob"), Some("still here"), Some(2))
+        );
+    }
+
+    let (mut carol, welcome) = join(&server, "lobby", "carol").await;
+    assert_eq!(welcome["members"], json!(["alice", "bob", "carol"]));
+    let texts: Vec<&str> = welcome["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["hi bob", "still here"]);
+    for ws in [&mut alice, &mut bob] {
+        assert_eq!(next(ws).await, json!({"type": "join", "name": "carol"}));
+    }
+
+    alice.close(None).await.unwrap();
+    assert_eq!(
+        next(&mut bob).await,
+        json!({"type": "leave", "name": "alice"})
+    );
+    assert_eq!(
+        next(&mut carol).await,
+        json!({"type": "leave", "name": "alice"})
+    );
+
+    // A bad message gets an error and the connection stays usable.
+    bob.send(Message::Text("not json".into())).await.unwrap();
+    assert_eq!(next(&mut bob).await["type"], "error");
+    say(&mut bob, "ok").await;
+    assert_eq!(next(&mut carol).await["text"], "ok");
+
+    let _ = server.stop.send(());
+    server.task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn the_page_is_served_and_a_nameless_join_is_refused() {
+    let server = start(Duration::from_secs(30)).await;
+    let res = reqwest::get(format!(
+        "http://{}/v1/objects/{NAMESPACE}/lobby",
+        server.addr
+    ))
+    .await
+    .unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(
+        res.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let page = res.text().await.unwrap();
+    assert!(page.contains("new WebSocket("), "the page talks WebSocket");
+
+    let url = format!("ws://{}/v1/objects/{NAMESPACE}/lobby/ws", server.addr);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let refused = next(&mut ws).await;
+    assert_eq!(refused["type"], "error");
+    assert!(refused["message"].as_str().unwrap().contains("?name="));
+    assert_eq!(next(&mut ws).await["type"], "closed");
+
+    let _ = server.stop.send(());
+    server.task.await.unwrap().unwrap();
+}
