@@ -14,6 +14,34 @@ use crate::{Context, HttpRequest, HttpResponse, Inbound, Socket};
 /// durable. A handler that returns `Err` or panics has its writes discarded and its instance
 /// dropped, so the next request rebuilds it from storage: a bug in one object can never leave
 /// a half-updated instance serving requests, and never takes down the process.
+///
+/// # Example
+/// ```
+/// use dormouse_runtime::{Context, Object};
+///
+/// /// Remembers the last greeting; a minimal object.
+/// struct Greeter {
+///     last: Option<String>,
+/// }
+///
+/// impl Object for Greeter {
+///     type Env = ();
+///     type Request = String;
+///     type Response = Option<String>;
+///
+///     async fn activate(ctx: &mut Context<'_>, _env: &()) -> anyhow::Result<Self> {
+///         let last = ctx.get(b"last")?.map(|b| String::from_utf8_lossy(&b).into_owned());
+///         Ok(Greeter { last })
+///     }
+///
+///     /// Stores the new greeting and answers the previous one.
+///     async fn handle(&mut self, ctx: &mut Context<'_>, hello: String) -> anyhow::Result<Option<String>> {
+///         ctx.put(b"last".to_vec(), hello.clone().into_bytes());
+///         Ok(self.last.replace(hello))
+///     }
+/// }
+/// # let _ = std::marker::PhantomData::<Greeter>;
+/// ```
 pub trait Object: Sized + Send + 'static {
     /// What every instance of the type shares (configuration, handles to other services),
     /// the equivalent of a Durable Object's `env`.

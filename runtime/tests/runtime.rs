@@ -255,3 +255,30 @@ async fn sockets_are_parked_across_hibernation_and_a_broadcast_wakes_the_object(
     );
     assert_eq!(env.activations.load(Ordering::SeqCst), 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_object_can_hibernate_early_or_stay_awake() {
+    let (ns, _env) = probes(Duration::from_millis(50));
+    ns.call("early", ProbeReq::Add(1)).await.unwrap();
+    ns.call("early", ProbeReq::HibernateNow).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(
+        ns.state("early"),
+        ObjectState::Hibernated,
+        "did not wait for the idle timeout"
+    );
+
+    ns.call("late", ProbeReq::StayAwake(Duration::from_millis(500)))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        ns.state("late"),
+        ObjectState::Active,
+        "stayed past the idle timeout"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(ns.state("late"), ObjectState::Hibernated);
+    assert_eq!(ns.call("late", ProbeReq::Get).await.unwrap(), 0);
+    assert_eq!(ns.call("early", ProbeReq::Get).await.unwrap(), 1);
+}

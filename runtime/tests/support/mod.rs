@@ -66,6 +66,10 @@ pub enum ProbeReq {
     DeleteAlarm,
     /// 1 when an alarm is set, else 0.
     HasAlarm,
+    /// Asks to hibernate as soon as possible.
+    HibernateNow,
+    /// Asks to stay in memory this long.
+    StayAwake(std::time::Duration),
 }
 
 /// A test object with a persistent counter and instrumentation.
@@ -119,6 +123,14 @@ impl Object for Probe {
                 Ok(0)
             }
             ProbeReq::HasAlarm => Ok(u64::from(ctx.alarm()?.is_some())),
+            ProbeReq::HibernateNow => {
+                ctx.hibernate();
+                Ok(0)
+            }
+            ProbeReq::StayAwake(d) => {
+                ctx.stay_awake_for(d);
+                Ok(0)
+            }
             ProbeReq::AddWithEffect(n, log) => {
                 self.counter += n;
                 ctx.put(b"counter".to_vec(), self.counter.to_be_bytes().to_vec());
