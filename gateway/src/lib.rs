@@ -28,6 +28,9 @@ mod server;
 mod sse;
 mod ws;
 
-pub use config::{ByteSize, Settings};
+pub use config::{
+    ByteSize, ChannelsSettings, LimitsSettings, PrefixSettings, Settings, SseSettings,
+    StorageSettings, WebSocketSettings,
+};
 pub use error::ApiError;
 pub use server::{AppState, Dormouse, shutdown_signal};

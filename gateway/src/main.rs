@@ -40,7 +40,7 @@ struct ServeArgs {
     /// Directory of the embedded database [default: ./dormouse-data; env: DORMOUSE_DATA_DIR].
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// TOML configuration file; every key can also be set as DORMOUSE_<SECTION>_<KEY>
+    /// TOML configuration file; every key can also be set as `DORMOUSE_<SECTION>_<KEY>`
     /// (see docs/CONFIG.md).
     #[arg(long, env = "DORMOUSE_CONFIG")]
     config: Option<PathBuf>,

@@ -161,7 +161,7 @@ impl Dormouse {
             tracing::warn!("some WebSocket connections did not end in time");
         }
         kill.cancel();
-        self.state.channels.shutdown().await;
+        // Objects may publish to channels while they drain, never the reverse: objects first.
         let mounted: Vec<Arc<dyn DynNamespace>> = self
             .state
             .objects
@@ -173,6 +173,7 @@ impl Dormouse {
         for ns in mounted {
             ns.shutdown().await;
         }
+        self.state.channels.shutdown().await;
         let storage = self.storage.clone();
         tokio::task::spawn_blocking(move || storage.close())
             .await?

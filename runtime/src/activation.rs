@@ -203,6 +203,9 @@ impl<O: Object> Actor for ObjectActor<O> {
                     schedule_idle_check(&myself, until - Instant::now());
                 } else if idle_for < idle_timeout {
                     schedule_idle_check(&myself, idle_timeout - idle_for);
+                } else if state.gate.is_busy() {
+                    // Writes still on their way to disk: retire only once they are durable.
+                    schedule_idle_check(&myself, Duration::from_millis(1).max(idle_timeout / 4));
                 } else if state
                     .args
                     .shared

@@ -65,6 +65,12 @@ impl Gate {
         }
     }
 
+    /// True while outputs wait for their commits; an activation must not retire then, or a
+    /// successor could reveal state that is not durable yet.
+    pub(crate) fn is_busy(&self) -> bool {
+        self.pending.load(Ordering::Acquire) > 0
+    }
+
     /// True once a commit failed; cleared by the activation when it rebuilds its state.
     pub(crate) fn take_poisoned(&self) -> bool {
         self.poisoned.swap(false, Ordering::AcqRel)

@@ -282,3 +282,27 @@ async fn an_object_can_hibernate_early_or_stay_awake() {
     assert_eq!(ns.call("late", ProbeReq::Get).await.unwrap(), 0);
     assert_eq!(ns.call("early", ProbeReq::Get).await.unwrap(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_does_not_hibernate_while_its_writes_are_not_durable() {
+    let storage = Arc::new(GatedStorage::new());
+    let runtime = Runtime::new(storage.clone());
+    let ns: Namespace<Probe> = runtime.namespace(
+        "probe",
+        NamespaceConfig::with_idle_timeout(Duration::from_millis(10)),
+        Arc::default(),
+    );
+    let write = tokio::spawn(ns.call("w", ProbeReq::Add(1)));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Idle for 20 idle timeouts, but its commit is pending: a successor could otherwise
+    // answer from state that is not durable yet.
+    assert_eq!(ns.state("w"), ObjectState::Active);
+    assert!(!write.is_finished());
+    storage.release(1);
+    assert_eq!(write.await.unwrap().unwrap(), 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while ns.state("w") != ObjectState::Hibernated {
+        assert!(std::time::Instant::now() < deadline, "never hibernated");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}

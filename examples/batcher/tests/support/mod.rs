@@ -1,0 +1,360 @@
+//! A fake upstream sink that records what it is sent (and can be told to fail), the batcher
+//! served in-process, and the batcher binary run as a child process that a test can `kill -9`.
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use dormouse_gateway::{Dormouse, Settings};
+use dormouse_runtime::NamespaceConfig;
+use example_batcher::{Batcher, BatcherConfig, BatcherEnv, NAMESPACE};
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+/// How long any single wait may take before the test fails instead of hanging.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// One batch the sink received: its headers of interest and its rows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    pub key: String,
+    pub stream: String,
+    pub rows: Vec<String>,
+}
+
+/// Everything the sink saw, in arrival order.
+#[derive(Debug, Clone, Default)]
+pub struct SinkLog {
+    /// Batches answered 200.
+    pub delivered: Vec<Received>,
+    /// Batches answered 503 while failing.
+    pub refused: Vec<Received>,
+    /// Requests that broke the wire contract (wrong content type, no final newline).
+    pub malformed: Vec<String>,
+}
+
+impl SinkLog {
+    /// Delivered rows of `stream`, in arrival order, duplicates included.
+    pub fn rows_of(&self, stream: &str) -> Vec<String> {
+        self.delivered
+            .iter()
+            .filter(|b| b.stream == stream)
+            .flat_map(|b| b.rows.iter().cloned())
+            .collect()
+    }
+}
+
+struct Sink {
+    failing: AtomicBool,
+    log: Mutex<SinkLog>,
+    /// Bumped on every request, so tests wait for conditions instead of sleeping.
+    changed: watch::Sender<u64>,
+}
+
+/// An HTTP sink on 127.0.0.1:0 that records every batch.
+pub struct FakeUpstream {
+    pub url: String,
+    sink: Arc<Sink>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for FakeUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FakeUpstream {
+    pub async fn start() -> Self {
+        let sink = Arc::new(Sink {
+            failing: AtomicBool::new(false),
+            log: Mutex::new(SinkLog::default()),
+            changed: watch::channel(0).0,
+        });
+        let app = Router::new()
+            .route("/batches", post(receive))
+            .with_state(sink.clone());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/batches", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self { url, sink, task }
+    }
+
+    /// While failing, every batch is answered 503 (and recorded as refused).
+    pub fn set_failing(&self, failing: bool) {
+        self.sink.failing.store(failing, Ordering::SeqCst);
+    }
+
+    pub fn log(&self) -> SinkLog {
+        self.sink.log.lock().unwrap().clone()
+    }
+
+    /// Waits until `done` holds for what the sink saw, and returns that.
+    pub async fn wait_until(&self, what: &str, done: impl Fn(&SinkLog) -> bool) -> SinkLog {
+        let mut changed = self.sink.changed.subscribe();
+        let wait = async {
+            loop {
+                let log = self.log();
+                assert!(
+                    log.malformed.is_empty(),
+                    "malformed batches: {:?}",
+                    log.malformed
+                );
+                if done(&log) {
+                    return log;
+                }
+                changed.changed().await.unwrap();
+            }
+        };
+        match tokio::time::timeout(PATIENCE, wait).await {
+            Ok(log) => log,
+            Err(_) => panic!(
+                "timed out waiting for the sink: {what}; it saw {:?}",
+                self.log()
+            ),
+        }
+    }
+}
+
+async fn receive(State(sink): State<Arc<Sink>>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let text = String::from_utf8_lossy(&body).into_owned();
+    if header("content-type") != "application/x-ndjson" || !text.ends_with('\n') {
+        sink.log
+            .lock()
+            .unwrap()
+            .malformed
+            .push(format!("{headers:?} {text:?}"));
+        sink.changed.send_modify(|n| *n += 1);
+        return StatusCode::BAD_REQUEST;
+    }
+    let batch = Received {
+        key: header("idempotency-key"),
+        stream: header("dormouse-stream"),
+        rows: text.lines().map(str::to_string).collect(),
+    };
+    let failing = sink.failing.load(Ordering::SeqCst);
+    {
+        let mut log = sink.log.lock().unwrap();
+        if failing {
+            log.refused.push(batch);
+        } else {
+            log.delivered.push(batch);
+        }
+    }
+    sink.changed.send_modify(|n| *n += 1);
+    if failing {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    }
+}
+
+/// Rules for tests: the given sink, the rest overridden per test.
+pub fn config(upstream: &FakeUpstream) -> BatcherConfig {
+    BatcherConfig {
+        upstream: upstream.url.clone(),
+        request_timeout: Duration::from_secs(5),
+        ..BatcherConfig::default()
+    }
+}
+
+/// The batcher served in-process on 127.0.0.1:0.
+pub struct Server {
+    /// `http://addr/v1/objects/ingest`.
+    pub base: String,
+    pub client: reqwest::Client,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Server {
+    pub async fn start(dir: &Path, config: BatcherConfig) -> Self {
+        let settings = Settings {
+            data_dir: dir.to_path_buf(),
+            ..Settings::default()
+        };
+        let server = Dormouse::open(settings).unwrap();
+        server
+            .mount::<Batcher>(
+                NAMESPACE,
+                NamespaceConfig::default(),
+                BatcherEnv::new(config).unwrap(),
+            )
+            .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!(
+            "http://{}/v1/objects/{NAMESPACE}",
+            listener.local_addr().unwrap()
+        );
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.serve(listener, async {
+            let _ = stopped.await;
+        }));
+        Self {
+            base,
+            client: reqwest::Client::new(),
+            stop,
+            task,
+        }
+    }
+
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap().unwrap();
+    }
+
+    /// Posts `rows` as NDJSON to `stream`.
+    pub async fn post(&self, stream: &str, rows: &[String]) -> reqwest::Response {
+        post_rows(&self.client, &self.base, stream, rows)
+            .await
+            .expect("ingest request")
+    }
+
+    /// The stream's status document.
+    pub async fn status(&self, stream: &str) -> serde_json::Value {
+        let res = self
+            .client
+            .get(format!("{}/{stream}", self.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        res.json().await.unwrap()
+    }
+
+    /// Polls the status until `done` holds for it.
+    pub async fn wait_for_status(
+        &self,
+        stream: &str,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let wait = async {
+            loop {
+                let status = self.status(stream).await;
+                if done(&status) {
+                    return status;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(PATIENCE, wait)
+            .await
+            .expect("timed out waiting for the stream's status")
+    }
+}
+
+pub async fn post_rows(
+    client: &reqwest::Client,
+    base: &str,
+    stream: &str,
+    rows: &[String],
+) -> reqwest::Result<reqwest::Response> {
+    let mut body = rows.join("\n");
+    body.push('\n');
+    client
+        .post(format!("{base}/{stream}/events"))
+        .body(body)
+        .send()
+        .await
+}
+
+/// `count` distinct rows for `stream`, numbered from `from`.
+pub fn rows(stream: &str, from: usize, count: usize) -> Vec<String> {
+    (from..from + count)
+        .map(|n| format!(r#"{{"stream":"{stream}","n":{n}}}"#))
+        .collect()
+}
+
+/// The `n` of a row made by [`rows`].
+pub fn row_number(row: &str) -> usize {
+    let value: serde_json::Value = serde_json::from_str(row).expect("a JSON row");
+    value["n"].as_u64().expect("n") as usize
+}
+
+/// The batcher binary as a child process. Dropping it kills it, so no test leaves one behind
+/// whatever way it ends.
+pub struct ChildServer {
+    child: Child,
+    /// `http://addr/v1/objects/ingest`.
+    pub base: String,
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl ChildServer {
+    /// Starts the binary on a free port and `data_dir`, with `vars` set, and waits until it
+    /// answers its health check.
+    pub async fn start(data_dir: &Path, vars: &[(&str, &str)]) -> Self {
+        let addr = free_addr();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_example-batcher"));
+        command
+            .env("DORMOUSE_LISTEN", addr.to_string())
+            .env("DORMOUSE_DATA_DIR", data_dir)
+            .env("RUST_LOG", "error")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        for (key, value) in vars {
+            command.env(key, value);
+        }
+        let mut server = Self {
+            child: command.spawn().expect("spawn the batcher binary"),
+            base: format!("http://{addr}/v1/objects/{NAMESPACE}"),
+        };
+        let client = reqwest::Client::new();
+        let health = format!("http://{addr}/healthz");
+        let ready = async {
+            loop {
+                if let Some(status) = server.child.try_wait().unwrap() {
+                    panic!("the batcher exited early: {status}");
+                }
+                if let Ok(res) = client.get(&health).send().await
+                    && res.status() == 200
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(PATIENCE, ready)
+            .await
+            .expect("the batcher did not become ready");
+        server
+    }
+
+    /// SIGKILL: no shutdown, no flush, exactly like a crash.
+    pub fn kill(mut self) {
+        self.child.kill().expect("kill -9 the batcher");
+        self.child.wait().expect("reap the batcher");
+    }
+}
+
+/// A port nobody listens on right now: bind port 0, read it, let it go.
+fn free_addr() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap()
+}
