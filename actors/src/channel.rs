@@ -30,8 +30,6 @@ pub use id::{BadEventId, EventId};
 pub const NAMESPACE: &str = "channel";
 
 const IDEMPOTENCY_PREFIX: &[u8] = b"idem/";
-/// Records the boot in which the channel last moved past possibly lost ids.
-const BOOT_KEY: &[u8] = b"boot";
 /// More seqs than one run could hand out between two flushes, by far.
 const SEQ_JUMP_AFTER_CRASH: u64 = 1 << 32;
 /// Keyed publishes between sweeps of expired idempotency records.
@@ -188,7 +186,13 @@ impl Object for Channel {
             for event in loaded.into_iter().rev() {
                 channel.push_tail(event);
             }
-            channel.skip_possibly_lost_ids(ctx, meta.last_seq)?;
+            // After a crash, events past the log's end may have been delivered (under a
+            // weak durability, delivery precedes the fsync) and then lost: skip far past any
+            // seq the lost run could have handed out, so no id ever names two events. The
+            // unused range is a hole that readers step over.
+            if ctx.first_activation_after_crash()? {
+                channel.next_seq = meta.last_seq + 1 + SEQ_JUMP_AFTER_CRASH;
+            }
         }
         Ok(channel)
     }
@@ -323,34 +327,6 @@ impl Channel {
             });
         }
         Ok(ChannelResponse::Published(results))
-    }
-
-    /// After a crash, events past the log's end may have been delivered (under a weak
-    /// durability, delivery precedes the fsync) and then lost. Their ids must never be handed
-    /// out again, or a client that saw one would later skip a different event with the same
-    /// id. So the first activation after a crash moves the next seq far past anything the lost
-    /// run could have used; the unused range is a hole, which readers step over silently
-    /// (it never held an event anyone can still get).
-    fn skip_possibly_lost_ids(
-        &mut self,
-        ctx: &mut Context<'_>,
-        last_seq: u64,
-    ) -> anyhow::Result<()> {
-        let boot = ctx.boot();
-        if !boot.unclean {
-            return Ok(());
-        }
-        let seen = match ctx.get(BOOT_KEY)? {
-            Some(v) => Some(u64::from_be_bytes(
-                v.as_ref().try_into().context("corrupt boot record")?,
-            )),
-            None => None,
-        };
-        if seen != Some(boot.id) {
-            self.next_seq = last_seq + 1 + SEQ_JUMP_AFTER_CRASH;
-            ctx.put(BOOT_KEY, boot.id.to_be_bytes().to_vec());
-        }
-        Ok(())
     }
 
     /// The seq a still-valid idempotency record points to.

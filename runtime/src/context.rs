@@ -197,6 +197,34 @@ impl<'a> Context<'a> {
         self.storage.boot()
     }
 
+    /// True exactly once per object after an unclean start (a crash or `kill -9` ended the
+    /// previous run), on the first activation that asks; recorded with this handler's writes.
+    ///
+    /// Why an object asks: under a durability weaker than `always`, outputs may have left
+    /// before the fsync, so a crash can lose state clients already saw. An object that hands
+    /// out ids (a log's seqs) uses this to skip past any id the lost run could have used, so
+    /// no id ever names two different things. The record lives under the reserved key
+    /// [`Context::BOOT_KEY`] of the object's key/value store.
+    pub fn first_activation_after_crash(&mut self) -> Result<bool> {
+        let boot = self.storage.boot();
+        if !boot.unclean {
+            return Ok(false);
+        }
+        let seen = self
+            .get(Self::BOOT_KEY)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map(u64::from_be_bytes);
+        if seen == Some(boot.id) {
+            return Ok(false);
+        }
+        self.put(Self::BOOT_KEY, boot.id.to_be_bytes().to_vec());
+        Ok(true)
+    }
+
+    /// Reserved key/value key (it starts with a NUL byte) used by
+    /// [`Context::first_activation_after_crash`].
+    pub const BOOT_KEY: &'static [u8] = b"\0dormouse/boot";
+
     /// Reserves a fresh log epoch (see [`Context::create_log`]). Not part of the batch: an
     /// unused reservation is harmless.
     pub fn allocate_epoch(&self) -> Result<u64> {

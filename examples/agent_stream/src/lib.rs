@@ -97,8 +97,6 @@ const SUMMARY_KEY: &[u8] = b"summary";
 const STATE_KEY: &[u8] = b"state";
 /// The newest seq the channel is known to hold.
 const MIRRORED_KEY: &[u8] = b"mirrored";
-/// Records the boot in which the run last moved past possibly lost ids.
-const BOOT_KEY: &[u8] = b"boot";
 /// More seqs than one run could hand out between two flushes, by far.
 const SEQ_JUMP_AFTER_CRASH: u64 = 1 << 32;
 /// Log entries read per storage call when replaying.
@@ -215,7 +213,13 @@ impl Object for Run {
         if let Some(meta) = ctx.log_meta()? {
             run.epoch = meta.epoch;
             run.next_seq = meta.last_seq + 1;
-            run.skip_possibly_lost_ids(ctx, meta.last_seq)?;
+            // After a crash, events past the log's end may have been delivered (under a
+            // weak durability, delivery precedes the fsync) and then lost: skip far past any
+            // seq the lost run could have handed out, so no id ever names two events. The
+            // unused range is a hole that readers step over.
+            if ctx.first_activation_after_crash()? {
+                run.next_seq = meta.last_seq + 1 + SEQ_JUMP_AFTER_CRASH;
+            }
             if meta.last_seq > run.mirrored_through
                 && let Err(e) = run.repair_mirror(ctx).await
             {
@@ -549,32 +553,6 @@ impl Run {
             "channel": self.mirror.channel(),
             "state": state,
         }))
-    }
-
-    /// After a crash, events past the log's end may have reached viewers (under a weaker
-    /// durability than `always`, the gate does not wait for the fsync) and then been lost.
-    /// Their ids must never name other events, so the first activation after a crash moves
-    /// the next seq far past anything the lost run could have used, as channels do.
-    fn skip_possibly_lost_ids(
-        &mut self,
-        ctx: &mut Context<'_>,
-        last_seq: u64,
-    ) -> anyhow::Result<()> {
-        let boot = ctx.boot();
-        if !boot.unclean {
-            return Ok(());
-        }
-        let seen = match ctx.get(BOOT_KEY)? {
-            Some(v) => Some(u64::from_be_bytes(
-                v.as_ref().try_into().context("corrupt boot record")?,
-            )),
-            None => None,
-        };
-        if seen != Some(boot.id) {
-            self.next_seq = last_seq + 1 + SEQ_JUMP_AFTER_CRASH;
-            ctx.put(BOOT_KEY, boot.id.to_be_bytes().to_vec());
-        }
-        Ok(())
     }
 }
 
