@@ -6,11 +6,18 @@
 //! # Layout
 //! - `activation`: activation, hibernation and wake cost of many objects, in process.
 //! - `storage_churn`: the storage engine under the replay-buffer workload.
-//! - `proc`: memory figures from `/proc/self/status`.
+//! - `fanout`, `idle`, `publish`: load over the wire against a `dormouse` server (or Redis,
+//!   as a yardstick) that the bench starts, or one already running.
+//! - `wire`: the server under test and minimal WebSocket, SSE and RESP clients.
+//! - `proc`: memory figures from `/proc/<pid>/status`.
 
 mod activation;
+mod fanout;
+mod idle;
 mod proc;
+mod publish;
 mod storage_churn;
+mod wire;
 
 use clap::{Parser, Subcommand};
 
@@ -33,6 +40,13 @@ enum Scenario {
     Activation(activation::Args),
     /// Append to 1,000 logs trimmed to their last 1,000 events; disk size and RSS over time.
     StorageChurn(storage_churn::Args),
+    /// N subscribers on one channel, M messages published over HTTP: deliveries/s,
+    /// publish-to-delivery latency, and whether every subscriber got everything once, in order.
+    Fanout(fanout::Args),
+    /// N idle WebSocket or SSE connections: the server's memory per connection.
+    Idle(idle::Args),
+    /// Acknowledged publishes per second over HTTP with C concurrent publishers.
+    Publish(publish::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -40,6 +54,9 @@ fn main() -> anyhow::Result<()> {
     let report = match cli.scenario {
         Scenario::Activation(args) => serde_json::to_string(&activation::run(args)?)?,
         Scenario::StorageChurn(args) => serde_json::to_string(&storage_churn::run(args)?)?,
+        Scenario::Fanout(args) => serde_json::to_string(&fanout::run(args)?)?,
+        Scenario::Idle(args) => serde_json::to_string(&idle::run(args)?)?,
+        Scenario::Publish(args) => serde_json::to_string(&publish::run(args)?)?,
     };
     println!("{report}");
     Ok(())

@@ -60,6 +60,9 @@ impl RespConn {
                 items: [Some(kind), ..],
                 ..
             } if &buf[kind.clone()] == b"subscribe" => Ok(()),
+            Reply::Error(e) => {
+                anyhow::bail!("SUBSCRIBE {channel}: {}", String::from_utf8_lossy(&buf[e]))
+            }
             other => anyhow::bail!("SUBSCRIBE {channel}: unexpected reply {other:?}"),
         }
     }
@@ -97,7 +100,7 @@ impl RespConn {
                     Reply::Array {
                         len: 3,
                         items: [Some(kind), Some(_), Some(data)],
-                    } if &buf[kind] == b"message" => Incoming::Message {
+                    } if &buf[kind.clone()] == b"message" => Incoming::Message {
                         seq: None,
                         data: &buf[data],
                     },
@@ -132,25 +135,22 @@ impl RespConn {
                 self.pending = used;
                 return Ok((reply, self.conn.buffered()));
             }
-            anyhow::ensure!(
-                self.conn.fill().await?,
-                "the server closed the connection"
-            );
+            anyhow::ensure!(self.conn.fill().await?, "the server closed the connection");
         }
     }
 }
 
 /// Parses one reply at the start of `buf`: its length and value, or `None` if incomplete.
 fn parse(buf: &[u8]) -> anyhow::Result<Option<(usize, Reply)>> {
-    let Some((line, mut at)) = line(buf, 0) else {
+    let Some((first, mut at)) = line(buf, 0) else {
         return Ok(None);
     };
-    let Some((&kind, rest)) = line.split_first() else {
+    let Some((&kind, rest)) = first.split_first() else {
         anyhow::bail!("empty RESP line");
     };
     let reply = match kind {
-        b'+' => Reply::Simple(1..line.len()),
-        b'-' => Reply::Error(1..line.len()),
+        b'+' => Reply::Simple(1..first.len()),
+        b'-' => Reply::Error(1..first.len()),
         b':' => Reply::Int(int(rest)?),
         b'$' => match bulk(buf, int(rest)?, at)? {
             Some((range, next)) => {
@@ -163,11 +163,11 @@ fn parse(buf: &[u8]) -> anyhow::Result<Option<(usize, Reply)>> {
             let len = int(rest)?.max(0) as usize;
             let mut items = [None, None, None];
             for i in 0..len {
-                let Some((line, next)) = line(buf, at) else {
+                let Some((element, next)) = line(buf, at) else {
                     return Ok(None);
                 };
                 at = next;
-                let item = match line.split_first() {
+                let item = match element.split_first() {
                     Some((b'$', n)) => match bulk(buf, int(n)?, at)? {
                         Some((range, next)) => {
                             at = next;
@@ -175,8 +175,8 @@ fn parse(buf: &[u8]) -> anyhow::Result<Option<(usize, Reply)>> {
                         }
                         None => return Ok(None),
                     },
-                    Some((b':' | b'+', _)) => Some(at - line.len() - 1..at - 2),
-                    _ => anyhow::bail!("unsupported RESP array element {line:?}"),
+                    Some((b':' | b'+', _)) => Some(at - element.len() - 1..at - 2),
+                    _ => anyhow::bail!("unsupported RESP array element {element:?}"),
                 };
                 if i < items.len() {
                     items[i] = item;

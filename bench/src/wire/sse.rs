@@ -110,20 +110,20 @@ fn parse_event(frame: &[u8]) -> Event {
     let mut seq = None;
     let mut control = false;
     let mut data = None;
-    let mut at = 0;
-    for line in frame.split(|&b| b == b'\n') {
-        let start = at;
-        at += line.len() + 1;
+    let mut start = 0;
+    while start < frame.len() {
+        let end = memchr::memchr(b'\n', &frame[start..]).map_or(frame.len(), |i| start + i);
+        let line = &frame[start..end];
         if let Some(value) = field(line, b"id") {
             seq = super::seq_of(value);
         } else if let Some(value) = field(line, b"event") {
-            control = value.starts_with(b"dormouse.") || value.starts_with(b"base64:");
+            control |= value.starts_with(b"dormouse.") || value.starts_with(b"base64:");
         } else if let Some(value) = field(line, b"data") {
             // Bench payloads are one line; a second data line is not ours.
             control |= data.is_some();
-            let offset = start + line.len() - value.len();
-            data = Some(offset..offset + value.len());
+            data = Some(end - value.len()..end);
         }
+        start = end + 1;
     }
     match (data, control) {
         (Some(data), false) => Event::Message { seq, data },

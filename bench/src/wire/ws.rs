@@ -147,7 +147,14 @@ impl FrameHeader {
 /// A client pong echoing `payload`; client frames must be masked, and a zero mask is a mask.
 fn pong(payload: &[u8]) -> Vec<u8> {
     let mut frame = Vec::with_capacity(6 + payload.len());
-    frame.extend_from_slice(&[0x80 | OP_PONG, 0x80 | payload.len().min(125) as u8, 0, 0, 0, 0]);
+    frame.extend_from_slice(&[
+        0x80 | OP_PONG,
+        0x80 | payload.len().min(125) as u8,
+        0,
+        0,
+        0,
+        0,
+    ]);
     frame.extend_from_slice(&payload[..payload.len().min(125)]);
     frame
 }
@@ -191,12 +198,17 @@ mod tests {
             })
         );
         assert_eq!(FrameHeader::parse(&[0x81, 126, 1]).unwrap(), None);
-        let h = FrameHeader::parse(&[0x01, 126, 0x04, 0x00]).unwrap().unwrap();
+        let h = FrameHeader::parse(&[0x01, 126, 0x04, 0x00])
+            .unwrap()
+            .unwrap();
         assert_eq!((h.fin, h.header_len, h.payload_len), (false, 4, 1024));
         let mut long = vec![0x82, 127];
         long.extend_from_slice(&(1u64 << 20).to_be_bytes());
         let h = FrameHeader::parse(&long).unwrap().unwrap();
-        assert_eq!((h.opcode, h.header_len, h.payload_len), (OP_BINARY, 10, 1 << 20));
+        assert_eq!(
+            (h.opcode, h.header_len, h.payload_len),
+            (OP_BINARY, 10, 1 << 20)
+        );
         assert!(FrameHeader::parse(&[0x81, 0x85]).is_err());
     }
 
