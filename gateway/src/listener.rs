@@ -60,7 +60,6 @@ impl axum::serve::Listener for GuardedListener {
         loop {
             match self.inner.accept().await {
                 Ok((stream, addr)) => {
-                    let _ = stream.set_nodelay(true);
                     return (
                         GuardedStream::new(stream, self.kill.clone(), self.write_timeout),
                         addr,
@@ -93,13 +92,17 @@ fn is_connection_error(e: &io::Error) -> bool {
 /// A connection's IO: a TCP stream with a kill switch and a lingering close.
 pub(crate) struct GuardedStream {
     inner: TcpStream,
+    kill: CancellationToken,
+    /// Polled only when the IO would block, so the hot path is one atomic load.
     killed: Pin<Box<WaitForCancellationFutureOwned>>,
     /// Set once our sending side is shut down: the deadline of the lingering read.
     linger: Option<Pin<Box<Sleep>>>,
     drained: usize,
     write_timeout: Duration,
-    /// Running while a write is blocked; reset by any progress.
-    stalled: Option<Pin<Box<Sleep>>>,
+    /// The stall deadline, allocated on the first blocked write and re-armed after that.
+    stall_timer: Option<Pin<Box<Sleep>>>,
+    /// True while the timer runs for the current blocked write.
+    stalled: bool,
 }
 
 impl std::fmt::Debug for GuardedStream {
@@ -114,31 +117,40 @@ impl GuardedStream {
     fn new(inner: TcpStream, kill: CancellationToken, write_timeout: Duration) -> Self {
         Self {
             inner,
-            killed: Box::pin(kill.cancelled_owned()),
+            killed: Box::pin(kill.clone().cancelled_owned()),
+            kill,
             linger: None,
             drained: 0,
             write_timeout,
-            stalled: None,
+            stall_timer: None,
+            stalled: false,
         }
     }
 
-    /// Tracks a write's progress: resets the stall timer on progress, fails the write once
-    /// it has been blocked for `write_timeout`.
+    /// Tracks a write's progress: disarms the stall timer on progress; while blocked, fails
+    /// the write once it has been stuck for `write_timeout` or the kill switch flips.
     fn watch_write<T>(
         &mut self,
         cx: &mut Context<'_>,
         poll: Poll<io::Result<T>>,
     ) -> Poll<io::Result<T>> {
         if poll.is_ready() {
-            self.stalled = None;
+            self.stalled = false;
             return poll;
         }
-        let timeout = self.write_timeout;
+        if self.killed.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(killed_error()));
+        }
+        let deadline = tokio::time::Instant::now() + self.write_timeout;
         let timer = self
-            .stalled
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+            .stall_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !self.stalled {
+            timer.as_mut().reset(deadline);
+            self.stalled = true;
+        }
         if timer.as_mut().poll(cx).is_ready() {
-            self.stalled = None;
+            self.stalled = false;
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 "the client stopped reading",
@@ -147,9 +159,10 @@ impl GuardedStream {
         Poll::Pending
     }
 
-    /// Registers for the kill switch and reports whether it was flipped.
-    fn is_killed(&mut self, cx: &mut Context<'_>) -> bool {
-        self.killed.as_mut().poll(cx).is_ready()
+    /// The cheap check on every operation; waiting for the switch is registered only when
+    /// an operation would block.
+    fn is_killed(&self) -> bool {
+        self.kill.is_cancelled()
     }
 }
 
@@ -163,10 +176,14 @@ impl AsyncRead for GuardedStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if self.is_killed(cx) {
+        if self.is_killed() {
             return Poll::Ready(Err(killed_error()));
         }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if poll.is_pending() && self.killed.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(killed_error()));
+        }
+        poll
     }
 }
 
@@ -176,7 +193,7 @@ impl AsyncWrite for GuardedStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if self.is_killed(cx) {
+        if self.is_killed() {
             return Poll::Ready(Err(killed_error()));
         }
         let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
@@ -188,7 +205,7 @@ impl AsyncWrite for GuardedStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        if self.is_killed(cx) {
+        if self.is_killed() {
             return Poll::Ready(Err(killed_error()));
         }
         let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
@@ -200,7 +217,7 @@ impl AsyncWrite for GuardedStream {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.is_killed(cx) {
+        if self.is_killed() {
             return Poll::Ready(Err(killed_error()));
         }
         let poll = Pin::new(&mut self.inner).poll_flush(cx);
@@ -208,7 +225,7 @@ impl AsyncWrite for GuardedStream {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.is_killed(cx) {
+        if self.is_killed() {
             return Poll::Ready(Ok(()));
         }
         let this = &mut *self;

@@ -98,7 +98,7 @@ pub(crate) async fn subscribe(
 /// client may send in one message.
 pub(crate) fn tuned(upgrade: WebSocketUpgrade, max_message: usize) -> WebSocketUpgrade {
     upgrade
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(2 * 1024)
         .write_buffer_size(8 * 1024)
         .max_message_size(max_message)
         .max_frame_size(max_message)
@@ -151,7 +151,9 @@ impl Conn {
 
     async fn serve(&mut self, ws: WebSocket) -> End {
         let (mut sink, mut stream) = ws.split();
-        let (acks, mut ack_rx) = mpsc::unbounded_channel::<Value>();
+        // Answers to the client's own publishes; created on its first message, since most
+        // subscribers never publish and an idle connection should cost little.
+        let mut acks: Option<(mpsc::UnboundedSender<Value>, mpsc::UnboundedReceiver<Value>)> = None;
         let mut ping =
             tokio::time::interval_at(Instant::now() + self.ping_interval, self.ping_interval);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -168,7 +170,12 @@ impl Conn {
                 biased;
                 _ = self.shutdown.wait_for(|stopping| *stopping) => Wake::Shutdown,
                 outbound = self.receiver.recv() => Wake::Outbound(outbound),
-                Some(ack) = ack_rx.recv() => Wake::Ack(ack),
+                Some(ack) = async {
+                    match acks.as_mut() {
+                        Some((_, rx)) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => Wake::Ack(ack),
                 incoming = stream.next() => Wake::Incoming(incoming),
                 _ = ping.tick() => Wake::Ping,
             };
@@ -197,13 +204,19 @@ impl Conn {
                             return End::ClientLeft;
                         }
                         Some(Ok(Message::Text(text))) => match &self.mode {
-                            Mode::Channel { .. } => self.on_text(text.as_str(), &acks),
+                            Mode::Channel { .. } => {
+                                let tx = &acks.get_or_insert_with(mpsc::unbounded_channel).0;
+                                self.on_text(text.as_str(), tx)
+                            }
                             Mode::Object { forward } => {
                                 let _ = forward.send(Inbound::Text(text.as_str().to_string()));
                             }
                         },
                         Some(Ok(Message::Binary(data))) => match &self.mode {
-                            Mode::Channel { .. } => self.on_publish(None, data, None, None, &acks),
+                            Mode::Channel { .. } => {
+                                let tx = &acks.get_or_insert_with(mpsc::unbounded_channel).0;
+                                self.on_publish(None, data, None, None, tx)
+                            }
                             Mode::Object { forward } => {
                                 let _ = forward.send(Inbound::Binary(data));
                             }

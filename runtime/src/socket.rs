@@ -8,12 +8,13 @@
 //! wake, so clients stay connected while the object costs no memory of its own. Keep-alives
 //! are the connection task's job, so idle clients never wake anything.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
 /// How the client is connected; decides which encoding of an event an object sends it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -88,18 +89,42 @@ struct Inner {
     /// The connection reports its close as an event (`Object::socket_close`), so the
     /// runtime must not drop it silently when it sees it closed.
     close_reported: AtomicBool,
+    /// The outbound queue. A plain deque plus a `Notify` rather than a tokio channel: an
+    /// idle connection's empty deque allocates nothing, where a channel preallocates a
+    /// block of slots (about 2 KB) for every connection.
+    queue: Mutex<VecDeque<Outbound>>,
+    /// Wakes the receiver on a new message or when the last sender goes.
+    wake: Notify,
+    /// Live `Socket` handles; at zero the receiver sees the end of the stream.
+    senders: AtomicUsize,
+    /// Cleared when the connection task drops its receiver (the client is gone).
+    receiver_alive: AtomicBool,
     /// Small per-connection state the object keeps across hibernation (a user name, a
     /// subscription filter): the equivalent of a hibernatable WebSocket's attachment.
     attachment: Mutex<Bytes>,
 }
 
 /// The object's side of a client connection. Cheap to clone; clones are the same socket.
-#[derive(Clone)]
+/// The receiver sees the end of the stream once the last clone is dropped.
 pub struct Socket {
     inner: Arc<Inner>,
-    /// Owned by the socket handles only, so the receiver sees the end of the stream once the
-    /// last clone is dropped.
-    tx: mpsc::UnboundedSender<Outbound>,
+}
+
+impl Clone for Socket {
+    fn clone(&self) -> Self {
+        self.inner.senders.fetch_add(1, Ordering::AcqRel);
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl Drop for Socket {
+    fn drop(&mut self) {
+        if self.inner.senders.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.inner.wake.notify_one();
+        }
+    }
 }
 
 impl fmt::Debug for Socket {
@@ -115,7 +140,39 @@ impl fmt::Debug for Socket {
 /// The connection task's side: yields what the object sent, in order.
 pub struct SocketReceiver {
     inner: Arc<Inner>,
-    rx: mpsc::UnboundedReceiver<Outbound>,
+}
+
+impl Drop for SocketReceiver {
+    fn drop(&mut self) {
+        self.inner.receiver_alive.store(false, Ordering::Release);
+        // Nobody will read what is queued: free it now, not when the last Socket goes.
+        let dropped: Vec<Outbound> = self.inner.lock_queue().drain(..).collect();
+        let bytes: usize = dropped.iter().map(Outbound::cost).sum();
+        self.inner.queued.fetch_sub(bytes, Ordering::AcqRel);
+    }
+}
+
+impl Inner {
+    fn lock_queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Outbound>> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Pops one message and accounts for it.
+    fn pop(&self) -> Option<Outbound> {
+        let message = self.lock_queue().pop_front()?;
+        self.queued.fetch_sub(message.cost(), Ordering::AcqRel);
+        Some(message)
+    }
+
+    /// Queues a message unless the receiver is gone.
+    fn push(&self, message: Outbound) -> bool {
+        if !self.receiver_alive.load(Ordering::Acquire) {
+            return false;
+        }
+        self.lock_queue().push_back(message);
+        self.wake.notify_one();
+        true
+    }
 }
 
 impl fmt::Debug for SocketReceiver {
@@ -134,8 +191,11 @@ impl Socket {
         max_queued_bytes: usize,
         attachment: Bytes,
     ) -> (Socket, SocketReceiver) {
-        let (tx, rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
+            queue: Mutex::new(VecDeque::new()),
+            wake: Notify::new(),
+            senders: AtomicUsize::new(1),
+            receiver_alive: AtomicBool::new(true),
             id: NEXT_SOCKET_ID.fetch_add(1, Ordering::Relaxed),
             transport,
             queued: AtomicUsize::new(0),
@@ -147,9 +207,8 @@ impl Socket {
         (
             Socket {
                 inner: inner.clone(),
-                tx,
             },
-            SocketReceiver { inner, rx },
+            SocketReceiver { inner },
         )
     }
 
@@ -195,7 +254,8 @@ impl Socket {
 
     /// True once the client went away or was cut off; such a socket can be dropped.
     pub fn is_closed(&self) -> bool {
-        self.tx.is_closed() || self.inner.overflowed.load(Ordering::Acquire)
+        !self.inner.receiver_alive.load(Ordering::Acquire)
+            || self.inner.overflowed.load(Ordering::Acquire)
     }
 
     /// Bytes waiting for the connection to write them.
@@ -215,18 +275,25 @@ impl Socket {
         if queued > self.inner.max_queued && queued != cost {
             self.inner.queued.fetch_sub(cost, Ordering::AcqRel);
             self.inner.overflowed.store(true, Ordering::Release);
-            let _ = self.tx.send(Outbound::Close {
+            let close = Outbound::Close {
                 code: 1008,
                 reason: "slow consumer: reconnect with your last event id".to_string(),
-            });
+            };
+            // Accounted like any message, so taking it off the queue balances.
+            self.inner.queued.fetch_add(close.cost(), Ordering::AcqRel);
+            if !self.inner.push(close) {
+                self.inner.queued.fetch_sub(
+                    "slow consumer: reconnect with your last event id".len(),
+                    Ordering::AcqRel,
+                );
+            }
             return SendOutcome::Overflowed;
         }
-        match self.tx.send(message) {
-            Ok(()) => SendOutcome::Queued,
-            Err(_) => {
-                self.inner.queued.fetch_sub(cost, Ordering::AcqRel);
-                SendOutcome::Closed
-            }
+        if self.inner.push(message) {
+            SendOutcome::Queued
+        } else {
+            self.inner.queued.fetch_sub(cost, Ordering::AcqRel);
+            SendOutcome::Closed
         }
     }
 }
@@ -234,20 +301,23 @@ impl Socket {
 impl SocketReceiver {
     /// The next message, or `None` when every [`Socket`] clone is gone.
     pub async fn recv(&mut self) -> Option<Outbound> {
-        let message = self.rx.recv().await?;
-        self.inner
-            .queued
-            .fetch_sub(message.cost(), Ordering::AcqRel);
-        Some(message)
+        loop {
+            if let Some(message) = self.inner.pop() {
+                return Some(message);
+            }
+            if self.inner.senders.load(Ordering::Acquire) == 0 {
+                // A push may have raced the last drop: drain it before ending.
+                return self.inner.pop();
+            }
+            // `notify_one` stores a permit when nobody waits, so a push or a last drop
+            // between the checks above and this await is not missed.
+            self.inner.wake.notified().await;
+        }
     }
 
     /// A message if one is ready now; lets a connection batch writes before one flush.
     pub fn try_recv(&mut self) -> Option<Outbound> {
-        let message = self.rx.try_recv().ok()?;
-        self.inner
-            .queued
-            .fetch_sub(message.cost(), Ordering::AcqRel);
-        Some(message)
+        self.inner.pop()
     }
 
     /// True if the object cut this connection off as a slow consumer.
@@ -335,6 +405,7 @@ mod tests {
             Some(Outbound::Close { code: 1008, .. })
         ));
         assert!(rx.overflowed());
+        assert_eq!(socket.queued_bytes(), 0, "the accounting balances");
     }
 
     #[tokio::test]
