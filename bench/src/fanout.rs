@@ -14,7 +14,6 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::proc;
 use crate::wire::{
     self, Incoming, Kind, Percentiles, Publisher, Server, Subscriber, TargetArgs, Transport,
     micros, payload, round1, round3, secs,
@@ -186,9 +185,7 @@ async fn run_async(args: Args) -> anyhow::Result<Report> {
     for _ in 0..args.publishers {
         publishers.push(Publisher::connect(&server, &client, &args.channel).await?);
     }
-    let server_cpu_before = server.cpu_secs()?;
-    let client_cpu_before = proc::cpu_secs("self")?;
-    let machine_busy_before = proc::machine_busy_secs()?;
+    let cpu = server.cpu_meter()?;
     let plan = Arc::new(Plan {
         messages: args.messages,
         size: args.size,
@@ -216,17 +213,7 @@ async fn run_async(args: Args) -> anyhow::Result<Report> {
     {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let server_cpu_secs = server
-        .cpu_secs()?
-        .zip(server_cpu_before)
-        .map(|(after, before)| round3(after - before));
-    let client_cpu_secs = round3(proc::cpu_secs("self")? - client_cpu_before);
-    let other_cpu_secs = round3(
-        proc::machine_busy_secs()?
-            - machine_busy_before
-            - client_cpu_secs
-            - server_cpu_secs.unwrap_or(0.0),
-    );
+    let usage = cpu.stop(&server)?;
     let _ = stop.send(true);
     let mut received = Vec::with_capacity(receivers.len());
     for task in receivers {
@@ -346,9 +333,9 @@ async fn run_async(args: Args) -> anyhow::Result<Report> {
         server_rss_connected_bytes,
         server_rss_after_bytes,
         server_peak_rss_bytes,
-        server_cpu_secs,
-        client_cpu_secs,
-        other_cpu_secs,
+        server_cpu_secs: usage.server,
+        client_cpu_secs: usage.client,
+        other_cpu_secs: usage.other,
         connect_secs: round3(connect_secs),
     })
 }

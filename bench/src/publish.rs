@@ -11,7 +11,6 @@ use bytes::Bytes;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::proc;
 use crate::wire::{self, Percentiles, Publisher, Server, ServerArgs, payload, round1, round3};
 
 #[derive(Debug, clap::Args)]
@@ -98,9 +97,7 @@ async fn run_async(args: Args) -> anyhow::Result<Report> {
     });
     futures::future::try_join_all(warmups).await?;
 
-    let server_cpu_before = server.cpu_secs()?;
-    let client_cpu_before = proc::cpu_secs("self")?;
-    let machine_busy_before = proc::machine_busy_secs()?;
+    let cpu = server.cpu_meter()?;
     let started = Instant::now();
     let until = started + Duration::from(args.duration);
     let budget = Arc::new(AtomicU64::new(0));
@@ -125,17 +122,7 @@ async fn run_async(args: Args) -> anyhow::Result<Report> {
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let server_cpu_secs = server
-        .cpu_secs()?
-        .zip(server_cpu_before)
-        .map(|(after, before)| round3(after - before));
-    let client_cpu_secs = round3(proc::cpu_secs("self")? - client_cpu_before);
-    let other_cpu_secs = round3(
-        proc::machine_busy_secs()?
-            - machine_busy_before
-            - client_cpu_secs
-            - server_cpu_secs.unwrap_or(0.0),
-    );
+    let usage = cpu.stop(&server)?;
     server.check_alive()?;
     Ok(Report {
         scenario: "publish",
@@ -155,9 +142,9 @@ async fn run_async(args: Args) -> anyhow::Result<Report> {
         latency: Percentiles::of(&latency),
         server_rss_after_bytes: server.rss_bytes()?,
         server_peak_rss_bytes: server.peak_rss_bytes()?,
-        server_cpu_secs,
-        client_cpu_secs,
-        other_cpu_secs,
+        server_cpu_secs: usage.server,
+        client_cpu_secs: usage.client,
+        other_cpu_secs: usage.other,
     })
 }
 

@@ -279,6 +279,15 @@ impl Server {
             .transpose()
     }
 
+    /// Starts measuring CPU time over a benchmark window.
+    pub(crate) fn cpu_meter(&self) -> anyhow::Result<CpuMeter> {
+        Ok(CpuMeter {
+            server: self.cpu_secs()?,
+            client: proc::cpu_secs("self")?,
+            machine: proc::machine_busy_secs()?,
+        })
+    }
+
     fn log_tail(&self) -> String {
         self.process
             .as_ref()
@@ -368,4 +377,40 @@ fn default_server_bin() -> anyhow::Result<PathBuf> {
 fn free_port() -> anyhow::Result<SocketAddr> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?)
+}
+
+/// CPU time at the start of a window, so a report can show who used the machine: the server,
+/// the load generator, and everything else (a noisy neighbour makes a run suspect).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CpuMeter {
+    server: Option<f64>,
+    client: f64,
+    machine: f64,
+}
+
+/// CPU seconds used during a window, rounded for reports.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CpuUsage {
+    pub(crate) server: Option<f64>,
+    pub(crate) client: f64,
+    pub(crate) other: f64,
+}
+
+impl CpuMeter {
+    /// CPU used since the meter started.
+    pub(crate) fn stop(&self, server: &Server) -> anyhow::Result<CpuUsage> {
+        let round3 = super::round3;
+        let server_secs = server
+            .cpu_secs()?
+            .zip(self.server)
+            .map(|(after, before)| round3(after - before));
+        let client = round3(proc::cpu_secs("self")? - self.client);
+        let other =
+            round3(proc::machine_busy_secs()? - self.machine - client - server_secs.unwrap_or(0.0));
+        Ok(CpuUsage {
+            server: server_secs,
+            client,
+            other,
+        })
+    }
 }
