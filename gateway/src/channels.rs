@@ -10,7 +10,7 @@ use dormouse_actors::channel::{
     ChannelRequest, ChannelResponse, EventId, NAMESPACE, NewMessage, Start, validate_channel_name,
     validate_event_name, validate_idempotency_key,
 };
-use dormouse_runtime::ObjectState;
+use dormouse_runtime::{ObjectState, Socket, SocketReceiver, Transport};
 use dormouse_storage::ObjectId;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -160,6 +160,26 @@ fn header(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiError> {
             })
         })
         .transpose()
+}
+
+/// Subscribes a new connection to `channel` from `start`; returns the connection's side of
+/// its socket. The channel sends the backlog and adds the socket in one step.
+pub(crate) async fn subscribe(
+    state: &AppState,
+    channel: &str,
+    transport: Transport,
+    start: Start,
+) -> Result<SocketReceiver, ApiError> {
+    let queue = state.settings.limits.subscriber_queue.0 as usize;
+    let (socket, receiver) = Socket::new(transport, queue, Bytes::new());
+    let response = state
+        .channels
+        .call(channel, ChannelRequest::Subscribe { socket, start })
+        .await?;
+    let ChannelResponse::Subscribed = response else {
+        return Err(unexpected());
+    };
+    Ok(receiver)
 }
 
 pub(crate) fn unexpected() -> ApiError {

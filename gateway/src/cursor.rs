@@ -3,11 +3,24 @@
 //! set headers, such as a browser's first EventSource connection or WebSocket). The header
 //! wins, because a reconnecting EventSource keeps its original URL.
 
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, Uri};
 use dormouse_actors::channel::Start;
+use serde::Deserialize;
 
 use crate::ApiError;
-use crate::channels::parse_id;
+use crate::channels::{parse_id, query};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubscribeQuery {
+    last_event_id: Option<String>,
+}
+
+/// The start of a subscribe request whose only query parameter is `last_event_id`.
+pub(crate) fn from_request(uri: &Uri, headers: &HeaderMap) -> Result<Start, ApiError> {
+    let SubscribeQuery { last_event_id } = query(uri)?;
+    start(headers, last_event_id.as_deref())
+}
 
 pub(crate) fn start(headers: &HeaderMap, query: Option<&str>) -> Result<Start, ApiError> {
     let header = headers

@@ -9,24 +9,18 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, Uri, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
-use dormouse_actors::channel::{ChannelRequest, ChannelResponse, Control, Start};
-use dormouse_runtime::{Outbound, Socket, SocketReceiver, Transport};
+use dormouse_actors::channel::{Control, Start};
+use dormouse_runtime::{Outbound, SocketReceiver, Transport};
 use futures::Stream;
 use serde::Deserialize;
 use tokio::sync::watch;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 
-use crate::channels::{ChannelName, check_channel, query, unexpected};
+use crate::channels::{self, ChannelName, check_channel, query};
 use crate::{ApiError, AppState, cursor};
 
 /// Most bytes gathered into one body chunk from messages that are already queued.
 const BATCH_BYTES: usize = 64 * 1024;
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SubscribeQuery {
-    last_event_id: Option<String>,
-}
 
 /// `GET /v1/channels/{channel}/events`
 pub(crate) async fn subscribe(
@@ -35,8 +29,7 @@ pub(crate) async fn subscribe(
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let SubscribeQuery { last_event_id } = query(&uri)?;
-    let start = cursor::start(&headers, last_event_id.as_deref())?;
+    let start = cursor::from_request(&uri, &headers)?;
     open(state, channel, start).await
 }
 
@@ -66,15 +59,7 @@ pub(crate) async fn subscribe_compat(
 }
 
 async fn open(state: AppState, channel: String, start: Start) -> Result<Response, ApiError> {
-    let queue = state.settings.limits.subscriber_queue.0 as usize;
-    let (socket, receiver) = Socket::new(Transport::Sse, queue, Bytes::new());
-    let response = state
-        .channels
-        .call(&channel, ChannelRequest::Subscribe { socket, start })
-        .await?;
-    let ChannelResponse::Subscribed = response else {
-        return Err(unexpected());
-    };
+    let receiver = channels::subscribe(&state, &channel, Transport::Sse, start).await?;
     tracing::debug!(channel = %channel, "sse subscriber connected");
     let sse = &state.settings.sse;
     let body = Body::from_stream(stream(

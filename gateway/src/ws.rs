@@ -20,14 +20,14 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
 use dormouse_actors::Channel;
 use dormouse_actors::channel::{ChannelRequest, ChannelResponse, NewMessage};
-use dormouse_runtime::{Inbound, Namespace, Outbound, Socket, SocketReceiver, Transport};
+use dormouse_runtime::{Inbound, Namespace, Outbound, SocketReceiver, Transport};
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 
-use crate::channels::{ChannelName, check_message, query, unexpected};
+use crate::channels::{self, ChannelName, check_message};
 use crate::{ApiError, AppState, cursor};
 
 /// Close codes, documented for clients.
@@ -38,12 +38,6 @@ mod close {
     pub(super) const SLOW_CONSUMER: u16 = 1008;
     /// Nothing (not even a pong) arrived within the idle timeout.
     pub(super) const HEARTBEAT_TIMEOUT: u16 = 4000;
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SubscribeQuery {
-    last_event_id: Option<String>,
 }
 
 /// `GET /v1/channels/{channel}/ws`
@@ -61,18 +55,9 @@ pub(crate) async fn subscribe(
             format!("{}: connect with a WebSocket client", e.body_text()),
         )
     })?;
-    let SubscribeQuery { last_event_id } = query(&uri)?;
-    let start = cursor::start(&headers, last_event_id.as_deref())?;
+    let start = cursor::from_request(&uri, &headers)?;
     let settings = state.settings.clone();
-    let queue = settings.limits.subscriber_queue.0 as usize;
-    let (socket, receiver) = Socket::new(Transport::WebSocket, queue, Bytes::new());
-    let response = state
-        .channels
-        .call(&channel, ChannelRequest::Subscribe { socket, start })
-        .await?;
-    let ChannelResponse::Subscribed = response else {
-        return Err(unexpected());
-    };
+    let receiver = channels::subscribe(&state, &channel, Transport::WebSocket, start).await?;
     // Base64 in JSON inflates a payload by 4/3; leave room for it and the envelope.
     let max_message = settings.limits.max_message_size.0 as usize / 3 * 4 + 64 * 1024;
     let conn = Conn {
