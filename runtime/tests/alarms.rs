@@ -6,9 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use dormouse_runtime::storage::{Durability, MemoryStorage, SledConfig, SledStorage};
 use dormouse_runtime::{Namespace, NamespaceConfig, ObjectState, Runtime};
-use support::{Probe, ProbeEnv, ProbeReq};
+use support::{Probe, ProbeEnv, ProbeReq, open_sled, probes};
 
 /// Polls `done` until it holds, failing after `limit`.
 async fn eventually(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
@@ -17,17 +16,6 @@ async fn eventually(limit: Duration, what: &str, mut done: impl FnMut() -> bool)
         assert!(Instant::now() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-}
-
-fn probes(idle: Duration) -> (Namespace<Probe>, Arc<ProbeEnv>) {
-    let env = Arc::new(ProbeEnv::default());
-    let runtime = Runtime::new(Arc::new(MemoryStorage::new()));
-    let ns = runtime.namespace(
-        "probe",
-        NamespaceConfig::with_idle_timeout(idle),
-        env.clone(),
-    );
-    (ns, env)
 }
 
 #[tokio::test]
@@ -102,11 +90,7 @@ async fn a_failing_alarm_is_retried_with_backoff() {
 #[tokio::test]
 async fn alarms_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let open = || {
-        let mut config = SledConfig::new(dir.path());
-        config.durability = Durability::Always;
-        Arc::new(SledStorage::open(config).unwrap())
-    };
+    let open = || open_sled(dir.path());
     {
         let runtime = Runtime::new(open());
         let ns: Namespace<Probe> =

@@ -6,22 +6,11 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dormouse_runtime::storage::{Bytes, Durability, MemoryStorage, SledConfig, SledStorage};
+use dormouse_runtime::storage::Bytes;
 use dormouse_runtime::{
     Error, Namespace, NamespaceConfig, ObjectState, Outbound, Runtime, Socket, Transport,
 };
-use support::{GatedStorage, Probe, ProbeEnv, ProbeReq};
-
-fn probes(idle: Duration) -> (Namespace<Probe>, Arc<ProbeEnv>) {
-    let env = Arc::new(ProbeEnv::default());
-    let runtime = Runtime::new(Arc::new(MemoryStorage::new()));
-    let ns = runtime.namespace(
-        "probe",
-        NamespaceConfig::with_idle_timeout(idle),
-        env.clone(),
-    );
-    (ns, env)
-}
+use support::{GatedStorage, Probe, ProbeEnv, ProbeReq, open_sled, probes};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cold_name_hit_by_64_tasks_activates_once() {
@@ -191,11 +180,7 @@ async fn a_failing_or_panicking_handler_fails_only_its_request() {
 #[tokio::test]
 async fn state_survives_a_restart_on_sled() {
     let dir = tempfile::tempdir().unwrap();
-    let open = || {
-        let mut config = SledConfig::new(dir.path());
-        config.durability = Durability::Always;
-        Arc::new(SledStorage::open(config).unwrap())
-    };
+    let open = || open_sled(dir.path());
     {
         let runtime = Runtime::new(open());
         let ns: Namespace<Probe> =

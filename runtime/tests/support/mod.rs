@@ -290,3 +290,22 @@ impl Storage for GatedStorage {
         self.inner.size_on_disk()
     }
 }
+
+/// A `Probe` namespace over fresh in-memory storage with the given idle timeout.
+pub fn probes(idle: std::time::Duration) -> (dormouse_runtime::Namespace<Probe>, Arc<ProbeEnv>) {
+    let env = Arc::new(ProbeEnv::default());
+    let runtime = dormouse_runtime::Runtime::new(Arc::new(MemoryStorage::new()));
+    let ns = runtime.namespace(
+        "probe",
+        dormouse_runtime::NamespaceConfig::with_idle_timeout(idle),
+        env.clone(),
+    );
+    (ns, env)
+}
+
+/// Opens (or reopens) a sled data dir with durability `always`.
+pub fn open_sled(dir: &std::path::Path) -> Arc<dormouse_runtime::storage::SledStorage> {
+    let mut config = dormouse_runtime::storage::SledConfig::new(dir);
+    config.durability = dormouse_runtime::storage::Durability::Always;
+    Arc::new(dormouse_runtime::storage::SledStorage::open(config).unwrap())
+}
