@@ -102,9 +102,14 @@ impl TestServer {
 
     /// Publishes `data` to `channel` and returns the id, asserting 201.
     pub async fn publish(&self, channel: &str, data: impl Into<reqwest::Body>) -> String {
+        self.publish_to(&format!("/v1/channels/{channel}/messages"), data)
+            .await
+    }
+
+    async fn publish_to(&self, path: &str, data: impl Into<reqwest::Body>) -> String {
         let res = self
             .client
-            .post(self.url(&format!("/v1/channels/{channel}/messages")))
+            .post(self.url(path))
             .body(data)
             .send()
             .await
@@ -344,16 +349,11 @@ impl TestServer {
         event: &str,
         data: impl Into<reqwest::Body>,
     ) -> String {
-        let res = self
-            .client
-            .post(self.url(&format!("/v1/channels/{channel}/messages?event={event}")))
-            .body(data)
-            .send()
-            .await
-            .expect("publish request");
-        assert_eq!(res.status(), 201, "publish status");
-        let body: Value = res.json().await.expect("publish json");
-        body["id"].as_str().expect("id").to_string()
+        self.publish_to(
+            &format!("/v1/channels/{channel}/messages?event={event}"),
+            data,
+        )
+        .await
     }
 }
 
