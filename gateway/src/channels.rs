@@ -1,10 +1,10 @@
 //! The channel routes: publish one message, read history, describe, list and delete.
 
-use axum::Json;
 use axum::body::Body;
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::{Extension, Json};
 use bytes::Bytes;
 use dormouse_actors::channel::{
     ChannelRequest, ChannelResponse, EventId, NAMESPACE, NewMessage, Start, validate_channel_name,
@@ -16,6 +16,8 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
+use crate::auth::Principal;
+use crate::limits::ClientIp;
 use crate::{ApiError, AppState};
 
 /// A channel name taken from the path and validated, so handlers never see a bad one.
@@ -113,12 +115,16 @@ pub(crate) fn check_message(event: Option<&str>, key: Option<&str>) -> Result<()
 /// `POST /v1/channels/{channel}/messages`: the body is the message.
 pub(crate) async fn publish(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Extension(ClientIp(ip)): Extension<ClientIp>,
     ChannelName(channel): ChannelName,
     uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let PublishQuery { event } = query(&uri)?;
+    // Before the body is read: a publisher over its rate costs us as little as possible.
+    state.limits.publish(ip, &principal, 1)?;
     let event = match event {
         Some(e) => Some(e),
         None => header(&headers, "x-dormouse-event")?,
@@ -195,6 +201,9 @@ pub(crate) fn unexpected() -> ApiError {
 struct HistoryQuery {
     after: Option<String>,
     limit: Option<usize>,
+    /// The credential, read by the auth middleware; allowed here so it is not refused.
+    #[serde(rename = "access_token")]
+    _access_token: Option<serde::de::IgnoredAny>,
 }
 
 /// `GET /v1/channels/{channel}/messages?after=ID&limit=N`: stored events as JSON.
@@ -203,7 +212,7 @@ pub(crate) async fn history(
     ChannelName(channel): ChannelName,
     uri: Uri,
 ) -> Result<Json<Value>, ApiError> {
-    let HistoryQuery { after, limit } = query(&uri)?;
+    let HistoryQuery { after, limit, .. } = query(&uri)?;
     let max = state.settings.limits.max_history_page;
     let limit = limit.unwrap_or(100.min(max));
     if limit == 0 || limit > max {
@@ -303,11 +312,14 @@ fn stored_info(state: &AppState, channel: &str) -> Result<Option<Value>, ApiErro
 struct ListQuery {
     after: Option<String>,
     limit: Option<usize>,
+    /// The credential, read by the auth middleware; allowed here so it is not refused.
+    #[serde(rename = "access_token")]
+    _access_token: Option<serde::de::IgnoredAny>,
 }
 
 /// `GET /v1/channels?after=NAME&limit=N`: channels with a log, a page at a time, plus counts.
 pub(crate) async fn list(State(state): State<AppState>, uri: Uri) -> Result<Json<Value>, ApiError> {
-    let ListQuery { after, limit } = query(&uri)?;
+    let ListQuery { after, limit, .. } = query(&uri)?;
     let limit = limit.unwrap_or(100);
     if limit == 0 || limit > 1000 {
         return Err(ApiError::bad_request(

@@ -39,6 +39,89 @@ pub struct Settings {
     pub sse: SseSettings,
     /// WebSocket behaviour.
     pub websocket: WebSocketSettings,
+    /// Authentication: JWTs and API keys. Off unless a secret, key file or API key is set.
+    pub auth: AuthSettings,
+    /// Cross-origin requests from browsers.
+    pub cors: CorsSettings,
+}
+
+/// `[auth]`: unset (empty) by default, which leaves the server open to anyone who can reach
+/// it, so it then listens on loopback only unless `allow_anonymous` says otherwise.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSettings {
+    /// Shared secret for HS256 tokens (at least 32 bytes); empty: HS256 not accepted.
+    pub jwt_secret: String,
+    /// PEM public key (Ed25519 for EdDSA, or RSA for RS256) for tokens signed elsewhere;
+    /// empty: none.
+    pub jwt_public_key_file: PathBuf,
+    /// Required `iss` claim; empty: not checked.
+    pub issuer: String,
+    /// Required `aud` claim; empty: not checked.
+    pub audience: String,
+    /// Clock skew tolerated on `exp` and `nbf`.
+    #[serde(with = "humantime_serde")]
+    pub leeway: Duration,
+    /// Accept `?access_token=` on GET requests, for browsers' EventSource and WebSocket,
+    /// which cannot set headers. URLs end up in logs and histories: see docs/SECURITY.md.
+    pub query_token: bool,
+    /// Serve without any credential configured on a non-loopback address. Off: such a
+    /// server refuses to start, so an open server is never exposed by accident.
+    pub allow_anonymous: bool,
+    /// Server-side keys for publishers and back ends: `[[auth.api_keys]]` entries.
+    pub api_keys: Vec<ApiKeySettings>,
+}
+
+/// One `[[auth.api_keys]]` entry: a secret and what it may do (patterns as in tokens).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeySettings {
+    /// A label for logs; defaults to the entry's position.
+    #[serde(default)]
+    pub name: String,
+    /// The key itself (16 characters or more, no '.'); sent as `Authorization: Bearer KEY`
+    /// or `X-API-Key: KEY`.
+    pub key: String,
+    /// Channel patterns the key may publish to.
+    #[serde(default)]
+    pub publish: Vec<String>,
+    /// Channel patterns the key may subscribe to.
+    #[serde(default)]
+    pub subscribe: Vec<String>,
+    /// Channel patterns whose history the key may read.
+    #[serde(default)]
+    pub history: Vec<String>,
+    /// `namespace/name` patterns of objects the key may call.
+    #[serde(default)]
+    pub objects: Vec<String>,
+    /// Listing and deleting channels.
+    #[serde(default)]
+    pub admin: bool,
+}
+
+impl ApiKeySettings {
+    /// The capabilities of this key.
+    pub fn grants(&self) -> crate::Grants {
+        crate::Grants {
+            publish: self.publish.clone(),
+            subscribe: self.subscribe.clone(),
+            history: self.history.clone(),
+            objects: self.objects.clone(),
+            admin: self.admin,
+        }
+    }
+}
+
+/// `[cors]`: off (no CORS headers) unless origins are listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CorsSettings {
+    /// Origins allowed to call the API from a browser, e.g. `["https://app.example.com"]`;
+    /// `["*"]` allows any origin (credentials then travel in headers, never cookies).
+    pub allowed_origins: Vec<String>,
+    /// How long browsers may cache a preflight answer.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
 }
 
 /// `[storage]`
@@ -115,6 +198,28 @@ pub struct LimitsSettings {
     /// reading) is closed; the client resumes with its last id when it comes back.
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
+    /// Open connections in total (SSE, WebSocket and plain HTTP alike); beyond it new ones
+    /// get a 503 and are closed. 0: no limit.
+    pub max_connections: usize,
+    /// Open connections from one IP address. Behind a reverse proxy every client has the
+    /// proxy's address: raise it or set 0 there. 0: no limit.
+    pub max_connections_per_ip: usize,
+    /// Longest request target (path and query): 414 beyond it.
+    pub max_url_size: ByteSize,
+    /// Most bytes of request headers: 431 beyond them.
+    pub max_header_size: ByteSize,
+    /// Requests being handled at once (a stream counts only until its response starts);
+    /// beyond it new ones are shed with 503 and `Retry-After` instead of queueing.
+    /// 0: no limit.
+    pub max_inflight_requests: usize,
+    /// Messages per second one client IP may publish (HTTP, batch items, WebSocket); 429
+    /// with `Retry-After` beyond it. 0: no limit.
+    pub publish_rate_per_ip: u32,
+    /// Messages per second one credential (token subject or API key) may publish, across
+    /// all its connections. 0: no limit.
+    pub publish_rate_per_credential: u32,
+    /// Messages a publisher may send in a burst above its rate; 0: one second's worth.
+    pub publish_burst: u32,
 }
 
 /// `[sse]`
@@ -154,6 +259,32 @@ impl Default for Settings {
             limits: LimitsSettings::default(),
             sse: SseSettings::default(),
             websocket: WebSocketSettings::default(),
+            auth: AuthSettings::default(),
+            cors: CorsSettings::default(),
+        }
+    }
+}
+
+impl Default for CorsSettings {
+    fn default() -> Self {
+        Self {
+            allowed_origins: Vec::new(),
+            max_age: Duration::from_secs(600),
+        }
+    }
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        Self {
+            jwt_secret: String::new(),
+            jwt_public_key_file: PathBuf::new(),
+            issuer: String::new(),
+            audience: String::new(),
+            leeway: Duration::from_secs(5),
+            query_token: true,
+            allow_anonymous: false,
+            api_keys: Vec::new(),
         }
     }
 }
@@ -191,6 +322,14 @@ impl Default for LimitsSettings {
             subscriber_queue: ByteSize::mib(8),
             max_history_page: 1000,
             write_timeout: Duration::from_secs(30),
+            max_connections: 50_000,
+            max_connections_per_ip: 10_000,
+            max_url_size: ByteSize::kib(8),
+            max_header_size: ByteSize::kib(32),
+            max_inflight_requests: 10_000,
+            publish_rate_per_ip: 0,
+            publish_rate_per_credential: 0,
+            publish_burst: 0,
         }
     }
 }

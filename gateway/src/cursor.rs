@@ -14,11 +14,14 @@ use crate::channels::{parse_id, query};
 #[serde(deny_unknown_fields)]
 struct SubscribeQuery {
     last_event_id: Option<String>,
+    /// The credential, read by the auth middleware; allowed here so it is not refused.
+    #[serde(rename = "access_token")]
+    _access_token: Option<serde::de::IgnoredAny>,
 }
 
 /// The start of a subscribe request whose only query parameter is `last_event_id`.
 pub(crate) fn from_request(uri: &Uri, headers: &HeaderMap) -> Result<Start, ApiError> {
-    let SubscribeQuery { last_event_id } = query(uri)?;
+    let SubscribeQuery { last_event_id, .. } = query(uri)?;
     start(headers, last_event_id.as_deref())
 }
 

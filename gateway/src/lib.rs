@@ -7,7 +7,9 @@
 //!   `{"error": {"code", "message"}}` with its HTTP status.
 //! - `server`: [`Dormouse`] opens storage and the runtime, [`Dormouse::router`] builds the
 //!   routes (tests use the same router), [`Dormouse::serve`] runs until shutdown.
+//! - `auth`: credentials (JWT, API keys), [`Grants`], and the middleware that checks them.
 //! - `health`: liveness and readiness probes.
+//! - `limits`: request size, overload shedding and publish rate limits.
 //! - `listener`: connection IO with a kill switch (bounded shutdown) and a lingering close.
 //! - `channels`: the channel routes: publish, history, info, list, delete.
 //! - `publish`: batch publish (`POST /v1/publish`, JSON array or NDJSON).
@@ -16,11 +18,13 @@
 //! - `ws`: the WebSocket connection task.
 //! - `objects`: user-defined objects mounted under `/v1/objects/{namespace}/{name}/...`.
 
+mod auth;
 mod channels;
 mod config;
 mod cursor;
 mod error;
 mod health;
+mod limits;
 mod listener;
 mod objects;
 mod publish;
@@ -28,9 +32,12 @@ mod server;
 mod sse;
 mod ws;
 
+pub use auth::{Auth, Grants, Principal};
 pub use config::{
-    ByteSize, ChannelsSettings, LimitsSettings, PrefixSettings, Settings, SseSettings,
-    StorageSettings, WebSocketSettings,
+    ApiKeySettings, AuthSettings, ByteSize, ChannelsSettings, CorsSettings, LimitsSettings,
+    PrefixSettings, Settings, SseSettings, StorageSettings, WebSocketSettings,
 };
 pub use error::ApiError;
+pub use limits::Limits;
+pub use objects::SUBJECT_HEADER;
 pub use server::{AppState, Dormouse, shutdown_signal};

@@ -14,9 +14,11 @@
 //!   sending side and read (and drop) what the client still sends, for a bounded time and
 //!   amount, so the answer arrives (RFC 9112, section 9.6).
 
+use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -30,12 +32,13 @@ const LINGER: Duration = Duration::from_secs(2);
 /// How much it reads at most while lingering.
 const LINGER_BYTES: usize = 64 * 1024 * 1024;
 
-/// Accepts connections whose IO obeys `kill`.
+/// Accepts connections whose IO obeys `kill`, within the connection limits.
 #[derive(Debug)]
 pub(crate) struct GuardedListener {
     inner: TcpListener,
     kill: CancellationToken,
     write_timeout: Duration,
+    connections: Arc<Connections>,
 }
 
 impl GuardedListener {
@@ -43,14 +46,116 @@ impl GuardedListener {
         inner: TcpListener,
         kill: CancellationToken,
         write_timeout: Duration,
+        connections: Arc<Connections>,
     ) -> Self {
         Self {
             inner,
             kill,
             write_timeout,
+            connections,
         }
     }
 }
+
+/// Open connections, in total and per client address, against their limits (0: none).
+#[derive(Debug)]
+pub(crate) struct Connections {
+    max_total: usize,
+    max_per_ip: usize,
+    open: Mutex<(usize, HashMap<IpAddr, usize>)>,
+}
+
+impl Connections {
+    pub(crate) fn new(max_total: usize, max_per_ip: usize) -> Self {
+        Self {
+            max_total,
+            max_per_ip,
+            open: Mutex::default(),
+        }
+    }
+
+    /// A slot for a new connection from `ip`, or why there is none.
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, &'static str> {
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let (total, per_ip) = &mut *open;
+        if self.max_total > 0 && *total >= self.max_total {
+            return Err("the server has reached its connection limit (limits.max_connections)");
+        }
+        let mine = per_ip.entry(ip).or_default();
+        if self.max_per_ip > 0 && *mine >= self.max_per_ip {
+            return Err("too many connections from your address (limits.max_connections_per_ip)");
+        }
+        *mine += 1;
+        *total += 1;
+        Ok(Slot {
+            connections: Arc::clone(self),
+            ip,
+        })
+    }
+}
+
+/// One admitted connection; gives its place back when the connection is dropped.
+#[derive(Debug)]
+struct Slot {
+    connections: Arc<Connections>,
+    ip: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self
+            .connections
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (total, per_ip) = &mut *open;
+        *total = total.saturating_sub(1);
+        if let Some(mine) = per_ip.get_mut(&self.ip) {
+            *mine -= 1;
+            if *mine == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Answers a connection over a limit with a 503 and closes it: the client learns why and
+/// when to retry instead of seeing a reset. The request head is read first (briefly, and
+/// bounded), because an HTTP client treats an answer that comes before its request as an
+/// error rather than as the answer.
+async fn refuse(mut stream: TcpStream, why: &'static str) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let body = format!(r#"{{"error":{{"code":"too_many_connections","message":"{why}"}}}}"#);
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         retry-after: {REFUSED_RETRY_AFTER_SECS}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut head = Vec::with_capacity(1024);
+    let mut scratch = [0u8; 1024];
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while head.len() < 16 * 1024 && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut scratch).await {
+                Ok(n) if n > 0 => head.extend_from_slice(&scratch[..n]),
+                _ => break,
+            }
+        }
+    })
+    .await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = stream.write_all(response.as_bytes()).await;
+        let _ = stream.shutdown().await;
+        // Drain what the client still sends so it reads the answer, not a reset.
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            while matches!(stream.read(&mut scratch).await, Ok(n) if n > 0) {}
+        })
+        .await;
+    })
+    .await;
+}
+
+/// The `Retry-After` of a refused connection.
+const REFUSED_RETRY_AFTER_SECS: u64 = 5;
 
 impl axum::serve::Listener for GuardedListener {
     type Io = GuardedStream;
@@ -59,12 +164,18 @@ impl axum::serve::Listener for GuardedListener {
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         loop {
             match self.inner.accept().await {
-                Ok((stream, addr)) => {
-                    return (
-                        GuardedStream::new(stream, self.kill.clone(), self.write_timeout),
-                        addr,
-                    );
-                }
+                Ok((stream, addr)) => match self.connections.admit(addr.ip()) {
+                    Ok(slot) => {
+                        let mut io =
+                            GuardedStream::new(stream, self.kill.clone(), self.write_timeout);
+                        io.slot = Some(slot);
+                        return (io, addr);
+                    }
+                    Err(why) => {
+                        tracing::debug!(peer = %addr, why, "connection refused");
+                        tokio::spawn(refuse(stream, why));
+                    }
+                },
                 Err(e) if is_connection_error(&e) => {}
                 Err(e) => {
                     // Usually out of file descriptors: wait for some to close.
@@ -103,6 +214,8 @@ pub(crate) struct GuardedStream {
     stall_timer: Option<Pin<Box<Sleep>>>,
     /// True while the timer runs for the current blocked write.
     stalled: bool,
+    /// Its place under the connection limits, given back on drop.
+    slot: Option<Slot>,
 }
 
 impl std::fmt::Debug for GuardedStream {
@@ -124,6 +237,7 @@ impl GuardedStream {
             write_timeout,
             stall_timer: None,
             stalled: false,
+            slot: None,
         }
     }
 

@@ -44,6 +44,10 @@ struct ServeArgs {
     /// (see docs/CONFIG.md).
     #[arg(long, env = "DORMOUSE_CONFIG")]
     config: Option<PathBuf>,
+    /// Serve without authentication on a non-loopback address (only behind something that
+    /// authenticates) [env: DORMOUSE_AUTH_ALLOW_ANONYMOUS].
+    #[arg(long)]
+    allow_anonymous: bool,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -68,8 +72,19 @@ async fn main() -> anyhow::Result<()> {
     if let Some(data_dir) = args.data_dir {
         settings.data_dir = data_dir;
     }
+    if args.allow_anonymous {
+        settings.auth.allow_anonymous = true;
+    }
     if args.print_config {
-        print!("{}", toml::to_string(&settings)?);
+        // Secrets are not printed: the output ends up in terminals, tickets and logs.
+        let mut shown = settings.clone();
+        if !shown.auth.jwt_secret.is_empty() {
+            shown.auth.jwt_secret = "<redacted>".to_string();
+        }
+        for key in &mut shown.auth.api_keys {
+            key.key = "<redacted>".to_string();
+        }
+        print!("{}", toml::to_string(&shown)?);
         return Ok(());
     }
     Dormouse::open(settings)?.serve_until_signal().await

@@ -5,14 +5,19 @@
 use axum::body::Body;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{FromRequestParts, Path, Request, State};
-use axum::http::{HeaderMap, Uri};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use dormouse_runtime::{DynNamespace, Inbound, Socket, Transport};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
+use crate::auth::Principal;
 use crate::channels::{check_channel, read_body};
+
+/// The request header carrying the caller's identity (token `sub`, API key name, or
+/// `anonymous`) to objects.
+pub const SUBJECT_HEADER: &str = "x-dormouse-subject";
 use crate::ws::{Conn, Mode, tuned};
 use crate::{ApiError, AppState};
 
@@ -26,6 +31,19 @@ pub(crate) async fn route(State(state): State<AppState>, request: Request) -> Re
 
 async fn handle(state: AppState, request: Request) -> Result<Response, ApiError> {
     let (mut parts, body) = request.into_parts();
+    let principal = parts
+        .extensions
+        .get::<Principal>()
+        .cloned()
+        .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "no caller"))?;
+    // Objects learn who calls them from this header, which the gateway always sets, so a
+    // client cannot claim to be someone else by sending it.
+    let subject = HeaderValue::from_str(&principal.subject)
+        .unwrap_or_else(|_| HeaderValue::from_static("unprintable"));
+    parts.headers.insert(SUBJECT_HEADER, subject);
+    let expires_at = principal
+        .time_left()
+        .map(|left| tokio::time::Instant::now() + left);
     let Path(segments) = Path::<Vec<(String, String)>>::from_request_parts(&mut parts, &state)
         .await
         .map_err(|e| ApiError::bad_request("bad_path", e.body_text()))?;
@@ -59,7 +77,7 @@ async fn handle(state: AppState, request: Request) -> Result<Response, ApiError>
         let upgrade = WebSocketUpgrade::from_request_parts(&mut parts, &state)
             .await
             .map_err(|e| ApiError::new(e.status(), "websocket_upgrade_required", e.body_text()))?;
-        return connect(state, target, name, uri, parts, upgrade).await;
+        return connect(state, target, name, uri, parts, upgrade, expires_at).await;
     }
 
     let limit = state.settings.limits.max_message_size.0;
@@ -89,6 +107,7 @@ async fn connect(
     uri: Uri,
     parts: axum::http::request::Parts,
     upgrade: WebSocketUpgrade,
+    expires_at: Option<tokio::time::Instant>,
 ) -> Result<Response, ApiError> {
     let settings = state.settings.clone();
     let queue = settings.limits.subscriber_queue.0 as usize;
@@ -124,6 +143,7 @@ async fn connect(
     };
     let conn = Conn {
         label: format!("{}/{name}", target.name()),
+        expires_at,
         mode: Mode::Object { forward },
         receiver,
         shutdown: state.shutdown.clone(),

@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 
+use axum::Extension;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::State;
@@ -19,7 +20,9 @@ use bytes::Bytes;
 use dormouse_actors::channel::{ChannelRequest, ChannelResponse, NewMessage};
 use serde_json::{Value, json};
 
+use crate::auth::{Need, Principal};
 use crate::channels::{check_channel, check_message, read_body};
+use crate::limits::ClientIp;
 use crate::{ApiError, AppState};
 
 /// One (item, channel) pair ready to publish, or why it cannot be.
@@ -27,6 +30,8 @@ type Planned = Result<(String, NewMessage), ApiError>;
 
 pub(crate) async fn batch(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Extension(ClientIp(ip)): Extension<ClientIp>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
@@ -74,7 +79,18 @@ pub(crate) async fn batch(
             Ok(pairs) => pairs.into_iter().map(Ok).collect::<Vec<_>>(),
             Err(e) => vec![Err(e)],
         })
+        // Each pair needs its own grant; a refused one fails alone, like any bad item.
+        .map(|pair| {
+            pair.and_then(|(channel, message)| {
+                principal.require(Need::Publish(&channel))?;
+                Ok((channel, message))
+            })
+        })
         .collect();
+
+    // Every message counts against the publish rate; over it, nothing is published.
+    let messages = planned.iter().filter(|p| p.is_ok()).count();
+    state.limits.publish(ip, &principal, messages)?;
 
     // Group by channel, remembering each pair's position in the answer.
     let mut groups: HashMap<String, (Vec<usize>, Vec<NewMessage>)> = HashMap::new();

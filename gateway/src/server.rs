@@ -1,11 +1,13 @@
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
 use anyhow::Context as _;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{Method, Uri};
+use axum::middleware;
 use axum::routing::{any, get, post};
 use dormouse_actors::Channel;
 use dormouse_actors::channel::NAMESPACE;
@@ -17,7 +19,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 
-use crate::listener::GuardedListener;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+use crate::auth::{self, Auth};
+use crate::config::CorsSettings;
+use crate::limits::{self, Limits, PeerAddr};
+use crate::listener::{Connections, GuardedListener};
 use crate::{ApiError, Settings, channels, health, objects, publish, sse, ws};
 
 /// Everything a request handler may need; cloned per request (all fields are handles).
@@ -29,6 +36,10 @@ pub struct AppState {
     pub channels: Namespace<Channel>,
     /// The configuration in force.
     pub settings: Arc<Settings>,
+    /// Verifies credentials; allows everything when none is configured.
+    pub auth: Auth,
+    /// Overload shedding and publish rate limits.
+    pub limits: Arc<Limits>,
     /// User-defined object namespaces mounted under `/v1/objects/{namespace}/...`.
     pub objects: Arc<RwLock<HashMap<String, Arc<dyn DynNamespace>>>>,
     /// Long-lived connection tasks (WebSockets), so a stop can wait for them to let go of
@@ -45,12 +56,21 @@ pub struct Dormouse {
     state: AppState,
     storage: Arc<SledStorage>,
     stop: watch::Sender<bool>,
+    connections: Arc<Connections>,
 }
 
 impl Dormouse {
     /// Opens the data dir and creates the runtime. Fails with a clear message when the data
     /// dir is in use by another process or was written by an incompatible version.
     pub fn open(settings: Settings) -> anyhow::Result<Self> {
+        let auth = Auth::from_settings(&settings.auth)?;
+        cors_layer(&settings.cors)?;
+        // Checked before the data dir is touched; `serve` checks the bound address again.
+        check_exposure(
+            settings.listen,
+            auth.enabled(),
+            settings.auth.allow_anonymous,
+        )?;
         let mut storage_config = SledConfig::new(&settings.data_dir);
         storage_config.cache_capacity_bytes = settings.storage.cache.0;
         storage_config.durability = settings.storage.durability;
@@ -65,11 +85,19 @@ impl Dormouse {
             settings.channels.env(),
         );
         let (stop, shutdown) = watch::channel(false);
+        let connections = Arc::new(Connections::new(
+            settings.limits.max_connections,
+            settings.limits.max_connections_per_ip,
+        ));
+        let settings_limits = settings.limits.clone();
         Ok(Self {
+            connections,
             state: AppState {
                 runtime,
                 channels,
                 settings: Arc::new(settings),
+                auth,
+                limits: Arc::new(Limits::new(&settings_limits)),
                 objects: Arc::default(),
                 tasks: TaskTracker::new(),
                 shutdown,
@@ -131,13 +159,34 @@ impl Dormouse {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        info!(addr = %listener.local_addr()?, "listening");
+        let addr = listener.local_addr()?;
+        if let Err(e) = check_exposure(
+            addr,
+            self.state.auth.enabled(),
+            self.state.settings.auth.allow_anonymous,
+        ) {
+            // Nothing was served; leave the data dir marked as cleanly closed.
+            let storage = self.storage.clone();
+            let _ = tokio::task::spawn_blocking(move || storage.close()).await;
+            return Err(e);
+        }
+        if !self.state.auth.enabled() {
+            tracing::warn!(%addr, "no authentication configured: every client may do everything");
+        }
+        info!(%addr, "listening");
         let stop = self.stop.clone();
         let kill = CancellationToken::new();
         let grace = self.state.settings.shutdown_grace;
         let write_timeout = self.state.settings.limits.write_timeout;
-        let listener = GuardedListener::new(listener, kill.clone(), write_timeout);
-        let app = self.router();
+        let listener = GuardedListener::new(
+            listener,
+            kill.clone(),
+            write_timeout,
+            self.connections.clone(),
+        );
+        let app = self
+            .router()
+            .into_make_service_with_connect_info::<PeerAddr>();
         let cut_off = kill.clone();
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {
@@ -222,9 +271,7 @@ fn router(state: AppState) -> Router {
     // Bodies are read with explicit limits in each handler (413 with a JSON body);
     // axum's own limit is lifted above the largest so it never answers first.
     let body_limit = limits.max_message_size.0.max(limits.max_batch_size.0) as usize + 1024;
-    Router::new()
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
+    let api = Router::new()
         .route("/v1/channels", get(channels::list))
         .route(
             "/v1/channels/{channel}",
@@ -245,10 +292,75 @@ fn router(state: AppState) -> Router {
         // Compatibility with Redis-backed SSE proxies.
         .route("/channel/{channel}/messages", post(channels::publish))
         .route("/sub", get(sse::subscribe_compat))
+        // After routing, so the check knows the route and its parameters; routes added
+        // above are covered by default (unknown ones need at least a credential).
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require));
+    let router = Router::new()
+        // Probes stay open: orchestrators call them without credentials.
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .merge(api)
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
-        .with_state(state)
+        // Outermost: oversized and excess requests are refused before any other work.
+        .layer(middleware::from_fn_with_state(state.clone(), limits::guard));
+    let router = match cors_layer(&state.settings.cors) {
+        Ok(Some(cors)) => router.layer(cors),
+        // Validated by `Dormouse::open`.
+        Ok(None) | Err(_) => router,
+    };
+    router.with_state(state)
+}
+
+/// Refuses an open server (no credential configured) on an address others can reach,
+/// unless the operator said so: the mistake it prevents is silent and costly.
+fn check_exposure(addr: SocketAddr, auth: bool, allow_anonymous: bool) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        auth || addr.ip().is_loopback() || allow_anonymous,
+        "refusing to listen on {addr} without authentication: anyone who can reach it could \
+         publish, read and delete. Configure [auth] (jwt_secret, jwt_public_key_file or \
+         api_keys), listen on a loopback address, or pass --allow-anonymous \
+         (auth.allow_anonymous = true, DORMOUSE_AUTH_ALLOW_ANONYMOUS=true) if something in \
+         front of Dormouse already authenticates"
+    );
+    Ok(())
+}
+
+/// The CORS layer for `[cors]`, or `None` when no origin is allowed (no CORS headers at all).
+fn cors_layer(settings: &CorsSettings) -> anyhow::Result<Option<CorsLayer>> {
+    use axum::http::{HeaderName, HeaderValue, header};
+    if settings.allowed_origins.is_empty() {
+        return Ok(None);
+    }
+    let origins = if settings.allowed_origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        let list = settings
+            .allowed_origins
+            .iter()
+            .map(|o| {
+                HeaderValue::from_str(o)
+                    .with_context(|| format!("setting `cors.allowed_origins`: bad origin {o:?}"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        AllowOrigin::list(list)
+    };
+    Ok(Some(
+        CorsLayer::new()
+            .allow_origin(origins)
+            .allow_methods([Method::GET, Method::POST, Method::DELETE, Method::OPTIONS])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                HeaderName::from_static("last-event-id"),
+                HeaderName::from_static("idempotency-key"),
+                HeaderName::from_static("x-api-key"),
+                HeaderName::from_static("x-dormouse-event"),
+            ])
+            .expose_headers([header::RETRY_AFTER])
+            .max_age(settings.max_age),
+    ))
 }
 
 async fn fallback(method: Method, uri: Uri) -> ApiError {
@@ -267,5 +379,25 @@ impl AppState {
             .unwrap_or_else(|p| p.into_inner())
             .get(name)
             .cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_exposure;
+
+    #[test]
+    fn an_open_server_listens_on_loopback_only_unless_told_otherwise() {
+        let public = "0.0.0.0:8080".parse().unwrap();
+        let err = check_exposure(public, false, false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("refusing to listen on 0.0.0.0:8080"), "{err}");
+        assert!(err.contains("--allow-anonymous"), "{err}");
+        assert!(check_exposure("203.0.113.7:80".parse().unwrap(), false, false).is_err());
+        assert!(check_exposure(public, true, false).is_ok());
+        assert!(check_exposure(public, false, true).is_ok());
+        assert!(check_exposure("127.0.0.1:8080".parse().unwrap(), false, false).is_ok());
+        assert!(check_exposure("[::1]:8080".parse().unwrap(), false, false).is_ok());
     }
 }

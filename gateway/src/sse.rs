@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use axum::Extension;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, Uri, header};
@@ -16,6 +17,7 @@ use serde::Deserialize;
 use tokio::sync::watch;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 
+use crate::auth::Principal;
 use crate::channels::{self, ChannelName, check_channel, query};
 use crate::{ApiError, AppState, cursor};
 
@@ -25,12 +27,13 @@ const BATCH_BYTES: usize = 64 * 1024;
 /// `GET /v1/channels/{channel}/events`
 pub(crate) async fn subscribe(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     ChannelName(channel): ChannelName,
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let start = cursor::from_request(&uri, &headers)?;
-    open(state, channel, start).await
+    open(state, channel, start, &principal).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -38,27 +41,37 @@ pub(crate) async fn subscribe(
 struct CompatQuery {
     channel: Option<String>,
     last_event_id: Option<String>,
+    /// The credential, read by the auth middleware; allowed here so it is not refused.
+    #[serde(rename = "access_token")]
+    _access_token: Option<serde::de::IgnoredAny>,
 }
 
 /// `GET /sub?channel=NAME`: the same stream, for clients of Redis-backed SSE proxies.
 pub(crate) async fn subscribe_compat(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let CompatQuery {
         channel,
         last_event_id,
+        ..
     } = query(&uri)?;
     let channel = channel.ok_or_else(|| {
         ApiError::bad_request("missing_channel", "the channel query parameter is required")
     })?;
     check_channel(&channel)?;
     let start = cursor::start(&headers, last_event_id.as_deref())?;
-    open(state, channel, start).await
+    open(state, channel, start, &principal).await
 }
 
-async fn open(state: AppState, channel: String, start: Start) -> Result<Response, ApiError> {
+async fn open(
+    state: AppState,
+    channel: String,
+    start: Start,
+    principal: &Principal,
+) -> Result<Response, ApiError> {
     let receiver = channels::subscribe(&state, &channel, Transport::Sse, start).await?;
     tracing::debug!(channel = %channel, "sse subscriber connected");
     let sse = &state.settings.sse;
@@ -67,6 +80,7 @@ async fn open(state: AppState, channel: String, start: Start) -> Result<Response
         sse.keepalive,
         sse.retry,
         state.shutdown.clone(),
+        principal.time_left().map(|left| Instant::now() + left),
     ));
     let mut response = body.into_response();
     let headers = response.headers_mut();
@@ -83,6 +97,8 @@ struct Conn {
     receiver: SocketReceiver,
     keepalive: Interval,
     shutdown: watch::Receiver<bool>,
+    /// When the subscriber's credential expires; the stream ends then.
+    expires_at: Option<Instant>,
     opening: Option<Bytes>,
     done: bool,
 }
@@ -92,6 +108,7 @@ fn stream(
     keepalive: Duration,
     retry: Duration,
     shutdown: watch::Receiver<bool>,
+    expires_at: Option<Instant>,
 ) -> impl Stream<Item = Result<Bytes, std::convert::Infallible>> + Send {
     let mut keepalive = tokio::time::interval_at(Instant::now() + keepalive, keepalive);
     keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -99,6 +116,7 @@ fn stream(
         receiver,
         keepalive,
         shutdown,
+        expires_at,
         // Sent at once, so the client (and any proxy) sees the stream open immediately.
         opening: Some(Bytes::from(format!(
             ": connected\nretry: {}\n\n",
@@ -123,12 +141,15 @@ impl Conn {
     async fn next_chunk(&mut self) -> Option<Bytes> {
         enum Wake {
             Shutdown,
+            Expired,
             Message(Option<Outbound>),
             KeepAlive,
         }
+        let expires_at = self.expires_at;
         let wake = tokio::select! {
             biased;
             _ = self.shutdown.wait_for(|stopping| *stopping) => Wake::Shutdown,
+            () = expiry(expires_at) => Wake::Expired,
             message = self.receiver.recv() => Wake::Message(message),
             _ = self.keepalive.tick() => Wake::KeepAlive,
         };
@@ -138,6 +159,13 @@ impl Conn {
                 Some(reconnect(
                     "shutdown",
                     "the server is restarting; reconnect with your last event id",
+                ))
+            }
+            Wake::Expired => {
+                self.done = true;
+                Some(reconnect(
+                    "token_expired",
+                    "your credential expired; reconnect with a fresh one and your last event id",
                 ))
             }
             Wake::Message(message) => {
@@ -186,6 +214,14 @@ impl Conn {
             }
         }
         batch.map_or(first, BytesMut::freeze)
+    }
+}
+
+/// Resolves when a credential expiring at `at` expires; never if it does not.
+pub(crate) async fn expiry(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -8,8 +8,11 @@
 //! `{"type":"publish","event"?,"data"|"data_base64","idempotency_key"?,"ref"?}` as text, or a
 //! binary frame whose bytes are published as is.
 
+use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Extension;
 use axum::extract::State;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
@@ -27,7 +30,10 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 
+use crate::auth::{Auth, Need, Principal};
 use crate::channels::{self, ChannelName, check_message};
+use crate::limits::{ClientIp, Limits};
+use crate::sse::expiry;
 use crate::{ApiError, AppState, cursor};
 
 /// Close codes, documented for clients.
@@ -38,11 +44,15 @@ mod close {
     pub(super) const SLOW_CONSUMER: u16 = 1008;
     /// Nothing (not even a pong) arrived within the idle timeout.
     pub(super) const HEARTBEAT_TIMEOUT: u16 = 4000;
+    /// The client's credential expired and was not refreshed; reconnect with a fresh one.
+    pub(super) const TOKEN_EXPIRED: u16 = 4001;
 }
 
 /// `GET /v1/channels/{channel}/ws`
 pub(crate) async fn subscribe(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Extension(ClientIp(ip)): Extension<ClientIp>,
     ChannelName(channel): ChannelName,
     uri: Uri,
     headers: HeaderMap,
@@ -62,11 +72,16 @@ pub(crate) async fn subscribe(
     let max_message = settings.limits.max_message_size.0 as usize / 3 * 4 + 64 * 1024;
     let conn = Conn {
         label: channel.clone(),
+        expires_at: principal.time_left().map(|left| Instant::now() + left),
         mode: Mode::Channel {
             channel,
             channels: state.channels.clone(),
             client_publish: settings.websocket.client_publish,
             max_message_size: settings.limits.max_message_size.0 as usize,
+            auth: state.auth.clone(),
+            principal,
+            limits: state.limits.clone(),
+            ip,
         },
         receiver,
         shutdown: state.shutdown.clone(),
@@ -93,6 +108,9 @@ pub(crate) fn tuned(upgrade: WebSocketUpgrade, max_message: usize) -> WebSocketU
 pub(crate) struct Conn {
     /// What the connection is for, in logs: a channel name or `namespace/name`.
     pub(crate) label: String,
+    /// When the client's credential expires: the connection closes then (code 4001) unless
+    /// the client sent a fresh one (`{"type":"auth","token":...}`, channel sockets only).
+    pub(crate) expires_at: Option<Instant>,
     pub(crate) mode: Mode,
     pub(crate) receiver: SocketReceiver,
     pub(crate) shutdown: watch::Receiver<bool>,
@@ -108,6 +126,13 @@ pub(crate) enum Mode {
         channels: Namespace<Channel>,
         client_publish: bool,
         max_message_size: usize,
+        /// Verifies refreshed credentials.
+        auth: Auth,
+        /// Who is connected; decides whether the client may publish.
+        principal: Principal,
+        /// Publish rate limits, shared with HTTP publishers.
+        limits: Arc<Limits>,
+        ip: Option<IpAddr>,
     },
     /// A socket accepted by a user object: messages are forwarded, in order, to the object.
     Object {
@@ -146,6 +171,7 @@ impl Conn {
         loop {
             enum Wake {
                 Shutdown,
+                Expired,
                 Outbound(Option<Outbound>),
                 Ack(Value),
                 Incoming(Option<Result<Message, axum::Error>>),
@@ -154,6 +180,7 @@ impl Conn {
             let wake = tokio::select! {
                 biased;
                 _ = self.shutdown.wait_for(|stopping| *stopping) => Wake::Shutdown,
+                () = expiry(self.expires_at) => Wake::Expired,
                 outbound = self.receiver.recv() => Wake::Outbound(outbound),
                 Some(ack) = async {
                     match acks.as_mut() {
@@ -167,6 +194,9 @@ impl Conn {
             match wake {
                 Wake::Shutdown => {
                     return close_with(&mut sink, close::RESTART, "service restart").await;
+                }
+                Wake::Expired => {
+                    return close_with(&mut sink, close::TOKEN_EXPIRED, "token expired").await;
                 }
                 Wake::Outbound(None) => {
                     return close_with(&mut sink, 1000, "the server ended the connection").await;
@@ -270,11 +300,12 @@ impl Conn {
         None
     }
 
-    fn on_text(&self, text: &str, acks: &mpsc::UnboundedSender<Value>) {
+    fn on_text(&mut self, text: &str, acks: &mpsc::UnboundedSender<Value>) {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
         struct Publish {
             r#type: String,
+            token: Option<String>,
             event: Option<String>,
             data: Option<String>,
             data_base64: Option<String>,
@@ -295,11 +326,14 @@ impl Conn {
                 );
             }
         };
+        if request.r#type == "auth" {
+            return self.on_auth(request.token.as_deref(), request.r#ref, acks);
+        }
         if request.r#type != "publish" {
             return error(
                 "bad_message",
                 format!(
-                    "unknown message type {:?}; clients may send \"publish\"",
+                    "unknown message type {:?}; clients may send \"publish\" or \"auth\"",
                     request.r#type
                 ),
                 request.r#ref,
@@ -334,6 +368,44 @@ impl Conn {
         );
     }
 
+    /// Replaces the connection's credential with a fresh one that still grants this
+    /// channel, pushing back its expiry; a refused one leaves the old one in force.
+    fn on_auth(
+        &mut self,
+        token: Option<&str>,
+        r#ref: Option<Value>,
+        acks: &mpsc::UnboundedSender<Value>,
+    ) {
+        let Mode::Channel {
+            channel,
+            auth,
+            principal,
+            ..
+        } = &mut self.mode
+        else {
+            return;
+        };
+        let fresh = token
+            .ok_or_else(|| {
+                ApiError::bad_request("bad_message", "an auth message needs a \"token\"")
+            })
+            .and_then(|t| auth.verify(t))
+            .and_then(|p| p.require(Need::Subscribe(channel)).map(|()| p));
+        let reply = match fresh {
+            Ok(fresh) => {
+                self.expires_at = fresh.time_left().map(|left| Instant::now() + left);
+                let expires_at = fresh
+                    .expires
+                    .and_then(|at| at.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map(|d| d.as_secs());
+                *principal = fresh;
+                json!({"type": "auth_ok", "expires_at": expires_at, "ref": r#ref})
+            }
+            Err(e) => json!({"type": "error", "code": e.code, "message": e.message, "ref": r#ref}),
+        };
+        let _ = acks.send(reply);
+    }
+
     fn on_publish(
         &self,
         event: Option<String>,
@@ -352,6 +424,10 @@ impl Conn {
             channels,
             client_publish,
             max_message_size,
+            principal,
+            limits,
+            ip,
+            ..
         } = &self.mode
         else {
             return;
@@ -361,6 +437,12 @@ impl Conn {
                 "forbidden",
                 "publishing over this socket is disabled".to_string(),
             );
+        }
+        if let Err(e) = principal.require(Need::Publish(channel)) {
+            return fail(e.code, e.message);
+        }
+        if let Err(e) = limits.publish(*ip, principal, 1) {
+            return fail(e.code, e.message);
         }
         if data.len() > *max_message_size {
             return fail(

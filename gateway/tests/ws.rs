@@ -203,7 +203,7 @@ async fn a_malformed_client_message_gets_an_error_and_the_socket_stays_usable() 
         (
             json!({"type": "subscribe", "ref": 7}),
             "bad_message",
-            Some(r#"unknown message type "subscribe"; clients may send "publish""#),
+            Some(r#"unknown message type "subscribe"; clients may send "publish" or "auth""#),
         ),
         (
             json!({"type": "publish", "ref": 8}),

@@ -14,6 +14,11 @@ impl ByteSize {
     pub const fn mib(n: u64) -> Self {
         Self(n * 1024 * 1024)
     }
+
+    /// `n` kibibytes.
+    pub const fn kib(n: u64) -> Self {
+        Self(n * 1024)
+    }
 }
 
 impl FromStr for ByteSize {
