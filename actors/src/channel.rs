@@ -99,6 +99,11 @@ pub enum ChannelResponse {
     Published(Vec<Published>),
     /// The subscriber was added.
     Subscribed,
+    /// The channel already holds `limit` subscribers; this one was not added.
+    Full {
+        /// The configured `max_subscribers`.
+        limit: usize,
+    },
     /// A page of history.
     History(HistoryPage),
     /// The channel's description.
@@ -137,6 +142,8 @@ pub struct ChannelInfo {
 pub struct Channel {
     settings: ChannelSettings,
     memory_tail_bytes: usize,
+    /// See [`ChannelEnv::max_subscribers`].
+    max_subscribers: usize,
     /// The log's epoch; 0 while the channel has no log.
     epoch: u64,
     next_seq: u64,
@@ -156,6 +163,7 @@ impl Object for Channel {
         let mut channel = Channel {
             settings,
             memory_tail_bytes: env.memory_tail_bytes.max(1),
+            max_subscribers: env.max_subscribers,
             epoch: 0,
             next_seq: 1,
             tail: VecDeque::new(),
@@ -205,6 +213,10 @@ impl Object for Channel {
         match request {
             ChannelRequest::Publish(messages) => self.publish(ctx, messages),
             ChannelRequest::Subscribe { socket, start } => {
+                let limit = self.max_subscribers;
+                if limit > 0 && ctx.socket_count() >= limit {
+                    return Ok(ChannelResponse::Full { limit });
+                }
                 // Everything retained after the cursor: the log may hold more than
                 // `max_events` until the next publish trims it (after a config change).
                 let (gap, backlog) = self.read(ctx, start, usize::MAX)?;

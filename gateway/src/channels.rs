@@ -182,11 +182,23 @@ pub(crate) async fn subscribe(
         .channels
         .call(channel, ChannelRequest::Subscribe { socket, start })
         .await?;
-    let ChannelResponse::Subscribed = response else {
-        return Err(unexpected());
-    };
-    Ok(receiver)
+    match response {
+        ChannelResponse::Subscribed => Ok(receiver),
+        ChannelResponse::Full { limit } => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "channel_full",
+            format!(
+                "channel {channel:?} has its maximum of {limit} subscribers \
+                 (limits.max_subscribers_per_channel); retry later"
+            ),
+        )
+        .retry_after(CHANNEL_FULL_RETRY_AFTER_SECS)),
+        _ => Err(unexpected()),
+    }
 }
+
+/// `Retry-After` for a subscriber refused by a full channel: places free up as clients leave.
+const CHANNEL_FULL_RETRY_AFTER_SECS: u64 = 5;
 
 pub(crate) fn unexpected() -> ApiError {
     ApiError::new(

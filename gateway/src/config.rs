@@ -220,6 +220,8 @@ pub struct LimitsSettings {
     pub publish_rate_per_credential: u32,
     /// Messages a publisher may send in a burst above its rate; 0: one second's worth.
     pub publish_burst: u32,
+    /// Subscribers one channel holds; beyond it a new subscriber gets 503. 0: no limit.
+    pub max_subscribers_per_channel: usize,
 }
 
 /// `[sse]`
@@ -330,6 +332,7 @@ impl Default for LimitsSettings {
             publish_rate_per_ip: 0,
             publish_rate_per_credential: 0,
             publish_burst: 0,
+            max_subscribers_per_channel: 100_000,
         }
     }
 }
@@ -355,7 +358,7 @@ impl Default for WebSocketSettings {
 
 impl ChannelsSettings {
     /// What the `Channel` objects share, built from these settings.
-    pub fn env(&self) -> ChannelEnv {
+    pub fn env(&self, limits: &LimitsSettings) -> ChannelEnv {
         let default = ChannelSettings {
             max_events: self.max_events,
             max_bytes: self.max_bytes.0,
@@ -383,6 +386,7 @@ impl ChannelsSettings {
             default,
             prefixes,
             memory_tail_bytes: self.memory_tail.0 as usize,
+            max_subscribers: limits.max_subscribers_per_channel,
         }
     }
 }
@@ -534,7 +538,7 @@ max_message_size = "1MiB"
         assert_eq!(s.limits.max_message_size, ByteSize::mib(2));
         assert_eq!(s.storage.durability, Durability::Never);
         assert!(!s.websocket.client_publish);
-        let env = s.channels.env();
+        let env = s.channels.env(&s.limits);
         assert_eq!(env.settings_for("chat:1").max_events, 50);
         assert_eq!(env.settings_for("chat:1").max_bytes, 2 * 1024 * 1024);
         assert_eq!(env.settings_for("news").max_events, 7);

@@ -82,7 +82,7 @@ impl Dormouse {
         let channels = runtime.namespace::<Channel>(
             NAMESPACE,
             NamespaceConfig::with_idle_timeout(settings.channels.idle_timeout),
-            settings.channels.env(),
+            settings.channels.env(&settings.limits),
         );
         let (stop, shutdown) = watch::channel(false);
         let connections = Arc::new(Connections::new(

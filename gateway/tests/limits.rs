@@ -224,3 +224,49 @@ async fn requests_beyond_the_inflight_limit_are_shed_and_subscribers_keep_receiv
     assert_eq!(event.data, "partial body");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_full_channel_refuses_new_subscribers_until_one_leaves() {
+    let server = TestServer::start_with(|s| s.limits.max_subscribers_per_channel = 2).await;
+    let first = SseClient::connect(&server, "/v1/channels/full/events", None).await;
+    let mut second = SseClient::connect(&server, "/v1/channels/full/events", None).await;
+    let res = server
+        .client
+        .get(server.url("/v1/channels/full/events"))
+        .send()
+        .await
+        .unwrap();
+    let retry = res.headers().get("retry-after").cloned();
+    let (status, code, message) = error_of(res).await;
+    assert_eq!((status, code.as_str()), (503, "channel_full"));
+    assert!(
+        message.contains("limits.max_subscribers_per_channel"),
+        "{message}"
+    );
+    assert_eq!(retry.unwrap(), "5");
+    // Other channels are not affected, and the subscribers keep receiving.
+    let _other = SseClient::connect(&server, "/v1/channels/other/events", None).await;
+    let id = server.publish("full", "x").await;
+    assert_eq!(
+        second.next().await.unwrap().id.as_deref(),
+        Some(id.as_str())
+    );
+    // A subscriber that leaves frees its place.
+    drop(first);
+    let mut admitted = false;
+    for _ in 0..100 {
+        let res = server
+            .client
+            .get(server.url("/v1/channels/full/events"))
+            .send()
+            .await
+            .unwrap();
+        if res.status() == 200 {
+            admitted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(admitted);
+    server.stop().await;
+}

@@ -58,6 +58,9 @@ pub struct ChannelEnv {
     /// Bytes of recent events an active channel keeps in memory (older replay comes from
     /// storage); bounds the memory of an active channel whatever its retention.
     pub memory_tail_bytes: usize,
+    /// Most subscribers one channel holds; a subscribe beyond it is refused, so one hot
+    /// channel cannot take every connection's memory. 0: no limit.
+    pub max_subscribers: usize,
 }
 
 impl ChannelEnv {
