@@ -34,6 +34,8 @@ const IDEMPOTENCY_PREFIX: &[u8] = b"idem/";
 const SEQ_JUMP_AFTER_CRASH: u64 = 1 << 32;
 /// Keyed publishes between sweeps of expired idempotency records.
 const SWEEP_EVERY: u32 = 64;
+/// Log entries read per page while an activation rebuilds its in-memory tail.
+const TAIL_PAGE: usize = 64;
 
 /// One message to publish. Names and keys are validated by the caller (the gateway answers
 /// 400 for bad ones without waking the channel).
@@ -176,10 +178,11 @@ impl Object for Channel {
             // Newest first until the memory bound, then back into order.
             let mut budget = channel.memory_tail_bytes;
             let mut loaded = Vec::new();
+            // Backwards a page at a time by key range, never by arithmetic on seqs: the log
+            // has a hole after each crash (see below).
             let mut before = channel.next_seq;
-            'outer: while before > meta.first_seq {
-                let from = before.saturating_sub(64).max(meta.first_seq);
-                let chunk = ctx.read_log(from, (before - from) as usize)?;
+            'outer: loop {
+                let chunk = ctx.read_log_before(before, TAIL_PAGE)?;
                 for entry in chunk.iter().rev() {
                     let event =
                         Event::from_record(meta.epoch, entry.seq, entry.timestamp_ms, &entry.data)?;
@@ -189,7 +192,10 @@ impl Object for Channel {
                     budget = budget.saturating_sub(event.weight());
                     loaded.push(Arc::new(event));
                 }
-                before = from;
+                match chunk.first() {
+                    Some(oldest) if chunk.len() == TAIL_PAGE => before = oldest.seq,
+                    _ => break,
+                }
             }
             for event in loaded.into_iter().rev() {
                 channel.push_tail(event);
@@ -456,7 +462,9 @@ impl Channel {
             .to_string()
         };
         Ok(ChannelInfo {
-            last_id: (self.epoch != 0 && self.next_seq > 1).then(|| id(self.next_seq - 1)),
+            // The newest event actually appended: after an unclean restart `next_seq` has
+            // jumped past ids that were never used, and a client must not be told of one.
+            last_id: meta.filter(|m| m.last_seq > 0).map(|m| id(m.last_seq)),
             earliest_id: meta.filter(|m| m.count > 0).map(|m| id(m.first_seq)),
             events: meta.map_or(0, |m| m.count),
             bytes: meta.map_or(0, |m| m.bytes),

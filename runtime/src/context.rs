@@ -180,6 +180,12 @@ impl<'a> Context<'a> {
         Ok(self.storage.read_log_tail(self.id, limit)?)
     }
 
+    /// The last `limit` committed entries with `seq < before_seq`, oldest first: for reading
+    /// a log backwards a page at a time (seqs may have holes after a crash).
+    pub fn read_log_before(&self, before_seq: u64, limit: usize) -> Result<Vec<LogEntry>> {
+        Ok(self.storage.read_log_before(self.id, before_seq, limit)?)
+    }
+
     /// Appends an event to the object's log; `seq` must exceed every earlier sequence of the
     /// current epoch, or the whole batch is refused.
     pub fn append_log(&mut self, seq: u64, timestamp_ms: u64, data: impl Into<Bytes>) {

@@ -98,6 +98,16 @@ pub trait Storage: Send + Sync + Debug + 'static {
     /// rebuild its in-memory tail.
     fn read_log_tail(&self, id: &ObjectId, limit: usize) -> Result<Vec<LogEntry>>;
 
+    /// The last `limit` entries with `seq < before_seq`, in sequence order: reading a log
+    /// backwards a page at a time, which must not assume seqs are contiguous (a crash leaves
+    /// a hole; see `Context::first_activation_after_crash`).
+    fn read_log_before(
+        &self,
+        id: &ObjectId,
+        before_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<LogEntry>>;
+
     /// One key/value record of the object.
     fn get(&self, id: &ObjectId, key: &[u8]) -> Result<Option<Bytes>>;
 

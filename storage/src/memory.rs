@@ -109,6 +109,15 @@ impl Storage for MemoryStorage {
         raw::read_log_tail(&*self.records(), id, limit)
     }
 
+    fn read_log_before(
+        &self,
+        id: &ObjectId,
+        before_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<LogEntry>> {
+        raw::read_log_before(&*self.records(), id, before_seq, limit)
+    }
+
     fn get(&self, id: &ObjectId, key: &[u8]) -> Result<Option<Bytes>> {
         raw::get(&*self.records(), id, key)
     }

@@ -106,6 +106,26 @@ pub(crate) fn read_log_tail(raw: &dyn Raw, id: &ObjectId, limit: usize) -> Resul
     Ok(entries)
 }
 
+pub(crate) fn read_log_before(
+    raw: &dyn Raw,
+    id: &ObjectId,
+    before_seq: u64,
+    limit: usize,
+) -> Result<Vec<LogEntry>> {
+    let prefix = key::object_prefix(key::LOG_ENTRY, id)?;
+    let end = key::log_entry_key(id, before_seq)?;
+    let mut entries = collect_entries(
+        raw,
+        &prefix,
+        Bound::Included(&prefix),
+        Bound::Excluded(&end),
+        true,
+        limit,
+    )?;
+    entries.reverse();
+    Ok(entries)
+}
+
 fn collect_entries(
     raw: &dyn Raw,
     prefix: &[u8],

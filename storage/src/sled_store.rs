@@ -388,6 +388,15 @@ impl Storage for SledStorage {
         raw::read_log_tail(&*self.db, id, limit)
     }
 
+    fn read_log_before(
+        &self,
+        id: &ObjectId,
+        before_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<LogEntry>> {
+        raw::read_log_before(&*self.db, id, before_seq, limit)
+    }
+
     fn get(&self, id: &ObjectId, key: &[u8]) -> Result<Option<Bytes>> {
         raw::get(&*self.db, id, key)
     }

@@ -54,12 +54,29 @@ fn append_and_read() {
         append_n(store, &chan, [20, 25].into_iter(), 16);
         assert_eq!(seqs(&store.read_log(&chan, 11, 10).unwrap()), [20, 25]);
         assert_eq!(seqs(&store.read_log(&chan, 21, 10).unwrap()), [25]);
+        // Backwards by key range, across the holes.
+        assert_eq!(
+            seqs(&store.read_log_before(&chan, 25, 3).unwrap()),
+            [9, 10, 20]
+        );
+        assert_eq!(seqs(&store.read_log_before(&chan, 20, 2).unwrap()), [9, 10]);
+        assert_eq!(seqs(&store.read_log_before(&chan, 3, 10).unwrap()), [1, 2]);
+        assert_eq!(
+            seqs(&store.read_log_before(&chan, u64::MAX, 2).unwrap()),
+            [20, 25]
+        );
+        assert!(store.read_log_before(&chan, 1, 10).unwrap().is_empty());
+        assert!(store.read_log_before(&chan, 25, 0).unwrap().is_empty());
 
         // Another object's log is separate, including one whose name extends this one's.
         let other = id("channel", "newsy");
         append_n(store, &other, 1..=2, 4);
         assert_eq!(store.read_log(&chan, 0, 100).unwrap().len(), 12);
         assert_eq!(seqs(&store.read_log_tail(&other, 10).unwrap()), [1, 2]);
+        assert_eq!(
+            seqs(&store.read_log_before(&other, 100, 10).unwrap()),
+            [1, 2]
+        );
     });
 }
 

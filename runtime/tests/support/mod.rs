@@ -253,6 +253,14 @@ impl Storage for GatedStorage {
     ) -> dormouse_runtime::storage::Result<Vec<LogEntry>> {
         self.inner.read_log_tail(id, limit)
     }
+    fn read_log_before(
+        &self,
+        id: &ObjectId,
+        before_seq: u64,
+        limit: usize,
+    ) -> dormouse_runtime::storage::Result<Vec<LogEntry>> {
+        self.inner.read_log_before(id, before_seq, limit)
+    }
     fn get(&self, id: &ObjectId, key: &[u8]) -> dormouse_runtime::storage::Result<Option<Bytes>> {
         self.inner.get(id, key)
     }
