@@ -10,6 +10,7 @@
 //!   as a yardstick) that the bench starts, or one already running.
 //! - `wire`: the server under test and minimal WebSocket, SSE and RESP clients.
 //! - `proc`: memory figures from `/proc/<pid>/status`.
+//! - `crash` (in the library): the crash-safety harness.
 
 mod activation;
 mod fanout;
@@ -47,6 +48,12 @@ enum Scenario {
     Idle(idle::Args),
     /// Acknowledged publishes per second over HTTP with C concurrent publishers.
     Publish(publish::Args),
+    /// Kill the server with SIGKILL at random moments under publish load, restart it, and
+    /// check that resuming consumers got every acknowledged message exactly once, in order.
+    Crash(dormouse_bench::crash::Args),
+    /// Steady publishers and churning (drop and resume) subscribers for a long time:
+    /// no gaps, no repeats, and the server's memory over time.
+    Soak(dormouse_bench::soak::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -57,6 +64,25 @@ fn main() -> anyhow::Result<()> {
         Scenario::Fanout(args) => serde_json::to_string(&fanout::run(args)?)?,
         Scenario::Idle(args) => serde_json::to_string(&idle::run(args)?)?,
         Scenario::Publish(args) => serde_json::to_string(&publish::run(args)?)?,
+        Scenario::Crash(args) => {
+            let report =
+                tokio::runtime::Runtime::new()?.block_on(dormouse_bench::crash::run(args))?;
+            let ok = report.ok;
+            println!("{}", serde_json::to_string(&report)?);
+            anyhow::ensure!(ok, "the crash harness found violations (see the report)");
+            return Ok(());
+        }
+        Scenario::Soak(args) => {
+            let report =
+                tokio::runtime::Runtime::new()?.block_on(dormouse_bench::soak::run(args))?;
+            let ok = report.ok;
+            println!("{}", serde_json::to_string(&report)?);
+            anyhow::ensure!(
+                ok,
+                "the soak found gaps, repeats or errors (see the report)"
+            );
+            return Ok(());
+        }
     };
     println!("{report}");
     Ok(())

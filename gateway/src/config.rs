@@ -222,6 +222,10 @@ pub struct LimitsSettings {
     pub publish_burst: u32,
     /// Subscribers one channel holds; beyond it a new subscriber gets 503. 0: no limit.
     pub max_subscribers_per_channel: usize,
+    /// A client must send a complete request head within this long, or its connection is
+    /// closed: a client that trickles its headers (slow-loris) cannot hold connections.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
 }
 
 /// `[sse]`
@@ -333,6 +337,7 @@ impl Default for LimitsSettings {
             publish_rate_per_credential: 0,
             publish_burst: 0,
             max_subscribers_per_channel: 100_000,
+            header_read_timeout: Duration::from_secs(15),
         }
     }
 }

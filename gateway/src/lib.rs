@@ -40,4 +40,6 @@ pub use config::{
 pub use error::ApiError;
 pub use limits::Limits;
 pub use objects::SUBJECT_HEADER;
+pub use publish::{Planned, parse_batch};
 pub use server::{AppState, Dormouse, shutdown_signal};
+pub use ws::{ClientMessage, parse_client_message};

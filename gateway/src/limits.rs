@@ -13,11 +13,7 @@ use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use axum::extract::connect_info::Connected;
-use axum::serve::IncomingStream;
-
 use crate::auth::Principal;
-use crate::listener::GuardedListener;
 use crate::{ApiError, AppState, LimitsSettings};
 
 /// `Retry-After` of a request shed under overload: soon, spread by the clients' own jitter.
@@ -222,15 +218,9 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// The address a connection came from, recorded by the server for every request.
+/// The address a connection came from, put in every request by the server.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct PeerAddr(pub(crate) SocketAddr);
-
-impl Connected<IncomingStream<'_, GuardedListener>> for PeerAddr {
-    fn connect_info(stream: IncomingStream<'_, GuardedListener>) -> Self {
-        Self(*stream.remote_addr())
-    }
-}
 
 /// The client's address, left in the request by [`guard`] for the rate limits.
 #[derive(Debug, Clone, Copy)]

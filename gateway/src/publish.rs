@@ -26,7 +26,56 @@ use crate::limits::ClientIp;
 use crate::{ApiError, AppState};
 
 /// One (item, channel) pair ready to publish, or why it cannot be.
-type Planned = Result<(String, NewMessage), ApiError>;
+pub type Planned = Result<(String, NewMessage), ApiError>;
+
+/// Parses a batch body (a JSON array, or NDJSON) into one entry per (item, channel), each
+/// validated on its own; the whole body fails only when it is not JSON of the right shape
+/// or has more than `max_messages` items. Public so the fuzz target can drive it; it never
+/// panics, whatever the input.
+pub fn parse_batch(
+    body: &[u8],
+    ndjson: bool,
+    max_messages: usize,
+    max_message_size: usize,
+) -> Result<Vec<Planned>, ApiError> {
+    let items: Vec<Result<Value, ApiError>> = if ndjson {
+        body.split(|&b| b == b'\n')
+            .enumerate()
+            .filter(|(_, line)| !line.iter().all(u8::is_ascii_whitespace))
+            .map(|(n, line)| {
+                serde_json::from_slice(line)
+                    .map_err(|e| ApiError::bad_request("bad_json", format!("line {}: {e}", n + 1)))
+            })
+            .collect()
+    } else {
+        let value: Value = serde_json::from_slice(body).map_err(|e| {
+            ApiError::bad_request(
+                "bad_json",
+                format!("the body must be a JSON array of messages (or NDJSON with an ndjson content type): {e}"),
+            )
+        })?;
+        let Value::Array(items) = value else {
+            return Err(ApiError::bad_request(
+                "bad_json",
+                "the body must be a JSON array of messages",
+            ));
+        };
+        items.into_iter().map(Ok).collect()
+    };
+    if items.len() > max_messages {
+        return Err(ApiError::too_large(format!(
+            "{} messages in one batch; the limit is {max_messages}",
+            items.len(),
+        )));
+    }
+    Ok(items
+        .into_iter()
+        .flat_map(|item| match item.and_then(|v| plan(v, max_message_size)) {
+            Ok(pairs) => pairs.into_iter().map(Ok).collect::<Vec<_>>(),
+            Err(e) => vec![Err(e)],
+        })
+        .collect())
+}
 
 pub(crate) async fn batch(
     State(state): State<AppState>,
@@ -41,45 +90,15 @@ pub(crate) async fn batch(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.contains("ndjson"));
-    let items: Vec<Result<Value, ApiError>> = if ndjson {
-        body.split(|&b| b == b'\n')
-            .enumerate()
-            .filter(|(_, line)| !line.iter().all(u8::is_ascii_whitespace))
-            .map(|(n, line)| {
-                serde_json::from_slice(line)
-                    .map_err(|e| ApiError::bad_request("bad_json", format!("line {}: {e}", n + 1)))
-            })
-            .collect()
-    } else {
-        let value: Value = serde_json::from_slice(&body).map_err(|e| {
-            ApiError::bad_request(
-                "bad_json",
-                format!("the body must be a JSON array of messages (or NDJSON with an ndjson content type): {e}"),
-            )
-        })?;
-        let Value::Array(items) = value else {
-            return Err(ApiError::bad_request(
-                "bad_json",
-                "the body must be a JSON array of messages",
-            ));
-        };
-        items.into_iter().map(Ok).collect()
-    };
-    if items.len() > limits.max_batch_messages {
-        return Err(ApiError::too_large(format!(
-            "{} messages in one batch; the limit is {}",
-            items.len(),
-            limits.max_batch_messages
-        )));
-    }
-    let max_message = limits.max_message_size.0 as usize;
-    let planned: Vec<Planned> = items
+    let planned = parse_batch(
+        &body,
+        ndjson,
+        limits.max_batch_messages,
+        limits.max_message_size.0 as usize,
+    )?;
+    // Each pair needs its own grant; a refused one fails alone, like any bad item.
+    let planned: Vec<Planned> = planned
         .into_iter()
-        .flat_map(|item| match item.and_then(|v| plan(v, max_message)) {
-            Ok(pairs) => pairs.into_iter().map(Ok).collect::<Vec<_>>(),
-            Err(e) => vec![Err(e)],
-        })
-        // Each pair needs its own grant; a refused one fails alone, like any bad item.
         .map(|pair| {
             pair.and_then(|(channel, message)| {
                 principal.require(Need::Publish(&channel))?;

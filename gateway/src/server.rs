@@ -5,18 +5,27 @@ use std::sync::{Arc, RwLock};
 
 use anyhow::Context as _;
 use axum::Router;
+use axum::body::Body;
+use axum::extract::ConnectInfo;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{Method, Uri};
 use axum::middleware;
 use axum::routing::{any, get, post};
+use axum::serve::Listener as _;
 use dormouse_actors::Channel;
 use dormouse_actors::channel::NAMESPACE;
 use dormouse_runtime::{DynNamespace, Namespace, NamespaceConfig, Object, Runtime};
 use dormouse_storage::{SledConfig, SledStorage};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tower::ServiceExt as _;
 use tracing::info;
 
 use tower_http::cors::{AllowOrigin, CorsLayer};
@@ -184,24 +193,50 @@ impl Dormouse {
             write_timeout,
             self.connections.clone(),
         );
-        let app = self
-            .router()
-            .into_make_service_with_connect_info::<PeerAddr>();
+        // hyper directly rather than `axum::serve`, for what axum does not expose: a
+        // deadline on reading request heads.
+        let router = self.router();
+        let mut http = auto::Builder::new(TokioExecutor::new());
+        http.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.state.settings.limits.header_read_timeout);
+        let graceful = GracefulShutdown::new();
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut listener = listener;
+        loop {
+            let (io, peer) = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = &mut shutdown => break,
+            };
+            let peer = ConnectInfo(PeerAddr(peer));
+            let service =
+                router
+                    .clone()
+                    .map_request(move |mut request: http::Request<Incoming>| {
+                        request.extensions_mut().insert(peer);
+                        request.map(Body::new)
+                    });
+            let connection = http
+                .serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(service))
+                .into_owned();
+            let connection = graceful.watch(connection);
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::trace!(error = %e, "connection ended with an error");
+                }
+            });
+        }
+        drop(listener);
+        info!("shutting down: closing connections");
+        let _ = stop.send(true);
+        // Connections that cannot say goodbye in time (a client that stopped reading) are
+        // cut.
         let cut_off = kill.clone();
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                shutdown.await;
-                info!("shutting down: closing connections");
-                let _ = stop.send(true);
-                // Connections that cannot say goodbye in time (a client that stopped
-                // reading) are cut.
-                tokio::spawn(async move {
-                    tokio::time::sleep(grace).await;
-                    cut_off.cancel();
-                });
-            })
-            .await
-            .context("serving HTTP")?;
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            cut_off.cancel();
+        });
+        graceful.shutdown().await;
         self.state.tasks.close();
         if tokio::time::timeout(grace * 2, self.state.tasks.wait())
             .await

@@ -140,6 +140,96 @@ pub(crate) enum Mode {
     },
 }
 
+/// A text message a channel subscriber may send (see the module doc for the framing).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientMessage {
+    /// `{"type":"publish","event"?,"data"|"data_base64","idempotency_key"?,"ref"?}`
+    Publish {
+        /// The event name, not yet validated.
+        event: Option<String>,
+        /// The payload, decoded from base64 when given as `data_base64`.
+        data: Bytes,
+        /// Not yet validated.
+        idempotency_key: Option<String>,
+        /// Echoed in the answer.
+        r#ref: Option<Value>,
+    },
+    /// `{"type":"auth","token":"...","ref"?}`: a fresh credential for this connection.
+    Auth {
+        /// The token, not yet verified.
+        token: String,
+        /// Echoed in the answer.
+        r#ref: Option<Value>,
+    },
+}
+
+/// Parses a client's text message, or says what is wrong with it (with the `ref` it
+/// carried, when it could be read). Public so the fuzz target can drive it; it never
+/// panics, whatever the input.
+pub fn parse_client_message(text: &str) -> Result<ClientMessage, (ApiError, Option<Value>)> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Raw {
+        r#type: String,
+        token: Option<String>,
+        event: Option<String>,
+        data: Option<String>,
+        data_base64: Option<String>,
+        idempotency_key: Option<String>,
+        r#ref: Option<Value>,
+    }
+    let bad = |message: String| ApiError::bad_request("bad_message", message);
+    let raw: Raw = serde_json::from_str(text).map_err(|e| {
+        (
+            bad(format!(
+                "expected {{\"type\":\"publish\",\"data\":...}}: {e}"
+            )),
+            None,
+        )
+    })?;
+    match raw.r#type.as_str() {
+        "auth" => match raw.token {
+            Some(token) => Ok(ClientMessage::Auth {
+                token,
+                r#ref: raw.r#ref,
+            }),
+            None => Err((
+                bad("an auth message needs a \"token\"".to_string()),
+                raw.r#ref,
+            )),
+        },
+        "publish" => {
+            let data = match (raw.data, raw.data_base64) {
+                (Some(text), None) => Bytes::from(text),
+                (None, Some(b64)) => match BASE64.decode(b64.as_bytes()) {
+                    Ok(bytes) => Bytes::from(bytes),
+                    Err(e) => {
+                        return Err((bad(format!("data_base64 is not base64: {e}")), raw.r#ref));
+                    }
+                },
+                _ => {
+                    return Err((
+                        bad("give exactly one of data and data_base64".to_string()),
+                        raw.r#ref,
+                    ));
+                }
+            };
+            Ok(ClientMessage::Publish {
+                event: raw.event,
+                data,
+                idempotency_key: raw.idempotency_key,
+                r#ref: raw.r#ref,
+            })
+        }
+        other => Err((
+            bad(format!(
+                "unknown message type {other:?}; clients may send \"publish\" or \"auth\""
+            )),
+            raw.r#ref,
+        )),
+    }
+}
+
 /// Why a connection ended, for the log line.
 #[derive(Debug)]
 enum End {
@@ -301,71 +391,20 @@ impl Conn {
     }
 
     fn on_text(&mut self, text: &str, acks: &mpsc::UnboundedSender<Value>) {
-        #[derive(Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct Publish {
-            r#type: String,
-            token: Option<String>,
-            event: Option<String>,
-            data: Option<String>,
-            data_base64: Option<String>,
-            idempotency_key: Option<String>,
-            r#ref: Option<Value>,
-        }
-        let error = |code: &str, message: String, r#ref: Option<Value>| {
-            let _ =
-                acks.send(json!({"type": "error", "code": code, "message": message, "ref": r#ref}));
-        };
-        let request: Publish = match serde_json::from_str(text) {
-            Ok(r) => r,
-            Err(e) => {
-                return error(
-                    "bad_message",
-                    format!("expected {{\"type\":\"publish\",\"data\":...}}: {e}"),
-                    None,
+        match parse_client_message(text) {
+            Ok(ClientMessage::Auth { token, r#ref }) => self.on_auth(Some(&token), r#ref, acks),
+            Ok(ClientMessage::Publish {
+                event,
+                data,
+                idempotency_key,
+                r#ref,
+            }) => self.on_publish(event, data, idempotency_key, r#ref, acks),
+            Err((e, r#ref)) => {
+                let _ = acks.send(
+                    json!({"type": "error", "code": e.code, "message": e.message, "ref": r#ref}),
                 );
             }
-        };
-        if request.r#type == "auth" {
-            return self.on_auth(request.token.as_deref(), request.r#ref, acks);
         }
-        if request.r#type != "publish" {
-            return error(
-                "bad_message",
-                format!(
-                    "unknown message type {:?}; clients may send \"publish\" or \"auth\"",
-                    request.r#type
-                ),
-                request.r#ref,
-            );
-        }
-        let data = match (request.data, request.data_base64) {
-            (Some(text), None) => Bytes::from(text),
-            (None, Some(b64)) => match BASE64.decode(b64.as_bytes()) {
-                Ok(bytes) => Bytes::from(bytes),
-                Err(e) => {
-                    return error(
-                        "bad_message",
-                        format!("data_base64 is not base64: {e}"),
-                        request.r#ref,
-                    );
-                }
-            },
-            _ => {
-                return error(
-                    "bad_message",
-                    "give exactly one of data and data_base64".to_string(),
-                    request.r#ref,
-                );
-            }
-        };
-        self.on_publish(
-            request.event,
-            data,
-            request.idempotency_key,
-            request.r#ref,
-            acks,
-        );
     }
 
     /// Replaces the connection's credential with a fresh one that still grants this

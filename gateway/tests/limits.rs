@@ -270,3 +270,35 @@ async fn a_full_channel_refuses_new_subscribers_until_one_leaves() {
     assert!(admitted);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_client_that_trickles_its_request_head_is_disconnected() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let server =
+        TestServer::start_with(|s| s.limits.header_read_timeout = Duration::from_millis(300)).await;
+    let mut slow = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    // The server ends the connection (an error or EOF both mean it is gone) well before
+    // the test's patience runs out; the client never finished its head.
+    let _ = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut rest))
+        .await
+        .expect("the server closed the connection");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    // A complete request on another connection is served as usual.
+    let res = server
+        .client
+        .get(server.url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    server.stop().await;
+}

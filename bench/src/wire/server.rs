@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use dormouse_bench::{default_server_bin, free_port};
 use serde::Serialize;
 
 use super::resp::RespConn;
@@ -355,28 +356,6 @@ impl Drop for Process {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// `dormouse` next to this binary (both build into target/release), else the path relative to
-/// the workspace root.
-fn default_server_bin() -> anyhow::Result<PathBuf> {
-    let sibling = std::env::current_exe()?.with_file_name("dormouse");
-    if sibling.exists() {
-        return Ok(sibling);
-    }
-    let relative = PathBuf::from("target/release/dormouse");
-    anyhow::ensure!(
-        relative.exists(),
-        "no dormouse binary next to this one or at target/release/dormouse: build it with \
-         `cargo build --release -p dormouse-gateway` or pass --server-bin"
-    );
-    Ok(relative)
-}
-
-/// A loopback address whose port was free a moment ago (bound, read, released).
-fn free_port() -> anyhow::Result<SocketAddr> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?)
 }
 
 /// CPU time at the start of a window, so a report can show who used the machine: the server,
