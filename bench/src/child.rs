@@ -16,17 +16,18 @@ pub(crate) struct ServerProcess {
 }
 
 impl ServerProcess {
-    /// Starts `bin` on a free loopback port with its data in `dir/data` (the same dir across
-    /// restarts) and its log in `dir/server-{run}.log`; `env` adds settings.
+    /// Starts `bin` on a free loopback port with its data in `data_dir` (the same dir
+    /// across restarts) and its log in `log_dir/server-{run}.log`; `env` adds settings.
     pub(crate) fn start(
         bin: &Path,
-        dir: &Path,
+        data_dir: &Path,
+        log_dir: &Path,
         durability: &str,
         run: usize,
         env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
         let addr = crate::free_port()?;
-        let log = dir.join(format!("server-{run}.log"));
+        let log = log_dir.join(format!("server-{run}.log"));
         let out = std::fs::File::create(&log)?;
         let mut command = Command::new(bin);
         command.envs(env.iter().copied());
@@ -35,7 +36,7 @@ impl ServerProcess {
             .arg("--listen")
             .arg(addr.to_string())
             .arg("--data-dir")
-            .arg(dir.join("data"))
+            .arg(data_dir)
             .env("DORMOUSE_STORAGE_DURABILITY", durability)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())

@@ -111,8 +111,14 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
             ("DORMOUSE_CHANNELS_MAX_EVENTS", "100000000"),
             ("DORMOUSE_CHANNELS_MAX_BYTES", "4GiB"),
         ];
-        let mut server =
-            ServerProcess::start(&bin, dir.path(), &args.durability, cycle, &retain_all)?;
+        let mut server = ServerProcess::start(
+            &bin,
+            &dir.path().join("data"),
+            dir.path(),
+            &args.durability,
+            cycle,
+            &retain_all,
+        )?;
         let base = server.wait_ready(&client).await?;
         // Consumers first, so from the very first cycle nothing is published before them.
         let stop = Arc::new(AtomicBool::new(false));

@@ -4,6 +4,7 @@
 
 mod child;
 pub mod crash;
+pub mod disk_full;
 pub mod soak;
 
 use std::net::SocketAddr;

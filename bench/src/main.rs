@@ -54,6 +54,9 @@ enum Scenario {
     /// Steady publishers and churning (drop and resume) subscribers for a long time:
     /// no gaps, no repeats, and the server's memory over time.
     Soak(dormouse_bench::soak::Args),
+    /// Fill the data dir's file system (a tmpfs; needs root), then free it: clear refusals,
+    /// no hang, nothing acknowledged lost, working again after a restart.
+    DiskFull(dormouse_bench::disk_full::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -70,6 +73,14 @@ fn main() -> anyhow::Result<()> {
             let ok = report.ok;
             println!("{}", serde_json::to_string(&report)?);
             anyhow::ensure!(ok, "the crash harness found violations (see the report)");
+            return Ok(());
+        }
+        Scenario::DiskFull(args) => {
+            let report =
+                tokio::runtime::Runtime::new()?.block_on(dormouse_bench::disk_full::run(args))?;
+            let ok = report.ok;
+            println!("{}", serde_json::to_string(&report)?);
+            anyhow::ensure!(ok, "the disk-full check failed (see the report)");
             return Ok(());
         }
         Scenario::Soak(args) => {

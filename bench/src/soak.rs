@@ -99,7 +99,8 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     let dir = tempfile::Builder::new()
         .prefix("dormouse-soak-")
         .tempdir()?;
-    let mut server = ServerProcess::start(&bin, dir.path(), "always", 0, &[])?;
+    let mut server =
+        ServerProcess::start(&bin, &dir.path().join("data"), dir.path(), "always", 0, &[])?;
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()?;

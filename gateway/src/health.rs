@@ -12,6 +12,13 @@ pub(crate) async fn healthz() -> Json<Value> {
 
 /// Readiness: storage answers, so requests routed here can succeed.
 pub(crate) async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    // A stuck engine (a flush that never completes) is not ready, so an orchestrator
+    // restarts the server; the message says why.
+    state
+        .runtime
+        .storage()
+        .check()
+        .map_err(|e| ApiError::unavailable(format!("storage is not ready: {e}")))?;
     let storage = state.runtime.storage().clone();
     let size = tokio::task::spawn_blocking(move || storage.size_on_disk())
         .await

@@ -258,6 +258,10 @@ impl Dormouse {
             ns.shutdown().await;
         }
         self.state.channels.shutdown().await;
+        // A stuck engine would hang the final flush too: exit at once, with an error, so a
+        // supervisor restarts us (everything acknowledged is already durable).
+        dormouse_storage::Storage::check(&*self.storage)
+            .context("not flushing storage on the way out")?;
         let storage = self.storage.clone();
         tokio::task::spawn_blocking(move || storage.close())
             .await?

@@ -397,9 +397,14 @@ fn settle<O: Object, T>(
 ) -> Result<T> {
     let error = match outcome {
         Ok(Ok(value)) => return Ok(value),
-        Ok(Err(e)) => Error::Handler {
-            id: id.to_string(),
-            message: format!("{e:#}"),
+        // A storage failure that a handler passed on with `?` is still a storage failure
+        // (a full disk is a 507, not a bug in the object).
+        Ok(Err(e)) => match storage_cause(&e) {
+            Some(cause) => Error::Storage(cause),
+            None => Error::Handler {
+                id: id.to_string(),
+                message: format!("{e:#}"),
+            },
         },
         Err(panic) => Error::Panicked {
             id: id.to_string(),
@@ -409,6 +414,19 @@ fn settle<O: Object, T>(
     shared.counters.failures.fetch_add(1, Ordering::Relaxed);
     warn!(object = %id, error = %error, "object failed; it will be rebuilt from storage");
     Err(error)
+}
+
+/// The storage error somewhere in a handler's error chain, if any.
+fn storage_cause(e: &anyhow::Error) -> Option<Arc<dormouse_storage::Error>> {
+    e.chain().find_map(|cause| {
+        cause
+            .downcast_ref::<dormouse_storage::Error>()
+            .map(|inner| Arc::new(inner.clone()))
+            .or_else(|| match cause.downcast_ref::<Error>() {
+                Some(Error::Storage(inner)) => Some(Arc::clone(inner)),
+                _ => None,
+            })
+    })
 }
 
 fn panic_message(panic: &(dyn Any + Send)) -> String {

@@ -48,6 +48,16 @@ pub enum Error {
     #[error("storage engine error: {0}")]
     Engine(String),
 
+    /// A flush has been running for longer than the stall limit: the engine is stuck (seen
+    /// with sled after the disk filled up). Writes are refused rather than left hanging;
+    /// nothing refused was acknowledged. A restart is needed once the cause is fixed.
+    #[error(
+        "storage is stalled: a flush has not completed for {} s (disk full or failing?); \
+         nothing was acknowledged; restart the server once the cause is fixed",
+        .0.as_secs()
+    )]
+    Stalled(std::time::Duration),
+
     /// Sequence numbers are assigned by the caller and must increase, so that a log read in
     /// key order is the log in append order. Nothing of the batch was applied.
     #[error(
@@ -127,6 +137,7 @@ impl Clone for Error {
             },
             Error::NameTooLong { what, len } => Error::NameTooLong { what, len: *len },
             Error::Closed => Error::Closed,
+            Error::Stalled(for_how_long) => Error::Stalled(*for_how_long),
         }
     }
 }

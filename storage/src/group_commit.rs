@@ -11,6 +11,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -24,6 +25,8 @@ type Outcome = Option<Result<()>>;
 /// disk.
 pub struct GroupCommit {
     shared: Arc<Shared>,
+    /// How long a flush may run before waiters give up and new callers are refused.
+    stall_limit: Duration,
     /// Joined on drop, after a final flush, so nothing is left half-done.
     flusher: Option<JoinHandle<()>>,
 }
@@ -44,6 +47,8 @@ struct State {
     /// The generation new callers join. Dropping its sender without publishing resolves its
     /// waiters with [`Error::Closed`], so no waiter can hang.
     next: watch::Sender<Outcome>,
+    /// When the running flush started; `None` between flushes.
+    flushing_since: Option<Instant>,
 }
 
 impl Shared {
@@ -57,11 +62,24 @@ impl GroupCommit {
     /// Starts the flusher thread. `flush` makes every write applied before it was called
     /// durable; it runs on that thread only.
     pub fn new(flush: impl Fn() -> Result<()> + Send + 'static) -> Result<Self> {
+        Self::with_stall_limit(flush, Self::DEFAULT_STALL_LIMIT)
+    }
+
+    /// A flush that takes longer than this is taken to be stuck. Generous: a healthy fsync
+    /// of a large burst takes well under a second.
+    pub const DEFAULT_STALL_LIMIT: Duration = Duration::from_secs(30);
+
+    /// As [`GroupCommit::new`], with a chosen stall limit (tests use a short one).
+    pub fn with_stall_limit(
+        flush: impl Fn() -> Result<()> + Send + 'static,
+        stall_limit: Duration,
+    ) -> Result<Self> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 pending: false,
                 closed: false,
                 next: watch::Sender::new(None),
+                flushing_since: None,
             }),
             wake: Condvar::new(),
             flushes: AtomicU64::new(0),
@@ -72,6 +90,7 @@ impl GroupCommit {
             .spawn(move || run_flusher(&flusher_shared, &flush))?;
         Ok(Self {
             shared,
+            stall_limit,
             flusher: Some(flusher),
         })
     }
@@ -85,11 +104,34 @@ impl GroupCommit {
             if state.closed {
                 return Box::pin(std::future::ready(Err(Error::Closed)));
             }
+            // A stuck flush will not finish for us either: fail at once, not after a wait.
+            if let Some(since) = state.flushing_since
+                && since.elapsed() >= self.stall_limit
+            {
+                return Box::pin(std::future::ready(Err(Error::Stalled(since.elapsed()))));
+            }
             state.pending = true;
             state.next.subscribe()
         };
         self.shared.wake.notify_one();
-        Box::pin(wait(receiver))
+        // The wait is bounded with tokio's timer when there is one (the server); without a
+        // runtime (plain executors in tests) callers still see a stuck flush at once on
+        // their next call, through the check above.
+        let limit = tokio::runtime::Handle::try_current()
+            .is_ok()
+            .then_some(self.stall_limit);
+        Box::pin(wait(receiver, limit))
+    }
+
+    /// `Err(Stalled)` while a flush has been running longer than the stall limit: what a
+    /// readiness probe reports, so an orchestrator can restart a stuck server.
+    pub fn check(&self) -> Result<()> {
+        match self.shared.lock().flushing_since {
+            Some(since) if since.elapsed() >= self.stall_limit => {
+                Err(Error::Stalled(since.elapsed()))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Flushes completed so far; compared with the number of syncs it shows how well
@@ -99,9 +141,24 @@ impl GroupCommit {
     }
 }
 
-async fn wait(mut receiver: watch::Receiver<Outcome>) -> Result<()> {
-    match receiver.wait_for(Option::is_some).await {
-        Ok(outcome) => outcome.clone().unwrap_or(Err(Error::Closed)),
+/// Waits for the generation's flush; a wait longer than twice the stall limit (the
+/// running flush, then ours) means the flusher is stuck.
+async fn wait(mut receiver: watch::Receiver<Outcome>, stall_limit: Option<Duration>) -> Result<()> {
+    let flushed = match stall_limit {
+        Some(limit) => {
+            let patience = limit * 2;
+            match tokio::time::timeout(patience, receiver.wait_for(Option::is_some)).await {
+                Ok(flushed) => flushed.map(|outcome| outcome.clone()),
+                Err(_) => return Err(Error::Stalled(patience)),
+            }
+        }
+        None => receiver
+            .wait_for(Option::is_some)
+            .await
+            .map(|outcome| outcome.clone()),
+    };
+    match flushed {
+        Ok(outcome) => outcome.unwrap_or(Err(Error::Closed)),
         // The generation was dropped unflushed: the flusher died or the store shut down.
         Err(_) => Err(Error::Closed),
     }
@@ -124,9 +181,11 @@ fn run_flusher(shared: &Shared, flush: &dyn Fn() -> Result<()>) {
                 return;
             }
             state.pending = false;
+            state.flushing_since = Some(Instant::now());
             std::mem::replace(&mut state.next, watch::Sender::new(None))
         };
         let outcome = flush();
+        shared.lock().flushing_since = None;
         shared.flushes.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = &outcome {
             tracing::error!(error = %e, "group commit flush failed");
@@ -179,6 +238,49 @@ mod tests {
     use super::*;
 
     const TIMEOUT: Duration = Duration::from_secs(10);
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stuck_flush_fails_waiters_and_new_callers_instead_of_hanging() {
+        let (release, stuck) = mpsc::channel::<()>();
+        let stuck = std::sync::Mutex::new(stuck);
+        let commit = GroupCommit::with_stall_limit(
+            move || {
+                // Blocks until the test lets it go, like sled after the disk filled up.
+                let _ = stuck.lock().unwrap().recv();
+                Ok(())
+            },
+            Duration::from_millis(200),
+        )
+        .unwrap();
+        let started = std::time::Instant::now();
+        let first = commit.sync().await;
+        assert!(matches!(first, Err(Error::Stalled(_))), "{first:?}");
+        assert!(started.elapsed() < TIMEOUT);
+        assert!(matches!(commit.check(), Err(Error::Stalled(_))));
+        // Later callers are refused at once, not after another wait.
+        let started = std::time::Instant::now();
+        let later = commit.sync().await;
+        assert!(matches!(later, Err(Error::Stalled(_))), "{later:?}");
+        assert!(
+            started.elapsed() < Duration::from_millis(100),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(
+            later
+                .unwrap_err()
+                .to_string()
+                .contains("restart the server")
+        );
+        // Once the flush completes, the store is healthy again.
+        release.send(()).unwrap();
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        while commit.check().is_err() {
+            assert!(std::time::Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(release);
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_callers_share_flushes() {

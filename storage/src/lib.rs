@@ -108,6 +108,12 @@ pub trait Storage: Send + Sync + Debug + 'static {
         limit: usize,
     ) -> Result<Vec<LogEntry>>;
 
+    /// Whether the engine can still make writes durable: `Err` (e.g. [`Error::Stalled`])
+    /// when it is stuck, so a readiness probe can say so. Cheap; no I/O.
+    fn check(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// One key/value record of the object.
     fn get(&self, id: &ObjectId, key: &[u8]) -> Result<Option<Bytes>>;
 

@@ -334,6 +334,9 @@ impl Storage for SledStorage {
         if batch.is_empty() {
             return Ok(());
         }
+        // Once a flush is stuck, sled's write path blocks too (its buffers never drain):
+        // refuse before entering it, so no caller's thread is caught.
+        self.check()?;
         let writes = batch.len();
         let plan = plan::plan(&*self.db, id, batch.into_writes(), Some(&self.epoch_lock))?;
         let mut sled_batch = sled::Batch::default();
@@ -374,6 +377,12 @@ impl Storage for SledStorage {
 
     fn durability(&self) -> Durability {
         self.durability
+    }
+
+    fn check(&self) -> Result<()> {
+        self.group_commit
+            .as_ref()
+            .map_or(Ok(()), GroupCommit::check)
     }
 
     fn log_meta(&self, id: &ObjectId) -> Result<Option<LogMeta>> {
