@@ -19,6 +19,7 @@ use futures::StreamExt as _;
 use serde::Serialize;
 use tokio::sync::Mutex;
 
+use crate::SseEvent;
 use crate::child::ServerProcess;
 
 /// What to run.
@@ -329,19 +330,7 @@ async fn consume(client: reqwest::Client, url: String, state: Arc<Mutex<Consumed
     let mut buf: Vec<u8> = Vec::new();
     while let Some(Ok(chunk)) = stream.next().await {
         buf.extend_from_slice(&chunk);
-        while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
-            let block: Vec<u8> = buf.drain(..end + 2).collect();
-            let text = String::from_utf8_lossy(&block[..end]).to_string();
-            let (mut id, mut event, mut data) = (None, None, None);
-            for line in text.lines() {
-                if let Some(v) = line.strip_prefix("id: ") {
-                    id = Some(v.to_string());
-                } else if let Some(v) = line.strip_prefix("event: ") {
-                    event = Some(v.to_string());
-                } else if let Some(v) = line.strip_prefix("data: ") {
-                    data = Some(v.to_string());
-                }
-            }
+        while let Some(SseEvent { id, event, data }) = crate::next_sse_event(&mut buf) {
             let mut s = state.lock().await;
             match (id, event.as_deref(), data) {
                 (Some(id), None | Some("message"), Some(data)) => {

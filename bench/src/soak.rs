@@ -19,6 +19,7 @@ use serde::Serialize;
 use tokio::sync::Mutex;
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::SseEvent;
 use crate::child::ServerProcess;
 
 /// What to run.
@@ -313,19 +314,7 @@ async fn sse_session(
             break;
         };
         buf.extend_from_slice(&chunk?);
-        while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
-            let block: Vec<u8> = buf.drain(..end + 2).collect();
-            let text = String::from_utf8_lossy(&block[..end]).to_string();
-            let (mut id, mut event, mut data) = (None, None, None);
-            for line in text.lines() {
-                if let Some(v) = line.strip_prefix("id: ") {
-                    id = Some(v.to_string());
-                } else if let Some(v) = line.strip_prefix("event: ") {
-                    event = Some(v.to_string());
-                } else if let Some(v) = line.strip_prefix("data: ") {
-                    data = Some(v.to_string());
-                }
-            }
+        while let Some(SseEvent { id, event, data }) = crate::next_sse_event(&mut buf) {
             match (id, event.as_deref(), data) {
                 (Some(id), None | Some("message"), Some(data)) => {
                     problems.extend(on_message(id, &data));
