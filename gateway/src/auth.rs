@@ -8,7 +8,6 @@
 //! With no credential configured everyone gets everything: the server then refuses to listen
 //! beyond loopback unless told to (see `Dormouse::serve`).
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -471,27 +470,26 @@ pub(crate) async fn require(
     mut request: Request,
     next: Next,
 ) -> Response {
-    let params: HashMap<&str, &str> = params
-        .as_ref()
-        .map(|p| p.iter().collect())
-        .ok()
-        .unwrap_or_default();
+    // Looked up in place: a route has at most three parameters, not worth a map per request.
+    let param = |name: &str| -> &str {
+        params
+            .as_ref()
+            .ok()
+            .and_then(|p| p.iter().find(|(key, _)| *key == name).map(|(_, v)| v))
+            .unwrap_or("")
+    };
     let route = matched.as_ref().map_or("", MatchedPath::as_str);
     let compat_channel;
     let need = match (request.method(), route) {
         (_, "/v1/channels") => Need::Admin,
         (&Method::DELETE, "/v1/channels/{channel}") => Need::Admin,
-        (_, "/v1/channels/{channel}") => {
-            Need::Describe(params.get("channel").copied().unwrap_or(""))
-        }
+        (_, "/v1/channels/{channel}") => Need::Describe(param("channel")),
         (&Method::POST, "/v1/channels/{channel}/messages" | "/channel/{channel}/messages") => {
-            Need::Publish(params.get("channel").copied().unwrap_or(""))
+            Need::Publish(param("channel"))
         }
-        (_, "/v1/channels/{channel}/messages") => {
-            Need::History(params.get("channel").copied().unwrap_or(""))
-        }
+        (_, "/v1/channels/{channel}/messages") => Need::History(param("channel")),
         (_, "/v1/channels/{channel}/events" | "/v1/channels/{channel}/ws") => {
-            Need::Subscribe(params.get("channel").copied().unwrap_or(""))
+            Need::Subscribe(param("channel"))
         }
         (_, "/sub") => {
             compat_channel = form_pairs(request.uri().query().unwrap_or(""))
@@ -503,8 +501,8 @@ pub(crate) async fn require(
         }
         (_, "/v1/objects/{namespace}/{name}" | "/v1/objects/{namespace}/{name}/{*rest}") => {
             Need::Object {
-                namespace: params.get("namespace").copied().unwrap_or(""),
-                name: params.get("name").copied().unwrap_or(""),
+                namespace: param("namespace"),
+                name: param("name"),
             }
         }
         // Batch publish (checked per channel by the handler) and anything added later:

@@ -392,7 +392,7 @@ impl Conn {
 
     fn on_text(&mut self, text: &str, acks: &mpsc::UnboundedSender<Value>) {
         match parse_client_message(text) {
-            Ok(ClientMessage::Auth { token, r#ref }) => self.on_auth(Some(&token), r#ref, acks),
+            Ok(ClientMessage::Auth { token, r#ref }) => self.on_auth(&token, r#ref, acks),
             Ok(ClientMessage::Publish {
                 event,
                 data,
@@ -409,12 +409,7 @@ impl Conn {
 
     /// Replaces the connection's credential with a fresh one that still grants this
     /// channel, pushing back its expiry; a refused one leaves the old one in force.
-    fn on_auth(
-        &mut self,
-        token: Option<&str>,
-        r#ref: Option<Value>,
-        acks: &mpsc::UnboundedSender<Value>,
-    ) {
+    fn on_auth(&mut self, token: &str, r#ref: Option<Value>, acks: &mpsc::UnboundedSender<Value>) {
         let Mode::Channel {
             channel,
             auth,
@@ -424,11 +419,8 @@ impl Conn {
         else {
             return;
         };
-        let fresh = token
-            .ok_or_else(|| {
-                ApiError::bad_request("bad_message", "an auth message needs a \"token\"")
-            })
-            .and_then(|t| auth.verify(t))
+        let fresh = auth
+            .verify(token)
             .and_then(|p| p.require(Need::Subscribe(channel)).map(|()| p));
         let reply = match fresh {
             Ok(fresh) => {
