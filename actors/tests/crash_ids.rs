@@ -10,6 +10,16 @@ use dormouse_runtime::Transport;
 use dormouse_storage::{Durability, SledConfig, SledStorage};
 use support::{channels_on, message, publish_each, subscribe};
 
+/// Channels on `storage` with the settings every test here uses.
+fn channels(storage: Arc<SledStorage>) -> dormouse_runtime::Namespace<dormouse_actors::Channel> {
+    channels_on(
+        storage,
+        Duration::from_secs(60),
+        1 << 20,
+        ChannelSettings::default(),
+    )
+}
+
 fn open(dir: &std::path::Path) -> Arc<SledStorage> {
     let mut config = SledConfig::new(dir);
     config.durability = Durability::Never;
@@ -22,12 +32,7 @@ async fn after_a_crash_new_events_get_ids_past_anything_the_lost_run_could_have_
     let payloads: Vec<String> = (1..=3).map(|i| format!("m{i}")).collect();
     let ids = {
         let storage = open(dir.path());
-        let ns = channels_on(
-            storage,
-            Duration::from_secs(60),
-            1 << 20,
-            ChannelSettings::default(),
-        );
+        let ns = channels(storage);
         let ids = publish_each(&ns, "c", &payloads).await;
         ns.shutdown().await;
         // Dropped without `close()`: the next run sees a crash.
@@ -39,12 +44,7 @@ async fn after_a_crash_new_events_get_ids_past_anything_the_lost_run_could_have_
 
     let storage = open(dir.path());
     assert!(dormouse_storage::Storage::boot(&*storage).unclean);
-    let ns = channels_on(
-        storage.clone(),
-        Duration::from_secs(60),
-        1 << 20,
-        ChannelSettings::default(),
-    );
+    let ns = channels(storage.clone());
     let mut saw_lost = subscribe(
         &ns,
         "c",
@@ -83,12 +83,7 @@ async fn after_a_crash_new_events_get_ids_past_anything_the_lost_run_could_have_
         vec![message(&ids[2], "m3"), message(&new[0], "after")]
     );
     ns.shutdown().await;
-    let ns = channels_on(
-        storage,
-        Duration::from_secs(60),
-        1 << 20,
-        ChannelSettings::default(),
-    );
+    let ns = channels(storage);
     let next = publish_each(&ns, "c", &["next".to_string()]).await;
     assert_eq!(next[0].parse::<EventId>().unwrap().seq, new_id.seq + 1);
 }
@@ -103,24 +98,14 @@ async fn a_log_with_crash_holes_reloads_its_tail_without_repeats() {
     // 2^32 between them.
     for run in 0..3 {
         let storage = open(dir.path());
-        let ns = channels_on(
-            storage,
-            Duration::from_secs(60),
-            1 << 20,
-            ChannelSettings::default(),
-        );
+        let ns = channels(storage);
         let payloads: Vec<String> = (0..100).map(|i| format!("r{run}-{i}")).collect();
         let ids = publish_each(&ns, "holes", &payloads).await;
         all.extend(ids.into_iter().zip(payloads));
         ns.shutdown().await;
     }
     let storage = open(dir.path());
-    let ns = channels_on(
-        storage,
-        Duration::from_secs(60),
-        1 << 20,
-        ChannelSettings::default(),
-    );
+    let ns = channels(storage);
     // Resume from points inside each band and across each hole: exactly the rest, once.
     for from in [0usize, 50, 99, 100, 150, 199, 200, 250, 298] {
         let mut sub = subscribe(
