@@ -58,6 +58,15 @@ pub enum Error {
     )]
     Stalled(std::time::Duration),
 
+    /// An fsync failed. After that the kernel may have dropped the unsynced pages, so the
+    /// engine cannot know what is on disk and refuses writes until a restart replays the
+    /// files (nothing unsynced was acknowledged under `always`).
+    #[error(
+        "storage stopped accepting writes after a failed fsync ({0}); restart the server \
+         once the disk is healthy"
+    )]
+    Failed(String),
+
     /// Sequence numbers are assigned by the caller and must increase, so that a log read in
     /// key order is the log in append order. Nothing of the batch was applied.
     #[error(
@@ -138,6 +147,7 @@ impl Clone for Error {
             Error::NameTooLong { what, len } => Error::NameTooLong { what, len: *len },
             Error::Closed => Error::Closed,
             Error::Stalled(for_how_long) => Error::Stalled(*for_how_long),
+            Error::Failed(message) => Error::Failed(message.clone()),
         }
     }
 }

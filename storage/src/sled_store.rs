@@ -140,16 +140,6 @@ impl SledStorage {
             .map_err(|e| at(&db_file_path, e))
     }
 
-    /// Marks the data dir as cleanly shut down and flushes it: the last thing a graceful
-    /// shutdown does. The next open then knows nothing acknowledged can be missing. Writing
-    /// after this (by mistake) is safe: the next open just treats the run as a crash.
-    pub fn close(&self) -> Result<()> {
-        self.db
-            .insert(key::clean_shutdown_key(), &[1u8][..])
-            .engine()?;
-        self.flush()
-    }
-
     /// Flushes run by group commit so far (0 unless `always`); compared with the number of
     /// syncs it shows how many writers each fsync served.
     pub fn fsyncs(&self) -> u64 {
@@ -356,6 +346,13 @@ impl Storage for SledStorage {
 
     fn boot(&self) -> crate::Boot {
         self.boot
+    }
+
+    fn close(&self) -> Result<()> {
+        self.db
+            .insert(key::clean_shutdown_key(), &[1u8][..])
+            .engine()?;
+        self.flush()
     }
 
     fn allocate_epoch(&self) -> Result<u64> {

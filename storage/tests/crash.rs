@@ -1,6 +1,9 @@
 //! Nothing acknowledged under `always` is lost by `kill -9`: a child process (this test binary
 //! again, running `crash_writer_child`) appends and prints each seq once its sync resolved;
 //! the parent kills it with SIGKILL at some point and checks the data dir.
+//!
+//! The engine is the segment engine with tiny segments, and every batch also overwrites a
+//! scratch record, so the kill lands among segment rotations and cleaner runs too.
 
 mod support;
 
@@ -11,7 +14,7 @@ use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dormouse_storage::{Durability, Storage};
-use support::{apply, id, open_sled, payload};
+use support::{apply, id, open_segments, payload};
 
 /// Set (to the data dir) only in the child: without it, `crash_writer_child` does nothing.
 const CHILD_ENV: &str = "DORMOUSE_STORAGE_CRASH_CHILD_DIR";
@@ -36,7 +39,7 @@ fn crash_writer_child() {
         .build()
         .unwrap();
     runtime.block_on(async move {
-        let store = Arc::new(open_sled(Path::new(&dir), Durability::Always));
+        let store = Arc::new(open_segments(Path::new(&dir), Durability::Always));
         let started = Instant::now();
         let writers: Vec<_> = (0..OBJECTS)
             .map(|n| {
@@ -49,7 +52,8 @@ fn crash_writer_child() {
                         }
                         apply(&*store, &chan, |b| {
                             b.append(seq, seq, payload(n, seq, PAYLOAD_LEN))
-                                .put("last", seq.to_be_bytes().to_vec());
+                                .put("last", seq.to_be_bytes().to_vec())
+                                .put("scratch", payload(n + 100, seq, 2 * PAYLOAD_LEN));
                         })
                         .unwrap();
                         store.sync().await.unwrap();
@@ -165,7 +169,7 @@ fn crash_round(kill_after_acks: usize) {
     let total: u64 = acked.iter().sum();
     eprintln!("killed after {total} acks: {acked:?}");
 
-    let store = open_sled(dir.path(), Durability::Always);
+    let store = open_segments(dir.path(), Durability::Always);
     for (object, &last_acked) in acked.iter().enumerate() {
         let n = object as u64;
         let chan = id("channel", &format!("c{n}"));
@@ -203,6 +207,11 @@ fn crash_round(kill_after_acks: usize) {
         );
         let last = store.get(&chan, b"last").unwrap().unwrap();
         assert_eq!(last.as_ref(), stored.to_be_bytes(), "{chan}");
+        let scratch = store.get(&chan, b"scratch").unwrap().unwrap();
+        assert!(
+            scratch == payload(n + 100, stored, 2 * PAYLOAD_LEN),
+            "{chan}: the scratch record is not the one of the last batch"
+        );
     }
 }
 
