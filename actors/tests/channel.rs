@@ -13,7 +13,9 @@ use bytes::Bytes;
 use dormouse_actors::channel::{
     ChannelInfo, ChannelRequest, ChannelResponse, ChannelSettings, NewMessage, Published, Start,
 };
-use dormouse_runtime::storage::{Durability, MemoryStorage, SledConfig, SledStorage};
+use dormouse_runtime::storage::{
+    Durability, MemoryStorage, SegmentConfig, SegmentStorage, Storage,
+};
 use dormouse_runtime::{ObjectState, Outbound, Socket, Transport};
 use support::{
     Frame, ROOMY, Subscriber, assert_consecutive, channels, channels_on, delete, gap, history, id,
@@ -459,12 +461,12 @@ async fn a_woken_channel_replays_from_its_reloaded_tail_and_from_storage() {
 }
 
 #[tokio::test]
-async fn a_restarted_channel_on_sled_resumes_from_a_cursor() {
+async fn a_restarted_channel_on_disk_resumes_from_a_cursor() {
     let dir = tempfile::tempdir().unwrap();
     let open = || {
-        let mut config = SledConfig::new(dir.path());
+        let mut config = SegmentConfig::new(dir.path());
         config.durability = Durability::Always;
-        Arc::new(SledStorage::open(config).unwrap())
+        Arc::new(SegmentStorage::open(config).unwrap())
     };
     for memory_tail_bytes in [100, 1 << 20] {
         let name = format!("restart-{memory_tail_bytes}");

@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use dormouse_actors::channel::{ChannelSettings, EventId, Start};
 use dormouse_runtime::Transport;
-use dormouse_storage::{Durability, SledConfig, SledStorage};
+use dormouse_storage::{Durability, SegmentConfig, SegmentStorage};
 use support::{channels_on, message, publish_each, subscribe};
 
 /// Channels on `storage` with the settings every test here uses.
-fn channels(storage: Arc<SledStorage>) -> dormouse_runtime::Namespace<dormouse_actors::Channel> {
+fn channels(storage: Arc<SegmentStorage>) -> dormouse_runtime::Namespace<dormouse_actors::Channel> {
     channels_on(
         storage,
         Duration::from_secs(60),
@@ -20,10 +20,10 @@ fn channels(storage: Arc<SledStorage>) -> dormouse_runtime::Namespace<dormouse_a
     )
 }
 
-fn open(dir: &std::path::Path) -> Arc<SledStorage> {
-    let mut config = SledConfig::new(dir);
+fn open(dir: &std::path::Path) -> Arc<SegmentStorage> {
+    let mut config = SegmentConfig::new(dir);
     config.durability = Durability::Never;
-    Arc::new(SledStorage::open(config).unwrap())
+    Arc::new(SegmentStorage::open(config).unwrap())
 }
 
 #[tokio::test]

@@ -1,17 +1,18 @@
 //! How much an object costs to activate, to keep hibernated, and to wake.
 //!
 //! Everything goes through the runtime's public API, as a user's program would: a
-//! `Namespace` over `SledStorage` in a temporary directory.
+//! `Namespace` over the chosen storage engine in a temporary directory.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use dormouse_runtime::storage::{Durability, SledConfig, SledStorage, Storage};
+use dormouse_runtime::storage::Durability;
 use dormouse_runtime::{Context, Namespace, NamespaceConfig, Object, Runtime};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::engine::{Engine, Opened};
 use crate::proc;
 
 #[derive(Debug, clap::Args)]
@@ -31,7 +32,10 @@ pub(crate) struct Args {
     /// Storage durability: always, never or a period.
     #[arg(long, default_value = "always")]
     durability: Durability,
-    /// sled page cache, MiB (the server's `--cache-mib`).
+    /// Storage engine.
+    #[arg(long, value_enum, default_value_t = Engine::Segments)]
+    engine: Engine,
+    /// sled page cache, MiB (sled engine only; the server's `storage.cache`).
     #[arg(long, default_value_t = 64)]
     cache_mib: u64,
     /// Runtime worker threads.
@@ -42,6 +46,7 @@ pub(crate) struct Args {
 #[derive(Debug, Serialize)]
 pub(crate) struct Report {
     scenario: &'static str,
+    engine: String,
     objects: u64,
     concurrency: usize,
     idle_timeout_ms: u128,
@@ -115,10 +120,8 @@ pub(crate) fn run(args: Args) -> anyhow::Result<Report> {
 
 async fn run_async(args: Args) -> anyhow::Result<Report> {
     let dir = tempfile::tempdir()?;
-    let mut config = SledConfig::new(dir.path());
-    config.durability = args.durability;
-    config.cache_capacity_bytes = args.cache_mib * 1024 * 1024;
-    let storage = Arc::new(SledStorage::open(config)?);
+    let opened = Opened::open(args.engine, dir.path(), args.durability, args.cache_mib)?;
+    let storage = opened.storage.clone();
     let runtime = Runtime::new(storage.clone());
     let idle: Duration = args.idle_timeout.into();
     let ns: Namespace<BenchObject> =
@@ -164,6 +167,7 @@ async fn run_async(args: Args) -> anyhow::Result<Report> {
 
     Ok(Report {
         scenario: "activation",
+        engine: format!("{:?}", args.engine).to_lowercase(),
         objects: args.objects,
         concurrency: args.concurrency,
         idle_timeout_ms: idle.as_millis(),

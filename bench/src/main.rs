@@ -6,6 +6,7 @@
 //! # Layout
 //! - `activation`: activation, hibernation and wake cost of many objects, in process.
 //! - `storage_churn`: the storage engine under the replay-buffer workload.
+//! - `engine`: the `--engine` flag of the in-process scenarios.
 //! - `fanout`, `idle`, `publish`: load over the wire against a `dormouse` server (or Redis,
 //!   as a yardstick) that the bench starts, or one already running.
 //! - `wire`: the server under test and minimal WebSocket, SSE and RESP clients.
@@ -13,6 +14,7 @@
 //! - `crash` (in the library): the crash-safety harness.
 
 mod activation;
+mod engine;
 mod fanout;
 mod idle;
 mod proc;

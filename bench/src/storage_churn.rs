@@ -5,11 +5,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use dormouse_runtime::storage::{
-    Durability, ObjectId, Retention, SledConfig, SledStorage, Storage, WriteBatch,
-};
+use dormouse_runtime::storage::{Durability, ObjectId, Retention, WriteBatch};
 use serde::Serialize;
 
+use crate::engine::{Engine, Opened};
 use crate::proc;
 
 #[derive(Debug, clap::Args)]
@@ -35,7 +34,10 @@ pub(crate) struct Args {
     /// Take a disk/RSS sample every this many events.
     #[arg(long, default_value_t = 1_000_000)]
     sample_every: u64,
-    /// sled page cache, MiB.
+    /// Storage engine.
+    #[arg(long, value_enum, default_value_t = Engine::Segments)]
+    engine: Engine,
+    /// sled page cache, MiB (sled engine only).
     #[arg(long, default_value_t = 64)]
     cache_mib: u64,
     /// Where to put the data dir (a fresh temporary directory inside it).
@@ -56,6 +58,7 @@ struct Sample {
 #[derive(Debug, Serialize)]
 pub(crate) struct Report {
     scenario: &'static str,
+    engine: String,
     logs: u64,
     events: u64,
     size: usize,
@@ -67,6 +70,8 @@ pub(crate) struct Report {
     appends_per_sec: f64,
     fsyncs: u64,
     live_bytes: u64,
+    /// The engine's own live figure (payloads plus keys and headers), when it has one.
+    engine_live_bytes: Option<u64>,
     final_disk_bytes: u64,
     final_disk_over_live: f64,
     final_rss_bytes: u64,
@@ -77,10 +82,8 @@ pub(crate) struct Report {
 pub(crate) fn run(args: Args) -> anyhow::Result<Report> {
     let parent = args.dir.clone().unwrap_or_else(std::env::temp_dir);
     let dir = tempfile::tempdir_in(parent)?;
-    let mut config = SledConfig::new(dir.path());
-    config.durability = args.durability;
-    config.cache_capacity_bytes = args.cache_mib * 1024 * 1024;
-    let storage = Arc::new(SledStorage::open(config)?);
+    let opened = Opened::open(args.engine, dir.path(), args.durability, args.cache_mib)?;
+    let storage = opened.storage.clone();
     let payload = vec![0xA5u8; args.size];
     let appended = Arc::new(AtomicU64::new(0));
     let samples = Arc::new(Mutex::new(Vec::new()));
@@ -147,8 +150,8 @@ pub(crate) fn run(args: Args) -> anyhow::Result<Report> {
     })?;
 
     let elapsed = started.elapsed();
-    // Let sled settle so the final disk figure is not a mid-flush snapshot.
-    storage.flush()?;
+    // Let the engine settle so the final disk figure is not a mid-flush snapshot.
+    opened.settle()?;
     std::thread::sleep(Duration::from_millis(200));
     let final_disk_bytes = storage.size_on_disk()?;
     let live_bytes = live_at(args.events);
@@ -156,6 +159,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<Report> {
     samples.sort_by_key(|s| s.events);
     Ok(Report {
         scenario: "storage-churn",
+        engine: format!("{:?}", args.engine).to_lowercase(),
         logs: args.logs,
         events: args.events,
         size: args.size,
@@ -165,8 +169,9 @@ pub(crate) fn run(args: Args) -> anyhow::Result<Report> {
         cache_mib: args.cache_mib,
         elapsed_s: elapsed.as_secs_f64(),
         appends_per_sec: args.events as f64 / elapsed.as_secs_f64(),
-        fsyncs: storage.fsyncs(),
+        fsyncs: opened.fsyncs(),
         live_bytes,
+        engine_live_bytes: opened.engine_live_bytes(),
         final_disk_bytes,
         final_disk_over_live: final_disk_bytes as f64 / live_bytes.max(1) as f64,
         final_rss_bytes: proc::rss_bytes(),

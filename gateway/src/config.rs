@@ -132,8 +132,13 @@ pub struct StorageSettings {
     /// a period such as "100ms" (fsync on that period), or "never".
     #[serde(with = "durability_serde")]
     pub durability: Durability,
-    /// Memory for the storage engine's page cache; bounds storage memory use.
+    /// Memory for sled's page cache, for data dirs still on the sled engine. The segment
+    /// engine has no cache of its own: it reads through the kernel's page cache.
     pub cache: ByteSize,
+    /// Size of one segment file of the segment engine (4 KiB to 1 GiB). The cleaner
+    /// reclaims space a whole segment at a time and never touches the newest one, so disk
+    /// use stays under about twice the live data plus one segment.
+    pub segment_size: ByteSize,
 }
 
 /// `[channels]`: defaults for every channel, plus `[[channels.prefix]]` overrides.
@@ -300,6 +305,7 @@ impl Default for StorageSettings {
         Self {
             durability: Durability::Always,
             cache: ByteSize::mib(64),
+            segment_size: ByteSize::mib(64),
         }
     }
 }

@@ -15,7 +15,7 @@ use axum::serve::Listener as _;
 use dormouse_actors::Channel;
 use dormouse_actors::channel::NAMESPACE;
 use dormouse_runtime::{DynNamespace, Namespace, NamespaceConfig, Object, Runtime};
-use dormouse_storage::{SledConfig, SledStorage};
+use dormouse_storage::{SegmentConfig, SegmentStorage, SledConfig, SledStorage, Storage};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -63,9 +63,32 @@ pub struct AppState {
 #[derive(Debug)]
 pub struct Dormouse {
     state: AppState,
-    storage: Arc<SledStorage>,
+    storage: Arc<dyn Storage>,
     stop: watch::Sender<bool>,
     connections: Arc<Connections>,
+}
+
+/// Opens the data dir with the engine that wrote it: the segment engine, or sled for a data
+/// dir from before the segment engine existed (it has a `sled/` directory), so upgrading
+/// does not strand existing data.
+fn open_storage(settings: &Settings) -> anyhow::Result<Arc<dyn Storage>> {
+    let durability = settings.storage.durability;
+    if settings.data_dir.join("sled").is_dir() {
+        tracing::warn!(
+            "this data dir uses the sled engine, which can stall under `interval`/`never` \
+             durability and grows on disk under churn; see docs/ARCHITECTURE.md \"Storage\" \
+             for moving to the segment engine"
+        );
+        let mut config = SledConfig::new(&settings.data_dir);
+        config.cache_capacity_bytes = settings.storage.cache.0;
+        config.durability = durability;
+        return Ok(Arc::new(SledStorage::open(config)?));
+    }
+    let mut config = SegmentConfig::new(&settings.data_dir);
+    config.durability = durability;
+    config.segment_bytes = settings.storage.segment_size.0;
+    config.clean_above_bytes = 2 * config.segment_bytes;
+    Ok(Arc::new(SegmentStorage::open(config)?))
 }
 
 impl Dormouse {
@@ -80,13 +103,8 @@ impl Dormouse {
             auth.enabled(),
             settings.auth.allow_anonymous,
         )?;
-        let mut storage_config = SledConfig::new(&settings.data_dir);
-        storage_config.cache_capacity_bytes = settings.storage.cache.0;
-        storage_config.durability = settings.storage.durability;
-        let storage = Arc::new(
-            SledStorage::open(storage_config)
-                .with_context(|| format!("opening data dir {}", settings.data_dir.display()))?,
-        );
+        let storage = open_storage(&settings)
+            .with_context(|| format!("opening data dir {}", settings.data_dir.display()))?;
         let runtime = Runtime::new(storage.clone());
         let channels = runtime.namespace::<Channel>(
             NAMESPACE,

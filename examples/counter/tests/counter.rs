@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dormouse_runtime::{Namespace, NamespaceConfig, ObjectState, Runtime};
-use dormouse_storage::{SledConfig, SledStorage};
+use dormouse_storage::{SegmentConfig, SegmentStorage};
 use example_counter::{Counter, CounterRequest};
 
 #[tokio::test]
@@ -12,7 +12,7 @@ async fn counts_across_hibernation_and_restart() {
     let dir = tempfile::tempdir().unwrap();
     {
         let runtime = Runtime::new(Arc::new(
-            SledStorage::open(SledConfig::new(dir.path())).unwrap(),
+            SegmentStorage::open(SegmentConfig::new(dir.path())).unwrap(),
         ));
         let counters: Namespace<Counter> = runtime.namespace(
             "counter",
@@ -38,7 +38,7 @@ async fn counts_across_hibernation_and_restart() {
         counters.shutdown().await;
     }
     let runtime = Runtime::new(Arc::new(
-        SledStorage::open(SledConfig::new(dir.path())).unwrap(),
+        SegmentStorage::open(SegmentConfig::new(dir.path())).unwrap(),
     ));
     let counters: Namespace<Counter> = runtime.namespace("counter", NamespaceConfig::default(), ());
     assert_eq!(

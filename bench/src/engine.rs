@@ -1,0 +1,85 @@
+//! Which storage engine an in-process scenario runs on, so the same workload can compare the
+//! segment engine with the sled engine it replaced.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use dormouse_runtime::storage::{
+    Durability, SegmentConfig, SegmentStorage, SledConfig, SledStorage, Storage,
+};
+
+/// The engine flag of the in-process scenarios.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Engine {
+    /// The default engine: segment files, an in-memory index, a cleaner.
+    Segments,
+    /// The first engine, sled 0.34 (kept for data dirs it wrote).
+    Sled,
+}
+
+/// An open engine, with the engine-specific figures a report wants.
+#[derive(Debug)]
+pub(crate) struct Opened {
+    pub(crate) storage: Arc<dyn Storage>,
+    segments: Option<Arc<SegmentStorage>>,
+    sled: Option<Arc<SledStorage>>,
+}
+
+impl Opened {
+    /// Opens `engine` on `path` as the server would, with sled's cache at `cache_mib`.
+    pub(crate) fn open(
+        engine: Engine,
+        path: &Path,
+        durability: Durability,
+        cache_mib: u64,
+    ) -> anyhow::Result<Self> {
+        Ok(match engine {
+            Engine::Segments => {
+                let mut config = SegmentConfig::new(path);
+                config.durability = durability;
+                let store = Arc::new(SegmentStorage::open(config)?);
+                Self {
+                    storage: store.clone(),
+                    segments: Some(store),
+                    sled: None,
+                }
+            }
+            Engine::Sled => {
+                let mut config = SledConfig::new(path);
+                config.durability = durability;
+                config.cache_capacity_bytes = cache_mib * 1024 * 1024;
+                let store = Arc::new(SledStorage::open(config)?);
+                Self {
+                    storage: store.clone(),
+                    segments: None,
+                    sled: Some(store),
+                }
+            }
+        })
+    }
+
+    /// fsyncs run by group commit.
+    pub(crate) fn fsyncs(&self) -> u64 {
+        self.segments
+            .as_ref()
+            .map(|s| s.fsyncs())
+            .or_else(|| self.sled.as_ref().map(|s| s.fsyncs()))
+            .unwrap_or(0)
+    }
+
+    /// Lets the engine finish background work (the cleaner) so a final figure is settled.
+    pub(crate) fn settle(&self) -> anyhow::Result<()> {
+        if let Some(segments) = &self.segments {
+            segments.clean()?;
+        }
+        if let Some(sled) = &self.sled {
+            sled.flush()?;
+        }
+        Ok(())
+    }
+
+    /// The engine's own count of live bytes (records and their keys), when it keeps one.
+    pub(crate) fn engine_live_bytes(&self) -> Option<u64> {
+        self.segments.as_ref().map(|s| s.stats().live_bytes)
+    }
+}
