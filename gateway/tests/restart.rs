@@ -442,3 +442,34 @@ async fn kill_9_while_publishing_loses_no_acknowledged_message() {
     verify(&server, &acked, &mut sentinels).await;
     drop(server);
 }
+
+#[tokio::test]
+async fn a_data_dir_written_by_the_sled_engine_keeps_working_across_restarts() {
+    // What a data dir from before the segment engine looks like: a sled/ directory.
+    let server = TestServer::start_with(|s| {
+        drop(
+            dormouse_storage::SledStorage::open(dormouse_storage::SledConfig::new(&s.data_dir))
+                .expect("create a sled data dir"),
+        );
+    })
+    .await;
+    let first = server.publish("legacy", "on sled").await;
+    let server = server.restart_with(|_| {}).await;
+    let second = server.publish("legacy", "still on sled").await;
+    let history = server.all_history("legacy").await;
+    let ids: Vec<_> = history.iter().map(|e| e["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, [first.as_str(), second.as_str()]);
+    assert!(server.data_dir.join("sled").is_dir());
+    assert!(
+        !server.data_dir.join("segments").exists(),
+        "the server did not open the sled data dir with the segment engine"
+    );
+}
+
+#[tokio::test]
+async fn a_new_data_dir_uses_the_segment_engine() {
+    let server = TestServer::start().await;
+    server.publish("fresh", "x").await;
+    assert!(server.data_dir.join("segments").is_dir());
+    assert!(!server.data_dir.join("sled").exists());
+}
