@@ -76,6 +76,8 @@ pub(crate) struct Report {
     final_disk_over_live: f64,
     final_rss_bytes: u64,
     peak_rss_bytes: u64,
+    /// Closing the store and opening it again (the segment engine replays its files).
+    reopen_ms: u64,
     samples: Vec<Sample>,
 }
 
@@ -157,6 +159,15 @@ pub(crate) fn run(args: Args) -> anyhow::Result<Report> {
     let live_bytes = live_at(args.events);
     let mut samples = samples.lock().expect("samples").clone();
     samples.sort_by_key(|s| s.events);
+    let fsyncs = opened.fsyncs();
+    let engine_live_bytes = opened.engine_live_bytes();
+    let final_rss_bytes = proc::rss_bytes();
+    drop(storage);
+    drop(opened);
+    let reopen_started = Instant::now();
+    let reopened = Opened::open(args.engine, dir.path(), args.durability, args.cache_mib)?;
+    let reopen_ms = reopen_started.elapsed().as_millis() as u64;
+    drop(reopened);
     Ok(Report {
         scenario: "storage-churn",
         engine: format!("{:?}", args.engine).to_lowercase(),
@@ -169,13 +180,14 @@ pub(crate) fn run(args: Args) -> anyhow::Result<Report> {
         cache_mib: args.cache_mib,
         elapsed_s: elapsed.as_secs_f64(),
         appends_per_sec: args.events as f64 / elapsed.as_secs_f64(),
-        fsyncs: opened.fsyncs(),
+        fsyncs,
         live_bytes,
-        engine_live_bytes: opened.engine_live_bytes(),
+        engine_live_bytes,
         final_disk_bytes,
         final_disk_over_live: final_disk_bytes as f64 / live_bytes.max(1) as f64,
-        final_rss_bytes: proc::rss_bytes(),
+        final_rss_bytes,
         peak_rss_bytes: proc::peak_rss_bytes(),
+        reopen_ms,
         samples,
     })
 }
