@@ -412,6 +412,43 @@ async fn bulk_lines_are_published_in_order_one_id_per_line() {
 }
 
 #[tokio::test]
+async fn bulk_lines_from_a_slow_producer_are_sent_when_it_pauses() {
+    let server = TestServer::start().await;
+    let mut command = dormouse(&server.url(""));
+    command
+        .args(["publish", "logs", "--lines"])
+        .stdin(Stdio::piped());
+    let mut child = command.spawn().expect("spawn dormouse");
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next_id = async || {
+        tokio::time::timeout(PATIENCE, stdout.next_line())
+            .await
+            .expect("an id while the input is still open")
+            .unwrap()
+            .expect("a line")
+    };
+    // Far fewer lines than a batch, and the input stays open: they go out anyway.
+    stdin.write_all(b"one\ntwo\n").await.unwrap();
+    let (one, two) = (next_id().await, next_id().await);
+    stdin.write_all(b"three\n").await.unwrap();
+    let three = next_id().await;
+    drop(stdin);
+    let status = tokio::time::timeout(PATIENCE, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+    let history = server.all_history("logs").await;
+    let stored: Vec<(&str, &str)> = history
+        .iter()
+        .map(|e| (e["id"].as_str().unwrap(), e["data"].as_str().unwrap()))
+        .collect();
+    assert_eq!(stored, [(&*one, "one"), (&*two, "two"), (&*three, "three")]);
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn bulk_lines_report_each_refused_line_and_exit_1() {
     let server = TestServer::start_with(|s| s.limits.max_message_size = ByteSize(64)).await;
     let url = server.url("");

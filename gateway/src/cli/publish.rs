@@ -107,6 +107,10 @@ pub(crate) async fn run(args: PublishArgs) -> anyhow::Result<()> {
 /// larger, and the server's default body limit is 32 MiB: 4 MiB keeps well under it.
 const BATCH_DATA_BYTES: usize = 4 << 20;
 
+/// How long the input may pause before the lines read so far are sent without waiting for
+/// a full batch.
+const LINGER: Duration = Duration::from_millis(200);
+
 /// How many times a batch refused as transient (rate limit, overload) is sent again. Safe:
 /// the server documents that a refused batch published nothing.
 const BATCH_RETRIES: u32 = 5;
@@ -203,16 +207,27 @@ impl Bulk<'_> {
         let mut number = 0;
         let mut buf = Vec::new();
         loop {
-            buf.clear();
-            let read = reader
-                .read_until(b'\n', &mut buf)
-                .await
-                .context("reading the input")?;
-            if read == 0 {
+            // A slow producer (`tail -f log | dormouse publish --lines`) must not wait for
+            // a full batch: when the input pauses, what is pending goes out. `read_until`
+            // keeps a partly read line in `buf` when the wait is cut short.
+            let read = if batch.is_empty() {
+                reader.read_until(b'\n', &mut buf).await
+            } else {
+                match tokio::time::timeout(LINGER, reader.read_until(b'\n', &mut buf)).await {
+                    Ok(read) => read,
+                    Err(_) => {
+                        self.send(std::mem::take(&mut batch)).await?;
+                        batch_bytes = 0;
+                        continue;
+                    }
+                }
+            }
+            .context("reading the input")?;
+            if read == 0 && buf.is_empty() {
                 break;
             }
             number += 1;
-            self.progress.inc(read as u64);
+            self.progress.inc(buf.len() as u64);
             if buf.last() == Some(&b'\n') {
                 buf.pop();
                 if buf.last() == Some(&b'\r') {
