@@ -18,7 +18,7 @@ pub(crate) fn write(bytes: &[u8]) -> anyhow::Result<()> {
     }
 }
 
-/// [`write`] of one line.
+/// [`write()`] of one line.
 pub(crate) fn line(text: &str) -> anyhow::Result<()> {
     let mut bytes = Vec::with_capacity(text.len() + 1);
     bytes.extend_from_slice(text.as_bytes());
