@@ -1,8 +1,13 @@
-//! The `dormouse` server binary. Run with: `cargo run --release` (serves with the defaults:
-//! 127.0.0.1:8080, data in ./dormouse-data) or `cargo run --release -- serve --help`.
+//! The `dormouse` binary: the server (`serve`, the default), and client commands for a
+//! running server (`publish`, `tail`, `channels`, `token`). Run with: `cargo run --release`
+//! (serves with the defaults: 127.0.0.1:8080, data in ./dormouse-data) or
+//! `cargo run --release -- --help`.
+
+mod cli;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use dormouse_gateway::{Dormouse, Settings};
@@ -29,6 +34,8 @@ struct Cli {
 enum Command {
     /// Run the server (the default).
     Serve(ServeArgs),
+    #[command(flatten)]
+    Client(cli::ClientCommand),
 }
 
 /// Flags override `DORMOUSE_*` environment variables, which override the config file.
@@ -53,18 +60,38 @@ struct ServeArgs {
     print_config: bool,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let args = match cli.command {
+        Some(Command::Serve(args)) => args,
+        None => cli.serve,
+        Some(Command::Client(command)) => {
+            // Warnings only, and on stderr: stdout carries the command's results.
+            tracing_subscriber::fmt()
+                .with_writer(std::io::stderr)
+                .with_env_filter(
+                    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
+                )
+                .init();
+            return cli::run(command);
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .init();
-    let cli = Cli::parse();
-    let args = match cli.command {
-        Some(Command::Serve(args)) => args,
-        None => cli.serve,
-    };
+    match serve(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:?}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[tokio::main]
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut settings = Settings::load(args.config.as_deref(), std::env::vars())?;
     if let Some(listen) = args.listen {
         settings.listen = listen;

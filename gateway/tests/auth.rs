@@ -480,3 +480,61 @@ async fn cors_is_off_by_default_and_follows_the_allowed_origins() {
     assert!(res.headers().get("access-control-allow-origin").is_none());
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_configured_issuer_and_audience_are_required_claims() {
+    let server = TestServer::start_with(|s| {
+        secured(s);
+        s.auth.issuer = "https://issuer.test".to_string();
+        s.auth.audience = "dormouse".to_string();
+    })
+    .await;
+    let sign = |claims: Value| {
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    let grants = json!({"publish": ["*"]});
+    let exp = now() + 60;
+    let cases = [
+        (
+            json!({"exp": exp, "iss": "https://issuer.test", "aud": "dormouse", "dormouse": grants}),
+            201,
+        ),
+        (
+            json!({"exp": exp, "aud": "dormouse", "dormouse": grants}),
+            401,
+        ),
+        (
+            json!({"exp": exp, "iss": "https://issuer.test", "dormouse": grants}),
+            401,
+        ),
+        (
+            json!({"exp": exp, "iss": "https://other.test", "aud": "dormouse", "dormouse": grants}),
+            401,
+        ),
+        (
+            json!({"exp": exp, "iss": "https://issuer.test", "aud": "other", "dormouse": grants}),
+            401,
+        ),
+    ];
+    for (claims, expected) in cases {
+        let res = server
+            .client
+            .post(server.url("/v1/channels/jobs/messages"))
+            .bearer_auth(sign(claims.clone()))
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), expected, "{claims}");
+        if expected == 401 {
+            let (_, code, _) = error_of(res).await;
+            assert_eq!(code, "bad_token", "{claims}");
+        }
+    }
+    server.stop().await;
+}

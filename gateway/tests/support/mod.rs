@@ -52,9 +52,17 @@ impl TestServer {
     }
 
     async fn launch(settings: Settings, dir: Option<tempfile::TempDir>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        Self::launch_on(listener, settings, dir)
+    }
+
+    fn launch_on(
+        listener: TcpListener,
+        settings: Settings,
+        dir: Option<tempfile::TempDir>,
+    ) -> Self {
         let data_dir = settings.data_dir.clone();
         let server = Dormouse::open(settings).expect("open server");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.serve(listener, async {
@@ -98,6 +106,20 @@ impl TestServer {
         let mut s = settings(&data_dir);
         tweak(&mut s);
         Self::launch(s, dir).await
+    }
+
+    /// Stops and starts again on the same data dir and the same address, for clients that
+    /// only know the old URL (a child process) and must find the new server there. The port
+    /// was ours a moment ago; another test taking it in between would make this panic.
+    pub async fn restart_in_place(self, tweak: impl FnOnce(&mut Settings)) -> Self {
+        let (addr, data_dir) = (self.addr, self.data_dir.clone());
+        let dir = self.stop().await;
+        let mut s = settings(&data_dir);
+        tweak(&mut s);
+        let listener = TcpListener::bind(addr)
+            .await
+            .expect("bind the same address again");
+        Self::launch_on(listener, s, dir)
     }
 
     /// Publishes `data` to `channel` and returns the id, asserting 201.
