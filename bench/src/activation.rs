@@ -70,6 +70,9 @@ pub(crate) struct Report {
     wake_p99_us: u64,
     wake_max_us: u64,
     storage_bytes: u64,
+    /// Keys in the storage engine's in-memory index and the bytes it holds (segment engine).
+    index_keys: Option<usize>,
+    index_bytes: Option<usize>,
 }
 
 /// The benchmark object: rebuilds itself from its log on activation, like a channel does.
@@ -192,6 +195,8 @@ async fn run_async(args: Args) -> anyhow::Result<Report> {
         wake_p99_us: wake.value_at_quantile(0.99),
         wake_max_us: wake.max(),
         storage_bytes: storage.size_on_disk()?,
+        index_keys: opened.index().map(|(keys, _)| keys),
+        index_bytes: opened.index().map(|(_, bytes)| bytes),
     })
 }
 

@@ -78,6 +78,14 @@ impl Opened {
         Ok(())
     }
 
+    /// Keys in the engine's index and the memory it holds, when it keeps one.
+    pub(crate) fn index(&self) -> Option<(usize, usize)> {
+        self.segments.as_ref().map(|s| {
+            let stats = s.stats();
+            (stats.keys, stats.index_bytes)
+        })
+    }
+
     /// The engine's own count of live bytes (records and their keys), when it keeps one.
     pub(crate) fn engine_live_bytes(&self) -> Option<u64> {
         self.segments.as_ref().map(|s| s.stats().live_bytes)

@@ -27,6 +27,7 @@
 //! ([`Error::Failed`]).
 
 mod frame;
+mod index;
 mod state;
 
 use std::fmt;
@@ -93,6 +94,9 @@ pub struct SegmentStats {
     pub segments: usize,
     /// Keys in the index.
     pub keys: usize,
+    /// Memory the index holds: the engine's main use of memory (about 70–100 bytes per
+    /// key).
+    pub index_bytes: usize,
     /// Segments the cleaner has deleted since open.
     pub cleaned_segments: u64,
     /// Bytes of current records the cleaner has copied forward since open.
@@ -229,6 +233,7 @@ impl SegmentStorage {
             disk_bytes: state.disk_bytes,
             segments: state.segments.len(),
             keys: state.index.len(),
+            index_bytes: state.index.heap_bytes(),
             cleaned_segments: self.shared.cleaned_segments.load(Ordering::Relaxed),
             moved_bytes: self.shared.moved_bytes.load(Ordering::Relaxed),
         }

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use bytes::Bytes;
 
 use super::frame::{self, FRAME_HEADER, MAGIC, Next};
+use super::index::Index;
 use crate::raw::{Raw, Visit};
 use crate::{Error, Result};
 
@@ -46,7 +47,7 @@ pub(crate) struct Segment {
 /// Everything behind the engine's lock.
 #[derive(Debug)]
 pub(crate) struct State {
-    pub(crate) index: BTreeMap<Box<[u8]>, Slot>,
+    pub(crate) index: Index,
     pub(crate) segments: BTreeMap<u32, Segment>,
     pub(crate) dir: PathBuf,
     /// A segment is sealed once a frame would take it past this size.
@@ -84,7 +85,7 @@ impl State {
         }
         ids.sort_unstable();
         let mut state = Self {
-            index: BTreeMap::new(),
+            index: Index::default(),
             segments: BTreeMap::new(),
             dir: dir.to_owned(),
             segment_bytes,
@@ -246,7 +247,7 @@ impl State {
                         inline: inline(value),
                     };
                     self.account(seg, op.footprint() as i64);
-                    self.index.insert(op.key.into(), slot)
+                    self.index.insert(op.key, slot)
                 }
                 None => self.index.remove(op.key),
             };
@@ -300,6 +301,19 @@ impl State {
     }
 }
 
+impl Slot {
+    /// A slot that only carries `offset`, for tests of the index.
+    #[cfg(test)]
+    pub(crate) fn for_test(offset: u32) -> Self {
+        Self {
+            seg: 0,
+            offset,
+            len: 0,
+            inline: [0; INLINE],
+        }
+    }
+}
+
 fn inline(value: &[u8]) -> [u8; INLINE] {
     let mut inline = [0; INLINE];
     if value.len() <= INLINE {
@@ -320,7 +334,7 @@ impl Raw for State {
         reverse: bool,
         visit: Visit<'_>,
     ) -> Result<()> {
-        let range = self.index.range::<[u8], _>((start, end));
+        let range = self.index.range(start, end);
         let mut buf = Vec::new();
         let mut step = |k: &[u8], slot: &Slot| -> Result<bool> {
             self.read_into(slot, &mut buf)?;
