@@ -22,6 +22,7 @@ mod auth;
 mod channels;
 mod config;
 mod cursor;
+mod detach;
 mod error;
 mod health;
 mod limits;

@@ -273,6 +273,12 @@ impl GuardedStream {
         Poll::Pending
     }
 
+    /// Copies the bytes waiting on the socket into `buf` without taking them off it, so a
+    /// request head can be looked at before deciding who serves the connection.
+    pub(crate) async fn peek(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.peek(buf).await
+    }
+
     /// The cheap check on every operation; waiting for the switch is registered only when
     /// an operation would block.
     fn is_killed(&self) -> bool {

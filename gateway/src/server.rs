@@ -34,7 +34,7 @@ use crate::auth::{self, Auth};
 use crate::config::CorsSettings;
 use crate::limits::{self, Limits, PeerAddr};
 use crate::listener::{Connections, GuardedListener};
-use crate::{ApiError, Settings, channels, health, objects, publish, sse, ws};
+use crate::{ApiError, Settings, channels, detach, health, objects, publish, sse, ws};
 
 /// Everything a request handler may need; cloned per request (all fields are handles).
 #[derive(Debug, Clone)]
@@ -219,6 +219,7 @@ impl Dormouse {
             .timer(TokioTimer::new())
             .header_read_timeout(self.state.settings.limits.header_read_timeout);
         let graceful = GracefulShutdown::new();
+        let head_timeout = self.state.settings.limits.header_read_timeout;
         let mut shutdown = std::pin::pin!(shutdown);
         let mut listener = listener;
         loop {
@@ -226,20 +227,33 @@ impl Dormouse {
                 accepted = listener.accept() => accepted,
                 () = &mut shutdown => break,
             };
-            let peer = ConnectInfo(PeerAddr(peer));
-            let service =
-                router
-                    .clone()
-                    .map_request(move |mut request: http::Request<Incoming>| {
-                        request.extensions_mut().insert(peer);
-                        request.map(Body::new)
-                    });
-            let connection = http
-                .serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(service))
-                .into_owned();
-            let connection = graceful.watch(connection);
+            let watcher = graceful.watcher();
+            let http = http.clone();
+            let router = router.clone();
+            let tasks = self.state.tasks.clone();
             tokio::spawn(async move {
-                if let Err(e) = connection.await {
+                // SSE subscriptions are served outside hyper (see `detach`); everything
+                // else goes to hyper untouched (the head was only peeked at).
+                match detach::first_request(&io, head_timeout).await {
+                    detach::First::Sse { request, head_len } => {
+                        // Tracked, so a graceful stop waits for the goodbye to be written.
+                        let _running = tasks.token();
+                        detach::serve_sse(io, request, head_len, peer, router).await;
+                        return;
+                    }
+                    detach::First::Hyper => {}
+                    detach::First::Closed => return,
+                }
+                let peer = ConnectInfo(PeerAddr(peer));
+                let service = router.map_request(move |mut request: http::Request<Incoming>| {
+                    request.extensions_mut().insert(peer);
+                    request.map(Body::new)
+                });
+                let connection = http.serve_connection_with_upgrades(
+                    TokioIo::new(io),
+                    TowerToHyperService::new(service),
+                );
+                if let Err(e) = watcher.watch(connection.into_owned()).await {
                     tracing::trace!(error = %e, "connection ended with an error");
                 }
             });

@@ -1,0 +1,292 @@
+//! Long-lived SSE responses served outside hyper, to keep idle subscribers small.
+//!
+//! hyper keeps an HTTP/1 connection's read buffer and header-write buffer (8 KiB each) for
+//! as long as a response is streaming, which made an idle SSE subscriber cost ~30 KB of
+//! server memory (docs/BENCHMARKS.md). So each new connection's first request head is read
+//! here: when it is an SSE subscription, the request still goes through the whole router
+//! (limits, auth, CORS, the handler), and the response is then written straight to the
+//! socket, `Connection: close`-delimited, with no buffer kept between events. Anything else
+//! (other routes, WebSocket upgrades, HTTP/2, heads we cannot parse) is handed to hyper
+//! untouched: the head is only peeked at.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Method, Request, Response, Version};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tower::ServiceExt;
+
+use crate::limits::PeerAddr;
+use crate::listener::GuardedStream;
+
+/// A request head longer than this is left to hyper (which refuses it).
+const MAX_HEAD: usize = 64 * 1024;
+
+/// Headers parsed here; a request with more goes to hyper.
+const MAX_HEADERS: usize = 100;
+
+/// Largest non-streaming answer (an error) written here.
+const MAX_PLAIN_BODY: usize = 1 << 20;
+
+/// What a new connection's first request head turned out to be.
+pub(crate) enum First {
+    /// An SSE subscription whose head is the first `head_len` bytes of the connection; to
+    /// serve with [`serve_sse`] once those are read.
+    Sse {
+        request: Box<Request<Body>>,
+        head_len: usize,
+    },
+    /// Anything else: serve it with hyper (nothing has been read from the connection).
+    Hyper,
+    /// The client went away or did not send a whole head in time.
+    Closed,
+}
+
+/// Looks at the first request head of a new connection without taking it off the socket
+/// (`MSG_PEEK`), so a connection handed to hyper is exactly as the client sent it and needs
+/// no wrapper for its whole life.
+pub(crate) async fn first_request(io: &GuardedStream, head_timeout: Duration) -> First {
+    let decided = tokio::time::timeout(head_timeout, async {
+        let mut buf = vec![0u8; 4096];
+        let mut seen = 0;
+        loop {
+            let n = io.peek(&mut buf).await?;
+            if n == 0 {
+                return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+            }
+            match parse(&buf[..n]) {
+                Parsed::Sse(request, head_len) => return Ok(First::Sse { request, head_len }),
+                Parsed::NotOurs => return Ok(First::Hyper),
+                Parsed::Incomplete if n == buf.len() && buf.len() < MAX_HEAD => {
+                    buf.resize(buf.len() * 2, 0);
+                }
+                Parsed::Incomplete if n == buf.len() => return Ok(First::Hyper),
+                Parsed::Incomplete => {
+                    // A head arriving in pieces (rare: a slow or hostile client). Peeking
+                    // again returns at once with the same bytes, so wait a little first.
+                    if n == seen {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+            seen = n;
+        }
+    })
+    .await;
+    match decided {
+        Ok(Ok(first)) => first,
+        // Like hyper's header-read timeout: the connection is just closed.
+        Err(_) | Ok(Err(_)) => First::Closed,
+    }
+}
+
+/// Answers an SSE subscription through the router (limits, auth, the handler) and streams
+/// the response to the socket until either side ends it.
+pub(crate) async fn serve_sse<IO>(
+    mut io: IO,
+    request: Box<Request<Body>>,
+    head_len: usize,
+    peer: SocketAddr,
+    router: Router,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    // Take the head, which was only peeked at, off the socket.
+    let mut head = vec![0u8; head_len];
+    if io.read_exact(&mut head).await.is_err() {
+        return;
+    }
+    drop(head);
+    let mut request = *request;
+    request.extensions_mut().insert(ConnectInfo(PeerAddr(peer)));
+    let response = match router.oneshot(request).await {
+        Ok(response) => response,
+        Err(never) => match never {},
+    };
+    if let Err(e) = respond(&mut io, response).await {
+        tracing::trace!(error = %e, "sse connection ended");
+    }
+    let _ = io.shutdown().await;
+}
+
+enum Parsed {
+    Incomplete,
+    NotOurs,
+    /// The request and the length of its head.
+    Sse(Box<Request<Body>>, usize),
+}
+
+/// Whether `buf` starts with a complete head of an SSE subscription (`GET` of
+/// `/v1/channels/{channel}/events` or `/sub`, HTTP/1.x, no upgrade).
+fn parse(buf: &[u8]) -> Parsed {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut head = httparse::Request::new(&mut headers);
+    let head_len = match head.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Parsed::Incomplete,
+        Err(_) => return Parsed::NotOurs,
+    };
+    let (Some("GET"), Some(path), Some(minor)) = (head.method, head.path, head.version) else {
+        return Parsed::NotOurs;
+    };
+    if !is_sse_path(path)
+        || head
+            .headers
+            .iter()
+            .any(|h| h.name.eq_ignore_ascii_case("upgrade"))
+    {
+        return Parsed::NotOurs;
+    }
+    let mut builder = Request::builder()
+        .method(Method::GET)
+        .uri(path)
+        .version(if minor == 0 {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        });
+    for h in head.headers.iter() {
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(h.name.as_bytes()),
+            HeaderValue::from_bytes(h.value),
+        ) else {
+            // Let hyper answer what it makes of it.
+            return Parsed::NotOurs;
+        };
+        builder = builder.header(name, value);
+    }
+    match builder.body(Body::empty()) {
+        Ok(request) => Parsed::Sse(Box::new(request), head_len),
+        Err(_) => Parsed::NotOurs,
+    }
+}
+
+fn is_sse_path(target: &str) -> bool {
+    let path = target.split('?').next().unwrap_or_default();
+    if path == "/sub" {
+        return true;
+    }
+    let mut parts = path.split('/');
+    matches!(
+        (parts.next(), parts.next(), parts.next(), parts.next(), parts.next(), parts.next()),
+        (Some(""), Some("v1"), Some("channels"), Some(name), Some("events"), None) if !name.is_empty()
+    )
+}
+
+/// Writes `response`: an event stream chunk by chunk as it comes, anything else whole.
+async fn respond<IO>(io: &mut IO, response: Response<Body>) -> io::Result<()>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let (parts, body) = response.into_parts();
+    let streaming = parts.status.is_success()
+        && parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    if !streaming {
+        let body = http_body_util::Limited::new(body, MAX_PLAIN_BODY)
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        io.write_all(&head(&parts, Some(body.len()))).await?;
+        io.write_all(&body).await?;
+        return io.flush().await;
+    }
+    io.write_all(&head(&parts, None)).await?;
+    io.flush().await?;
+    let (mut reader, mut writer) = tokio::io::split(io);
+    let mut body = body;
+    let mut probe = [0u8; 1];
+    loop {
+        tokio::select! {
+            frame = body.frame() => {
+                let Some(frame) = frame else { break };
+                let Ok(data) = frame.map_err(io::Error::other)?.into_data() else {
+                    continue;
+                };
+                writer.write_all(&data).await?;
+                writer.flush().await?;
+            }
+            // A client of an event stream sends nothing more; reading only notices it left
+            // (or sent something else, which ends the stream too).
+            read = reader.read(&mut probe) => {
+                let _ = read?;
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The status line and headers, always with `Connection: close`; `Content-Length` when the
+/// body is known, otherwise the body ends when the connection does.
+fn head(parts: &http::response::Parts, content_length: Option<usize>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(parts.status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        if name == header::CONNECTION
+            || name == header::CONTENT_LENGTH
+            || name == header::TRANSFER_ENCODING
+        {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if let Some(len) = content_length {
+        out.extend_from_slice(format!("content-length: {len}\r\n").as_bytes());
+    }
+    out.extend_from_slice(b"connection: close\r\n\r\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_sse_subscriptions_are_taken() {
+        let sse =
+            |head: &str| matches!(parse(head.as_bytes()), Parsed::Sse(_, len) if len == head.len());
+        assert!(sse(
+            "GET /v1/channels/news/events HTTP/1.1\r\nHost: x\r\n\r\n"
+        ));
+        assert!(sse(
+            "GET /v1/channels/news/events?last_event_id=1-2 HTTP/1.1\r\n\r\n"
+        ));
+        assert!(sse("GET /sub?channel=news HTTP/1.0\r\n\r\n"));
+        for other in [
+            "POST /v1/channels/news/events HTTP/1.1\r\n\r\n",
+            "GET /v1/channels/news/ws HTTP/1.1\r\n\r\n",
+            "GET /v1/channels/news/events HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
+            "GET /v1/channels//events HTTP/1.1\r\n\r\n",
+            "GET /v1/channels/a/b/events HTTP/1.1\r\n\r\n",
+            "GET /healthz HTTP/1.1\r\n\r\n",
+            "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            "garbage\r\n\r\n",
+        ] {
+            assert!(
+                matches!(parse(other.as_bytes()), Parsed::NotOurs),
+                "{other}"
+            );
+        }
+        assert!(matches!(
+            parse(b"GET /v1/channels/news/events HTTP/1.1\r\nHost"),
+            Parsed::Incomplete
+        ));
+    }
+}

@@ -1,0 +1,137 @@
+//! SSE at the byte level: the first request of a connection is served outside hyper
+//! (`detach`), so these check the exact bytes a client sees there, that a subscription on
+//! a kept-alive connection still works through hyper, and that a subscriber who closes its
+//! socket is let go at once rather than at the next write.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::Value;
+use support::{PATIENCE, TestServer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Reads from `stream` until `needle` has been seen; returns everything read.
+async fn read_until(stream: &mut TcpStream, seen: &mut Vec<u8>, needle: &str) {
+    tokio::time::timeout(PATIENCE, async {
+        while !String::from_utf8_lossy(seen).contains(needle) {
+            let mut buf = [0u8; 4096];
+            let n = stream.read(&mut buf).await.expect("read");
+            assert!(
+                n > 0,
+                "closed before {needle:?}; got {}",
+                String::from_utf8_lossy(seen)
+            );
+            seen.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no {needle:?} in {}", String::from_utf8_lossy(seen)));
+}
+
+async fn subscribers(server: &TestServer, channel: &str) -> u64 {
+    let info: Value = server
+        .client
+        .get(server.url(&format!("/v1/channels/{channel}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    info["subscribers"].as_u64().unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_first_request_subscription_streams_close_delimited_events() {
+    let server = TestServer::start().await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    stream
+        .write_all(b"GET /v1/channels/raw/events HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    read_until(&mut stream, &mut seen, ": connected").await;
+    let text = String::from_utf8_lossy(&seen).to_string();
+    let (head, _) = text.split_once("\r\n\r\n").unwrap();
+    let head = head.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200 ok\r\n"), "{head}");
+    assert!(head.contains("content-type: text/event-stream"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    assert!(!head.contains("content-length"), "{head}");
+    assert!(!head.contains("transfer-encoding"), "{head}");
+
+    let id = server.publish("raw", "over raw tcp").await;
+    read_until(&mut stream, &mut seen, "data: over raw tcp\n\n").await;
+    assert!(String::from_utf8_lossy(&seen).contains(&format!("id: {id}\n")));
+}
+
+#[tokio::test]
+async fn an_error_on_a_first_request_subscription_is_a_complete_json_answer() {
+    let server = TestServer::start().await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    stream
+        .write_all(b"GET /v1/channels/raw/events HTTP/1.1\r\nLast-Event-ID: nonsense\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8(answer).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{head}");
+    assert!(
+        head.contains(&format!("content-length: {}", body.len())),
+        "{head}"
+    );
+    let error: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(error["error"]["code"], "bad_event_id", "{body}");
+}
+
+#[tokio::test]
+async fn a_subscription_after_another_request_on_the_same_connection_works_too() {
+    let server = TestServer::start().await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    read_until(&mut stream, &mut seen, "\r\n\r\n").await;
+    stream
+        .write_all(b"GET /v1/channels/kept/events HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut stream, &mut seen, ": connected").await;
+    server.publish("kept", "via hyper").await;
+    read_until(&mut stream, &mut seen, "data: via hyper\n\n").await;
+}
+
+#[tokio::test]
+async fn a_subscriber_that_closes_its_socket_is_dropped_at_once() {
+    let server = TestServer::start_with(|s| {
+        // No keep-alive write for a long time: only noticing the close can drop it.
+        s.sse.keepalive = Duration::from_secs(3600);
+    })
+    .await;
+    server.publish("leaving", "x").await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    stream
+        .write_all(b"GET /v1/channels/leaving/events HTTP/1.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    read_until(&mut stream, &mut seen, ": connected").await;
+    assert_eq!(subscribers(&server, "leaving").await, 1);
+    drop(stream);
+    tokio::time::timeout(PATIENCE, async {
+        while subscribers(&server, "leaving").await != 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the subscriber is dropped without waiting for a write to fail");
+}
