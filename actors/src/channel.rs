@@ -20,8 +20,8 @@ use dormouse_runtime::{Context, Object, Socket};
 use serde::Serialize;
 
 pub use config::{
-    ChannelEnv, ChannelObserver, ChannelSettings, MAX_CHANNEL_NAME, MAX_EVENT_NAME, MAX_IDEMPOTENCY_KEY,
-    validate_channel_name, validate_event_name, validate_idempotency_key,
+    ChannelEnv, ChannelObserver, ChannelSettings, MAX_CHANNEL_NAME, MAX_EVENT_NAME,
+    MAX_IDEMPOTENCY_KEY, validate_channel_name, validate_event_name, validate_idempotency_key,
 };
 pub use event::{Control, DEFAULT_EVENT, Event};
 pub use id::{BadEventId, EventId};

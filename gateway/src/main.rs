@@ -5,8 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use dormouse_gateway::{Dormouse, Settings};
-use tracing_subscriber::EnvFilter;
+use dormouse_gateway::{Dormouse, LogFormat, Settings, init_logging};
 
 /// jemalloc with a 1 s decay (see .cargo/config.toml): memory freed when objects hibernate or
 /// connections close goes back to the kernel instead of staying cached by glibc's malloc.
@@ -51,21 +50,42 @@ struct ServeArgs {
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
+    /// Log lines as `text` or `json` (one object per line), on stderr [default: text;
+    /// env: DORMOUSE_LOG_FORMAT]. `RUST_LOG` sets the verbosity.
+    #[arg(long, value_name = "FORMAT")]
+    log_format: Option<LogFormat>,
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .init();
+async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let args = match cli.command {
         Some(Command::Serve(args)) => args,
         None => cli.serve,
     };
-    let mut settings = Settings::load(args.config.as_deref(), std::env::vars())?;
+    let settings = Settings::load(args.config.as_deref(), std::env::vars());
+    // Logging first, in the format asked for, so even a configuration error is a log line
+    // a collector can parse.
+    let format = args
+        .log_format
+        .or_else(|| settings.as_ref().ok().map(|s| s.log.format))
+        .unwrap_or_default();
+    if let Err(e) = init_logging(format) {
+        eprintln!("{e:#}");
+        return std::process::ExitCode::FAILURE;
+    }
+    match run(args, settings).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}`: the whole cause chain on one line ("opening data dir X: ...: why").
+            tracing::error!(error = format!("{e:#}"), "dormouse stopped with an error");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: ServeArgs, settings: anyhow::Result<Settings>) -> anyhow::Result<()> {
+    let mut settings = settings?;
     if let Some(listen) = args.listen {
         settings.listen = listen;
     }
@@ -74,6 +94,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.allow_anonymous {
         settings.auth.allow_anonymous = true;
+    }
+    if let Some(format) = args.log_format {
+        settings.log.format = format;
     }
     if args.print_config {
         // Secrets are not printed: the output ends up in terminals, tickets and logs.

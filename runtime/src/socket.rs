@@ -148,8 +148,7 @@ impl Drop for SocketReceiver {
     fn drop(&mut self) {
         self.inner.receiver_alive.store(false, Ordering::Release);
         // Nobody will read what is queued: free it now, not when the last Socket goes.
-        let dropped: Vec<(Outbound, Option<Instant>)> =
-            self.inner.lock_queue().drain(..).collect();
+        let dropped: Vec<(Outbound, Option<Instant>)> = self.inner.lock_queue().drain(..).collect();
         let bytes: usize = dropped.iter().map(|(message, _)| message.cost()).sum();
         self.inner.queued.fetch_sub(bytes, Ordering::AcqRel);
     }
