@@ -103,7 +103,7 @@ impl From<dormouse_runtime::Error> for ApiError {
             ),
             Error::Unavailable(_) => Self::unavailable(e.to_string()),
             Error::Handler { .. } | Error::Panicked { .. } => {
-                tracing::error!(error = %crate::logging::chain(&e), "object failed");
+                tracing::error!(error = %crate::logging::error_chain(&e), "object failed");
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
             }
         }

@@ -49,7 +49,7 @@ pub use config::{
 };
 pub use error::ApiError;
 pub use limits::Limits;
-pub use logging::{LogFormat, init_logging};
+pub use logging::{Chain, LogFormat, error_chain, init_logging};
 pub use objects::SUBJECT_HEADER;
 pub use publish::{Planned, parse_batch};
 pub use server::{AppState, Dormouse, shutdown_signal};

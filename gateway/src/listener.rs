@@ -190,7 +190,7 @@ impl axum::serve::Listener for GuardedListener {
                 Err(e) if is_connection_error(&e) => {}
                 Err(e) => {
                     // Usually out of file descriptors: wait for some to close.
-                    tracing::error!(error = %crate::logging::chain(&e), "accept failed; retrying in 1 s");
+                    tracing::error!(error = %crate::logging::error_chain(&e), "accept failed; retrying in 1 s");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }

@@ -51,14 +51,16 @@ pub fn init_logging(format: LogFormat) -> anyhow::Result<()> {
 }
 
 /// An error and every cause under it, joined by `: ` (what `{:#}` does for anyhow), for log
-/// fields: a bare `%e` would drop the causes that say what actually failed.
-pub(crate) fn chain<'a>(error: &'a (dyn Error + 'static)) -> Chain<'a> {
+/// fields: a bare `%e` would drop the causes that say what actually failed. Unlike `{:#}`,
+/// a cause that its parent's message already ends with is not repeated (many errors print
+/// their source in their own message).
+pub fn error_chain<'a>(error: &'a (dyn Error + 'static)) -> Chain<'a> {
     Chain(error)
 }
 
-/// See [`chain`].
+/// See [`error_chain`].
 #[derive(Debug)]
-pub(crate) struct Chain<'a>(&'a (dyn Error + 'static));
+pub struct Chain<'a>(&'a (dyn Error + 'static));
 
 impl fmt::Display for Chain<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -94,11 +96,11 @@ mod tests {
     fn a_chain_shows_every_cause_once() {
         let io = || std::io::Error::new(std::io::ErrorKind::PermissionDenied, "permission denied");
         assert_eq!(
-            chain(&Outer(io())).to_string(),
+            error_chain(&Outer(io())).to_string(),
             "opening storage: permission denied"
         );
         assert_eq!(
-            chain(&Repeats(io())).to_string(),
+            error_chain(&Repeats(io())).to_string(),
             "storage: permission denied"
         );
         assert_eq!("json".parse::<LogFormat>(), Ok(LogFormat::Json));

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use dormouse_gateway::{Dormouse, LogFormat, Settings, init_logging};
+use dormouse_gateway::{Dormouse, LogFormat, Settings, error_chain, init_logging};
 
 /// jemalloc with a 1 s decay (see .cargo/config.toml): memory freed when objects hibernate or
 /// connections close goes back to the kernel instead of staying cached by glibc's malloc.
@@ -50,9 +50,10 @@ struct ServeArgs {
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
-    /// Log lines as `text` or `json` (one object per line), on stderr [default: text;
-    /// env: DORMOUSE_LOG_FORMAT]. `RUST_LOG` sets the verbosity.
-    #[arg(long, value_name = "FORMAT")]
+    /// Log lines as `text` or `json` (one object per line), on stderr [default: text].
+    /// `RUST_LOG` sets the verbosity. Read here, not only with the other settings, so that
+    /// an error in the config file is logged in the format asked for.
+    #[arg(long, value_name = "FORMAT", env = "DORMOUSE_LOG_FORMAT")]
     log_format: Option<LogFormat>,
 }
 
@@ -77,8 +78,9 @@ async fn main() -> std::process::ExitCode {
     match run(args, settings).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            // `{:#}`: the whole cause chain on one line ("opening data dir X: ...: why").
-            tracing::error!(error = format!("{e:#}"), "dormouse stopped with an error");
+            // The whole cause chain on one line ("opening data dir X: ...: why").
+            let error: &(dyn std::error::Error + 'static) = e.as_ref();
+            tracing::error!(error = %error_chain(error), "dormouse stopped with an error");
             std::process::ExitCode::FAILURE
         }
     }

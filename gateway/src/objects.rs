@@ -134,11 +134,11 @@ async fn connect(
         async move {
             while let Some(message) = inbound.recv().await {
                 if let Err(e) = target.socket_message(&name, socket_id, message).await {
-                    tracing::warn!(object = %name, error = %crate::logging::chain(&e), "socket message failed");
+                    tracing::warn!(object = %name, error = %crate::logging::error_chain(&e), "socket message failed");
                 }
             }
             if let Err(e) = target.socket_closed(&name, socket_id).await {
-                tracing::debug!(object = %name, error = %crate::logging::chain(&e), "socket close not delivered");
+                tracing::debug!(object = %name, error = %crate::logging::error_chain(&e), "socket close not delivered");
             }
         }
     };

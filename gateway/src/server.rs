@@ -239,9 +239,13 @@ impl Dormouse {
                 match connection.await {
                     Ok(()) => tracked.ending("closed"),
                     Err(e) => {
-                        // Routine for clients that vanish; debug, not a warning.
-                        tracing::debug!(error = %crate::logging::chain(&*e), "connection failed");
-                        tracked.ending("error");
+                        // Routine for clients that vanish or idle; debug, not a warning.
+                        tracing::debug!(error = %crate::logging::error_chain(&*e), "connection failed");
+                        tracked.ending(match e.downcast_ref::<hyper::Error>() {
+                            Some(e) if e.is_timeout() => "header_read_timeout",
+                            Some(e) if e.is_incomplete_message() => "client_left",
+                            _ => "error",
+                        });
                     }
                 }
             });
@@ -469,7 +473,7 @@ async fn sample(state: AppState) {
             match tokio::task::spawn_blocking(move || storage.size_on_disk()).await {
                 Ok(Ok(bytes)) => state.telemetry.set_storage_bytes(bytes),
                 Ok(Err(e)) => {
-                    tracing::warn!(error = %crate::logging::chain(&e), "measuring storage failed")
+                    tracing::warn!(error = %crate::logging::error_chain(&e), "measuring storage failed")
                 }
                 Err(e) => tracing::warn!(error = %e, "measuring storage did not finish"),
             }
