@@ -103,7 +103,14 @@ struct Browser {
 
 fn chromium() -> PathBuf {
     if let Ok(path) = std::env::var("DORMOUSE_CHROMIUM") {
-        return PathBuf::from(path);
+        let path = PathBuf::from(path);
+        assert!(
+            path.is_file(),
+            "DORMOUSE_CHROMIUM names {}, which is not a file; install Chromium with \
+             `apt-get install -y chromium` or point DORMOUSE_CHROMIUM at one",
+            path.display()
+        );
+        return path;
     }
     for name in ["chromium", "chromium-browser", "google-chrome"] {
         for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()) {
@@ -270,20 +277,25 @@ impl Cdp {
         .unwrap_or_else(|_| panic!("no answer to {method}"))
     }
 
-    /// Evaluates `expression` in the page and returns its value.
-    async fn eval(&mut self, expression: &str) -> Value {
+    /// Evaluates `expression` in the page: its value, or the exception it threw.
+    async fn try_eval(&mut self, expression: &str) -> Result<Value, Value> {
         let result = self
             .call(
                 "Runtime.evaluate",
                 json!({"expression": expression, "returnByValue": true, "awaitPromise": true}),
             )
             .await;
-        assert!(
-            result["exceptionDetails"].is_null(),
-            "{expression}: {}",
-            result["exceptionDetails"]
-        );
-        result["result"]["value"].clone()
+        match result.get("exceptionDetails") {
+            Some(exception) => Err(exception.clone()),
+            None => Ok(result["result"]["value"].clone()),
+        }
+    }
+
+    /// Evaluates `expression` in the page and returns its value.
+    async fn eval(&mut self, expression: &str) -> Value {
+        self.try_eval(expression)
+            .await
+            .unwrap_or_else(|e| panic!("{expression}: {e}"))
     }
 
     /// Re-evaluates `expression` (a snapshot of the page as JSON) until `ready` accepts it.
@@ -295,7 +307,8 @@ impl Cdp {
     ) -> Value {
         let deadline = tokio::time::Instant::now() + PATIENCE;
         loop {
-            let value = self.eval(expression).await;
+            // Until the page has loaded, its elements are missing and the snapshot throws.
+            let value = self.try_eval(expression).await.unwrap_or_else(|e| e);
             if ready(&value) {
                 return value;
             }
