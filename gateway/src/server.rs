@@ -464,8 +464,13 @@ async fn sample(state: AppState) {
     let mut second = tokio::time::interval(std::time::Duration::from_secs(1));
     second.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_size: Option<tokio::time::Instant> = None;
+    let mut stopping = state.shutdown.clone();
     loop {
-        second.tick().await;
+        tokio::select! {
+            _ = second.tick() => {}
+            // Storage is about to close: stop measuring it.
+            _ = stopping.wait_for(|stop| *stop) => return,
+        }
         state.telemetry.tick();
         if last_size.is_none_or(|at| at.elapsed() >= telemetry::STORAGE_SAMPLE_EVERY) {
             last_size = Some(tokio::time::Instant::now());
