@@ -12,7 +12,7 @@ mod id;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use bytes::Bytes;
@@ -20,8 +20,8 @@ use dormouse_runtime::{Context, Object, Socket};
 use serde::Serialize;
 
 pub use config::{
-    ChannelEnv, ChannelSettings, MAX_CHANNEL_NAME, MAX_EVENT_NAME, MAX_IDEMPOTENCY_KEY,
-    validate_channel_name, validate_event_name, validate_idempotency_key,
+    ChannelEnv, ChannelObserver, ChannelSettings, MAX_CHANNEL_NAME, MAX_EVENT_NAME,
+    MAX_IDEMPOTENCY_KEY, validate_channel_name, validate_event_name, validate_idempotency_key,
 };
 pub use event::{Control, DEFAULT_EVENT, Event};
 pub use id::{BadEventId, EventId};
@@ -153,6 +153,8 @@ pub struct Channel {
     tail: VecDeque<Arc<Event>>,
     tail_bytes: usize,
     keyed_publishes: u32,
+    /// See [`ChannelEnv::observer`].
+    observer: Option<Arc<dyn ChannelObserver>>,
 }
 
 impl Object for Channel {
@@ -171,6 +173,7 @@ impl Object for Channel {
             tail: VecDeque::new(),
             tail_bytes: 0,
             keyed_publishes: 0,
+            observer: env.observer.clone(),
         };
         if let Some(meta) = ctx.log_meta()? {
             channel.epoch = meta.epoch;
@@ -229,9 +232,13 @@ impl Object for Channel {
                 let transport = socket.transport();
                 let subscriber = socket.clone();
                 ctx.accept_socket(socket);
+                let observer = self.observer.clone();
                 ctx.after_commit(move || {
                     if let Some(gap) = gap {
                         subscriber.send(gap.frame(transport));
+                        if let Some(observer) = observer {
+                            observer.gap_sent(gap.reason);
+                        }
                     }
                     for event in backlog {
                         subscriber.send(event.frame(transport));
@@ -259,9 +266,13 @@ impl Object for Channel {
                     requested_id: None,
                 };
                 let sockets = ctx.sockets();
+                let observer = self.observer.clone();
                 ctx.after_commit(move || {
                     for socket in sockets.iter() {
                         socket.send(gap.frame(socket.transport()));
+                        if let Some(observer) = &observer {
+                            observer.gap_sent(gap.reason);
+                        }
                     }
                 });
                 Ok(ChannelResponse::Deleted)
@@ -276,6 +287,9 @@ impl Channel {
         ctx: &mut Context<'_>,
         messages: Vec<NewMessage>,
     ) -> anyhow::Result<ChannelResponse> {
+        // Where delivery latency is measured from: the channel has the message and is
+        // about to give it an id.
+        let accepted = Instant::now();
         let now = now_ms();
         if self.epoch == 0 {
             self.epoch = ctx.allocate_epoch()?;
@@ -333,13 +347,19 @@ impl Channel {
             self.keyed_publishes = 0;
             self.sweep_idempotency(ctx, now)?;
         }
+        if let Some(observer) = self.observer.clone() {
+            let channel = ctx.name().to_string();
+            let events = fresh.len() as u64;
+            let bytes = fresh.iter().map(|e| e.data.len() as u64).sum();
+            ctx.after_commit(move || observer.published(&channel, events, bytes));
+        }
         let sockets = ctx.sockets();
         if !sockets.is_empty() {
             ctx.after_commit(move || {
                 for socket in sockets.iter() {
                     let transport = socket.transport();
                     for event in &fresh {
-                        socket.send(event.frame(transport));
+                        socket.send_stamped(event.frame(transport), accepted);
                     }
                 }
             });

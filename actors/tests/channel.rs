@@ -665,3 +665,60 @@ async fn a_thousand_subscribers_get_the_same_fifty_events_in_order() {
         );
     }
 }
+
+/// Counts what the channel reports, as a server's metrics would.
+#[derive(Debug, Default)]
+struct Tally {
+    published: std::sync::Mutex<Vec<(String, u64, u64)>>,
+    gaps: std::sync::Mutex<Vec<&'static str>>,
+}
+
+impl dormouse_actors::channel::ChannelObserver for Tally {
+    fn published(&self, channel: &str, events: u64, bytes: u64) {
+        self.published
+            .lock()
+            .unwrap()
+            .push((channel.to_string(), events, bytes));
+    }
+
+    fn gap_sent(&self, reason: &'static str) {
+        self.gaps.lock().unwrap().push(reason);
+    }
+}
+
+#[tokio::test]
+async fn the_observer_hears_of_stored_events_and_gaps_but_not_of_duplicates() {
+    let tally = Arc::new(Tally::default());
+    let runtime = dormouse_runtime::Runtime::new(Arc::new(MemoryStorage::new()));
+    let ns = runtime.namespace::<dormouse_actors::Channel>(
+        "channel",
+        dormouse_runtime::NamespaceConfig::with_idle_timeout(AWAKE),
+        dormouse_actors::ChannelEnv {
+            default: ChannelSettings::default(),
+            memory_tail_bytes: 1 << 20,
+            observer: Some(tally.clone()),
+            ..Default::default()
+        },
+    );
+    let mut live = subscribe(&ns, "o", Transport::Sse, Start::Live).await;
+    let results = publish(&ns, "o", vec![keyed("abc", "k"), text("de")]).await;
+    assert!(results.iter().all(|r| !r.duplicate));
+    let again = publish(&ns, "o", vec![keyed("abc", "k")]).await;
+    assert!(again[0].duplicate);
+    assert_eq!(live.drain().len(), 2);
+    assert_eq!(
+        *tally.published.lock().unwrap(),
+        [("o".to_string(), 2, 5)],
+        "one report per publish that stored something"
+    );
+
+    let beyond = format!("{:x}-99", id(&results[0].id).epoch);
+    let mut resumed = subscribe(&ns, "o", Transport::WebSocket, Start::After(id(&beyond))).await;
+    assert_eq!(resumed.drain(), [gap("unknown_id", None, Some(&beyond))]);
+    delete(&ns, "o").await;
+    assert_eq!(
+        *tally.gaps.lock().unwrap(),
+        ["unknown_id", "deleted", "deleted"],
+        "one per subscriber that was sent a gap"
+    );
+}

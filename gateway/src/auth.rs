@@ -40,8 +40,12 @@ pub struct Grants {
     pub history: Vec<String>,
     /// Objects, as `namespace/name` patterns (`counter/*`, `*`), the holder may call.
     pub objects: Vec<String>,
-    /// Whole-server operations: listing and deleting channels.
+    /// Whole-server operations: listing and deleting channels, the admin page's figures,
+    /// and `/metrics`.
     pub admin: bool,
+    /// Scraping `/metrics` only: what a monitoring system's credential needs, without the
+    /// power to delete channels that `admin` carries.
+    pub metrics: bool,
 }
 
 impl Grants {
@@ -54,6 +58,7 @@ impl Grants {
             history: any.clone(),
             objects: any,
             admin: true,
+            metrics: true,
         }
     }
 }
@@ -69,6 +74,8 @@ pub(crate) enum Need<'a> {
     /// Describe a channel: subscribe or history suffices.
     Describe(&'a str),
     Admin,
+    /// `/metrics`: the metrics or the admin capability.
+    Metrics,
     Object {
         namespace: &'a str,
         name: &'a str,
@@ -115,6 +122,7 @@ impl Principal {
                 any_match(&g.subscribe, channel) || any_match(&g.history, channel)
             }
             Need::Admin => g.admin,
+            Need::Metrics => g.metrics || g.admin,
             Need::Object { namespace, name } => g
                 .objects
                 .iter()
@@ -136,6 +144,7 @@ impl Principal {
                 format!("the subscribe or history capability for channel {c:?}")
             }
             Need::Admin => "the admin capability".to_string(),
+            Need::Metrics => "the metrics (or admin) capability".to_string(),
             Need::Object { namespace, name } => format!("access to object {namespace}/{name}"),
         };
         Err(ApiError::new(
@@ -488,7 +497,8 @@ pub(crate) async fn require(
     let route = matched.as_ref().map_or("", MatchedPath::as_str);
     let compat_channel;
     let need = match (request.method(), route) {
-        (_, "/v1/channels") => Need::Admin,
+        (_, "/v1/channels" | "/admin/api/stats") => Need::Admin,
+        (_, "/metrics") => Need::Metrics,
         (&Method::DELETE, "/v1/channels/{channel}") => Need::Admin,
         (_, "/v1/channels/{channel}") => Need::Describe(param("channel")),
         (&Method::POST, "/v1/channels/{channel}/messages" | "/channel/{channel}/messages") => {

@@ -43,6 +43,29 @@ pub struct Settings {
     pub auth: AuthSettings,
     /// Cross-origin requests from browsers.
     pub cors: CorsSettings,
+    /// Log output.
+    pub log: LogSettings,
+    /// The admin page.
+    pub admin: AdminSettings,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    /// "text" (one readable line per event) or "json" (one JSON object per line, for log
+    /// collectors). `--log-format` overrides it.
+    pub format: crate::LogFormat,
+}
+
+/// `[admin]`: the dashboard at `/admin`, off by default so a server shows nothing it was not
+/// asked to.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSettings {
+    /// Serve `/admin` and `/admin/api/stats` (the figures need the admin capability when
+    /// auth is on). Off: both are 404.
+    pub enabled: bool,
 }
 
 /// `[auth]`: unset (empty) by default, which leaves the server open to anyone who can reach
@@ -94,9 +117,13 @@ pub struct ApiKeySettings {
     /// `namespace/name` patterns of objects the key may call.
     #[serde(default)]
     pub objects: Vec<String>,
-    /// Listing and deleting channels.
+    /// Listing and deleting channels, and the admin page's figures.
     #[serde(default)]
     pub admin: bool,
+    /// Scraping `/metrics` (admin implies it); for a Prometheus server's key, which should
+    /// not be able to delete channels.
+    #[serde(default)]
+    pub metrics: bool,
 }
 
 impl ApiKeySettings {
@@ -108,6 +135,7 @@ impl ApiKeySettings {
             history: self.history.clone(),
             objects: self.objects.clone(),
             admin: self.admin,
+            metrics: self.metrics,
         }
     }
 }
@@ -272,6 +300,8 @@ impl Default for Settings {
             websocket: WebSocketSettings::default(),
             auth: AuthSettings::default(),
             cors: CorsSettings::default(),
+            log: LogSettings::default(),
+            admin: AdminSettings::default(),
         }
     }
 }
@@ -398,6 +428,8 @@ impl ChannelsSettings {
             prefixes,
             memory_tail_bytes: self.memory_tail.0 as usize,
             max_subscribers: limits.max_subscribers_per_channel,
+            // Set by the server, which owns the metrics.
+            observer: None,
         }
     }
 }
@@ -538,6 +570,8 @@ max_message_size = "1MiB"
                 ("DORMOUSE_CHANNELS_MAX_EVENTS", "7"),
                 ("DORMOUSE_STORAGE_DURABILITY", "never"),
                 ("DORMOUSE_WEBSOCKET_CLIENT_PUBLISH", "false"),
+                ("DORMOUSE_LOG_FORMAT", "json"),
+                ("DORMOUSE_ADMIN_ENABLED", "true"),
                 ("OTHER", "x"),
             ]),
         )
@@ -549,6 +583,8 @@ max_message_size = "1MiB"
         assert_eq!(s.limits.max_message_size, ByteSize::mib(2));
         assert_eq!(s.storage.durability, Durability::Never);
         assert!(!s.websocket.client_publish);
+        assert_eq!(s.log.format, crate::LogFormat::Json);
+        assert!(s.admin.enabled);
         let env = s.channels.env(&s.limits);
         assert_eq!(env.settings_for("chat:1").max_events, 50);
         assert_eq!(env.settings_for("chat:1").max_bytes, 2 * 1024 * 1024);

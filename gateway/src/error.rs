@@ -55,10 +55,16 @@ impl ApiError {
     }
 }
 
+/// The `code` of an error response, left in its extensions so the metrics middleware counts
+/// refusals by code without reading bodies.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ErrorCode(pub(crate) &'static str);
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({"error": {"code": self.code, "message": self.message}});
         let mut response = (self.status, Json(body)).into_response();
+        response.extensions_mut().insert(ErrorCode(self.code));
         if let Some(secs) = self.retry_after {
             response.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,
@@ -97,7 +103,7 @@ impl From<dormouse_runtime::Error> for ApiError {
             ),
             Error::Unavailable(_) => Self::unavailable(e.to_string()),
             Error::Handler { .. } | Error::Panicked { .. } => {
-                tracing::error!(error = %e, "object failed");
+                tracing::error!(error = %crate::logging::error_chain(&e), "object failed");
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
             }
         }

@@ -17,8 +17,15 @@
 //! - `sse`: the Server-Sent Events connection task.
 //! - `ws`: the WebSocket connection task.
 //! - `objects`: user-defined objects mounted under `/v1/objects/{namespace}/{name}/...`.
+//! - `telemetry`: the server's figures: Prometheus text at `/metrics`, connection
+//!   open/close logging, per-second samples for the admin page.
+//! - `busiest`: a bounded top-N of channels by recent publishes (admin page only).
+//! - `admin`: the dashboard at `/admin` and the JSON it polls.
+//! - `logging`: text or JSON log lines, and error cause chains for log fields.
 
+mod admin;
 mod auth;
+mod busiest;
 mod channels;
 mod config;
 mod cursor;
@@ -27,20 +34,25 @@ mod error;
 mod health;
 mod limits;
 mod listener;
+mod logging;
 mod objects;
 mod publish;
 mod server;
 mod sse;
+mod telemetry;
 mod ws;
 
 pub use auth::{Auth, Grants, Principal};
 pub use config::{
-    ApiKeySettings, AuthSettings, ByteSize, ChannelsSettings, CorsSettings, LimitsSettings,
-    PrefixSettings, Settings, SseSettings, StorageSettings, WebSocketSettings,
+    AdminSettings, ApiKeySettings, AuthSettings, ByteSize, ChannelsSettings, CorsSettings,
+    LimitsSettings, LogSettings, PrefixSettings, Settings, SseSettings, StorageSettings,
+    WebSocketSettings,
 };
 pub use error::ApiError;
 pub use limits::Limits;
+pub use logging::{Chain, LogFormat, error_chain, init_logging};
 pub use objects::SUBJECT_HEADER;
 pub use publish::{Planned, parse_batch};
 pub use server::{AppState, Dormouse, shutdown_signal};
+pub use telemetry::Telemetry;
 pub use ws::{ClientMessage, parse_client_message};

@@ -27,6 +27,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Sleep;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
+use crate::telemetry::Telemetry;
+
 /// How long a closing connection keeps reading what the client still sends.
 const LINGER: Duration = Duration::from_secs(2);
 /// How much it reads at most while lingering.
@@ -39,6 +41,8 @@ pub(crate) struct GuardedListener {
     kill: CancellationToken,
     write_timeout: Duration,
     connections: Arc<Connections>,
+    /// Counts bytes, refusals and write timeouts.
+    telemetry: Arc<Telemetry>,
 }
 
 impl GuardedListener {
@@ -47,12 +51,14 @@ impl GuardedListener {
         kill: CancellationToken,
         write_timeout: Duration,
         connections: Arc<Connections>,
+        telemetry: Arc<Telemetry>,
     ) -> Self {
         Self {
             inner,
             kill,
             write_timeout,
             connections,
+            telemetry,
         }
     }
 }
@@ -166,20 +172,25 @@ impl axum::serve::Listener for GuardedListener {
             match self.inner.accept().await {
                 Ok((stream, addr)) => match self.connections.admit(addr.ip()) {
                     Ok(slot) => {
-                        let mut io =
-                            GuardedStream::new(stream, self.kill.clone(), self.write_timeout);
+                        let mut io = GuardedStream::new(
+                            stream,
+                            self.kill.clone(),
+                            self.write_timeout,
+                            self.telemetry.clone(),
+                        );
                         io.slot = Some(slot);
                         return (io, addr);
                     }
                     Err(why) => {
                         tracing::debug!(peer = %addr, why, "connection refused");
+                        self.telemetry.rejected("too_many_connections");
                         tokio::spawn(refuse(stream, why));
                     }
                 },
                 Err(e) if is_connection_error(&e) => {}
                 Err(e) => {
                     // Usually out of file descriptors: wait for some to close.
-                    tracing::error!(error = %e, "accept failed; retrying in 1 s");
+                    tracing::error!(error = %crate::logging::error_chain(&e), "accept failed; retrying in 1 s");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
@@ -216,6 +227,7 @@ pub(crate) struct GuardedStream {
     stalled: bool,
     /// Its place under the connection limits, given back on drop.
     slot: Option<Slot>,
+    telemetry: Arc<Telemetry>,
 }
 
 impl std::fmt::Debug for GuardedStream {
@@ -227,8 +239,14 @@ impl std::fmt::Debug for GuardedStream {
 }
 
 impl GuardedStream {
-    fn new(inner: TcpStream, kill: CancellationToken, write_timeout: Duration) -> Self {
+    fn new(
+        inner: TcpStream,
+        kill: CancellationToken,
+        write_timeout: Duration,
+        telemetry: Arc<Telemetry>,
+    ) -> Self {
         Self {
+            telemetry,
             inner,
             killed: Box::pin(kill.clone().cancelled_owned()),
             kill,
@@ -265,6 +283,7 @@ impl GuardedStream {
         }
         if timer.as_mut().poll(cx).is_ready() {
             self.stalled = false;
+            self.telemetry.write_timeout();
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 "the client stopped reading",
@@ -299,9 +318,13 @@ impl AsyncRead for GuardedStream {
         if self.is_killed() {
             return Poll::Ready(Err(killed_error()));
         }
+        let before = buf.filled().len();
         let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
         if poll.is_pending() && self.killed.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Err(killed_error()));
+        }
+        if let Poll::Ready(Ok(())) = poll {
+            self.telemetry.received(buf.filled().len() - before);
         }
         poll
     }
@@ -317,6 +340,9 @@ impl AsyncWrite for GuardedStream {
             return Poll::Ready(Err(killed_error()));
         }
         let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = poll {
+            self.telemetry.sent(n);
+        }
         self.watch_write(cx, poll)
     }
 
@@ -329,6 +355,9 @@ impl AsyncWrite for GuardedStream {
             return Poll::Ready(Err(killed_error()));
         }
         let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = poll {
+            self.telemetry.sent(n);
+        }
         self.watch_write(cx, poll)
     }
 
@@ -366,7 +395,10 @@ impl AsyncWrite for GuardedStream {
             let mut buf = ReadBuf::new(&mut scratch);
             match Pin::new(&mut this.inner).poll_read(cx, &mut buf) {
                 Poll::Ready(Ok(())) if buf.filled().is_empty() => return Poll::Ready(Ok(())),
-                Poll::Ready(Ok(())) => this.drained += buf.filled().len(),
+                Poll::Ready(Ok(())) => {
+                    this.drained += buf.filled().len();
+                    this.telemetry.received(buf.filled().len());
+                }
                 Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
                 Poll::Pending => return Poll::Pending,
             }

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use dormouse_gateway::{Dormouse, Settings};
+use dormouse_gateway::{Dormouse, LogFormat, Settings, error_chain, init_logging};
 use tracing_subscriber::EnvFilter;
 
 /// jemalloc with a 1 s decay (see .cargo/config.toml): memory freed when objects hibernate or
@@ -58,6 +58,11 @@ struct ServeArgs {
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
+    /// Log lines as `text` or `json` (one object per line), on stderr [default: text].
+    /// `RUST_LOG` sets the verbosity. Read here, not only with the other settings, so that
+    /// an error in the config file is logged in the format asked for.
+    #[arg(long, value_name = "FORMAT", env = "DORMOUSE_LOG_FORMAT")]
+    log_format: Option<LogFormat>,
 }
 
 fn main() -> ExitCode {
@@ -76,23 +81,31 @@ fn main() -> ExitCode {
             return cli::run(command);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .init();
-    match serve(args) {
+    let settings = Settings::load(args.config.as_deref(), std::env::vars());
+    // Logging first, in the format asked for, so even a configuration error is a log line
+    // a collector can parse.
+    let format = args
+        .log_format
+        .or_else(|| settings.as_ref().ok().map(|s| s.log.format))
+        .unwrap_or_default();
+    if let Err(e) = init_logging(format) {
+        eprintln!("{e:#}");
+        return ExitCode::FAILURE;
+    }
+    match serve(args, settings) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("Error: {e:?}");
+            // The whole cause chain on one line ("opening data dir X: ...: why").
+            let error: &(dyn std::error::Error + 'static) = e.as_ref();
+            tracing::error!(error = %error_chain(error), "dormouse stopped with an error");
             ExitCode::FAILURE
         }
     }
 }
 
 #[tokio::main]
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let mut settings = Settings::load(args.config.as_deref(), std::env::vars())?;
+async fn serve(args: ServeArgs, settings: anyhow::Result<Settings>) -> anyhow::Result<()> {
+    let mut settings = settings?;
     if let Some(listen) = args.listen {
         settings.listen = listen;
     }
@@ -101,6 +114,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if args.allow_anonymous {
         settings.auth.allow_anonymous = true;
+    }
+    if let Some(format) = args.log_format {
+        settings.log.format = format;
     }
     if args.print_config {
         // Secrets are not printed: the output ends up in terminals, tickets and logs.

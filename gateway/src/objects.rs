@@ -18,6 +18,7 @@ use crate::channels::{check_channel, read_body};
 /// The request header carrying the caller's identity (token `sub`, API key name, or
 /// `anonymous`) to objects.
 pub const SUBJECT_HEADER: &str = "x-dormouse-subject";
+use crate::telemetry::Wire;
 use crate::ws::{Conn, Mode, tuned};
 use crate::{ApiError, AppState};
 
@@ -133,16 +134,17 @@ async fn connect(
         async move {
             while let Some(message) = inbound.recv().await {
                 if let Err(e) = target.socket_message(&name, socket_id, message).await {
-                    tracing::warn!(object = %name, error = %e, "socket message failed");
+                    tracing::warn!(object = %name, error = %crate::logging::error_chain(&e), "socket message failed");
                 }
             }
             if let Err(e) = target.socket_closed(&name, socket_id).await {
-                tracing::debug!(object = %name, error = %e, "socket close not delivered");
+                tracing::debug!(object = %name, error = %crate::logging::error_chain(&e), "socket close not delivered");
             }
         }
     };
+    let label = format!("{}/{name}", target.name());
     let conn = Conn {
-        label: format!("{}/{name}", target.name()),
+        tracked: state.telemetry.connection_opened(Wire::Ws, false, &label),
         expires_at,
         mode: Mode::Object { forward },
         receiver,

@@ -34,7 +34,8 @@ use crate::auth::{self, Auth};
 use crate::config::CorsSettings;
 use crate::limits::{self, Limits, PeerAddr};
 use crate::listener::{Connections, GuardedListener};
-use crate::{ApiError, Settings, channels, detach, health, objects, publish, sse, ws};
+use crate::telemetry::{self, Telemetry, Wire};
+use crate::{ApiError, Settings, admin, channels, detach, health, objects, publish, sse, ws};
 
 /// Everything a request handler may need; cloned per request (all fields are handles).
 #[derive(Debug, Clone)]
@@ -57,6 +58,8 @@ pub struct AppState {
     /// Flips to `true` when the server is stopping, so long-lived connections can say
     /// goodbye (SSE: reconnect hint; WebSocket: close 1012 "service restart").
     pub shutdown: watch::Receiver<bool>,
+    /// The server's own figures: `/metrics` and the admin page.
+    pub telemetry: Arc<Telemetry>,
 }
 
 /// A configured server: storage open, runtime up, not yet listening.
@@ -106,10 +109,15 @@ impl Dormouse {
         let storage = open_storage(&settings)
             .with_context(|| format!("opening data dir {}", settings.data_dir.display()))?;
         let runtime = Runtime::new(storage.clone());
+        let telemetry = Arc::new(Telemetry::new(settings.admin.enabled));
+        let observer = telemetry.clone();
+        runtime.observe_commits(move |took| observer.commit(took));
+        let mut channel_env = settings.channels.env(&settings.limits);
+        channel_env.observer = Some(telemetry.clone());
         let channels = runtime.namespace::<Channel>(
             NAMESPACE,
             NamespaceConfig::with_idle_timeout(settings.channels.idle_timeout),
-            settings.channels.env(&settings.limits),
+            channel_env,
         );
         let (stop, shutdown) = watch::channel(false);
         let connections = Arc::new(Connections::new(
@@ -128,6 +136,7 @@ impl Dormouse {
                 objects: Arc::default(),
                 tasks: TaskTracker::new(),
                 shutdown,
+                telemetry,
             },
             storage,
             stop,
@@ -210,7 +219,9 @@ impl Dormouse {
             kill.clone(),
             write_timeout,
             self.connections.clone(),
+            self.state.telemetry.clone(),
         );
+        let sampler = tokio::spawn(sample(self.state.clone()));
         // hyper directly rather than `axum::serve`, for what axum does not expose: a
         // deadline on reading request heads.
         let router = self.router();
@@ -227,6 +238,10 @@ impl Dormouse {
                 accepted = listener.accept() => accepted,
                 () = &mut shutdown => break,
             };
+            let mut tracked = self
+                .state
+                .telemetry
+                .connection_opened(Wire::Http, false, &peer);
             let watcher = graceful.watcher();
             let http = http.clone();
             let router = router.clone();
@@ -239,10 +254,14 @@ impl Dormouse {
                         // Tracked, so a graceful stop waits for the goodbye to be written.
                         let _running = tasks.token();
                         detach::serve_sse(io, request, head_len, peer, router).await;
+                        tracked.ending("closed");
                         return;
                     }
                     detach::First::Hyper => {}
-                    detach::First::Closed => return,
+                    detach::First::Closed => {
+                        tracked.ending("client_left");
+                        return;
+                    }
                 }
                 let peer = ConnectInfo(PeerAddr(peer));
                 let service = router.map_request(move |mut request: http::Request<Incoming>| {
@@ -253,8 +272,17 @@ impl Dormouse {
                     TokioIo::new(io),
                     TowerToHyperService::new(service),
                 );
-                if let Err(e) = watcher.watch(connection.into_owned()).await {
-                    tracing::trace!(error = %e, "connection ended with an error");
+                match watcher.watch(connection.into_owned()).await {
+                    Ok(()) => tracked.ending("closed"),
+                    Err(e) => {
+                        // Routine for clients that vanish or idle; debug, not a warning.
+                        tracing::debug!(error = %crate::logging::error_chain(&*e), "connection failed");
+                        tracked.ending(match e.downcast_ref::<hyper::Error>() {
+                            Some(e) if e.is_timeout() => "header_read_timeout",
+                            Some(e) if e.is_incomplete_message() => "client_left",
+                            _ => "error",
+                        });
+                    }
                 }
             });
         }
@@ -290,6 +318,7 @@ impl Dormouse {
             ns.shutdown().await;
         }
         self.state.channels.shutdown().await;
+        sampler.abort();
         // A stuck engine would hang the final flush too: exit at once, with an error, so a
         // supervisor restarts us (everything acknowledged is already durable).
         dormouse_storage::Storage::check(&*self.storage)
@@ -355,6 +384,7 @@ fn router(state: AppState) -> Router {
         .route("/v1/channels/{channel}/events", get(sse::subscribe))
         .route("/v1/channels/{channel}/ws", get(ws::subscribe))
         .route("/v1/publish", post(publish::batch))
+        .route("/metrics", get(telemetry::scrape))
         .route("/v1/objects/{namespace}/{name}", any(objects::route))
         .route(
             "/v1/objects/{namespace}/{name}/{*rest}",
@@ -362,20 +392,41 @@ fn router(state: AppState) -> Router {
         )
         // Compatibility with Redis-backed SSE proxies.
         .route("/channel/{channel}/messages", post(channels::publish))
-        .route("/sub", get(sse::subscribe_compat))
+        .route("/sub", get(sse::subscribe_compat));
+    let api = if state.settings.admin.enabled {
+        api.route("/admin/api/stats", get(admin::stats))
+    } else {
+        api
+    };
+    let api = api
         // After routing, so the check knows the route and its parameters; routes added
         // above are covered by default (unknown ones need at least a credential).
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require));
     let router = Router::new()
         // Probes stay open: orchestrators call them without credentials.
         .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
+        .route("/readyz", get(health::readyz));
+    // The page itself is static and holds no data (the same bytes ship in every binary);
+    // what it shows comes from `/admin/api/stats`, which needs the admin capability. A
+    // browser cannot attach a bearer token to a page load, so gating the page would push
+    // tokens into URLs.
+    let router = if state.settings.admin.enabled {
+        router.route("/admin", get(admin::page))
+    } else {
+        router
+    };
+    let router = router
         .merge(api)
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
-        // Outermost: oversized and excess requests are refused before any other work.
-        .layer(middleware::from_fn_with_state(state.clone(), limits::guard));
+        // Oversized and excess requests are refused before any other work.
+        .layer(middleware::from_fn_with_state(state.clone(), limits::guard))
+        // Outside everything that may refuse a request, so every refusal is counted.
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            telemetry::count_rejections,
+        ));
     let router = match cors_layer(&state.settings.cors) {
         Ok(Some(cors)) => router.layer(cors),
         // Validated by `Dormouse::open`.
@@ -442,7 +493,49 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     ApiError::method_not_allowed(format!("{method} is not allowed on {}", uri.path()))
 }
 
+/// Until the server stops: once a second, closes the admin page's sample and lets the
+/// metrics recorder fold its histograms; every [`telemetry::STORAGE_SAMPLE_EVERY`], measures
+/// the data dir (a directory walk: never per request).
+async fn sample(state: AppState) {
+    let mut second = tokio::time::interval(std::time::Duration::from_secs(1));
+    second.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_size: Option<tokio::time::Instant> = None;
+    let mut stopping = state.shutdown.clone();
+    loop {
+        tokio::select! {
+            _ = second.tick() => {}
+            // Storage is about to close: stop measuring it.
+            _ = stopping.wait_for(|stop| *stop) => return,
+        }
+        state.telemetry.tick();
+        if last_size.is_none_or(|at| at.elapsed() >= telemetry::STORAGE_SAMPLE_EVERY) {
+            last_size = Some(tokio::time::Instant::now());
+            let storage = state.runtime.storage().clone();
+            match tokio::task::spawn_blocking(move || storage.size_on_disk()).await {
+                Ok(Ok(bytes)) => state.telemetry.set_storage_bytes(bytes),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %crate::logging::error_chain(&e), "measuring storage failed")
+                }
+                Err(e) => tracing::warn!(error = %e, "measuring storage did not finish"),
+            }
+        }
+    }
+}
+
 impl AppState {
+    /// Each namespace's counters (channels first), read from the runtime at call time.
+    pub(crate) fn namespace_stats(&self) -> Vec<(String, dormouse_runtime::NamespaceStats)> {
+        let mut all = vec![(NAMESPACE.to_string(), self.channels.stats())];
+        let objects = self.objects.read().unwrap_or_else(|p| p.into_inner());
+        let mut mounted: Vec<_> = objects
+            .iter()
+            .map(|(name, ns)| (name.clone(), ns.stats()))
+            .collect();
+        mounted.sort_by(|a, b| a.0.cmp(&b.0));
+        all.extend(mounted);
+        all
+    }
+
     /// The mounted namespace called `name`.
     pub(crate) fn object_namespace(&self, name: &str) -> Option<Arc<dyn DynNamespace>> {
         self.objects

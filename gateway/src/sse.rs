@@ -19,6 +19,7 @@ use tokio::time::{Instant, Interval, MissedTickBehavior};
 
 use crate::auth::Principal;
 use crate::channels::{self, ChannelName, check_channel, query};
+use crate::telemetry::{Connection, Wire};
 use crate::{ApiError, AppState, cursor};
 
 /// Most bytes gathered into one body chunk from messages that are already queued.
@@ -73,9 +74,10 @@ async fn open(
     principal: &Principal,
 ) -> Result<Response, ApiError> {
     let receiver = channels::subscribe(&state, &channel, Transport::Sse, start).await?;
-    tracing::debug!(channel = %channel, "sse subscriber connected");
+    let conn = state.telemetry.connection_opened(Wire::Sse, true, &channel);
     let sse = &state.settings.sse;
     let body = Body::from_stream(stream(
+        conn,
         receiver,
         sse.keepalive,
         sse.retry,
@@ -94,6 +96,8 @@ async fn open(
 }
 
 struct Conn {
+    /// Counted while the stream lives; logs its end.
+    conn: Connection,
     receiver: SocketReceiver,
     keepalive: Interval,
     shutdown: watch::Receiver<bool>,
@@ -104,6 +108,7 @@ struct Conn {
 }
 
 fn stream(
+    conn: Connection,
     receiver: SocketReceiver,
     keepalive: Duration,
     retry: Duration,
@@ -113,6 +118,7 @@ fn stream(
     let mut keepalive = tokio::time::interval_at(Instant::now() + keepalive, keepalive);
     keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let conn = Conn {
+        conn,
         receiver,
         keepalive,
         shutdown,
@@ -142,7 +148,7 @@ impl Conn {
         enum Wake {
             Shutdown,
             Expired,
-            Message(Option<Outbound>),
+            Message(Option<(Outbound, Option<std::time::Instant>)>),
             KeepAlive,
         }
         let expires_at = self.expires_at;
@@ -150,12 +156,13 @@ impl Conn {
             biased;
             _ = self.shutdown.wait_for(|stopping| *stopping) => Wake::Shutdown,
             () = expiry(expires_at) => Wake::Expired,
-            message = self.receiver.recv() => Wake::Message(message),
+            message = self.receiver.recv_stamped() => Wake::Message(message),
             _ = self.keepalive.tick() => Wake::KeepAlive,
         };
         match wake {
             Wake::Shutdown => {
                 self.done = true;
+                self.conn.ending("shutdown");
                 Some(reconnect(
                     "shutdown",
                     "the server is restarting; reconnect with your last event id",
@@ -163,31 +170,42 @@ impl Conn {
             }
             Wake::Expired => {
                 self.done = true;
+                self.conn.ending("token_expired");
                 Some(reconnect(
                     "token_expired",
                     "your credential expired; reconnect with a fresh one and your last event id",
                 ))
             }
-            Wake::Message(message) => {
-                let first = self.frame(message?)?;
+            Wake::Message(None) => {
+                self.conn.ending("ended");
+                None
+            }
+            Wake::Message(Some((message, stamp))) => {
+                let first = self.frame(message, stamp)?;
                 Some(self.gather(first))
             }
             Wake::KeepAlive => Some(Bytes::from_static(b": keep-alive\n\n")),
         }
     }
 
-    fn frame(&mut self, message: Outbound) -> Option<Bytes> {
+    /// The bytes of one queued message; counts it as delivered, since it is written next.
+    fn frame(&mut self, message: Outbound, stamp: Option<std::time::Instant>) -> Option<Bytes> {
         match message {
-            Outbound::Text(bytes) => Some(bytes),
+            Outbound::Text(bytes) => {
+                self.conn.telemetry().delivered(Wire::Sse, 1, stamp);
+                Some(bytes)
+            }
             // The object never sends binary frames to SSE; drop rather than corrupt.
             Outbound::Binary(_) => Some(Bytes::new()),
             Outbound::Close { code, reason } => {
                 self.done = true;
                 let cause = if code == 1008 {
+                    self.conn.telemetry().slow_disconnect(Wire::Sse);
                     "slow_consumer"
                 } else {
                     "closed"
                 };
+                self.conn.ending(cause);
                 Some(reconnect(cause, &reason))
             }
         }
@@ -200,10 +218,10 @@ impl Conn {
         }
         let mut batch: Option<BytesMut> = None;
         while batch.as_ref().map_or(first.len(), BytesMut::len) < BATCH_BYTES {
-            let Some(message) = self.receiver.try_recv() else {
+            let Some((message, stamp)) = self.receiver.try_recv_stamped() else {
                 break;
             };
-            let Some(next) = self.frame(message) else {
+            let Some(next) = self.frame(message, stamp) else {
                 break;
             };
             batch

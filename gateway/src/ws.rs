@@ -34,6 +34,7 @@ use crate::auth::{Auth, Need, Principal};
 use crate::channels::{self, ChannelName, check_message};
 use crate::limits::{ClientIp, Limits};
 use crate::sse::expiry;
+use crate::telemetry::{Connection, Wire};
 use crate::{ApiError, AppState, cursor};
 
 /// Close codes, documented for clients.
@@ -68,10 +69,11 @@ pub(crate) async fn subscribe(
     let start = cursor::from_request(&uri, &headers)?;
     let settings = state.settings.clone();
     let receiver = channels::subscribe(&state, &channel, Transport::WebSocket, start).await?;
+    let tracked = state.telemetry.connection_opened(Wire::Ws, true, &channel);
     // Base64 in JSON inflates a payload by 4/3; leave room for it and the envelope.
     let max_message = settings.limits.max_message_size.0 as usize / 3 * 4 + 64 * 1024;
     let conn = Conn {
-        label: channel.clone(),
+        tracked,
         expires_at: principal.time_left().map(|left| Instant::now() + left),
         mode: Mode::Channel {
             channel,
@@ -106,8 +108,8 @@ pub(crate) fn tuned(upgrade: WebSocketUpgrade, max_message: usize) -> WebSocketU
 
 /// One WebSocket connection's task state.
 pub(crate) struct Conn {
-    /// What the connection is for, in logs: a channel name or `namespace/name`.
-    pub(crate) label: String,
+    /// Counted while the connection lives; logs its end with the reason.
+    pub(crate) tracked: Connection,
     /// When the client's credential expires: the connection closes then (code 4001) unless
     /// the client sent a fresh one (`{"type":"auth","token":...}`, channel sockets only).
     pub(crate) expires_at: Option<Instant>,
@@ -240,13 +242,16 @@ enum End {
 
 impl Conn {
     pub(crate) async fn run(mut self, ws: WebSocket) {
-        let opened = Instant::now();
         let end = self.serve(ws).await;
-        let code = match end {
-            End::Closed(code) => Some(code),
-            End::ClientLeft | End::WriteFailed => None,
-        };
-        tracing::debug!(target = %self.label, ?end, ?code, duration = ?opened.elapsed(), "websocket closed");
+        self.tracked.ending(match end {
+            End::ClientLeft => "client_left",
+            End::WriteFailed => "write_failed",
+            End::Closed(close::RESTART) => "shutdown",
+            End::Closed(close::SLOW_CONSUMER) => "slow_consumer",
+            End::Closed(close::HEARTBEAT_TIMEOUT) => "heartbeat_timeout",
+            End::Closed(close::TOKEN_EXPIRED) => "token_expired",
+            End::Closed(_) => "closed",
+        });
     }
 
     async fn serve(&mut self, ws: WebSocket) -> End {
@@ -262,7 +267,7 @@ impl Conn {
             enum Wake {
                 Shutdown,
                 Expired,
-                Outbound(Option<Outbound>),
+                Outbound(Option<(Outbound, Option<std::time::Instant>)>),
                 Ack(Value),
                 Incoming(Option<Result<Message, axum::Error>>),
                 Ping,
@@ -271,7 +276,7 @@ impl Conn {
                 biased;
                 _ = self.shutdown.wait_for(|stopping| *stopping) => Wake::Shutdown,
                 () = expiry(self.expires_at) => Wake::Expired,
-                outbound = self.receiver.recv() => Wake::Outbound(outbound),
+                outbound = self.receiver.recv_stamped() => Wake::Outbound(outbound),
                 Some(ack) = async {
                     match acks.as_mut() {
                         Some((_, rx)) => rx.recv().await,
@@ -291,8 +296,8 @@ impl Conn {
                 Wake::Outbound(None) => {
                     return close_with(&mut sink, 1000, "the server ended the connection").await;
                 }
-                Wake::Outbound(Some(first)) => {
-                    if let Some(end) = self.write_batch(&mut sink, first).await {
+                Wake::Outbound(Some((first, stamp))) => {
+                    if let Some(end) = self.write_batch(&mut sink, first, stamp).await {
                         return end;
                     }
                 }
@@ -347,16 +352,26 @@ impl Conn {
         }
     }
 
-    /// Feeds `first` and everything else already queued, then flushes once.
-    async fn write_batch<S>(&mut self, sink: &mut S, first: Outbound) -> Option<End>
+    /// Feeds `first` and everything else already queued, then flushes once; counts what
+    /// was written as delivered once the flush succeeded.
+    async fn write_batch<S>(
+        &mut self,
+        sink: &mut S,
+        first: Outbound,
+        stamp: Option<std::time::Instant>,
+    ) -> Option<End>
     where
         S: futures::Sink<Message> + Unpin,
     {
-        let mut next = Some(first);
+        let mut next = Some((first, stamp));
         let mut fed = 0usize;
-        while let Some(outbound) = next.take() {
+        let mut messages = 0u64;
+        let mut stamps = Vec::new();
+        while let Some((outbound, stamp)) = next.take() {
+            stamps.extend(stamp);
             match outbound {
                 Outbound::Text(bytes) => {
+                    messages += 1;
                     fed += bytes.len();
                     let Ok(text) = Utf8Bytes::try_from(bytes) else {
                         continue;
@@ -366,6 +381,7 @@ impl Conn {
                     }
                 }
                 Outbound::Binary(bytes) => {
+                    messages += 1;
                     fed += bytes.len();
                     if sink.feed(Message::Binary(bytes)).await.is_err() {
                         return Some(End::WriteFailed);
@@ -373,20 +389,28 @@ impl Conn {
                 }
                 Outbound::Close { code, reason } => {
                     let code = if code == 1008 {
+                        self.tracked.telemetry().slow_disconnect(Wire::Ws);
                         close::SLOW_CONSUMER
                     } else {
                         code
                     };
-                    return Some(close_with(sink, code, &reason).await);
+                    let end = close_with(sink, code, &reason).await;
+                    self.tracked
+                        .telemetry()
+                        .delivered(Wire::Ws, messages, stamps);
+                    return Some(end);
                 }
             }
             if fed < 256 * 1024 {
-                next = self.receiver.try_recv();
+                next = self.receiver.try_recv_stamped();
             }
         }
         if sink.flush().await.is_err() {
             return Some(End::WriteFailed);
         }
+        self.tracked
+            .telemetry()
+            .delivered(Wire::Ws, messages, stamps);
         None
     }
 
@@ -400,6 +424,7 @@ impl Conn {
                 r#ref,
             }) => self.on_publish(event, data, idempotency_key, r#ref, acks),
             Err((e, r#ref)) => {
+                self.tracked.telemetry().rejected(e.code);
                 let _ = acks.send(
                     json!({"type": "error", "code": e.code, "message": e.message, "ref": r#ref}),
                 );
@@ -432,7 +457,10 @@ impl Conn {
                 *principal = fresh;
                 json!({"type": "auth_ok", "expires_at": expires_at, "ref": r#ref})
             }
-            Err(e) => json!({"type": "error", "code": e.code, "message": e.message, "ref": r#ref}),
+            Err(e) => {
+                self.tracked.telemetry().rejected(e.code);
+                json!({"type": "error", "code": e.code, "message": e.message, "ref": r#ref})
+            }
         };
         let _ = acks.send(reply);
     }
@@ -445,7 +473,9 @@ impl Conn {
         r#ref: Option<Value>,
         acks: &mpsc::UnboundedSender<Value>,
     ) {
-        let fail = |code: &str, message: String| {
+        let telemetry = self.tracked.telemetry().clone();
+        let fail = |code: &'static str, message: String| {
+            telemetry.rejected(code);
             let _ = acks.send(
                 json!({"type": "error", "code": code, "message": message, "ref": r#ref.clone()}),
             );
@@ -496,6 +526,7 @@ impl Conn {
             }]),
         );
         let acks = acks.clone();
+        let telemetry = telemetry.clone();
         tokio::spawn(async move {
             let frame = match reply.await {
                 Ok(ChannelResponse::Published(results)) => match results.first() {
@@ -511,6 +542,7 @@ impl Conn {
                 }
                 Err(e) => {
                     let e = ApiError::from(e);
+                    telemetry.rejected(e.code);
                     json!({"type": "error", "code": e.code, "message": e.message, "ref": r#ref})
                 }
             };

@@ -44,6 +44,7 @@ fn secured(s: &mut Settings) {
         history: vec!["*".to_string()],
         objects: Vec::new(),
         admin: false,
+        metrics: false,
     }];
 }
 

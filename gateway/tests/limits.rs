@@ -163,6 +163,7 @@ async fn publishers_over_their_rate_get_429_with_retry_after() {
                 history: Vec::new(),
                 objects: Vec::new(),
                 admin: false,
+                metrics: false,
             })
             .collect();
     })

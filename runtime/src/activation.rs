@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use crate::alarm::{Alarms, MAX_ATTEMPTS, backoff, now_ms};
+use crate::alarm::{MAX_ATTEMPTS, backoff, now_ms};
 use crate::context::{Context, Effect, Lifecycle};
 use crate::gate::Gate;
 use crate::namespace::Shared;
@@ -262,7 +262,7 @@ impl<O: Object> ActivationState<O> {
             Ok(output) => {
                 let lifecycle = ctx.lifecycle();
                 let (batch, effects) = ctx.finish();
-                match commit(&self.args.id, storage, &shared.alarms, batch) {
+                match commit(&self.args.id, storage, &shared, batch) {
                     Ok(sync) => self.gate.submit(
                         sync,
                         Box::new(move |outcome| match outcome {
@@ -331,7 +331,7 @@ impl<O: Object> ActivationState<O> {
                 if !touched {
                     batch.push(Write::DeleteAlarm);
                 }
-                match commit(&self.args.id, storage, &shared.alarms, batch) {
+                match commit(&self.args.id, storage, &shared, batch) {
                     Ok(sync) => self.gate.submit(sync, release(effects, reply, ())),
                     Err(e) => {
                         self.object = None;
@@ -359,7 +359,7 @@ impl<O: Object> ActivationState<O> {
             let retry_at = now_ms() + backoff(attempt).as_millis() as u64;
             batch.push(Write::SetAlarm { at_ms: retry_at });
         }
-        match commit(&self.args.id, &*shared.storage, &shared.alarms, batch) {
+        match commit(&self.args.id, &*shared.storage, &shared, batch) {
             Ok(sync) => self.gate.submit(sync, Box::new(|_| {})),
             Err(e) => warn!(object = %self.args.id, error = %e, "could not reschedule the alarm"),
         }
@@ -374,7 +374,7 @@ impl<O: Object> ActivationState<O> {
             .await;
         let object = settle(&self.args.id, &shared, outcome)?;
         let (batch, effects) = ctx.finish();
-        let sync = commit(&self.args.id, storage, &shared.alarms, batch)?;
+        let sync = commit(&self.args.id, storage, &shared, batch)?;
         self.gate.submit(
             sync,
             Box::new(move |outcome| {
@@ -440,10 +440,10 @@ fn panic_message(panic: &(dyn Any + Send)) -> String {
 }
 
 /// Applies a handler's writes; returns the commit to wait for, or `None` if it wrote nothing.
-fn commit(
+fn commit<O: Object>(
     id: &ObjectId,
     storage: &dyn Storage,
-    alarms: &Alarms,
+    shared: &Shared<O>,
     batch: WriteBatch,
 ) -> Result<Option<dormouse_storage::SyncFuture>> {
     if batch.is_empty() {
@@ -455,9 +455,9 @@ fn commit(
         .any(|w| matches!(w, Write::SetAlarm { .. }));
     storage.apply(id, batch)?;
     if sets_alarm {
-        alarms.changed();
+        shared.alarms.changed();
     }
-    Ok(Some(storage.sync()))
+    Ok(Some(shared.commits.time(storage.sync())))
 }
 
 fn release<T: Send + 'static>(

@@ -1,4 +1,9 @@
+use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use dormouse_storage::SyncFuture;
 
 /// Live counters of one namespace, updated with relaxed atomics on the hot path.
 #[derive(Debug, Default)]
@@ -43,4 +48,46 @@ pub struct NamespaceStats {
     pub failures_total: u64,
     /// Requests delivered to objects.
     pub requests_total: u64,
+}
+
+/// Receives the duration of each durability wait.
+pub(crate) type CommitObserver = Arc<dyn Fn(Duration) + Send + Sync>;
+
+/// Times the commit futures handlers wait on, for whoever embeds the runtime (the gateway
+/// turns them into a histogram). Without an observer a commit is returned untouched, so
+/// the timing costs nothing unless someone asked for it.
+#[derive(Default)]
+pub(crate) struct CommitTimer {
+    observer: OnceLock<CommitObserver>,
+}
+
+impl fmt::Debug for CommitTimer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CommitTimer")
+            .field("observed", &self.observer.get().is_some())
+            .finish()
+    }
+}
+
+impl CommitTimer {
+    /// Installs the observer; false if one was already installed.
+    pub(crate) fn set(&self, observer: CommitObserver) -> bool {
+        self.observer.set(observer).is_ok()
+    }
+
+    /// `sync`, reporting the time from now until it resolves. The gate polls commits in
+    /// order, so a commit that finished while an earlier one was awaited is reported when
+    /// the gate reaches it: what is measured is how long the output waited for durability.
+    pub(crate) fn time(&self, sync: SyncFuture) -> SyncFuture {
+        let Some(observer) = self.observer.get() else {
+            return sync;
+        };
+        let observer = observer.clone();
+        let started = Instant::now();
+        Box::pin(async move {
+            let outcome = sync.await;
+            observer(started.elapsed());
+            outcome
+        })
+    }
 }

@@ -26,7 +26,7 @@ use tokio::sync::oneshot;
 
 use crate::activation::{ActivationArgs, ActivationMsg, ObjectActor, Reply, Work};
 use crate::alarm::{AlarmTarget, Alarms};
-use crate::counters::Counters;
+use crate::counters::{CommitTimer, Counters};
 use crate::socket::{Inbound, Socket, Sockets};
 use crate::{Error, HttpRequest, HttpResponse, NamespaceConfig, NamespaceStats, Object, Result};
 
@@ -114,6 +114,8 @@ pub(crate) struct Shared<O: Object> {
     pub(crate) storage: Arc<dyn Storage>,
     /// The runtime's alarm scheduler, told when a handler sets an alarm.
     pub(crate) alarms: Arc<Alarms>,
+    /// Times commits for the runtime's observer, if any.
+    pub(crate) commits: Arc<CommitTimer>,
     pub(crate) env: O::Env,
     pub(crate) config: NamespaceConfig,
     pub(crate) counters: Counters,
@@ -144,6 +146,7 @@ impl<O: Object> Namespace<O> {
         name: &str,
         storage: Arc<dyn Storage>,
         alarms: Arc<Alarms>,
+        commits: Arc<CommitTimer>,
         config: NamespaceConfig,
         env: O::Env,
     ) -> Self {
@@ -160,6 +163,7 @@ impl<O: Object> Namespace<O> {
             name: name.into(),
             storage,
             alarms: alarms.clone(),
+            commits,
             env,
             config,
             counters: Counters::default(),

@@ -12,6 +12,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::Notify;
@@ -91,8 +92,9 @@ struct Inner {
     close_reported: AtomicBool,
     /// The outbound queue. A plain deque plus a `Notify` rather than a tokio channel: an
     /// idle connection's empty deque allocates nothing, where a channel preallocates a
-    /// block of slots (about 2 KB) for every connection.
-    queue: Mutex<VecDeque<Outbound>>,
+    /// block of slots (about 2 KB) for every connection. Each message carries the instant
+    /// its cause was accepted, when the sender gave one (see [`Socket::send_stamped`]).
+    queue: Mutex<VecDeque<(Outbound, Option<Instant>)>>,
     /// Wakes the receiver on a new message or when the last sender goes.
     wake: Notify,
     /// Live `Socket` handles; at zero the receiver sees the end of the stream.
@@ -146,30 +148,30 @@ impl Drop for SocketReceiver {
     fn drop(&mut self) {
         self.inner.receiver_alive.store(false, Ordering::Release);
         // Nobody will read what is queued: free it now, not when the last Socket goes.
-        let dropped: Vec<Outbound> = self.inner.lock_queue().drain(..).collect();
-        let bytes: usize = dropped.iter().map(Outbound::cost).sum();
+        let dropped: Vec<(Outbound, Option<Instant>)> = self.inner.lock_queue().drain(..).collect();
+        let bytes: usize = dropped.iter().map(|(message, _)| message.cost()).sum();
         self.inner.queued.fetch_sub(bytes, Ordering::AcqRel);
     }
 }
 
 impl Inner {
-    fn lock_queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Outbound>> {
+    fn lock_queue(&self) -> std::sync::MutexGuard<'_, VecDeque<(Outbound, Option<Instant>)>> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Pops one message and accounts for it.
-    fn pop(&self) -> Option<Outbound> {
-        let message = self.lock_queue().pop_front()?;
+    fn pop(&self) -> Option<(Outbound, Option<Instant>)> {
+        let (message, stamp) = self.lock_queue().pop_front()?;
         self.queued.fetch_sub(message.cost(), Ordering::AcqRel);
-        Some(message)
+        Some((message, stamp))
     }
 
     /// Queues a message unless the receiver is gone.
-    fn push(&self, message: Outbound) -> bool {
+    fn push(&self, message: Outbound, stamp: Option<Instant>) -> bool {
         if !self.receiver_alive.load(Ordering::Acquire) {
             return false;
         }
-        self.lock_queue().push_back(message);
+        self.lock_queue().push_back((message, stamp));
         self.wake.notify_one();
         true
     }
@@ -265,6 +267,18 @@ impl Socket {
 
     /// Queues `message` unless the client is gone or too far behind.
     pub fn send(&self, message: Outbound) -> SendOutcome {
+        self.send_inner(message, None)
+    }
+
+    /// Like [`Socket::send`], with the instant the message's cause was accepted (a publish,
+    /// say). The connection gets it back with the message ([`SocketReceiver::recv_stamped`]),
+    /// so it can measure end-to-end latency at the moment it writes, without the payload
+    /// carrying a timestamp.
+    pub fn send_stamped(&self, message: Outbound, accepted: Instant) -> SendOutcome {
+        self.send_inner(message, Some(accepted))
+    }
+
+    fn send_inner(&self, message: Outbound, stamp: Option<Instant>) -> SendOutcome {
         if self.inner.overflowed.load(Ordering::Acquire) {
             return SendOutcome::Overflowed;
         }
@@ -281,7 +295,7 @@ impl Socket {
             };
             // Accounted like any message, so taking it off the queue balances.
             self.inner.queued.fetch_add(close.cost(), Ordering::AcqRel);
-            if !self.inner.push(close) {
+            if !self.inner.push(close, None) {
                 self.inner.queued.fetch_sub(
                     "slow consumer: reconnect with your last event id".len(),
                     Ordering::AcqRel,
@@ -289,7 +303,7 @@ impl Socket {
             }
             return SendOutcome::Overflowed;
         }
-        if self.inner.push(message) {
+        if self.inner.push(message, stamp) {
             SendOutcome::Queued
         } else {
             self.inner.queued.fetch_sub(cost, Ordering::AcqRel);
@@ -301,6 +315,12 @@ impl Socket {
 impl SocketReceiver {
     /// The next message, or `None` when every [`Socket`] clone is gone.
     pub async fn recv(&mut self) -> Option<Outbound> {
+        self.recv_stamped().await.map(|(message, _)| message)
+    }
+
+    /// The next message with the instant its sender stamped it with
+    /// ([`Socket::send_stamped`]), or `None` when every [`Socket`] clone is gone.
+    pub async fn recv_stamped(&mut self) -> Option<(Outbound, Option<Instant>)> {
         loop {
             if let Some(message) = self.inner.pop() {
                 return Some(message);
@@ -317,6 +337,12 @@ impl SocketReceiver {
 
     /// A message if one is ready now; lets a connection batch writes before one flush.
     pub fn try_recv(&mut self) -> Option<Outbound> {
+        self.inner.pop().map(|(message, _)| message)
+    }
+
+    /// [`SocketReceiver::try_recv`] with the message's stamp, as in
+    /// [`SocketReceiver::recv_stamped`].
+    pub fn try_recv_stamped(&mut self) -> Option<(Outbound, Option<Instant>)> {
         self.inner.pop()
     }
 
@@ -435,6 +461,17 @@ mod tests {
         assert_eq!(rx.recv().await, Some(text(1)));
         let end = tokio::time::timeout(std::time::Duration::from_secs(1), rx.recv()).await;
         assert_eq!(end, Ok(None), "the stream must end, not hang");
+    }
+
+    #[tokio::test]
+    async fn a_stamp_travels_with_its_message() {
+        let (socket, mut rx) = Socket::new(Transport::Sse, 100, Bytes::new());
+        let accepted = Instant::now();
+        assert_eq!(socket.send_stamped(text(1), accepted), SendOutcome::Queued);
+        assert_eq!(socket.send(text(2)), SendOutcome::Queued);
+        assert_eq!(rx.recv_stamped().await, Some((text(1), Some(accepted))));
+        assert_eq!(rx.try_recv_stamped(), Some((text(2), None)));
+        assert_eq!(socket.queued_bytes(), 0);
     }
 
     #[test]

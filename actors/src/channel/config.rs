@@ -1,5 +1,7 @@
 //! What can be tuned per channel, and the naming rules.
 
+use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use dormouse_storage::Retention;
@@ -61,6 +63,20 @@ pub struct ChannelEnv {
     /// Most subscribers one channel holds; a subscribe beyond it is refused, so one hot
     /// channel cannot take every connection's memory. 0: no limit.
     pub max_subscribers: usize,
+    /// Told what channels do, for the embedding server's metrics; `None`: nobody counts.
+    pub observer: Option<Arc<dyn ChannelObserver>>,
+}
+
+/// What a server embedding channels wants to count. Channels call it after the commit, so
+/// what is reported happened; the implementation must be cheap (it runs on the channel's
+/// output path) and must not call back into the channel.
+pub trait ChannelObserver: Send + Sync + fmt::Debug {
+    /// `events` new events with `bytes` of payload were stored in `channel` (duplicates
+    /// refused by an idempotency key are not counted).
+    fn published(&self, channel: &str, events: u64, bytes: u64);
+    /// A gap notice (`reason`: `trimmed`, `epoch_changed`, `unknown_id`, `deleted`) was
+    /// queued for one subscriber.
+    fn gap_sent(&self, reason: &'static str);
 }
 
 impl ChannelEnv {

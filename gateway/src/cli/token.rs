@@ -39,6 +39,9 @@ pub(crate) struct TokenArgs {
     /// Listing and deleting channels.
     #[arg(long)]
     admin: bool,
+    /// Grant scraping `/metrics` (what a monitoring system needs, without `--admin`).
+    #[arg(long)]
+    metrics: bool,
     /// Lifetime, e.g. `15m`, `1h`, `7days`.
     #[arg(long, value_name = "DURATION", default_value = "1h",
           value_parser = humantime::parse_duration)]
@@ -83,11 +86,12 @@ pub(crate) fn run(args: TokenArgs) -> anyhow::Result<()> {
         history: args.history.clone(),
         objects: args.objects.clone(),
         admin: args.admin,
+        metrics: args.metrics,
     };
     if grants == Grants::default() {
         eprintln!(
             "warning: the token grants nothing; add --publish, --subscribe, --history, \
-             --objects or --admin"
+             --objects, --admin or --metrics"
         );
     }
     let now = SystemTime::now()

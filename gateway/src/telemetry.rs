@@ -1,0 +1,686 @@
+//! What the server counts about itself, kept once and shown two ways: Prometheus text at
+//! `GET /metrics` (through a `metrics-exporter-prometheus` recorder owned by this server,
+//! not a process-global one, so two servers in one process never mix their figures) and a
+//! per-second series for the admin page.
+//!
+//! Hot-path figures are plain atomics here (the admin page reads them back, which the
+//! `metrics` handles cannot do); a scrape copies them into the recorder and renders. The
+//! runtime's namespace counters are read at scrape time, never kept twice. Latencies go to
+//! the recorder's histograms and to a one-second window the sampler turns into the admin
+//! page's chart. Channel names never become labels: they are unbounded.
+
+mod window;
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use dormouse_actors::channel::ChannelObserver;
+use dormouse_runtime::NamespaceStats;
+use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder, Unit};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+use serde::Serialize;
+use tracing::debug;
+
+use crate::AppState;
+use crate::busiest::Busiest;
+use crate::error::ErrorCode;
+
+use window::LatencyWindow;
+pub(crate) use window::Percentiles;
+
+/// Upper bounds of the latency histograms' buckets, in seconds: from a group commit on a
+/// fast disk (well under a millisecond) to a stalled one.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// Seconds of per-second samples the admin page can chart.
+const SERIES_SECONDS: usize = 300;
+
+/// How often storage size is measured: it walks the data dir, so never per request.
+pub(crate) const STORAGE_SAMPLE_EVERY: Duration = Duration::from_secs(10);
+
+/// The kinds of client connection, the `transport` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wire {
+    /// A TCP connection carrying HTTP/1.1 or h2c; every SSE stream and WebSocket rides on
+    /// one, so they are counted here as well.
+    Http = 0,
+    /// A Server-Sent Events response.
+    Sse = 1,
+    /// A WebSocket (channel subscriber or object socket).
+    Ws = 2,
+}
+
+impl Wire {
+    const ALL: [Wire; 3] = [Wire::Http, Wire::Sse, Wire::Ws];
+
+    fn label(self) -> &'static str {
+        match self {
+            Wire::Http => "http",
+            Wire::Sse => "sse",
+            Wire::Ws => "ws",
+        }
+    }
+}
+
+/// Gap reasons the channel sends; pre-registered so counting one is a lookup-free add.
+const GAP_REASONS: [&str; 4] = ["trimmed", "epoch_changed", "unknown_id", "deleted"];
+
+/// The server's own figures. One per server, shared by every connection and handler.
+pub struct Telemetry {
+    /// When the server started, for the admin page's uptime.
+    started: Instant,
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    /// Identifies a connection across its "opened" and "closed" log lines.
+    next_connection: AtomicU64,
+    open: [AtomicU64; 3],
+    opened: [AtomicU64; 3],
+    /// Channel subscribers connected now (SSE and WebSocket).
+    subscribers: AtomicU64,
+    published: AtomicU64,
+    published_bytes: AtomicU64,
+    /// Messages written to subscriber connections, SSE then WebSocket.
+    delivered: [AtomicU64; 2],
+    received_bytes: AtomicU64,
+    sent_bytes: AtomicU64,
+    slow_disconnects: [AtomicU64; 2],
+    write_timeouts: AtomicU64,
+    /// Last sampled size of the data dir; `u64::MAX` until the first sample.
+    storage_bytes: AtomicU64,
+    gaps: [Counter; 4],
+    delivery_latency: Histogram,
+    delivery_window: LatencyWindow,
+    commit_latency: Histogram,
+    commit_window: LatencyWindow,
+    /// The busiest channels by recent publishes; only kept when the admin page is on.
+    busiest: Option<Busiest>,
+    series: Mutex<Series>,
+}
+
+impl fmt::Debug for Telemetry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Telemetry")
+            .field("published", &self.published.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Per-second samples, newest last, and the totals the next one is a difference from.
+#[derive(Debug, Default)]
+struct Series {
+    samples: VecDeque<Sample>,
+    last_published: u64,
+    last_delivered: u64,
+    last_at: Option<Instant>,
+}
+
+/// One second of activity, as the admin page charts it.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Sample {
+    /// When the second ended, in milliseconds since the Unix epoch.
+    pub(crate) at_ms: u64,
+    /// Messages stored per second.
+    pub(crate) published_per_second: f64,
+    /// Messages written to subscribers per second.
+    pub(crate) delivered_per_second: f64,
+    /// Publish-to-delivery latency of the messages delivered in that second.
+    pub(crate) delivery: Percentiles,
+    /// Storage commit latency of the commits that finished in that second.
+    pub(crate) commit: Percentiles,
+}
+
+/// The live figures the admin page shows.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Figures {
+    pub(crate) connections: ConnectionFigures,
+    pub(crate) subscribers: u64,
+    pub(crate) published_total: u64,
+    pub(crate) delivered_total: u64,
+    pub(crate) received_bytes_total: u64,
+    pub(crate) sent_bytes_total: u64,
+    pub(crate) storage_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct ConnectionFigures {
+    pub(crate) http: u64,
+    pub(crate) sse: u64,
+    pub(crate) ws: u64,
+}
+
+impl Telemetry {
+    /// A fresh set of figures; `busiest` keeps the top-N of busy channels (for the admin
+    /// page, which is the only reader).
+    pub(crate) fn new(busiest: bool) -> Self {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".to_string()), LATENCY_BUCKETS)
+            .expect("the bucket list is not empty")
+            .build_recorder();
+        describe(&recorder);
+        let handle = recorder.handle();
+        let gaps = GAP_REASONS.map(|reason| {
+            register_counter(
+                &recorder,
+                "dormouse_gap_events_total",
+                &[("reason", reason)],
+            )
+        });
+        let delivery_latency = recorder.register_histogram(
+            &Key::from_name("dormouse_delivery_latency_seconds"),
+            &metadata(),
+        );
+        let commit_latency = recorder.register_histogram(
+            &Key::from_name("dormouse_storage_commit_seconds"),
+            &metadata(),
+        );
+        register_gauge(
+            &recorder,
+            "dormouse_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))],
+        )
+        .set(1.0);
+        Self {
+            started: Instant::now(),
+            recorder,
+            handle,
+            next_connection: AtomicU64::new(1),
+            open: Default::default(),
+            opened: Default::default(),
+            subscribers: AtomicU64::new(0),
+            published: AtomicU64::new(0),
+            published_bytes: AtomicU64::new(0),
+            delivered: Default::default(),
+            received_bytes: AtomicU64::new(0),
+            sent_bytes: AtomicU64::new(0),
+            slow_disconnects: Default::default(),
+            write_timeouts: AtomicU64::new(0),
+            storage_bytes: AtomicU64::new(u64::MAX),
+            gaps,
+            delivery_latency,
+            delivery_window: LatencyWindow::default(),
+            commit_latency,
+            commit_window: LatencyWindow::default(),
+            busiest: busiest.then(Busiest::default),
+            series: Mutex::default(),
+        }
+    }
+
+    /// Counts a new connection and logs it; the returned guard counts and logs its end.
+    /// `what` says what it is for (a peer address, a channel, an object) in the log only.
+    pub(crate) fn connection_opened(
+        self: &Arc<Self>,
+        wire: Wire,
+        subscriber: bool,
+        what: &dyn fmt::Display,
+    ) -> Connection {
+        let id = self.next_connection.fetch_add(1, Ordering::Relaxed);
+        self.open[wire as usize].fetch_add(1, Ordering::Relaxed);
+        self.opened[wire as usize].fetch_add(1, Ordering::Relaxed);
+        if subscriber {
+            self.subscribers.fetch_add(1, Ordering::Relaxed);
+        }
+        debug!(conn = id, transport = wire.label(), %what, "connection opened");
+        Connection {
+            telemetry: self.clone(),
+            id,
+            wire,
+            subscriber,
+            opened: Instant::now(),
+            reason: "client_left",
+        }
+    }
+
+    /// `n` messages were written to a subscriber connection; `stamps` are the instants
+    /// the live ones among them were accepted.
+    pub(crate) fn delivered(&self, wire: Wire, n: u64, stamps: impl IntoIterator<Item = Instant>) {
+        let index = usize::from(wire == Wire::Ws);
+        self.delivered[index].fetch_add(n, Ordering::Relaxed);
+        let now = Instant::now();
+        for accepted in stamps {
+            let latency = now.saturating_duration_since(accepted);
+            self.delivery_latency.record(latency.as_secs_f64());
+            self.delivery_window.record(latency);
+        }
+    }
+
+    /// A subscriber was cut off because its queue overflowed.
+    pub(crate) fn slow_disconnect(&self, wire: Wire) {
+        self.slow_disconnects[usize::from(wire == Wire::Ws)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A connection was closed because the client stopped reading.
+    pub(crate) fn write_timeout(&self) {
+        self.write_timeouts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Bytes read from clients.
+    pub(crate) fn received(&self, bytes: usize) {
+        self.received_bytes
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Bytes written to clients.
+    pub(crate) fn sent(&self, bytes: usize) {
+        self.sent_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// A request (or a WebSocket client's message) was refused with the JSON error `code`.
+    pub(crate) fn rejected(&self, code: &'static str) {
+        register_counter(
+            &self.recorder,
+            "dormouse_rejected_requests_total",
+            &[("code", code)],
+        )
+        .increment(1);
+    }
+
+    /// One durability wait finished after `took`.
+    pub(crate) fn commit(&self, took: Duration) {
+        self.commit_latency.record(took.as_secs_f64());
+        self.commit_window.record(took);
+    }
+
+    /// The data dir's latest measured size.
+    pub(crate) fn set_storage_bytes(&self, bytes: u64) {
+        self.storage_bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    /// How long this server has been up.
+    pub(crate) fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The busiest channels by publishes over the last few seconds, if tracked.
+    pub(crate) fn busiest(&self) -> Option<&Busiest> {
+        self.busiest.as_ref()
+    }
+
+    /// The figures the admin page shows now.
+    pub(crate) fn figures(&self) -> Figures {
+        let open = |w: Wire| self.open[w as usize].load(Ordering::Relaxed);
+        let storage = self.storage_bytes.load(Ordering::Relaxed);
+        Figures {
+            connections: ConnectionFigures {
+                http: open(Wire::Http),
+                sse: open(Wire::Sse),
+                ws: open(Wire::Ws),
+            },
+            subscribers: self.subscribers.load(Ordering::Relaxed),
+            published_total: self.published.load(Ordering::Relaxed),
+            delivered_total: self.delivered_total(),
+            received_bytes_total: self.received_bytes.load(Ordering::Relaxed),
+            sent_bytes_total: self.sent_bytes.load(Ordering::Relaxed),
+            storage_bytes: (storage != u64::MAX).then_some(storage),
+        }
+    }
+
+    fn delivered_total(&self) -> u64 {
+        self.delivered
+            .iter()
+            .map(|d| d.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// The per-second samples, oldest first.
+    pub(crate) fn series(&self) -> Vec<Sample> {
+        self.lock_series().samples.iter().cloned().collect()
+    }
+
+    fn lock_series(&self) -> std::sync::MutexGuard<'_, Series> {
+        self.series.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Called about once a second by the sampler: closes the current second's sample,
+    /// advances the busiest-channel window, and lets the recorder fold its histogram
+    /// buckets (which otherwise grow until the next scrape).
+    pub(crate) fn tick(&self) {
+        let now = Instant::now();
+        let published = self.published.load(Ordering::Relaxed);
+        let delivered = self.delivered_total();
+        let delivery = self.delivery_window.take();
+        let commit = self.commit_window.take();
+        {
+            let mut series = self.lock_series();
+            let seconds = series
+                .last_at
+                .map_or(1.0, |at| now.duration_since(at).as_secs_f64().max(0.001));
+            let sample = Sample {
+                at_ms: SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+                published_per_second: (published - series.last_published) as f64 / seconds,
+                delivered_per_second: (delivered - series.last_delivered) as f64 / seconds,
+                delivery,
+                commit,
+            };
+            series.last_published = published;
+            series.last_delivered = delivered;
+            series.last_at = Some(now);
+            if series.samples.len() == SERIES_SECONDS {
+                series.samples.pop_front();
+            }
+            series.samples.push_back(sample);
+        }
+        if let Some(busiest) = &self.busiest {
+            busiest.tick();
+        }
+        self.handle.run_upkeep();
+    }
+
+    /// Prometheus text: copies the kept figures and the namespaces' counters into the
+    /// recorder, then renders it.
+    pub(crate) fn render(&self, namespaces: &[(String, NamespaceStats)]) -> String {
+        let r = &self.recorder;
+        for wire in Wire::ALL {
+            let labels = [("transport", wire.label())];
+            register_gauge(r, "dormouse_connections", &labels)
+                .set(self.open[wire as usize].load(Ordering::Relaxed) as f64);
+            register_counter(r, "dormouse_connections_opened_total", &labels)
+                .absolute(self.opened[wire as usize].load(Ordering::Relaxed));
+        }
+        for (index, wire) in [Wire::Sse, Wire::Ws].into_iter().enumerate() {
+            let labels = [("transport", wire.label())];
+            register_counter(r, "dormouse_deliveries_total", &labels)
+                .absolute(self.delivered[index].load(Ordering::Relaxed));
+            register_counter(r, "dormouse_slow_subscriber_disconnects_total", &labels)
+                .absolute(self.slow_disconnects[index].load(Ordering::Relaxed));
+        }
+        let plain = |name: &'static str, value: &AtomicU64| {
+            register_counter(r, name, &[]).absolute(value.load(Ordering::Relaxed));
+        };
+        plain("dormouse_publishes_total", &self.published);
+        plain("dormouse_published_bytes_total", &self.published_bytes);
+        plain("dormouse_received_bytes_total", &self.received_bytes);
+        plain("dormouse_sent_bytes_total", &self.sent_bytes);
+        plain("dormouse_write_timeouts_total", &self.write_timeouts);
+        register_gauge(r, "dormouse_subscribers", &[])
+            .set(self.subscribers.load(Ordering::Relaxed) as f64);
+        let storage = self.storage_bytes.load(Ordering::Relaxed);
+        if storage != u64::MAX {
+            register_gauge(r, "dormouse_storage_size_bytes", &[]).set(storage as f64);
+        }
+        for (namespace, stats) in namespaces {
+            let ns = [("namespace", namespace.as_str())];
+            for (state, value) in [("active", stats.active), ("hibernated", stats.hibernated)] {
+                register_gauge(
+                    r,
+                    "dormouse_objects",
+                    &[("namespace", namespace.as_str()), ("state", state)],
+                )
+                .set(value as f64);
+            }
+            for (name, value) in [
+                ("dormouse_object_activations_total", stats.activations_total),
+                ("dormouse_object_wakes_total", stats.wakes_total),
+                (
+                    "dormouse_object_hibernations_total",
+                    stats.hibernations_total,
+                ),
+                ("dormouse_object_failures_total", stats.failures_total),
+                ("dormouse_object_requests_total", stats.requests_total),
+            ] {
+                register_counter(r, name, &ns).absolute(value);
+            }
+        }
+        self.handle.render()
+    }
+}
+
+impl ChannelObserver for Telemetry {
+    fn published(&self, channel: &str, events: u64, bytes: u64) {
+        self.published.fetch_add(events, Ordering::Relaxed);
+        self.published_bytes.fetch_add(bytes, Ordering::Relaxed);
+        if let Some(busiest) = &self.busiest {
+            busiest.record(channel, events);
+        }
+    }
+
+    fn gap_sent(&self, reason: &'static str) {
+        match GAP_REASONS.iter().position(|r| *r == reason) {
+            Some(index) => self.gaps[index].increment(1),
+            None => register_counter(
+                &self.recorder,
+                "dormouse_gap_events_total",
+                &[("reason", reason)],
+            )
+            .increment(1),
+        }
+    }
+}
+
+/// One open connection, counted while it lives. Dropping it counts and logs the close with
+/// the last reason set (by default, the client left).
+pub(crate) struct Connection {
+    telemetry: Arc<Telemetry>,
+    id: u64,
+    wire: Wire,
+    subscriber: bool,
+    opened: Instant,
+    reason: &'static str,
+}
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("id", &self.id)
+            .field("wire", &self.wire)
+            .finish()
+    }
+}
+
+impl Connection {
+    /// Why the connection ends, for the close log line (`slow_consumer`, `shutdown`, ...).
+    pub(crate) fn ending(&mut self, reason: &'static str) {
+        self.reason = reason;
+    }
+
+    /// The server's figures, for what the connection counts as it goes.
+    pub(crate) fn telemetry(&self) -> &Arc<Telemetry> {
+        &self.telemetry
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        let t = &self.telemetry;
+        t.open[self.wire as usize].fetch_sub(1, Ordering::Relaxed);
+        if self.subscriber {
+            t.subscribers.fetch_sub(1, Ordering::Relaxed);
+        }
+        debug!(
+            conn = self.id,
+            transport = self.wire.label(),
+            reason = self.reason,
+            duration_ms = self.opened.elapsed().as_millis() as u64,
+            "connection closed"
+        );
+    }
+}
+
+/// `GET /metrics`
+pub(crate) async fn scrape(State(state): State<AppState>) -> Response {
+    let text = state.telemetry.render(&state.namespace_stats());
+    let mut response = text.into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
+}
+
+/// Outermost middleware: counts every JSON error answered, by its code (set by
+/// `ApiError::into_response`, so whatever refused the request, it is counted the same way).
+pub(crate) async fn count_rejections(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let response = next.run(request).await;
+    if let Some(ErrorCode(code)) = response.extensions().get::<ErrorCode>() {
+        state.telemetry.rejected(code);
+    }
+    response
+}
+
+fn metadata() -> Metadata<'static> {
+    Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()))
+}
+
+fn labels(labels: &[(&'static str, &str)]) -> Vec<Label> {
+    labels
+        .iter()
+        .map(|(k, v)| Label::new(*k, v.to_string()))
+        .collect()
+}
+
+fn register_counter(
+    recorder: &PrometheusRecorder,
+    name: &'static str,
+    pairs: &[(&'static str, &str)],
+) -> Counter {
+    recorder.register_counter(&Key::from_parts(name, labels(pairs)), &metadata())
+}
+
+fn register_gauge(
+    recorder: &PrometheusRecorder,
+    name: &'static str,
+    pairs: &[(&'static str, &str)],
+) -> Gauge {
+    recorder.register_gauge(&Key::from_parts(name, labels(pairs)), &metadata())
+}
+
+/// `# HELP` lines: every metric says what it counts (docs/OPERATIONS.md has the full list).
+fn describe(r: &PrometheusRecorder) {
+    let gauges: &[(&'static str, Option<Unit>, &'static str)] = &[
+        (
+            "dormouse_connections",
+            None,
+            "Open client connections by transport (http: TCP connections, which also carry the sse and ws ones).",
+        ),
+        (
+            "dormouse_subscribers",
+            None,
+            "Channel subscribers connected now (SSE and WebSocket).",
+        ),
+        (
+            "dormouse_objects",
+            None,
+            "Objects per namespace that are active (in memory) or hibernated (in this process).",
+        ),
+        (
+            "dormouse_storage_size_bytes",
+            Some(Unit::Bytes),
+            "Size of the data dir on disk, sampled every 10 s.",
+        ),
+        (
+            "dormouse_build_info",
+            None,
+            "Always 1; the version label says which build is running.",
+        ),
+    ];
+    for (name, unit, help) in gauges {
+        r.describe_gauge((*name).into(), *unit, (*help).into());
+    }
+    let counters: &[(&'static str, Option<Unit>, &'static str)] = &[
+        (
+            "dormouse_connections_opened_total",
+            None,
+            "Client connections opened, by transport.",
+        ),
+        (
+            "dormouse_publishes_total",
+            None,
+            "Messages stored in channels (idempotent duplicates excluded).",
+        ),
+        (
+            "dormouse_published_bytes_total",
+            Some(Unit::Bytes),
+            "Payload bytes of the messages stored in channels.",
+        ),
+        (
+            "dormouse_deliveries_total",
+            None,
+            "Messages (events and control messages) written to subscriber connections, by transport.",
+        ),
+        (
+            "dormouse_received_bytes_total",
+            Some(Unit::Bytes),
+            "Bytes read from client connections.",
+        ),
+        (
+            "dormouse_sent_bytes_total",
+            Some(Unit::Bytes),
+            "Bytes written to client connections.",
+        ),
+        (
+            "dormouse_slow_subscriber_disconnects_total",
+            None,
+            "Subscribers cut off because their queue overflowed, by transport.",
+        ),
+        (
+            "dormouse_write_timeouts_total",
+            None,
+            "Connections closed because the client stopped reading (limits.write_timeout).",
+        ),
+        (
+            "dormouse_gap_events_total",
+            None,
+            "Gap notices sent to subscribers, by reason.",
+        ),
+        (
+            "dormouse_rejected_requests_total",
+            None,
+            "Requests and WebSocket client messages refused, by JSON error code.",
+        ),
+        (
+            "dormouse_object_activations_total",
+            None,
+            "Object activations (cold starts and wakes), by namespace.",
+        ),
+        (
+            "dormouse_object_wakes_total",
+            None,
+            "Activations of objects that had hibernated in this process, by namespace.",
+        ),
+        (
+            "dormouse_object_hibernations_total",
+            None,
+            "Activations that ended by idling out, by namespace.",
+        ),
+        (
+            "dormouse_object_failures_total",
+            None,
+            "Handler or activation failures, by namespace.",
+        ),
+        (
+            "dormouse_object_requests_total",
+            None,
+            "Requests delivered to objects, by namespace.",
+        ),
+    ];
+    for (name, unit, help) in counters {
+        r.describe_counter((*name).into(), *unit, (*help).into());
+    }
+    r.describe_histogram(
+        "dormouse_delivery_latency_seconds".into(),
+        Some(Unit::Seconds),
+        "From a publish being accepted by its channel to the event being written to a subscriber connection (live events only).".into(),
+    );
+    r.describe_histogram(
+        "dormouse_storage_commit_seconds".into(),
+        Some(Unit::Seconds),
+        "How long a handler's writes waited to become durable (the group commit) before its outputs were released.".into(),
+    );
+}
