@@ -588,7 +588,7 @@ async fn minted_tokens_are_accepted_and_hold_exactly_their_capabilities() {
     assert_eq!(
         claims["dormouse"],
         json!({"publish": ["chat:*"], "subscribe": ["chat:*"], "history": [], "objects": [],
-               "admin": false})
+               "admin": false, "metrics": false})
     );
     let ttl = claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap();
     assert_eq!(ttl, 600);
