@@ -19,6 +19,7 @@
 //! - `plan` (private): turns a [`WriteBatch`] into raw puts and removes plus the new log meta,
 //!   shared by both engines so their semantics cannot drift.
 //! - `record` (private): the fixed-size big-endian value encodings.
+//! - `files` (private): the data dir lock, directory syncs, I/O errors naming their file.
 //!
 //! # Contract
 //! Writes become visible to reads as soon as [`Storage::apply`] returns, and become durable
@@ -29,6 +30,7 @@
 mod batch;
 mod durability;
 mod error;
+mod files;
 mod group_commit;
 pub mod key;
 mod log;

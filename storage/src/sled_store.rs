@@ -2,7 +2,7 @@
 //! each [`WriteBatch`] applied as one `sled::Batch`.
 
 use std::fmt;
-use std::fs::{self, File, OpenOptions, TryLockError};
+use std::fs::{self, File};
 use std::io;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
@@ -13,6 +13,7 @@ use bytes::Bytes;
 use tracing::instrument;
 
 use crate::error::{SledResultExt, from_sled};
+use crate::files::{at, lock_data_dir, sync_dir};
 use crate::raw::{self, Raw, Visit};
 use crate::{
     Durability, Error, GroupCommit, LogEntry, LogMeta, ObjectId, Result, Storage, SyncFuture,
@@ -147,24 +148,6 @@ impl SledStorage {
     }
 }
 
-fn lock_data_dir(path: &Path) -> Result<File> {
-    let lock_path = path.join("dormouse.lock");
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(&lock_path)
-        .map_err(|e| at(&lock_path, e))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(TryLockError::WouldBlock) => Err(Error::Locked {
-            path: path.to_owned(),
-        }),
-        Err(TryLockError::Error(e)) => Err(at(&lock_path, e)),
-    }
-}
-
 fn open_sled(config: &sled::Config, path: &Path) -> Result<sled::Db> {
     let deadline = Instant::now() + SLED_LOCK_PATIENCE;
     loop {
@@ -250,23 +233,6 @@ fn start_group_commit(db: &sled::Db, sled_dir: &Path) -> Result<GroupCommit> {
         db_file.sync_data()?;
         Ok(())
     })
-}
-
-#[cfg(unix)]
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| at(dir, e))
-}
-
-#[cfg(not(unix))]
-fn sync_dir(_dir: &Path) -> Result<()> {
-    Ok(())
-}
-
-/// An I/O error that names the file, keeping the kind (a full disk stays recognisable).
-fn at(path: &Path, e: io::Error) -> Error {
-    Error::Io(io::Error::new(e.kind(), format!("{}: {e}", path.display())))
 }
 
 fn dir_size(dir: &Path) -> io::Result<u64> {

@@ -31,7 +31,7 @@ mod index;
 mod state;
 
 use std::fmt;
-use std::fs::{self, File, OpenOptions, TryLockError};
+use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock};
@@ -41,13 +41,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tracing::instrument;
 
+use crate::files::{at, lock_data_dir, sync_dir};
 use crate::raw;
 use crate::{
     Boot, Durability, Error, GroupCommit, LogEntry, LogMeta, ObjectId, Result, Storage, SyncFuture,
     WriteBatch, key, plan, record,
 };
 use frame::Next;
-use state::{State, at, segment_path};
+use state::{State, segment_path};
 
 /// How to open a data dir with the segment engine. Fields are public so the gateway can
 /// fill them from its own configuration.
@@ -544,30 +545,6 @@ impl Moving {
         self.bytes += frame::footprint(key.len(), value.len());
         self.records.push((key.to_vec(), value.to_vec(), offset));
     }
-}
-
-fn lock_data_dir(path: &Path) -> Result<File> {
-    let lock_path = path.join("dormouse.lock");
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(&lock_path)
-        .map_err(|e| at(&lock_path, e))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(TryLockError::WouldBlock) => Err(Error::Locked {
-            path: path.to_owned(),
-        }),
-        Err(TryLockError::Error(e)) => Err(at(&lock_path, e)),
-    }
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| at(dir, e))
 }
 
 impl Storage for SegmentStorage {

@@ -13,6 +13,7 @@ use bytes::Bytes;
 
 use super::frame::{self, FRAME_HEADER, MAGIC, Next};
 use super::index::Index;
+use crate::files::at;
 use crate::raw::{Raw, Visit};
 use crate::{Error, Result};
 
@@ -355,14 +356,6 @@ impl Raw for State {
         }
         Ok(())
     }
-}
-
-/// An I/O error that names the file, keeping the kind (a full disk stays recognisable).
-pub(crate) fn at(path: &Path, e: std::io::Error) -> Error {
-    Error::Io(std::io::Error::new(
-        e.kind(),
-        format!("{}: {e}", path.display()),
-    ))
 }
 
 /// Adds the file name to an error found while reading it.
