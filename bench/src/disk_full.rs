@@ -2,7 +2,9 @@
 //! filler file. Publishing fills it; the harness checks the refusal is a clear `507`, that
 //! publishes keep getting a quick `507` while the disk stays full, that publishing works
 //! again as soon as the filler is deleted (no restart), and, after a `kill -9` and a
-//! restart, that every acknowledged message is intact.
+//! restart, that every acknowledged message is intact. Then it makes the data dir
+//! unwritable under a running server (`chattr +i`): a publish gets `503`, and once the
+//! files are writable again publishing works, again without a restart.
 //!
 //! Needs root (it mounts a tmpfs); CI runs it from `.ci/run`:
 //! `cargo run --release -p dormouse-bench -- disk-full`.
@@ -55,6 +57,13 @@ pub struct Report {
     pub free_kib_after_kill: u64,
     /// Why the restart failed, if it did.
     pub restart_error: Option<String>,
+    /// An unwritable data dir (the newest segment and the segments directory made
+    /// immutable with `chattr +i` under a running server): status and code of a publish.
+    pub unwritable: (u16, String),
+    /// Status of a publish once the files are writable again (no restart).
+    pub after_writable_again: u16,
+    /// Why the unwritable check failed to run, if it did.
+    pub unwritable_error: Option<String>,
     pub ok: bool,
 }
 
@@ -137,6 +146,12 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         Err(e) => (0, false, 0, 0, Some(format!("{e:#}"))),
     };
 
+    let (unwritable, after_writable_again, unwritable_error) =
+        match unwritable_check(&client, &bin, dir.path()).await {
+            Ok((unwritable, after)) => (unwritable, after, None),
+            Err(e) => ((0, String::new()), 0, Some(format!("{e:#}"))),
+        };
+
     let ok = !acked.is_empty()
         && refusal == (507, "storage_full".to_string())
         && while_full
@@ -147,7 +162,9 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         && all_acknowledged_intact
         && publish_after_restart == 201
         && readyz_after_restart == 200
-        && restart_error.is_none();
+        && restart_error.is_none()
+        && unwritable == (503, "storage_unavailable".to_string())
+        && after_writable_again == 201;
     Ok(Report {
         scenario: "disk-full",
         acknowledged: acked.len(),
@@ -162,8 +179,53 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         readyz_after_restart,
         free_kib_after_kill: free_after_kill,
         restart_error,
+        unwritable,
+        after_writable_again,
+        unwritable_error,
         ok,
     })
+}
+
+/// Makes a data dir unwritable under a running server (`chattr +i` on the newest segment
+/// and the segments directory), publishes, makes it writable again and publishes again:
+/// (status and code while unwritable, status after). The data dir is on the temporary
+/// directory's file system, not the tmpfs: tmpfs accepts the flag but does not enforce it
+/// on files that are already open.
+async fn unwritable_check(
+    client: &reqwest::Client,
+    bin: &std::path::Path,
+    log_dir: &std::path::Path,
+) -> anyhow::Result<((u16, String), u16)> {
+    let data = log_dir.join("unwritable-data");
+    let mut server = ServerProcess::start(bin, &data, log_dir, "always", 2, &[])?;
+    let base = server.wait_ready(client).await?;
+    let url = format!("{base}/v1/channels/unwritable/messages");
+    let (first, _, _) = publish(client, &url, "before".into(), None).await?;
+    anyhow::ensure!(first == 201, "the first publish got {first}");
+    let segments = data.join("segments");
+    let mut files: Vec<_> = std::fs::read_dir(&segments)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .collect();
+    files.sort();
+    let newest = files.pop().context("no segment file")?;
+    let chattr = |flag: &str| -> anyhow::Result<()> {
+        let status = Command::new("chattr")
+            .arg(flag)
+            .arg(&newest)
+            .arg(&segments)
+            .status()
+            .context("running chattr")?;
+        anyhow::ensure!(status.success(), "chattr {flag} failed ({status})");
+        Ok(())
+    };
+    chattr("+i")?;
+    let refused = publish(client, &url, "while unwritable".into(), None).await;
+    chattr("-i")?;
+    let (status, code, _) = refused?;
+    let (after, _, _) = publish(client, &url, "writable again".into(), None).await?;
+    server.stop_gracefully()?;
+    Ok(((status, code), after))
 }
 
 /// One publish: (status, error code, ms). A `201` is recorded in `acked` as message `i`.

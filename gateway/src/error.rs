@@ -91,16 +91,24 @@ impl From<dormouse_runtime::Error> for ApiError {
     fn from(e: dormouse_runtime::Error) -> Self {
         use dormouse_runtime::Error;
         match &e {
-            Error::Storage(inner) if inner.is_disk_full() => Self::new(
-                StatusCode::INSUFFICIENT_STORAGE,
-                "storage_full",
-                format!("the server's disk is full; nothing was stored: {inner}"),
-            ),
-            Error::Storage(inner) => Self::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "storage_unavailable",
-                format!("storage failed; nothing was acknowledged: {inner}"),
-            ),
+            // Logged here, once per refused request, so an operator sees storage trouble
+            // (a full disk, an unwritable data dir) without reading client answers.
+            Error::Storage(inner) if inner.is_disk_full() => {
+                tracing::warn!(error = %inner, "storage is full; refusing the request");
+                Self::new(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    "storage_full",
+                    format!("the server's disk is full; nothing was stored: {inner}"),
+                )
+            }
+            Error::Storage(inner) => {
+                tracing::warn!(error = %inner, "storage failed; refusing the request");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "storage_unavailable",
+                    format!("storage failed; nothing was acknowledged: {inner}"),
+                )
+            }
             Error::Unavailable(_) => Self::unavailable(e.to_string()),
             Error::Handler { .. } | Error::Panicked { .. } => {
                 tracing::error!(error = %crate::logging::error_chain(&e), "object failed");
