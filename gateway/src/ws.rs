@@ -96,11 +96,14 @@ pub(crate) async fn subscribe(
         .into_response())
 }
 
-/// Small buffers: an idle connection should cost little memory. `max_message` bounds what a
-/// client may send in one message.
+/// Small buffers: an idle connection should cost little memory. The read buffer is
+/// allocated up front at this size for every connection, and grows to the size of a larger
+/// incoming frame only while reading one, so 1 KiB costs nothing but a few extra reads for
+/// the rare client that sends large messages. `max_message` bounds what a client may send
+/// in one message.
 pub(crate) fn tuned(upgrade: WebSocketUpgrade, max_message: usize) -> WebSocketUpgrade {
     upgrade
-        .read_buffer_size(2 * 1024)
+        .read_buffer_size(1024)
         .write_buffer_size(8 * 1024)
         .max_message_size(max_message)
         .max_frame_size(max_message)

@@ -179,6 +179,29 @@ async fn a_client_publishes_over_the_socket_and_gets_an_ack_with_its_ref() {
     server.stop().await;
 }
 
+/// The server reads sockets with a 1 KiB buffer (idle memory); a client message hundreds of
+/// times larger must still arrive whole.
+#[tokio::test]
+async fn a_client_message_much_larger_than_the_read_buffer_arrives_whole() {
+    let server = TestServer::start().await;
+    let mut publisher =
+        WsClient::try_connect_with(&server, WS, &[], Some(support::large_ws_config()))
+            .await
+            .expect("connect");
+    let big = "0123456789abcdef".repeat(300 * 1024 / 16);
+    publisher
+        .send_json(json!({"type": "publish", "data": big, "ref": "big"}))
+        .await;
+    let got = next_n_by_type(&mut publisher, 2).await;
+    let id = got[0]["id"].as_str().expect("ack id").to_string();
+    assert_eq!(
+        got[0],
+        json!({"type": "ack", "id": id, "duplicate": false, "ref": "big"})
+    );
+    assert_eq!(got[1]["data"].as_str().map(str::len), Some(big.len()));
+    assert_eq!(got[1]["data"].as_str(), Some(big.as_str()));
+}
+
 #[tokio::test]
 async fn a_malformed_client_message_gets_an_error_and_the_socket_stays_usable() {
     let server = TestServer::start_with(|s| s.limits.max_message_size = ByteSize(1024)).await;
