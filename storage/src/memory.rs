@@ -97,61 +97,7 @@ impl Storage for MemoryStorage {
         Durability::Never
     }
 
-    fn log_meta(&self, id: &ObjectId) -> Result<Option<LogMeta>> {
-        raw::log_meta(&*self.records(), id)
-    }
-
-    fn read_log(&self, id: &ObjectId, from_seq: u64, limit: usize) -> Result<Vec<LogEntry>> {
-        raw::read_log(&*self.records(), id, from_seq, limit)
-    }
-
-    fn read_log_tail(&self, id: &ObjectId, limit: usize) -> Result<Vec<LogEntry>> {
-        raw::read_log_tail(&*self.records(), id, limit)
-    }
-
-    fn read_log_before(
-        &self,
-        id: &ObjectId,
-        before_seq: u64,
-        limit: usize,
-    ) -> Result<Vec<LogEntry>> {
-        raw::read_log_before(&*self.records(), id, before_seq, limit)
-    }
-
-    fn get(&self, id: &ObjectId, key: &[u8]) -> Result<Option<Bytes>> {
-        raw::get(&*self.records(), id, key)
-    }
-
-    fn list(
-        &self,
-        id: &ObjectId,
-        prefix: &[u8],
-        start_after: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Bytes)>> {
-        raw::list(&*self.records(), id, prefix, start_after, limit)
-    }
-
-    fn alarm(&self, id: &ObjectId) -> Result<Option<u64>> {
-        raw::alarm(&*self.records(), id)
-    }
-
-    fn due_alarms(&self, now_ms: u64, limit: usize) -> Result<Vec<(ObjectId, u64)>> {
-        raw::due_alarms(&*self.records(), now_ms, limit)
-    }
-
-    fn next_alarm(&self) -> Result<Option<(ObjectId, u64)>> {
-        raw::next_alarm(&*self.records())
-    }
-
-    fn list_logs(
-        &self,
-        namespace: &str,
-        start_after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<String>> {
-        raw::list_logs(&*self.records(), namespace, start_after, limit)
-    }
+    raw::raw_reads!(records);
 
     /// Always 0: nothing is on disk.
     fn size_on_disk(&self) -> Result<u64> {

@@ -9,6 +9,71 @@ use bytes::Bytes;
 use crate::key::{self, Key};
 use crate::{Error, LogEntry, LogMeta, ObjectId, Result, record};
 
+/// The read methods of [`crate::Storage`], written once for every engine: `$raw` is a
+/// method of the engine that returns something that dereferences to a [`Raw`] (a lock
+/// guard, a tree), held for the one read.
+macro_rules! raw_reads {
+    ($raw:ident) => {
+        fn log_meta(&self, id: &ObjectId) -> Result<Option<LogMeta>> {
+            raw::log_meta(&*self.$raw(), id)
+        }
+
+        fn read_log(&self, id: &ObjectId, from_seq: u64, limit: usize) -> Result<Vec<LogEntry>> {
+            raw::read_log(&*self.$raw(), id, from_seq, limit)
+        }
+
+        fn read_log_tail(&self, id: &ObjectId, limit: usize) -> Result<Vec<LogEntry>> {
+            raw::read_log_tail(&*self.$raw(), id, limit)
+        }
+
+        fn read_log_before(
+            &self,
+            id: &ObjectId,
+            before_seq: u64,
+            limit: usize,
+        ) -> Result<Vec<LogEntry>> {
+            raw::read_log_before(&*self.$raw(), id, before_seq, limit)
+        }
+
+        fn get(&self, id: &ObjectId, key: &[u8]) -> Result<Option<Bytes>> {
+            raw::get(&*self.$raw(), id, key)
+        }
+
+        fn list(
+            &self,
+            id: &ObjectId,
+            prefix: &[u8],
+            start_after: Option<&[u8]>,
+            limit: usize,
+        ) -> Result<Vec<(Vec<u8>, Bytes)>> {
+            raw::list(&*self.$raw(), id, prefix, start_after, limit)
+        }
+
+        fn alarm(&self, id: &ObjectId) -> Result<Option<u64>> {
+            raw::alarm(&*self.$raw(), id)
+        }
+
+        fn due_alarms(&self, now_ms: u64, limit: usize) -> Result<Vec<(ObjectId, u64)>> {
+            raw::due_alarms(&*self.$raw(), now_ms, limit)
+        }
+
+        fn next_alarm(&self) -> Result<Option<(ObjectId, u64)>> {
+            raw::next_alarm(&*self.$raw())
+        }
+
+        fn list_logs(
+            &self,
+            namespace: &str,
+            start_after: Option<&str>,
+            limit: usize,
+        ) -> Result<Vec<String>> {
+            raw::list_logs(&*self.$raw(), namespace, start_after, limit)
+        }
+    };
+}
+
+pub(crate) use raw_reads;
+
 /// Called for each record of a scan, in scan order; returns `false` to stop early.
 pub(crate) type Visit<'v> = &'v mut dyn FnMut(&[u8], &[u8]) -> Result<bool>;
 

@@ -141,6 +141,11 @@ impl SledStorage {
             .map_err(|e| at(&db_file_path, e))
     }
 
+    /// The tree every record lives in, for reads (see `raw::raw_reads`).
+    fn tree(&self) -> &sled::Tree {
+        &self.db
+    }
+
     /// Flushes run by group commit so far (0 unless `always`); compared with the number of
     /// syncs it shows how many writers each fsync served.
     pub fn fsyncs(&self) -> u64 {
@@ -348,61 +353,7 @@ impl Storage for SledStorage {
             .map_or(Ok(()), GroupCommit::check)
     }
 
-    fn log_meta(&self, id: &ObjectId) -> Result<Option<LogMeta>> {
-        raw::log_meta(&*self.db, id)
-    }
-
-    fn read_log(&self, id: &ObjectId, from_seq: u64, limit: usize) -> Result<Vec<LogEntry>> {
-        raw::read_log(&*self.db, id, from_seq, limit)
-    }
-
-    fn read_log_tail(&self, id: &ObjectId, limit: usize) -> Result<Vec<LogEntry>> {
-        raw::read_log_tail(&*self.db, id, limit)
-    }
-
-    fn read_log_before(
-        &self,
-        id: &ObjectId,
-        before_seq: u64,
-        limit: usize,
-    ) -> Result<Vec<LogEntry>> {
-        raw::read_log_before(&*self.db, id, before_seq, limit)
-    }
-
-    fn get(&self, id: &ObjectId, key: &[u8]) -> Result<Option<Bytes>> {
-        raw::get(&*self.db, id, key)
-    }
-
-    fn list(
-        &self,
-        id: &ObjectId,
-        prefix: &[u8],
-        start_after: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Bytes)>> {
-        raw::list(&*self.db, id, prefix, start_after, limit)
-    }
-
-    fn alarm(&self, id: &ObjectId) -> Result<Option<u64>> {
-        raw::alarm(&*self.db, id)
-    }
-
-    fn due_alarms(&self, now_ms: u64, limit: usize) -> Result<Vec<(ObjectId, u64)>> {
-        raw::due_alarms(&*self.db, now_ms, limit)
-    }
-
-    fn next_alarm(&self) -> Result<Option<(ObjectId, u64)>> {
-        raw::next_alarm(&*self.db)
-    }
-
-    fn list_logs(
-        &self,
-        namespace: &str,
-        start_after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<String>> {
-        raw::list_logs(&*self.db, namespace, start_after, limit)
-    }
+    raw::raw_reads!(tree);
 
     /// Walks the data dir: the bytes of real files, which is what fills a disk.
     fn size_on_disk(&self) -> Result<u64> {

@@ -252,6 +252,11 @@ impl SegmentStorage {
     pub fn fsyncs(&self) -> u64 {
         self.group_commit.as_ref().map_or(0, GroupCommit::flushes)
     }
+
+    /// The state for one read (see `raw::raw_reads`).
+    fn reader(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.shared.read()
+    }
 }
 
 impl Shared {
@@ -605,61 +610,7 @@ impl Storage for SegmentStorage {
         self.shared.sync(false)
     }
 
-    fn log_meta(&self, id: &ObjectId) -> Result<Option<LogMeta>> {
-        raw::log_meta(&*self.shared.read(), id)
-    }
-
-    fn read_log(&self, id: &ObjectId, from_seq: u64, limit: usize) -> Result<Vec<LogEntry>> {
-        raw::read_log(&*self.shared.read(), id, from_seq, limit)
-    }
-
-    fn read_log_tail(&self, id: &ObjectId, limit: usize) -> Result<Vec<LogEntry>> {
-        raw::read_log_tail(&*self.shared.read(), id, limit)
-    }
-
-    fn read_log_before(
-        &self,
-        id: &ObjectId,
-        before_seq: u64,
-        limit: usize,
-    ) -> Result<Vec<LogEntry>> {
-        raw::read_log_before(&*self.shared.read(), id, before_seq, limit)
-    }
-
-    fn get(&self, id: &ObjectId, key: &[u8]) -> Result<Option<Bytes>> {
-        raw::get(&*self.shared.read(), id, key)
-    }
-
-    fn list(
-        &self,
-        id: &ObjectId,
-        prefix: &[u8],
-        start_after: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Bytes)>> {
-        raw::list(&*self.shared.read(), id, prefix, start_after, limit)
-    }
-
-    fn alarm(&self, id: &ObjectId) -> Result<Option<u64>> {
-        raw::alarm(&*self.shared.read(), id)
-    }
-
-    fn due_alarms(&self, now_ms: u64, limit: usize) -> Result<Vec<(ObjectId, u64)>> {
-        raw::due_alarms(&*self.shared.read(), now_ms, limit)
-    }
-
-    fn next_alarm(&self) -> Result<Option<(ObjectId, u64)>> {
-        raw::next_alarm(&*self.shared.read())
-    }
-
-    fn list_logs(
-        &self,
-        namespace: &str,
-        start_after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<String>> {
-        raw::list_logs(&*self.shared.read(), namespace, start_after, limit)
-    }
+    raw::raw_reads!(reader);
 
     /// The segment files' bytes: what fills the disk (the lock file is empty).
     fn size_on_disk(&self) -> Result<u64> {
