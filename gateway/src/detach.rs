@@ -55,6 +55,7 @@ pub(crate) async fn first_request(io: &GuardedStream, head_timeout: Duration) ->
     let decided = tokio::time::timeout(head_timeout, async {
         let mut buf = vec![0u8; 4096];
         let mut seen = 0;
+        let mut pause = Duration::from_millis(5);
         loop {
             let n = io.peek(&mut buf).await?;
             if n == 0 {
@@ -68,10 +69,13 @@ pub(crate) async fn first_request(io: &GuardedStream, head_timeout: Duration) ->
                 }
                 Parsed::Incomplete if n == buf.len() => return Ok(First::Hyper),
                 Parsed::Incomplete => {
-                    // A head arriving in pieces (rare: a slow or hostile client). Peeking
-                    // again returns at once with the same bytes, so wait a little first.
+                    // A head arriving in pieces (a large head, a slow or hostile client).
+                    // Peeking again returns at once with the same bytes, so wait first, a
+                    // little longer each time: a slow-loris client costs a few dozen
+                    // wake-ups before the head timeout, not one every few milliseconds.
                     if n == seen {
-                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_millis(500));
                     }
                 }
             }

@@ -135,3 +135,22 @@ async fn a_subscriber_that_closes_its_socket_is_dropped_at_once() {
     .await
     .expect("the subscriber is dropped without waiting for a write to fail");
 }
+
+#[tokio::test]
+async fn a_subscription_head_sent_in_pieces_is_still_served() {
+    let server = TestServer::start().await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    for piece in [
+        "GET /v1/channels/slow/ev",
+        "ents HTTP/1.1\r\nHo",
+        "st: x\r\n",
+        "\r\n",
+    ] {
+        stream.write_all(piece.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let mut seen = Vec::new();
+    read_until(&mut stream, &mut seen, ": connected").await;
+    server.publish("slow", "in pieces").await;
+    read_until(&mut stream, &mut seen, "data: in pieces\n\n").await;
+}
