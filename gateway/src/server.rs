@@ -87,9 +87,14 @@ fn open_storage(settings: &Settings) -> anyhow::Result<Arc<dyn Storage>> {
         config.durability = durability;
         return Ok(Arc::new(SledStorage::open(config)?));
     }
+    let segment_bytes = settings.storage.segment_size.0;
+    anyhow::ensure!(
+        (4096..=SegmentConfig::MAX_SEGMENT_BYTES).contains(&segment_bytes),
+        "storage.segment_size is {segment_bytes} bytes; it must be between 4KiB and 1GiB"
+    );
     let mut config = SegmentConfig::new(&settings.data_dir);
     config.durability = durability;
-    config.segment_bytes = settings.storage.segment_size.0;
+    config.segment_bytes = segment_bytes;
     config.clean_above_bytes = 2 * config.segment_bytes;
     Ok(Arc::new(SegmentStorage::open(config)?))
 }

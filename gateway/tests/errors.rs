@@ -747,3 +747,21 @@ async fn an_oversized_body_with_content_length_always_gets_its_413_answer() {
     still_serving(&server, "reset").await;
     server.stop().await;
 }
+
+#[test]
+fn a_segment_size_out_of_range_is_refused_at_start_naming_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    for size in [ByteSize(1024), ByteSize(2 << 30)] {
+        let mut settings = support::settings(dir.path());
+        settings.storage.segment_size = size;
+        let Err(err) = dormouse_gateway::Dormouse::open(settings) else {
+            panic!("a segment size of {} bytes was accepted", size.0);
+        };
+        let message = format!("{err:#}");
+        assert!(message.contains("storage.segment_size"), "{message}");
+    }
+    assert!(
+        !dir.path().join("segments").exists(),
+        "nothing was created in the data dir"
+    );
+}
