@@ -10,9 +10,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use dormouse_storage::SyncFuture;
+use futures::FutureExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::socket::WakeBatch;
 use crate::{Error, Result};
 
 /// What to do once an item's commit is decided: run effects and reply on `Ok`, report the
@@ -90,15 +92,44 @@ async fn run(
     pending: Arc<AtomicUsize>,
     poisoned: Arc<AtomicBool>,
 ) {
-    while let Some(item) = rx.recv().await {
+    // An item taken off the queue whose commit was not yet done; it goes first next round.
+    let mut waiting: Option<Item> = None;
+    loop {
+        let item = match waiting.take() {
+            Some(item) => item,
+            None => match rx.recv().await {
+                Some(item) => item,
+                None => return,
+            },
+        };
         let outcome = match item.commit {
             Some(commit) => commit.await.map_err(Error::from),
             None => Ok(()),
         };
-        if outcome.is_err() {
-            poisoned.store(true, Ordering::Release);
+        // Release this item and every later one whose commit is already decided (a group
+        // commit covers many) together, so the sockets they feed are woken once for all.
+        let _batch = WakeBatch::begin();
+        release(item.release, outcome, &pending, &poisoned);
+        while let Ok(mut next) = rx.try_recv() {
+            let outcome = match next.commit.as_mut() {
+                None => Ok(()),
+                Some(commit) => match commit.now_or_never() {
+                    Some(outcome) => outcome.map_err(Error::from),
+                    None => {
+                        waiting = Some(next);
+                        break;
+                    }
+                },
+            };
+            release(next.release, outcome, &pending, &poisoned);
         }
-        (item.release)(outcome);
-        pending.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+fn release(release: Release, outcome: Result<()>, pending: &AtomicUsize, poisoned: &AtomicBool) {
+    if outcome.is_err() {
+        poisoned.store(true, Ordering::Release);
+    }
+    release(outcome);
+    pending.fetch_sub(1, Ordering::AcqRel);
 }

@@ -8,6 +8,7 @@
 //! wake, so clients stay connected while the object costs no memory of its own. Keep-alives
 //! are the connection task's job, so idle clients never wake anything.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -167,13 +168,90 @@ impl Inner {
     }
 
     /// Queues a message unless the receiver is gone.
-    fn push(&self, message: Outbound, stamp: Option<Instant>) -> bool {
+    ///
+    /// Only a push into an empty queue wakes the receiver: a receiver waits only after it
+    /// found the queue empty, so while anything is queued it will come back for more
+    /// without being told. Inside a [`WakeBatch`] on this thread the wake is held until the
+    /// batch ends.
+    fn push(self: &Arc<Self>, message: Outbound, stamp: Option<Instant>) -> bool {
         if !self.receiver_alive.load(Ordering::Acquire) {
             return false;
         }
-        self.lock_queue().push_back((message, stamp));
-        self.wake.notify_one();
+        let was_empty = {
+            let mut queue = self.lock_queue();
+            queue.push_back((message, stamp));
+            queue.len() == 1
+        };
+        if was_empty && !WakeBatch::defer(self) {
+            self.wake.notify_one();
+        }
         true
+    }
+}
+
+thread_local! {
+    /// Receivers to wake when the innermost [`WakeBatch`] on this thread ends; `None` when
+    /// no batch is open.
+    static DEFERRED_WAKES: RefCell<Option<Vec<Arc<Inner>>>> = const { RefCell::new(None) };
+}
+
+/// Holds back the wake-ups of sockets fed on this thread until it is dropped.
+///
+/// The output gate releases every handler whose commit is already durable inside one batch.
+/// Without it, the first event of a group commit would wake each subscriber's connection
+/// task, and a task running on another worker would write that event alone before the next
+/// one is queued: one socket write per event per subscriber. With it, each connection is
+/// woken once and writes the whole group in one flush. Nothing may `.await` while a batch
+/// is open: the batch belongs to the thread, not the task.
+pub(crate) struct WakeBatch {
+    /// Only the outermost batch wakes; nested ones are no-ops.
+    outermost: bool,
+}
+
+impl WakeBatch {
+    pub(crate) fn begin() -> Self {
+        let outermost = DEFERRED_WAKES.with(|d| {
+            let mut d = d.borrow_mut();
+            let outermost = d.is_none();
+            if outermost {
+                *d = Some(Vec::new());
+            }
+            outermost
+        });
+        Self { outermost }
+    }
+
+    /// Records `inner` for a wake at the end of the open batch; false when none is open.
+    fn defer(inner: &Arc<Inner>) -> bool {
+        DEFERRED_WAKES.with(|d| match d.borrow_mut().as_mut() {
+            Some(pending) => {
+                pending.push(Arc::clone(inner));
+                true
+            }
+            None => false,
+        })
+    }
+}
+
+impl Drop for WakeBatch {
+    fn drop(&mut self) {
+        if !self.outermost {
+            return;
+        }
+        let pending = DEFERRED_WAKES
+            .with(|d| d.borrow_mut().take())
+            .unwrap_or_default();
+        for inner in pending {
+            inner.wake.notify_one();
+        }
+    }
+}
+
+impl fmt::Debug for WakeBatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WakeBatch")
+            .field("outermost", &self.outermost)
+            .finish()
     }
 }
 
@@ -472,6 +550,57 @@ mod tests {
         assert_eq!(rx.recv_stamped().await, Some((text(1), Some(accepted))));
         assert_eq!(rx.try_recv_stamped(), Some((text(2), None)));
         assert_eq!(socket.queued_bytes(), 0);
+    }
+
+    /// Counts how often a task would have been woken.
+    struct CountingWaker(AtomicUsize);
+
+    impl std::task::Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_wake_batch_wakes_each_receiver_once_when_it_ends() {
+        use std::future::Future;
+        use std::task::{Context, Poll};
+
+        let (socket, mut rx) = Socket::new(Transport::WebSocket, 1000, Bytes::new());
+        let counter = Arc::new(CountingWaker(AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(counter.clone());
+        let mut cx = Context::from_waker(&waker);
+        {
+            let mut recv = Box::pin(rx.recv());
+            assert!(recv.as_mut().poll(&mut cx).is_pending());
+            let batch = WakeBatch::begin();
+            let nested = WakeBatch::begin();
+            for n in 1..=3 {
+                assert_eq!(socket.send(text(n)), SendOutcome::Queued);
+            }
+            drop(nested);
+            assert_eq!(
+                counter.0.load(Ordering::SeqCst),
+                0,
+                "held while the batch is open"
+            );
+            drop(batch);
+            assert_eq!(
+                counter.0.load(Ordering::SeqCst),
+                1,
+                "one wake for three messages"
+            );
+            assert_eq!(recv.as_mut().poll(&mut cx), Poll::Ready(Some(text(1))));
+        }
+        assert_eq!(rx.try_recv(), Some(text(2)));
+        assert_eq!(rx.try_recv(), Some(text(3)));
+        assert_eq!(rx.try_recv(), None);
+        // Outside a batch a push into the empty queue wakes at once.
+        let mut recv = Box::pin(rx.recv());
+        assert!(recv.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(socket.send(text(4)), SendOutcome::Queued);
+        assert_eq!(counter.0.load(Ordering::SeqCst), 2);
+        assert_eq!(recv.as_mut().poll(&mut cx), Poll::Ready(Some(text(4))));
     }
 
     #[test]
