@@ -23,7 +23,6 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
 use tracing::info;
@@ -33,7 +32,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use crate::auth::{self, Auth};
 use crate::config::CorsSettings;
 use crate::limits::{self, Limits, PeerAddr};
-use crate::listener::{Connections, GuardedListener};
+use crate::listener::{Connections, GuardedListener, KillSwitch};
 use crate::telemetry::{self, Telemetry, Wire};
 use crate::{ApiError, Settings, admin, channels, detach, health, objects, publish, sse, ws};
 
@@ -216,7 +215,7 @@ impl Dormouse {
         }
         info!(%addr, "listening");
         let stop = self.stop.clone();
-        let kill = CancellationToken::new();
+        let kill = KillSwitch::default();
         let grace = self.state.settings.shutdown_grace;
         let write_timeout = self.state.settings.limits.write_timeout;
         let listener = GuardedListener::new(
@@ -299,7 +298,7 @@ impl Dormouse {
         let cut_off = kill.clone();
         tokio::spawn(async move {
             tokio::time::sleep(grace).await;
-            cut_off.cancel();
+            cut_off.flip();
         });
         graceful.shutdown().await;
         self.state.tasks.close();
@@ -309,7 +308,7 @@ impl Dormouse {
         {
             tracing::warn!("some WebSocket connections did not end in time");
         }
-        kill.cancel();
+        kill.flip();
         // Objects may publish to channels while they drain, never the reverse: objects first.
         let mounted: Vec<Arc<dyn DynNamespace>> = self
             .state
