@@ -4,11 +4,14 @@
 //! per-second series for the admin page.
 //!
 //! Hot-path figures are plain atomics here (the admin page reads them back, which the
-//! `metrics` handles cannot do); a scrape copies them into the recorder and renders. The
-//! runtime's namespace counters are read at scrape time, never kept twice. Latencies go to
-//! the recorder's histograms and to a one-second window the sampler turns into the admin
-//! page's chart. Channel names never become labels: they are unbounded.
+//! `metrics` handles cannot do), kept per thread where every delivery writes them
+//! (`sharded`); a scrape copies them into the recorder and renders. The runtime's namespace
+//! counters are read at scrape time, never kept twice. Latencies go to fixed-bucket
+//! histograms rendered next to the recorder's text and to a one-second window the sampler
+//! turns into the admin page's chart. Channel names never become labels: they are
+//! unbounded.
 
+mod sharded;
 mod window;
 
 use std::collections::VecDeque;
@@ -23,10 +26,8 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use dormouse_actors::channel::ChannelObserver;
 use dormouse_runtime::NamespaceStats;
-use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder, Unit};
-use metrics_exporter_prometheus::{
-    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
-};
+use metrics::{Counter, Gauge, Key, Label, Metadata, Recorder, Unit};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 use serde::Serialize;
 use tracing::debug;
 
@@ -34,6 +35,7 @@ use crate::AppState;
 use crate::busiest::Busiest;
 use crate::error::ErrorCode;
 
+use sharded::{Histogram, Sharded};
 use window::LatencyWindow;
 pub(crate) use window::Percentiles;
 
@@ -92,18 +94,20 @@ pub struct Telemetry {
     published: AtomicU64,
     published_bytes: AtomicU64,
     /// Messages written to subscriber connections, SSE then WebSocket.
-    delivered: [AtomicU64; 2],
-    received_bytes: AtomicU64,
-    sent_bytes: AtomicU64,
+    delivered: Sharded<[AtomicU64; 2]>,
+    received_bytes: Sharded<AtomicU64>,
+    sent_bytes: Sharded<AtomicU64>,
     slow_disconnects: [AtomicU64; 2],
     write_timeouts: AtomicU64,
     /// Last sampled size of the data dir; `u64::MAX` until the first sample.
     storage_bytes: AtomicU64,
     gaps: [Counter; 4],
+    /// Rendered by hand rather than through the recorder, whose histograms take a
+    /// shared, allocating append per observation: this one is observed on every delivery.
     delivery_latency: Histogram,
-    delivery_window: LatencyWindow,
+    delivery_window: Sharded<LatencyWindow>,
     commit_latency: Histogram,
-    commit_window: LatencyWindow,
+    commit_window: Sharded<LatencyWindow>,
     /// The busiest channels by recent publishes; only kept when the admin page is on.
     busiest: Option<Busiest>,
     series: Mutex<Series>,
@@ -164,10 +168,7 @@ impl Telemetry {
     /// A fresh set of figures; `busiest` keeps the top-N of busy channels (for the admin
     /// page, which is the only reader).
     pub(crate) fn new(busiest: bool) -> Self {
-        let recorder = PrometheusBuilder::new()
-            .set_buckets_for_metric(Matcher::Suffix("_seconds".to_string()), LATENCY_BUCKETS)
-            .expect("the bucket list is not empty")
-            .build_recorder();
+        let recorder = PrometheusBuilder::new().build_recorder();
         describe(&recorder);
         let handle = recorder.handle();
         let gaps = GAP_REASONS.map(|reason| {
@@ -177,14 +178,6 @@ impl Telemetry {
                 &[("reason", reason)],
             )
         });
-        let delivery_latency = recorder.register_histogram(
-            &Key::from_name("dormouse_delivery_latency_seconds"),
-            &metadata(),
-        );
-        let commit_latency = recorder.register_histogram(
-            &Key::from_name("dormouse_storage_commit_seconds"),
-            &metadata(),
-        );
         register_gauge(
             &recorder,
             "dormouse_build_info",
@@ -202,16 +195,16 @@ impl Telemetry {
             published: AtomicU64::new(0),
             published_bytes: AtomicU64::new(0),
             delivered: Default::default(),
-            received_bytes: AtomicU64::new(0),
-            sent_bytes: AtomicU64::new(0),
+            received_bytes: Sharded::default(),
+            sent_bytes: Sharded::default(),
             slow_disconnects: Default::default(),
             write_timeouts: AtomicU64::new(0),
             storage_bytes: AtomicU64::new(u64::MAX),
             gaps,
-            delivery_latency,
-            delivery_window: LatencyWindow::default(),
-            commit_latency,
-            commit_window: LatencyWindow::default(),
+            delivery_latency: Histogram::new(LATENCY_BUCKETS),
+            delivery_window: Sharded::default(),
+            commit_latency: Histogram::new(LATENCY_BUCKETS),
+            commit_window: Sharded::default(),
             busiest: busiest.then(Busiest::default),
             series: Mutex::default(),
         }
@@ -246,12 +239,13 @@ impl Telemetry {
     /// the live ones among them were accepted.
     pub(crate) fn delivered(&self, wire: Wire, n: u64, stamps: impl IntoIterator<Item = Instant>) {
         let index = usize::from(wire == Wire::Ws);
-        self.delivered[index].fetch_add(n, Ordering::Relaxed);
+        self.delivered.local()[index].fetch_add(n, Ordering::Relaxed);
         let now = Instant::now();
+        let window = self.delivery_window.local();
         for accepted in stamps {
             let latency = now.saturating_duration_since(accepted);
-            self.delivery_latency.record(latency.as_secs_f64());
-            self.delivery_window.record(latency);
+            self.delivery_latency.record(latency);
+            window.record(latency);
         }
     }
 
@@ -267,13 +261,12 @@ impl Telemetry {
 
     /// Bytes read from clients.
     pub(crate) fn received(&self, bytes: usize) {
-        self.received_bytes
-            .fetch_add(bytes as u64, Ordering::Relaxed);
+        self.received_bytes.add(bytes as u64);
     }
 
     /// Bytes written to clients.
     pub(crate) fn sent(&self, bytes: usize) {
-        self.sent_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.sent_bytes.add(bytes as u64);
     }
 
     /// A request (or a WebSocket client's message) was refused with the JSON error `code`.
@@ -288,8 +281,8 @@ impl Telemetry {
 
     /// One durability wait finished after `took`.
     pub(crate) fn commit(&self, took: Duration) {
-        self.commit_latency.record(took.as_secs_f64());
-        self.commit_window.record(took);
+        self.commit_latency.record(took);
+        self.commit_window.local().record(took);
     }
 
     /// The data dir's latest measured size.
@@ -320,15 +313,16 @@ impl Telemetry {
             subscribers: self.subscribers.load(Ordering::Relaxed),
             published_total: self.published.load(Ordering::Relaxed),
             delivered_total: self.delivered_total(),
-            received_bytes_total: self.received_bytes.load(Ordering::Relaxed),
-            sent_bytes_total: self.sent_bytes.load(Ordering::Relaxed),
+            received_bytes_total: self.received_bytes.sum(),
+            sent_bytes_total: self.sent_bytes.sum(),
             storage_bytes: (storage != u64::MAX).then_some(storage),
         }
     }
 
     fn delivered_total(&self) -> u64 {
         self.delivered
-            .iter()
+            .all()
+            .flatten()
             .map(|d| d.load(Ordering::Relaxed))
             .sum()
     }
@@ -343,14 +337,13 @@ impl Telemetry {
     }
 
     /// Called about once a second by the sampler: closes the current second's sample,
-    /// advances the busiest-channel window, and lets the recorder fold its histogram
-    /// buckets (which otherwise grow until the next scrape).
+    /// advances the busiest-channel window, and lets the recorder do its upkeep.
     pub(crate) fn tick(&self) {
         let now = Instant::now();
         let published = self.published.load(Ordering::Relaxed);
         let delivered = self.delivered_total();
-        let delivery = self.delivery_window.take();
-        let commit = self.commit_window.take();
+        let delivery = LatencyWindow::take_all(self.delivery_window.all());
+        let commit = LatencyWindow::take_all(self.commit_window.all());
         {
             let mut series = self.lock_series();
             let seconds = series
@@ -392,8 +385,12 @@ impl Telemetry {
         }
         for (index, wire) in [Wire::Sse, Wire::Ws].into_iter().enumerate() {
             let labels = [("transport", wire.label())];
-            register_counter(r, "dormouse_deliveries_total", &labels)
-                .absolute(self.delivered[index].load(Ordering::Relaxed));
+            register_counter(r, "dormouse_deliveries_total", &labels).absolute(
+                self.delivered
+                    .all()
+                    .map(|d| d[index].load(Ordering::Relaxed))
+                    .sum(),
+            );
             register_counter(r, "dormouse_slow_subscriber_disconnects_total", &labels)
                 .absolute(self.slow_disconnects[index].load(Ordering::Relaxed));
         }
@@ -402,8 +399,9 @@ impl Telemetry {
         };
         plain("dormouse_publishes_total", &self.published);
         plain("dormouse_published_bytes_total", &self.published_bytes);
-        plain("dormouse_received_bytes_total", &self.received_bytes);
-        plain("dormouse_sent_bytes_total", &self.sent_bytes);
+        register_counter(r, "dormouse_received_bytes_total", &[])
+            .absolute(self.received_bytes.sum());
+        register_counter(r, "dormouse_sent_bytes_total", &[]).absolute(self.sent_bytes.sum());
         plain("dormouse_write_timeouts_total", &self.write_timeouts);
         register_gauge(r, "dormouse_subscribers", &[])
             .set(self.subscribers.load(Ordering::Relaxed) as f64);
@@ -434,7 +432,18 @@ impl Telemetry {
                 register_counter(r, name, &ns).absolute(value);
             }
         }
-        self.handle.render()
+        let mut text = self.handle.render();
+        self.delivery_latency.render(
+            "dormouse_delivery_latency_seconds",
+            "From a publish being accepted by its channel to the event being written to a subscriber connection (live events only).",
+            &mut text,
+        );
+        self.commit_latency.render(
+            "dormouse_storage_commit_seconds",
+            "How long a handler's writes waited to become durable (the group commit) before its outputs were released.",
+            &mut text,
+        );
+        text
     }
 }
 
@@ -673,14 +682,4 @@ fn describe(r: &PrometheusRecorder) {
     for (name, unit, help) in counters {
         r.describe_counter((*name).into(), *unit, (*help).into());
     }
-    r.describe_histogram(
-        "dormouse_delivery_latency_seconds".into(),
-        Some(Unit::Seconds),
-        "From a publish being accepted by its channel to the event being written to a subscriber connection (live events only).".into(),
-    );
-    r.describe_histogram(
-        "dormouse_storage_commit_seconds".into(),
-        Some(Unit::Seconds),
-        "How long a handler's writes waited to become durable (the group commit) before its outputs were released.".into(),
-    );
 }

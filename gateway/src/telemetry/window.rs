@@ -1,6 +1,6 @@
 //! A one-second latency window: log-spaced atomic buckets that the sampler empties every
-//! second into the admin page's percentiles. Recording is two relaxed atomic operations, so
-//! it can sit on the delivery path next to the Prometheus histogram.
+//! second into the admin page's percentiles. Recording is two relaxed atomic operations on
+//! the recording thread's own copy (see `sharded`), so it can sit on the delivery path.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -64,13 +64,21 @@ impl LatencyWindow {
 
     /// Empties the window and summarises what it held. A percentile is reported as the
     /// upper end of its bucket, so it never understates.
+    #[cfg(test)]
     pub(super) fn take(&self) -> Percentiles {
-        let counts: Vec<u64> = self
-            .buckets
-            .iter()
-            .map(|b| b.swap(0, Ordering::Relaxed))
-            .collect();
-        let max_us = self.max_us.swap(0, Ordering::Relaxed);
+        Self::take_all(std::iter::once(self))
+    }
+
+    /// Empties several windows (one figure's per-thread copies) and summarises them as one.
+    pub(super) fn take_all<'a>(windows: impl Iterator<Item = &'a LatencyWindow>) -> Percentiles {
+        let mut counts = vec![0u64; BUCKETS];
+        let mut max_us = 0;
+        for window in windows {
+            for (total, bucket) in counts.iter_mut().zip(&window.buckets) {
+                *total += bucket.swap(0, Ordering::Relaxed);
+            }
+            max_us = max_us.max(window.max_us.swap(0, Ordering::Relaxed));
+        }
         let count: u64 = counts.iter().sum();
         if count == 0 {
             return Percentiles::default();
