@@ -579,9 +579,17 @@ mod tests {
             shrink_if_sparse(&mut map);
         }
         assert_eq!(map.len(), 10);
-        assert!(map.capacity() <= 128, "{} buckets kept of {peak}", map.capacity());
+        assert!(
+            map.capacity() <= 128,
+            "{} buckets kept of {peak}",
+            map.capacity()
+        );
         for i in 99_990..100_000u64 {
-            assert_eq!(map.get(i.to_string().as_str()), Some(&i), "entries survive shrinking");
+            assert_eq!(
+                map.get(i.to_string().as_str()),
+                Some(&i),
+                "entries survive shrinking"
+            );
         }
     }
 }
