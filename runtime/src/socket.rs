@@ -13,10 +13,11 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Instant;
 
 use bytes::Bytes;
-use tokio::sync::Notify;
+use futures::task::AtomicWaker;
 
 /// How the client is connected; decides which encoding of an event an object sends it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -91,13 +92,15 @@ struct Inner {
     /// The connection reports its close as an event (`Object::socket_close`), so the
     /// runtime must not drop it silently when it sees it closed.
     close_reported: AtomicBool,
-    /// The outbound queue. A plain deque plus a `Notify` rather than a tokio channel: an
+    /// The outbound queue. A plain deque plus a waker rather than a tokio channel: an
     /// idle connection's empty deque allocates nothing, where a channel preallocates a
     /// block of slots (about 2 KB) for every connection. Each message carries the instant
     /// its cause was accepted, when the sender gave one (see [`Socket::send_stamped`]).
     queue: Mutex<VecDeque<(Outbound, Option<Instant>)>>,
-    /// Wakes the receiver on a new message or when the last sender goes.
-    wake: Notify,
+    /// Wakes the receiver on a new message or when the last sender goes. An `AtomicWaker`
+    /// (one swap to wake, one to register) rather than tokio's `Notify`, whose waiter list
+    /// sits behind a mutex: there is only ever one receiver.
+    waker: AtomicWaker,
     /// Live `Socket` handles; at zero the receiver sees the end of the stream.
     senders: AtomicUsize,
     /// Cleared when the connection task drops its receiver (the client is gone).
@@ -125,7 +128,7 @@ impl Clone for Socket {
 impl Drop for Socket {
     fn drop(&mut self) {
         if self.inner.senders.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.inner.wake.notify_one();
+            self.inner.waker.wake();
         }
     }
 }
@@ -183,7 +186,7 @@ impl Inner {
             queue.len() == 1
         };
         if was_empty && !WakeBatch::defer(self) {
-            self.wake.notify_one();
+            self.waker.wake();
         }
         true
     }
@@ -242,7 +245,7 @@ impl Drop for WakeBatch {
             .with(|d| d.borrow_mut().take())
             .unwrap_or_default();
         for inner in pending {
-            inner.wake.notify_one();
+            inner.waker.wake();
         }
     }
 }
@@ -273,7 +276,7 @@ impl Socket {
     ) -> (Socket, SocketReceiver) {
         let inner = Arc::new(Inner {
             queue: Mutex::new(VecDeque::new()),
-            wake: Notify::new(),
+            waker: AtomicWaker::new(),
             senders: AtomicUsize::new(1),
             receiver_alive: AtomicBool::new(true),
             id: NEXT_SOCKET_ID.fetch_add(1, Ordering::Relaxed),
@@ -399,18 +402,27 @@ impl SocketReceiver {
     /// The next message with the instant its sender stamped it with
     /// ([`Socket::send_stamped`]), or `None` when every [`Socket`] clone is gone.
     pub async fn recv_stamped(&mut self) -> Option<(Outbound, Option<Instant>)> {
-        loop {
-            if let Some(message) = self.inner.pop() {
-                return Some(message);
+        let inner = &self.inner;
+        let ready = || -> Option<Option<(Outbound, Option<Instant>)>> {
+            if let Some(message) = inner.pop() {
+                return Some(Some(message));
             }
-            if self.inner.senders.load(Ordering::Acquire) == 0 {
-                // A push may have raced the last drop: drain it before ending.
-                return self.inner.pop();
+            // No sender left: a push may have raced the last drop, so drain it before ending.
+            (inner.senders.load(Ordering::Acquire) == 0).then(|| inner.pop())
+        };
+        std::future::poll_fn(|cx| {
+            if let Some(outcome) = ready() {
+                return Poll::Ready(outcome);
             }
-            // `notify_one` stores a permit when nobody waits, so a push or a last drop
-            // between the checks above and this await is not missed.
-            self.inner.wake.notified().await;
-        }
+            // Register, then look again: a push or a last drop between the first look and
+            // the registration woke nobody, and is seen here instead.
+            inner.waker.register(cx.waker());
+            match ready() {
+                Some(outcome) => Poll::Ready(outcome),
+                None => Poll::Pending,
+            }
+        })
+        .await
     }
 
     /// A message if one is ready now; lets a connection batch writes before one flush.
