@@ -61,6 +61,9 @@ pub(crate) struct Report {
     heap_baseline_bytes: u64,
     heap_active_bytes: u64,
     heap_after_hibernation_bytes: u64,
+    /// jemalloc's allocated/active/resident/metadata after hibernation: where RSS over the
+    /// live heap goes.
+    heap_stats_after_hibernation: proc::HeapStats,
     activation_p50_us: u64,
     activation_p99_us: u64,
     activation_max_us: u64,
@@ -149,6 +152,7 @@ async fn run_async(args: Args) -> anyhow::Result<Report> {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let rss_after_hibernation_bytes = proc::rss_bytes();
     let heap_after_hibernation_bytes = proc::heap_allocated_bytes();
+    let heap_stats_after_hibernation = proc::heap_stats();
     let rss_peak_bytes = proc::peak_rss_bytes();
 
     let mut wake = Histogram::<u64>::new(3)?;
@@ -186,6 +190,7 @@ async fn run_async(args: Args) -> anyhow::Result<Report> {
         heap_baseline_bytes,
         heap_active_bytes,
         heap_after_hibernation_bytes,
+        heap_stats_after_hibernation,
         activation_p50_us: activation.value_at_quantile(0.5),
         activation_p99_us: activation.value_at_quantile(0.99),
         activation_max_us: activation.max(),

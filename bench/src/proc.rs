@@ -80,3 +80,25 @@ pub(crate) fn heap_allocated_bytes() -> u64 {
     let _ = tikv_jemalloc_ctl::epoch::advance();
     tikv_jemalloc_ctl::stats::allocated::read().map_or(0, |b| b as u64)
 }
+
+/// jemalloc's view of the heap, for telling fragmentation (`active` − `allocated`: pages
+/// holding some live data) from cached free pages (`resident` − `active`).
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub(crate) struct HeapStats {
+    pub(crate) allocated: u64,
+    pub(crate) active: u64,
+    pub(crate) resident: u64,
+    pub(crate) metadata: u64,
+}
+
+pub(crate) fn heap_stats() -> HeapStats {
+    use tikv_jemalloc_ctl::stats;
+    let _ = tikv_jemalloc_ctl::epoch::advance();
+    let read = |r: tikv_jemalloc_ctl::Result<usize>| r.map_or(0, |b| b as u64);
+    HeapStats {
+        allocated: read(stats::allocated::read()),
+        active: read(stats::active::read()),
+        resident: read(stats::resident::read()),
+        metadata: read(stats::metadata::read()),
+    }
+}
