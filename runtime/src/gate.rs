@@ -5,13 +5,18 @@
 //! complete in order and a later item always waits for the earlier ones, a reply can never
 //! overtake the durability of state it may have observed. A handler that wrote nothing and
 //! finds the gate empty is released at once, with no task hop.
+//!
+//! The releasing task runs only while items wait: it is spawned when the queue goes from
+//! empty to not, and ends when it has emptied it. An activation that is merely alive (most
+//! of them, most of the time: waiting for their idle timeout) holds no task and no channel,
+//! which matters when a burst keeps a hundred thousand of them alive at once.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use dormouse_storage::SyncFuture;
 use futures::FutureExt;
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::socket::WakeBatch;
@@ -29,19 +34,50 @@ struct Item {
 /// One activation's output gate.
 #[derive(Default)]
 pub(crate) struct Gate {
-    /// The releasing task's queue, created on the first item that has to wait.
-    queue: Option<(mpsc::UnboundedSender<Item>, JoinHandle<()>)>,
+    shared: Arc<Shared>,
+    /// The releasing task last spawned; finished, or running while items wait.
+    task: Option<JoinHandle<()>>,
+}
+
+/// What the gate and its releasing task share.
+#[derive(Default)]
+struct Shared {
+    queue: Mutex<Queue>,
     /// Items queued and not yet released; zero means a write-free reply may skip the queue.
-    pending: Arc<AtomicUsize>,
+    pending: AtomicUsize,
     /// Set when a commit failed: the activation's in-memory state may be ahead of storage,
     /// so it must be rebuilt before serving more requests.
-    poisoned: Arc<AtomicBool>,
+    poisoned: AtomicBool,
+}
+
+#[derive(Default)]
+struct Queue {
+    /// Oldest first.
+    items: VecDeque<Item>,
+    /// A releasing task is running and will take every item queued before it sets this
+    /// back (under the lock, as it finds the queue empty).
+    running: bool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        // Nothing panics while holding the lock: releases run outside it.
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn release(&self, release: Release, outcome: Result<()>) {
+        if outcome.is_err() {
+            self.poisoned.store(true, Ordering::Release);
+        }
+        release(outcome);
+        self.pending.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl std::fmt::Debug for Gate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Gate")
-            .field("pending", &self.pending.load(Ordering::Relaxed))
+            .field("pending", &self.shared.pending.load(Ordering::Relaxed))
             .finish()
     }
 }
@@ -49,58 +85,54 @@ impl std::fmt::Debug for Gate {
 impl Gate {
     /// Queues `release` behind every earlier item and behind `commit`.
     pub(crate) fn submit(&mut self, commit: Option<SyncFuture>, release: Release) {
-        if commit.is_none() && self.pending.load(Ordering::Acquire) == 0 {
+        if commit.is_none() && self.shared.pending.load(Ordering::Acquire) == 0 {
             release(Ok(()));
             return;
         }
-        self.pending.fetch_add(1, Ordering::AcqRel);
-        let (tx, _) = self.queue.get_or_insert_with(|| {
-            let (tx, rx) = mpsc::unbounded_channel();
-            let task = tokio::spawn(run(rx, self.pending.clone(), self.poisoned.clone()));
-            (tx, task)
-        });
-        if let Err(mpsc::error::SendError(item)) = tx.send(Item { commit, release }) {
-            // The task only ends when the sender is dropped, so this is unreachable in
-            // practice; fail the item rather than lose its reply.
-            self.pending.fetch_sub(1, Ordering::AcqRel);
-            (item.release)(Err(Error::Unavailable("output gate".into())));
+        self.shared.pending.fetch_add(1, Ordering::AcqRel);
+        let start = {
+            let mut queue = self.shared.lock();
+            queue.items.push_back(Item { commit, release });
+            !std::mem::replace(&mut queue.running, true)
+        };
+        if start {
+            self.task = Some(tokio::spawn(run(self.shared.clone())));
         }
     }
 
     /// True while outputs wait for their commits; an activation must not retire then, or a
     /// successor could reveal state that is not durable yet.
     pub(crate) fn is_busy(&self) -> bool {
-        self.pending.load(Ordering::Acquire) > 0
+        self.shared.pending.load(Ordering::Acquire) > 0
     }
 
     /// True once a commit failed; cleared by the activation when it rebuilds its state.
     pub(crate) fn take_poisoned(&self) -> bool {
-        self.poisoned.swap(false, Ordering::AcqRel)
+        self.shared.poisoned.swap(false, Ordering::AcqRel)
     }
 
     /// Waits until every queued item is released; used by an orderly shutdown.
     pub(crate) async fn drain(&mut self) {
-        if let Some((tx, task)) = self.queue.take() {
-            drop(tx);
+        // Only the activation submits, and it is here: the last task spawned is the one
+        // that will empty the queue.
+        if let Some(task) = self.task.take() {
             let _ = task.await;
         }
     }
 }
 
-async fn run(
-    mut rx: mpsc::UnboundedReceiver<Item>,
-    pending: Arc<AtomicUsize>,
-    poisoned: Arc<AtomicBool>,
-) {
-    // An item taken off the queue whose commit was not yet done; it goes first next round.
-    let mut waiting: Option<Item> = None;
+/// Releases queued items in order until the queue is empty, then ends.
+async fn run(shared: Arc<Shared>) {
     loop {
-        let item = match waiting.take() {
-            Some(item) => item,
-            None => match rx.recv().await {
+        let item = {
+            let mut queue = shared.lock();
+            match queue.items.pop_front() {
                 Some(item) => item,
-                None => return,
-            },
+                None => {
+                    queue.running = false;
+                    return;
+                }
+            }
         };
         let outcome = match item.commit {
             Some(commit) => commit.await.map_err(Error::from),
@@ -109,27 +141,26 @@ async fn run(
         // Release this item and every later one whose commit is already decided (a group
         // commit covers many) together, so the sockets they feed are woken once for all.
         let _batch = WakeBatch::begin();
-        release(item.release, outcome, &pending, &poisoned);
-        while let Ok(mut next) = rx.try_recv() {
-            let outcome = match next.commit.as_mut() {
-                None => Ok(()),
-                Some(commit) => match commit.now_or_never() {
-                    Some(outcome) => outcome.map_err(Error::from),
-                    None => {
-                        waiting = Some(next);
-                        break;
-                    }
-                },
+        shared.release(item.release, outcome);
+        loop {
+            let (item, outcome) = {
+                let mut queue = shared.lock();
+                let Some(next) = queue.items.front_mut() else {
+                    break;
+                };
+                let outcome = match next.commit.as_mut() {
+                    None => Ok(()),
+                    Some(commit) => match commit.now_or_never() {
+                        Some(outcome) => outcome.map_err(Error::from),
+                        None => break,
+                    },
+                };
+                match queue.items.pop_front() {
+                    Some(item) => (item, outcome),
+                    None => break,
+                }
             };
-            release(next.release, outcome, &pending, &poisoned);
+            shared.release(item.release, outcome);
         }
     }
-}
-
-fn release(release: Release, outcome: Result<()>, pending: &AtomicUsize, poisoned: &AtomicBool) {
-    if outcome.is_err() {
-        poisoned.store(true, Ordering::Release);
-    }
-    release(outcome);
-    pending.fetch_sub(1, Ordering::AcqRel);
 }
