@@ -2,6 +2,8 @@
 //! body, batching whatever is ready into one write, and sends keep-alive comments on its own
 //! timer (so an idle client never wakes its channel).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use axum::Extension;
@@ -15,7 +17,7 @@ use dormouse_runtime::{Outbound, SocketReceiver, Transport};
 use futures::Stream;
 use serde::Deserialize;
 use tokio::sync::watch;
-use tokio::time::{Instant, Interval, MissedTickBehavior};
+use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
 
 use crate::auth::Principal;
 use crate::channels::{self, ChannelName, check_channel, query};
@@ -100,9 +102,10 @@ struct Conn {
     conn: Connection,
     receiver: SocketReceiver,
     keepalive: Interval,
-    shutdown: watch::Receiver<bool>,
-    /// When the subscriber's credential expires; the stream ends then.
-    expires_at: Option<Instant>,
+    /// Resolves when the server starts shutting down; see [`stopping`].
+    stopping: Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// Ends the stream when the subscriber's credential expires; `None` if it does not.
+    expired: Option<Pin<Box<Sleep>>>,
     opening: Option<Bytes>,
     done: bool,
 }
@@ -121,8 +124,8 @@ fn stream(
         conn,
         receiver,
         keepalive,
-        shutdown,
-        expires_at,
+        stopping: Box::pin(stopping(shutdown)),
+        expired: deadline(expires_at),
         // Sent at once, so the client (and any proxy) sees the stream open immediately.
         opening: Some(Bytes::from(format!(
             ": connected\nretry: {}\n\n",
@@ -151,11 +154,10 @@ impl Conn {
             Message(Option<(Outbound, Option<std::time::Instant>)>),
             KeepAlive,
         }
-        let expires_at = self.expires_at;
         let wake = tokio::select! {
             biased;
-            _ = self.shutdown.wait_for(|stopping| *stopping) => Wake::Shutdown,
-            () = expiry(expires_at) => Wake::Expired,
+            () = &mut self.stopping => Wake::Shutdown,
+            () = expiry(&mut self.expired) => Wake::Expired,
             message = self.receiver.recv_stamped() => Wake::Message(message),
             _ = self.keepalive.tick() => Wake::KeepAlive,
         };
@@ -235,10 +237,25 @@ impl Conn {
     }
 }
 
-/// Resolves when a credential expiring at `at` expires; never if it does not.
-pub(crate) async fn expiry(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
+/// Resolves once the server starts shutting down. A connection makes it once and polls the
+/// same future on every turn of its loop: calling `wait_for` anew each turn registered and
+/// removed a waiter on the watch's list, which every connection shares, every time (about
+/// 3 % of the server's CPU under fan-out, most of it the cores fighting over that list).
+pub(crate) async fn stopping(mut shutdown: watch::Receiver<bool>) {
+    // An error means the server is gone: stopping too.
+    let _ = shutdown.wait_for(|stopping| *stopping).await;
+}
+
+/// A connection's credential expiry as a timer made once: `None` when it does not expire.
+/// Boxed, so a connection without one pays nothing for it.
+pub(crate) fn deadline(at: Option<Instant>) -> Option<Pin<Box<Sleep>>> {
+    at.map(|at| Box::pin(tokio::time::sleep_until(at)))
+}
+
+/// Resolves when `deadline` passes; never if there is none.
+pub(crate) async fn expiry(deadline: &mut Option<Pin<Box<Sleep>>>) {
+    match deadline.as_mut() {
+        Some(sleep) => sleep.await,
         None => std::future::pending().await,
     }
 }

@@ -33,7 +33,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use crate::auth::{Auth, Need, Principal};
 use crate::channels::{self, ChannelName, check_message};
 use crate::limits::{ClientIp, Limits};
-use crate::sse::expiry;
+use crate::sse::{deadline, expiry};
 use crate::telemetry::{Connection, Wire};
 use crate::{ApiError, AppState, cursor};
 
@@ -266,7 +266,18 @@ impl Conn {
             tokio::time::interval_at(Instant::now() + self.ping_interval, self.ping_interval);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut last_heard = Instant::now();
+        // The expiry timer is made once (re-armed when the client sends a fresh credential),
+        // not per turn of the loop, and boxed only when there is an expiry. The shutdown
+        // signal, unlike SSE's (`sse::stopping`), is awaited anew each turn: held for the
+        // connection's life it would cost every idle WebSocket ~200 bytes, for ~1.5 % of
+        // CPU under heavy fan-out.
+        let mut armed_for = self.expires_at;
+        let mut expired = deadline(armed_for);
         loop {
+            if self.expires_at != armed_for {
+                armed_for = self.expires_at;
+                expired = deadline(armed_for);
+            }
             enum Wake {
                 Shutdown,
                 Expired,
@@ -278,7 +289,7 @@ impl Conn {
             let wake = tokio::select! {
                 biased;
                 _ = self.shutdown.wait_for(|stopping| *stopping) => Wake::Shutdown,
-                () = expiry(self.expires_at) => Wake::Expired,
+                () = expiry(&mut expired) => Wake::Expired,
                 outbound = self.receiver.recv_stamped() => Wake::Outbound(outbound),
                 Some(ack) = async {
                     match acks.as_mut() {
