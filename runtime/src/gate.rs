@@ -121,6 +121,9 @@ impl Gate {
     }
 }
 
+/// Room for waiting items an idle gate keeps; more is given back when the queue empties.
+const SPARE_ITEMS: usize = 16;
+
 /// Releases queued items in order until the queue is empty, then ends.
 async fn run(shared: Arc<Shared>) {
     loop {
@@ -130,6 +133,11 @@ async fn run(shared: Arc<Shared>) {
                 Some(item) => item,
                 None => {
                     queue.running = false;
+                    // A burst (a thousand publishes waiting on one slow fsync) must not
+                    // leave its room behind for the rest of the activation's life.
+                    if queue.items.capacity() > SPARE_ITEMS {
+                        queue.items.shrink_to(SPARE_ITEMS);
+                    }
                     return;
                 }
             }
@@ -162,5 +170,79 @@ async fn run(shared: Arc<Shared>) {
             };
             shared.release(item.release, outcome);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex as StdMutex;
+
+    use futures::channel::oneshot;
+
+    use super::*;
+
+    /// A commit the test decides, and a log of releases.
+    fn commit() -> (oneshot::Sender<()>, SyncFuture) {
+        let (tx, rx) = oneshot::channel::<()>();
+        (
+            tx,
+            Box::pin(async move { rx.await.map_err(|_| dormouse_storage::Error::Closed) }),
+        )
+    }
+
+    fn logger(log: &Arc<StdMutex<Vec<u32>>>, n: u32) -> Release {
+        let log = log.clone();
+        Box::new(move |outcome| {
+            assert!(outcome.is_ok());
+            log.lock().unwrap().push(n);
+        })
+    }
+
+    #[tokio::test]
+    async fn items_leave_in_order_and_the_task_ends_when_the_queue_is_empty() {
+        let log = Arc::new(StdMutex::new(Vec::new()));
+        let mut gate = Gate::default();
+        let (first, first_commit) = commit();
+        let (second, second_commit) = commit();
+        gate.submit(Some(first_commit), logger(&log, 1));
+        gate.submit(Some(second_commit), logger(&log, 2));
+        // Wrote nothing, but queued behind writes: it waits for them.
+        gate.submit(None, logger(&log, 3));
+        assert!(gate.is_busy());
+        // The later commit finishing first releases nothing.
+        second.send(()).unwrap();
+        tokio::task::yield_now().await;
+        assert!(log.lock().unwrap().is_empty());
+        first.send(()).unwrap();
+        let task = gate.task.take().expect("a releasing task while items wait");
+        task.await.unwrap();
+        assert_eq!(*log.lock().unwrap(), [1, 2, 3]);
+        assert!(!gate.is_busy());
+        // Idle again: a write-free item goes at once, and a new write starts a new task.
+        gate.submit(None, logger(&log, 4));
+        assert_eq!(log.lock().unwrap().last(), Some(&4));
+        assert!(gate.task.is_none());
+        let (third, third_commit) = commit();
+        gate.submit(Some(third_commit), logger(&log, 5));
+        third.send(()).unwrap();
+        gate.drain().await;
+        assert_eq!(*log.lock().unwrap(), [1, 2, 3, 4, 5]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_commit_fails_its_item_and_poisons_the_gate() {
+        let mut gate = Gate::default();
+        let (failing, failing_commit) = commit();
+        let failed = Arc::new(AtomicBool::new(false));
+        let seen = failed.clone();
+        gate.submit(
+            Some(failing_commit),
+            Box::new(move |outcome| seen.store(outcome.is_err(), Ordering::SeqCst)),
+        );
+        drop(failing);
+        gate.drain().await;
+        assert!(failed.load(Ordering::SeqCst));
+        assert!(gate.take_poisoned());
+        assert!(!gate.take_poisoned(), "taken once");
     }
 }
