@@ -436,6 +436,31 @@ impl SocketReceiver {
         self.inner.pop()
     }
 
+    /// Moves queued messages, with their stamps, into `into` under one lock, until `into`
+    /// holds `max_messages` or the moved payloads reach `max_bytes`; returns how many moved.
+    /// A connection woken for a group of messages takes them in one step rather than one
+    /// lock per message.
+    pub fn try_recv_many(
+        &mut self,
+        into: &mut Vec<(Outbound, Option<Instant>)>,
+        max_messages: usize,
+        max_bytes: usize,
+    ) -> usize {
+        let mut moved = 0;
+        let mut bytes = 0;
+        {
+            let mut queue = self.inner.lock_queue();
+            while into.len() < max_messages && bytes < max_bytes {
+                let Some(item) = queue.pop_front() else { break };
+                bytes += item.0.cost();
+                into.push(item);
+                moved += 1;
+            }
+        }
+        self.inner.queued.fetch_sub(bytes, Ordering::AcqRel);
+        moved
+    }
+
     /// True if the object cut this connection off as a slow consumer.
     pub fn overflowed(&self) -> bool {
         self.inner.overflowed.load(Ordering::Acquire)
@@ -562,6 +587,27 @@ mod tests {
         assert_eq!(rx.recv_stamped().await, Some((text(1), Some(accepted))));
         assert_eq!(rx.try_recv_stamped(), Some((text(2), None)));
         assert_eq!(socket.queued_bytes(), 0);
+    }
+
+    #[test]
+    fn many_are_taken_at_once_up_to_either_bound() {
+        let (socket, mut rx) = Socket::new(Transport::WebSocket, 1000, Bytes::new());
+        for n in 1..=6 {
+            assert_eq!(socket.send(text(n)), SendOutcome::Queued);
+        }
+        let mut batch = Vec::new();
+        assert_eq!(
+            rx.try_recv_many(&mut batch, 2, usize::MAX),
+            2,
+            "count bound"
+        );
+        assert_eq!(rx.try_recv_many(&mut batch, 10, 3), 1, "byte bound: 3 >= 3");
+        assert_eq!(socket.queued_bytes(), 4 + 5 + 6);
+        assert_eq!(rx.try_recv_many(&mut batch, 10, usize::MAX), 3);
+        let sizes: Vec<usize> = batch.iter().map(|(m, _)| m.cost()).collect();
+        assert_eq!(sizes, [1, 2, 3, 4, 5, 6], "in order");
+        assert_eq!(socket.queued_bytes(), 0, "the accounting balances");
+        assert_eq!(rx.try_recv_many(&mut batch, 10, usize::MAX), 0);
     }
 
     /// Counts how often a task would have been woken.
