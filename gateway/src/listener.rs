@@ -20,7 +20,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -241,6 +241,11 @@ pub(crate) struct GuardedStream {
     kill: KillSwitch,
     /// Polled only when the IO would block, so the hot path is one atomic load.
     killed: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// The waker `killed` was last polled with. Polling it takes a mutex every connection
+    /// shares, so it is polled again only for a different waker (the IO moved to another
+    /// task, as an upgraded connection does): a connection that blocks on every turn pays
+    /// a pointer comparison instead.
+    kill_waker: Option<Waker>,
     /// Set once our sending side is shut down: the deadline of the lingering read.
     linger: Option<Pin<Box<Sleep>>>,
     drained: usize,
@@ -273,6 +278,7 @@ impl GuardedStream {
             telemetry,
             inner,
             killed: Box::pin(kill.token.clone().cancelled_owned()),
+            kill_waker: None,
             kill,
             linger: None,
             drained: 0,
@@ -294,7 +300,7 @@ impl GuardedStream {
             self.stalled = false;
             return poll;
         }
-        if self.killed.as_mut().poll(cx).is_ready() {
+        if self.poll_killed(cx) {
             return Poll::Ready(Err(killed_error()));
         }
         let deadline = tokio::time::Instant::now() + self.write_timeout;
@@ -327,6 +333,24 @@ impl GuardedStream {
     fn is_killed(&self) -> bool {
         self.kill.is_flipped()
     }
+
+    /// For an operation that would block: true if the switch flipped, else arranges for
+    /// `cx` to be woken when it does.
+    fn poll_killed(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.is_killed() {
+            return true;
+        }
+        if self
+            .kill_waker
+            .as_ref()
+            .is_some_and(|waker| waker.will_wake(cx.waker()))
+        {
+            // Registered with this waker already; a flip wakes it.
+            return false;
+        }
+        self.kill_waker = Some(cx.waker().clone());
+        self.killed.as_mut().poll(cx).is_ready()
+    }
 }
 
 fn killed_error() -> io::Error {
@@ -344,7 +368,7 @@ impl AsyncRead for GuardedStream {
         }
         let before = buf.filled().len();
         let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if poll.is_pending() && self.killed.as_mut().poll(cx).is_ready() {
+        if poll.is_pending() && self.poll_killed(cx) {
             return Poll::Ready(Err(killed_error()));
         }
         if let Poll::Ready(Ok(())) = poll {
