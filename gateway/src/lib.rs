@@ -15,7 +15,9 @@
 //! - `publish`: batch publish (`POST /v1/publish`, JSON array or NDJSON).
 //! - `cursor`: where a subscriber starts (`Last-Event-ID` header or query).
 //! - `sse`: the Server-Sent Events connection task.
+//! - `stopping`: the shutdown signal, as every long-lived connection waits for it.
 //! - `ws`: the WebSocket connection task.
+//! - `upgrade`: WebSocket handshakes, answered here so `ws` can write to the stream itself.
 //! - `objects`: user-defined objects mounted under `/v1/objects/{namespace}/{name}/...`.
 //! - `telemetry`: the server's figures: Prometheus text at `/metrics`, connection
 //!   open/close logging, per-second samples for the admin page.
@@ -39,7 +41,9 @@ mod objects;
 mod publish;
 mod server;
 mod sse;
+mod stopping;
 mod telemetry;
+mod upgrade;
 mod ws;
 
 pub use auth::{Auth, Grants, Principal};
@@ -54,5 +58,6 @@ pub use logging::{Chain, LogFormat, error_chain, init_logging};
 pub use objects::SUBJECT_HEADER;
 pub use publish::{Planned, parse_batch};
 pub use server::{AppState, Dormouse, shutdown_signal};
+pub use stopping::Stopping;
 pub use telemetry::Telemetry;
 pub use ws::{ClientMessage, parse_client_message};

@@ -3,7 +3,6 @@
 //! messages and closes to `socket_message` and `socket_close` (waking it if it hibernated).
 
 use axum::body::Body;
-use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{FromRequestParts, Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -19,7 +18,8 @@ use crate::channels::{check_channel, read_body};
 /// `anonymous`) to objects.
 pub const SUBJECT_HEADER: &str = "x-dormouse-subject";
 use crate::telemetry::Wire;
-use crate::ws::{Conn, Mode, tuned};
+use crate::upgrade::Handshake;
+use crate::ws::{Conn, Mode};
 use crate::{ApiError, AppState};
 
 /// `/v1/objects/{namespace}/{name}` and everything below it, any method.
@@ -75,7 +75,7 @@ async fn handle(state: AppState, request: Request) -> Result<Response, ApiError>
         .map_err(|_| ApiError::bad_request("bad_path", "the path is not a valid URI"))?;
 
     if is_websocket(&parts.headers) {
-        let upgrade = WebSocketUpgrade::from_request_parts(&mut parts, &state)
+        let upgrade = Handshake::from_request_parts(&mut parts, &state)
             .await
             .map_err(|e| ApiError::new(e.status(), "websocket_upgrade_required", e.body_text()))?;
         return connect(state, target, name, uri, parts, upgrade, expires_at).await;
@@ -107,7 +107,7 @@ async fn connect(
     name: String,
     uri: Uri,
     parts: axum::http::request::Parts,
-    upgrade: WebSocketUpgrade,
+    upgrade: Handshake,
     expires_at: Option<tokio::time::Instant>,
 ) -> Result<Response, ApiError> {
     let settings = state.settings.clone();
@@ -148,23 +148,21 @@ async fn connect(
         expires_at,
         mode: Mode::Object { forward },
         receiver,
-        shutdown: state.shutdown.clone(),
+        stopping: state.stopping.waiter(),
         ping_interval: settings.websocket.ping_interval,
         idle_timeout: settings.websocket.idle_timeout,
     };
     let max_message = settings.limits.max_message_size.0 as usize + 64 * 1024;
     let tasks = state.tasks.clone();
-    Ok(tuned(upgrade, max_message)
-        .on_upgrade(move |ws| {
-            tasks.track_future(async move {
-                let forwarding = tokio::spawn(forwarder);
-                // Dropping the connection drops `forward`, which ends the forwarder after it
-                // delivered everything, then the close.
-                conn.run(ws).await;
-                let _ = forwarding.await;
-            })
+    Ok(upgrade.accept(max_message, move |ws| {
+        tasks.track_future(async move {
+            let forwarding = tokio::spawn(forwarder);
+            // Dropping the connection drops `forward`, which ends the forwarder after it
+            // delivered everything, then the close.
+            conn.run(ws).await;
+            let _ = forwarding.await;
         })
-        .into_response())
+    }))
 }
 
 /// Namespace names appear in URLs and storage keys: keep them short and plain.

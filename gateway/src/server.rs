@@ -22,7 +22,6 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
 use tracing::info;
@@ -33,6 +32,7 @@ use crate::auth::{self, Auth};
 use crate::config::CorsSettings;
 use crate::limits::{self, Limits, PeerAddr};
 use crate::listener::{Connections, GuardedListener, KillSwitch};
+use crate::stopping::Stopping;
 use crate::telemetry::{self, Telemetry, Wire};
 use crate::{ApiError, Settings, admin, channels, detach, health, objects, publish, sse, ws};
 
@@ -54,9 +54,9 @@ pub struct AppState {
     /// Long-lived connection tasks (WebSockets), so a stop can wait for them to let go of
     /// storage.
     pub tasks: TaskTracker,
-    /// Flips to `true` when the server is stopping, so long-lived connections can say
-    /// goodbye (SSE: reconnect hint; WebSocket: close 1012 "service restart").
-    pub shutdown: watch::Receiver<bool>,
+    /// Set when the server is stopping, so long-lived connections can say goodbye (SSE:
+    /// reconnect hint; WebSocket: close 1012 "service restart").
+    pub stopping: Stopping,
     /// The server's own figures: `/metrics` and the admin page.
     pub telemetry: Arc<Telemetry>,
 }
@@ -66,7 +66,6 @@ pub struct AppState {
 pub struct Dormouse {
     state: AppState,
     storage: Arc<dyn Storage>,
-    stop: watch::Sender<bool>,
     connections: Arc<Connections>,
 }
 
@@ -123,7 +122,6 @@ impl Dormouse {
             NamespaceConfig::with_idle_timeout(settings.channels.idle_timeout),
             channel_env,
         );
-        let (stop, shutdown) = watch::channel(false);
         let connections = Arc::new(Connections::new(
             settings.limits.max_connections,
             settings.limits.max_connections_per_ip,
@@ -139,11 +137,10 @@ impl Dormouse {
                 limits: Arc::new(Limits::new(&settings_limits)),
                 objects: Arc::default(),
                 tasks: TaskTracker::new(),
-                shutdown,
+                stopping: Stopping::default(),
                 telemetry,
             },
             storage,
-            stop,
         })
     }
 
@@ -214,7 +211,6 @@ impl Dormouse {
             tracing::warn!(%addr, "no authentication configured: every client may do everything");
         }
         info!(%addr, "listening");
-        let stop = self.stop.clone();
         let kill = KillSwitch::default();
         let grace = self.state.settings.shutdown_grace;
         let write_timeout = self.state.settings.limits.write_timeout;
@@ -292,7 +288,7 @@ impl Dormouse {
         }
         drop(listener);
         info!("shutting down: closing connections");
-        let _ = stop.send(true);
+        self.state.stopping.stop();
         // Connections that cannot say goodbye in time (a client that stopped reading) are
         // cut.
         let cut_off = kill.clone();
@@ -504,12 +500,12 @@ async fn sample(state: AppState) {
     let mut second = tokio::time::interval(std::time::Duration::from_secs(1));
     second.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_size: Option<tokio::time::Instant> = None;
-    let mut stopping = state.shutdown.clone();
+    let mut stopping = state.stopping.waiter();
     loop {
         tokio::select! {
             _ = second.tick() => {}
             // Storage is about to close: stop measuring it.
-            _ = stopping.wait_for(|stop| *stop) => return,
+            () = stopping.stopped() => return,
         }
         state.telemetry.tick();
         if last_size.is_none_or(|at| at.elapsed() >= telemetry::STORAGE_SAMPLE_EVERY) {

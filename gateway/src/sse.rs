@@ -2,10 +2,10 @@
 //! body, batching whatever is ready into one write, and sends keep-alive comments on its own
 //! timer (so an idle client never wakes its channel).
 
-use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
+use crate::stopping::Waiter;
 use axum::Extension;
 use axum::body::Body;
 use axum::extract::State;
@@ -16,7 +16,6 @@ use dormouse_actors::channel::{Control, Start};
 use dormouse_runtime::{Outbound, SocketReceiver, Transport};
 use futures::Stream;
 use serde::Deserialize;
-use tokio::sync::watch;
 use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
 
 use crate::auth::Principal;
@@ -83,7 +82,7 @@ async fn open(
         receiver,
         sse.keepalive,
         sse.retry,
-        state.shutdown.clone(),
+        state.stopping.waiter(),
         principal.time_left().map(|left| Instant::now() + left),
     ));
     let mut response = body.into_response();
@@ -102,8 +101,8 @@ struct Conn {
     conn: Connection,
     receiver: SocketReceiver,
     keepalive: Interval,
-    /// Resolves when the server starts shutting down; see [`stopping`].
-    stopping: Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// Ready when the server starts shutting down.
+    stopping: Waiter,
     /// Ends the stream when the subscriber's credential expires; `None` if it does not.
     expired: Option<Pin<Box<Sleep>>>,
     opening: Option<Bytes>,
@@ -115,7 +114,7 @@ fn stream(
     receiver: SocketReceiver,
     keepalive: Duration,
     retry: Duration,
-    shutdown: watch::Receiver<bool>,
+    stopping: Waiter,
     expires_at: Option<Instant>,
 ) -> impl Stream<Item = Result<Bytes, std::convert::Infallible>> + Send {
     let mut keepalive = tokio::time::interval_at(Instant::now() + keepalive, keepalive);
@@ -124,7 +123,7 @@ fn stream(
         conn,
         receiver,
         keepalive,
-        stopping: Box::pin(stopping(shutdown)),
+        stopping,
         expired: deadline(expires_at),
         // Sent at once, so the client (and any proxy) sees the stream open immediately.
         opening: Some(Bytes::from(format!(
@@ -156,7 +155,7 @@ impl Conn {
         }
         let wake = tokio::select! {
             biased;
-            () = &mut self.stopping => Wake::Shutdown,
+            () = self.stopping.stopped() => Wake::Shutdown,
             () = expiry(&mut self.expired) => Wake::Expired,
             message = self.receiver.recv_stamped() => Wake::Message(message),
             _ = self.keepalive.tick() => Wake::KeepAlive,
@@ -235,15 +234,6 @@ impl Conn {
         }
         batch.map_or(first, BytesMut::freeze)
     }
-}
-
-/// Resolves once the server starts shutting down. A connection makes it once and polls the
-/// same future on every turn of its loop: calling `wait_for` anew each turn registered and
-/// removed a waiter on the watch's list, which every connection shares, every time (about
-/// 3 % of the server's CPU under fan-out, most of it the cores fighting over that list).
-pub(crate) async fn stopping(mut shutdown: watch::Receiver<bool>) {
-    // An error means the server is gone: stopping too.
-    let _ = shutdown.wait_for(|stopping| *stopping).await;
 }
 
 /// A connection's credential expiry as a timer made once: `None` when it does not expire.

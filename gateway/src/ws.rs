@@ -1,6 +1,8 @@
 //! WebSocket subscribers (and publishers). One task per connection selects over the socket's
-//! outbound queue, the client's frames, a ping timer and the shutdown signal; outbound
-//! messages already queued are fed together and flushed once.
+//! outbound queue, the client's frames, a ping timer and the shutdown signal. Outbound
+//! messages already queued are written together, each as a frame header and its shared
+//! payload, in one vectored write; tungstenite reads the client's frames and writes the
+//! control frames (pings, pongs, closes) and answers.
 //!
 //! Framing (documented in docs/API.md): server to client, JSON text messages
 //! `{"type":"message","id","event","data"|"data_base64"}`, `{"type":"gap",...}`,
@@ -15,9 +17,8 @@ use std::time::Duration;
 use axum::Extension;
 use axum::extract::State;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::http::{HeaderMap, Uri};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
@@ -27,14 +28,20 @@ use dormouse_runtime::{Inbound, Namespace, Outbound, SocketReceiver, Transport};
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::sync::{mpsc, watch};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::auth::{Auth, Need, Principal};
 use crate::channels::{self, ChannelName, check_message};
 use crate::limits::{ClientIp, Limits};
 use crate::sse::{deadline, expiry};
+use crate::stopping::Waiter;
 use crate::telemetry::{Connection, Wire};
+use crate::upgrade::{Handshake, WsStream};
 use crate::{ApiError, AppState, cursor};
 
 /// Close codes, documented for clients.
@@ -57,7 +64,7 @@ pub(crate) async fn subscribe(
     ChannelName(channel): ChannelName,
     uri: Uri,
     headers: HeaderMap,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    upgrade: Result<Handshake, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let upgrade = upgrade.map_err(|e| {
         ApiError::new(
@@ -86,27 +93,12 @@ pub(crate) async fn subscribe(
             ip,
         },
         receiver,
-        shutdown: state.shutdown.clone(),
+        stopping: state.stopping.waiter(),
         ping_interval: settings.websocket.ping_interval,
         idle_timeout: settings.websocket.idle_timeout,
     };
     let tasks = state.tasks.clone();
-    Ok(tuned(upgrade, max_message)
-        .on_upgrade(move |ws| tasks.track_future(conn.run(ws)))
-        .into_response())
-}
-
-/// Small buffers: an idle connection should cost little memory. The read buffer is
-/// allocated up front at this size for every connection, and grows to the size of a larger
-/// incoming frame only while reading one, so 1 KiB costs nothing but a few extra reads for
-/// the rare client that sends large messages. `max_message` bounds what a client may send
-/// in one message.
-pub(crate) fn tuned(upgrade: WebSocketUpgrade, max_message: usize) -> WebSocketUpgrade {
-    upgrade
-        .read_buffer_size(1024)
-        .write_buffer_size(8 * 1024)
-        .max_message_size(max_message)
-        .max_frame_size(max_message)
+    Ok(upgrade.accept(max_message, move |ws| tasks.track_future(conn.run(ws))))
 }
 
 /// One WebSocket connection's task state.
@@ -118,7 +110,7 @@ pub(crate) struct Conn {
     pub(crate) expires_at: Option<Instant>,
     pub(crate) mode: Mode,
     pub(crate) receiver: SocketReceiver,
-    pub(crate) shutdown: watch::Receiver<bool>,
+    pub(crate) stopping: Waiter,
     pub(crate) ping_interval: Duration,
     pub(crate) idle_timeout: Duration,
 }
@@ -244,7 +236,7 @@ enum End {
 }
 
 impl Conn {
-    pub(crate) async fn run(mut self, ws: WebSocket) {
+    pub(crate) async fn run(mut self, ws: WsStream) {
         let end = self.serve(ws).await;
         self.tracked.ending(match end {
             End::ClientLeft => "client_left",
@@ -257,8 +249,7 @@ impl Conn {
         });
     }
 
-    async fn serve(&mut self, ws: WebSocket) -> End {
-        let (mut sink, mut stream) = ws.split();
+    async fn serve(&mut self, mut ws: WsStream) -> End {
         // Answers to the client's own publishes; created on its first message, since most
         // subscribers never publish and an idle connection should cost little.
         let mut acks: Option<(mpsc::UnboundedSender<Value>, mpsc::UnboundedReceiver<Value>)> = None;
@@ -283,12 +274,12 @@ impl Conn {
                 Expired,
                 Outbound(Option<(Outbound, Option<std::time::Instant>)>),
                 Ack(Value),
-                Incoming(Option<Result<Message, axum::Error>>),
+                Incoming(Option<Result<Message, tokio_tungstenite::tungstenite::Error>>),
                 Ping,
             }
             let wake = tokio::select! {
                 biased;
-                _ = self.shutdown.wait_for(|stopping| *stopping) => Wake::Shutdown,
+                () = self.stopping.stopped() => Wake::Shutdown,
                 () = expiry(&mut expired) => Wake::Expired,
                 outbound = self.receiver.recv_stamped() => Wake::Outbound(outbound),
                 Some(ack) = async {
@@ -297,27 +288,26 @@ impl Conn {
                         None => std::future::pending().await,
                     }
                 } => Wake::Ack(ack),
-                incoming = stream.next() => Wake::Incoming(incoming),
+                incoming = ws.next() => Wake::Incoming(incoming),
                 _ = ping.tick() => Wake::Ping,
             };
             match wake {
                 Wake::Shutdown => {
-                    return close_with(&mut sink, close::RESTART, "service restart").await;
+                    return close_with(&mut ws, close::RESTART, "service restart").await;
                 }
                 Wake::Expired => {
-                    return close_with(&mut sink, close::TOKEN_EXPIRED, "token expired").await;
+                    return close_with(&mut ws, close::TOKEN_EXPIRED, "token expired").await;
                 }
                 Wake::Outbound(None) => {
-                    return close_with(&mut sink, 1000, "the server ended the connection").await;
+                    return close_with(&mut ws, 1000, "the server ended the connection").await;
                 }
                 Wake::Outbound(Some((first, stamp))) => {
-                    if let Some(end) = self.write_batch(&mut sink, first, stamp).await {
+                    if let Some(end) = self.write_batch(&mut ws, first, stamp).await {
                         return end;
                     }
                 }
                 Wake::Ack(ack) => {
-                    let text = Utf8Bytes::from(ack.to_string());
-                    if sink.send(Message::Text(text)).await.is_err() {
+                    if ws.send(Message::text(ack.to_string())).await.is_err() {
                         return End::WriteFailed;
                     }
                 }
@@ -345,20 +335,17 @@ impl Conn {
                                 let _ = forward.send(Inbound::Binary(data));
                             }
                         },
-                        // tungstenite answers pings itself; a pong only proves liveness.
-                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                        // tungstenite answers pings itself; a pong only proves liveness; raw
+                        // frames are never yielded by a read.
+                        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
                     }
                 }
                 Wake::Ping => {
                     if last_heard.elapsed() > self.idle_timeout {
-                        return close_with(
-                            &mut sink,
-                            close::HEARTBEAT_TIMEOUT,
-                            "heartbeat timeout",
-                        )
-                        .await;
+                        return close_with(&mut ws, close::HEARTBEAT_TIMEOUT, "heartbeat timeout")
+                            .await;
                     }
-                    if sink.send(Message::Ping(Bytes::new())).await.is_err() {
+                    if ws.send(Message::Ping(Bytes::new())).await.is_err() {
                         return End::WriteFailed;
                     }
                 }
@@ -366,66 +353,62 @@ impl Conn {
         }
     }
 
-    /// Feeds `first` and everything else already queued, then flushes once; counts what
-    /// was written as delivered once the flush succeeded.
-    async fn write_batch<S>(
+    /// Writes `first` and everything else already queued (up to a bound) in one vectored
+    /// write: each message's frame header, made here, then its payload, the bytes the
+    /// channel encoded once and shares with every subscriber. Counts what was written as
+    /// delivered once the write completed.
+    async fn write_batch(
         &mut self,
-        sink: &mut S,
+        ws: &mut WsStream,
         first: Outbound,
         stamp: Option<std::time::Instant>,
-    ) -> Option<End>
-    where
-        S: futures::Sink<Message> + Unpin,
-    {
-        let mut next = Some((first, stamp));
-        let mut fed = 0usize;
-        let mut messages = 0u64;
-        let mut stamps = Vec::new();
-        while let Some((outbound, stamp)) = next.take() {
+    ) -> Option<End> {
+        // A control frame tungstenite still holds (an automatic pong) goes out first and
+        // whole: a frame written here must never land inside one of its frames.
+        if ws.flush().await.is_err() {
+            return Some(End::WriteFailed);
+        }
+        // A channel's frames are JSON from its own encoder; an object's text is checked,
+        // since a client must close a connection that sends it invalid UTF-8.
+        let check_text = matches!(self.mode, Mode::Object { .. });
+        let mut queued = vec![(first, stamp)];
+        self.receiver
+            .try_recv_many(&mut queued, Frames::MAX_FRAMES, Frames::MAX_BYTES);
+        let mut frames = Frames::with_capacity(queued.len());
+        let mut stamps = Vec::with_capacity(queued.len());
+        let mut close = None;
+        for (outbound, stamp) in queued {
             stamps.extend(stamp);
             match outbound {
                 Outbound::Text(bytes) => {
-                    messages += 1;
-                    fed += bytes.len();
-                    let Ok(text) = Utf8Bytes::try_from(bytes) else {
-                        continue;
-                    };
-                    if sink.feed(Message::Text(text)).await.is_err() {
-                        return Some(End::WriteFailed);
-                    }
-                }
-                Outbound::Binary(bytes) => {
-                    messages += 1;
-                    fed += bytes.len();
-                    if sink.feed(Message::Binary(bytes)).await.is_err() {
-                        return Some(End::WriteFailed);
-                    }
-                }
-                Outbound::Close { code, reason } => {
-                    let code = if code == 1008 {
-                        self.tracked.telemetry().slow_disconnect(Wire::Ws);
-                        close::SLOW_CONSUMER
+                    if check_text && std::str::from_utf8(&bytes).is_err() {
+                        tracing::warn!("dropped an object's text message that is not UTF-8");
                     } else {
-                        code
-                    };
-                    let end = close_with(sink, code, &reason).await;
-                    self.tracked
-                        .telemetry()
-                        .delivered(Wire::Ws, messages, stamps);
-                    return Some(end);
+                        frames.push(Opcode::Text, bytes);
+                    }
                 }
-            }
-            if fed < 256 * 1024 {
-                next = self.receiver.try_recv_stamped();
+                Outbound::Binary(bytes) => frames.push(Opcode::Binary, bytes),
+                Outbound::Close { code, reason } => {
+                    // Whatever was queued after a close is not written.
+                    close = Some((code, reason));
+                    break;
+                }
             }
         }
-        if sink.flush().await.is_err() {
+        if frames.write_to(ws.get_mut()).await.is_err() {
             return Some(End::WriteFailed);
         }
         self.tracked
             .telemetry()
-            .delivered(Wire::Ws, messages, stamps);
-        None
+            .delivered(Wire::Ws, frames.count() as u64, stamps);
+        let (code, reason) = close?;
+        let code = if code == 1008 {
+            self.tracked.telemetry().slow_disconnect(Wire::Ws);
+            close::SLOW_CONSUMER
+        } else {
+            code
+        };
+        Some(close_with(ws, code, &reason).await)
     }
 
     fn on_text(&mut self, text: &str, acks: &mpsc::UnboundedSender<Value>) {
@@ -565,15 +548,157 @@ impl Conn {
     }
 }
 
-async fn close_with<S>(sink: &mut S, code: u16, reason: &str) -> End
-where
-    S: futures::Sink<Message> + Unpin,
-{
+async fn close_with(ws: &mut WsStream, code: u16, reason: &str) -> End {
     let frame = CloseFrame {
-        code,
-        reason: Utf8Bytes::from(reason.to_string()),
+        code: CloseCode::from(code),
+        reason: reason.to_string().into(),
     };
-    let _ = sink.send(Message::Close(Some(frame))).await;
-    let _ = sink.close().await;
+    let _ = ws.send(Message::Close(Some(frame))).await;
+    let _ = ws.close(None).await;
     End::Closed(code)
+}
+
+/// A WebSocket data frame's opcode (RFC 6455, section 5.2).
+#[derive(Debug, Clone, Copy)]
+enum Opcode {
+    Text = 0x1,
+    Binary = 0x2,
+}
+
+/// Server-to-client data frames for one vectored write: a header per message (made here,
+/// unmasked, as a server's frames are) and the message's payload, shared, not copied.
+#[derive(Default)]
+struct Frames {
+    headers: Vec<([u8; 10], u8)>,
+    payloads: Vec<Bytes>,
+    bytes: usize,
+}
+
+impl Frames {
+    /// A batch stops growing here: one write of at most this many bytes or frames (each
+    /// frame is two slices, and a vectored write takes at most 1,024).
+    const MAX_BYTES: usize = 256 * 1024;
+    const MAX_FRAMES: usize = 256;
+
+    fn with_capacity(frames: usize) -> Self {
+        Self {
+            headers: Vec::with_capacity(frames),
+            payloads: Vec::with_capacity(frames),
+            bytes: 0,
+        }
+    }
+
+    fn push(&mut self, opcode: Opcode, payload: Bytes) {
+        self.headers.push(frame_header(opcode, payload.len()));
+        self.bytes += payload.len();
+        self.payloads.push(payload);
+    }
+
+    fn count(&self) -> usize {
+        self.payloads.len()
+    }
+
+    async fn write_to<W: AsyncWrite + Unpin>(&self, io: &mut W) -> std::io::Result<()> {
+        if self.payloads.is_empty() {
+            return Ok(());
+        }
+        let mut slices: Vec<std::io::IoSlice<'_>> = self
+            .headers
+            .iter()
+            .zip(&self.payloads)
+            .flat_map(|((header, len), payload)| {
+                [
+                    std::io::IoSlice::new(&header[..usize::from(*len)]),
+                    std::io::IoSlice::new(payload),
+                ]
+            })
+            .filter(|slice| !slice.is_empty())
+            .collect();
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            let written = io.write_vectored(rest).await?;
+            if written == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            std::io::IoSlice::advance_slices(&mut rest, written);
+        }
+        io.flush().await
+    }
+}
+
+/// The header of a final, unmasked data frame carrying `len` bytes, and its length.
+fn frame_header(opcode: Opcode, len: usize) -> ([u8; 10], u8) {
+    let mut header = [0u8; 10];
+    header[0] = 0x80 | opcode as u8;
+    let used = if len < 126 {
+        header[1] = len as u8;
+        2
+    } else if let Ok(len) = u16::try_from(len) {
+        header[1] = 126;
+        header[2..4].copy_from_slice(&len.to_be_bytes());
+        4
+    } else {
+        header[1] = 127;
+        header[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        10
+    };
+    (header, used)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
+
+    /// Every header length form parses back, with tungstenite's own reader, to the opcode
+    /// and length it was made for.
+    #[test]
+    fn frame_headers_parse_back() {
+        for (opcode, len) in [
+            (Opcode::Text, 0),
+            (Opcode::Text, 125),
+            (Opcode::Binary, 126),
+            (Opcode::Text, 65_535),
+            (Opcode::Binary, 65_536),
+            (Opcode::Text, 16 << 20),
+        ] {
+            let (header, used) = frame_header(opcode, len);
+            let mut cursor = std::io::Cursor::new(&header[..usize::from(used)]);
+            let (parsed, parsed_len) = FrameHeader::parse(&mut cursor).unwrap().unwrap();
+            assert!(parsed.is_final);
+            assert!(parsed.mask.is_none(), "a server's frames are unmasked");
+            assert_eq!(parsed_len, len as u64);
+            assert_eq!(cursor.position(), u64::from(used));
+            let expected = match opcode {
+                Opcode::Text => "TEXT",
+                Opcode::Binary => "BINARY",
+            };
+            assert_eq!(format!("{}", parsed.opcode), expected);
+        }
+    }
+
+    /// A batch larger than one write can take arrives whole and in order through a pipe
+    /// that accepts a few bytes at a time.
+    #[tokio::test]
+    async fn partial_writes_resume_where_they_stopped() {
+        let (mut client, mut server) = tokio::io::duplex(7);
+        let mut frames = Frames::default();
+        frames.push(Opcode::Text, Bytes::from_static(b"hello"));
+        frames.push(Opcode::Binary, Bytes::from(vec![9u8; 300]));
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(&mut client, &mut got)
+                .await
+                .unwrap();
+            got
+        });
+        frames.write_to(&mut server).await.unwrap();
+        drop(server);
+        let got = reader.await.unwrap();
+        let mut expected = vec![0x81, 5];
+        expected.extend_from_slice(b"hello");
+        expected.extend_from_slice(&[0x82, 126, 1, 44]);
+        expected.extend_from_slice(&[9u8; 300]);
+        assert_eq!(got, expected);
+    }
 }
