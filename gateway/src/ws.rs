@@ -258,10 +258,8 @@ impl Conn {
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut last_heard = Instant::now();
         // The expiry timer is made once (re-armed when the client sends a fresh credential),
-        // not per turn of the loop, and boxed only when there is an expiry. The shutdown
-        // signal, unlike SSE's (`sse::stopping`), is awaited anew each turn: held for the
-        // connection's life it would cost every idle WebSocket ~200 bytes, for ~1.5 % of
-        // CPU under heavy fan-out.
+        // not per turn of the loop, and boxed only when there is an expiry; the stop signal
+        // is registered once (`stopping::Waiter`).
         let mut armed_for = self.expires_at;
         let mut expired = deadline(armed_for);
         loop {
@@ -272,16 +270,21 @@ impl Conn {
             enum Wake {
                 Shutdown,
                 Expired,
-                Outbound(Option<(Outbound, Option<std::time::Instant>)>),
+                /// False when the object let go of the socket.
+                Outbound(bool),
                 Ack(Value),
                 Incoming(Option<Result<Message, tokio_tungstenite::tungstenite::Error>>),
                 Ping,
             }
+            // Filled by `recv_many`; allocates only when something arrives.
+            let mut queued = Vec::new();
             let wake = tokio::select! {
                 biased;
                 () = self.stopping.stopped() => Wake::Shutdown,
                 () = expiry(&mut expired) => Wake::Expired,
-                outbound = self.receiver.recv_stamped() => Wake::Outbound(outbound),
+                more = self.receiver.recv_many(&mut queued, Frames::MAX_FRAMES, Frames::MAX_BYTES) => {
+                    Wake::Outbound(more)
+                }
                 Some(ack) = async {
                     match acks.as_mut() {
                         Some((_, rx)) => rx.recv().await,
@@ -298,11 +301,11 @@ impl Conn {
                 Wake::Expired => {
                     return close_with(&mut ws, close::TOKEN_EXPIRED, "token expired").await;
                 }
-                Wake::Outbound(None) => {
+                Wake::Outbound(false) => {
                     return close_with(&mut ws, 1000, "the server ended the connection").await;
                 }
-                Wake::Outbound(Some((first, stamp))) => {
-                    if let Some(end) = self.write_batch(&mut ws, first, stamp).await {
+                Wake::Outbound(true) => {
+                    if let Some(end) = self.write_batch(&mut ws, queued).await {
                         return end;
                     }
                 }
@@ -353,15 +356,14 @@ impl Conn {
         }
     }
 
-    /// Writes `first` and everything else already queued (up to a bound) in one vectored
-    /// write: each message's frame header, made here, then its payload, the bytes the
-    /// channel encoded once and shares with every subscriber. Counts what was written as
-    /// delivered once the write completed.
+    /// Writes what the socket had queued (up to a bound) in one vectored write: each
+    /// message's frame header, made here, then its payload, the bytes the channel encoded
+    /// once and shares with every subscriber. Counts what was written as delivered once
+    /// the write completed.
     async fn write_batch(
         &mut self,
         ws: &mut WsStream,
-        first: Outbound,
-        stamp: Option<std::time::Instant>,
+        queued: Vec<(Outbound, Option<std::time::Instant>)>,
     ) -> Option<End> {
         // A control frame tungstenite still holds (an automatic pong) goes out first and
         // whole: a frame written here must never land inside one of its frames.
@@ -371,9 +373,6 @@ impl Conn {
         // A channel's frames are JSON from its own encoder; an object's text is checked,
         // since a client must close a connection that sends it invalid UTF-8.
         let check_text = matches!(self.mode, Mode::Object { .. });
-        let mut queued = vec![(first, stamp)];
-        self.receiver
-            .try_recv_many(&mut queued, Frames::MAX_FRAMES, Frames::MAX_BYTES);
         let mut frames = Frames::with_capacity(queued.len());
         let mut stamps = Vec::with_capacity(queued.len());
         let mut close = None;

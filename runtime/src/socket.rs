@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::Poll;
+use std::task::{Poll, Waker};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -170,6 +170,31 @@ impl Inner {
         Some((message, stamp))
     }
 
+    /// Moves queued messages into `into` under one lock; see
+    /// [`SocketReceiver::try_recv_many`].
+    fn take_many(
+        &self,
+        into: &mut Vec<(Outbound, Option<Instant>)>,
+        max_messages: usize,
+        max_bytes: usize,
+    ) -> usize {
+        let mut moved = 0;
+        let mut bytes = 0;
+        {
+            let mut queue = self.lock_queue();
+            while into.len() < max_messages && bytes < max_bytes {
+                let Some(item) = queue.pop_front() else { break };
+                bytes += item.0.cost();
+                into.push(item);
+                moved += 1;
+            }
+        }
+        if bytes > 0 {
+            self.queued.fetch_sub(bytes, Ordering::AcqRel);
+        }
+        moved
+    }
+
     /// Queues a message unless the receiver is gone.
     ///
     /// Only a push into an empty queue wakes the receiver: a receiver waits only after it
@@ -193,9 +218,11 @@ impl Inner {
 }
 
 thread_local! {
-    /// Receivers to wake when the innermost [`WakeBatch`] on this thread ends; `None` when
-    /// no batch is open.
-    static DEFERRED_WAKES: RefCell<Option<Vec<Arc<Inner>>>> = const { RefCell::new(None) };
+    /// Wakers of receivers to wake when the outermost [`WakeBatch`] on this thread ends;
+    /// `None` when no batch is open. The waker is taken out of the receiver's slot at once
+    /// (no reference to the socket is held): a receiver that looks at its queue before the
+    /// batch ends finds the message, and the wake it then gets is a spare one.
+    static DEFERRED_WAKES: RefCell<Option<Vec<Waker>>> = const { RefCell::new(None) };
 }
 
 /// Holds back the wake-ups of sockets fed on this thread until it is dropped.
@@ -224,11 +251,15 @@ impl WakeBatch {
         Self { outermost }
     }
 
-    /// Records `inner` for a wake at the end of the open batch; false when none is open.
-    fn defer(inner: &Arc<Inner>) -> bool {
+    /// Takes `inner`'s waker for a wake at the end of the open batch; false when none is
+    /// open.
+    fn defer(inner: &Inner) -> bool {
         DEFERRED_WAKES.with(|d| match d.borrow_mut().as_mut() {
             Some(pending) => {
-                pending.push(Arc::clone(inner));
+                // None: the receiver is not waiting, and looks at its queue before it does.
+                if let Some(waker) = inner.waker.take() {
+                    pending.push(waker);
+                }
                 true
             }
             None => false,
@@ -244,8 +275,8 @@ impl Drop for WakeBatch {
         let pending = DEFERRED_WAKES
             .with(|d| d.borrow_mut().take())
             .unwrap_or_default();
-        for inner in pending {
-            inner.waker.wake();
+        for waker in pending {
+            waker.wake();
         }
     }
 }
@@ -446,19 +477,39 @@ impl SocketReceiver {
         max_messages: usize,
         max_bytes: usize,
     ) -> usize {
-        let mut moved = 0;
-        let mut bytes = 0;
-        {
-            let mut queue = self.inner.lock_queue();
-            while into.len() < max_messages && bytes < max_bytes {
-                let Some(item) = queue.pop_front() else { break };
-                bytes += item.0.cost();
-                into.push(item);
-                moved += 1;
+        self.inner.take_many(into, max_messages, max_bytes)
+    }
+
+    /// Waits for at least one message, then moves it and whatever else is queued, within
+    /// the bounds of [`SocketReceiver::try_recv_many`], into `into`. False once every
+    /// [`Socket`] clone is gone and nothing is left.
+    pub async fn recv_many(
+        &mut self,
+        into: &mut Vec<(Outbound, Option<Instant>)>,
+        max_messages: usize,
+        max_bytes: usize,
+    ) -> bool {
+        let inner = &self.inner;
+        std::future::poll_fn(|cx| {
+            let ready = |into: &mut Vec<_>| {
+                if inner.take_many(into, max_messages, max_bytes) > 0 {
+                    return Some(true);
+                }
+                // No sender left: a push may have raced the last drop, so look again.
+                (inner.senders.load(Ordering::Acquire) == 0)
+                    .then(|| inner.take_many(into, max_messages, max_bytes) > 0)
+            };
+            if let Some(outcome) = ready(into) {
+                return Poll::Ready(outcome);
             }
-        }
-        self.inner.queued.fetch_sub(bytes, Ordering::AcqRel);
-        moved
+            // Register, then look again, as in `recv_stamped`.
+            inner.waker.register(cx.waker());
+            match ready(into) {
+                Some(outcome) => Poll::Ready(outcome),
+                None => Poll::Pending,
+            }
+        })
+        .await
     }
 
     /// True if the object cut this connection off as a slow consumer.
