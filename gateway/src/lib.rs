@@ -17,6 +17,7 @@
 //! - `sse`: the Server-Sent Events connection task.
 //! - `stopping`: the shutdown signal, as every long-lived connection waits for it.
 //! - `ws`: the WebSocket connection task.
+//! - `direct`: WebSocket frames, written by the thread that released them when it can.
 //! - `upgrade`: WebSocket handshakes, answered here so `ws` can write to the stream itself.
 //! - `objects`: user-defined objects mounted under `/v1/objects/{namespace}/{name}/...`.
 //! - `telemetry`: the server's figures: Prometheus text at `/metrics`, connection
@@ -32,6 +33,7 @@ mod channels;
 mod config;
 mod cursor;
 mod detach;
+mod direct;
 mod error;
 mod health;
 mod limits;

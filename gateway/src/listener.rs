@@ -236,8 +236,12 @@ fn is_connection_error(e: &io::Error) -> bool {
 }
 
 /// A connection's IO: a TCP stream with a kill switch and a lingering close.
+///
+/// The stream is shared (`Arc`) so that a WebSocket's fan-out can write to the same socket
+/// from the thread that released the messages (`direct.rs`); all IO here goes through
+/// readiness plus `try_*` calls, which work on a shared stream.
 pub(crate) struct GuardedStream {
-    inner: TcpStream,
+    inner: Arc<TcpStream>,
     kill: KillSwitch,
     /// Polled only when the IO would block, so the hot path is one atomic load.
     killed: Pin<Box<WaitForCancellationFutureOwned>>,
@@ -276,7 +280,7 @@ impl GuardedStream {
     ) -> Self {
         Self {
             telemetry,
-            inner,
+            inner: Arc::new(inner),
             killed: Box::pin(kill.token.clone().cancelled_owned()),
             kill_waker: None,
             kill,
@@ -353,6 +357,55 @@ impl GuardedStream {
     }
 }
 
+/// The stream, shared with whoever writes to it directly (see the type's doc).
+impl GuardedStream {
+    pub(crate) fn shared(&self) -> Arc<TcpStream> {
+        Arc::clone(&self.inner)
+    }
+}
+
+/// Most bytes one read asks for: a read into a buffer's uninitialised room zeroes it
+/// first, so a very large buffer is not zeroed whole for every read.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Reads into `buf` once the socket is readable (tokio's `poll_read` does the same on an
+/// owned stream).
+fn read_into(
+    stream: &TcpStream,
+    cx: &mut Context<'_>,
+    buf: &mut ReadBuf<'_>,
+) -> Poll<io::Result<()>> {
+    loop {
+        ready!(stream.poll_read_ready(cx))?;
+        let room = buf.remaining().min(READ_CHUNK);
+        match stream.try_read(buf.initialize_unfilled_to(room)) {
+            Ok(n) => {
+                buf.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            // Readiness was stale; it is cleared, so the next poll waits for real.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Poll::Ready(Err(e)),
+        }
+    }
+}
+
+/// Writes with `write` once the socket is writable.
+fn write_with(
+    stream: &TcpStream,
+    cx: &mut Context<'_>,
+    mut write: impl FnMut(&TcpStream) -> io::Result<usize>,
+) -> Poll<io::Result<usize>> {
+    loop {
+        ready!(stream.poll_write_ready(cx))?;
+        match write(stream) {
+            Ok(n) => return Poll::Ready(Ok(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Poll::Ready(Err(e)),
+        }
+    }
+}
+
 fn killed_error() -> io::Error {
     io::Error::new(io::ErrorKind::ConnectionAborted, "server shutting down")
 }
@@ -367,7 +420,7 @@ impl AsyncRead for GuardedStream {
             return Poll::Ready(Err(killed_error()));
         }
         let before = buf.filled().len();
-        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let poll = read_into(&self.inner, cx, buf);
         if poll.is_pending() && self.poll_killed(cx) {
             return Poll::Ready(Err(killed_error()));
         }
@@ -387,7 +440,7 @@ impl AsyncWrite for GuardedStream {
         if self.is_killed() {
             return Poll::Ready(Err(killed_error()));
         }
-        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        let poll = write_with(&self.inner, cx, |s| s.try_write(buf));
         if let Poll::Ready(Ok(n)) = poll {
             self.telemetry.sent(n);
         }
@@ -402,7 +455,7 @@ impl AsyncWrite for GuardedStream {
         if self.is_killed() {
             return Poll::Ready(Err(killed_error()));
         }
-        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        let poll = write_with(&self.inner, cx, |s| s.try_write_vectored(bufs));
         if let Poll::Ready(Ok(n)) = poll {
             self.telemetry.sent(n);
         }
@@ -410,14 +463,15 @@ impl AsyncWrite for GuardedStream {
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        true
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if self.is_killed() {
             return Poll::Ready(Err(killed_error()));
         }
-        let poll = Pin::new(&mut self.inner).poll_flush(cx);
+        // Nothing is buffered here: a TCP stream's flush has nothing to do.
+        let poll = Poll::Ready(Ok(()));
         self.watch_write(cx, poll)
     }
 
@@ -427,7 +481,7 @@ impl AsyncWrite for GuardedStream {
         }
         let this = &mut *self;
         if this.linger.is_none() {
-            ready!(Pin::new(&mut this.inner).poll_shutdown(cx))?;
+            socket2::SockRef::from(&*this.inner).shutdown(std::net::Shutdown::Write)?;
             this.linger = Some(Box::pin(tokio::time::sleep(LINGER)));
         }
         let mut scratch = [0u8; 8192];
@@ -441,7 +495,7 @@ impl AsyncWrite for GuardedStream {
                 return Poll::Ready(Ok(()));
             }
             let mut buf = ReadBuf::new(&mut scratch);
-            match Pin::new(&mut this.inner).poll_read(cx, &mut buf) {
+            match read_into(&this.inner, cx, &mut buf) {
                 Poll::Ready(Ok(())) if buf.filled().is_empty() => return Poll::Ready(Ok(())),
                 Poll::Ready(Ok(())) => {
                     this.drained += buf.filled().len();

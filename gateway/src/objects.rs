@@ -154,15 +154,18 @@ async fn connect(
     };
     let max_message = settings.limits.max_message_size.0 as usize + 64 * 1024;
     let tasks = state.tasks.clone();
-    Ok(upgrade.accept(max_message, move |ws| {
-        tasks.track_future(async move {
-            let forwarding = tokio::spawn(forwarder);
-            // Dropping the connection drops `forward`, which ends the forwarder after it
-            // delivered everything, then the close.
-            conn.run(ws).await;
-            let _ = forwarding.await;
-        })
-    }))
+    let telemetry = state.telemetry.clone();
+    Ok(
+        upgrade.accept(max_message, telemetry, true, move |ws, direct| {
+            tasks.track_future(async move {
+                let forwarding = tokio::spawn(forwarder);
+                // Dropping the connection drops `forward`, which ends the forwarder after it
+                // delivered everything, then the close.
+                conn.run(ws, direct).await;
+                let _ = forwarding.await;
+            })
+        }),
+    )
 }
 
 /// Namespace names appear in URLs and storage keys: keep them short and plain.

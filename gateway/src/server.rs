@@ -34,6 +34,7 @@ use crate::limits::{self, Limits, PeerAddr};
 use crate::listener::{Connections, GuardedListener, KillSwitch};
 use crate::stopping::Stopping;
 use crate::telemetry::{self, Telemetry, Wire};
+use crate::upgrade::SharedStream;
 use crate::{ApiError, Settings, admin, channels, detach, health, objects, publish, sse, ws};
 
 /// Everything a request handler may need; cloned per request (all fields are handles).
@@ -264,8 +265,11 @@ impl Dormouse {
                     }
                 }
                 let peer = ConnectInfo(PeerAddr(peer));
+                // For a WebSocket upgraded on this connection to write to it directly.
+                let shared = SharedStream(io.shared());
                 let service = router.map_request(move |mut request: http::Request<Incoming>| {
                     request.extensions_mut().insert(peer);
+                    request.extensions_mut().insert(shared.clone());
                     request.map(Body::new)
                 });
                 let connection = http.serve_connection_with_upgrades(

@@ -10,6 +10,7 @@
 //! stream is wrapped in tokio-tungstenite directly, with the same small buffers.
 
 use std::future::Future;
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::FromRequestParts;
@@ -21,12 +22,22 @@ use http::request::Parts;
 use http::{StatusCode, Version};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
-/// An accepted WebSocket, with the raw stream reachable through `get_mut`.
-pub(crate) type WsStream = WebSocketStream<TokioIo<Upgraded>>;
+use crate::direct::{Direct, Ordered};
+use crate::telemetry::Telemetry;
+
+/// An accepted WebSocket. Its IO is [`Ordered`], so that data frames written around
+/// tungstenite (`direct.rs`) never interleave with the frames tungstenite writes.
+pub(crate) type WsStream = WebSocketStream<Ordered<TokioIo<Upgraded>>>;
+
+/// The TCP stream a request arrived on, put into each request by the server, so that an
+/// HTTP/1.1 WebSocket can write to its socket directly (`direct.rs`).
+#[derive(Debug, Clone)]
+pub(crate) struct SharedStream(pub(crate) Arc<TcpStream>);
 
 /// A valid WebSocket handshake, not yet answered.
 pub(crate) struct Handshake {
@@ -34,6 +45,10 @@ pub(crate) struct Handshake {
     /// `Sec-WebSocket-Accept` for an HTTP/1.1 handshake; HTTP/2 (RFC 8441) has none and is
     /// answered with a plain 200.
     accept: Option<HeaderValue>,
+    /// The connection's own TCP stream, for an HTTP/1.1 upgrade on our listener: after the
+    /// upgrade nothing but this WebSocket uses it. (On HTTP/2 the stream carries other
+    /// requests' frames too: never written to directly.)
+    stream: Option<Arc<TcpStream>>,
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Handshake {
@@ -47,27 +62,44 @@ impl<S: Send + Sync> FromRequestParts<S> for Handshake {
         // The extractor refuses a request without upgrade state, so this holds whenever
         // it passed; answered the same way if it ever does not.
         let on_upgrade = on_upgrade.ok_or_else(ConnectionNotUpgradable::default)?;
-        let accept = if parts.version <= Version::HTTP_11 {
-            parts
+        let (accept, stream) = if parts.version <= Version::HTTP_11 {
+            let accept = parts
                 .headers
                 .get(header::SEC_WEBSOCKET_KEY)
                 .map(|key| derive_accept_key(key.as_bytes()))
-                .and_then(|accept| HeaderValue::from_str(&accept).ok())
+                .and_then(|accept| HeaderValue::from_str(&accept).ok());
+            let stream = parts
+                .extensions
+                .get::<SharedStream>()
+                .map(|shared| Arc::clone(&shared.0));
+            (accept, stream)
         } else {
-            None
+            (None, None)
         };
-        Ok(Self { on_upgrade, accept })
+        Ok(Self {
+            on_upgrade,
+            accept,
+            stream,
+        })
     }
 }
 
 impl Handshake {
     /// Answers the handshake and, once the client has the answer, runs `serve` on the
-    /// connection in its own task. Buffers: `read_buffer` is allocated for every
+    /// connection in its own task, with the connection's [`Direct`] (enabled when the
+    /// socket can be shared). Buffers: a 1 KiB read buffer is allocated for every
     /// connection (it grows only while a larger frame is read); `max_message` bounds what
-    /// a client may send in one message.
-    pub(crate) fn accept<F, Fut>(self, max_message: usize, serve: F) -> Response
+    /// a client may send in one message. `check_text`: whether the text the connection
+    /// sends must be checked for UTF-8 (an object's; a channel's is its own JSON).
+    pub(crate) fn accept<F, Fut>(
+        self,
+        max_message: usize,
+        telemetry: Arc<Telemetry>,
+        check_text: bool,
+        serve: F,
+    ) -> Response
     where
-        F: FnOnce(WsStream) -> Fut + Send + 'static,
+        F: FnOnce(WsStream, Arc<Direct>) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let config = WebSocketConfig::default()
@@ -76,6 +108,7 @@ impl Handshake {
             .max_message_size(Some(max_message))
             .max_frame_size(Some(max_message));
         let on_upgrade = self.on_upgrade;
+        let stream = self.stream;
         tokio::spawn(async move {
             let upgraded = match on_upgrade.await {
                 Ok(upgraded) => upgraded,
@@ -84,13 +117,10 @@ impl Handshake {
                     return;
                 }
             };
-            let ws = WebSocketStream::from_raw_socket(
-                TokioIo::new(upgraded),
-                Role::Server,
-                Some(config),
-            )
-            .await;
-            serve(ws).await;
+            let direct = Direct::new(stream, telemetry, check_text);
+            let io = Ordered::new(TokioIo::new(upgraded), Arc::clone(&direct));
+            let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+            serve(ws, direct).await;
         });
         let mut response = Response::new(Body::empty());
         if let Some(accept) = self.accept {

@@ -24,11 +24,10 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
 use dormouse_actors::Channel;
 use dormouse_actors::channel::{ChannelRequest, ChannelResponse, NewMessage};
-use dormouse_runtime::{Inbound, Namespace, Outbound, SocketReceiver, Transport};
+use dormouse_runtime::{Inbound, Namespace, SocketReceiver, Transport};
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::Message;
@@ -37,6 +36,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::auth::{Auth, Need, Principal};
 use crate::channels::{self, ChannelName, check_message};
+use crate::direct::{Direct, Frames};
 use crate::limits::{ClientIp, Limits};
 use crate::sse::{deadline, expiry};
 use crate::stopping::Waiter;
@@ -98,7 +98,12 @@ pub(crate) async fn subscribe(
         idle_timeout: settings.websocket.idle_timeout,
     };
     let tasks = state.tasks.clone();
-    Ok(upgrade.accept(max_message, move |ws| tasks.track_future(conn.run(ws))))
+    let telemetry = state.telemetry.clone();
+    Ok(
+        upgrade.accept(max_message, telemetry, false, move |ws, direct| {
+            tasks.track_future(conn.run(ws, direct))
+        }),
+    )
 }
 
 /// One WebSocket connection's task state.
@@ -236,8 +241,14 @@ enum End {
 }
 
 impl Conn {
-    pub(crate) async fn run(mut self, ws: WsStream) {
-        let end = self.serve(ws).await;
+    pub(crate) async fn run(mut self, ws: WsStream, direct: Arc<Direct>) {
+        let direct_writes = direct.enabled();
+        if direct_writes {
+            self.receiver.set_direct(direct.clone());
+        }
+        let end = self.serve(ws, &direct, direct_writes).await;
+        // Lets go of the shared socket, so it closes with the connection.
+        direct.detach();
         self.tracked.ending(match end {
             End::ClientLeft => "client_left",
             End::WriteFailed => "write_failed",
@@ -249,7 +260,7 @@ impl Conn {
         });
     }
 
-    async fn serve(&mut self, mut ws: WsStream) -> End {
+    async fn serve(&mut self, mut ws: WsStream, direct: &Direct, direct_writes: bool) -> End {
         // Answers to the client's own publishes; created on its first message, since most
         // subscribers never publish and an idle connection should cost little.
         let mut acks: Option<(mpsc::UnboundedSender<Value>, mpsc::UnboundedReceiver<Value>)> = None;
@@ -276,15 +287,11 @@ impl Conn {
                 Incoming(Option<Result<Message, tokio_tungstenite::tungstenite::Error>>),
                 Ping,
             }
-            // Filled by `recv_many`; allocates only when something arrives.
-            let mut queued = Vec::new();
             let wake = tokio::select! {
                 biased;
                 () = self.stopping.stopped() => Wake::Shutdown,
                 () = expiry(&mut expired) => Wake::Expired,
-                more = self.receiver.recv_many(&mut queued, Frames::MAX_FRAMES, Frames::MAX_BYTES) => {
-                    Wake::Outbound(more)
-                }
+                more = self.receiver.ready() => Wake::Outbound(more),
                 Some(ack) = async {
                     match acks.as_mut() {
                         Some((_, rx)) => rx.recv().await,
@@ -305,7 +312,12 @@ impl Conn {
                     return close_with(&mut ws, 1000, "the server ended the connection").await;
                 }
                 Wake::Outbound(true) => {
-                    if let Some(end) = self.write_batch(&mut ws, queued).await {
+                    let end = if direct_writes {
+                        self.write_direct(&mut ws, direct).await
+                    } else {
+                        self.write_batch(&mut ws).await
+                    };
+                    if let Some(end) = end {
                         return end;
                     }
                 }
@@ -356,50 +368,51 @@ impl Conn {
         }
     }
 
-    /// Writes what the socket had queued (up to a bound) in one vectored write: each
+    /// Writes what the socket has queued (up to a bound) in one vectored write: each
     /// message's frame header, made here, then its payload, the bytes the channel encoded
-    /// once and shares with every subscriber. Counts what was written as delivered once
-    /// the write completed.
-    async fn write_batch(
-        &mut self,
-        ws: &mut WsStream,
-        queued: Vec<(Outbound, Option<std::time::Instant>)>,
-    ) -> Option<End> {
+    /// once and shares with every subscriber. For a connection whose socket is not shared
+    /// (see `write_direct`). Counts what was written as delivered once the write completed.
+    async fn write_batch(&mut self, ws: &mut WsStream) -> Option<End> {
         // A control frame tungstenite still holds (an automatic pong) goes out first and
         // whole: a frame written here must never land inside one of its frames.
         if ws.flush().await.is_err() {
             return Some(End::WriteFailed);
         }
-        // A channel's frames are JSON from its own encoder; an object's text is checked,
-        // since a client must close a connection that sends it invalid UTF-8.
+        let mut taken = Vec::new();
+        self.receiver
+            .try_recv_many(&mut taken, Frames::MAX_FRAMES, Frames::MAX_BYTES);
         let check_text = matches!(self.mode, Mode::Object { .. });
-        let mut frames = Frames::with_capacity(queued.len());
-        let mut stamps = Vec::with_capacity(queued.len());
-        let mut close = None;
-        for (outbound, stamp) in queued {
-            stamps.extend(stamp);
-            match outbound {
-                Outbound::Text(bytes) => {
-                    if check_text && std::str::from_utf8(&bytes).is_err() {
-                        tracing::warn!("dropped an object's text message that is not UTF-8");
-                    } else {
-                        frames.push(Opcode::Text, bytes);
-                    }
-                }
-                Outbound::Binary(bytes) => frames.push(Opcode::Binary, bytes),
-                Outbound::Close { code, reason } => {
-                    // Whatever was queued after a close is not written.
-                    close = Some((code, reason));
-                    break;
-                }
-            }
-        }
+        let (frames, written) = Frames::gather(taken, check_text);
         if frames.write_to(ws.get_mut()).await.is_err() {
             return Some(End::WriteFailed);
         }
         self.tracked
             .telemetry()
-            .delivered(Wire::Ws, frames.count() as u64, stamps);
+            .delivered(Wire::Ws, written.messages, written.stamps);
+        self.close_after(ws, written.close).await
+    }
+
+    /// Writes what the socket has queued, as the releasing thread does (`direct.rs`):
+    /// taken and written without blocking under the connection's lock; what the socket
+    /// does not take now is flushed here, with the listener's write timeout.
+    async fn write_direct(&mut self, ws: &mut WsStream, direct: &Direct) -> Option<End> {
+        let written = direct.write_queued(&mut self.receiver);
+        self.tracked
+            .telemetry()
+            .delivered(Wire::Ws, written.messages, written.stamps);
+        // Also sends any control frame tungstenite holds, after the pending bytes.
+        if written.failed || ws.flush().await.is_err() {
+            return Some(End::WriteFailed);
+        }
+        self.close_after(ws, written.close).await
+    }
+
+    /// Sends a close the object queued, if any.
+    async fn close_after(
+        &mut self,
+        ws: &mut WsStream,
+        close: Option<(u16, String)>,
+    ) -> Option<End> {
         let (code, reason) = close?;
         let code = if code == 1008 {
             self.tracked.telemetry().slow_disconnect(Wire::Ws);
@@ -555,149 +568,4 @@ async fn close_with(ws: &mut WsStream, code: u16, reason: &str) -> End {
     let _ = ws.send(Message::Close(Some(frame))).await;
     let _ = ws.close(None).await;
     End::Closed(code)
-}
-
-/// A WebSocket data frame's opcode (RFC 6455, section 5.2).
-#[derive(Debug, Clone, Copy)]
-enum Opcode {
-    Text = 0x1,
-    Binary = 0x2,
-}
-
-/// Server-to-client data frames for one vectored write: a header per message (made here,
-/// unmasked, as a server's frames are) and the message's payload, shared, not copied.
-#[derive(Default)]
-struct Frames {
-    headers: Vec<([u8; 10], u8)>,
-    payloads: Vec<Bytes>,
-    bytes: usize,
-}
-
-impl Frames {
-    /// A batch stops growing here: one write of at most this many bytes or frames (each
-    /// frame is two slices, and a vectored write takes at most 1,024).
-    const MAX_BYTES: usize = 256 * 1024;
-    const MAX_FRAMES: usize = 256;
-
-    fn with_capacity(frames: usize) -> Self {
-        Self {
-            headers: Vec::with_capacity(frames),
-            payloads: Vec::with_capacity(frames),
-            bytes: 0,
-        }
-    }
-
-    fn push(&mut self, opcode: Opcode, payload: Bytes) {
-        self.headers.push(frame_header(opcode, payload.len()));
-        self.bytes += payload.len();
-        self.payloads.push(payload);
-    }
-
-    fn count(&self) -> usize {
-        self.payloads.len()
-    }
-
-    async fn write_to<W: AsyncWrite + Unpin>(&self, io: &mut W) -> std::io::Result<()> {
-        if self.payloads.is_empty() {
-            return Ok(());
-        }
-        let mut slices: Vec<std::io::IoSlice<'_>> = self
-            .headers
-            .iter()
-            .zip(&self.payloads)
-            .flat_map(|((header, len), payload)| {
-                [
-                    std::io::IoSlice::new(&header[..usize::from(*len)]),
-                    std::io::IoSlice::new(payload),
-                ]
-            })
-            .filter(|slice| !slice.is_empty())
-            .collect();
-        let mut rest = &mut slices[..];
-        while !rest.is_empty() {
-            let written = io.write_vectored(rest).await?;
-            if written == 0 {
-                return Err(std::io::ErrorKind::WriteZero.into());
-            }
-            std::io::IoSlice::advance_slices(&mut rest, written);
-        }
-        io.flush().await
-    }
-}
-
-/// The header of a final, unmasked data frame carrying `len` bytes, and its length.
-fn frame_header(opcode: Opcode, len: usize) -> ([u8; 10], u8) {
-    let mut header = [0u8; 10];
-    header[0] = 0x80 | opcode as u8;
-    let used = if len < 126 {
-        header[1] = len as u8;
-        2
-    } else if let Ok(len) = u16::try_from(len) {
-        header[1] = 126;
-        header[2..4].copy_from_slice(&len.to_be_bytes());
-        4
-    } else {
-        header[1] = 127;
-        header[2..10].copy_from_slice(&(len as u64).to_be_bytes());
-        10
-    };
-    (header, used)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
-
-    /// Every header length form parses back, with tungstenite's own reader, to the opcode
-    /// and length it was made for.
-    #[test]
-    fn frame_headers_parse_back() {
-        for (opcode, len) in [
-            (Opcode::Text, 0),
-            (Opcode::Text, 125),
-            (Opcode::Binary, 126),
-            (Opcode::Text, 65_535),
-            (Opcode::Binary, 65_536),
-            (Opcode::Text, 16 << 20),
-        ] {
-            let (header, used) = frame_header(opcode, len);
-            let mut cursor = std::io::Cursor::new(&header[..usize::from(used)]);
-            let (parsed, parsed_len) = FrameHeader::parse(&mut cursor).unwrap().unwrap();
-            assert!(parsed.is_final);
-            assert!(parsed.mask.is_none(), "a server's frames are unmasked");
-            assert_eq!(parsed_len, len as u64);
-            assert_eq!(cursor.position(), u64::from(used));
-            let expected = match opcode {
-                Opcode::Text => "TEXT",
-                Opcode::Binary => "BINARY",
-            };
-            assert_eq!(format!("{}", parsed.opcode), expected);
-        }
-    }
-
-    /// A batch larger than one write can take arrives whole and in order through a pipe
-    /// that accepts a few bytes at a time.
-    #[tokio::test]
-    async fn partial_writes_resume_where_they_stopped() {
-        let (mut client, mut server) = tokio::io::duplex(7);
-        let mut frames = Frames::default();
-        frames.push(Opcode::Text, Bytes::from_static(b"hello"));
-        frames.push(Opcode::Binary, Bytes::from(vec![9u8; 300]));
-        let reader = tokio::spawn(async move {
-            let mut got = Vec::new();
-            tokio::io::AsyncReadExt::read_to_end(&mut client, &mut got)
-                .await
-                .unwrap();
-            got
-        });
-        frames.write_to(&mut server).await.unwrap();
-        drop(server);
-        let got = reader.await.unwrap();
-        let mut expected = vec![0x81, 5];
-        expected.extend_from_slice(b"hello");
-        expected.extend_from_slice(&[0x82, 126, 1, 44]);
-        expected.extend_from_slice(&[9u8; 300]);
-        assert_eq!(got, expected);
-    }
 }

@@ -51,3 +51,119 @@ async fn an_sse_client_that_stops_reading_is_disconnected_after_the_write_timeou
     assert!(!id.is_empty());
     server.stop().await;
 }
+
+/// A WebSocket subscriber that stops reading: the frames the server writes for it from the
+/// publishing side fill its socket, the rest waits in the connection, and the connection is
+/// closed once its writes have made no progress for the write timeout.
+#[tokio::test]
+async fn a_websocket_client_that_stops_reading_is_disconnected_after_the_write_timeout() {
+    let server = TestServer::start_with(|s| {
+        s.limits.write_timeout = Duration::from_millis(300);
+        s.limits.subscriber_queue = ByteSize::mib(256);
+    })
+    .await;
+    let mut ws = support::WsClient::try_connect_with(
+        &server,
+        "/v1/channels/stall-ws/ws",
+        &[],
+        Some(support::large_ws_config()),
+    )
+    .await
+    .unwrap();
+    let chunk = "x".repeat(512 * 1024);
+    for _ in 0..40 {
+        server.publish("stall-ws", chunk.clone()).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut messages = 0;
+    let ended = tokio::time::timeout(PATIENCE, async {
+        while let Some(Ok(message)) = ws.ws.next().await {
+            if message.is_text() {
+                messages += 1;
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the connection was never closed");
+    assert!(
+        messages < 40,
+        "received all {messages} messages: the stalled client was not cut off"
+    );
+    let id = server.publish("stall-ws", "after").await;
+    assert!(!id.is_empty());
+    server.stop().await;
+}
+
+/// A WebSocket subscriber that falls behind for a while (its socket fills up) and then
+/// reads gets every message whole and in order, with answers to its own publishes in
+/// between: frames never interleave, whoever writes them.
+#[tokio::test]
+async fn a_late_websocket_reader_gets_every_frame_whole_and_in_order() {
+    let server = TestServer::start_with(|s| {
+        s.limits.subscriber_queue = ByteSize::mib(256);
+    })
+    .await;
+    let mut ws = support::WsClient::try_connect_with(
+        &server,
+        "/v1/channels/late/ws",
+        &[],
+        Some(support::large_ws_config()),
+    )
+    .await
+    .unwrap();
+    // Enough to fill the socket's buffers many times over: most of it is written while
+    // the client is not reading.
+    let total = 60;
+    let publisher = {
+        let client = server.client.clone();
+        let url = server.url("/v1/channels/late/messages");
+        tokio::spawn(async move {
+            for n in 0..total {
+                let body = format!("{n:04}:{}", "y".repeat(256 * 1024 + n * 997));
+                let res = client.post(&url).body(body).send().await.unwrap();
+                assert_eq!(res.status(), 201);
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A publish of its own, so an ack frame from the connection's task is written among
+    // the data frames.
+    ws.send_json(serde_json::json!({"type": "publish", "data": "mine", "ref": 1}))
+        .await;
+    let mut seen = Vec::new();
+    let mut acked = false;
+    while seen.len() < total + 1 {
+        let message = ws.next().await.expect("the socket stays open");
+        match message["type"].as_str() {
+            Some("message") => {
+                let data = message["data"].as_str().unwrap();
+                if data == "mine" {
+                    seen.push(usize::MAX);
+                    continue;
+                }
+                let n: usize = data[..4].parse().unwrap();
+                assert_eq!(
+                    data.len(),
+                    5 + 256 * 1024 + n * 997,
+                    "message {n} arrived whole"
+                );
+                assert!(
+                    data[5..].bytes().all(|b| b == b'y'),
+                    "message {n} is intact"
+                );
+                seen.push(n);
+            }
+            Some("ack") => acked = true,
+            other => panic!("unexpected {other:?}: {message}"),
+        }
+    }
+    publisher.await.unwrap();
+    assert!(acked, "the client's own publish was acknowledged");
+    let published: Vec<usize> = seen.iter().copied().filter(|&n| n != usize::MAX).collect();
+    assert_eq!(
+        published,
+        (0..total).collect::<Vec<_>>(),
+        "in order, none missing"
+    );
+    server.stop().await;
+}

@@ -75,7 +75,9 @@ pub use error::{Error, Result};
 pub use namespace::{DynNamespace, Namespace, ObjectHandle, ObjectState};
 pub use object::Object;
 pub use runtime::Runtime;
-pub use socket::{Inbound, Outbound, SendOutcome, Socket, SocketReceiver, Sockets, Transport};
+pub use socket::{
+    DirectWrite, Inbound, Outbound, Queued, SendOutcome, Socket, SocketReceiver, Sockets, Transport,
+};
 
 pub use bytes::Bytes;
 pub use http;

@@ -12,7 +12,7 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Poll, Waker};
 use std::time::Instant;
 
@@ -108,6 +108,53 @@ struct Inner {
     /// Small per-connection state the object keeps across hibernation (a user name, a
     /// subscription filter): the equivalent of a hibernatable WebSocket's attachment.
     attachment: Mutex<Bytes>,
+    /// Set by a connection that writes released messages itself (see [`DirectWrite`]).
+    direct: OnceLock<Arc<dyn DirectWrite>>,
+}
+
+/// A connection that can write its socket's messages on the thread that released them.
+///
+/// Messages released together (a group commit's events, in one pass of the output gate)
+/// normally wake the connection's task, which then writes them: under fan-out to a thousand
+/// subscribers that is a thousand task wake-ups, polls and hand-offs between cores per
+/// group. A connection that registers a `DirectWrite` ([`SocketReceiver::set_direct`]) is
+/// offered the messages first, on the releasing thread, when the batch ends; it writes what
+/// the socket takes without blocking, and only when it cannot (its task is writing, the
+/// socket is full, a close is queued) is the task woken as before.
+pub trait DirectWrite: Send + Sync {
+    /// Writes what it can of `queued` now, without blocking; true if the connection's task
+    /// need not be woken (everything queued was written or handed to the socket).
+    fn write_now(&self, queued: Queued<'_>) -> bool;
+}
+
+/// A socket's queue, as a [`DirectWrite`] sees it.
+#[derive(Debug)]
+pub struct Queued<'a> {
+    inner: &'a Inner,
+}
+
+impl Queued<'_> {
+    /// Moves queued messages into `into` as [`SocketReceiver::try_recv_many`] does, but
+    /// stops before a close: ending the connection is the connection task's job.
+    pub fn take(
+        &self,
+        into: &mut Vec<(Outbound, Option<Instant>)>,
+        max_messages: usize,
+        max_bytes: usize,
+    ) -> usize {
+        self.inner.take(into, max_messages, max_bytes, false)
+    }
+
+    /// True when nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.inner.lock_queue().is_empty()
+    }
+}
+
+impl fmt::Debug for Inner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Inner").field("id", &self.id).finish()
+    }
 }
 
 /// The object's side of a client connection. Cheap to clone; clones are the same socket.
@@ -172,17 +219,21 @@ impl Inner {
 
     /// Moves queued messages into `into` under one lock; see
     /// [`SocketReceiver::try_recv_many`].
-    fn take_many(
+    fn take(
         &self,
         into: &mut Vec<(Outbound, Option<Instant>)>,
         max_messages: usize,
         max_bytes: usize,
+        with_close: bool,
     ) -> usize {
         let mut moved = 0;
         let mut bytes = 0;
         {
             let mut queue = self.lock_queue();
             while into.len() < max_messages && bytes < max_bytes {
+                if !with_close && matches!(queue.front(), Some((Outbound::Close { .. }, _))) {
+                    break;
+                }
                 let Some(item) = queue.pop_front() else { break };
                 bytes += item.0.cost();
                 into.push(item);
@@ -218,11 +269,19 @@ impl Inner {
 }
 
 thread_local! {
-    /// Wakers of receivers to wake when the outermost [`WakeBatch`] on this thread ends;
-    /// `None` when no batch is open. The waker is taken out of the receiver's slot at once
-    /// (no reference to the socket is held): a receiver that looks at its queue before the
+    /// What to do for each fed socket when the outermost [`WakeBatch`] on this thread ends;
+    /// `None` when no batch is open.
+    static DEFERRED_WAKES: RefCell<Option<Vec<Deferred>>> = const { RefCell::new(None) };
+}
+
+/// A fed socket, at the end of a [`WakeBatch`].
+enum Deferred {
+    /// Wake its receiver. The waker is taken out of the receiver's slot at once (no
+    /// reference to the socket is held): a receiver that looks at its queue before the
     /// batch ends finds the message, and the wake it then gets is a spare one.
-    static DEFERRED_WAKES: RefCell<Option<Vec<Waker>>> = const { RefCell::new(None) };
+    Wake(Waker),
+    /// Offer its queue to its [`DirectWrite`], and wake the receiver if that declines.
+    Offer(Arc<Inner>),
 }
 
 /// Holds back the wake-ups of sockets fed on this thread until it is dropped.
@@ -251,14 +310,17 @@ impl WakeBatch {
         Self { outermost }
     }
 
-    /// Takes `inner`'s waker for a wake at the end of the open batch; false when none is
-    /// open.
-    fn defer(inner: &Inner) -> bool {
+    /// Arranges for `inner` to be written or woken at the end of the open batch; false
+    /// when none is open.
+    fn defer(inner: &Arc<Inner>) -> bool {
         DEFERRED_WAKES.with(|d| match d.borrow_mut().as_mut() {
             Some(pending) => {
-                // None: the receiver is not waiting, and looks at its queue before it does.
-                if let Some(waker) = inner.waker.take() {
-                    pending.push(waker);
+                if inner.direct.get().is_some() {
+                    pending.push(Deferred::Offer(Arc::clone(inner)));
+                } else if let Some(waker) = inner.waker.take() {
+                    // None: the receiver is not waiting, and looks at its queue before it
+                    // does.
+                    pending.push(Deferred::Wake(waker));
                 }
                 true
             }
@@ -275,8 +337,43 @@ impl Drop for WakeBatch {
         let pending = DEFERRED_WAKES
             .with(|d| d.borrow_mut().take())
             .unwrap_or_default();
-        for waker in pending {
-            waker.wake();
+        let mut offers = Vec::new();
+        for deferred in pending {
+            match deferred {
+                Deferred::Wake(waker) => waker.wake(),
+                Deferred::Offer(inner) => offers.push(inner),
+            }
+        }
+        // Writing to a thousand sockets takes a few milliseconds on one thread; the other
+        // workers take a share each, so a group reaches every subscriber about as fast as
+        // when each connection's task wrote its own.
+        let workers = tokio::runtime::Handle::try_current()
+            .map(|handle| handle.metrics().num_workers())
+            .unwrap_or(1);
+        let parts = workers.min(offers.len() / OFFERS_PER_PART).max(1);
+        let share = offers.len().div_ceil(parts);
+        while offers.len() > share {
+            let rest = offers.split_off(share);
+            let helper = std::mem::replace(&mut offers, rest);
+            tokio::spawn(async move { offer_all(helper) });
+        }
+        offer_all(offers);
+    }
+}
+
+/// Fewest direct writes worth handing to another worker.
+const OFFERS_PER_PART: usize = 64;
+
+/// Offers each socket's queue to its [`DirectWrite`]; wakes the receiver of each that
+/// declines.
+fn offer_all(offers: Vec<Arc<Inner>>) {
+    for inner in offers {
+        let written = inner
+            .direct
+            .get()
+            .is_some_and(|direct| direct.write_now(Queued { inner: &inner }));
+        if !written {
+            inner.waker.wake();
         }
     }
 }
@@ -317,6 +414,7 @@ impl Socket {
             overflowed: AtomicBool::new(false),
             close_reported: AtomicBool::new(false),
             attachment: Mutex::new(attachment),
+            direct: OnceLock::new(),
         });
         (
             Socket {
@@ -477,7 +575,38 @@ impl SocketReceiver {
         max_messages: usize,
         max_bytes: usize,
     ) -> usize {
-        self.inner.take_many(into, max_messages, max_bytes)
+        self.inner.take(into, max_messages, max_bytes, true)
+    }
+
+    /// Lets `direct` write this socket's released messages itself (see [`DirectWrite`]);
+    /// a socket takes one, for its life.
+    pub fn set_direct(&self, direct: Arc<dyn DirectWrite>) {
+        let _ = self.inner.direct.set(direct);
+    }
+
+    /// Waits until a message is queued, without taking it; false once every [`Socket`]
+    /// clone is gone and nothing is left. For a connection that takes its messages
+    /// together with a lock of its own ([`SocketReceiver::try_recv_many`]).
+    pub async fn ready(&mut self) -> bool {
+        let inner = &self.inner;
+        let ready = || -> Option<bool> {
+            if !inner.lock_queue().is_empty() {
+                return Some(true);
+            }
+            // No sender left: a push may have raced the last drop, so look again.
+            (inner.senders.load(Ordering::Acquire) == 0).then(|| !inner.lock_queue().is_empty())
+        };
+        std::future::poll_fn(|cx| {
+            if let Some(outcome) = ready() {
+                return Poll::Ready(outcome);
+            }
+            inner.waker.register(cx.waker());
+            match ready() {
+                Some(outcome) => Poll::Ready(outcome),
+                None => Poll::Pending,
+            }
+        })
+        .await
     }
 
     /// Waits for at least one message, then moves it and whatever else is queued, within
@@ -492,12 +621,12 @@ impl SocketReceiver {
         let inner = &self.inner;
         std::future::poll_fn(|cx| {
             let ready = |into: &mut Vec<_>| {
-                if inner.take_many(into, max_messages, max_bytes) > 0 {
+                if inner.take(into, max_messages, max_bytes, true) > 0 {
                     return Some(true);
                 }
                 // No sender left: a push may have raced the last drop, so look again.
                 (inner.senders.load(Ordering::Acquire) == 0)
-                    .then(|| inner.take_many(into, max_messages, max_bytes) > 0)
+                    .then(|| inner.take(into, max_messages, max_bytes, true) > 0)
             };
             if let Some(outcome) = ready(into) {
                 return Poll::Ready(outcome);
