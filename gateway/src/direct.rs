@@ -89,6 +89,11 @@ impl Direct {
         self.lock().stream.is_some()
     }
 
+    /// True while bytes the socket did not take wait to be flushed by the task.
+    pub(crate) fn has_pending(&self) -> bool {
+        !self.lock().pending.is_empty()
+    }
+
     /// Ends direct writes and lets go of the socket (it closes once the IO is dropped too).
     pub(crate) fn detach(&self) {
         self.lock().stream = None;

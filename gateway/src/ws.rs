@@ -12,6 +12,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use axum::Extension;
@@ -291,7 +292,12 @@ impl Conn {
                 biased;
                 () = self.stopping.stopped() => Wake::Shutdown,
                 () = expiry(&mut expired) => Wake::Expired,
-                more = self.receiver.ready() => Wake::Outbound(more),
+                more = std::future::poll_fn(|cx| match self.receiver.poll_ready(cx) {
+                    // Registered first, then checked: a direct write that leaves bytes
+                    // behind sets them before it wakes this task.
+                    Poll::Pending if direct_writes && direct.has_pending() => Poll::Ready(true),
+                    poll => poll,
+                }) => Wake::Outbound(more),
                 Some(ack) = async {
                     match acks.as_mut() {
                         Some((_, rx)) => rx.recv().await,

@@ -167,3 +167,51 @@ async fn a_late_websocket_reader_gets_every_frame_whole_and_in_order() {
     );
     server.stop().await;
 }
+
+/// A burst that fills a WebSocket subscriber's socket while it is not reading, and then
+/// nothing more: what the socket could not take at once still arrives as soon as the client
+/// reads, not at the next ping or publish.
+#[tokio::test]
+async fn a_burst_larger_than_the_socket_arrives_without_further_traffic() {
+    let server = TestServer::start_with(|s| {
+        s.limits.subscriber_queue = ByteSize::mib(256);
+    })
+    .await;
+    let mut ws = support::WsClient::try_connect_with(
+        &server,
+        "/v1/channels/burst/ws",
+        &[],
+        Some(support::large_ws_config()),
+    )
+    .await
+    .unwrap();
+    // Several messages, the last one larger than the socket's buffers can take at once.
+    let total = 4;
+    for n in 0..total {
+        let size = if n + 1 == total { 12 << 20 } else { 64 * 1024 };
+        let body = format!("{n:04}:{}", "z".repeat(size));
+        server.publish("burst", body).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Well under the 20 s ping interval: nothing else would push the rest out.
+    let read_all = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut got = Vec::new();
+        while got.len() < total {
+            match ws.ws.next().await {
+                Some(Ok(message)) if message.is_text() => {
+                    let value: serde_json::Value =
+                        serde_json::from_str(message.to_text().unwrap()).unwrap();
+                    let data = value["data"].as_str().unwrap().to_string();
+                    got.push(data[..4].parse::<usize>().unwrap());
+                }
+                Some(Ok(_)) => {}
+                other => panic!("the socket ended: {other:?}"),
+            }
+        }
+        got
+    })
+    .await
+    .expect("the rest of the burst never arrived");
+    assert_eq!(read_all, (0..total).collect::<Vec<_>>());
+    server.stop().await;
+}

@@ -588,6 +588,14 @@ impl SocketReceiver {
     /// clone is gone and nothing is left. For a connection that takes its messages
     /// together with a lock of its own ([`SocketReceiver::try_recv_many`]).
     pub async fn ready(&mut self) -> bool {
+        std::future::poll_fn(|cx| self.poll_ready(cx)).await
+    }
+
+    /// [`SocketReceiver::ready`] as a poll. When pending, `cx` is registered: it is woken
+    /// by the next message, by the last sender leaving, and by a [`DirectWrite`] that
+    /// declines an offer (which lets a connection notice work of its own, such as bytes a
+    /// socket did not take, by checking after this returns pending).
+    pub fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> Poll<bool> {
         let inner = &self.inner;
         let ready = || -> Option<bool> {
             if !inner.lock_queue().is_empty() {
@@ -596,17 +604,14 @@ impl SocketReceiver {
             // No sender left: a push may have raced the last drop, so look again.
             (inner.senders.load(Ordering::Acquire) == 0).then(|| !inner.lock_queue().is_empty())
         };
-        std::future::poll_fn(|cx| {
-            if let Some(outcome) = ready() {
-                return Poll::Ready(outcome);
-            }
-            inner.waker.register(cx.waker());
-            match ready() {
-                Some(outcome) => Poll::Ready(outcome),
-                None => Poll::Pending,
-            }
-        })
-        .await
+        if let Some(outcome) = ready() {
+            return Poll::Ready(outcome);
+        }
+        inner.waker.register(cx.waker());
+        match ready() {
+            Some(outcome) => Poll::Ready(outcome),
+            None => Poll::Pending,
+        }
     }
 
     /// Waits for at least one message, then moves it and whatever else is queued, within
