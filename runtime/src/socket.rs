@@ -614,38 +614,6 @@ impl SocketReceiver {
         }
     }
 
-    /// Waits for at least one message, then moves it and whatever else is queued, within
-    /// the bounds of [`SocketReceiver::try_recv_many`], into `into`. False once every
-    /// [`Socket`] clone is gone and nothing is left.
-    pub async fn recv_many(
-        &mut self,
-        into: &mut Vec<(Outbound, Option<Instant>)>,
-        max_messages: usize,
-        max_bytes: usize,
-    ) -> bool {
-        let inner = &self.inner;
-        std::future::poll_fn(|cx| {
-            let ready = |into: &mut Vec<_>| {
-                if inner.take(into, max_messages, max_bytes, true) > 0 {
-                    return Some(true);
-                }
-                // No sender left: a push may have raced the last drop, so look again.
-                (inner.senders.load(Ordering::Acquire) == 0)
-                    .then(|| inner.take(into, max_messages, max_bytes, true) > 0)
-            };
-            if let Some(outcome) = ready(into) {
-                return Poll::Ready(outcome);
-            }
-            // Register, then look again, as in `recv_stamped`.
-            inner.waker.register(cx.waker());
-            match ready(into) {
-                Some(outcome) => Poll::Ready(outcome),
-                None => Poll::Pending,
-            }
-        })
-        .await
-    }
-
     /// True if the object cut this connection off as a slow consumer.
     pub fn overflowed(&self) -> bool {
         self.inner.overflowed.load(Ordering::Acquire)
@@ -774,6 +742,19 @@ mod tests {
         assert_eq!(socket.queued_bytes(), 0);
     }
 
+    #[tokio::test]
+    async fn ready_waits_without_taking_and_ends_with_the_senders() {
+        let (socket, mut rx) = Socket::new(Transport::WebSocket, 1000, Bytes::new());
+        assert_eq!(socket.send(text(3)), SendOutcome::Queued);
+        assert!(rx.ready().await);
+        assert_eq!(socket.queued_bytes(), 3, "nothing taken");
+        let mut taken = Vec::new();
+        assert_eq!(rx.try_recv_many(&mut taken, 10, usize::MAX), 1);
+        drop(socket);
+        let end = tokio::time::timeout(std::time::Duration::from_secs(1), rx.ready()).await;
+        assert_eq!(end, Ok(false), "no sender and nothing queued: the end");
+    }
+
     #[test]
     fn many_are_taken_at_once_up_to_either_bound() {
         let (socket, mut rx) = Socket::new(Transport::WebSocket, 1000, Bytes::new());
@@ -844,6 +825,84 @@ mod tests {
         assert_eq!(socket.send(text(4)), SendOutcome::Queued);
         assert_eq!(counter.0.load(Ordering::SeqCst), 2);
         assert_eq!(recv.as_mut().poll(&mut cx), Poll::Ready(Some(text(4))));
+    }
+
+    /// A `DirectWrite` that takes what it may (or declines) and counts its offers.
+    struct Recorder {
+        accept: bool,
+        offers: AtomicUsize,
+        taken: Mutex<Vec<usize>>,
+    }
+
+    impl DirectWrite for Recorder {
+        fn write_now(&self, queued: Queued<'_>) -> bool {
+            self.offers.fetch_add(1, Ordering::SeqCst);
+            if self.accept {
+                let mut taken = Vec::new();
+                queued.take(&mut taken, 100, usize::MAX);
+                let mut sizes = self.taken.lock().unwrap();
+                sizes.extend(taken.iter().map(|(m, _)| m.cost()));
+                // Done only if nothing is left (a close is never taken).
+                return queued.is_empty();
+            }
+            false
+        }
+    }
+
+    #[test]
+    fn a_direct_writer_is_offered_the_batch_and_the_receiver_woken_only_if_it_declines() {
+        use std::future::Future;
+
+        for (accept, with_close) in [(true, false), (true, true), (false, true)] {
+            let (socket, mut rx) = Socket::new(Transport::WebSocket, 1000, Bytes::new());
+            let recorder = Arc::new(Recorder {
+                accept,
+                offers: AtomicUsize::new(0),
+                taken: Mutex::new(Vec::new()),
+            });
+            rx.set_direct(recorder.clone());
+            let counter = Arc::new(CountingWaker(AtomicUsize::new(0)));
+            let waker = std::task::Waker::from(counter.clone());
+            let mut cx = std::task::Context::from_waker(&waker);
+            let mut ready = Box::pin(rx.ready());
+            assert!(ready.as_mut().poll(&mut cx).is_pending());
+            {
+                let _batch = WakeBatch::begin();
+                assert_eq!(socket.send(text(1)), SendOutcome::Queued);
+                assert_eq!(socket.send(text(2)), SendOutcome::Queued);
+                if with_close {
+                    // A close is left for the connection's task.
+                    let close = Outbound::Close {
+                        code: 1000,
+                        reason: String::new(),
+                    };
+                    assert_eq!(socket.send(close), SendOutcome::Queued);
+                }
+            }
+            assert_eq!(
+                recorder.offers.load(Ordering::SeqCst),
+                1,
+                "one offer per batch"
+            );
+            if accept {
+                assert_eq!(*recorder.taken.lock().unwrap(), [1, 2]);
+                // Woken only for what the writer left: the close.
+                let wakes = usize::from(with_close);
+                assert_eq!(counter.0.load(Ordering::SeqCst), wakes);
+            } else {
+                assert!(recorder.taken.lock().unwrap().is_empty());
+                assert_eq!(
+                    counter.0.load(Ordering::SeqCst),
+                    1,
+                    "declined: the task is woken"
+                );
+            }
+            drop(ready);
+            let mut rest = Vec::new();
+            rx.try_recv_many(&mut rest, 10, usize::MAX);
+            let left = if accept { 0 } else { 2 } + usize::from(with_close);
+            assert_eq!(rest.len(), left);
+        }
     }
 
     #[test]
