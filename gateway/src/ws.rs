@@ -1,8 +1,9 @@
 //! WebSocket subscribers (and publishers). One task per connection selects over the socket's
 //! outbound queue, the client's frames, a ping timer and the shutdown signal. Outbound
 //! messages already queued are written together, each as a frame header and its shared
-//! payload, in one vectored write; tungstenite reads the client's frames and writes the
-//! control frames (pings, pongs, closes) and answers.
+//! payload, in one vectored write, usually by the thread that released them (`direct`),
+//! else by this task; tungstenite reads the client's frames and writes the control frames
+//! (pings, pongs, closes) and answers.
 //!
 //! Framing (documented in docs/API.md): server to client, JSON text messages
 //! `{"type":"message","id","event","data"|"data_base64"}`, `{"type":"gap",...}`,
