@@ -217,6 +217,24 @@ impl Inner {
         Some((message, stamp))
     }
 
+    /// Ready with what `look` finds, else registers `cx` and looks again: a push or a last
+    /// drop between the first look and the registration woke nobody, and is seen by the
+    /// second look instead.
+    fn poll_until<T>(
+        &self,
+        cx: &mut std::task::Context<'_>,
+        look: impl Fn() -> Option<T>,
+    ) -> Poll<T> {
+        if let Some(outcome) = look() {
+            return Poll::Ready(outcome);
+        }
+        self.waker.register(cx.waker());
+        match look() {
+            Some(outcome) => Poll::Ready(outcome),
+            None => Poll::Pending,
+        }
+    }
+
     /// Moves queued messages into `into` under one lock; see
     /// [`SocketReceiver::try_recv_many`].
     fn take(
@@ -532,24 +550,15 @@ impl SocketReceiver {
     /// ([`Socket::send_stamped`]), or `None` when every [`Socket`] clone is gone.
     pub async fn recv_stamped(&mut self) -> Option<(Outbound, Option<Instant>)> {
         let inner = &self.inner;
-        let ready = || -> Option<Option<(Outbound, Option<Instant>)>> {
-            if let Some(message) = inner.pop() {
-                return Some(Some(message));
-            }
-            // No sender left: a push may have raced the last drop, so drain it before ending.
-            (inner.senders.load(Ordering::Acquire) == 0).then(|| inner.pop())
-        };
         std::future::poll_fn(|cx| {
-            if let Some(outcome) = ready() {
-                return Poll::Ready(outcome);
-            }
-            // Register, then look again: a push or a last drop between the first look and
-            // the registration woke nobody, and is seen here instead.
-            inner.waker.register(cx.waker());
-            match ready() {
-                Some(outcome) => Poll::Ready(outcome),
-                None => Poll::Pending,
-            }
+            inner.poll_until(cx, || {
+                if let Some(message) = inner.pop() {
+                    return Some(Some(message));
+                }
+                // No sender left: a push may have raced the last drop, so drain it before
+                // ending.
+                (inner.senders.load(Ordering::Acquire) == 0).then(|| inner.pop())
+            })
         })
         .await
     }
@@ -597,21 +606,13 @@ impl SocketReceiver {
     /// socket did not take, by checking after this returns pending).
     pub fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> Poll<bool> {
         let inner = &self.inner;
-        let ready = || -> Option<bool> {
+        inner.poll_until(cx, || {
             if !inner.lock_queue().is_empty() {
                 return Some(true);
             }
             // No sender left: a push may have raced the last drop, so look again.
             (inner.senders.load(Ordering::Acquire) == 0).then(|| !inner.lock_queue().is_empty())
-        };
-        if let Some(outcome) = ready() {
-            return Poll::Ready(outcome);
-        }
-        inner.waker.register(cx.waker());
-        match ready() {
-            Some(outcome) => Poll::Ready(outcome),
-            None => Poll::Pending,
-        }
+        })
     }
 
     /// True if the object cut this connection off as a slow consumer.
