@@ -8,6 +8,23 @@ use dormouse_gateway::ByteSize;
 use futures::StreamExt;
 use support::{PATIENCE, TestServer};
 
+/// A server whose subscriber queues are large enough that the queue bound is not what cuts
+/// a slow client off.
+async fn roomy_server(tweak: impl FnOnce(&mut dormouse_gateway::Settings)) -> TestServer {
+    TestServer::start_with(|s| {
+        s.limits.subscriber_queue = ByteSize::mib(256);
+        tweak(s);
+    })
+    .await
+}
+
+/// A WebSocket subscriber that accepts messages of many MiB.
+async fn subscriber(server: &TestServer, path: &str) -> support::WsClient {
+    support::WsClient::try_connect_with(server, path, &[], Some(support::large_ws_config()))
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn an_sse_client_that_stops_reading_is_disconnected_after_the_write_timeout() {
     let server = TestServer::start_with(|s| {
@@ -57,19 +74,8 @@ async fn an_sse_client_that_stops_reading_is_disconnected_after_the_write_timeou
 /// closed once its writes have made no progress for the write timeout.
 #[tokio::test]
 async fn a_websocket_client_that_stops_reading_is_disconnected_after_the_write_timeout() {
-    let server = TestServer::start_with(|s| {
-        s.limits.write_timeout = Duration::from_millis(300);
-        s.limits.subscriber_queue = ByteSize::mib(256);
-    })
-    .await;
-    let mut ws = support::WsClient::try_connect_with(
-        &server,
-        "/v1/channels/stall-ws/ws",
-        &[],
-        Some(support::large_ws_config()),
-    )
-    .await
-    .unwrap();
+    let server = roomy_server(|s| s.limits.write_timeout = Duration::from_millis(300)).await;
+    let mut ws = subscriber(&server, "/v1/channels/stall-ws/ws").await;
     let chunk = "x".repeat(512 * 1024);
     for _ in 0..40 {
         server.publish("stall-ws", chunk.clone()).await;
@@ -99,18 +105,8 @@ async fn a_websocket_client_that_stops_reading_is_disconnected_after_the_write_t
 /// between: frames never interleave, whoever writes them.
 #[tokio::test]
 async fn a_late_websocket_reader_gets_every_frame_whole_and_in_order() {
-    let server = TestServer::start_with(|s| {
-        s.limits.subscriber_queue = ByteSize::mib(256);
-    })
-    .await;
-    let mut ws = support::WsClient::try_connect_with(
-        &server,
-        "/v1/channels/late/ws",
-        &[],
-        Some(support::large_ws_config()),
-    )
-    .await
-    .unwrap();
+    let server = roomy_server(|_| {}).await;
+    let mut ws = subscriber(&server, "/v1/channels/late/ws").await;
     // Enough to fill the socket's buffers many times over: most of it is written while
     // the client is not reading.
     let total = 60;
@@ -173,18 +169,8 @@ async fn a_late_websocket_reader_gets_every_frame_whole_and_in_order() {
 /// reads, not at the next ping or publish.
 #[tokio::test]
 async fn a_burst_larger_than_the_socket_arrives_without_further_traffic() {
-    let server = TestServer::start_with(|s| {
-        s.limits.subscriber_queue = ByteSize::mib(256);
-    })
-    .await;
-    let mut ws = support::WsClient::try_connect_with(
-        &server,
-        "/v1/channels/burst/ws",
-        &[],
-        Some(support::large_ws_config()),
-    )
-    .await
-    .unwrap();
+    let server = roomy_server(|_| {}).await;
+    let mut ws = subscriber(&server, "/v1/channels/burst/ws").await;
     // Several messages, the last one larger than the socket's buffers can take at once.
     let total = 4;
     for n in 0..total {
