@@ -47,6 +47,13 @@ pub(crate) enum Incoming<'a> {
     Other,
 }
 
+/// Where the two-byte delimiter `pair` (a CRLF, a blank SSE line) first starts in
+/// `haystack`. The subscribers look for one per message; `memchr::memmem::find` would build a
+/// new searcher each time, which cost the load generator ~3% of its CPU.
+fn find_pair(haystack: &[u8], pair: [u8; 2]) -> Option<usize> {
+    memchr::memchr_iter(pair[0], haystack).find(|&i| haystack.get(i + 1) == Some(&pair[1]))
+}
+
 /// The sequence number at the end of a dormouse event id (`{epoch hex}-{seq}`).
 fn seq_of(id: &[u8]) -> Option<u64> {
     let at = memchr::memrchr(b'-', id)?;
@@ -127,13 +134,23 @@ impl Publisher {
         client: &reqwest::Client,
         channel: &str,
     ) -> anyhow::Result<Self> {
-        Ok(match server.kind {
+        Self::connect_to(server.kind, server.addr, client, channel).await
+    }
+
+    /// [`Publisher::connect`] by address, for a thread that cannot borrow the [`Server`].
+    pub(crate) async fn connect_to(
+        kind: Kind,
+        addr: std::net::SocketAddr,
+        client: &reqwest::Client,
+        channel: &str,
+    ) -> anyhow::Result<Self> {
+        Ok(match kind {
             Kind::Dormouse => Self::Http {
                 client: client.clone(),
-                url: format!("{}/v1/channels/{channel}/messages", server.base_url()),
+                url: format!("http://{addr}/v1/channels/{channel}/messages"),
             },
             Kind::Redis => Self::Redis {
-                conn: resp::RespConn::connect(server.addr, None, 4096).await?,
+                conn: resp::RespConn::connect(addr, None, 4096).await?,
                 channel: channel.to_string(),
             },
         })
@@ -288,6 +305,15 @@ mod tests {
         assert_eq!(seq_of(b"18a3f09c2b1d4-42"), Some(42));
         assert_eq!(seq_of(b"42"), None);
         assert_eq!(seq_of(b"a-"), None);
+    }
+
+    #[test]
+    fn delimiters_are_found_where_they_first_start() {
+        assert_eq!(find_pair(b"ab\r\ncd\r\n", *b"\r\n"), Some(2));
+        assert_eq!(find_pair(b"\r\r\n", *b"\r\n"), Some(1));
+        assert_eq!(find_pair(b"x\n", *b"\n\n"), None);
+        assert_eq!(find_pair(b"x\n\n", *b"\n\n"), Some(1));
+        assert_eq!(find_pair(b"", *b"\r\n"), None);
     }
 
     #[test]

@@ -191,7 +191,7 @@ fn parse(buf: &[u8]) -> anyhow::Result<Option<(usize, Reply)>> {
 
 /// The CRLF-terminated line at `at` (without the CRLF) and where the next one starts.
 fn line(buf: &[u8], at: usize) -> Option<(&[u8], usize)> {
-    let end = at + memchr::memmem::find(buf.get(at..)?, b"\r\n")?;
+    let end = at + super::find_pair(buf.get(at..)?, *b"\r\n")?;
     Some((&buf[at..end], end + 2))
 }
 

@@ -56,7 +56,7 @@ impl SseClient {
                 self.body.clear();
                 self.pos = 0;
             }
-            if let Some(end) = memchr::memmem::find(&self.body[self.pos..], b"\n\n") {
+            if let Some(end) = super::find_pair(&self.body[self.pos..], *b"\n\n") {
                 let frame = self.pos..self.pos + end + 1;
                 self.pos += end + 2;
                 match parse_event(&self.body[frame.clone()]) {
@@ -185,7 +185,7 @@ impl Dechunk {
                 used += 2;
                 self.crlf = false;
             } else {
-                let Some(eol) = memchr::memmem::find(rest, b"\r\n") else {
+                let Some(eol) = super::find_pair(rest, *b"\r\n") else {
                     anyhow::ensure!(rest.len() < 1024, "bad chunked encoding: no size line");
                     break;
                 };

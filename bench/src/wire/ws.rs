@@ -4,6 +4,7 @@
 //! located by position, which keeps the client far cheaper than the server it measures.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::LazyLock;
 
 use anyhow::Context as _;
 
@@ -172,7 +173,10 @@ fn decode(text: &[u8]) -> Incoming<'_> {
     };
     let seq = super::seq_of(&rest[..id_end]);
     let rest = &rest[id_end..];
-    let Some(at) = memchr::memmem::find(rest, DATA) else {
+    // One searcher for the process: building one per message cost ~3% of the client's CPU.
+    static FIND_DATA: LazyLock<memchr::memmem::Finder<'static>> =
+        LazyLock::new(|| memchr::memmem::Finder::new(DATA));
+    let Some(at) = FIND_DATA.find(rest) else {
         return Incoming::Other;
     };
     // The payloads this bench sends need no JSON escaping, so the value ends at the final `"}`.
