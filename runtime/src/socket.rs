@@ -369,13 +369,22 @@ impl Drop for WakeBatch {
             .map(|handle| handle.metrics().num_workers())
             .unwrap_or(1);
         let parts = workers.min(offers.len() / OFFERS_PER_PART).max(1);
-        let share = offers.len().div_ceil(parts);
-        while offers.len() > share {
-            let rest = offers.split_off(share);
-            let helper = std::mem::replace(&mut offers, rest);
-            tokio::spawn(async move { offer_all(helper) });
+        if parts == 1 {
+            offer_all(offers);
+            return;
         }
-        offer_all(offers);
+        // Every share is spawned, this thread's too. A task spawned on a worker goes to
+        // that worker's LIFO slot, which other workers cannot steal from: one helper spawned
+        // beside an inline share would wait there until this thread had written its own
+        // share, and the two would run one after the other. Each later spawn pushes the one
+        // before into the stealable run queue and wakes an idle worker; the last one runs
+        // here as soon as the releasing task yields.
+        let share = offers.len().div_ceil(parts);
+        while !offers.is_empty() {
+            let rest = offers.split_off(share.min(offers.len()));
+            let part = std::mem::replace(&mut offers, rest);
+            tokio::spawn(async move { offer_all(part) });
+        }
     }
 }
 
@@ -904,6 +913,52 @@ mod tests {
             let left = if accept { 0 } else { 2 } + usize::from(with_close);
             assert_eq!(rest.len(), left);
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_split_between_workers_offers_every_socket_once() {
+        // Enough sockets for the batch to be split into a share per worker, all spawned.
+        let n = 4 * OFFERS_PER_PART + 7;
+        let recorders: Vec<_> = (0..n)
+            .map(|_| {
+                Arc::new(Recorder {
+                    accept: true,
+                    offers: AtomicUsize::new(0),
+                    taken: Mutex::new(Vec::new()),
+                })
+            })
+            .collect();
+        let mut sockets = Vec::new();
+        let mut receivers = Vec::new();
+        for recorder in &recorders {
+            let (socket, rx) = Socket::new(Transport::WebSocket, 1000, Bytes::new());
+            rx.set_direct(recorder.clone());
+            sockets.push(socket);
+            receivers.push(rx);
+        }
+        {
+            let _batch = WakeBatch::begin();
+            for (i, socket) in sockets.iter().enumerate() {
+                assert_eq!(socket.send(text(i + 1)), SendOutcome::Queued);
+            }
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while recorders
+            .iter()
+            .any(|r| r.offers.load(Ordering::SeqCst) == 0)
+        {
+            assert!(std::time::Instant::now() < deadline, "offers never made");
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        for (i, recorder) in recorders.iter().enumerate() {
+            assert_eq!(recorder.offers.load(Ordering::SeqCst), 1, "socket {i}");
+            assert_eq!(*recorder.taken.lock().unwrap(), [i + 1], "socket {i}");
+        }
+        let mut rest = Vec::new();
+        for rx in &mut receivers {
+            rx.try_recv_many(&mut rest, 10, usize::MAX);
+        }
+        assert!(rest.is_empty(), "every message was written directly");
     }
 
     #[test]
