@@ -5,6 +5,10 @@
 //! Each payload carries its send time and index (see `wire::payload`); publishers and
 //! subscribers share one clock, so latency is receive time minus send time, from before the
 //! publish request leaves to after the subscriber read the frame.
+//!
+//! The subscribers share a multi-thread runtime (`--client-threads` workers); the publishers
+//! have a thread and runtime of their own, so their pace follows the server's
+//! acknowledgements and not the subscribers' place in a run queue.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -60,7 +64,8 @@ pub(crate) struct Args {
     /// Hard limit on the whole run, server start included.
     #[arg(long, default_value = "120s")]
     deadline: humantime::Duration,
-    /// Worker threads of the load generator [default: one per CPU].
+    /// Worker threads of the load generator's subscribers (the publishers have one more
+    /// thread of their own) [default: one per CPU].
     #[arg(long)]
     client_threads: Option<usize>,
     #[command(flatten)]
