@@ -114,6 +114,13 @@ pub(crate) struct Report {
     deliveries_per_sec: f64,
     delivered_mib_per_sec: f64,
     latency: Percentiles,
+    /// Per message, its first delivery to any subscriber: the time before the fan-out
+    /// starts (publish, durable append). Only when `complete` (then every subscriber's n-th
+    /// delivery is the same message); empty otherwise.
+    message_first: Percentiles,
+    /// Per message, its last delivery: how long the whole fan-out of one message takes, which
+    /// is what sets the tail of `latency`. Only when `complete`.
+    message_last: Percentiles,
     server_rss_before_bytes: Option<u64>,
     server_rss_connected_bytes: Option<u64>,
     server_rss_after_bytes: Option<u64>,
@@ -286,6 +293,11 @@ async fn run_async(args: Args) -> anyhow::Result<Report> {
         && subscribers_complete == args.subscribers
         && order_disagreements == 0
         && index_regressions == 0;
+    let (message_first, message_last) = if complete {
+        per_message_extremes(&received)?
+    } else {
+        (Histogram::new(3)?, Histogram::new(3)?)
+    };
     let window_secs = secs(last_delivery_ns.saturating_sub(first_sent_ns));
     let per_sec = |n: f64| {
         if window_secs > 0.0 {
@@ -329,6 +341,8 @@ async fn run_async(args: Args) -> anyhow::Result<Report> {
         deliveries_per_sec: round1(per_sec(deliveries as f64)),
         delivered_mib_per_sec: round1(per_sec((deliveries * args.size as u64) as f64) / 1048576.0),
         latency: Percentiles::of(&latency),
+        message_first: Percentiles::of(&message_first),
+        message_last: Percentiles::of(&message_last),
         server_rss_before_bytes,
         server_rss_connected_bytes,
         server_rss_after_bytes,
@@ -338,6 +352,27 @@ async fn run_async(args: Args) -> anyhow::Result<Report> {
         other_cpu_secs: usage.other,
         connect_secs: round3(connect_secs),
     })
+}
+
+/// The earliest and the latest delivery of each message, over all subscribers. Call only
+/// for a complete run: every subscriber then holds one sample per message, in one order.
+fn per_message_extremes(received: &[Received]) -> anyhow::Result<(Histogram<u64>, Histogram<u64>)> {
+    let messages = received.first().map_or(0, |r| r.latency_us.len());
+    let mut first = vec![u32::MAX; messages];
+    let mut last = vec![0; messages];
+    for r in received {
+        for ((&us, first), last) in r.latency_us.iter().zip(&mut first).zip(&mut last) {
+            *first = (*first).min(us);
+            *last = (*last).max(us);
+        }
+    }
+    let mut first_histogram = Histogram::new(3)?;
+    let mut last_histogram = Histogram::new(3)?;
+    for (first, last) in first.into_iter().zip(last) {
+        first_histogram.record(u64::from(first))?;
+        last_histogram.record(u64::from(last))?;
+    }
+    Ok((first_histogram, last_histogram))
 }
 
 /// The publishing schedule, shared by the publishers: each takes the next index and, with a
@@ -550,4 +585,22 @@ async fn receive(
     shared.finished.fetch_add(1, Ordering::Release);
     received.seen = Vec::new();
     received
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_message_gets_its_earliest_and_latest_delivery() {
+        let mut a = Received::new(3);
+        a.latency_us = vec![100, 900, 50];
+        let mut b = Received::new(3);
+        b.latency_us = vec![300, 200, 70];
+        let (first, last) = per_message_extremes(&[a, b]).unwrap();
+        assert_eq!(first.len(), 3);
+        assert_eq!((first.min(), first.max()), (50, 200));
+        assert_eq!((last.min(), last.max()), (70, 900));
+        assert_eq!(last.value_at_quantile(0.5), 300);
+    }
 }
