@@ -377,13 +377,20 @@ impl Drop for WakeBatch {
         // that worker's LIFO slot, which other workers cannot steal from: one helper spawned
         // beside an inline share would wait there until this thread had written its own
         // share, and the two would run one after the other. Each later spawn pushes the one
-        // before into the stealable run queue and wakes an idle worker; the last one runs
-        // here as soon as the releasing task yields.
+        // before into the stealable run queue and wakes an idle worker.
+        //
+        // Each share yields once before writing, so whatever the release woke first (the
+        // publisher's reply, woken in the same pass) runs before a few milliseconds of
+        // writes. An acknowledgement that waits behind the fan-out holds its publisher
+        // back, and fewer messages then share each write under load.
         let share = offers.len().div_ceil(parts);
         while !offers.is_empty() {
             let rest = offers.split_off(share.min(offers.len()));
             let part = std::mem::replace(&mut offers, rest);
-            tokio::spawn(async move { offer_all(part) });
+            tokio::spawn(async move {
+                tokio::task::yield_now().await;
+                offer_all(part);
+            });
         }
     }
 }
