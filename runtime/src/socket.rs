@@ -370,7 +370,7 @@ impl Drop for WakeBatch {
             .unwrap_or(1);
         let parts = workers.min(offers.len() / OFFERS_PER_PART).max(1);
         if parts == 1 {
-            offer_all(offers);
+            offer_all(&offers);
             return;
         }
         // Every share is spawned, this thread's too. A task spawned on a worker goes to
@@ -379,17 +379,22 @@ impl Drop for WakeBatch {
         // share, and the two would run one after the other. Each later spawn pushes the one
         // before into the stealable run queue and wakes an idle worker.
         //
-        // Each share yields once before writing, so whatever the release woke first (the
-        // publisher's reply, woken in the same pass) runs before a few milliseconds of
-        // writes. An acknowledgement that waits behind the fan-out holds its publisher
-        // back, and fewer messages then share each write under load.
+        // A share yields before writing and after every `WRITES_PER_TURN` sockets, so
+        // the tasks the fan-out would otherwise hold up for milliseconds run in between:
+        // the publisher's reply (woken by this same release), the next publish's request
+        // and the channel that handles it. An acknowledgement that waits behind the
+        // fan-out holds its publisher back; acknowledged sooner, the next messages are
+        // queued while this pass is still writing, and the sockets it has not reached yet
+        // take them in the same write, so under load each write carries more messages.
         let share = offers.len().div_ceil(parts);
         while !offers.is_empty() {
             let rest = offers.split_off(share.min(offers.len()));
             let part = std::mem::replace(&mut offers, rest);
             tokio::spawn(async move {
-                tokio::task::yield_now().await;
-                offer_all(part);
+                for chunk in part.chunks(WRITES_PER_TURN) {
+                    tokio::task::yield_now().await;
+                    offer_all(chunk);
+                }
             });
         }
     }
@@ -398,14 +403,17 @@ impl Drop for WakeBatch {
 /// Fewest direct writes worth handing to another worker.
 const OFFERS_PER_PART: usize = 64;
 
+/// Direct writes a share makes before it lets other ready tasks run.
+const WRITES_PER_TURN: usize = 64;
+
 /// Offers each socket's queue to its [`DirectWrite`]; wakes the receiver of each that
 /// declines.
-fn offer_all(offers: Vec<Arc<Inner>>) {
+fn offer_all(offers: &[Arc<Inner>]) {
     for inner in offers {
         let written = inner
             .direct
             .get()
-            .is_some_and(|direct| direct.write_now(Queued { inner: &inner }));
+            .is_some_and(|direct| direct.write_now(Queued { inner }));
         if !written {
             inner.waker.wake();
         }
