@@ -5,12 +5,14 @@
 //! server memory (docs/BENCHMARKS.md). So each new connection's first request head is read
 //! here: when it is an SSE subscription, the request still goes through the whole router
 //! (limits, auth, CORS, the handler), and the response is then written straight to the
-//! socket, `Connection: close`-delimited, with no buffer kept between events. Anything else
+//! socket, `Connection: close`-delimited, with no buffer kept between events (the events
+//! themselves are usually written by the thread that released them: see `sse.rs`). Anything else
 //! (other routes, WebSocket upgrades, HTTP/2, heads we cannot parse) is handed to hyper
 //! untouched: the head is only peeked at.
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -20,10 +22,13 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response, Version};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::either::Either;
 use tower::ServiceExt;
 
+use crate::direct::Ordered;
 use crate::limits::PeerAddr;
 use crate::listener::GuardedStream;
+use crate::sse::{DetachedSocket, DirectBody};
 
 /// A request head longer than this is left to hyper (which refuses it).
 const MAX_HEAD: usize = 64 * 1024;
@@ -91,9 +96,11 @@ pub(crate) async fn first_request(io: &GuardedStream, head_timeout: Duration) ->
 }
 
 /// Answers an SSE subscription through the router (limits, auth, the handler) and streams
-/// the response to the socket until either side ends it.
+/// the response to the socket until either side ends it. `socket` is `io`'s own, for the
+/// subscription to write its events to directly.
 pub(crate) async fn serve_sse<IO>(
     mut io: IO,
+    socket: DetachedSocket,
     request: Box<Request<Body>>,
     head_len: usize,
     peer: SocketAddr,
@@ -109,6 +116,7 @@ pub(crate) async fn serve_sse<IO>(
     drop(head);
     let mut request = *request;
     request.extensions_mut().insert(ConnectInfo(PeerAddr(peer)));
+    request.extensions_mut().insert(socket);
     let response = match router.oneshot(request).await {
         Ok(response) => response,
         Err(never) => match never {},
@@ -206,7 +214,16 @@ where
     }
     io.write_all(&head(&parts, None)).await?;
     io.flush().await?;
-    let (mut reader, mut writer) = tokio::io::split(io);
+    let (mut reader, writer) = tokio::io::split(io);
+    // With direct writes, every write of the body takes the subscription's lock and sends
+    // what a direct write left pending first; an empty chunk asks for just that flush.
+    let mut writer = match parts.extensions.get::<DirectBody>() {
+        Some(DirectBody(direct)) => Either::Left(Ordered::new(writer, Arc::clone(direct))),
+        None => Either::Right(writer),
+    };
+    // The head is out: its headers and extensions would otherwise be held for as long as
+    // the subscriber stays connected, which is mostly idle time.
+    drop(parts);
     let mut body = body;
     let mut probe = [0u8; 1];
     loop {

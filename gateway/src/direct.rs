@@ -1,4 +1,5 @@
-//! WebSocket data frames, and writing them from the thread that released them.
+//! WebSocket data frames and SSE events, and writing them from the thread that released
+//! them.
 //!
 //! Under fan-out, a group commit's events reach a thousand subscribers' queues at once.
 //! Waking a thousand connection tasks to write them costs a task wake-up, a poll of the
@@ -9,7 +10,9 @@
 //! one non-blocking vectored write per subscriber (`DirectWrite::write_now`). It wakes the
 //! connection's task only when it cannot finish: the task is writing (the lock is taken),
 //! the socket is full (the unwritten rest is kept as `pending`, which goes out before
-//! anything else), or a close is queued.
+//! anything else), or a close is queued. An SSE subscription served outside hyper
+//! (`detach.rs`) does the same once its response head is out: its events are already the
+//! bytes of the body, so they are written as they are ([`Framing::EventStream`]).
 //!
 //! Ordering rests on one lock per connection, `Direct::state`: messages are taken off the
 //! queue and written (or parked in `pending`) under it, by the releasing thread and by the
@@ -35,9 +38,27 @@ use crate::telemetry::{Telemetry, Wire};
 pub(crate) struct Direct {
     state: Mutex<State>,
     telemetry: Arc<Telemetry>,
-    /// An object's text is checked for UTF-8 (a client must fail a connection on invalid
-    /// text); a channel's is JSON from its own encoder.
-    check_text: bool,
+    framing: Framing,
+}
+
+/// How queued messages become bytes on the wire.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Framing {
+    /// A frame header before each payload. An object's text is checked for UTF-8 (a client
+    /// must fail a connection on invalid text); a channel's is JSON from its own encoder.
+    WebSocket { check_text: bool },
+    /// A channel's SSE encoding is the event's bytes as the body carries them; binary
+    /// messages have no SSE form and are dropped, as the connection's task does.
+    EventStream,
+}
+
+impl Framing {
+    fn wire(self) -> Wire {
+        match self {
+            Framing::WebSocket { .. } => Wire::Ws,
+            Framing::EventStream => Wire::Sse,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -68,7 +89,7 @@ impl Direct {
     pub(crate) fn new(
         stream: Option<Arc<TcpStream>>,
         telemetry: Arc<Telemetry>,
-        check_text: bool,
+        framing: Framing,
     ) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(State {
@@ -76,7 +97,7 @@ impl Direct {
                 ..State::default()
             }),
             telemetry,
-            check_text,
+            framing,
         })
     }
 
@@ -122,7 +143,7 @@ impl Direct {
     /// Frames `taken` and writes them without blocking; what the socket does not take goes
     /// to `pending`.
     fn write_taken(&self, state: &mut State, taken: Vec<(Outbound, Option<Instant>)>) -> Written {
-        let (frames, mut written) = Frames::gather(taken, self.check_text);
+        let (frames, mut written) = Frames::gather(taken, self.framing);
         let Some(stream) = state.stream.as_ref() else {
             written.failed = true;
             return written;
@@ -156,7 +177,7 @@ impl DirectWrite for Direct {
             }
             let written = self.write_taken(&mut state, taken);
             self.telemetry
-                .delivered(Wire::Ws, written.messages, written.stamps);
+                .delivered(self.framing.wire(), written.messages, written.stamps);
             if written.failed || !state.pending.is_empty() {
                 return false;
             }
@@ -289,7 +310,7 @@ impl Frames {
     /// Frames for `taken`, up to a close, and what they amount to (`failed` unset).
     pub(crate) fn gather(
         taken: Vec<(Outbound, Option<Instant>)>,
-        check_text: bool,
+        framing: Framing,
     ) -> (Self, Written) {
         let mut written = Written {
             stamps: Vec::with_capacity(taken.len()),
@@ -297,16 +318,20 @@ impl Frames {
         };
         let mut frames = Frames::with_capacity(taken.len());
         for (outbound, stamp) in taken {
-            match outbound {
-                Outbound::Text(bytes) => {
+            match (outbound, framing) {
+                (Outbound::Text(bytes), Framing::EventStream) => frames.push_raw(bytes),
+                (Outbound::Binary(_), Framing::EventStream) => continue,
+                (Outbound::Text(bytes), Framing::WebSocket { check_text }) => {
                     if check_text && std::str::from_utf8(&bytes).is_err() {
                         tracing::warn!("dropped an object's text message that is not UTF-8");
                         continue;
                     }
                     frames.push(Opcode::Text, bytes);
                 }
-                Outbound::Binary(bytes) => frames.push(Opcode::Binary, bytes),
-                Outbound::Close { code, reason } => {
+                (Outbound::Binary(bytes), Framing::WebSocket { .. }) => {
+                    frames.push(Opcode::Binary, bytes);
+                }
+                (Outbound::Close { code, reason }, _) => {
                     // Whatever was queued after a close is not written.
                     written.close = Some((code, reason));
                     break;
@@ -328,6 +353,13 @@ impl Frames {
 
     pub(crate) fn push(&mut self, opcode: Opcode, payload: Bytes) {
         self.headers.push(frame_header(opcode, payload.len()));
+        self.bytes += payload.len();
+        self.payloads.push(payload);
+    }
+
+    /// A payload that is already the bytes to send (an SSE event), with no header.
+    fn push_raw(&mut self, payload: Bytes) {
+        self.headers.push(([0; 10], 0));
         self.bytes += payload.len();
         self.payloads.push(payload);
     }
@@ -448,6 +480,39 @@ mod tests {
 
     /// A batch larger than one write can take arrives whole and in order through a pipe
     /// that accepts a few bytes at a time.
+    /// An SSE event is written as the body's bytes: no header, binary dropped, nothing
+    /// after a close.
+    #[tokio::test]
+    async fn event_stream_frames_are_the_events_bytes() {
+        let now = Instant::now();
+        let taken = vec![
+            (
+                Outbound::Text(Bytes::from_static(b"id: 1-1\ndata: a\n\n")),
+                Some(now),
+            ),
+            (Outbound::Binary(Bytes::from_static(b"\x00\x01")), Some(now)),
+            (
+                Outbound::Text(Bytes::from_static(b"id: 1-2\ndata: b\n\n")),
+                None,
+            ),
+            (
+                Outbound::Close {
+                    code: 1008,
+                    reason: "slow".into(),
+                },
+                None,
+            ),
+            (Outbound::Text(Bytes::from_static(b"never")), None),
+        ];
+        let (frames, written) = Frames::gather(taken, Framing::EventStream);
+        assert_eq!(written.messages, 2);
+        assert_eq!(written.stamps, [now]);
+        assert_eq!(written.close, Some((1008, "slow".to_string())));
+        let mut out = Vec::new();
+        frames.write_to(&mut out).await.unwrap();
+        assert_eq!(out, b"id: 1-1\ndata: a\n\nid: 1-2\ndata: b\n\n");
+    }
+
     #[tokio::test]
     async fn partial_writes_resume_where_they_stopped() {
         let (mut client, mut server) = tokio::io::duplex(7);
@@ -476,7 +541,11 @@ mod tests {
     #[tokio::test]
     async fn ordered_writes_never_interleave() {
         let (mut client, server) = tokio::io::duplex(5);
-        let direct = Direct::new(None, Arc::new(Telemetry::new(false)), false);
+        let direct = Direct::new(
+            None,
+            Arc::new(Telemetry::new(false)),
+            Framing::WebSocket { check_text: false },
+        );
         direct.lock().pending = Bytes::from_static(b"[pending]");
         let mut io = Ordered::new(server, Arc::clone(&direct));
         let reader = tokio::spawn(async move {

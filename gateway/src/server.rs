@@ -254,7 +254,8 @@ impl Dormouse {
                     detach::First::Sse { request, head_len } => {
                         // Tracked, so a graceful stop waits for the goodbye to be written.
                         let _running = tasks.token();
-                        detach::serve_sse(io, request, head_len, peer, router).await;
+                        let socket = crate::sse::DetachedSocket(io.shared());
+                        detach::serve_sse(io, socket, request, head_len, peer, router).await;
                         tracked.ending("closed");
                         return;
                     }

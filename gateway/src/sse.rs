@@ -1,8 +1,17 @@
 //! Server-Sent Events: one task per connection drains the socket's queue into the response
 //! body, batching whatever is ready into one write, and sends keep-alive comments on its own
 //! timer (so an idle client never wakes its channel).
+//!
+//! A subscription served outside hyper (`detach.rs`, an HTTP/1.x connection whose first
+//! request it is) has its socket to itself after the response head, so once the opening
+//! comment is out its events are written directly, as a WebSocket's are (`direct.rs`):
+//! by the thread that released them, and by the task under the same lock when woken. The
+//! task still writes the keep-alives and the closing control event, through
+//! [`Ordered`](crate::direct::Ordered), so nothing lands inside an event.
 
 use std::pin::Pin;
+use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use crate::stopping::Waiter;
@@ -18,24 +27,39 @@ use futures::Stream;
 use serde::Deserialize;
 use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
 
+use tokio::net::TcpStream;
+
 use crate::auth::Principal;
 use crate::channels::{self, ChannelName, check_channel, query};
+use crate::direct::{Direct, Framing};
 use crate::telemetry::{Connection, Wire};
 use crate::{ApiError, AppState, cursor};
 
 /// Most bytes gathered into one body chunk from messages that are already queued.
 const BATCH_BYTES: usize = 64 * 1024;
 
+/// The socket of a subscription served outside hyper: after the response head, the body is
+/// written straight to it, so events can be too. Put into the request by `detach.rs` only;
+/// a stream hyper serves (chunked, or HTTP/2) must never be written to around hyper.
+#[derive(Debug, Clone)]
+pub(crate) struct DetachedSocket(pub(crate) Arc<TcpStream>);
+
+/// On a response whose events are written directly: `detach.rs` writes the rest of the body
+/// through it, in order with them.
+#[derive(Debug, Clone)]
+pub(crate) struct DirectBody(pub(crate) Arc<Direct>);
+
 /// `GET /v1/channels/{channel}/events`
 pub(crate) async fn subscribe(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
+    detached: Option<Extension<DetachedSocket>>,
     ChannelName(channel): ChannelName,
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let start = cursor::from_request(&uri, &headers)?;
-    open(state, channel, start, &principal).await
+    open(state, channel, start, &principal, detached).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -52,6 +76,7 @@ struct CompatQuery {
 pub(crate) async fn subscribe_compat(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
+    detached: Option<Extension<DetachedSocket>>,
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -65,7 +90,7 @@ pub(crate) async fn subscribe_compat(
     })?;
     check_channel(&channel)?;
     let start = cursor::start(&headers, last_event_id.as_deref())?;
-    open(state, channel, start, &principal).await
+    open(state, channel, start, &principal, detached).await
 }
 
 async fn open(
@@ -73,19 +98,31 @@ async fn open(
     channel: String,
     start: Start,
     principal: &Principal,
+    detached: Option<Extension<DetachedSocket>>,
 ) -> Result<Response, ApiError> {
     let receiver = channels::subscribe(&state, &channel, Transport::Sse, start).await?;
     let conn = state.telemetry.connection_opened(Wire::Sse, true, &channel);
+    let direct = detached.map(|Extension(DetachedSocket(socket))| {
+        Direct::new(
+            Some(socket),
+            Arc::clone(&state.telemetry),
+            Framing::EventStream,
+        )
+    });
     let sse = &state.settings.sse;
     let body = Body::from_stream(stream(
         conn,
         receiver,
+        direct.clone(),
         sse.keepalive,
         sse.retry,
         state.stopping.waiter(),
         principal.time_left().map(|left| Instant::now() + left),
     ));
     let mut response = body.into_response();
+    if let Some(direct) = direct {
+        response.extensions_mut().insert(DirectBody(direct));
+    }
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
@@ -100,6 +137,12 @@ struct Conn {
     /// Counted while the stream lives; logs its end.
     conn: Connection,
     receiver: SocketReceiver,
+    /// Writes events straight to the socket, once `direct_on`; `None` when the stream goes
+    /// through hyper.
+    direct: Option<Arc<Direct>>,
+    /// Set on the first turn after the opening comment: from then on, the response head
+    /// and the opening are on the wire (or pending, under the lock) before any event.
+    direct_on: bool,
     keepalive: Interval,
     /// Ready when the server starts shutting down.
     stopping: Waiter,
@@ -112,6 +155,7 @@ struct Conn {
 fn stream(
     conn: Connection,
     receiver: SocketReceiver,
+    direct: Option<Arc<Direct>>,
     keepalive: Duration,
     retry: Duration,
     stopping: Waiter,
@@ -122,6 +166,8 @@ fn stream(
     let conn = Conn {
         conn,
         receiver,
+        direct,
+        direct_on: false,
         keepalive,
         stopping,
         expired: deadline(expires_at),
@@ -139,6 +185,10 @@ fn stream(
         if let Some(opening) = conn.opening.take() {
             return Some((Ok(opening), conn));
         }
+        if let Some(direct) = conn.direct.as_ref().filter(|_| !conn.direct_on) {
+            conn.receiver.set_direct(Arc::clone(direct) as _);
+            conn.direct_on = true;
+        }
         let chunk = conn.next_chunk().await?;
         Some((Ok(chunk), conn))
     })
@@ -151,13 +201,32 @@ impl Conn {
             Shutdown,
             Expired,
             Message(Option<(Outbound, Option<std::time::Instant>)>),
+            /// With direct writes: something is queued or pending (false: the channel let
+            /// go of the socket).
+            Ready(bool),
             KeepAlive,
         }
+        let direct = self.direct.clone().filter(|_| self.direct_on);
+        let receiver = &mut self.receiver;
+        let outbound = async {
+            let Some(direct) = &direct else {
+                return Wake::Message(receiver.recv_stamped().await);
+            };
+            Wake::Ready(
+                std::future::poll_fn(|cx| match receiver.poll_ready(cx) {
+                    // Registered first, then checked: a direct write that leaves bytes
+                    // behind sets them before it wakes this task.
+                    Poll::Pending if direct.has_pending() => Poll::Ready(true),
+                    poll => poll,
+                })
+                .await,
+            )
+        };
         let wake = tokio::select! {
             biased;
             () = self.stopping.stopped() => Wake::Shutdown,
             () = expiry(&mut self.expired) => Wake::Expired,
-            message = self.receiver.recv_stamped() => Wake::Message(message),
+            wake = outbound => wake,
             _ = self.keepalive.tick() => Wake::KeepAlive,
         };
         match wake {
@@ -181,6 +250,30 @@ impl Conn {
                 self.conn.ending("ended");
                 None
             }
+            Wake::Ready(more) => {
+                let direct = direct?;
+                if !more {
+                    if direct.has_pending() {
+                        // Flushed by the body's writer before the stream ends.
+                        return Some(Bytes::new());
+                    }
+                    self.conn.ending("ended");
+                    return None;
+                }
+                let written = direct.write_queued(&mut self.receiver);
+                self.conn
+                    .telemetry()
+                    .delivered(Wire::Sse, written.messages, written.stamps);
+                if written.failed {
+                    self.conn.ending("write_failed");
+                    return None;
+                }
+                match written.close {
+                    Some((code, reason)) => Some(self.closing(code, &reason)),
+                    // Empty: the body's writer flushes what the socket did not take.
+                    None => Some(Bytes::new()),
+                }
+            }
             Wake::Message(Some((message, stamp))) => {
                 let first = self.frame(message, stamp)?;
                 Some(self.gather(first))
@@ -198,18 +291,21 @@ impl Conn {
             }
             // The object never sends binary frames to SSE; drop rather than corrupt.
             Outbound::Binary(_) => Some(Bytes::new()),
-            Outbound::Close { code, reason } => {
-                self.done = true;
-                let cause = if code == 1008 {
-                    self.conn.telemetry().slow_disconnect(Wire::Sse);
-                    "slow_consumer"
-                } else {
-                    "closed"
-                };
-                self.conn.ending(cause);
-                Some(reconnect(cause, &reason))
-            }
+            Outbound::Close { code, reason } => Some(self.closing(code, &reason)),
         }
+    }
+
+    /// The control event that ends the stream when the channel closes the socket.
+    fn closing(&mut self, code: u16, reason: &str) -> Bytes {
+        self.done = true;
+        let cause = if code == 1008 {
+            self.conn.telemetry().slow_disconnect(Wire::Sse);
+            "slow_consumer"
+        } else {
+            "closed"
+        };
+        self.conn.ending(cause);
+        reconnect(cause, reason)
     }
 
     /// Appends whatever else is already queued (up to a bound), so a burst is one write.
@@ -233,6 +329,16 @@ impl Conn {
             }
         }
         batch.map_or(first, BytesMut::freeze)
+    }
+}
+
+impl Drop for Conn {
+    /// Lets go of the socket: the channel may still offer this subscriber's queue until it
+    /// notices the subscriber left.
+    fn drop(&mut self) {
+        if let Some(direct) = &self.direct {
+            direct.detach();
+        }
     }
 }
 

@@ -27,7 +27,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
-use crate::direct::{Direct, Ordered};
+use crate::direct::{Direct, Framing, Ordered};
 use crate::telemetry::Telemetry;
 
 /// An accepted WebSocket. Its IO is [`Ordered`], so that data frames written around
@@ -117,7 +117,7 @@ impl Handshake {
                     return;
                 }
             };
-            let direct = Direct::new(stream, telemetry, check_text);
+            let direct = Direct::new(stream, telemetry, Framing::WebSocket { check_text });
             let io = Ordered::new(TokioIo::new(upgraded), Arc::clone(&direct));
             let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
             serve(ws, direct).await;

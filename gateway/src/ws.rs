@@ -38,7 +38,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::auth::{Auth, Need, Principal};
 use crate::channels::{self, ChannelName, check_message};
-use crate::direct::{Direct, Frames};
+use crate::direct::{Direct, Frames, Framing};
 use crate::limits::{ClientIp, Limits};
 use crate::sse::{deadline, expiry};
 use crate::stopping::Waiter;
@@ -389,7 +389,7 @@ impl Conn {
         self.receiver
             .try_recv_many(&mut taken, Frames::MAX_FRAMES, Frames::MAX_BYTES);
         let check_text = matches!(self.mode, Mode::Object { .. });
-        let (frames, written) = Frames::gather(taken, check_text);
+        let (frames, written) = Frames::gather(taken, Framing::WebSocket { check_text });
         if frames.write_to(ws.get_mut()).await.is_err() {
             return Some(End::WriteFailed);
         }
