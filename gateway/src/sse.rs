@@ -265,7 +265,8 @@ impl Conn {
                     .telemetry()
                     .delivered(Wire::Sse, written.messages, written.stamps);
                 if written.failed {
-                    self.conn.ending("write_failed");
+                    // The socket refused the bytes: the client is gone (the reason the
+                    // connection is logged with unless something else ended it).
                     return None;
                 }
                 match written.close {
