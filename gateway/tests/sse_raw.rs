@@ -154,3 +154,96 @@ async fn a_subscription_head_sent_in_pieces_is_still_served() {
     server.publish("slow", "in pieces").await;
     read_until(&mut stream, &mut seen, "data: in pieces\n\n").await;
 }
+
+/// Events of a first-request subscription are written straight to its socket by whichever
+/// thread released them, while its own task writes the keep-alives. Here the client reads
+/// nothing while 15 MB are published, so the socket fills and writes stop part-way through
+/// an event; with a keep-alive due every millisecond, the bytes must still come out as
+/// whole events, in the channel's order, with comments only between them.
+#[tokio::test]
+async fn directly_written_events_and_keep_alives_never_interleave() {
+    const PUBLISHERS: usize = 4;
+    const EACH: usize = 60;
+    const PAD: usize = 60_000;
+    let server = TestServer::start_with(|s| {
+        s.sse.keepalive = Duration::from_millis(1);
+        // Room for everything unread, so the subscriber is not cut off as slow.
+        s.limits.subscriber_queue = dormouse_gateway::ByteSize(64 << 20);
+    })
+    .await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    stream
+        .write_all(b"GET /v1/channels/woven/events HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    read_until(&mut stream, &mut seen, ": connected").await;
+
+    let publishing: Vec<_> = (0..PUBLISHERS)
+        .map(|p| {
+            let client = server.client.clone();
+            let url = server.url("/v1/channels/woven/messages");
+            tokio::spawn(async move {
+                for i in 0..EACH {
+                    let body = format!("p{p}-{i}:{}", "x".repeat(PAD + i));
+                    let res = client.post(&url).body(body).send().await.unwrap();
+                    assert_eq!(res.status(), 201);
+                }
+            })
+        })
+        .collect();
+    tokio::time::timeout(PATIENCE, async {
+        for task in publishing {
+            task.await.unwrap();
+        }
+    })
+    .await
+    .expect("every publish is answered");
+    // Every event ends with a blank line; read until all of them have.
+    let events_done = |seen: &[u8]| {
+        let text = String::from_utf8_lossy(seen);
+        text.matches("\nevent: message\n").count() == PUBLISHERS * EACH && text.ends_with("\n\n")
+    };
+    tokio::time::timeout(PATIENCE, async {
+        while !events_done(&seen) {
+            let mut buf = vec![0u8; 1 << 16];
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed early");
+            seen.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("every event arrives");
+
+    let text = String::from_utf8(seen).unwrap();
+    let (_, body) = text.split_once("\r\n\r\n").unwrap();
+    let mut seqs = Vec::new();
+    let mut next_of = [0usize; PUBLISHERS];
+    let mut comments = 0;
+    for block in body.trim_end_matches('\n').split("\n\n") {
+        if block.starts_with(':') {
+            // `: connected` (with its retry line) or a keep-alive; nothing else.
+            assert!(
+                block == ": keep-alive" || block.starts_with(": connected\nretry: "),
+                "a comment block with more in it: {block:.80?}"
+            );
+            comments += 1;
+            continue;
+        }
+        let lines: Vec<&str> = block.split('\n').collect();
+        assert_eq!(lines.len(), 3, "an event cut or mixed: {block:.120?}");
+        let id = lines[0].strip_prefix("id: ").expect("id line");
+        assert_eq!(lines[1], "event: message", "{block:.120?}");
+        let data = lines[2].strip_prefix("data: ").expect("data line");
+        let (tag, pad) = data.split_once(':').expect("tag");
+        let (p, i) = tag[1..].split_once('-').unwrap();
+        let (p, i): (usize, usize) = (p.parse().unwrap(), i.parse().unwrap());
+        assert_eq!(i, next_of[p], "publisher {p}'s messages in order");
+        assert_eq!(pad.len(), PAD + i, "whole payload of {tag}");
+        next_of[p] += 1;
+        seqs.push(id.rsplit_once('-').unwrap().1.parse::<u64>().unwrap());
+    }
+    assert_eq!(next_of, [EACH; PUBLISHERS], "every message once");
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "consecutive ids");
+    assert!(comments > 1, "keep-alives were written among the events");
+}
