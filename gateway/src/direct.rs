@@ -352,14 +352,16 @@ impl Frames {
     }
 
     pub(crate) fn push(&mut self, opcode: Opcode, payload: Bytes) {
-        self.headers.push(frame_header(opcode, payload.len()));
-        self.bytes += payload.len();
-        self.payloads.push(payload);
+        self.push_with(frame_header(opcode, payload.len()), payload);
     }
 
-    /// A payload that is already the bytes to send (an SSE event), with no header.
+    /// A payload that is already the bytes to send (an SSE event): an empty header.
     fn push_raw(&mut self, payload: Bytes) {
-        self.headers.push(([0; 10], 0));
+        self.push_with(([0; 10], 0), payload);
+    }
+
+    fn push_with(&mut self, header: ([u8; 10], u8), payload: Bytes) {
+        self.headers.push(header);
         self.bytes += payload.len();
         self.payloads.push(payload);
     }
@@ -478,8 +480,6 @@ mod tests {
         }
     }
 
-    /// A batch larger than one write can take arrives whole and in order through a pipe
-    /// that accepts a few bytes at a time.
     /// An SSE event is written as the body's bytes: no header, binary dropped, nothing
     /// after a close.
     #[tokio::test]
@@ -513,6 +513,8 @@ mod tests {
         assert_eq!(out, b"id: 1-1\ndata: a\n\nid: 1-2\ndata: b\n\n");
     }
 
+    /// A batch larger than one write can take arrives whole and in order through a pipe
+    /// that accepts a few bytes at a time.
     #[tokio::test]
     async fn partial_writes_resume_where_they_stopped() {
         let (mut client, mut server) = tokio::io::duplex(7);
