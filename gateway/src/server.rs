@@ -253,10 +253,17 @@ impl Dormouse {
                 match detach::first_request(&io, head_timeout).await {
                     detach::First::Sse { request, head_len } => {
                         // Tracked, so a graceful stop waits for the goodbye to be written.
-                        let _running = tasks.token();
+                        let running = tasks.token();
                         let socket = crate::sse::DetachedSocket(io.shared());
-                        detach::serve_sse(io, socket, request, head_len, peer, router).await;
-                        tracked.ending("closed");
+                        let finished = move || {
+                            tracked.ending("closed");
+                            drop(running);
+                        };
+                        // In a task of its own: this one is sized for hyper's connection
+                        // too, which a subscriber would otherwise carry while it idles.
+                        tokio::spawn(detach::serve_sse(
+                            io, socket, request, head_len, peer, router, finished,
+                        ));
                         return;
                     }
                     detach::First::Hyper => {}

@@ -102,14 +102,18 @@ impl Handshake {
         F: FnOnce(WsStream, Arc<Direct>) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let config = WebSocketConfig::default()
-            .read_buffer_size(1024)
-            .write_buffer_size(8 * 1024)
-            .max_message_size(Some(max_message))
-            .max_frame_size(Some(max_message));
         let on_upgrade = self.on_upgrade;
         let stream = self.stream;
+        // What the task captures stays in it for the connection's whole life (a future keeps
+        // its captures apart from what it later awaits), so `serve`, which holds the
+        // connection's state, is boxed until called and the config is made inside.
+        let serve = Box::new(serve);
         tokio::spawn(async move {
+            let config = WebSocketConfig::default()
+                .read_buffer_size(1024)
+                .write_buffer_size(8 * 1024)
+                .max_message_size(Some(max_message))
+                .max_frame_size(Some(max_message));
             let upgraded = match on_upgrade.await {
                 Ok(upgraded) => upgraded,
                 Err(e) => {

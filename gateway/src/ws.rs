@@ -243,14 +243,32 @@ enum End {
 }
 
 impl Conn {
-    pub(crate) async fn run(mut self, ws: WsStream, direct: Arc<Direct>) {
-        let direct_writes = direct.enabled();
-        if direct_writes {
-            self.receiver.set_direct(direct.clone());
+    /// Serves the connection to its end. Not an `async fn`: an idle connection's task is
+    /// mostly this future, and an `async fn` keeps each by-value argument twice (as it was
+    /// passed and as the local it is moved to: ~600 more bytes for the stream and `self`),
+    /// where an `async move` block uses what it captured in place.
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an `async fn` would keep its by-value arguments twice"
+    )]
+    pub(crate) fn run(
+        mut self,
+        mut ws: WsStream,
+        direct: Arc<Direct>,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        async move {
+            let direct_writes = direct.enabled();
+            if direct_writes {
+                self.receiver.set_direct(direct.clone());
+            }
+            let end = self.serve(&mut ws, &direct, direct_writes).await;
+            // Lets go of the shared socket, so it closes with the connection.
+            direct.detach();
+            self.end(end);
         }
-        let end = self.serve(ws, &direct, direct_writes).await;
-        // Lets go of the shared socket, so it closes with the connection.
-        direct.detach();
+    }
+
+    fn end(&mut self, end: End) {
         self.tracked.ending(match end {
             End::ClientLeft => "client_left",
             End::WriteFailed => "write_failed",
@@ -262,7 +280,7 @@ impl Conn {
         });
     }
 
-    async fn serve(&mut self, mut ws: WsStream, direct: &Direct, direct_writes: bool) -> End {
+    async fn serve(&mut self, ws: &mut WsStream, direct: &Direct, direct_writes: bool) -> End {
         // Answers to the client's own publishes; created on its first message, since most
         // subscribers never publish and an idle connection should cost little.
         let mut acks: Option<(mpsc::UnboundedSender<Value>, mpsc::UnboundedReceiver<Value>)> = None;
@@ -310,19 +328,23 @@ impl Conn {
             };
             match wake {
                 Wake::Shutdown => {
-                    return close_with(&mut ws, close::RESTART, "service restart").await;
+                    return close_with(ws, close::RESTART, "service restart").await;
                 }
                 Wake::Expired => {
-                    return close_with(&mut ws, close::TOKEN_EXPIRED, "token expired").await;
+                    return close_with(ws, close::TOKEN_EXPIRED, "token expired").await;
                 }
                 Wake::Outbound(false) => {
-                    return close_with(&mut ws, 1000, "the server ended the connection").await;
+                    return close_with(ws, 1000, "the server ended the connection").await;
                 }
                 Wake::Outbound(true) => {
+                    // Boxed, as they are the loop's largest steps and a future is as large
+                    // as its largest step for the connection's whole life, mostly idle. A
+                    // directly written connection comes here only when bytes were left
+                    // over (or a close was queued).
                     let end = if direct_writes {
-                        self.write_direct(&mut ws, direct).await
+                        Box::pin(self.write_direct(ws, direct)).await
                     } else {
-                        self.write_batch(&mut ws).await
+                        Box::pin(self.write_batch(ws)).await
                     };
                     if let Some(end) = end {
                         return end;
@@ -364,8 +386,7 @@ impl Conn {
                 }
                 Wake::Ping => {
                     if last_heard.elapsed() > self.idle_timeout {
-                        return close_with(&mut ws, close::HEARTBEAT_TIMEOUT, "heartbeat timeout")
-                            .await;
+                        return close_with(ws, close::HEARTBEAT_TIMEOUT, "heartbeat timeout").await;
                     }
                     if ws.send(Message::Ping(Bytes::new())).await.is_err() {
                         return End::WriteFailed;
