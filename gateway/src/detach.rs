@@ -364,8 +364,9 @@ mod tests {
             panic!("an SSE subscription");
         };
         let socket = DetachedSocket(io.shared());
-        // The server's `finished` holds the connection's telemetry and a task token.
-        let held = [0u64; 8];
+        // The server's `finished` holds the connection's telemetry and a task token: as
+        // many bytes, one of them a pointer.
+        let held = ([0u64; 7], Arc::new(()));
         let serving = serve_sse(
             io,
             socket,
