@@ -345,20 +345,7 @@ mod tests {
     /// connection, and 1,264 while the head's parts and the request stayed in it.
     #[tokio::test]
     async fn a_subscription_future_stays_small() {
-        use crate::listener::{Connections, GuardedListener, KillSwitch};
-        use crate::telemetry::Telemetry;
-
-        let inner = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = inner.local_addr().unwrap();
-        let mut listener = GuardedListener::new(
-            inner,
-            KillSwitch::default(),
-            Duration::from_secs(5),
-            Arc::new(Connections::new(0, 0)),
-            Arc::new(Telemetry::new(false)),
-        );
-        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (io, peer) = axum::serve::Listener::accept(&mut listener).await;
+        let (io, peer, _client) = crate::listener::accepted_for_test().await;
         let head = "GET /v1/channels/news/events HTTP/1.1\r\n\r\n";
         let Parsed::Sse(request, head_len) = parse(head.as_bytes()) else {
             panic!("an SSE subscription");

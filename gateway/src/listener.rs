@@ -523,23 +523,31 @@ impl AsyncWrite for GuardedStream {
     }
 }
 
+/// A connection accepted as the server accepts them (no limits), its peer address, and the
+/// client's end: for tests of what runs on one.
+#[cfg(test)]
+pub(crate) async fn accepted_for_test() -> (GuardedStream, SocketAddr, TcpStream) {
+    let inner = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = inner.local_addr().unwrap();
+    let mut listener = GuardedListener::new(
+        inner,
+        KillSwitch::default(),
+        Duration::from_secs(5),
+        Arc::new(Connections::new(0, 0)),
+        Arc::new(Telemetry::new(false)),
+    );
+    let client = TcpStream::connect(addr).await.unwrap();
+    let (stream, peer) = axum::serve::Listener::accept(&mut listener).await;
+    (stream, peer, client)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[tokio::test]
     async fn accepted_connections_send_small_writes_at_once() {
-        let inner = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = inner.local_addr().unwrap();
-        let mut listener = GuardedListener::new(
-            inner,
-            KillSwitch::default(),
-            Duration::from_secs(5),
-            Arc::new(Connections::new(0, 0)),
-            Arc::new(Telemetry::new(false)),
-        );
-        let client = TcpStream::connect(addr).await.unwrap();
-        let (stream, peer) = axum::serve::Listener::accept(&mut listener).await;
+        let (stream, peer, client) = accepted_for_test().await;
         assert_eq!(peer, client.local_addr().unwrap());
         assert!(
             stream.shared().nodelay().unwrap(),
