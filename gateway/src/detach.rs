@@ -246,6 +246,8 @@ where
             Answer::Stream { head, direct } => (head, direct),
         };
         io.write_all(&head).await?;
+        // Not kept for the stream's life.
+        drop(head);
         io.flush().await?;
         let (mut reader, writer) = tokio::io::split(io);
         // With direct writes, every write of the body takes the subscription's lock and
