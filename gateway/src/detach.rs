@@ -342,7 +342,7 @@ fn head(parts: &http::response::Parts, content_length: Option<usize>) -> Vec<u8>
 mod tests {
     use super::*;
 
-    /// An idle SSE subscriber costs mostly this future (docs/BENCHMARKS.md: ~2.9 KB per
+    /// An idle SSE subscriber costs mostly this future (docs/BENCHMARKS.md: ~2.6 KB per
     /// connection in all); it was 2,368 bytes while it shared its task with hyper's
     /// connection, and 1,264 while the head's parts and the request stayed in it.
     #[tokio::test]
