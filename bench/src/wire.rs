@@ -35,6 +35,9 @@ pub(crate) enum Transport {
     Ws,
     /// Server-Sent Events: `/v1/channels/{channel}/events`.
     Sse,
+    /// Server-Sent Events on a connection that first served another request (`GET
+    /// /healthz`), as a browser's pooled keep-alive connection or a proxy's upstream one.
+    SseKeptAlive,
 }
 
 /// What a subscriber received.
@@ -92,6 +95,13 @@ impl Subscriber {
                 let path = format!("/v1/channels/{channel}/events");
                 Self::Sse(sse::SseClient::connect(server.addr, source, &path, buffer).await?)
             }
+            (Kind::Dormouse, Transport::SseKeptAlive) => {
+                let path = format!("/v1/channels/{channel}/events");
+                Self::Sse(
+                    sse::SseClient::connect_after_request(server.addr, source, &path, buffer)
+                        .await?,
+                )
+            }
         })
     }
 
@@ -111,6 +121,7 @@ pub(crate) fn transport_name(kind: Kind, transport: Transport) -> &'static str {
         (Kind::Redis, _) => "resp",
         (Kind::Dormouse, Transport::Ws) => "ws",
         (Kind::Dormouse, Transport::Sse) => "sse",
+        (Kind::Dormouse, Transport::SseKeptAlive) => "sse_kept_alive",
     }
 }
 

@@ -8,20 +8,25 @@
 //! socket, `Connection: close`-delimited, with no buffer kept between events (the events
 //! themselves are usually written by the thread that released them: see `sse.rs`). Anything else
 //! (other routes, WebSocket upgrades, HTTP/2, heads we cannot parse) is handed to hyper
-//! untouched: the head is only peeked at.
+//! untouched: the head is only peeked at. An HTTP/1 connection is only lent to hyper
+//! ([`Handover`]): an SSE subscription that follows other requests on it is served here
+//! too.
 
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use http::header::{self, HeaderName, HeaderValue};
-use http::{Method, Request, Response, Version};
+use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::either::Either;
 use tower::ServiceExt;
 
@@ -47,8 +52,9 @@ pub(crate) enum First {
         request: Box<Request<Body>>,
         head_len: usize,
     },
-    /// Anything else: serve it with hyper (nothing has been read from the connection).
-    Hyper,
+    /// Anything else: serve it with hyper (nothing has been read from the connection);
+    /// `h2` when the connection opens with HTTP/2's preface.
+    Hyper { h2: bool },
     /// The client went away or did not send a whole head in time.
     Closed,
 }
@@ -68,11 +74,14 @@ pub(crate) async fn first_request(io: &GuardedStream, head_timeout: Duration) ->
             }
             match parse(&buf[..n]) {
                 Parsed::Sse(request, head_len) => return Ok(First::Sse { request, head_len }),
-                Parsed::NotOurs => return Ok(First::Hyper),
+                Parsed::NotOurs => {
+                    let h2 = buf[..n].starts_with(b"PRI * HTTP/2.0");
+                    return Ok(First::Hyper { h2 });
+                }
                 Parsed::Incomplete if n == buf.len() && buf.len() < MAX_HEAD => {
                     buf.resize(buf.len() * 2, 0);
                 }
-                Parsed::Incomplete if n == buf.len() => return Ok(First::Hyper),
+                Parsed::Incomplete if n == buf.len() => return Ok(First::Hyper { h2: false }),
                 Parsed::Incomplete => {
                     // A head arriving in pieces (a large head, a slow or hostile client).
                     // Peeking again returns at once with the same bytes, so wait first, a
@@ -144,6 +153,202 @@ where
         let _ = io.shutdown().await;
         finished();
     }
+}
+
+/// An HTTP/1 connection lent to hyper, which gives it back when the client's next request,
+/// made with nothing else in flight, is an SSE subscription: the subscription is then served
+/// as if it had opened the connection ([`first_request`], [`serve_sse`]), where hyper would
+/// keep its read and write buffers for the stream's whole life (~22 KB against ~2.6 KB per
+/// idle subscriber). Browsers reuse pooled keep-alive connections for `EventSource`s, and
+/// proxies with upstream keep-alive do too.
+///
+/// Whenever hyper reads while no request is in flight, the bytes waiting are looked at
+/// (`MSG_PEEK`); if they are a whole SSE subscription head, the read is answered with the
+/// end of the stream and nothing is taken off the socket. hyper then ends the connection
+/// without shutting the socket down (see `poll_shutdown`), and the caller takes the stream
+/// back from hyper's parts.
+pub(crate) struct Handover {
+    io: GuardedStream,
+    lent: Arc<Lent>,
+}
+
+impl Handover {
+    pub(crate) fn new(io: GuardedStream) -> Self {
+        Self {
+            io,
+            lent: Arc::default(),
+        }
+    }
+
+    /// What the service tells the stream about requests in flight.
+    pub(crate) fn lent(&self) -> Arc<Lent> {
+        Arc::clone(&self.lent)
+    }
+
+    /// The stream, once hyper is done with it.
+    pub(crate) fn into_inner(self) -> GuardedStream {
+        self.io
+    }
+}
+
+impl std::fmt::Debug for Handover {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handover")
+            .field("lent", &self.lent)
+            .finish()
+    }
+}
+
+/// What the service and the stream share about one lent connection.
+#[derive(Debug, Default)]
+pub(crate) struct Lent {
+    /// Requests whose response hyper has not finished with (it drops the body when done).
+    in_flight: AtomicUsize,
+    /// hyper keeps the connection: a request asked to switch protocols (a WebSocket),
+    /// whether or not it did. hyper holds on to a requested upgrade and, when the connection
+    /// ends, hands the socket to it rather than back, so such a connection is never taken.
+    kept: AtomicBool,
+    /// The next request is an SSE subscription, to be served outside hyper.
+    taken: AtomicBool,
+}
+
+impl Lent {
+    /// A request entered the service.
+    pub(crate) fn began<B>(&self, request: &Request<B>) {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        if request.headers().contains_key(header::UPGRADE) {
+            self.kept.store(true, Ordering::Release);
+        }
+    }
+
+    /// The response to a request that [`Lent::began`]: the request counts as in flight
+    /// until hyper drops the response's body.
+    pub(crate) fn answered(self: &Arc<Self>, response: Response<Body>) -> Response<Body> {
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            self.kept.store(true, Ordering::Release);
+        }
+        let in_flight = InFlight(Arc::clone(self));
+        response.map(|body| Body::new(Counted { body, in_flight }))
+    }
+
+    /// Whether hyper was told the connection ended because an SSE subscription came.
+    pub(crate) fn taken(&self) -> bool {
+        self.taken.load(Ordering::Acquire)
+    }
+
+    fn may_take(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) == 0 && !self.kept.load(Ordering::Acquire)
+    }
+}
+
+/// Counts a request as in flight while it lives.
+struct InFlight(Arc<Lent>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that holds its request's [`InFlight`].
+struct Counted {
+    body: Body,
+    in_flight: InFlight,
+}
+
+impl hyper::body::Body for Counted {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let _ = &self.in_flight;
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Largest head looked at on a lent connection; a longer one stays with hyper.
+const LENT_HEAD: usize = 4096;
+
+impl AsyncRead for Handover {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.lent.taken() {
+            return Poll::Ready(Ok(()));
+        }
+        if this.lent.may_take() {
+            let mut head = [0u8; LENT_HEAD];
+            let mut peeked = ReadBuf::new(&mut head);
+            if let Poll::Ready(Ok(_)) = this.io.poll_peek(cx, &mut peeked)
+                && is_sse_head(peeked.filled())
+            {
+                this.lent.taken.store(true, Ordering::Release);
+                return Poll::Ready(Ok(()));
+            }
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Handover {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    /// Left open when the connection was taken back: the subscription answers on it.
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.lent.taken() {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
+/// Whether `bytes` are a whole SSE subscription head, checked cheaply first: this runs at
+/// the start of every request on a lent connection.
+fn is_sse_head(bytes: &[u8]) -> bool {
+    let Some(target) = bytes
+        .strip_prefix(b"GET ")
+        .and_then(|rest| rest.split(|&b| b == b' ').next())
+    else {
+        return false;
+    };
+    std::str::from_utf8(target).is_ok_and(is_sse_path) && matches!(parse(bytes), Parsed::Sse(..))
 }
 
 enum Parsed {

@@ -342,6 +342,15 @@ impl GuardedStream {
         self.inner.peek(buf).await
     }
 
+    /// As [`GuardedStream::peek`], without waiting: for a reader that must decide in a poll.
+    pub(crate) fn poll_peek(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<usize>> {
+        self.inner.poll_peek(cx, buf)
+    }
+
     /// The cheap check on every operation; waiting for the switch is registered only when
     /// an operation would block.
     fn is_killed(&self) -> bool {

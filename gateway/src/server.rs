@@ -230,6 +230,12 @@ impl Dormouse {
         http.http1()
             .timer(TokioTimer::new())
             .header_read_timeout(self.state.settings.limits.header_read_timeout);
+        // HTTP/1 connections are served by hyper's own HTTP/1 connection, which gives the
+        // socket back (`detach::Handover`); the auto builder serves HTTP/2.
+        let mut http1 = hyper::server::conn::http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.state.settings.limits.header_read_timeout);
         let graceful = GracefulShutdown::new();
         let head_timeout = self.state.settings.limits.header_read_timeout;
         let mut shutdown = std::pin::pin!(shutdown);
@@ -243,58 +249,98 @@ impl Dormouse {
                 .state
                 .telemetry
                 .connection_opened(Wire::Http, false, &peer);
-            let watcher = graceful.watcher();
+            let mut watcher = Some(graceful.watcher());
+            let mut stopping = self.state.stopping.waiter();
             let http = http.clone();
+            let http1 = http1.clone();
             let router = router.clone();
             let tasks = self.state.tasks.clone();
             tokio::spawn(async move {
+                let mut io = io;
                 // SSE subscriptions are served outside hyper (see `detach`); everything
-                // else goes to hyper untouched (the head was only peeked at).
-                match detach::first_request(&io, head_timeout).await {
-                    detach::First::Sse { request, head_len } => {
-                        // Tracked, so a graceful stop waits for the goodbye to be written.
-                        let running = tasks.token();
-                        let socket = crate::sse::DetachedSocket(io.shared());
-                        let finished = move || {
-                            tracked.ending("closed");
-                            drop(running);
+                // else goes to hyper untouched (the head was only peeked at). An HTTP/1
+                // connection is only lent to hyper: it comes back when an SSE subscription
+                // follows other requests on it, and that one is served outside hyper too.
+                loop {
+                    let h2 = match detach::first_request(&io, head_timeout).await {
+                        detach::First::Sse { request, head_len } => {
+                            // Tracked, so a graceful stop waits for the goodbye to be
+                            // written.
+                            let running = tasks.token();
+                            let socket = crate::sse::DetachedSocket(io.shared());
+                            let finished = move || {
+                                tracked.ending("closed");
+                                drop(running);
+                            };
+                            // In a task of its own: this one is sized for hyper's
+                            // connection too, which a subscriber would otherwise carry
+                            // while it idles.
+                            tokio::spawn(detach::serve_sse(
+                                io, socket, request, head_len, peer, router, finished,
+                            ));
+                            return;
+                        }
+                        detach::First::Hyper { h2 } => h2,
+                        detach::First::Closed => {
+                            tracked.ending("client_left");
+                            return;
+                        }
+                    };
+                    let peer = ConnectInfo(PeerAddr(peer));
+                    // For a WebSocket upgraded on this connection to write to it directly.
+                    let shared = SharedStream(io.shared());
+                    if h2 {
+                        let service =
+                            router.map_request(move |mut request: http::Request<Incoming>| {
+                                request.extensions_mut().insert(peer);
+                                request.extensions_mut().insert(shared.clone());
+                                request.map(Body::new)
+                            });
+                        let connection = http.serve_connection_with_upgrades(
+                            TokioIo::new(io),
+                            TowerToHyperService::new(service),
+                        );
+                        let Some(watcher) = watcher.take() else {
+                            return;
                         };
-                        // In a task of its own: this one is sized for hyper's connection
-                        // too, which a subscriber would otherwise carry while it idles.
-                        tokio::spawn(detach::serve_sse(
-                            io, socket, request, head_len, peer, router, finished,
-                        ));
+                        ended(&mut tracked, watcher.watch(connection.into_owned()).await);
                         return;
                     }
-                    detach::First::Hyper => {}
-                    detach::First::Closed => {
-                        tracked.ending("client_left");
-                        return;
+                    let handover = detach::Handover::new(io);
+                    let lent = handover.lent();
+                    let began = Arc::clone(&lent);
+                    let answered = Arc::clone(&lent);
+                    let service = router
+                        .clone()
+                        .map_request(move |mut request: http::Request<Incoming>| {
+                            began.began(&request);
+                            request.extensions_mut().insert(peer);
+                            request.extensions_mut().insert(shared.clone());
+                            request.map(Body::new)
+                        })
+                        .map_response(move |response| answered.answered(response));
+                    let mut connection = http1
+                        .serve_connection(TokioIo::new(handover), TowerToHyperService::new(service))
+                        .with_upgrades();
+                    // `graceful.shutdown()` waits for `watcher` to go; the stop itself
+                    // comes through `stopping`, which is set first.
+                    let result = tokio::select! {
+                        result = &mut connection => result,
+                        () = stopping.stopped() => {
+                            std::pin::Pin::new(&mut connection).graceful_shutdown();
+                            (&mut connection).await
+                        }
+                    };
+                    if result.is_ok()
+                        && lent.taken()
+                        && let Some(parts) = connection.into_parts()
+                        && parts.read_buf.is_empty()
+                    {
+                        io = parts.io.into_inner().into_inner();
+                        continue;
                     }
-                }
-                let peer = ConnectInfo(PeerAddr(peer));
-                // For a WebSocket upgraded on this connection to write to it directly.
-                let shared = SharedStream(io.shared());
-                let service = router.map_request(move |mut request: http::Request<Incoming>| {
-                    request.extensions_mut().insert(peer);
-                    request.extensions_mut().insert(shared.clone());
-                    request.map(Body::new)
-                });
-                let connection = http.serve_connection_with_upgrades(
-                    TokioIo::new(io),
-                    TowerToHyperService::new(service),
-                );
-                match watcher.watch(connection.into_owned()).await {
-                    Ok(()) => tracked.ending("closed"),
-                    Err(e) => {
-                        // Routine for clients that vanish or idle; debug, not a warning.
-                        tracing::debug!(error = %crate::logging::error_chain(&*e), "connection failed");
-                        tracked.ending(match e.downcast_ref::<hyper::Error>() {
-                            Some(e) if e.is_timeout() => "header_read_timeout",
-                            Some(e) if e.is_incomplete_message() => "client_left",
-                            _ => "error",
-                        });
-                    }
+                    ended(&mut tracked, result);
+                    return;
                 }
             });
         }
@@ -342,6 +388,25 @@ impl Dormouse {
         info!("stopped");
         Ok(())
     }
+}
+
+/// Records how a connection hyper served ended.
+fn ended<E>(tracked: &mut telemetry::Connection, result: Result<(), E>)
+where
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let Err(e) = result else {
+        tracked.ending("closed");
+        return;
+    };
+    let e = e.into();
+    // Routine for clients that vanish or idle; debug, not a warning.
+    tracing::debug!(error = %crate::logging::error_chain(&*e), "connection failed");
+    tracked.ending(match e.downcast_ref::<hyper::Error>() {
+        Some(e) if e.is_timeout() => "header_read_timeout",
+        Some(e) if e.is_incomplete_message() => "client_left",
+        _ => "error",
+    });
 }
 
 impl Dormouse {

@@ -1,7 +1,7 @@
-//! SSE at the byte level: the first request of a connection is served outside hyper
-//! (`detach`), so these check the exact bytes a client sees there, that a subscription on
-//! a kept-alive connection still works through hyper, and that a subscriber who closes its
-//! socket is let go at once rather than at the next write.
+//! SSE at the byte level: a subscription is served outside hyper (`detach`) when it opens
+//! its connection or follows other requests on it, so these check the exact bytes a client
+//! sees there, that a connection hyper keeps still serves subscriptions, and that a
+//! subscriber who closes its socket is let go at once rather than at the next write.
 
 mod support;
 
@@ -91,23 +91,151 @@ async fn an_error_on_a_first_request_subscription_is_a_complete_json_answer() {
     assert_eq!(error["error"]["code"], "bad_event_id", "{body}");
 }
 
+/// Reads one whole `Content-Length` answer off `stream`; returns its head and body.
+async fn read_answer(stream: &mut TcpStream) -> (String, String) {
+    let mut seen = Vec::new();
+    read_until(stream, &mut seen, "\r\n\r\n").await;
+    let text = String::from_utf8_lossy(&seen).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .expect("a content-length");
+    let mut body = body.as_bytes().to_vec();
+    while body.len() < length {
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout(PATIENCE, stream.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed inside a body");
+        body.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(body.len(), length, "nothing after the answer");
+    (head.to_ascii_lowercase(), String::from_utf8(body).unwrap())
+}
+
+/// Browsers may send an `EventSource`'s request on a pooled keep-alive connection, and
+/// proxies with upstream keep-alive do: hyper gives such a connection back, and the
+/// subscription is served as a first request is (close-delimited, written directly).
 #[tokio::test]
-async fn a_subscription_after_another_request_on_the_same_connection_works_too() {
+async fn a_subscription_after_other_requests_is_taken_back_from_hyper() {
     let server = TestServer::start().await;
     let mut stream = TcpStream::connect(server.addr).await.unwrap();
     stream
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
+    let (head, body) = read_answer(&mut stream).await;
+    assert!(head.starts_with("http/1.1 200 ok"), "{head}");
+    assert!(!head.contains("connection: close"), "kept alive: {head}");
+    assert!(body.contains("ok"), "{body}");
+    stream
+        .write_all(
+            b"POST /v1/channels/kept/messages HTTP/1.1\r\nHost: x\r\n\
+              Content-Length: 6\r\n\r\nbefore",
+        )
+        .await
+        .unwrap();
+    let (head, body) = read_answer(&mut stream).await;
+    assert!(head.starts_with("http/1.1 201"), "{head}");
+    let before: Value = serde_json::from_str(&body).unwrap();
+    let before = before["id"].as_str().unwrap().to_string();
+
+    let request = format!(
+        "GET /v1/channels/kept/events HTTP/1.1\r\nHost: x\r\nLast-Event-ID: {before}\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
     let mut seen = Vec::new();
-    read_until(&mut stream, &mut seen, "\r\n\r\n").await;
+    read_until(&mut stream, &mut seen, ": connected").await;
+    let text = String::from_utf8_lossy(&seen).to_string();
+    let (head, _) = text.split_once("\r\n\r\n").unwrap();
+    let head = head.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200 ok\r\n"), "{head}");
+    assert!(
+        head.contains("connection: close"),
+        "served outside hyper: {head}"
+    );
+    assert!(
+        !head.contains("transfer-encoding"),
+        "not chunked by hyper: {head}"
+    );
+    let id = server.publish("kept", "after the handover").await;
+    read_until(
+        &mut stream,
+        &mut seen,
+        &format!("id: {id}\nevent: message\ndata: after the handover\n\n"),
+    )
+    .await;
+    assert_eq!(subscribers(&server, "kept").await, 1);
+    // Its close is noticed at once, as a first request's is.
+    drop(stream);
+    tokio::time::timeout(PATIENCE, async {
+        while subscribers(&server, "kept").await != 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the subscriber was let go");
+    server.stop().await;
+}
+
+/// hyper holds on to a requested upgrade (and would hand it the socket at the end), so a
+/// connection that asked for one, even refused, keeps being served by hyper: a subscription
+/// on it still works, chunked.
+#[tokio::test]
+async fn a_connection_that_asked_for_an_upgrade_stays_with_hyper() {
+    let server = TestServer::start().await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    stream
+        .write_all(
+            b"GET /v1/channels/kept/ws?last_event_id=nope HTTP/1.1\r\nHost: x\r\n\
+              Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let (head, body) = read_answer(&mut stream).await;
+    assert!(head.starts_with("http/1.1 400"), "{head}");
+    assert!(body.contains("bad_event_id"), "{body}");
     stream
         .write_all(b"GET /v1/channels/kept/events HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
+    let mut seen = Vec::new();
     read_until(&mut stream, &mut seen, ": connected").await;
+    let text = String::from_utf8_lossy(&seen).to_ascii_lowercase();
+    assert!(text.contains("transfer-encoding: chunked"), "{text}");
     server.publish("kept", "via hyper").await;
     read_until(&mut stream, &mut seen, "data: via hyper\n\n").await;
+    server.stop().await;
+}
+
+/// A stop closes an idle kept-alive connection (hyper's graceful shutdown, started by the
+/// server's stop signal) rather than waiting for the client.
+#[tokio::test]
+async fn a_stop_closes_an_idle_kept_alive_connection() {
+    let server = TestServer::start().await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, _) = read_answer(&mut stream).await;
+    assert!(head.starts_with("http/1.1 200 ok"), "{head}");
+    tokio::time::timeout(PATIENCE, server.stop())
+        .await
+        .expect("the server stopped with an idle connection open");
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(PATIENCE, stream.read(&mut buf))
+        .await
+        .expect("the connection was closed")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed without another answer");
 }
 
 #[tokio::test]

@@ -26,9 +26,48 @@ impl SseClient {
         path: &str,
         buffer: usize,
     ) -> anyhow::Result<Self> {
+        let conn = Conn::connect(addr, source, buffer)
+            .await
+            .with_context(|| format!("connecting to {addr} from {source:?}"))?;
+        Self::subscribe(conn, addr, path, buffer).await
+    }
+
+    /// As [`SseClient::connect`], on a connection that first served `GET /healthz` (kept
+    /// alive), as a browser's pooled connection or a proxy's upstream one would have.
+    pub(crate) async fn connect_after_request(
+        addr: SocketAddr,
+        source: Option<IpAddr>,
+        path: &str,
+        buffer: usize,
+    ) -> anyhow::Result<Self> {
         let mut conn = Conn::connect(addr, source, buffer)
             .await
             .with_context(|| format!("connecting to {addr} from {source:?}"))?;
+        conn.write_all(format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await?;
+        let head = conn.read_head().await?;
+        anyhow::ensure!(head.status == 200, "/healthz: {}", head.status_line());
+        let length: usize = head
+            .header("content-length")
+            .and_then(|v| v.trim().parse().ok())
+            .context("/healthz answered without a content-length")?;
+        while conn.buffered().len() < length {
+            anyhow::ensure!(conn.fill().await?, "closed inside /healthz's answer");
+        }
+        anyhow::ensure!(
+            conn.buffered().len() == length,
+            "bytes after /healthz's answer"
+        );
+        conn.consume(length);
+        Self::subscribe(conn, addr, path, buffer).await
+    }
+
+    async fn subscribe(
+        mut conn: Conn,
+        addr: SocketAddr,
+        path: &str,
+        buffer: usize,
+    ) -> anyhow::Result<Self> {
         let request =
             format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n");
         conn.write_all(request.as_bytes()).await?;
