@@ -43,6 +43,17 @@ async fn subscribers(server: &TestServer, channel: &str) -> u64 {
     info["subscribers"].as_u64().unwrap_or(0)
 }
 
+/// Waits until `channel` has no subscriber left.
+async fn until_no_subscribers(server: &TestServer, channel: &str) {
+    tokio::time::timeout(PATIENCE, async {
+        while subscribers(server, channel).await != 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{channel} still has a subscriber"));
+}
+
 #[tokio::test]
 async fn a_first_request_subscription_streams_close_delimited_events() {
     let server = TestServer::start().await;
@@ -91,6 +102,12 @@ async fn an_error_on_a_first_request_subscription_is_a_complete_json_answer() {
     assert_eq!(error["error"]["code"], "bad_event_id", "{body}");
 }
 
+/// Sends `request` on `stream` and reads its whole `Content-Length` answer.
+async fn ask(stream: &mut TcpStream, request: &[u8]) -> (String, String) {
+    stream.write_all(request).await.unwrap();
+    read_answer(stream).await
+}
+
 /// Reads one whole `Content-Length` answer off `stream`; returns its head and body.
 async fn read_answer(stream: &mut TcpStream) -> (String, String) {
     let mut seen = Vec::new();
@@ -126,22 +143,16 @@ async fn read_answer(stream: &mut TcpStream) -> (String, String) {
 async fn a_subscription_after_other_requests_is_taken_back_from_hyper() {
     let server = TestServer::start().await;
     let mut stream = TcpStream::connect(server.addr).await.unwrap();
-    stream
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let (head, body) = read_answer(&mut stream).await;
+    let (head, body) = ask(&mut stream, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert!(head.starts_with("http/1.1 200 ok"), "{head}");
     assert!(!head.contains("connection: close"), "kept alive: {head}");
     assert!(body.contains("ok"), "{body}");
-    stream
-        .write_all(
-            b"POST /v1/channels/kept/messages HTTP/1.1\r\nHost: x\r\n\
-              Content-Length: 6\r\n\r\nbefore",
-        )
-        .await
-        .unwrap();
-    let (head, body) = read_answer(&mut stream).await;
+    let (head, body) = ask(
+        &mut stream,
+        b"POST /v1/channels/kept/messages HTTP/1.1\r\nHost: x\r\n\
+          Content-Length: 6\r\n\r\nbefore",
+    )
+    .await;
     assert!(head.starts_with("http/1.1 201"), "{head}");
     let before: Value = serde_json::from_str(&body).unwrap();
     let before = before["id"].as_str().unwrap().to_string();
@@ -174,13 +185,7 @@ async fn a_subscription_after_other_requests_is_taken_back_from_hyper() {
     assert_eq!(subscribers(&server, "kept").await, 1);
     // Its close is noticed at once, as a first request's is.
     drop(stream);
-    tokio::time::timeout(PATIENCE, async {
-        while subscribers(&server, "kept").await != 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the subscriber was let go");
+    until_no_subscribers(&server, "kept").await;
     server.stop().await;
 }
 
@@ -191,15 +196,13 @@ async fn a_subscription_after_other_requests_is_taken_back_from_hyper() {
 async fn a_connection_that_asked_for_an_upgrade_stays_with_hyper() {
     let server = TestServer::start().await;
     let mut stream = TcpStream::connect(server.addr).await.unwrap();
-    stream
-        .write_all(
-            b"GET /v1/channels/kept/ws?last_event_id=nope HTTP/1.1\r\nHost: x\r\n\
-              Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
-              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-        )
-        .await
-        .unwrap();
-    let (head, body) = read_answer(&mut stream).await;
+    let (head, body) = ask(
+        &mut stream,
+        b"GET /v1/channels/kept/ws?last_event_id=nope HTTP/1.1\r\nHost: x\r\n\
+          Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await;
     assert!(head.starts_with("http/1.1 400"), "{head}");
     assert!(body.contains("bad_event_id"), "{body}");
     stream
@@ -221,11 +224,7 @@ async fn a_connection_that_asked_for_an_upgrade_stays_with_hyper() {
 async fn a_stop_closes_an_idle_kept_alive_connection() {
     let server = TestServer::start().await;
     let mut stream = TcpStream::connect(server.addr).await.unwrap();
-    stream
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let (head, _) = read_answer(&mut stream).await;
+    let (head, _) = ask(&mut stream, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert!(head.starts_with("http/1.1 200 ok"), "{head}");
     tokio::time::timeout(PATIENCE, server.stop())
         .await
@@ -255,13 +254,8 @@ async fn a_subscriber_that_closes_its_socket_is_dropped_at_once() {
     read_until(&mut stream, &mut seen, ": connected").await;
     assert_eq!(subscribers(&server, "leaving").await, 1);
     drop(stream);
-    tokio::time::timeout(PATIENCE, async {
-        while subscribers(&server, "leaving").await != 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the subscriber is dropped without waiting for a write to fail");
+    // Dropped without waiting for a write to fail.
+    until_no_subscribers(&server, "leaving").await;
 }
 
 #[tokio::test]
