@@ -228,7 +228,12 @@ impl Lent {
             self.kept.store(true, Ordering::Release);
         }
         let in_flight = InFlight(Arc::clone(self));
-        response.map(|body| Body::new(Counted { body, in_flight }))
+        response.map(|body| {
+            Body::new(Counted {
+                body,
+                _in_flight: in_flight,
+            })
+        })
     }
 
     /// Whether hyper was told the connection ended because an SSE subscription came.
@@ -250,10 +255,10 @@ impl Drop for InFlight {
     }
 }
 
-/// A response body that holds its request's [`InFlight`].
+/// A response body that holds its request's [`InFlight`] until hyper drops it.
 struct Counted {
     body: Body,
-    in_flight: InFlight,
+    _in_flight: InFlight,
 }
 
 impl hyper::body::Body for Counted {
@@ -264,7 +269,6 @@ impl hyper::body::Body for Counted {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
-        let _ = &self.in_flight;
         Pin::new(&mut self.body).poll_frame(cx)
     }
 

@@ -363,6 +363,10 @@ impl Dormouse {
             tracing::warn!("some WebSocket connections did not end in time");
         }
         kill.flip();
+        // The connections the switch cuts end at once, but each holds the server's state
+        // (and so the data dir's lock) until its task has run: wait for them, so that a
+        // server opened on the same data dir right after `serve` returns finds it free.
+        let _ = tokio::time::timeout(grace, self.state.tasks.wait()).await;
         // Objects may publish to channels while they drain, never the reverse: objects first.
         let mounted: Vec<Arc<dyn DynNamespace>> = self
             .state
