@@ -333,11 +333,18 @@ mod tests {
     #[test]
     fn a_failure_reaches_exactly_its_generation_and_late_callers_wait_for_the_next_flush() {
         let (commit, started, gate) = gated();
+        // Flush 1 holds the flusher, so the two callers below join one generation for sure
+        // (otherwise the flusher may take the first alone, and the second waits for a
+        // flush this test never lets finish).
+        let holding = commit.sync();
+        started.recv_timeout(TIMEOUT).unwrap();
         let first_a = commit.sync();
         let first_b = commit.sync();
-        started.recv_timeout(TIMEOUT).unwrap();
+        gate.send(Ok(())).unwrap();
+        block_on(holding).unwrap();
 
-        // Flush 1 is running: this caller's write may have missed it.
+        // Flush 2, theirs, is running: this caller's write may have missed it.
+        started.recv_timeout(TIMEOUT).unwrap();
         let mut late = commit.sync();
         gate.send(Err(Error::Engine("disk on fire".into())))
             .unwrap();
@@ -349,12 +356,12 @@ mod tests {
             );
         }
 
-        // Flush 2 starts because `late` is pending; until it ends, `late` is not resolved.
+        // Flush 3 starts because `late` is pending; until it ends, `late` is not resolved.
         started.recv_timeout(TIMEOUT).unwrap();
         assert!((&mut late).now_or_never().is_none());
         gate.send(Ok(())).unwrap();
         block_on(late).unwrap();
-        assert_eq!(commit.flushes(), 2);
+        assert_eq!(commit.flushes(), 3);
     }
 
     #[test]
