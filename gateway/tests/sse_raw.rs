@@ -369,3 +369,61 @@ async fn directly_written_events_and_keep_alives_never_interleave() {
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "consecutive ids");
     assert!(comments > 1, "keep-alives were written among the events");
 }
+
+/// HTTP/2 with prior knowledge (h2c) is told apart by its preface and served by hyper's
+/// HTTP/2 connection: plain requests answer, and a subscription streams its events (HTTP/2
+/// multiplexes, so it stays in hyper).
+#[tokio::test]
+async fn http2_with_prior_knowledge_serves_requests_and_subscriptions() {
+    let server = TestServer::start().await;
+    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    let get = |path: &str| {
+        http::Request::get(format!("http://{}{path}", server.addr))
+            .body(())
+            .unwrap()
+    };
+
+    let (answer, _) = client.send_request(get("/healthz"), true).unwrap();
+    let answer = answer.await.unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.version(), http::Version::HTTP_2);
+    let mut body = answer.into_body();
+    let mut text = Vec::new();
+    while let Some(data) = body.data().await {
+        text.extend_from_slice(&data.unwrap());
+    }
+    assert!(String::from_utf8_lossy(&text).contains("ok"));
+
+    let mut client = client.ready().await.unwrap();
+    let (answer, _) = client
+        .send_request(get("/v1/channels/over-h2/events"), true)
+        .unwrap();
+    let answer = answer.await.unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.headers()["content-type"], "text/event-stream");
+    let mut body = answer.into_body();
+    let mut seen = Vec::new();
+    tokio::time::timeout(PATIENCE, async {
+        while !String::from_utf8_lossy(&seen).contains(": connected") {
+            seen.extend_from_slice(&body.data().await.unwrap().unwrap());
+        }
+    })
+    .await
+    .expect("the stream opened");
+    let id = server.publish("over-h2", "multiplexed").await;
+    let want = format!("id: {id}\nevent: message\ndata: multiplexed\n\n");
+    tokio::time::timeout(PATIENCE, async {
+        while !String::from_utf8_lossy(&seen).contains(&want) {
+            let data = body.data().await.unwrap().unwrap();
+            let _ = body.flow_control().release_capacity(data.len());
+            seen.extend_from_slice(&data);
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no event in {}", String::from_utf8_lossy(&seen)));
+    assert_eq!(subscribers(&server, "over-h2").await, 1);
+    server.stop().await;
+}
