@@ -226,12 +226,9 @@ impl Dormouse {
         // hyper directly rather than `axum::serve`, for what axum does not expose: a
         // deadline on reading request heads.
         let router = self.router();
-        let mut http = auto::Builder::new(TokioExecutor::new());
-        http.http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(self.state.settings.limits.header_read_timeout);
-        // HTTP/1 connections are served by hyper's own HTTP/1 connection, which gives the
-        // socket back (`detach::Handover`); the auto builder serves HTTP/2.
+        // HTTP/2 (told apart by its preface) goes to the auto builder; HTTP/1 to hyper's own
+        // HTTP/1 connection, which gives the socket back (`detach::Handover`).
+        let http = auto::Builder::new(TokioExecutor::new()).http2_only();
         let mut http1 = hyper::server::conn::http1::Builder::new();
         http1
             .timer(TokioTimer::new())
@@ -290,12 +287,8 @@ impl Dormouse {
                     // For a WebSocket upgraded on this connection to write to it directly.
                     let shared = SharedStream(io.shared());
                     if h2 {
-                        let service =
-                            router.map_request(move |mut request: http::Request<Incoming>| {
-                                request.extensions_mut().insert(peer);
-                                request.extensions_mut().insert(shared.clone());
-                                request.map(Body::new)
-                            });
+                        let service = router
+                            .map_request(move |request| connection_request(request, peer, &shared));
                         let connection = http.serve_connection_with_upgrades(
                             TokioIo::new(io),
                             TowerToHyperService::new(service),
@@ -312,11 +305,9 @@ impl Dormouse {
                     let answered = Arc::clone(&lent);
                     let service = router
                         .clone()
-                        .map_request(move |mut request: http::Request<Incoming>| {
+                        .map_request(move |request: http::Request<Incoming>| {
                             began.began(&request);
-                            request.extensions_mut().insert(peer);
-                            request.extensions_mut().insert(shared.clone());
-                            request.map(Body::new)
+                            connection_request(request, peer, &shared)
                         })
                         .map_response(move |response| answered.answered(response));
                     let mut connection = http1
@@ -392,6 +383,18 @@ impl Dormouse {
         info!("stopped");
         Ok(())
     }
+}
+
+/// A request as the router takes it, with what handlers need from its connection: the
+/// client's address (limits) and the TCP stream (WebSocket direct writes).
+fn connection_request(
+    mut request: http::Request<Incoming>,
+    peer: ConnectInfo<PeerAddr>,
+    shared: &SharedStream,
+) -> http::Request<Body> {
+    request.extensions_mut().insert(peer);
+    request.extensions_mut().insert(shared.clone());
+    request.map(Body::new)
 }
 
 /// Records how a connection hyper served ended.
