@@ -15,6 +15,9 @@ pub(crate) enum Engine {
     Segments,
     /// The first engine, sled 0.34 (kept for data dirs it wrote).
     Sled,
+    /// fjall 3, an LSM tree, measured against the segment engine (feature `fjall`).
+    #[cfg(feature = "fjall")]
+    Fjall,
 }
 
 /// An open engine, with the engine-specific figures a report wants.
@@ -23,6 +26,8 @@ pub(crate) struct Opened {
     pub(crate) storage: Arc<dyn Storage>,
     segments: Option<Arc<SegmentStorage>>,
     sled: Option<Arc<SledStorage>>,
+    #[cfg(feature = "fjall")]
+    fjall: Option<Arc<dormouse_runtime::storage::FjallStorage>>,
 }
 
 impl Opened {
@@ -42,6 +47,20 @@ impl Opened {
                     storage: store.clone(),
                     segments: Some(store),
                     sled: None,
+                    #[cfg(feature = "fjall")]
+                    fjall: None,
+                }
+            }
+            #[cfg(feature = "fjall")]
+            Engine::Fjall => {
+                let mut config = dormouse_runtime::storage::FjallConfig::new(path);
+                config.durability = durability;
+                let store = Arc::new(dormouse_runtime::storage::FjallStorage::open(config)?);
+                Self {
+                    storage: store.clone(),
+                    segments: None,
+                    sled: None,
+                    fjall: Some(store),
                 }
             }
             Engine::Sled => {
@@ -53,6 +72,8 @@ impl Opened {
                     storage: store.clone(),
                     segments: None,
                     sled: Some(store),
+                    #[cfg(feature = "fjall")]
+                    fjall: None,
                 }
             }
         })
@@ -75,7 +96,24 @@ impl Opened {
         if let Some(sled) = &self.sled {
             sled.flush()?;
         }
+        #[cfg(feature = "fjall")]
+        if let Some(fjall) = &self.fjall {
+            fjall.wait_idle(std::time::Duration::from_secs(120));
+        }
         Ok(())
+    }
+
+    /// Engine-specific figures for a report (fjall: bytes in memtables).
+    pub(crate) fn notes(&self) -> serde_json::Value {
+        #[cfg(feature = "fjall")]
+        if let Some(fjall) = &self.fjall {
+            return serde_json::json!({ "write_buffer_bytes": fjall.write_buffer_bytes() });
+        }
+        if let Some(segments) = &self.segments {
+            let stats = segments.stats();
+            return serde_json::json!({ "index_keys": stats.keys, "index_bytes": stats.index_bytes });
+        }
+        serde_json::Value::Null
     }
 
     /// Keys in the engine's index and the memory it holds, when it keeps one.

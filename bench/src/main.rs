@@ -6,6 +6,7 @@
 //! # Layout
 //! - `activation`: activation, hibernation and wake cost of many objects, in process.
 //! - `storage_churn`: the storage engine under the replay-buffer workload.
+//! - `retained`: memory and start-up against what is kept (full replay buffers, all idle).
 //! - `engine`: the `--engine` flag of the in-process scenarios.
 //! - `fanout`, `idle`, `publish`: load over the wire against a `dormouse` server (or Redis,
 //!   as a yardstick) that the bench starts, or one already running.
@@ -19,6 +20,7 @@ mod fanout;
 mod idle;
 mod proc;
 mod publish;
+mod retained;
 mod storage_churn;
 mod wire;
 
@@ -43,6 +45,12 @@ enum Scenario {
     Activation(activation::Args),
     /// Append to 1,000 logs trimmed to their last 1,000 events; disk size and RSS over time.
     StorageChurn(storage_churn::Args),
+    /// N logs each holding its full replay buffer, nothing active: memory per retained
+    /// event, then the time and memory to open the data dir again in a fresh process.
+    Retained(retained::Args),
+    /// The second half of `retained`, run by it in a fresh process.
+    #[command(hide = true)]
+    RetainedOpen(retained::OpenArgs),
     /// N subscribers on one channel, M messages published over HTTP: deliveries/s,
     /// publish-to-delivery latency, and whether every subscriber got everything once, in order.
     Fanout(fanout::Args),
@@ -66,6 +74,8 @@ fn main() -> anyhow::Result<()> {
     let report = match cli.scenario {
         Scenario::Activation(args) => serde_json::to_string(&activation::run(args)?)?,
         Scenario::StorageChurn(args) => serde_json::to_string(&storage_churn::run(args)?)?,
+        Scenario::Retained(args) => serde_json::to_string(&retained::run(args)?)?,
+        Scenario::RetainedOpen(args) => serde_json::to_string(&retained::open(args)?)?,
         Scenario::Fanout(args) => serde_json::to_string(&fanout::run(args)?)?,
         Scenario::Idle(args) => serde_json::to_string(&idle::run(args)?)?,
         Scenario::Publish(args) => serde_json::to_string(&publish::run(args)?)?,

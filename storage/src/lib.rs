@@ -31,6 +31,8 @@ mod batch;
 mod durability;
 mod error;
 mod files;
+#[cfg(feature = "fjall")]
+mod fjall_store;
 mod group_commit;
 pub mod key;
 mod log;
@@ -49,6 +51,8 @@ pub use bytes::Bytes;
 pub use durability::Durability;
 
 pub use error::{Error, Result};
+#[cfg(feature = "fjall")]
+pub use fjall_store::{FjallConfig, FjallStorage};
 pub use group_commit::GroupCommit;
 pub use log::{LogEntry, LogMeta, Retention};
 pub use memory::MemoryStorage;
