@@ -10,9 +10,14 @@
 //! - `key`: the byte-ordered key encoding shared by every engine that needs ordered keys.
 //! - `group_commit`: [`GroupCommit`], one fsync shared by every writer that waited during the last.
 //! - `segments`: [`SegmentStorage`], the default engine: checksummed frames in segment
-//!   files, an in-memory index, and a cleaner that reclaims the oldest segment.
-//! - `sled_store`: [`SledStorage`], the first engine, on sled 0.34; still opens data dirs it
-//!   wrote, but see docs/ARCHITECTURE.md for why it is no longer the default.
+//!   files, an index whose leaves live in those files and come into memory while used,
+//!   checkpoints that bound start-up, and a cleaner that reclaims the oldest segment.
+//! - `sled_store`: [`SledStorage`], the first engine, on sled 0.34; see
+//!   docs/ARCHITECTURE.md for why it is no longer the default.
+//! - `migrate` (private): moves a data dir sled wrote to the segment engine when it is
+//!   opened.
+//! - `fs` (private): the file layer under the segment engine, so tests can simulate power
+//!   loss beneath it.
 //! - `memory`: [`MemoryStorage`], an in-process engine for tests.
 //! - `raw` (private): what an engine must provide (point reads, ordered scans) and the read
 //!   operations written once on top of it.
@@ -33,15 +38,19 @@ mod error;
 mod files;
 #[cfg(feature = "fjall")]
 mod fjall_store;
+mod fs;
 mod group_commit;
 pub mod key;
 mod log;
 mod memory;
+mod migrate;
 mod object;
 mod plan;
 mod raw;
 mod record;
 mod segments;
+#[cfg(test)]
+mod sim;
 mod sled_store;
 
 use std::fmt::Debug;

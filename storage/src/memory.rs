@@ -29,7 +29,7 @@ impl MemoryStorage {
         Self::default()
     }
 
-    fn records(&self) -> MutexGuard<'_, Records> {
+    pub(crate) fn records(&self) -> MutexGuard<'_, Records> {
         // Applying a plan cannot panic half-way, so a poisoned map is still consistent.
         self.records.lock().unwrap_or_else(PoisonError::into_inner)
     }

@@ -1,12 +1,14 @@
 //! The bytes of a segment file.
 //!
 //! A segment starts with an 8-byte [`MAGIC`], then holds frames back to back. A frame is one
-//! applied [`crate::WriteBatch`] (or one batch of records moved by the cleaner):
+//! applied [`crate::WriteBatch`] (or one batch of records moved by the cleaner), or one leaf
+//! of the index written by a checkpoint (see `leaf`):
 //!
 //! ```text
 //! frame:   payload_len: u32 LE | crc32(payload): u32 LE | payload
-//! payload: op*
+//! payload: op+ | leaf
 //! op:      tag: u8 (1 put, 2 remove) | key_len: u32 LE | value_len: u32 LE | key | value
+//! leaf:    3 | ... (see leaf.rs)
 //! ```
 //!
 //! The checksum covers the whole payload, so a frame is applied entirely or not at all: a
@@ -14,13 +16,19 @@
 //! its length and is cut off on open. Lengths are little-endian because nothing sorts by
 //! them; keys keep their own big-endian, byte-ordered encoding ([`crate::key`]).
 
-use std::fs::File;
-use std::io::{self, BufReader, Read, Seek, SeekFrom};
+use std::sync::Arc;
 
+use crate::fs::FileIo;
 use crate::{Error, Result};
 
-/// Identifies a segment file (and its format version) before anything in it is trusted.
-pub(crate) const MAGIC: &[u8; 8] = b"DMSEG\x00\x00\x01";
+/// Identifies a segment file (and its format version, the last byte) before anything in it
+/// is trusted. Version 2 segments may hold index leaves; version 1 segments (written before
+/// the paged index) hold only batches and are still read. A version 1 reader refuses a
+/// version 2 segment by its magic instead of taking a leaf for a torn write.
+pub(crate) const MAGIC: &[u8; 8] = b"DMSEG\x00\x00\x02";
+
+/// The newest segment format this build reads and the one it writes.
+const VERSION: u8 = 2;
 
 /// Bytes before a frame's payload.
 pub(crate) const FRAME_HEADER: u64 = 8;
@@ -72,16 +80,7 @@ pub(crate) fn encode<'a>(
         frame.extend_from_slice(key);
         frame.extend_from_slice(value);
     }
-    let payload_len = frame.len() as u64 - FRAME_HEADER;
-    if payload_len > MAX_PAYLOAD {
-        return Err(Error::Engine(format!(
-            "a batch of {payload_len} bytes is larger than the storage limit of {MAX_PAYLOAD}"
-        )));
-    }
-    let crc = crc32fast::hash(&frame[FRAME_HEADER as usize..]);
-    frame[..4].copy_from_slice(&(payload_len as u32).to_le_bytes());
-    frame[4..8].copy_from_slice(&crc.to_le_bytes());
-    Ok(frame)
+    seal(frame)
 }
 
 fn len_u32(len: usize) -> Result<u32> {
@@ -142,39 +141,64 @@ pub(crate) enum Next {
     Damaged { offset: u64, reason: String },
 }
 
-/// Reads a segment's frames in order, buffered, from just after the magic to `end`.
+/// How many bytes the reader asks the file for at once.
+const READ_AHEAD: usize = 1 << 20;
+
+/// Reads a segment's frames in order, from just after the magic to `end`, a megabyte at a
+/// time.
 #[derive(Debug)]
 pub(crate) struct Reader {
-    file: BufReader<File>,
+    file: Arc<dyn FileIo>,
     at: u64,
     end: u64,
+    /// Bytes of the file from `buf_at`.
+    buf: Vec<u8>,
+    buf_at: u64,
+    /// The segment's format version, from its magic.
+    pub(crate) version: u8,
 }
 
 impl Reader {
     /// Checks the magic and positions the reader at the first frame.
-    pub(crate) fn open(mut file: File, end: u64) -> Result<Self> {
-        file.seek(SeekFrom::Start(0))?;
-        let mut magic = [0; MAGIC.len()];
-        let mut file = BufReader::with_capacity(1 << 20, file);
-        match file.read_exact(&mut magic) {
-            Ok(()) if &magic == MAGIC => {}
-            Ok(()) => {
-                return Err(Error::Corrupt(
-                    "segment file does not start with the dormouse segment magic".into(),
-                ));
-            }
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                return Err(Error::Corrupt(
-                    "segment file is shorter than its header".into(),
-                ));
-            }
-            Err(e) => return Err(e.into()),
+    pub(crate) fn open(file: Arc<dyn FileIo>, end: u64) -> Result<Self> {
+        if end < MAGIC.len() as u64 {
+            return Err(Error::Corrupt(
+                "segment file is shorter than its header".into(),
+            ));
         }
+        let mut magic = [0; MAGIC.len()];
+        file.read_at(&mut magic, 0)?;
+        let Some(version) = magic_version(&magic) else {
+            return Err(Error::Corrupt(
+                "segment file does not start with the dormouse segment magic".into(),
+            ));
+        };
         Ok(Self {
             file,
             at: MAGIC.len() as u64,
             end,
+            buf: Vec::new(),
+            buf_at: 0,
+            version,
         })
+    }
+
+    /// Starts at `offset` (a frame boundary found earlier) instead of the first frame.
+    pub(crate) fn seek(&mut self, offset: u64) {
+        self.at = offset;
+    }
+
+    /// Bytes `[at, at + len)` of the file, through the read-ahead buffer.
+    fn bytes(&mut self, at: u64, len: usize) -> Result<&[u8]> {
+        let buffered = at >= self.buf_at && at + len as u64 <= self.buf_at + self.buf.len() as u64;
+        if !buffered {
+            let want = len.max(READ_AHEAD).min((self.end - at) as usize).max(len);
+            self.buf.resize(want, 0);
+            self.file.read_at(&mut self.buf, at)?;
+            self.buf_at = at;
+        }
+        let from = (at - self.buf_at) as usize;
+        Ok(&self.buf[from..from + len])
     }
 
     /// The next frame, the end, or where the damage starts.
@@ -190,26 +214,59 @@ impl Reader {
         if self.end - offset < FRAME_HEADER {
             return Ok(damaged("a frame header is cut short"));
         }
-        let mut header = [0; FRAME_HEADER as usize];
-        self.file.read_exact(&mut header)?;
+        let header = self.bytes(offset, FRAME_HEADER as usize)?;
         let len = u64::from(u32::from_le_bytes([
             header[0], header[1], header[2], header[3],
         ]));
         let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        if len == 0 {
+            // Nothing writes an empty frame; zeros are what a file extended by a crash, but
+            // never written, reads as.
+            return Ok(damaged("an empty frame (zeroed bytes)"));
+        }
         if len > MAX_PAYLOAD || len > self.end - offset - FRAME_HEADER {
             return Ok(damaged("a frame is longer than what follows it"));
         }
-        let mut payload = vec![0; len as usize];
-        self.file.read_exact(&mut payload)?;
+        let payload = self.bytes(offset + FRAME_HEADER, len as usize)?.to_vec();
         if crc32fast::hash(&payload) != crc {
             return Ok(damaged("a frame's checksum does not match"));
         }
-        if let Some(Err(e)) = ops(&payload).find(Result::is_err) {
+        if !is_leaf(&payload)
+            && let Some(Err(e)) = ops(&payload).find(Result::is_err)
+        {
             return Ok(damaged(&e.to_string()));
         }
         self.at = offset + FRAME_HEADER + len;
         Ok(Next::Frame { offset, payload })
     }
+}
+
+/// The format version a magic names, if it is one of ours.
+fn magic_version(magic: &[u8; 8]) -> Option<u8> {
+    (magic[..7] == MAGIC[..7] && (1..=VERSION).contains(&magic[7])).then_some(magic[7])
+}
+
+/// The first byte of a leaf frame's payload. An ops payload starts with an op's tag
+/// (`PUT` or `REMOVE`), so the two kinds never look alike.
+pub(crate) const LEAF: u8 = 3;
+
+/// True when a verified payload holds an index leaf rather than a batch of ops.
+pub(crate) fn is_leaf(payload: &[u8]) -> bool {
+    payload.first() == Some(&LEAF)
+}
+
+/// Wraps an encoded payload in a frame header.
+pub(crate) fn seal(mut frame: Vec<u8>) -> Result<Vec<u8>> {
+    let payload_len = frame.len() as u64 - FRAME_HEADER;
+    if payload_len > MAX_PAYLOAD {
+        return Err(Error::Engine(format!(
+            "a batch of {payload_len} bytes is larger than the storage limit of {MAX_PAYLOAD}"
+        )));
+    }
+    let crc = crc32fast::hash(&frame[FRAME_HEADER as usize..]);
+    frame[..4].copy_from_slice(&(payload_len as u32).to_le_bytes());
+    frame[4..8].copy_from_slice(&crc.to_le_bytes());
+    Ok(frame)
 }
 
 #[cfg(test)]
