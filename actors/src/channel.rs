@@ -21,7 +21,8 @@ use serde::Serialize;
 
 pub use config::{
     ChannelEnv, ChannelObserver, ChannelSettings, MAX_CHANNEL_NAME, MAX_EVENT_NAME,
-    MAX_IDEMPOTENCY_KEY, validate_channel_name, validate_event_name, validate_idempotency_key,
+    MAX_IDEMPOTENCY_KEY, TailBudget, validate_channel_name, validate_event_name,
+    validate_idempotency_key,
 };
 pub use event::{Control, DEFAULT_EVENT, Event};
 pub use id::{BadEventId, EventId};
@@ -155,6 +156,17 @@ pub struct Channel {
     keyed_publishes: u32,
     /// See [`ChannelEnv::observer`].
     observer: Option<Arc<dyn ChannelObserver>>,
+    /// See [`ChannelEnv::tails`]; `tail_bytes` are counted in it.
+    tails: Option<Arc<TailBudget>>,
+}
+
+impl Drop for Channel {
+    /// A hibernating channel gives its tail's share of the budget back.
+    fn drop(&mut self) {
+        if let Some(tails) = &self.tails {
+            tails.give_back(self.tail_bytes);
+        }
+    }
 }
 
 impl Object for Channel {
@@ -174,12 +186,16 @@ impl Object for Channel {
             tail_bytes: 0,
             keyed_publishes: 0,
             observer: env.observer.clone(),
+            tails: env.tails.clone(),
         };
         if let Some(meta) = ctx.log_meta()? {
             channel.epoch = meta.epoch;
             channel.next_seq = meta.last_seq + 1;
             // Newest first until the memory bound, then back into order.
-            let mut budget = channel.memory_tail_bytes;
+            let mut budget = match &channel.tails {
+                Some(tails) => channel.memory_tail_bytes.min(tails.left()),
+                None => channel.memory_tail_bytes,
+            };
             let mut loaded = Vec::new();
             // Backwards a page at a time by key range, never by arithmetic on seqs: the log
             // has a hole after each crash (see below).
@@ -257,6 +273,9 @@ impl Object for Channel {
                 self.epoch = 0;
                 self.next_seq = 1;
                 self.tail.clear();
+                if let Some(tails) = &self.tails {
+                    tails.give_back(self.tail_bytes);
+                }
                 self.tail_bytes = 0;
                 let gap = Control {
                     r#type: "gap",
@@ -391,13 +410,20 @@ impl Channel {
 
     fn push_tail(&mut self, event: Arc<Event>) {
         self.tail_bytes += event.weight();
+        if let Some(tails) = &self.tails {
+            tails.take(event.weight());
+        }
         self.tail.push_back(event);
         while self.tail.len() > 1
             && (self.tail_bytes > self.memory_tail_bytes
-                || self.tail.len() as u64 > self.settings.max_events)
+                || self.tail.len() as u64 > self.settings.max_events
+                || self.tails.as_ref().is_some_and(|tails| tails.over()))
         {
             if let Some(old) = self.tail.pop_front() {
                 self.tail_bytes -= old.weight();
+                if let Some(tails) = &self.tails {
+                    tails.give_back(old.weight());
+                }
             }
         }
     }

@@ -722,3 +722,41 @@ async fn the_observer_hears_of_stored_events_and_gaps_but_not_of_duplicates() {
         "one per subscriber that was sent a gap"
     );
 }
+
+/// Many channels active at once share one tail budget: each keeps less in memory as more
+/// are active, the total stays within the budget (plus each channel's newest event), a
+/// hibernating channel gives its share back, and replay of what left memory comes from
+/// storage, event by event.
+#[tokio::test(start_paused = true)]
+async fn active_channels_share_one_tail_budget_and_replay_the_rest_from_storage() {
+    let budget = Arc::new(dormouse_actors::channel::TailBudget::new(8 * 1024));
+    let runtime = dormouse_runtime::Runtime::new(Arc::new(MemoryStorage::new()));
+    let ns = runtime.namespace::<dormouse_actors::Channel>(
+        "channel",
+        dormouse_runtime::NamespaceConfig::with_idle_timeout(AWAKE),
+        dormouse_actors::ChannelEnv {
+            memory_tail_bytes: 1 << 20,
+            tails: Some(budget.clone()),
+            ..Default::default()
+        },
+    );
+    let sent = payloads(1..=40);
+    let mut ids = Vec::new();
+    for c in 0..50 {
+        ids.push(publish_each(&ns, &format!("c{c}"), &sent).await);
+        // Within the budget, give or take the newest event of each channel.
+        assert!(
+            budget.used() <= 8 * 1024 + (c + 1) * 200,
+            "{}",
+            budget.used()
+        );
+    }
+    for c in [0, 17, 49] {
+        let page = history(&ns, &format!("c{c}"), Start::Oldest, 100).await;
+        assert_eq!(page_frames(&page), messages(&ids[c], &sent), "c{c}");
+    }
+    for c in 0..50 {
+        until_hibernated(&ns, &format!("c{c}")).await;
+    }
+    assert_eq!(budget.used(), 0, "hibernated channels hold no tail");
+}

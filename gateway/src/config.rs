@@ -8,10 +8,11 @@ mod size;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use dormouse_actors::channel::{ChannelEnv, ChannelSettings};
+use dormouse_actors::channel::{ChannelEnv, ChannelSettings, TailBudget};
 use dormouse_storage::Durability;
 use serde::{Deserialize, Serialize};
 
@@ -160,13 +161,19 @@ pub struct StorageSettings {
     /// a period such as "100ms" (fsync on that period), or "never".
     #[serde(with = "durability_serde")]
     pub durability: Durability,
-    /// Memory for sled's page cache, for data dirs still on the sled engine. The segment
-    /// engine has no cache of its own: it reads through the kernel's page cache.
+    /// Memory for index leaves being read (the active objects' reads); it is emptied when
+    /// the server goes quiet, so hibernated objects hold none of it.
     pub cache: ByteSize,
-    /// Size of one segment file of the segment engine (4 KiB to 1 GiB). The cleaner
-    /// reclaims space a whole segment at a time and never touches the newest one, so disk
-    /// use stays under about twice the live data plus one segment.
+    /// Size of one segment file (4 KiB to 1 GiB). The cleaner reclaims space a few whole
+    /// segments at a time and never touches the newest one, so disk use stays under about
+    /// twice the live data plus one segment.
     pub segment_size: ByteSize,
+    /// Memory for changes to the index (about 80 bytes per changed key) before a
+    /// checkpoint writes them: bounds the engine's memory while many objects are written.
+    pub checkpoint_memory: ByteSize,
+    /// Log written since the last checkpoint that starts the next: what a restart after a
+    /// crash reads at most, so it bounds start-up time.
+    pub checkpoint_log: ByteSize,
 }
 
 /// `[channels]`: defaults for every channel, plus `[[channels.prefix]]` overrides.
@@ -189,6 +196,10 @@ pub struct ChannelsSettings {
     pub idempotency_window: Duration,
     /// Recent events an active channel keeps in memory for fast replay.
     pub memory_tail: ByteSize,
+    /// The in-memory tails of all active channels together: when many channels are active
+    /// at once, each keeps less (replay of the rest comes from storage), so memory is set
+    /// here rather than by how many channels are touched.
+    pub memory_tail_total: ByteSize,
     /// Per name-prefix overrides of the retention settings; the longest prefix wins.
     pub prefix: Vec<PrefixSettings>,
 }
@@ -334,8 +345,10 @@ impl Default for StorageSettings {
     fn default() -> Self {
         Self {
             durability: Durability::Always,
-            cache: ByteSize::mib(64),
+            cache: ByteSize::mib(16),
             segment_size: ByteSize::mib(64),
+            checkpoint_memory: ByteSize::mib(16),
+            checkpoint_log: ByteSize::mib(64),
         }
     }
 }
@@ -350,6 +363,7 @@ impl Default for ChannelsSettings {
             max_age: d.max_age,
             idempotency_window: d.idempotency_window,
             memory_tail: ByteSize::mib(1),
+            memory_tail_total: ByteSize::mib(64),
             prefix: Vec::new(),
         }
     }
@@ -430,6 +444,7 @@ impl ChannelsSettings {
             max_subscribers: limits.max_subscribers_per_channel,
             // Set by the server, which owns the metrics.
             observer: None,
+            tails: Some(Arc::new(TailBudget::new(self.memory_tail_total.0 as usize))),
         }
     }
 }

@@ -15,7 +15,7 @@ use axum::serve::Listener as _;
 use dormouse_actors::Channel;
 use dormouse_actors::channel::NAMESPACE;
 use dormouse_runtime::{DynNamespace, Namespace, NamespaceConfig, Object, Runtime};
-use dormouse_storage::{SegmentConfig, SegmentStorage, SledConfig, SledStorage, Storage};
+use dormouse_storage::{SegmentConfig, SegmentStorage, Storage};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -70,31 +70,22 @@ pub struct Dormouse {
     connections: Arc<Connections>,
 }
 
-/// Opens the data dir with the engine that wrote it: the segment engine, or sled for a data
-/// dir from before the segment engine existed (it has a `sled/` directory), so upgrading
-/// does not strand existing data.
+/// Opens the data dir on the segment engine. A data dir written by the sled engine (it has
+/// a `sled/` directory) is migrated in place first, so upgrading does not strand data.
 fn open_storage(settings: &Settings) -> anyhow::Result<Arc<dyn Storage>> {
-    let durability = settings.storage.durability;
-    if settings.data_dir.join("sled").is_dir() {
-        tracing::warn!(
-            "this data dir uses the sled engine, which can stall under `interval`/`never` \
-             durability and grows on disk under churn; see docs/ARCHITECTURE.md \"Storage\" \
-             for moving to the segment engine"
-        );
-        let mut config = SledConfig::new(&settings.data_dir);
-        config.cache_capacity_bytes = settings.storage.cache.0;
-        config.durability = durability;
-        return Ok(Arc::new(SledStorage::open(config)?));
-    }
-    let segment_bytes = settings.storage.segment_size.0;
+    let storage = &settings.storage;
+    let segment_bytes = storage.segment_size.0;
     anyhow::ensure!(
         (4096..=SegmentConfig::MAX_SEGMENT_BYTES).contains(&segment_bytes),
         "storage.segment_size is {segment_bytes} bytes; it must be between 4KiB and 1GiB"
     );
     let mut config = SegmentConfig::new(&settings.data_dir);
-    config.durability = durability;
+    config.durability = storage.durability;
     config.segment_bytes = segment_bytes;
     config.clean_above_bytes = 2 * config.segment_bytes;
+    config.cache_bytes = storage.cache.0;
+    config.dirty_bytes = storage.checkpoint_memory.0;
+    config.checkpoint_bytes = storage.checkpoint_log.0;
     Ok(Arc::new(SegmentStorage::open(config)?))
 }
 

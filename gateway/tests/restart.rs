@@ -443,27 +443,74 @@ async fn kill_9_while_publishing_loses_no_acknowledged_message() {
     drop(server);
 }
 
+/// Publishes `messages` to channel `legacy` of a data dir on the sled engine, as a server
+/// from before the segment engine did; returns their ids.
+async fn publish_on_sled(data_dir: &Path, messages: &[&str]) -> Vec<String> {
+    use dormouse_actors::channel::{ChannelRequest, ChannelResponse, NewMessage};
+    use dormouse_actors::{Channel, ChannelEnv};
+    let storage = Arc::new(
+        dormouse_storage::SledStorage::open(dormouse_storage::SledConfig::new(data_dir))
+            .expect("create a sled data dir"),
+    );
+    let runtime = dormouse_runtime::Runtime::new(storage.clone());
+    let channels = runtime.namespace::<Channel>(
+        "channel",
+        dormouse_runtime::NamespaceConfig::with_idle_timeout(Duration::from_secs(30)),
+        ChannelEnv::default(),
+    );
+    let batch = messages
+        .iter()
+        .map(|m| NewMessage {
+            event: None,
+            data: bytes::Bytes::copy_from_slice(m.as_bytes()),
+            idempotency_key: None,
+        })
+        .collect();
+    let ChannelResponse::Published(published) = channels
+        .call("legacy", ChannelRequest::Publish(batch))
+        .await
+        .expect("publish on sled")
+    else {
+        panic!("a publish answers with ids");
+    };
+    channels.shutdown().await;
+    drop(channels);
+    drop(runtime);
+    dormouse_storage::Storage::close(&*storage).expect("close sled");
+    published.into_iter().map(|p| p.id).collect()
+}
+
 #[tokio::test]
-async fn a_data_dir_written_by_the_sled_engine_keeps_working_across_restarts() {
-    // What a data dir from before the segment engine looks like: a sled/ directory.
-    let server = TestServer::start_with(|s| {
-        drop(
-            dormouse_storage::SledStorage::open(dormouse_storage::SledConfig::new(&s.data_dir))
-                .expect("create a sled data dir"),
-        );
-    })
-    .await;
-    let first = server.publish("legacy", "on sled").await;
+async fn a_data_dir_written_by_the_sled_engine_is_migrated_and_keeps_its_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let before = publish_on_sled(&data, &["one", "two"]).await;
+
+    let server = TestServer::start_with(|s| s.data_dir = data.clone()).await;
+    assert!(
+        !data.join("sled").exists(),
+        "sled's directory was set aside"
+    );
+    assert!(data.join("sled.migrated").is_dir(), "and kept");
+    let third = server.publish("legacy", "three").await;
     let server = server.restart_with(|_| {}).await;
-    let second = server.publish("legacy", "still on sled").await;
+    let fourth = server.publish("legacy", "four").await;
     let history = server.all_history("legacy").await;
     let ids: Vec<_> = history.iter().map(|e| e["id"].as_str().unwrap()).collect();
-    assert_eq!(ids, [first.as_str(), second.as_str()]);
-    assert!(server.data_dir.join("sled").is_dir());
-    assert!(
-        !server.data_dir.join("segments").exists(),
-        "the server did not open the sled data dir with the segment engine"
+    let data_read: Vec<_> = history
+        .iter()
+        .map(|e| e["data"].as_str().unwrap())
+        .collect();
+    let expected: Vec<&str> = before
+        .iter()
+        .map(String::as_str)
+        .chain([third.as_str(), fourth.as_str()])
+        .collect();
+    assert_eq!(
+        ids, expected,
+        "ids from before the move resume the same history"
     );
+    assert_eq!(data_read, ["one", "two", "three", "four"]);
 }
 
 #[tokio::test]

@@ -65,6 +65,57 @@ pub struct ChannelEnv {
     pub max_subscribers: usize,
     /// Told what channels do, for the embedding server's metrics; `None`: nobody counts.
     pub observer: Option<Arc<dyn ChannelObserver>>,
+    /// All active channels' in-memory tails together; `None`: each is bounded by
+    /// `memory_tail_bytes` alone. See [`TailBudget`].
+    pub tails: Option<Arc<TailBudget>>,
+}
+
+/// Memory for the in-memory tails of all active channels together. When it is spent, a
+/// channel that adds an event drops its own oldest ones (down to the newest), and one that
+/// wakes loads only what is left; replay of what is not in memory comes from storage. So
+/// memory while many channels are active is set by configuration, not by how many channels
+/// are touched at once.
+#[derive(Debug)]
+pub struct TailBudget {
+    limit: usize,
+    used: std::sync::atomic::AtomicUsize,
+}
+
+impl TailBudget {
+    /// A budget of `limit` bytes, counted as events weigh in memory ([`Event::weight`]:
+    /// payload, name and a fixed overhead).
+    ///
+    /// [`Event::weight`]: crate::channel::Event::weight
+    pub fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            used: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// Bytes held by tails now.
+    pub fn used(&self) -> usize {
+        self.used.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Bytes still free.
+    pub(crate) fn left(&self) -> usize {
+        self.limit.saturating_sub(self.used())
+    }
+
+    pub(crate) fn over(&self) -> bool {
+        self.used() > self.limit
+    }
+
+    pub(crate) fn take(&self, bytes: usize) {
+        self.used
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub(crate) fn give_back(&self, bytes: usize) {
+        self.used
+            .fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// What a server embedding channels wants to count. Channels call it after the commit, so
