@@ -12,8 +12,8 @@ use dormouse_runtime::{Context, Namespace, NamespaceConfig, Object, Runtime};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::engine::{Engine, Opened};
-use crate::proc;
+use crate::engine::{EngineArgs, Opened};
+use dormouse_bench::proc;
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
@@ -32,12 +32,8 @@ pub(crate) struct Args {
     /// Storage durability: always, never or a period.
     #[arg(long, default_value = "always")]
     durability: Durability,
-    /// Storage engine.
-    #[arg(long, value_enum, default_value_t = Engine::Segments)]
-    engine: Engine,
-    /// sled page cache, MiB (sled engine only; the server's `storage.cache`).
-    #[arg(long, default_value_t = 64)]
-    cache_mib: u64,
+    #[command(flatten)]
+    engine: EngineArgs,
     /// Runtime worker threads.
     #[arg(long, default_value_t = 2)]
     workers: usize,
@@ -51,7 +47,7 @@ pub(crate) struct Report {
     concurrency: usize,
     idle_timeout_ms: u128,
     durability: String,
-    cache_mib: u64,
+    cache_mib: Option<u64>,
     workers: usize,
     wake_sample: u64,
     rss_baseline_bytes: u64,
@@ -126,7 +122,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<Report> {
 
 async fn run_async(args: Args) -> anyhow::Result<Report> {
     let dir = tempfile::tempdir()?;
-    let opened = Opened::open(args.engine, dir.path(), args.durability, args.cache_mib)?;
+    let opened = Opened::open(&args.engine, dir.path(), args.durability)?;
     let storage = opened.storage.clone();
     let runtime = Runtime::new(storage.clone());
     let idle: Duration = args.idle_timeout.into();
@@ -174,12 +170,12 @@ async fn run_async(args: Args) -> anyhow::Result<Report> {
 
     Ok(Report {
         scenario: "activation",
-        engine: format!("{:?}", args.engine).to_lowercase(),
+        engine: format!("{:?}", args.engine.engine).to_lowercase(),
         objects: args.objects,
         concurrency: args.concurrency,
         idle_timeout_ms: idle.as_millis(),
         durability: args.durability.to_string(),
-        cache_mib: args.cache_mib,
+        cache_mib: args.engine.cache_mib,
         workers: args.workers,
         wake_sample: sample,
         rss_baseline_bytes,

@@ -54,8 +54,18 @@ impl ServerProcess {
 
     /// Waits until `/readyz` answers; returns the base URL.
     pub(crate) async fn wait_ready(&mut self, client: &reqwest::Client) -> anyhow::Result<String> {
+        self.wait_ready_within(client, Duration::from_secs(20))
+            .await
+    }
+
+    /// As [`Self::wait_ready`], for a start that may take longer (a large data dir).
+    pub(crate) async fn wait_ready_within(
+        &mut self,
+        client: &reqwest::Client,
+        patience: Duration,
+    ) -> anyhow::Result<String> {
         let base = format!("http://{}", self.addr);
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + patience;
         loop {
             if let Some(status) = self.child.try_wait()? {
                 anyhow::bail!(

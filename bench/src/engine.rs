@@ -1,5 +1,5 @@
 //! Which storage engine an in-process scenario runs on, so the same workload can compare the
-//! segment engine with the sled engine it replaced.
+//! segment engine with the sled engine it replaced and with fjall (feature `fjall`).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -8,10 +8,26 @@ use dormouse_runtime::storage::{
     Durability, SegmentConfig, SegmentStorage, SledConfig, SledStorage, Storage,
 };
 
-/// The engine flag of the in-process scenarios.
+/// The engine flags of the in-process scenarios.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct EngineArgs {
+    /// Storage engine.
+    #[arg(long, value_enum, default_value_t = Engine::Segments)]
+    pub(crate) engine: Engine,
+    /// The engine's read cache, MiB: the segment engine's leaf cache (`storage.cache`),
+    /// sled's page cache, fjall's block cache [default: the engine's own].
+    #[arg(long)]
+    pub(crate) cache_mib: Option<u64>,
+    /// Memory for changed index leaves before a checkpoint, MiB (segment engine,
+    /// `storage.checkpoint_memory`) [default: the engine's own].
+    #[arg(long)]
+    pub(crate) dirty_mib: Option<u64>,
+}
+
+/// Which engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum Engine {
-    /// The default engine: segment files, an in-memory index, a cleaner.
+    /// The default engine: segment files, a paged index with checkpoints, a cleaner.
     Segments,
     /// The first engine, sled 0.34 (kept for data dirs it wrote).
     Sled,
@@ -31,17 +47,23 @@ pub(crate) struct Opened {
 }
 
 impl Opened {
-    /// Opens `engine` on `path` as the server would, with sled's cache at `cache_mib`.
+    /// Opens the engine of `args` on `path` as the server would.
     pub(crate) fn open(
-        engine: Engine,
+        args: &EngineArgs,
         path: &Path,
         durability: Durability,
-        cache_mib: u64,
     ) -> anyhow::Result<Self> {
-        Ok(match engine {
+        let mib = |m: u64| m * 1024 * 1024;
+        Ok(match args.engine {
             Engine::Segments => {
                 let mut config = SegmentConfig::new(path);
                 config.durability = durability;
+                if let Some(cache) = args.cache_mib {
+                    config.cache_bytes = mib(cache);
+                }
+                if let Some(dirty) = args.dirty_mib {
+                    config.dirty_bytes = mib(dirty);
+                }
                 let store = Arc::new(SegmentStorage::open(config)?);
                 Self {
                     storage: store.clone(),
@@ -55,6 +77,9 @@ impl Opened {
             Engine::Fjall => {
                 let mut config = dormouse_runtime::storage::FjallConfig::new(path);
                 config.durability = durability;
+                if let Some(cache) = args.cache_mib {
+                    config.cache_bytes = mib(cache);
+                }
                 let store = Arc::new(dormouse_runtime::storage::FjallStorage::open(config)?);
                 Self {
                     storage: store.clone(),
@@ -66,7 +91,7 @@ impl Opened {
             Engine::Sled => {
                 let mut config = SledConfig::new(path);
                 config.durability = durability;
-                config.cache_capacity_bytes = cache_mib * 1024 * 1024;
+                config.cache_capacity_bytes = mib(args.cache_mib.unwrap_or(64));
                 let store = Arc::new(SledStorage::open(config)?);
                 Self {
                     storage: store.clone(),
@@ -92,6 +117,7 @@ impl Opened {
     pub(crate) fn settle(&self) -> anyhow::Result<()> {
         if let Some(segments) = &self.segments {
             segments.clean()?;
+            segments.checkpoint()?;
         }
         if let Some(sled) = &self.sled {
             sled.flush()?;
@@ -111,7 +137,16 @@ impl Opened {
         }
         if let Some(segments) = &self.segments {
             let stats = segments.stats();
-            return serde_json::json!({ "index_keys": stats.keys, "index_bytes": stats.index_bytes });
+            return serde_json::json!({
+                "keys": stats.keys,
+                "leaves": stats.leaves,
+                "dirty_leaves": stats.dirty_leaves,
+                "index_bytes": stats.index_bytes,
+                "cached_leaves": stats.cached_leaves,
+                "cache_bytes": stats.cache_bytes,
+                "checkpoints": stats.checkpoints,
+                "live_bytes": stats.live_bytes,
+            });
         }
         serde_json::Value::Null
     }

@@ -11,14 +11,12 @@
 //! - `fanout`, `idle`, `publish`: load over the wire against a `dormouse` server (or Redis,
 //!   as a yardstick) that the bench starts, or one already running.
 //! - `wire`: the server under test and minimal WebSocket, SSE and RESP clients.
-//! - `proc`: memory figures from `/proc/<pid>/status`.
 //! - `crash` (in the library): the crash-safety harness.
 
 mod activation;
 mod engine;
 mod fanout;
 mod idle;
-mod proc;
 mod publish;
 mod retained;
 mod storage_churn;
@@ -48,6 +46,9 @@ enum Scenario {
     /// N logs each holding its full replay buffer, nothing active: memory per retained
     /// event, then the time and memory to open the data dir again in a fresh process.
     Retained(retained::Args),
+    /// A server fills N channels' replay buffers, they hibernate, it restarts: its memory
+    /// and start-up against what is kept, as a user sees them.
+    RetainedServer(dormouse_bench::retained_server::Args),
     /// The second half of `retained`, run by it in a fresh process.
     #[command(hide = true)]
     RetainedOpen(retained::OpenArgs),
@@ -75,6 +76,10 @@ fn main() -> anyhow::Result<()> {
         Scenario::Activation(args) => serde_json::to_string(&activation::run(args)?)?,
         Scenario::StorageChurn(args) => serde_json::to_string(&storage_churn::run(args)?)?,
         Scenario::Retained(args) => serde_json::to_string(&retained::run(args)?)?,
+        Scenario::RetainedServer(args) => serde_json::to_string(
+            &tokio::runtime::Runtime::new()?
+                .block_on(dormouse_bench::retained_server::run(args))?,
+        )?,
         Scenario::RetainedOpen(args) => serde_json::to_string(&retained::open(args)?)?,
         Scenario::Fanout(args) => serde_json::to_string(&fanout::run(args)?)?,
         Scenario::Idle(args) => serde_json::to_string(&idle::run(args)?)?,

@@ -1,29 +1,30 @@
-//! Memory as the kernel accounts it, for this process or for a server under test.
+//! Memory and CPU as the kernel accounts them, for this process or for a server under test,
+//! and the allocator's own view of the heap.
 
 use anyhow::Context as _;
 
 /// Resident set size now, in bytes (`VmRSS`).
-pub(crate) fn rss_bytes() -> u64 {
+pub fn rss_bytes() -> u64 {
     status_kib("self", "VmRSS:").unwrap_or(0) * 1024
 }
 
 /// Peak resident set size so far, in bytes (`VmHWM`).
-pub(crate) fn peak_rss_bytes() -> u64 {
+pub fn peak_rss_bytes() -> u64 {
     status_kib("self", "VmHWM:").unwrap_or(0) * 1024
 }
 
 /// Another process's resident set size now, in bytes (`VmRSS` of `/proc/<pid>/status`).
-pub(crate) fn process_rss_bytes(pid: u32) -> anyhow::Result<u64> {
+pub fn process_rss_bytes(pid: u32) -> anyhow::Result<u64> {
     Ok(status_kib(&pid.to_string(), "VmRSS:")? * 1024)
 }
 
 /// Another process's peak resident set size, in bytes (`VmHWM`).
-pub(crate) fn process_peak_rss_bytes(pid: u32) -> anyhow::Result<u64> {
+pub fn process_peak_rss_bytes(pid: u32) -> anyhow::Result<u64> {
     Ok(status_kib(&pid.to_string(), "VmHWM:")? * 1024)
 }
 
 /// CPU time a process has used so far (user + system), in seconds; `"self"` for this one.
-pub(crate) fn cpu_secs(process: &str) -> anyhow::Result<f64> {
+pub fn cpu_secs(process: &str) -> anyhow::Result<f64> {
     // The kernel reports these in USER_HZ ticks, 100 per second on Linux.
     const TICKS_PER_SEC: f64 = 100.0;
     let path = format!("/proc/{process}/stat");
@@ -45,7 +46,7 @@ pub(crate) fn cpu_secs(process: &str) -> anyhow::Result<f64> {
 
 /// CPU time the whole machine has been busy (all CPUs, everything but idle and I/O wait), in
 /// seconds. Minus the server's and the bench's own, it shows how much else ran during a run.
-pub(crate) fn machine_busy_secs() -> anyhow::Result<f64> {
+pub fn machine_busy_secs() -> anyhow::Result<f64> {
     const TICKS_PER_SEC: f64 = 100.0;
     let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
     let ticks: Vec<u64> = stat
@@ -75,7 +76,7 @@ fn status_kib(process: &str, field: &str) -> anyhow::Result<u64> {
 
 /// Bytes the allocator has handed out and not had back (jemalloc's `stats.allocated`):
 /// live heap, as opposed to RSS, which also counts memory the allocator keeps cached.
-pub(crate) fn heap_allocated_bytes() -> u64 {
+pub fn heap_allocated_bytes() -> u64 {
     // Statistics are cached per epoch; advancing it refreshes them.
     let _ = tikv_jemalloc_ctl::epoch::advance();
     tikv_jemalloc_ctl::stats::allocated::read().map_or(0, |b| b as u64)
@@ -84,14 +85,14 @@ pub(crate) fn heap_allocated_bytes() -> u64 {
 /// jemalloc's view of the heap, for telling fragmentation (`active` − `allocated`: pages
 /// holding some live data) from cached free pages (`resident` − `active`).
 #[derive(Debug, Clone, Copy, serde::Serialize)]
-pub(crate) struct HeapStats {
-    pub(crate) allocated: u64,
-    pub(crate) active: u64,
-    pub(crate) resident: u64,
-    pub(crate) metadata: u64,
+pub struct HeapStats {
+    pub allocated: u64,
+    pub active: u64,
+    pub resident: u64,
+    pub metadata: u64,
 }
 
-pub(crate) fn heap_stats() -> HeapStats {
+pub fn heap_stats() -> HeapStats {
     use tikv_jemalloc_ctl::stats;
     let _ = tikv_jemalloc_ctl::epoch::advance();
     let read = |r: tikv_jemalloc_ctl::Result<usize>| r.map_or(0, |b| b as u64);

@@ -17,8 +17,8 @@ use anyhow::Context as _;
 use dormouse_runtime::storage::{Durability, ObjectId, Retention, WriteBatch};
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{Engine, Opened};
-use crate::proc;
+use crate::engine::{EngineArgs, Opened};
+use dormouse_bench::proc;
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
@@ -40,9 +40,8 @@ pub(crate) struct Args {
     /// Storage durability: always, never or a period such as 100ms.
     #[arg(long, default_value = "never")]
     durability: Durability,
-    /// Storage engine.
-    #[arg(long, value_enum, default_value_t = Engine::Segments)]
-    engine: Engine,
+    #[command(flatten)]
+    engine: EngineArgs,
     /// Where to put the data dir (a fresh directory inside it) [default: the temp dir].
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -103,8 +102,8 @@ pub(crate) struct OpenArgs {
     /// The data dir to open.
     #[arg(long)]
     path: PathBuf,
-    #[arg(long, value_enum, default_value_t = Engine::Segments)]
-    engine: Engine,
+    #[command(flatten)]
+    engine: EngineArgs,
     /// Logs to read back: log-0 .. log-N, each expected to hold `events` entries.
     #[arg(long, default_value_t = 200)]
     check_logs: u64,
@@ -119,7 +118,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<Report> {
     let parent = args.dir.clone().unwrap_or_else(std::env::temp_dir);
     let dir = tempfile::tempdir_in(parent)?;
     let rss_baseline_bytes = proc::rss_bytes();
-    let opened = Opened::open(args.engine, dir.path(), args.durability, 64)?;
+    let opened = Opened::open(&args.engine, dir.path(), args.durability)?;
     let storage = opened.storage.clone();
     let started = Instant::now();
     let written = Arc::new(AtomicU64::new(0));
@@ -184,7 +183,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<Report> {
     let over = rss_idle_bytes as i64 - rss_baseline_bytes as i64;
     Ok(Report {
         scenario: "retained",
-        engine: format!("{:?}", args.engine).to_lowercase(),
+        engine: format!("{:?}", args.engine.engine).to_lowercase(),
         logs: args.logs,
         events: args.events,
         size: args.size,
@@ -209,12 +208,14 @@ pub(crate) fn run(args: Args) -> anyhow::Result<Report> {
 /// Runs `retained-open` in a fresh process, so its memory is the open store's alone.
 fn open_in_child(path: &Path, args: &Args) -> anyhow::Result<OpenReport> {
     let exe = std::env::current_exe()?;
-    let engine = format!("{:?}", args.engine).to_lowercase();
+    let engine = format!("{:?}", args.engine.engine).to_lowercase();
     let output = Command::new(exe)
         .arg("retained-open")
         .arg("--path")
         .arg(path)
         .args(["--engine", &engine])
+        .args(args.engine.cache_mib.map(|m| format!("--cache-mib={m}")))
+        .args(args.engine.dirty_mib.map(|m| format!("--dirty-mib={m}")))
         .args(["--check-logs", &args.check_logs.to_string()])
         .args(["--logs", &args.logs.to_string()])
         .args(["--events", &args.events.to_string()])
@@ -233,7 +234,7 @@ fn open_in_child(path: &Path, args: &Args) -> anyhow::Result<OpenReport> {
 pub(crate) fn open(args: OpenArgs) -> anyhow::Result<OpenReport> {
     let rss_baseline_bytes = proc::rss_bytes();
     let started = Instant::now();
-    let opened = Opened::open(args.engine, &args.path, Durability::Never, 64)?;
+    let opened = Opened::open(&args.engine, &args.path, Durability::Never)?;
     let open_ms = started.elapsed().as_secs_f64() * 1e3;
     let rss_open_bytes = proc::rss_bytes();
     let storage = opened.storage.clone();

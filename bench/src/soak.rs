@@ -141,7 +141,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     while started.elapsed() < args.duration {
         tokio::time::sleep(Duration::from_millis(100)).await;
         if Instant::now() >= next_sample {
-            rss_samples.push(rss_of(server.pid)?);
+            rss_samples.push(crate::proc::process_rss_bytes(server.pid)?);
             next_sample += args.sample_every;
         }
     }
@@ -378,16 +378,4 @@ async fn ws_session(
     let _ = ws.close(None).await;
     let _ = ws.flush().await;
     Ok(problems)
-}
-
-/// Resident set size of process `pid`, in bytes.
-fn rss_of(pid: u32) -> anyhow::Result<u64> {
-    let path = format!("/proc/{pid}/status");
-    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kib| kib * 1024)
-        .context("no VmRSS")
 }

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use dormouse_runtime::storage::{Durability, ObjectId, Retention, WriteBatch};
 use serde::Serialize;
 
-use crate::engine::{Engine, Opened};
-use crate::proc;
+use crate::engine::{EngineArgs, Opened};
+use dormouse_bench::proc;
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
@@ -34,12 +34,8 @@ pub(crate) struct Args {
     /// Take a disk/RSS sample every this many events.
     #[arg(long, default_value_t = 1_000_000)]
     sample_every: u64,
-    /// Storage engine.
-    #[arg(long, value_enum, default_value_t = Engine::Segments)]
-    engine: Engine,
-    /// sled page cache, MiB (sled engine only).
-    #[arg(long, default_value_t = 64)]
-    cache_mib: u64,
+    #[command(flatten)]
+    engine: EngineArgs,
     /// Where to put the data dir (a fresh temporary directory inside it).
     #[arg(long)]
     dir: Option<std::path::PathBuf>,
@@ -65,7 +61,7 @@ pub(crate) struct Report {
     keep: u64,
     durability: String,
     writers: u64,
-    cache_mib: u64,
+    cache_mib: Option<u64>,
     elapsed_s: f64,
     appends_per_sec: f64,
     fsyncs: u64,
@@ -84,7 +80,7 @@ pub(crate) struct Report {
 pub(crate) fn run(args: Args) -> anyhow::Result<Report> {
     let parent = args.dir.clone().unwrap_or_else(std::env::temp_dir);
     let dir = tempfile::tempdir_in(parent)?;
-    let opened = Opened::open(args.engine, dir.path(), args.durability, args.cache_mib)?;
+    let opened = Opened::open(&args.engine, dir.path(), args.durability)?;
     let storage = opened.storage.clone();
     let payload = vec![0xA5u8; args.size];
     let appended = Arc::new(AtomicU64::new(0));
@@ -165,19 +161,19 @@ pub(crate) fn run(args: Args) -> anyhow::Result<Report> {
     drop(storage);
     drop(opened);
     let reopen_started = Instant::now();
-    let reopened = Opened::open(args.engine, dir.path(), args.durability, args.cache_mib)?;
+    let reopened = Opened::open(&args.engine, dir.path(), args.durability)?;
     let reopen_ms = reopen_started.elapsed().as_millis() as u64;
     drop(reopened);
     Ok(Report {
         scenario: "storage-churn",
-        engine: format!("{:?}", args.engine).to_lowercase(),
+        engine: format!("{:?}", args.engine.engine).to_lowercase(),
         logs: args.logs,
         events: args.events,
         size: args.size,
         keep: args.keep,
         durability: args.durability.to_string(),
         writers: args.writers,
-        cache_mib: args.cache_mib,
+        cache_mib: args.engine.cache_mib,
         elapsed_s: elapsed.as_secs_f64(),
         appends_per_sec: args.events as f64 / elapsed.as_secs_f64(),
         fsyncs,

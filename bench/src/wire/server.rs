@@ -17,7 +17,7 @@ use dormouse_bench::{default_server_bin, free_port};
 use serde::Serialize;
 
 use super::resp::RespConn;
-use crate::proc;
+use dormouse_bench::proc;
 
 /// How long a started server gets to answer.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
