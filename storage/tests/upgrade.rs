@@ -234,3 +234,43 @@ fn a_segment_data_dir_from_before_checkpoints_opens_with_everything_it_held() {
         .unwrap();
     assert_eq!(&fs::read(newest).unwrap()[..8], b"DMSEG\x00\x00\x02");
 }
+
+/// Replaying a large old data dir writes checkpoints as it goes (its changes would not fit
+/// in memory otherwise); their leaves must go to a new-format segment, never into an old
+/// one, which an older build would take for a torn write and cut off.
+#[test]
+fn checkpoints_while_upgrading_never_write_into_old_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1/segments");
+    fs::create_dir_all(dir.path().join("segments")).unwrap();
+    let mut lengths = Vec::new();
+    for file in fs::read_dir(&fixture).unwrap() {
+        let file = file.unwrap();
+        let copy = dir.path().join("segments").join(file.file_name());
+        fs::copy(file.path(), &copy).unwrap();
+        lengths.push((copy, file.metadata().unwrap().len()));
+    }
+    let store = SegmentStorage::open(SegmentConfig {
+        durability: Durability::Always,
+        // Room in the old newest segment, so a leaf would fit there if it were allowed.
+        segment_bytes: 64 * 1024,
+        // A budget of a handful of changes: replay checkpoints every few batches.
+        dirty_bytes: 512,
+        ..SegmentConfig::new(dir.path())
+    })
+    .unwrap();
+    assert!(store.stats().checkpoints >= 1, "{:?}", store.stats());
+    for (file, len) in &lengths {
+        assert_eq!(
+            fs::metadata(file).unwrap().len(),
+            *len,
+            "{} was written to",
+            file.display()
+        );
+    }
+    let room = id("channel", "room-2");
+    assert_eq!(
+        seqs(&store.read_log(&room, 0, 100).unwrap()),
+        (31..=50).collect::<Vec<_>>()
+    );
+}

@@ -17,6 +17,7 @@
 //! leaves is merged with its deltas and cut again into full leaves, so appends fill leaves
 //! to the brim and trims drop emptied leaves.
 
+use std::cmp::Ordering;
 use std::collections::{BTreeMap, HashMap};
 use std::ops::{Bound, Range};
 use std::sync::Arc;
@@ -257,27 +258,27 @@ impl Index {
             let base = self.base(li, load)?;
             let base: &[Entry] = base.as_deref().map_or(&[], |b| &b[..]);
             let base = &base[sub_range(base, start, end)];
-            let entries = match &self.leaves[li].delta {
+            let delta = match &self.leaves[li].delta {
                 Some(delta) if !delta.is_empty() && !range_is_empty(start, end) => {
-                    let delta = delta.range::<[u8], _>((start, end));
-                    std::borrow::Cow::Owned(merge(base, delta, base.len()))
+                    Some(delta.range::<[u8], _>((start, end)))
                 }
-                _ => std::borrow::Cow::Borrowed(base),
+                _ => None,
             };
-            if reverse {
-                for (k, slot) in entries.iter().rev() {
-                    if !visit(k.as_slice(), slot)? {
-                        return Ok(false);
-                    }
+            match (delta, reverse) {
+                (Some(delta), false) => visit_merged(base.iter(), delta, Ordering::Less, visit),
+                (Some(delta), true) => {
+                    visit_merged(base.iter().rev(), delta.rev(), Ordering::Greater, visit)
                 }
-            } else {
-                for (k, slot) in entries.iter() {
-                    if !visit(k.as_slice(), slot)? {
-                        return Ok(false);
-                    }
+                (None, false) => {
+                    visit_merged(base.iter(), std::iter::empty(), Ordering::Less, visit)
                 }
+                (None, true) => visit_merged(
+                    base.iter().rev(),
+                    std::iter::empty(),
+                    Ordering::Greater,
+                    visit,
+                ),
             }
-            Ok(true)
         };
         if reverse {
             for li in (lo..=hi).rev() {
@@ -500,6 +501,45 @@ impl LeafRef {
     /// Whether the written version may hold `key`.
     fn may_hold(&self, key: &[u8]) -> bool {
         self.disk.is_some() && key >= self.first.as_slice() && key <= self.last.as_slice()
+    }
+}
+
+/// Visits the written entries `base` with the changes of `delta` applied, lazily, in the
+/// order both iterate (`first` is the ordering of a key that comes first: `Less` forwards,
+/// `Greater` backwards), until `visit` returns `false`; returns whether it wanted more.
+fn visit_merged<'a, 'd>(
+    base: impl Iterator<Item = &'a Entry>,
+    delta: impl Iterator<Item = (&'d Key, &'d Option<Slot>)>,
+    first: Ordering,
+    visit: &mut dyn FnMut(&[u8], &Slot) -> Result<bool>,
+) -> Result<bool> {
+    let mut base = base.peekable();
+    let mut delta = delta.peekable();
+    loop {
+        let from_delta = match (base.peek(), delta.peek()) {
+            (None, None) => return Ok(true),
+            (Some(_), None) => false,
+            (None, Some(_)) => true,
+            (Some((bk, _)), Some((dk, _))) => {
+                let order = dk.as_slice().cmp(bk.as_slice());
+                if order == Ordering::Equal {
+                    // The change replaces the written entry.
+                    base.next();
+                }
+                order != first.reverse()
+            }
+        };
+        if from_delta {
+            if let Some((key, Some(slot))) = delta.next()
+                && !visit(key.as_slice(), slot)?
+            {
+                return Ok(false);
+            }
+        } else if let Some((key, slot)) = base.next()
+            && !visit(key.as_slice(), slot)?
+        {
+            return Ok(false);
+        }
     }
 }
 

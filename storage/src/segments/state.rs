@@ -126,17 +126,18 @@ impl State {
                 offset: MAGIC.len() as u64,
             },
         };
-        if start.seg < newest {
+        let old_format = state.segments.get(&newest).is_some_and(|s| s.version < 2);
+        if start.seg < newest || old_format {
             // Replay may write a checkpoint before it reaches the newest segment, which
-            // appends to it: its valid end must be known first.
+            // appends to the log: its valid end must be known first.
             state.find_end(newest)?;
         }
-        state.replay(start, newest)?;
-        if state.segments.get(&newest).is_some_and(|s| s.version < 2) {
+        if old_format {
             // Leaves must never land in a version 1 segment, which an older build would
-            // take for a torn write.
+            // take for a torn write and cut off: new frames go to a version 2 segment.
             state.rotate()?;
         }
+        state.replay(start, newest)?;
         Ok(state)
     }
 
@@ -620,12 +621,11 @@ impl State {
             ))
         })?;
         buf.resize(slot.len as usize, 0);
-        let path = segment_path(&self.dir, slot.seg);
         segment
             .file
             .read_at(buf, u64::from(slot.offset))
-            .map_err(|e| at(&path, e))?;
-        check_value(&path, slot, buf)
+            .map_err(|e| at(&segment_path(&self.dir, slot.seg), e))?;
+        check_value(&self.dir, slot, buf)
     }
 
     /// True when the record of `key` at `offset` of segment `seg` is the current one.
@@ -663,12 +663,11 @@ impl Load for State {
         if let Some(leaf) = self.cache.get(loc) {
             return Ok(leaf);
         }
-        let path = segment_path(&self.dir, loc.seg);
         let damaged = |what: &str| {
             Error::Corrupt(format!(
                 "segment {} is damaged at byte {}: the index leaf there {what}; restore the \
                  data dir from a backup",
-                path.display(),
+                segment_path(&self.dir, loc.seg).display(),
                 loc.offset
             ))
         };
@@ -684,7 +683,7 @@ impl Load for State {
         segment
             .file
             .read_at(&mut bytes, u64::from(loc.offset))
-            .map_err(|e| at(&path, e))?;
+            .map_err(|e| at(&segment_path(&self.dir, loc.seg), e))?;
         let payload = &bytes[FRAME_HEADER as usize..];
         let stored_len = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
         let crc = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
@@ -815,16 +814,15 @@ impl State {
                     first.seg
                 ))
             })?;
-            let path = segment_path(&self.dir, first.seg);
             ahead.buf.resize((hi - lo) as usize, 0);
             segment
                 .file
                 .read_at(&mut ahead.buf, lo)
-                .map_err(|e| at(&path, e))?;
+                .map_err(|e| at(&segment_path(&self.dir, first.seg), e))?;
             for (key, slot) in &entries[i..j] {
                 let from = (u64::from(slot.offset) - lo) as usize;
                 let value = &ahead.buf[from..from + slot.len as usize];
-                check_value(&path, slot, value)?;
+                check_value(&self.dir, slot, value)?;
                 if !visit(key, value)? {
                     return Ok(false);
                 }
@@ -836,12 +834,12 @@ impl State {
 }
 
 /// Fails with the file and offset when a value read back does not match its checksum.
-fn check_value(path: &Path, slot: &Slot, value: &[u8]) -> Result<()> {
+fn check_value(dir: &Path, slot: &Slot, value: &[u8]) -> Result<()> {
     if crc32fast::hash(value) != slot.crc {
         return Err(Error::Corrupt(format!(
             "segment {} is damaged at byte {}: a value of {} bytes there fails its checksum; \
              restore the data dir from a backup",
-            path.display(),
+            segment_path(dir, slot.seg).display(),
             slot.offset,
             slot.len
         )));
