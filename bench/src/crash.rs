@@ -353,8 +353,9 @@ struct ChannelCheck {
     violations: Vec<String>,
 }
 
-/// Every stored event of `channel`, oldest first, through the history route.
-async fn read_history(
+/// Every stored event of `channel` as (id, text data), oldest first, through the history
+/// route; a gap in it is an error.
+pub(crate) async fn read_history(
     client: &reqwest::Client,
     base: &str,
     channel: &str,

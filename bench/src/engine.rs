@@ -5,8 +5,38 @@ use std::path::Path;
 use std::sync::Arc;
 
 use dormouse_runtime::storage::{
-    Durability, SegmentConfig, SegmentStorage, SledConfig, SledStorage, Storage,
+    Durability, ObjectId, SegmentConfig, SegmentStorage, SledConfig, SledStorage, Storage,
 };
+
+/// Runs `write` on `writers` threads at once, each with its own share of `logs` logs
+/// (`channel/log-N`, round-robin), as each activation owns its log; returns the first
+/// error.
+pub(crate) fn with_writers(
+    writers: u64,
+    logs: u64,
+    write: impl Fn(u64, Vec<ObjectId>) -> anyhow::Result<()> + Sync,
+) -> anyhow::Result<()> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..writers)
+            .map(|writer| {
+                let write = &write;
+                scope.spawn(move || {
+                    let mine = (0..logs)
+                        .filter(|log| log % writers == writer)
+                        .map(|log| ObjectId::new("channel", format!("log-{log}")))
+                        .collect();
+                    write(writer, mine)
+                })
+            })
+            .collect();
+        for handle in handles {
+            handle
+                .join()
+                .map_err(|_| anyhow::anyhow!("writer panicked"))??;
+        }
+        Ok(())
+    })
+}
 
 /// The engine flags of the in-process scenarios.
 #[derive(Debug, Clone, clap::Args)]

@@ -23,6 +23,22 @@ pub fn process_peak_rss_bytes(pid: u32) -> anyhow::Result<u64> {
     Ok(status_kib(&pid.to_string(), "VmHWM:")? * 1024)
 }
 
+/// Bytes of every file under `dir`, walked on disk: what a data dir costs, measured without
+/// asking the server (its own figure is sampled, and may lag).
+pub fn dir_bytes(dir: &std::path::Path) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        total += if meta.is_dir() {
+            dir_bytes(&entry.path())?
+        } else {
+            meta.len()
+        };
+    }
+    Ok(total)
+}
+
 /// CPU time a process has used so far (user + system), in seconds; `"self"` for this one.
 pub fn cpu_secs(process: &str) -> anyhow::Result<f64> {
     // The kernel reports these in USER_HZ ticks, 100 per second on Linux.

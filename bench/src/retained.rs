@@ -17,7 +17,7 @@ use anyhow::Context as _;
 use dormouse_runtime::storage::{Durability, ObjectId, Retention, WriteBatch};
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{EngineArgs, Opened};
+use crate::engine::{EngineArgs, Opened, with_writers};
 use dormouse_bench::proc;
 
 #[derive(Debug, clap::Args)]
@@ -122,45 +122,27 @@ pub(crate) fn run(args: Args) -> anyhow::Result<Report> {
     let storage = opened.storage.clone();
     let started = Instant::now();
     let written = Arc::new(AtomicU64::new(0));
-    std::thread::scope(|scope| -> anyhow::Result<()> {
-        let mut handles = Vec::new();
-        for writer in 0..args.writers {
-            let storage = storage.clone();
-            let written = written.clone();
-            let args = &args;
-            handles.push(scope.spawn(move || -> anyhow::Result<()> {
-                let mine: Vec<ObjectId> = (0..args.logs)
-                    .filter(|log| log % args.writers == writer)
-                    .map(|log| ObjectId::new("channel", format!("log-{log}")))
-                    .collect();
-                let retention = Retention {
-                    max_events: Some(args.events),
-                    ..Retention::default()
-                };
-                let mut rng = writer.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-                let mut next_seq = 1;
-                while next_seq <= args.events {
-                    let last = (next_seq + args.batch - 1).min(args.events);
-                    for id in &mine {
-                        let mut batch = WriteBatch::new();
-                        let now = now_ms();
-                        for seq in next_seq..=last {
-                            batch.append(seq, now, payload(&mut rng, args.size));
-                        }
-                        batch.trim(retention, now);
-                        storage.apply(id, batch)?;
-                        futures::executor::block_on(storage.sync())?;
-                        written.fetch_add(last - next_seq + 1, Ordering::Relaxed);
-                    }
-                    next_seq = last + 1;
+    with_writers(args.writers, args.logs, |writer, mine| {
+        let retention = Retention {
+            max_events: Some(args.events),
+            ..Retention::default()
+        };
+        let mut rng = writer.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut next_seq = 1;
+        while next_seq <= args.events {
+            let last = (next_seq + args.batch - 1).min(args.events);
+            for id in &mine {
+                let mut batch = WriteBatch::new();
+                let now = now_ms();
+                for seq in next_seq..=last {
+                    batch.append(seq, now, payload(&mut rng, args.size));
                 }
-                Ok(())
-            }));
-        }
-        for handle in handles {
-            handle
-                .join()
-                .map_err(|_| anyhow::anyhow!("writer panicked"))??;
+                batch.trim(retention, now);
+                storage.apply(id, batch)?;
+                futures::executor::block_on(storage.sync())?;
+                written.fetch_add(last - next_seq + 1, Ordering::Relaxed);
+            }
+            next_seq = last + 1;
         }
         Ok(())
     })?;

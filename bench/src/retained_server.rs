@@ -129,11 +129,11 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     // engine writes its last changes out and empties its leaf cache after 2 s of quiet.
     tokio::time::sleep(Duration::from_secs(4)).await;
     let rss_hibernated_bytes = crate::proc::process_rss_bytes(server.pid)?;
-    let data_dir_bytes = metric(&client, &base, "dormouse_storage_size_bytes").await? as u64;
 
     let stopping = Instant::now();
     server.stop_gracefully()?;
     let stop_ms = stopping.elapsed().as_millis() as u64;
+    let data_dir_bytes = crate::proc::dir_bytes(&data_dir)?;
     let starting = Instant::now();
     let mut server =
         ServerProcess::start(&bin, &data_dir, dir.path(), &args.durability, 1, &env_refs)?;
@@ -265,67 +265,35 @@ async fn publish(client: &reqwest::Client, base: &str, args: &Args) -> anyhow::R
     Ok(())
 }
 
-/// Reads channel `c`'s whole buffer back a page at a time; returns how many events there
-/// were, after checking each is the one published with its seq.
+/// Reads channel `c`'s whole buffer back; returns how many events there were, after
+/// checking each is the one published with its seq.
 async fn read_back(
     client: &reqwest::Client,
     base: &str,
     c: u64,
     args: &Args,
 ) -> anyhow::Result<u64> {
-    let mut after: Option<String> = None;
-    let mut seen = 0;
-    loop {
-        let mut url = format!("{base}/v1/channels/ch-{c}/messages?limit=1000");
-        if let Some(after) = &after {
-            url.push_str(&format!("&after={after}"));
-        }
-        let page: serde_json::Value = client
-            .get(url)
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
-        let events = page["events"].as_array().cloned().unwrap_or_default();
-        if events.is_empty() {
-            return Ok(seen);
-        }
-        for event in &events {
-            seen += 1;
-            let expected = event_data(c, seen, args.size);
-            anyhow::ensure!(
-                event["data"].as_str() == Some(expected.as_str()),
-                "ch-{c}: event {seen} reads {event}"
-            );
-        }
-        after = page["next_after"].as_str().map(str::to_owned);
-        if after.is_none() {
-            return Ok(seen);
-        }
+    let events = crate::crash::read_history(client, base, &format!("ch-{c}")).await?;
+    for (seq, (id, data)) in (1..).zip(&events) {
+        anyhow::ensure!(
+            *data == event_data(c, seq, args.size),
+            "ch-{c}: event {seq} ({id}) reads {data:?}"
+        );
     }
+    Ok(events.len() as u64)
 }
 
 /// Waits until no channel is active, by the server's own `dormouse_objects` gauge.
 async fn wait_hibernated(client: &reqwest::Client, base: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let text = client
-            .get(format!("{base}/metrics"))
-            .send()
-            .await?
-            .text()
-            .await?;
-        let active = text
-            .lines()
-            .find(|l| {
-                l.starts_with("dormouse_objects{")
-                    && l.contains("state=\"active\"")
-                    && l.contains("namespace=\"channel\"")
-            })
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0);
+        let active = metric_line(client, base, |l| {
+            l.starts_with("dormouse_objects{")
+                && l.contains("state=\"active\"")
+                && l.contains("namespace=\"channel\"")
+        })
+        .await?
+        .unwrap_or(0.0);
         if active == 0.0 {
             return Ok(());
         }
@@ -334,25 +302,21 @@ async fn wait_hibernated(client: &reqwest::Client, base: &str) -> anyhow::Result
     }
 }
 
-/// One unlabelled metric's value from `/metrics`, waiting for it to appear.
-async fn metric(client: &reqwest::Client, base: &str, name: &str) -> anyhow::Result<f64> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let text = client
-            .get(format!("{base}/metrics"))
-            .send()
-            .await?
-            .text()
-            .await?;
-        if let Some(value) = text
-            .lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-        {
-            return Ok(value);
-        }
-        anyhow::ensure!(Instant::now() < deadline, "no {name} in /metrics");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+/// The value of the first `/metrics` line that `pick` chooses.
+async fn metric_line(
+    client: &reqwest::Client,
+    base: &str,
+    pick: impl Fn(&str) -> bool,
+) -> anyhow::Result<Option<f64>> {
+    let text = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .find(|l| pick(l))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok()))
 }

@@ -5,10 +5,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use dormouse_runtime::storage::{Durability, ObjectId, Retention, WriteBatch};
+use dormouse_runtime::storage::{Durability, Retention, WriteBatch};
 use serde::Serialize;
 
-use crate::engine::{EngineArgs, Opened};
+use crate::engine::{EngineArgs, Opened, with_writers};
 use dormouse_bench::proc;
 
 #[derive(Debug, clap::Args)]
@@ -82,7 +82,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<Report> {
     let dir = tempfile::tempdir_in(parent)?;
     let opened = Opened::open(&args.engine, dir.path(), args.durability)?;
     let storage = opened.storage.clone();
-    let payload = vec![0xA5u8; args.size];
+    let payload = bytes::Bytes::from(vec![0xA5u8; args.size]);
     let appended = Arc::new(AtomicU64::new(0));
     let samples = Arc::new(Mutex::new(Vec::new()));
     let started = Instant::now();
@@ -91,60 +91,40 @@ pub(crate) fn run(args: Args) -> anyhow::Result<Report> {
         args.logs * per_log.min(args.keep) * args.size as u64
     };
 
-    std::thread::scope(|scope| -> anyhow::Result<()> {
-        let mut handles = Vec::new();
-        for writer in 0..args.writers {
-            let storage = storage.clone();
-            let appended = appended.clone();
-            let samples = samples.clone();
-            let payload = payload.clone();
-            let args = &args;
-            handles.push(scope.spawn(move || -> anyhow::Result<()> {
-                let mine: Vec<ObjectId> = (0..args.logs)
-                    .filter(|log| log % args.writers == writer)
-                    .map(|log| ObjectId::new("channel", format!("log-{log}")))
-                    .collect();
-                let retention = Retention {
-                    max_events: Some(args.keep),
-                    ..Retention::default()
-                };
-                let mut seq = 0u64;
-                loop {
-                    seq += 1;
-                    for id in &mine {
-                        let n = appended.fetch_add(1, Ordering::Relaxed);
-                        if n >= args.events {
-                            return Ok(());
-                        }
-                        let mut batch = WriteBatch::new();
-                        let now = now_ms();
-                        batch.append(seq, now, payload.clone());
-                        batch.trim(retention, now);
-                        storage.apply(id, batch)?;
-                        futures::executor::block_on(storage.sync())?;
-                        let done = n + 1;
-                        if done.is_multiple_of(args.sample_every) {
-                            let disk_bytes = storage.size_on_disk()?;
-                            let live_bytes = live_at(done);
-                            samples.lock().expect("samples").push(Sample {
-                                events: done,
-                                elapsed_s: started.elapsed().as_secs_f64(),
-                                disk_bytes,
-                                live_bytes,
-                                disk_over_live: disk_bytes as f64 / live_bytes.max(1) as f64,
-                                rss_bytes: proc::rss_bytes(),
-                            });
-                        }
-                    }
+    with_writers(args.writers, args.logs, |_, mine| {
+        let retention = Retention {
+            max_events: Some(args.keep),
+            ..Retention::default()
+        };
+        let mut seq = 0u64;
+        loop {
+            seq += 1;
+            for id in &mine {
+                let n = appended.fetch_add(1, Ordering::Relaxed);
+                if n >= args.events {
+                    return Ok(());
                 }
-            }));
+                let mut batch = WriteBatch::new();
+                let now = now_ms();
+                batch.append(seq, now, payload.clone());
+                batch.trim(retention, now);
+                storage.apply(id, batch)?;
+                futures::executor::block_on(storage.sync())?;
+                let done = n + 1;
+                if done.is_multiple_of(args.sample_every) {
+                    let disk_bytes = storage.size_on_disk()?;
+                    let live_bytes = live_at(done);
+                    samples.lock().expect("samples").push(Sample {
+                        events: done,
+                        elapsed_s: started.elapsed().as_secs_f64(),
+                        disk_bytes,
+                        live_bytes,
+                        disk_over_live: disk_bytes as f64 / live_bytes.max(1) as f64,
+                        rss_bytes: proc::rss_bytes(),
+                    });
+                }
+            }
         }
-        for handle in handles {
-            handle
-                .join()
-                .map_err(|_| anyhow::anyhow!("writer panicked"))??;
-        }
-        Ok(())
     })?;
 
     let elapsed = started.elapsed();

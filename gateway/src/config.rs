@@ -161,8 +161,8 @@ pub struct StorageSettings {
     /// a period such as "100ms" (fsync on that period), or "never".
     #[serde(with = "durability_serde")]
     pub durability: Durability,
-    /// Memory for index leaves being read (the active objects' reads); it is emptied when
-    /// the server goes quiet, so hibernated objects hold none of it.
+    /// Memory for index leaves being read (the active objects' reads); once writes stop,
+    /// leaves not read for a second leave it, so hibernated objects hold none of it.
     pub cache: ByteSize,
     /// Size of one segment file (4 KiB to 1 GiB). The cleaner reclaims space a few whole
     /// segments at a time and never touches the newest one, so disk use stays under about

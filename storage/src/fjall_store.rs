@@ -199,24 +199,10 @@ impl Raw for FjallStorage {
         visit: Visit<'_>,
     ) -> Result<()> {
         let iter = self.records.range::<&[u8], _>((start, end));
-        let mut step = |guard: fjall::Guard| -> Result<bool> {
+        raw::visit_each(iter, reverse, |guard| {
             let (k, v) = guard.into_inner().map_err(engine)?;
             visit(&k, &v)
-        };
-        if reverse {
-            for guard in iter.rev() {
-                if !step(guard)? {
-                    break;
-                }
-            }
-        } else {
-            for guard in iter {
-                if !step(guard)? {
-                    break;
-                }
-            }
-        }
-        Ok(())
+        })
     }
 }
 

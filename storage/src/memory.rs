@@ -48,20 +48,7 @@ impl Raw for Records {
         visit: Visit<'_>,
     ) -> Result<()> {
         let range = self.range::<[u8], _>((start, end));
-        if reverse {
-            for (k, v) in range.rev() {
-                if !visit(k, v)? {
-                    break;
-                }
-            }
-        } else {
-            for (k, v) in range {
-                if !visit(k, v)? {
-                    break;
-                }
-            }
-        }
-        Ok(())
+        raw::visit_each(range, reverse, |(k, v)| visit(k, v))
     }
 }
 

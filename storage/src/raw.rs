@@ -107,6 +107,29 @@ pub(crate) trait Raw {
     }
 }
 
+/// Feeds `items` (an engine's ordered range) to `visit`, backwards when `reverse`, until
+/// it returns `false`: the loop every engine's [`Raw::scan_nonempty`] needs.
+pub(crate) fn visit_each<T>(
+    items: impl DoubleEndedIterator<Item = T>,
+    reverse: bool,
+    mut visit: impl FnMut(T) -> Result<bool>,
+) -> Result<()> {
+    if reverse {
+        for item in items.rev() {
+            if !visit(item)? {
+                break;
+            }
+        }
+    } else {
+        for item in items {
+            if !visit(item)? {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// True when no key lies in `(start, end)`; `BTreeMap::range` panics on some of these.
 pub(crate) fn range_is_empty(start: Bound<&[u8]>, end: Bound<&[u8]>) -> bool {
     match (start, end) {

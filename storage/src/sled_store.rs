@@ -269,24 +269,10 @@ impl Raw for sled::Tree {
         visit: Visit<'_>,
     ) -> Result<()> {
         let range = self.range::<&[u8], _>((start, end));
-        let mut step = |item: sled::Result<(sled::IVec, sled::IVec)>| -> Result<bool> {
+        raw::visit_each(range, reverse, |item| {
             let (k, v) = item.engine()?;
             visit(&k, &v)
-        };
-        if reverse {
-            for item in range.rev() {
-                if !step(item)? {
-                    break;
-                }
-            }
-        } else {
-            for item in range {
-                if !step(item)? {
-                    break;
-                }
-            }
-        }
-        Ok(())
+        })
     }
 }
 

@@ -254,7 +254,7 @@ impl Index {
         if lo > hi {
             return Ok(());
         }
-        let mut one = |li: usize| -> Result<bool> {
+        let one = |li: usize| -> Result<bool> {
             let base = self.base(li, load)?;
             let base: &[Entry] = base.as_deref().map_or(&[], |b| &b[..]);
             let base = &base[sub_range(base, start, end)];
@@ -280,20 +280,7 @@ impl Index {
                 ),
             }
         };
-        if reverse {
-            for li in (lo..=hi).rev() {
-                if !one(li)? {
-                    break;
-                }
-            }
-        } else {
-            for li in lo..=hi {
-                if !one(li)? {
-                    break;
-                }
-            }
-        }
-        Ok(())
+        crate::raw::visit_each(lo..=hi, reverse, one)
     }
 
     /// Loads into `pinned` the written version of every leaf a write of `keys` must look

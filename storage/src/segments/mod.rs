@@ -72,8 +72,8 @@ pub struct SegmentConfig {
     /// keep rewriting itself to save a few megabytes.
     pub clean_above_bytes: u64,
     /// Memory for index leaves that are read but not being changed: what an active
-    /// object's reads are served from without a system call. Hibernated objects' leaves
-    /// leave it as others are read.
+    /// object's reads are served from without a system call. Leaves leave it as others are
+    /// read, and, once writes have stopped, when a second passes without a read of them.
     pub cache_bytes: u64,
     /// Memory for changes to the index since the last checkpoint (about 80 bytes per
     /// changed key); reaching it starts one. Bounds the engine's memory while publishing to
@@ -588,9 +588,9 @@ impl Shared {
                 tracing::warn!(error = %e, "checkpoint failed; will retry");
             }
             if quiet {
-                // Nothing is being written: leaves read for objects that have gone back
-                // to sleep need not stay in memory.
-                self.read().cache.clear();
+                // Nothing is being written: leaves that were not read in the last tick
+                // belong to objects that have gone back to sleep.
+                self.read().cache.sweep();
             }
             loop {
                 if self.control().stop {

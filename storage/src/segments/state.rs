@@ -145,23 +145,17 @@ impl State {
         let path = segment_path(&self.dir, id);
         let file = self.fs.open(&path, false).map_err(|e| at(&path, e))?;
         let len = file.len().map_err(|e| at(&path, e))?;
-        if newest && len < MAGIC.len() as u64 {
-            // Created, then the process died before the magic reached the file.
-            file.set_len(0).map_err(|e| at(&path, e))?;
-            file.write_at(MAGIC, 0).map_err(|e| at(&path, e))?;
-            self.add_segment(id, file, MAGIC.len() as u64, 2);
-            if let Some(segment) = self.segments.get(&id) {
-                segment.synced.store(0, Ordering::Release);
-            }
-            return Ok(());
-        }
         if newest {
             let mut magic = [0; MAGIC.len()];
-            file.read_at(&mut magic, 0).map_err(|e| at(&path, e))?;
-            if magic == [0; MAGIC.len()] {
-                // Its magic never reached the disk, so nothing in it was ever synced (a
-                // sync covers the whole file, and the magic is written first): a power
-                // cut right after it was created.
+            let unwritten = len < MAGIC.len() as u64 || {
+                file.read_at(&mut magic, 0).map_err(|e| at(&path, e))?;
+                magic == [0; MAGIC.len()]
+            };
+            if unwritten {
+                // Its magic never reached the disk (the process died right after creating
+                // it, or the power went before anything in it was synced: a sync covers
+                // the whole file, and the magic is written first), so nothing in it was
+                // ever acknowledged: start it over.
                 tracing::warn!(segment = %path.display(), "starting over a segment whose first bytes never reached the disk");
                 file.set_len(0).map_err(|e| at(&path, e))?;
                 file.write_at(MAGIC, 0).map_err(|e| at(&path, e))?;
@@ -861,6 +855,8 @@ struct CacheInner {
     leaves: HashMap<Loc, (Arc<Leaf>, usize, u64)>,
     bytes: usize,
     tick: u64,
+    /// The tick of the last sweep: leaves not used since are dropped by the next.
+    swept_at: u64,
 }
 
 fn leaf_bytes(leaf: &Leaf) -> usize {
@@ -930,11 +926,24 @@ impl LeafCache {
         (inner.leaves.len(), inner.bytes)
     }
 
-    /// Drops every cached leaf (an idle store gives its memory back).
-    pub(crate) fn clear(&self) {
+    /// Drops the leaves not used since the previous sweep, so a store that has gone quiet
+    /// gives its memory back while leaves still being read stay.
+    pub(crate) fn sweep(&self) {
         let mut inner = self.lock();
-        inner.leaves = HashMap::new();
-        inner.bytes = 0;
+        let mark = inner.swept_at;
+        let mut freed = 0;
+        inner.leaves.retain(|_, (_, bytes, used)| {
+            let keep = *used > mark;
+            if !keep {
+                freed += *bytes;
+            }
+            keep
+        });
+        inner.bytes -= freed;
+        if inner.leaves.is_empty() {
+            inner.leaves = HashMap::new();
+        }
+        inner.swept_at = inner.tick;
     }
 }
 
@@ -944,5 +953,43 @@ pub(crate) fn in_file(path: &Path, e: Error) -> Error {
         Error::Corrupt(message) => Error::Corrupt(format!("{}: {message}", path.display())),
         Error::Io(io) => at(path, io),
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loc(offset: u32) -> Loc {
+        Loc {
+            seg: 1,
+            offset,
+            len: 10,
+        }
+    }
+
+    #[test]
+    fn a_sweep_drops_the_leaves_not_read_since_the_last_one_and_the_cache_stays_bounded() {
+        let cache = LeafCache::new(1 << 20);
+        cache.insert(loc(1), Arc::new(Vec::new()));
+        cache.insert(loc(2), Arc::new(Vec::new()));
+        cache.sweep();
+        assert_eq!(cache.size().0, 2, "both were used since the start");
+        assert!(cache.get(loc(1)).is_some());
+        cache.sweep();
+        assert!(cache.get(loc(1)).is_some(), "read since the last sweep");
+        assert!(cache.get(loc(2)).is_none(), "not read since the last sweep");
+
+        let leaf = || Arc::new(vec![(leaf::Key::new(b"k"), Slot::new(1, 0, b"v")); 100]);
+        let small = LeafCache::new(10 * leaf_bytes(&leaf()));
+        for n in 0..100 {
+            small.insert(loc(n), leaf());
+        }
+        assert!(
+            small.size().1 <= 10 * leaf_bytes(&leaf()),
+            "{:?}",
+            small.size()
+        );
+        assert!(small.get(loc(99)).is_some(), "the newest stays");
     }
 }
