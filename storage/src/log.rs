@@ -29,6 +29,12 @@ pub struct LogMeta {
     pub count: u64,
     /// Sum of the payload sizes of the stored entries.
     pub bytes: u64,
+    /// No stored entry is older than this (ms since the Unix epoch), as long as entries were
+    /// appended in time order, which trimming by age assumes anyway (it drops from the
+    /// front); 0 when not known (logs last written before it was recorded). A lower bound,
+    /// not always the exact oldest: it lets a trim by age that has nothing to drop skip
+    /// reading entries, which is every trim of a busy channel.
+    pub oldest_ms: u64,
 }
 
 /// How much of a log to keep; an entry goes when any bound is exceeded. Oldest entries go

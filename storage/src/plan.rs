@@ -21,6 +21,10 @@ use crate::{Error, LogMeta, ObjectId, Result, Retention, Write, key, record};
 /// write wins), in key order.
 pub(crate) type Ops = BTreeMap<Vec<u8>, Option<Bytes>>;
 
+/// Called for each record of a planning scan: its key, its value when asked for (or still
+/// in the overlay), and the value's size; returns `false` to stop early.
+type PlanVisit<'v> = &'v mut dyn FnMut(&[u8], Option<&[u8]>, u64) -> Result<bool>;
+
 /// A batch ready to apply.
 #[derive(Debug)]
 pub(crate) struct Plan<'l> {
@@ -94,6 +98,7 @@ impl<'l> Planner<'_, 'l> {
                     last_seq: 0,
                     count: 0,
                     bytes: 0,
+                    oldest_ms: 0,
                 }));
                 Ok(())
             }
@@ -135,15 +140,23 @@ impl<'l> Planner<'_, 'l> {
     }
 
     /// Scans `(start, end)` forwards as the state would be after the writes planned so far:
-    /// overlay puts are visited, overlay removes hide engine records.
-    fn scan(&self, start: Bound<&[u8]>, end: Bound<&[u8]>, visit: raw::Visit<'_>) -> Result<()> {
+    /// overlay puts are visited, overlay removes hide engine records. `visit` gets each key,
+    /// its value when `values` is set (records still in the overlay always come with
+    /// theirs), and the value's size: without values the engine may read nothing at all.
+    fn scan(
+        &self,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+        values: bool,
+        visit: PlanVisit<'_>,
+    ) -> Result<()> {
         if raw::range_is_empty(start, end) {
             return Ok(());
         }
         let pending: Vec<_> = self.overlay.range::<[u8], _>((start, end)).collect();
         let mut next = 0;
         let mut stopped = false;
-        self.raw.scan_nonempty(start, end, false, &mut |k, v| {
+        let mut step = |k: &[u8], v: Option<&[u8]>, len: u64| -> Result<bool> {
             while let Some((pending_key, pending_value)) = pending.get(next) {
                 let pending_key = pending_key.as_slice();
                 if pending_key > k {
@@ -151,7 +164,7 @@ impl<'l> Planner<'_, 'l> {
                 }
                 next += 1;
                 if let Some(value) = pending_value
-                    && !visit(pending_key, value)?
+                    && !visit(pending_key, Some(value), value.len() as u64)?
                 {
                     stopped = true;
                     return Ok(false);
@@ -161,16 +174,24 @@ impl<'l> Planner<'_, 'l> {
                     return Ok(true);
                 }
             }
-            if !visit(k, v)? {
+            if !visit(k, v, len)? {
                 stopped = true;
                 return Ok(false);
             }
             Ok(true)
-        })?;
+        };
+        if values {
+            self.raw.scan_nonempty(start, end, false, &mut |k, v| {
+                step(k, Some(v), v.len() as u64)
+            })?;
+        } else {
+            self.raw
+                .scan_sizes_nonempty(start, end, &mut |k, len| step(k, None, len))?;
+        }
         if !stopped {
             for (pending_key, pending_value) in &pending[next..] {
                 if let Some(value) = pending_value
-                    && !visit(pending_key, value)?
+                    && !visit(pending_key, Some(value), value.len() as u64)?
                 {
                     break;
                 }
@@ -182,10 +203,15 @@ impl<'l> Planner<'_, 'l> {
     fn remove_prefix(&mut self, prefix: &[u8]) -> Result<()> {
         let end = raw::end_of(prefix);
         let mut doomed = Vec::new();
-        self.scan(Bound::Included(prefix), raw::as_ref(&end), &mut |k, _| {
-            doomed.push(k.to_vec());
-            Ok(true)
-        })?;
+        self.scan(
+            Bound::Included(prefix),
+            raw::as_ref(&end),
+            false,
+            &mut |k, _, _| {
+                doomed.push(k.to_vec());
+                Ok(true)
+            },
+        )?;
         for k in doomed {
             self.overlay.insert(k, None);
         }
@@ -215,6 +241,10 @@ impl<'l> Planner<'_, 'l> {
                 }
                 if meta.count == 0 {
                     meta.first_seq = seq;
+                    meta.oldest_ms = timestamp_ms;
+                } else {
+                    // Unknown (0) stays unknown until a trim reads the oldest entry.
+                    meta.oldest_ms = meta.oldest_ms.min(timestamp_ms);
                 }
                 meta.last_seq = seq;
                 meta.count = meta.count.saturating_add(1);
@@ -233,6 +263,7 @@ impl<'l> Planner<'_, 'l> {
                     last_seq: seq,
                     count: 1,
                     bytes: len,
+                    oldest_ms: timestamp_ms,
                 }
             }
         };
@@ -278,6 +309,10 @@ impl<'l> Planner<'_, 'l> {
             .unwrap_or(0))
     }
 
+    /// Drops entries from the front of the log while a bound is exceeded. Counting and
+    /// byte bounds need only keys and sizes; an entry's time is read only while the log's
+    /// `oldest_ms` says something may be old enough to go, so a busy channel's trim after
+    /// each append reads no entry at all.
     fn trim(&mut self, retention: Retention, now_ms: u64) -> Result<()> {
         let Some(mut meta) = self.meta()? else {
             return Ok(());
@@ -289,8 +324,10 @@ impl<'l> Planner<'_, 'l> {
         let cutoff = retention
             .max_age
             .map(|age| now_ms.saturating_sub(millis(age)));
-        if meta.count == 0 || (cutoff.is_none() && !over_count(&meta) && !over_bytes(&meta)) {
-            // The common case (a trim after each append, within bounds) reads nothing.
+        // Nothing stored is older than `oldest_ms`: while the cutoff has not passed it, no
+        // entry needs its time read.
+        let age_matters = cutoff.is_some_and(|cutoff| meta.oldest_ms < cutoff);
+        if meta.count == 0 || (!age_matters && !over_count(&meta) && !over_bytes(&meta)) {
             return Ok(());
         }
 
@@ -299,20 +336,32 @@ impl<'l> Planner<'_, 'l> {
         let mut doomed = Vec::new();
         let mut first_kept = None;
         let prefix = self.entry_prefix.clone();
-        self.scan(Bound::Included(&start), raw::as_ref(&end), &mut |k, v| {
+        let range = (Bound::Included(start.as_slice()), raw::as_ref(&end));
+        self.scan(range.0, range.1, age_matters, &mut |k, v, size| {
             let seq = key::entry_seq(&prefix, k)?;
-            let (timestamp_ms, len) = record::entry_header(v)?;
-            let too_old = cutoff.is_some_and(|cutoff| timestamp_ms < cutoff);
+            let len = record::entry_payload_len(size)?;
+            let timestamp_ms = v.map(record::entry_header).transpose()?.map(|(t, _)| t);
+            let too_old = matches!((cutoff, timestamp_ms), (Some(c), Some(t)) if t < c);
             if over_count(&meta) || over_bytes(&meta) || too_old {
                 doomed.push(k.to_vec());
                 meta.count = meta.count.saturating_sub(1);
                 meta.bytes = meta.bytes.saturating_sub(len);
                 Ok(true)
             } else {
-                first_kept = Some(seq);
+                first_kept = Some((seq, timestamp_ms));
                 Ok(false)
             }
         })?;
+        if let Some((_, Some(timestamp_ms))) = first_kept
+            && timestamp_ms != meta.oldest_ms
+        {
+            // The oldest entry's time was read: the bound is exact again, so the next
+            // trims skip reading until the cutoff passes it.
+            meta.oldest_ms = timestamp_ms;
+            if doomed.is_empty() {
+                self.set_meta(Some(meta));
+            }
+        }
         if doomed.is_empty() {
             return Ok(());
         }
@@ -320,7 +369,7 @@ impl<'l> Planner<'_, 'l> {
             self.overlay.insert(k, None);
         }
         match first_kept {
-            Some(seq) => meta.first_seq = seq,
+            Some((seq, _)) => meta.first_seq = seq,
             None => {
                 if meta.count != 0 || meta.bytes != 0 {
                     tracing::warn!(
@@ -333,6 +382,7 @@ impl<'l> Planner<'_, 'l> {
                 meta.first_seq = meta.last_seq.saturating_add(1);
                 meta.count = 0;
                 meta.bytes = 0;
+                meta.oldest_ms = 0;
             }
         }
         self.set_meta(Some(meta));
@@ -401,4 +451,159 @@ pub(crate) fn allocate_epoch(raw: &dyn Raw) -> Result<(Vec<u8>, Bytes, u64)> {
         .unwrap_or(0);
     let epoch = successor_epoch(counter);
     Ok((key, record::encode_u64(epoch), epoch))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::WriteBatch;
+
+    /// Records in a map, counting the log entry values a plan reads.
+    #[derive(Default)]
+    struct Counted {
+        records: BTreeMap<Vec<u8>, Bytes>,
+        entry_reads: Cell<usize>,
+    }
+
+    impl Counted {
+        fn count(&self, key: &[u8]) {
+            if key.first() == Some(&key::LOG_ENTRY) {
+                self.entry_reads.set(self.entry_reads.get() + 1);
+            }
+        }
+
+        fn apply(&mut self, id: &ObjectId, batch: WriteBatch) {
+            let ops = plan(&*self, id, batch.into_writes(), None).unwrap().ops;
+            for (k, v) in ops {
+                match v {
+                    Some(v) => self.records.insert(k, v),
+                    None => self.records.remove(&k),
+                };
+            }
+        }
+
+        fn meta(&self, id: &ObjectId) -> LogMeta {
+            raw::log_meta(self, id).unwrap().unwrap()
+        }
+
+        fn seqs(&self, id: &ObjectId) -> Vec<u64> {
+            raw::read_log(self, id, 0, 100)
+                .unwrap()
+                .iter()
+                .map(|e| e.seq)
+                .collect()
+        }
+    }
+
+    impl Raw for Counted {
+        fn get(&self, key: &[u8]) -> Result<Option<Bytes>> {
+            self.count(key);
+            Ok(self.records.get(key).cloned())
+        }
+
+        fn scan_nonempty(
+            &self,
+            start: Bound<&[u8]>,
+            end: Bound<&[u8]>,
+            reverse: bool,
+            visit: raw::Visit<'_>,
+        ) -> Result<()> {
+            let range = self.records.range::<[u8], _>((start, end));
+            raw::visit_each(range, reverse, |(k, v)| {
+                self.count(k);
+                visit(k, v)
+            })
+        }
+
+        /// Sizes without reading values, as the segment engine's index gives them.
+        fn scan_sizes_nonempty(
+            &self,
+            start: Bound<&[u8]>,
+            end: Bound<&[u8]>,
+            visit: raw::SizeVisit<'_>,
+        ) -> Result<()> {
+            let range = self.records.range::<[u8], _>((start, end));
+            raw::visit_each(range, false, |(k, v)| visit(k, v.len() as u64))
+        }
+    }
+
+    #[test]
+    fn trims_read_entries_only_when_something_may_be_too_old() {
+        let id = ObjectId::new("channel", "busy");
+        let mut store = Counted::default();
+        let retention = Retention {
+            max_events: Some(3),
+            max_bytes: Some(1 << 20),
+            max_age: Some(Duration::from_secs(60)),
+        };
+        // A busy channel: an append and a trim per publish, one second apart.
+        for seq in 1..=20u64 {
+            let mut batch = WriteBatch::new();
+            batch
+                .append(seq, seq * 1000, vec![b'x'; 100])
+                .trim(retention, seq * 1000);
+            store.apply(&id, batch);
+        }
+        assert_eq!(store.seqs(&id), [18, 19, 20]);
+        assert_eq!(
+            store.entry_reads.get(),
+            3,
+            "only the three read back: count trims read sizes, the age bound was not passed"
+        );
+        let meta = store.meta(&id);
+        assert_eq!((meta.count, meta.bytes, meta.oldest_ms), (3, 300, 1000));
+
+        // Now the cutoff (2 s) passes the bound (1 s): the front's time is read once,
+        // nothing is old enough, and the bound becomes exact again.
+        store.entry_reads.set(0);
+        let mut batch = WriteBatch::new();
+        batch.trim(retention, 62_000);
+        store.apply(&id, batch);
+        assert_eq!(store.seqs(&id), [18, 19, 20]);
+        assert_eq!(store.meta(&id).oldest_ms, 18_000);
+        assert_eq!(
+            store.entry_reads.get(),
+            1 + 3,
+            "the front entry, then the three read back"
+        );
+
+        // Later, age drops what is too old and no more.
+        let mut batch = WriteBatch::new();
+        batch.trim(retention, 79_500);
+        store.apply(&id, batch);
+        assert_eq!(store.seqs(&id), [20]);
+        assert_eq!(store.meta(&id).oldest_ms, 20_000);
+    }
+
+    #[test]
+    fn a_log_without_a_known_bound_is_trimmed_by_age_as_before() {
+        let id = ObjectId::new("channel", "old");
+        let mut store = Counted::default();
+        let mut batch = WriteBatch::new();
+        for seq in 1..=5u64 {
+            batch.append(seq, seq * 1000, vec![b'x'; 10]);
+        }
+        store.apply(&id, batch);
+        // As a data dir written before `oldest_ms` existed stores it: five fields.
+        let meta_key = key::log_meta_key(&id).unwrap();
+        let old = store.records[&meta_key].slice(..40);
+        store.records.insert(meta_key, old);
+        assert_eq!(store.meta(&id).oldest_ms, 0);
+
+        let mut batch = WriteBatch::new();
+        batch.trim(
+            Retention {
+                max_age: Some(Duration::from_millis(2500)),
+                ..Retention::default()
+            },
+            5000,
+        );
+        store.apply(&id, batch);
+        assert_eq!(store.seqs(&id), [3, 4, 5]);
+        let meta = store.meta(&id);
+        assert_eq!((meta.count, meta.bytes, meta.oldest_ms), (3, 30, 3000));
+    }
 }

@@ -77,6 +77,10 @@ pub(crate) use raw_reads;
 /// Called for each record of a scan, in scan order; returns `false` to stop early.
 pub(crate) type Visit<'v> = &'v mut dyn FnMut(&[u8], &[u8]) -> Result<bool>;
 
+/// Called for each record of a scan that needs only keys and value sizes, in key order;
+/// returns `false` to stop early.
+pub(crate) type SizeVisit<'v> = &'v mut dyn FnMut(&[u8], u64) -> Result<bool>;
+
 /// An ordered map from encoded keys to values, as seen by one read.
 pub(crate) trait Raw {
     fn get(&self, key: &[u8]) -> Result<Option<Bytes>>;
@@ -104,6 +108,18 @@ pub(crate) trait Raw {
             return Ok(());
         }
         self.scan_nonempty(start, end, reverse, visit)
+    }
+
+    /// Scans the non-empty `(start, end)` forwards for keys and the sizes of their values.
+    /// Trimming a log and removing a prefix need no more; an engine that knows sizes
+    /// without reading values (the segment engine's index does) overrides this to read none.
+    fn scan_sizes_nonempty(
+        &self,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+        visit: SizeVisit<'_>,
+    ) -> Result<()> {
+        self.scan_nonempty(start, end, false, &mut |k, v| visit(k, v.len() as u64))
     }
 }
 

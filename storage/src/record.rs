@@ -6,7 +6,9 @@ use bytes::Bytes;
 use crate::{Error, LogEntry, LogMeta, Result};
 
 const U64_LEN: usize = 8;
-const META_LEN: usize = 5 * U64_LEN;
+/// Meta records before `oldest_ms` was added had five fields; they still decode.
+const META_LEN_V1: usize = 5 * U64_LEN;
+const META_LEN: usize = 6 * U64_LEN;
 
 pub(crate) fn encode_meta(meta: &LogMeta) -> Bytes {
     let mut value = Vec::with_capacity(META_LEN);
@@ -16,6 +18,7 @@ pub(crate) fn encode_meta(meta: &LogMeta) -> Bytes {
         meta.last_seq,
         meta.count,
         meta.bytes,
+        meta.oldest_ms,
     ] {
         value.extend_from_slice(&field.to_be_bytes());
     }
@@ -23,9 +26,9 @@ pub(crate) fn encode_meta(meta: &LogMeta) -> Bytes {
 }
 
 pub(crate) fn decode_meta(value: &[u8]) -> Result<LogMeta> {
-    if value.len() != META_LEN {
+    if value.len() != META_LEN && value.len() != META_LEN_V1 {
         return Err(Error::Corrupt(format!(
-            "log meta record is {} bytes, expected {META_LEN}",
+            "log meta record is {} bytes, expected {META_LEN} (or {META_LEN_V1})",
             value.len()
         )));
     }
@@ -36,6 +39,7 @@ pub(crate) fn decode_meta(value: &[u8]) -> Result<LogMeta> {
         last_seq: field(2),
         count: field(3),
         bytes: field(4),
+        oldest_ms: if value.len() == META_LEN { field(5) } else { 0 },
     })
 }
 
@@ -47,15 +51,20 @@ pub(crate) fn encode_entry(timestamp_ms: u64, data: &[u8]) -> Bytes {
 }
 
 /// The timestamp and payload length of an entry value, without copying the payload: what
-/// trimming needs.
+/// trimming by age needs.
 pub(crate) fn entry_header(value: &[u8]) -> Result<(u64, u64)> {
-    if value.len() < U64_LEN {
-        return Err(Error::Corrupt(format!(
-            "log entry value is {} bytes, shorter than its timestamp",
-            value.len()
-        )));
-    }
-    Ok((read_u64(value), (value.len() - U64_LEN) as u64))
+    let len = entry_payload_len(value.len() as u64)?;
+    Ok((read_u64(value), len))
+}
+
+/// The payload length of an entry whose stored value is `value_len` bytes: what trimming
+/// by count or bytes needs, known without reading the value.
+pub(crate) fn entry_payload_len(value_len: u64) -> Result<u64> {
+    value_len.checked_sub(U64_LEN as u64).ok_or_else(|| {
+        Error::Corrupt(format!(
+            "log entry value is {value_len} bytes, shorter than its timestamp"
+        ))
+    })
 }
 
 pub(crate) fn decode_entry(seq: u64, value: &[u8]) -> Result<LogEntry> {
@@ -111,9 +120,16 @@ mod tests {
             last_seq: u64::MAX,
             count: 3,
             bytes: 12,
+            oldest_ms: 1_700_000_000_000,
         };
         assert_eq!(decode_meta(&encode_meta(&meta)).unwrap(), meta);
         assert!(decode_meta(&[0; 39]).is_err());
+        assert!(decode_meta(&[0; 41]).is_err());
+        // A record from before `oldest_ms`: the bound is unknown, the rest reads as written.
+        let old = &encode_meta(&meta)[..META_LEN_V1];
+        let read = decode_meta(old).unwrap();
+        assert_eq!(read.oldest_ms, 0);
+        assert_eq!((read.epoch, read.count, read.bytes), (meta.epoch, 3, 12));
     }
 
     #[test]

@@ -186,7 +186,8 @@ fn trim_by_age() {
                 first_seq: 6,
                 last_seq: 5,
                 count: 0,
-                bytes: 0
+                bytes: 0,
+                oldest_ms: 0,
             })
         );
         assert!(store.read_log(&chan, 0, 10).unwrap().is_empty());

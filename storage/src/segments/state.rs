@@ -18,7 +18,7 @@ use super::leaf::{self, Entry, Leaf, Slot};
 
 use crate::files::at;
 use crate::fs::{FileIo, Fs};
-use crate::raw::{Raw, Visit};
+use crate::raw::{Raw, SizeVisit, Visit};
 use crate::{Error, Result};
 
 /// One segment file. Only the newest one is appended to; the others are sealed and change
@@ -727,6 +727,18 @@ impl Raw for State {
             self.visit_ahead(&mut ahead, visit)?;
         }
         Ok(())
+    }
+
+    /// Sizes come from the index: nothing is read from the segments.
+    fn scan_sizes_nonempty(
+        &self,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+        visit: SizeVisit<'_>,
+    ) -> Result<()> {
+        self.index.scan(start, end, false, self, &mut |k, slot| {
+            visit(k, u64::from(slot.len))
+        })
     }
 }
 
