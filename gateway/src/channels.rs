@@ -138,13 +138,7 @@ pub(crate) async fn publish(
         data,
         idempotency_key,
     };
-    let response = state
-        .channels
-        .call(&channel, ChannelRequest::Publish(vec![message]))
-        .await?;
-    let ChannelResponse::Published(mut results) = response else {
-        return Err(unexpected());
-    };
+    let mut results = state.publisher.publish(&channel, vec![message]).await?;
     let published = results.pop().ok_or_else(unexpected)?;
     let status = if published.duplicate {
         StatusCode::OK

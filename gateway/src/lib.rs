@@ -41,6 +41,7 @@ mod listener;
 mod logging;
 mod objects;
 mod publish;
+mod publisher;
 mod server;
 mod sse;
 mod stopping;

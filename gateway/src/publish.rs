@@ -17,7 +17,7 @@ use axum::http::{HeaderMap, header};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
-use dormouse_actors::channel::{ChannelRequest, ChannelResponse, NewMessage};
+use dormouse_actors::channel::NewMessage;
 use serde_json::{Value, json};
 
 use crate::auth::{Need, Principal};
@@ -125,23 +125,15 @@ pub(crate) async fn batch(
         }
     }
     let calls = groups.into_iter().map(|(channel, (positions, messages))| {
-        let reply = state
-            .channels
-            .call(&channel, ChannelRequest::Publish(messages));
+        let reply = state.publisher.publish(&channel, messages);
         async move { (channel, positions, reply.await) }
     });
     for (channel, positions, reply) in futures::future::join_all(calls).await {
         match reply {
-            Ok(ChannelResponse::Published(published)) => {
+            Ok(published) => {
                 for (position, p) in positions.into_iter().zip(published) {
                     results[position] =
                         Some(json!({"channel": channel, "id": p.id, "duplicate": p.duplicate}));
-                }
-            }
-            Ok(_) => {
-                for position in positions {
-                    results[position] =
-                        Some(error_result(Some(&channel), &crate::channels::unexpected()));
                 }
             }
             Err(e) => {

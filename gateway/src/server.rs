@@ -32,6 +32,7 @@ use crate::auth::{self, Auth};
 use crate::config::CorsSettings;
 use crate::limits::{self, Limits, PeerAddr};
 use crate::listener::{Connections, GuardedListener, KillSwitch};
+use crate::publisher::Publisher;
 use crate::stopping::Stopping;
 use crate::telemetry::{self, Telemetry, Wire};
 use crate::upgrade::SharedStream;
@@ -44,6 +45,8 @@ pub struct AppState {
     pub runtime: Runtime,
     /// The channel objects.
     pub channels: Namespace<Channel>,
+    /// Every publish to a channel goes through it (merging concurrent ones).
+    pub publisher: Publisher,
     /// The configuration in force.
     pub settings: Arc<Settings>,
     /// Verifies credentials; allows everything when none is configured.
@@ -123,6 +126,7 @@ impl Dormouse {
             connections,
             state: AppState {
                 runtime,
+                publisher: Publisher::new(channels.clone()),
                 channels,
                 settings: Arc::new(settings),
                 auth,

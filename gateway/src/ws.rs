@@ -24,9 +24,8 @@ use axum::response::Response;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
-use dormouse_actors::Channel;
-use dormouse_actors::channel::{ChannelRequest, ChannelResponse, NewMessage};
-use dormouse_runtime::{Inbound, Namespace, SocketReceiver, Transport};
+use dormouse_actors::channel::NewMessage;
+use dormouse_runtime::{Inbound, SocketReceiver, Transport};
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -40,6 +39,7 @@ use crate::auth::{Auth, Need, Principal};
 use crate::channels::{self, ChannelName, check_message};
 use crate::direct::{Direct, Frames, Framing};
 use crate::limits::{ClientIp, Limits};
+use crate::publisher::Publisher;
 use crate::sse::{deadline, expiry};
 use crate::stopping::Waiter;
 use crate::telemetry::{Connection, Wire};
@@ -86,7 +86,7 @@ pub(crate) async fn subscribe(
         expires_at: principal.time_left().map(|left| Instant::now() + left),
         mode: Mode::Channel {
             channel,
-            channels: state.channels.clone(),
+            publisher: state.publisher.clone(),
             client_publish: settings.websocket.client_publish,
             max_message_size: settings.limits.max_message_size.0 as usize,
             auth: state.auth.clone(),
@@ -127,7 +127,7 @@ pub(crate) enum Mode {
     /// A channel subscriber, who may publish to the channel.
     Channel {
         channel: String,
-        channels: Namespace<Channel>,
+        publisher: Publisher,
         client_publish: bool,
         max_message_size: usize,
         /// Verifies refreshed credentials.
@@ -519,7 +519,7 @@ impl Conn {
         };
         let Mode::Channel {
             channel,
-            channels,
+            publisher,
             client_publish,
             max_message_size,
             principal,
@@ -554,19 +554,19 @@ impl Conn {
         if let Err(e) = check_message(event.as_deref(), idempotency_key.as_deref()) {
             return fail(e.code, e.message);
         }
-        let reply = channels.call(
+        let reply = publisher.publish(
             channel,
-            ChannelRequest::Publish(vec![NewMessage {
+            vec![NewMessage {
                 event,
                 data,
                 idempotency_key,
-            }]),
+            }],
         );
         let acks = acks.clone();
         let telemetry = telemetry.clone();
         tokio::spawn(async move {
             let frame = match reply.await {
-                Ok(ChannelResponse::Published(results)) => match results.first() {
+                Ok(results) => match results.first() {
                     Some(p) => {
                         json!({"type": "ack", "id": p.id, "duplicate": p.duplicate, "ref": r#ref})
                     }
@@ -574,9 +574,6 @@ impl Conn {
                         json!({"type": "error", "code": "internal", "message": "no result", "ref": r#ref})
                     }
                 },
-                Ok(_) => {
-                    json!({"type": "error", "code": "internal", "message": "unexpected response", "ref": r#ref})
-                }
                 Err(e) => {
                     let e = ApiError::from(e);
                     telemetry.rejected(e.code);

@@ -642,3 +642,172 @@ async fn a_16_mib_message_arrives_intact_over_sse_and_websocket() {
     drop((sse, ws));
     server.stop().await;
 }
+
+/// The sequence number of an event id (`{epoch:x}-{seq}`).
+fn seq_of(id: &str) -> u64 {
+    id.rsplit_once('-')
+        .and_then(|(_, seq)| seq.parse().ok())
+        .unwrap_or_else(|| panic!("not an event id: {id}"))
+}
+
+/// Publishes that meet on one channel are merged into shared commits (gateway/src/publisher.rs);
+/// none of that may show: each publisher gets its own id, in the order it published, the log
+/// holds every message once in an order that agrees with every publisher's, subscribers see
+/// that same order, and an idempotency key sent twice at once is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publishers_to_one_channel_each_get_their_own_ordered_ids() {
+    const HTTP_PUBLISHERS: usize = 12;
+    const PER_PUBLISHER: usize = 40;
+    const WS_PIPELINED: usize = 60;
+    let server = TestServer::start().await;
+    let mut watcher = WsClient::connect(&server, "/v1/channels/busy/ws").await;
+    let mut ws_publisher = WsClient::connect(&server, "/v1/channels/busy/ws").await;
+
+    // HTTP publishers, each waiting for its ack before the next; a WebSocket publisher
+    // that sends all of its messages without waiting; and the same idempotency key twice.
+    let http = (0..HTTP_PUBLISHERS).map(|p| {
+        let client = server.client.clone();
+        let url = server.url("/v1/channels/busy/messages");
+        tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for i in 0..PER_PUBLISHER {
+                let res = client
+                    .post(&url)
+                    .body(format!("http-{p}-{i}"))
+                    .send()
+                    .await
+                    .expect("publish");
+                assert_eq!(res.status(), 201);
+                let body: Value = res.json().await.expect("json");
+                ids.push(body["id"].as_str().expect("id").to_string());
+            }
+            ids
+        })
+    });
+    let keyed = (0..2).map(|_| {
+        let client = server.client.clone();
+        let url = server.url("/v1/channels/busy/messages");
+        tokio::spawn(async move {
+            let res = client
+                .post(&url)
+                .header("Idempotency-Key", "once")
+                .body("keyed")
+                .send()
+                .await
+                .expect("publish");
+            let status = res.status().as_u16();
+            let body: Value = res.json().await.expect("json");
+            (status, body["id"].as_str().expect("id").to_string())
+        })
+    });
+    let http: Vec<_> = http.collect();
+    let keyed: Vec<_> = keyed.collect();
+    for i in 0..WS_PIPELINED {
+        ws_publisher
+            .send_json(json!({"type": "publish", "data": format!("ws-{i}"), "ref": i}))
+            .await;
+    }
+
+    let mut ws_acks = vec![None; WS_PIPELINED];
+    let mut acked = 0;
+    while acked < WS_PIPELINED {
+        let frame = ws_publisher.next().await.expect("socket open");
+        if frame["type"] == "ack" {
+            let r = frame["ref"].as_u64().expect("ref") as usize;
+            assert!(ws_acks[r].is_none(), "ref {r} acknowledged twice");
+            ws_acks[r] = Some(frame["id"].as_str().expect("id").to_string());
+            acked += 1;
+        } else {
+            assert_eq!(frame["type"], "message", "unexpected frame {frame}");
+        }
+    }
+    let mut publishers: Vec<Vec<String>> = Vec::new();
+    for task in http {
+        publishers.push(task.await.expect("publisher"));
+    }
+    publishers.push(ws_acks.into_iter().map(Option::unwrap).collect());
+    let mut keyed_answers = Vec::new();
+    for task in keyed {
+        keyed_answers.push(task.await.expect("keyed publisher"));
+    }
+    keyed_answers.sort();
+    assert_eq!(
+        keyed_answers.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        [200, 201],
+        "one stores, the other is told it is a duplicate"
+    );
+    assert_eq!(
+        keyed_answers[0].1, keyed_answers[1].1,
+        "the same id for both"
+    );
+
+    // Each publisher's ids rise in the order it published.
+    for ids in &publishers {
+        assert!(
+            ids.windows(2).all(|w| seq_of(&w[0]) < seq_of(&w[1])),
+            "ids out of order: {ids:?}"
+        );
+    }
+
+    // The log: every message once, at the id its publisher was given.
+    let total = HTTP_PUBLISHERS * PER_PUBLISHER + WS_PIPELINED + 1;
+    // ... in fewer calls to the channel than messages (two more calls subscribed the
+    // sockets, and the keyed message was sent twice): publishes were merged.
+    let metrics = server
+        .client
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    let calls: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("dormouse_object_requests_total{namespace=\"channel\"} "))
+        .expect("channel requests counted")
+        .parse()
+        .expect("a number");
+    assert!(
+        (calls as usize) < total,
+        "{calls} channel calls for {total} messages: nothing was merged"
+    );
+    let history = server.all_history("busy").await;
+    assert_eq!(history.len(), total);
+    let logged: std::collections::HashMap<String, String> = history
+        .iter()
+        .map(|e| {
+            (
+                e["id"].as_str().expect("id").to_string(),
+                e["data"].as_str().expect("data").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(logged.len(), total, "ids are unique");
+    for (p, ids) in publishers.iter().enumerate() {
+        for (i, id) in ids.iter().enumerate() {
+            let expected = if p < HTTP_PUBLISHERS {
+                format!("http-{p}-{i}")
+            } else {
+                format!("ws-{i}")
+            };
+            assert_eq!(logged.get(id), Some(&expected), "message at {id}");
+        }
+    }
+    assert_eq!(
+        logged.get(&keyed_answers[0].1).map(String::as_str),
+        Some("keyed")
+    );
+
+    // A subscriber saw the log's order.
+    let history_ids: Vec<&str> = history.iter().map(|e| e["id"].as_str().unwrap()).collect();
+    let mut seen = Vec::new();
+    while seen.len() < total {
+        let frame = watcher.next().await.expect("watcher open");
+        if frame["type"] == "message" {
+            seen.push(frame["id"].as_str().expect("id").to_string());
+        }
+    }
+    assert_eq!(seen, history_ids);
+    server.stop().await;
+}

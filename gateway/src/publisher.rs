@@ -1,0 +1,315 @@
+//! The one way into a channel's log: every publish (HTTP, batch, WebSocket client frames)
+//! goes through [`Publisher`], which merges the publishes that arrive for one channel while
+//! its previous call is still on its way to disk into a single call.
+//!
+//! Under `durability = "always"` a channel answers after the group commit's fsync. Called
+//! once per message, a busy channel ran one handler, one planned batch, one segment write
+//! and one output-gate item per message, all waiting on the same fsync anyway. Merged, the
+//! messages that queue up during one commit cost one of each, in the order they arrived;
+//! an idle channel's publish goes straight through (one task hop more than a direct call).
+//! Each caller still gets its own results, and a failure of the merged call (storage, a
+//! shutdown) is reported to every caller in it, none of whose messages were stored.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use dormouse_actors::Channel;
+use dormouse_actors::channel::{ChannelRequest, ChannelResponse, NewMessage, Published};
+use dormouse_runtime::{Error, Namespace, Result};
+use tokio::sync::oneshot;
+
+/// Most messages in one merged call: keeps one commit (and the handler that builds it)
+/// short, so the publishes that queue behind it wait little.
+const MAX_MESSAGES: usize = 512;
+
+/// Most payload bytes in one merged call; a single larger publish still goes, alone.
+const MAX_BYTES: usize = 4 << 20;
+
+const SHARDS: usize = 16;
+
+/// Publishes to channels, one call in flight per channel; see the module docs. Cheap to
+/// clone: clones share the queues.
+#[derive(Clone)]
+pub struct Publisher {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher").finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    channels: Namespace<Channel>,
+    /// Channels with a call in flight, and what waits behind it; sharded by name so
+    /// publishes to different channels rarely meet on a lock.
+    shards: Vec<Mutex<HashMap<Arc<str>, VecDeque<Waiting>>>>,
+}
+
+/// One caller's messages, waiting for the channel's current call to finish.
+struct Waiting {
+    messages: Vec<NewMessage>,
+    bytes: usize,
+    reply: oneshot::Sender<Result<Vec<Published>>>,
+}
+
+impl Publisher {
+    /// A publisher for the channels of `channels`.
+    pub fn new(channels: Namespace<Channel>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                channels,
+                shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            }),
+        }
+    }
+
+    /// Publishes `messages` to `channel`, in order, after every message handed to this
+    /// publisher for the same channel before; resolves with one result per message once
+    /// the channel has stored them (durably, under `always`). The work goes on if the
+    /// returned future is dropped: the messages may still be published.
+    pub fn publish(
+        &self,
+        channel: &str,
+        messages: Vec<NewMessage>,
+    ) -> impl Future<Output = Result<Vec<Published>>> + Send + 'static + use<> {
+        let (reply, answer) = oneshot::channel();
+        let bytes = messages.iter().map(|m| m.data.len()).sum();
+        let waiting = Waiting {
+            messages,
+            bytes,
+            reply,
+        };
+        let name: Arc<str> = Arc::from(channel);
+        let start = {
+            let mut lanes = self.inner.shard(&name);
+            match lanes.get_mut(&name) {
+                // A call is in flight: its driver takes this one next.
+                Some(queue) => {
+                    queue.push_back(waiting);
+                    false
+                }
+                None => {
+                    lanes.insert(name.clone(), VecDeque::from([waiting]));
+                    true
+                }
+            }
+        };
+        if start {
+            // A task of its own, so that a caller that goes away (a client hanging up)
+            // cannot leave the channel's queue without a driver.
+            tokio::spawn(drive(self.inner.clone(), name.clone()));
+        }
+        async move {
+            answer
+                .await
+                .unwrap_or_else(|_| Err(Error::Unavailable(name.to_string())))
+        }
+    }
+}
+
+impl Inner {
+    fn shard(&self, name: &str) -> MutexGuard<'_, HashMap<Arc<str>, VecDeque<Waiting>>> {
+        let mut hasher = DefaultHasher::new();
+        name.hash(&mut hasher);
+        let shard = &self.shards[hasher.finish() as usize % SHARDS];
+        // Nothing panics while holding a shard's lock.
+        shard.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes the next merged call's worth of waiting publishes. With none waiting and
+    /// `retire` set (no call of the driver's in flight), removes the channel's queue, under
+    /// the lock: a publish either lands in a batch this driver takes or finds no queue and
+    /// starts a new driver.
+    fn next_batch(&self, name: &Arc<str>, retire: bool) -> Vec<Waiting> {
+        let mut lanes = self.shard(name);
+        let Some(queue) = lanes.get_mut(name) else {
+            return Vec::new();
+        };
+        let mut batch = Vec::new();
+        let (mut messages, mut bytes) = (0, 0);
+        while let Some(next) = queue.front() {
+            let fits =
+                messages + next.messages.len() <= MAX_MESSAGES && bytes + next.bytes <= MAX_BYTES;
+            if !batch.is_empty() && !fits {
+                break;
+            }
+            messages += next.messages.len();
+            bytes += next.bytes;
+            batch.extend(queue.pop_front());
+        }
+        if batch.is_empty() && retire {
+            lanes.remove(name);
+        }
+        batch
+    }
+}
+
+/// Calls a driver keeps in flight per channel. Two: while one waits for its commit, the
+/// next is already appended and joins the following group commit, as separate calls
+/// would; a third would only split the publishes waiting behind them into smaller calls.
+const DEPTH: usize = 2;
+
+/// One merged call on its way, and whom to answer.
+struct InFlight {
+    response: futures::future::BoxFuture<'static, Result<ChannelResponse>>,
+    replies: Vec<(oneshot::Sender<Result<Vec<Published>>>, usize)>,
+    messages: usize,
+}
+
+impl InFlight {
+    /// Sends `batch` as one call. The channel's mailbox takes it now, so calls keep the
+    /// order in which they were sent.
+    fn send(inner: &Inner, name: &str, batch: Vec<Waiting>) -> Self {
+        let mut replies = Vec::with_capacity(batch.len());
+        let mut messages = Vec::new();
+        for waiting in batch {
+            replies.push((waiting.reply, waiting.messages.len()));
+            messages.extend(waiting.messages);
+        }
+        let count = messages.len();
+        Self {
+            response: Box::pin(inner.channels.call(name, ChannelRequest::Publish(messages))),
+            replies,
+            messages: count,
+        }
+    }
+
+    /// Waits for the channel's answer and hands each caller its part of it.
+    async fn finish(self, name: &str) {
+        let outcome = match self.response.await {
+            Ok(ChannelResponse::Published(results)) if results.len() == self.messages => {
+                Ok(results)
+            }
+            Ok(_) => Err(Error::Handler {
+                id: name.to_string(),
+                message: "the channel answered a publish with something else".into(),
+            }),
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(results) => {
+                let mut results = results.into_iter();
+                for (reply, count) in self.replies {
+                    // A caller that went away no longer needs its ids.
+                    let _ = reply.send(Ok(results.by_ref().take(count).collect()));
+                }
+            }
+            Err(e) => {
+                for (reply, _) in self.replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Sends the channel's waiting publishes, merged, at most [`DEPTH`] calls at a time, until
+/// none wait and none are in flight.
+async fn drive(inner: Arc<Inner>, name: Arc<str>) {
+    let mut in_flight = VecDeque::with_capacity(DEPTH);
+    loop {
+        while in_flight.len() < DEPTH {
+            let batch = inner.next_batch(&name, in_flight.is_empty());
+            if batch.is_empty() {
+                break;
+            }
+            in_flight.push_back(InFlight::send(&inner, &name, batch));
+        }
+        let Some(oldest) = in_flight.pop_front() else {
+            // Nothing waited and nothing was in flight: the queue is gone.
+            return;
+        };
+        oldest.finish(&name).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use dormouse_actors::ChannelEnv;
+    use dormouse_runtime::{NamespaceConfig, Runtime};
+    use dormouse_storage::MemoryStorage;
+
+    use super::*;
+
+    fn publisher() -> Publisher {
+        let runtime = Runtime::new(Arc::new(MemoryStorage::new()));
+        Publisher::new(runtime.namespace::<Channel>(
+            "channel",
+            NamespaceConfig::with_idle_timeout(Duration::from_secs(30)),
+            ChannelEnv::default(),
+        ))
+    }
+
+    fn message(len: usize) -> NewMessage {
+        NewMessage {
+            event: None,
+            data: Bytes::from(vec![b'x'; len]),
+            idempotency_key: None,
+        }
+    }
+
+    /// Queues a caller's messages as a publish that finds a call in flight would.
+    fn queue(publisher: &Publisher, name: &Arc<str>, messages: Vec<NewMessage>) {
+        let (reply, _) = oneshot::channel();
+        let bytes = messages.iter().map(|m| m.data.len()).sum();
+        publisher
+            .inner
+            .shard(name)
+            .entry(name.clone())
+            .or_default()
+            .push_back(Waiting {
+                messages,
+                bytes,
+                reply,
+            });
+    }
+
+    #[tokio::test]
+    async fn merged_calls_stay_within_their_bounds_and_never_split_a_caller() {
+        let publisher = publisher();
+        let name: Arc<str> = Arc::from("bounded");
+        let sizes = |batch: Vec<Waiting>| -> Vec<usize> {
+            batch.iter().map(|w| w.messages.len()).collect()
+        };
+        // By count: 300 + 200 fit, the next 100 would not.
+        for n in [300, 200, 100] {
+            queue(&publisher, &name, (0..n).map(|_| message(1)).collect());
+        }
+        assert_eq!(sizes(publisher.inner.next_batch(&name, false)), [300, 200]);
+        assert_eq!(sizes(publisher.inner.next_batch(&name, false)), [100]);
+        // By bytes: a publish larger than the bound goes, alone.
+        queue(&publisher, &name, vec![message(MAX_BYTES + 1)]);
+        queue(&publisher, &name, vec![message(1)]);
+        assert_eq!(sizes(publisher.inner.next_batch(&name, false)), [1]);
+        assert_eq!(sizes(publisher.inner.next_batch(&name, false)), [1]);
+        // Nothing waits: the queue stays while a call is in flight, goes when none is.
+        assert!(publisher.inner.next_batch(&name, false).is_empty());
+        assert!(publisher.inner.shard(&name).contains_key(&name));
+        assert!(publisher.inner.next_batch(&name, true).is_empty());
+        assert!(!publisher.inner.shard(&name).contains_key(&name));
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_goes_away_leaves_the_channel_working() {
+        let publisher = publisher();
+        // Dropped before it was ever polled: its message is still published, and the
+        // channel's queue does not wait for a driver that never comes.
+        drop(publisher.publish("left", vec![message(3)]));
+        let ids = publisher
+            .publish("left", vec![message(3), message(3)])
+            .await
+            .expect("published");
+        assert_eq!(ids.len(), 2);
+        assert!(
+            ids[0].id.ends_with("-2") && ids[1].id.ends_with("-3"),
+            "{ids:?}"
+        );
+    }
+}
