@@ -200,6 +200,11 @@ pub struct ChannelsSettings {
     /// at once, each keeps less (replay of the rest comes from storage), so memory is set
     /// here rather than by how many channels are touched.
     pub memory_tail_total: ByteSize,
+    /// Most channels in memory at once (0: no limit). Beyond it the least recently used
+    /// idle ones hibernate before their idle timeout (subscribers stay connected), so a
+    /// burst across many channels costs the memory set here, not memory per channel
+    /// touched.
+    pub max_active: usize,
     /// Per name-prefix overrides of the retention settings; the longest prefix wins.
     pub prefix: Vec<PrefixSettings>,
 }
@@ -364,6 +369,7 @@ impl Default for ChannelsSettings {
             idempotency_window: d.idempotency_window,
             memory_tail: ByteSize::mib(1),
             memory_tail_total: ByteSize::mib(64),
+            max_active: 10_000,
             prefix: Vec::new(),
         }
     }

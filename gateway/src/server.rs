@@ -114,7 +114,8 @@ impl Dormouse {
         channel_env.observer = Some(telemetry.clone());
         let channels = runtime.namespace::<Channel>(
             NAMESPACE,
-            NamespaceConfig::with_idle_timeout(settings.channels.idle_timeout),
+            NamespaceConfig::with_idle_timeout(settings.channels.idle_timeout)
+                .with_max_active(settings.channels.max_active),
             channel_env,
         );
         let connections = Arc::new(Connections::new(

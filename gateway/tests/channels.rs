@@ -811,3 +811,49 @@ async fn concurrent_publishers_to_one_channel_each_get_their_own_ordered_ids() {
     assert_eq!(seen, history_ids);
     server.stop().await;
 }
+
+/// `channels.max_active` bounds the channels in memory: a burst across many channels sends
+/// the least recently used to sleep before their idle timeout, and one of them keeps its
+/// subscriber and its events and wakes on the next publish.
+#[tokio::test]
+async fn past_max_active_channels_hibernate_early_and_keep_their_subscribers() {
+    const MAX: u64 = 5;
+    let server = TestServer::start_with(|s| {
+        s.channels.idle_timeout = Duration::from_secs(600);
+        s.channels.max_active = MAX as usize;
+    })
+    .await;
+    let first = server.publish("burst-0", "first").await;
+    let mut sse = SseClient::connect(&server, "/v1/channels/burst-0/events", None).await;
+    for c in 1..30 {
+        server.publish(&format!("burst-{c}"), "x").await;
+    }
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let list = server.get_json("/v1/channels?limit=100", 200).await;
+        let active = list["active"].as_u64().expect("active count");
+        if active <= MAX {
+            assert!(
+                list["hibernated"].as_u64().expect("hibernated") >= 25,
+                "{list}"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still {active} active: {list}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let info = server.get_json("/v1/channels/burst-0", 200).await;
+    assert_eq!(
+        (&info["state"], &info["subscribers"], &info["last_id"]),
+        (&json!("hibernated"), &json!(1), &json!(first)),
+        "{info}"
+    );
+    let id = server.publish("burst-0", "second").await;
+    sse.expect_event(&id, "message", "second").await;
+    assert_eq!(server.all_history("burst-0").await.len(), 2);
+    drop(sse);
+    server.stop().await;
+}

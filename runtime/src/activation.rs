@@ -37,6 +37,9 @@ pub(crate) enum ActivationMsg<O: Object> {
     },
     /// The idle timer fired; hibernate if nothing happened since.
     IdleCheck,
+    /// The namespace holds more activations than its `max_active`, and this is one of the
+    /// least recently used: hibernate now unless working or asked to stay awake.
+    Evict,
     /// Orderly shutdown: release everything gated, then stop.
     Shutdown(oneshot::Sender<()>),
 }
@@ -216,6 +219,21 @@ impl<O: Object> Actor for ObjectActor<O> {
                 } else {
                     // A request is queued behind this check; it will refresh `last_active`.
                     schedule_idle_check(&myself, idle_timeout);
+                }
+            }
+            ActivationMsg::Evict => {
+                let awake = state.awake_until.is_some_and(|u| u > Instant::now());
+                if !awake
+                    && !state.gate.is_busy()
+                    && state
+                        .args
+                        .shared
+                        .try_retire(&state.args, &mut state.sockets)
+                {
+                    debug!(object = %state.args.id, "hibernating early: too many active");
+                    myself.stop(None);
+                } else {
+                    state.args.shared.eviction_declined(&state.args);
                 }
             }
             ActivationMsg::Shutdown(done) => {

@@ -122,6 +122,13 @@ pub(crate) struct Shared<O: Object> {
     shards: Box<[Mutex<Shard<O>>]>,
     next_generation: AtomicU64,
     closed: AtomicBool,
+    /// Messages dispatched so far; see `Slot::last_used`.
+    dispatches: AtomicU64,
+    /// Live slots with `evicting` set: activations about to go, which a sweep does not count
+    /// against `max_active` again.
+    evicting: AtomicUsize,
+    /// Held by the one sweep that picks activations to evict.
+    sweeping: Mutex<()>,
 }
 
 struct Shard<O: Object> {
@@ -167,6 +174,11 @@ struct Slot<O: Object> {
     actor: ActorRef<ActivationMsg<O>>,
     generation: u64,
     inflight: Arc<AtomicUsize>,
+    /// The namespace's dispatch count when a message was last sent here: the order in which
+    /// activations were last used, for choosing whom `max_active` sends to sleep.
+    last_used: u64,
+    /// Asked to hibernate early and not yet answered; counted in `Shared::evicting`.
+    evicting: bool,
 }
 
 impl<O: Object> Namespace<O> {
@@ -198,6 +210,9 @@ impl<O: Object> Namespace<O> {
             shards,
             next_generation: AtomicU64::new(1),
             closed: AtomicBool::new(false),
+            dispatches: AtomicU64::new(0),
+            evicting: AtomicUsize::new(0),
+            sweeping: Mutex::new(()),
         });
         alarms.register(name, Arc::new(AlarmHandle(Arc::downgrade(&shared))));
         Self { shared }
@@ -357,6 +372,7 @@ impl<O: Object> Namespace<O> {
         for shard in self.shared.shards.iter() {
             let mut shard = lock(shard);
             for (_, slot) in shard.live.drain() {
+                self.shared.forget_eviction(&slot);
                 let (done, wait) = oneshot::channel();
                 if slot
                     .actor
@@ -388,17 +404,27 @@ impl<O: Object> Shared<O> {
         }
         let hash = name_hash(name);
         let mut shard = self.shard(hash);
+        let mut spawned = false;
         loop {
-            if let Some(slot) = shard.live.get(name) {
+            if let Some(slot) = shard.live.get_mut(name) {
                 slot.inflight.fetch_add(1, Ordering::AcqRel);
+                slot.last_used = self.dispatches.fetch_add(1, Ordering::Relaxed);
                 match slot.actor.send_message(msg) {
-                    Ok(()) => return Ok(()),
+                    Ok(()) => {
+                        if spawned {
+                            drop(shard);
+                            self.keep_within_max_active();
+                        }
+                        return Ok(());
+                    }
                     Err(MessagingErr::SendErr(back)) => {
                         // The activation died outside the protocol (it should not: handlers
                         // are isolated). Forget it and start a fresh one.
                         slot.inflight.fetch_sub(1, Ordering::AcqRel);
                         msg = back;
-                        shard.remove_live(name);
+                        if let Some((_, slot)) = shard.remove_live(name) {
+                            self.forget_eviction(&slot);
+                        }
                         self.counters.active.fetch_sub(1, Ordering::Relaxed);
                         continue;
                     }
@@ -431,8 +457,84 @@ impl<O: Object> Shared<O> {
                     actor,
                     generation,
                     inflight,
+                    last_used: 0,
+                    evicting: false,
                 },
             );
+            spawned = true;
+        }
+    }
+
+    /// Past `max_active`, asks the least recently used idle activations to hibernate: the
+    /// excess plus a tenth of the bound, so that under a burst of new objects a sweep (which
+    /// looks at every activation) runs once per that many activations, not per activation.
+    fn keep_within_max_active(&self) {
+        let max = self.config.max_active;
+        if max == 0 {
+            return;
+        }
+        let over = |active: usize| active.saturating_sub(self.evicting.load(Ordering::Acquire));
+        if over(self.counters.active.load(Ordering::Relaxed) as usize) <= max {
+            return;
+        }
+        // One sweep at a time; activations spawned meanwhile are counted by the next.
+        let Ok(_sweeping) = self.sweeping.try_lock() else {
+            return;
+        };
+        let staying = over(self.counters.active.load(Ordering::Relaxed) as usize);
+        let Some(excess) = staying.checked_sub(max).filter(|e| *e > 0) else {
+            return;
+        };
+        let want = excess + max.div_ceil(10);
+        let mut idle: Vec<(u64, Arc<str>, u64)> = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = lock(shard);
+            idle.extend(
+                shard
+                    .live
+                    .iter()
+                    .filter(|(_, slot)| {
+                        !slot.evicting && slot.inflight.load(Ordering::Acquire) == 0
+                    })
+                    .map(|(name, slot)| (slot.last_used, name.clone(), slot.generation)),
+            );
+        }
+        if idle.len() > want {
+            idle.select_nth_unstable_by_key(want, |(used, _, _)| *used);
+            idle.truncate(want);
+        }
+        for (_, name, generation) in idle {
+            let mut shard = self.shard(name_hash(&name));
+            let Some(slot) = shard.live.get_mut(&name) else {
+                continue;
+            };
+            if slot.generation != generation || slot.evicting {
+                continue;
+            }
+            if slot.actor.send_message(ActivationMsg::Evict).is_ok() {
+                slot.evicting = true;
+                self.evicting.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// The activation declined to hibernate early (it was working or asked to stay
+    /// awake): it counts against `max_active` again, and a later sweep may ask again.
+    pub(crate) fn eviction_declined(&self, args: &ActivationArgs<O>) {
+        let name = args.id.name();
+        let mut shard = self.shard(name_hash(name));
+        if let Some(slot) = shard.live.get_mut(name)
+            && slot.generation == args.generation
+            && std::mem::take(&mut slot.evicting)
+        {
+            self.evicting.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// A slot leaves the directory: if it was asked to go early, that request is done.
+    fn forget_eviction(&self, slot: &Slot<O>) {
+        if slot.evicting {
+            self.evicting.fetch_sub(1, Ordering::AcqRel);
         }
     }
 
@@ -451,9 +553,10 @@ impl<O: Object> Shared<O> {
             // Already removed (shutdown) or replaced: this activation is retired either way.
             _ => return true,
         }
-        let Some((name, _)) = shard.remove_live(name) else {
+        let Some((name, slot)) = shard.remove_live(name) else {
             return true;
         };
+        self.forget_eviction(&slot);
         sockets.prune();
         if !sockets.is_empty() {
             shard.parked.insert(name, std::mem::take(sockets));

@@ -291,3 +291,49 @@ async fn an_object_does_not_hibernate_while_its_writes_are_not_durable() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// `max_active` bounds the activations in memory: past it, the least recently used idle
+/// ones hibernate early (keeping their state), and one asked to stay awake is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_active_the_least_recently_used_hibernate_early() {
+    const MAX: usize = 20;
+    let env = Arc::new(ProbeEnv::default());
+    let runtime = Runtime::new(Arc::new(dormouse_runtime::storage::MemoryStorage::new()));
+    let ns: Namespace<Probe> = runtime.namespace(
+        "probe",
+        NamespaceConfig::with_idle_timeout(Duration::from_secs(600)).with_max_active(MAX),
+        env.clone(),
+    );
+    ns.call("awake", ProbeReq::StayAwake(Duration::from_secs(600)))
+        .await
+        .unwrap();
+    for i in 0..200u64 {
+        assert_eq!(
+            ns.call(&format!("o{i}"), ProbeReq::Add(i)).await.unwrap(),
+            i
+        );
+        // The newest stay: each call leaves its object the most recently used.
+        assert_eq!(ns.state(&format!("o{i}")), ObjectState::Active);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while ns.stats().active as usize > MAX {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} active with max_active {MAX}",
+            ns.stats().active
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(ns.state("o199"), ObjectState::Active, "the last used stays");
+    assert_eq!(ns.state("o0"), ObjectState::Hibernated);
+    assert_eq!(
+        ns.state("awake"),
+        ObjectState::Active,
+        "asked to stay awake"
+    );
+    assert!(ns.stats().hibernations_total >= 180);
+    // Hibernated early, not lost: each wakes with its state.
+    for i in [0u64, 57, 123] {
+        assert_eq!(ns.call(&format!("o{i}"), ProbeReq::Get).await.unwrap(), i);
+    }
+}
