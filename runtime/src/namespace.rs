@@ -129,6 +129,9 @@ pub(crate) struct Shared<O: Object> {
     evicting: AtomicUsize,
     /// Held by the one sweep that picks activations to evict.
     sweeping: Mutex<()>,
+    /// When the last sweep found too few idle activations: no new sweep until this many
+    /// are active.
+    sweep_floor: AtomicUsize,
 }
 
 struct Shard<O: Object> {
@@ -213,6 +216,7 @@ impl<O: Object> Namespace<O> {
             dispatches: AtomicU64::new(0),
             evicting: AtomicUsize::new(0),
             sweeping: Mutex::new(()),
+            sweep_floor: AtomicUsize::new(0),
         });
         alarms.register(name, Arc::new(AlarmHandle(Arc::downgrade(&shared))));
         Self { shared }
@@ -474,14 +478,24 @@ impl<O: Object> Shared<O> {
             return;
         }
         let over = |active: usize| active.saturating_sub(self.evicting.load(Ordering::Acquire));
-        if over(self.counters.active.load(Ordering::Relaxed) as usize) <= max {
+        let active = self.counters.active.load(Ordering::Relaxed) as usize;
+        let floor = self.sweep_floor.load(Ordering::Relaxed);
+        if over(active) <= max {
+            if floor != 0 {
+                // Back within the bound: the next excess sweeps at once.
+                self.sweep_floor.store(0, Ordering::Relaxed);
+            }
+            return;
+        }
+        if active < floor {
             return;
         }
         // One sweep at a time; activations spawned meanwhile are counted by the next.
         let Ok(_sweeping) = self.sweeping.try_lock() else {
             return;
         };
-        let staying = over(self.counters.active.load(Ordering::Relaxed) as usize);
+        let staying_total = self.counters.active.load(Ordering::Relaxed) as usize;
+        let staying = over(staying_total);
         let Some(excess) = staying.checked_sub(max).filter(|e| *e > 0) else {
             return;
         };
@@ -503,19 +517,33 @@ impl<O: Object> Shared<O> {
             idle.select_nth_unstable_by_key(want, |(used, _, _)| *used);
             idle.truncate(want);
         }
+        let mut asked = 0;
         for (_, name, generation) in idle {
             let mut shard = self.shard(name_hash(&name));
             let Some(slot) = shard.live.get_mut(&name) else {
                 continue;
             };
-            if slot.generation != generation || slot.evicting {
+            // Used since the scan: not idle any more.
+            if slot.generation != generation
+                || slot.evicting
+                || slot.inflight.load(Ordering::Acquire) != 0
+            {
                 continue;
             }
             if slot.actor.send_message(ActivationMsg::Evict).is_ok() {
                 slot.evicting = true;
                 self.evicting.fetch_add(1, Ordering::AcqRel);
+                asked += 1;
             }
         }
+        // Too few were idle (working, or asked to stay awake): scanning again for every
+        // new activation would find the same, so wait for another tenth of the bound.
+        let floor = if asked < want {
+            staying_total + max.div_ceil(10)
+        } else {
+            0
+        };
+        self.sweep_floor.store(floor, Ordering::Relaxed);
     }
 
     /// The activation declined to hibernate early (it was working or asked to stay
@@ -550,8 +578,10 @@ impl<O: Object> Shared<O> {
                     return false;
                 }
             }
-            // Already removed (shutdown) or replaced: this activation is retired either way.
-            _ => return true,
+            // Already removed (shutdown) or replaced: no new message can reach this
+            // activation, but one sent before may still wait in its mailbox (shutdown's
+            // own message comes after it). Stop only once nothing is left unhandled.
+            _ => return args.inflight.load(Ordering::Acquire) == 0,
         }
         let Some((name, slot)) = shard.remove_live(name) else {
             return true;
