@@ -209,30 +209,17 @@ impl<O: Object> Actor for ObjectActor<O> {
                 } else if state.gate.is_busy() {
                     // Writes still on their way to disk: retire only once they are durable.
                     schedule_idle_check(&myself, Duration::from_millis(1).max(idle_timeout / 4));
-                } else if state
-                    .args
-                    .shared
-                    .try_retire(&state.args, &mut state.sockets)
-                {
-                    debug!(object = %state.args.id, "hibernating");
-                    myself.stop(None);
-                } else {
+                } else if !state.retire(&myself, "hibernating") {
                     // A request is queued behind this check; it will refresh `last_active`.
                     schedule_idle_check(&myself, idle_timeout);
                 }
             }
             ActivationMsg::Evict => {
                 let awake = state.awake_until.is_some_and(|u| u > Instant::now());
-                if !awake
-                    && !state.gate.is_busy()
-                    && state
-                        .args
-                        .shared
-                        .try_retire(&state.args, &mut state.sockets)
+                if awake
+                    || state.gate.is_busy()
+                    || !state.retire(&myself, "hibernating early: too many active")
                 {
-                    debug!(object = %state.args.id, "hibernating early: too many active");
-                    myself.stop(None);
-                } else {
                     state.args.shared.eviction_declined(&state.args);
                 }
             }
@@ -252,6 +239,17 @@ fn schedule_idle_check<O: Object>(myself: &ActorRef<ActivationMsg<O>>, after: Du
 }
 
 impl<O: Object> ActivationState<O> {
+    /// Leaves the directory and stops, parking the sockets, unless something was sent
+    /// here that is not handled yet; true when it stopped.
+    fn retire(&mut self, myself: &ActorRef<ActivationMsg<O>>, why: &str) -> bool {
+        let retired = self.args.shared.try_retire(&self.args, &mut self.sockets);
+        if retired {
+            debug!(object = %self.args.id, "{why}");
+            myself.stop(None);
+        }
+        retired
+    }
+
     async fn call(&mut self, work: Work<O>, reply: Reply<O>) -> Lifecycle {
         let shared = self.args.shared.clone();
         shared.counters.requests.fetch_add(1, Ordering::Relaxed);
