@@ -135,10 +135,7 @@ async fn run_async(args: Args) -> anyhow::Result<Report> {
             tokio::spawn(publish(p, body.clone(), until, budget.clone(), limit))
         })
         .collect();
-    let mut tallies = Vec::with_capacity(tasks.len());
-    for task in tasks {
-        tallies.push(task.await??);
-    }
+    let tallies = join_all(tasks).await?;
     let elapsed = started.elapsed().as_secs_f64();
     let usage = cpu.stop(&server)?;
     report(&args, &mut server, usage, elapsed, tallies)
@@ -201,6 +198,39 @@ struct Tally {
     latency: Histogram<u64>,
 }
 
+impl Tally {
+    fn new() -> anyhow::Result<Self> {
+        Ok(Self {
+            acks: 0,
+            errors: 0,
+            first_error: None,
+            latency: Histogram::new(3)?,
+        })
+    }
+
+    fn failed(&mut self, error: String) {
+        self.errors += 1;
+        self.first_error.get_or_insert(error);
+    }
+}
+
+/// Whether another publish may start: before `until`, and while fewer than `limit` (if not
+/// 0) were started by all publishers together.
+fn may_start(until: Instant, started: &AtomicU64, limit: u64) -> bool {
+    Instant::now() < until && (limit == 0 || started.fetch_add(1, Ordering::Relaxed) < limit)
+}
+
+/// The tallies of the publisher tasks, once every one has ended.
+async fn join_all(
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<Tally>>>,
+) -> anyhow::Result<Vec<Tally>> {
+    let mut tallies = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        tallies.push(task.await??);
+    }
+    Ok(tallies)
+}
+
 /// Publishes `body` until `until`, or until `limit` (if not 0) publishes were started in all.
 async fn publish(
     mut publisher: Publisher,
@@ -209,14 +239,8 @@ async fn publish(
     started: Arc<AtomicU64>,
     limit: u64,
 ) -> anyhow::Result<Tally> {
-    let mut tally = Tally {
-        acks: 0,
-        errors: 0,
-        first_error: None,
-        latency: Histogram::new(3)?,
-    };
-    while Instant::now() < until && (limit == 0 || started.fetch_add(1, Ordering::Relaxed) < limit)
-    {
+    let mut tally = Tally::new()?;
+    while may_start(until, &started, limit) {
         let sent = Instant::now();
         match publisher.publish(body.clone()).await {
             Ok(()) => {
@@ -224,8 +248,7 @@ async fn publish(
                 tally.latency.record(sent.elapsed().as_micros() as u64)?;
             }
             Err(e) => {
-                tally.errors += 1;
-                tally.first_error.get_or_insert_with(|| format!("{e:#}"));
+                tally.failed(format!("{e:#}"));
             }
         }
     }
@@ -266,10 +289,7 @@ async fn run_ws(args: Args, mut server: Server) -> anyhow::Result<Report> {
             ))
         })
         .collect();
-    let mut tallies = Vec::with_capacity(tasks.len());
-    for task in tasks {
-        tallies.push(task.await??);
-    }
+    let tallies = join_all(tasks).await?;
     let elapsed = started.elapsed().as_secs_f64();
     let usage = cpu.stop(&server)?;
     report(&args, &mut server, usage, elapsed, tallies)
@@ -321,12 +341,7 @@ async fn publish_ws(
     started: Arc<AtomicU64>,
     limit: u64,
 ) -> anyhow::Result<Tally> {
-    let mut tally = Tally {
-        acks: 0,
-        errors: 0,
-        first_error: None,
-        latency: Histogram::new(3)?,
-    };
+    let mut tally = Tally::new()?;
     let mut pending: HashMap<u64, Instant> = HashMap::with_capacity(window);
     let mut next_ref = 0u64;
     let mut sending = true;
@@ -334,9 +349,7 @@ async fn publish_ws(
         if sending {
             let mut fed = false;
             while pending.len() < window {
-                if Instant::now() >= until
-                    || (limit != 0 && started.fetch_add(1, Ordering::Relaxed) >= limit)
-                {
+                if !may_start(until, &started, limit) {
                     sending = false;
                     break;
                 }
@@ -379,8 +392,7 @@ async fn publish_ws(
                 if let Some(r#ref) = r#ref {
                     pending.remove(&r#ref);
                 }
-                tally.errors += 1;
-                tally.first_error.get_or_insert(e);
+                tally.failed(e);
             }
             None => {}
         }
