@@ -351,7 +351,22 @@ impl Conn {
                     }
                 }
                 Wake::Ack(ack) => {
-                    if ws.send(Message::text(ack.to_string())).await.is_err() {
+                    // The answers already waiting go out in the same write: a client that
+                    // pipelines its publishes gets a merged call's acks together, not one
+                    // write each.
+                    let mut next = Some(ack);
+                    let mut fed = 0;
+                    while let Some(ack) = next {
+                        if ws.feed(Message::text(ack.to_string())).await.is_err() {
+                            return End::WriteFailed;
+                        }
+                        fed += 1;
+                        next = acks
+                            .as_mut()
+                            .filter(|_| fed < ACKS_PER_WRITE)
+                            .and_then(|(_, rx)| rx.try_recv().ok());
+                    }
+                    if ws.flush().await.is_err() {
                         return End::WriteFailed;
                     }
                 }
@@ -584,6 +599,10 @@ impl Conn {
         });
     }
 }
+
+/// Most answers to a client's publishes written together, so a long run of them cannot keep
+/// the connection from its other work (pings, the stop signal, outbound messages).
+const ACKS_PER_WRITE: usize = 256;
 
 async fn close_with(ws: &mut WsStream, code: u16, reason: &str) -> End {
     let frame = CloseFrame {
