@@ -367,13 +367,7 @@ pub(crate) async fn read_history(
         if let Some(after) = &after {
             url.push_str(&format!("&after={after}"));
         }
-        let page: serde_json::Value = client
-            .get(&url)
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
+        let page = crate::json_of(client.get(&url)).await?;
         anyhow::ensure!(
             page["gap"].is_null(),
             "{channel}: history has a gap: {}",

@@ -31,6 +31,17 @@ pub fn default_server_bin() -> anyhow::Result<PathBuf> {
 }
 
 /// A loopback address whose port was free a moment ago (bound, read, released).
+/// Up to `count` of `0..n`, spread evenly: the objects a scenario reads back to check.
+pub fn spread(n: u64, count: u64) -> impl Iterator<Item = u64> {
+    let step = (n / count.max(1)).max(1);
+    (0..n).step_by(step as usize).take(count as usize)
+}
+
+/// Sends `request`, requires a 2xx answer and parses its JSON body.
+pub(crate) async fn json_of(request: reqwest::RequestBuilder) -> anyhow::Result<serde_json::Value> {
+    Ok(request.send().await?.error_for_status()?.json().await?)
+}
+
 pub fn free_port() -> anyhow::Result<SocketAddr> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?)

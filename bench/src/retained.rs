@@ -221,12 +221,8 @@ pub(crate) fn open(args: OpenArgs) -> anyhow::Result<OpenReport> {
     let rss_open_bytes = proc::rss_bytes();
     let storage = opened.storage.clone();
     let mut reads = Vec::new();
-    let step = (args.logs / args.check_logs.max(1)).max(1);
     let mut checked = 0;
-    for log in (0..args.logs)
-        .step_by(step as usize)
-        .take(args.check_logs as usize)
-    {
+    for log in dormouse_bench::spread(args.logs, args.check_logs) {
         let id = ObjectId::new("channel", format!("log-{log}"));
         let t = Instant::now();
         let meta = storage

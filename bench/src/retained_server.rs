@@ -144,12 +144,8 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     let rss_after_restart_bytes = crate::proc::process_rss_bytes(server.pid)?;
 
     let mut reads = Vec::new();
-    let step = (args.channels / args.check.max(1)).max(1);
     let mut checked = 0;
-    for c in (0..args.channels)
-        .step_by(step as usize)
-        .take(args.check as usize)
-    {
+    for c in crate::spread(args.channels, args.check) {
         let t = Instant::now();
         let got = read_back(&client, &base, c, &args).await?;
         reads.push(t.elapsed().as_secs_f64() * 1e3);
@@ -243,15 +239,13 @@ async fn publish(client: &reqwest::Client, base: &str, args: &Args) -> anyhow::R
                         items += 1;
                     }
                 }
-                let answer: serde_json::Value = client
-                    .post(format!("{base}/v1/publish"))
-                    .header("content-type", "application/x-ndjson")
-                    .body(body)
-                    .send()
-                    .await?
-                    .error_for_status()?
-                    .json()
-                    .await?;
+                let answer = crate::json_of(
+                    client
+                        .post(format!("{base}/v1/publish"))
+                        .header("content-type", "application/x-ndjson")
+                        .body(body),
+                )
+                .await?;
                 anyhow::ensure!(
                     answer["published"].as_u64() == Some(items),
                     "a batch of {items} was answered {answer}"
