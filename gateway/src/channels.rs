@@ -8,7 +8,6 @@ use axum::{Extension, Json};
 use bytes::Bytes;
 use dormouse_actors::channel::{
     ChannelRequest, ChannelResponse, EventId, NAMESPACE, NewMessage, Start, validate_channel_name,
-    validate_event_name, validate_idempotency_key,
 };
 use dormouse_runtime::{ObjectState, Socket, SocketReceiver, Transport};
 use dormouse_storage::ObjectId;
@@ -18,6 +17,7 @@ use serde_json::{Value, json};
 
 use crate::auth::Principal;
 use crate::limits::ClientIp;
+use crate::publisher::{Client, check_names};
 use crate::{ApiError, AppState};
 
 /// A channel name taken from the path and validated, so handlers never see a bad one.
@@ -100,18 +100,6 @@ struct PublishQuery {
     event: Option<String>,
 }
 
-/// Validates an optional event name and idempotency key.
-pub(crate) fn check_message(event: Option<&str>, key: Option<&str>) -> Result<(), ApiError> {
-    if let Some(event) = event {
-        validate_event_name(event).map_err(|m| ApiError::bad_request("bad_event_name", m))?;
-    }
-    if let Some(key) = key {
-        validate_idempotency_key(key)
-            .map_err(|m| ApiError::bad_request("bad_idempotency_key", m))?;
-    }
-    Ok(())
-}
-
 /// `POST /v1/channels/{channel}/messages`: the body is the message.
 pub(crate) async fn publish(
     State(state): State<AppState>,
@@ -123,22 +111,30 @@ pub(crate) async fn publish(
     body: Body,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let PublishQuery { event } = query(&uri)?;
-    // Before the body is read: a publisher over its rate costs us as little as possible.
-    state.limits.publish(ip, &principal, 1)?;
+    let publisher = &state.publisher;
+    let client = Client {
+        principal: &principal,
+        ip,
+    };
+    // Before the body is read: a publisher that may not, or is over its rate, costs us as
+    // little as possible.
+    publisher.authorize(client, &channel)?;
+    publisher.charge(client, 1)?;
     let event = match event {
         Some(e) => Some(e),
         None => header(&headers, "x-dormouse-event")?,
     };
     let idempotency_key = header(&headers, "idempotency-key")?;
-    check_message(event.as_deref(), idempotency_key.as_deref())?;
-    let limit = state.settings.limits.max_message_size.0;
+    check_names(event.as_deref(), idempotency_key.as_deref())?;
+    let limit = publisher.max_message_size() as u64;
     let data = read_body(&headers, body, limit, "the message").await?;
     let message = NewMessage {
         event,
         data,
         idempotency_key,
     };
-    let mut results = state.publisher.publish(&channel, vec![message]).await?;
+    publisher.check(&message)?;
+    let mut results = publisher.publish(&channel, vec![message]).await?;
     let published = results.pop().ok_or_else(unexpected)?;
     let status = if published.duplicate {
         StatusCode::OK

@@ -60,6 +60,7 @@ pub use limits::Limits;
 pub use logging::{Chain, LogFormat, error_chain, init_logging};
 pub use objects::SUBJECT_HEADER;
 pub use publish::{Planned, parse_batch};
+pub use publisher::{Publisher, Reply};
 pub use server::{AppState, Dormouse, shutdown_signal};
 pub use stopping::Stopping;
 pub use telemetry::Telemetry;

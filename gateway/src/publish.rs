@@ -20,9 +20,10 @@ use bytes::Bytes;
 use dormouse_actors::channel::NewMessage;
 use serde_json::{Value, json};
 
-use crate::auth::{Need, Principal};
-use crate::channels::{check_channel, check_message, read_body};
+use crate::auth::Principal;
+use crate::channels::{check_channel, read_body};
 use crate::limits::ClientIp;
+use crate::publisher::{Client, check_message};
 use crate::{ApiError, AppState};
 
 /// One (item, channel) pair ready to publish, or why it cannot be.
@@ -96,12 +97,17 @@ pub(crate) async fn batch(
         limits.max_batch_messages,
         limits.max_message_size.0 as usize,
     )?;
+    let publisher = &state.publisher;
+    let client = Client {
+        principal: &principal,
+        ip,
+    };
     // Each pair needs its own grant; a refused one fails alone, like any bad item.
     let planned: Vec<Planned> = planned
         .into_iter()
         .map(|pair| {
             pair.and_then(|(channel, message)| {
-                principal.require(Need::Publish(&channel))?;
+                publisher.authorize(client, &channel)?;
                 Ok((channel, message))
             })
         })
@@ -109,7 +115,7 @@ pub(crate) async fn batch(
 
     // Every message counts against the publish rate; over it, nothing is published.
     let messages = planned.iter().filter(|p| p.is_ok()).count();
-    state.limits.publish(ip, &principal, messages)?;
+    publisher.charge(client, messages)?;
 
     // Group by channel, remembering each pair's position in the answer.
     let mut groups: HashMap<String, (Vec<usize>, Vec<NewMessage>)> = HashMap::new();
@@ -125,7 +131,7 @@ pub(crate) async fn batch(
         }
     }
     let calls = groups.into_iter().map(|(channel, (positions, messages))| {
-        let reply = state.publisher.publish(&channel, messages);
+        let reply = publisher.publish(&channel, messages);
         async move { (channel, positions, reply.await) }
     });
     for (channel, positions, reply) in futures::future::join_all(calls).await {
@@ -193,7 +199,6 @@ fn plan(item: Value, max_message: usize) -> Result<Vec<(String, NewMessage)>, Ap
         .remove("idempotency_key")
         .map(|v| text(v, "idempotency_key"))
         .transpose()?;
-    check_message(event.as_deref(), key.as_deref())?;
     let data = match (fields.remove("data"), fields.remove("data_base64")) {
         (Some(Value::String(s)), None) => Bytes::from(s),
         // Non-string JSON data is published as its JSON text.
@@ -211,22 +216,14 @@ fn plan(item: Value, max_message: usize) -> Result<Vec<(String, NewMessage)>, Ap
             "unknown field {unknown:?}; allowed: channel, channels, event, data, data_base64, idempotency_key"
         )));
     }
-    if data.len() > max_message {
-        return Err(ApiError::too_large(format!(
-            "a message is larger than the limit of {max_message} bytes"
-        )));
-    }
+    let message = NewMessage {
+        event,
+        data,
+        idempotency_key: key,
+    };
+    check_message(&message, max_message)?;
     Ok(channels
         .into_iter()
-        .map(|channel| {
-            (
-                channel,
-                NewMessage {
-                    event: event.clone(),
-                    data: data.clone(),
-                    idempotency_key: key.clone(),
-                },
-            )
-        })
+        .map(|channel| (channel, message.clone()))
         .collect())
 }

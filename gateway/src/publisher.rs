@@ -1,6 +1,13 @@
-//! The one way into a channel's log: every publish (HTTP, batch, WebSocket client frames)
-//! goes through [`Publisher`], which merges the publishes that arrive for one channel while
-//! its previous call is still on its way to disk into a single call.
+//! The one way into a channel's log: every publish (HTTP, the compat route, batch,
+//! WebSocket client frames, and objects that feed a channel, such as the agent_stream
+//! example's mirror) goes through [`Publisher`].
+//!
+//! A client's publish passes the same checks whichever way it came ([`Publisher::authorize`],
+//! [`Publisher::charge`], [`Publisher::check`]), so a rule changes in one place; what differs
+//! per way is only how the request is read and how the answer is written.
+//!
+//! Then the publishes that arrive for one channel while its previous call is still on its
+//! way to disk are merged into a single call.
 //!
 //! Under `durability = "always"` a channel answers after the group commit's fsync. Called
 //! once per message, a busy channel ran one handler, one planned batch, one segment write
@@ -13,12 +20,22 @@
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
 
 use dormouse_actors::Channel;
-use dormouse_actors::channel::{ChannelRequest, ChannelResponse, NewMessage, Published};
+use dormouse_actors::channel::{
+    ChannelRequest, ChannelResponse, NewMessage, Published, validate_event_name,
+    validate_idempotency_key,
+};
 use dormouse_runtime::{Error, Namespace, Result};
 use tokio::sync::oneshot;
+
+use crate::ApiError;
+use crate::auth::{Need, Principal};
+use crate::limits::Limits;
 
 /// Most messages in one merged call: keeps one commit (and the handler that builds it)
 /// short, so the publishes that queue behind it wait little.
@@ -44,6 +61,10 @@ impl std::fmt::Debug for Publisher {
 
 struct Inner {
     channels: Namespace<Channel>,
+    /// Publish rates per address and per credential.
+    limits: Arc<Limits>,
+    /// The largest payload a client may publish (`limits.max_message_size`).
+    max_message_size: usize,
     /// Channels with a call in flight, and what waits behind it; sharded by name so
     /// publishes to different channels rarely meet on a lock.
     shards: Vec<Mutex<HashMap<Arc<str>, VecDeque<Waiting>>>>,
@@ -56,26 +77,95 @@ struct Waiting {
     reply: oneshot::Sender<Result<Vec<Published>>>,
 }
 
+/// A client asking to publish: whose grant it is and where it connects from, which is what
+/// the checks before a channel need to know.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Client<'a> {
+    pub(crate) principal: &'a Principal,
+    pub(crate) ip: Option<IpAddr>,
+}
+
 impl Publisher {
-    /// A publisher for the channels of `channels`.
-    pub fn new(channels: Namespace<Channel>) -> Self {
+    /// A publisher for the channels of `channels`, holding clients to `limits` and to
+    /// payloads of at most `max_message_size` bytes.
+    pub(crate) fn new(
+        channels: Namespace<Channel>,
+        limits: Arc<Limits>,
+        max_message_size: usize,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 channels,
+                limits,
+                max_message_size,
                 shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             }),
         }
+    }
+
+    /// The channels published to, for the server's own reads (history, info) next to its
+    /// publishes.
+    pub fn channels(&self) -> &Namespace<Channel> {
+        &self.inner.channels
+    }
+
+    /// Whether `client` may publish to `channel` (403 when its credential does not grant it).
+    pub(crate) fn authorize(
+        &self,
+        client: Client<'_>,
+        channel: &str,
+    ) -> std::result::Result<(), ApiError> {
+        client.principal.require(Need::Publish(channel))
+    }
+
+    /// Takes `count` messages from the client's publish budgets (per address and per
+    /// credential), or says when to retry (429). Checked before a body is read, so that a
+    /// publisher over its rate costs as little as possible.
+    pub(crate) fn charge(
+        &self,
+        client: Client<'_>,
+        count: usize,
+    ) -> std::result::Result<(), ApiError> {
+        self.inner
+            .limits
+            .publish(client.ip, client.principal, count)
+    }
+
+    /// The largest payload a client may publish, for readers that stop reading a body
+    /// past it.
+    pub(crate) fn max_message_size(&self) -> usize {
+        self.inner.max_message_size
+    }
+
+    /// Validates a client's message: its event name, its idempotency key and its size.
+    pub(crate) fn check(&self, message: &NewMessage) -> std::result::Result<(), ApiError> {
+        check_message(message, self.inner.max_message_size)
+    }
+
+    /// A client's one message, through every check, to the channel: the answer is the
+    /// message's id, or the error to show the client. Checks fail at once, before anything
+    /// is queued; the returned future only waits for the channel.
+    pub(crate) fn publish_one(
+        &self,
+        client: Client<'_>,
+        channel: &str,
+        message: NewMessage,
+    ) -> std::result::Result<Reply, ApiError> {
+        self.authorize(client, channel)?;
+        self.charge(client, 1)?;
+        self.check(&message)?;
+        Ok(self.publish(channel, vec![message]))
     }
 
     /// Publishes `messages` to `channel`, in order, after every message handed to this
     /// publisher for the same channel before; resolves with one result per message once
     /// the channel has stored them (durably, under `always`). The work goes on if the
     /// returned future is dropped: the messages may still be published.
-    pub fn publish(
-        &self,
-        channel: &str,
-        messages: Vec<NewMessage>,
-    ) -> impl Future<Output = Result<Vec<Published>>> + Send + 'static + use<> {
+    ///
+    /// This is the trusted way in, for the server's own code (an object feeding a channel);
+    /// a client's messages pass [`Publisher::authorize`], [`Publisher::charge`] and
+    /// [`Publisher::check`] first.
+    pub fn publish(&self, channel: &str, messages: Vec<NewMessage>) -> Reply {
         let (reply, answer) = oneshot::channel();
         let bytes = messages.iter().map(|m| m.data.len()).sum();
         let waiting = Waiting {
@@ -103,11 +193,57 @@ impl Publisher {
             // cannot leave the channel's queue without a driver.
             tokio::spawn(drive(self.inner.clone(), name.clone()));
         }
-        async move {
-            answer
-                .await
-                .unwrap_or_else(|_| Err(Error::Unavailable(name.to_string())))
-        }
+        Reply { answer, name }
+    }
+}
+
+/// [`Publisher::check`] with the size limit given, for the batch parser, which the fuzz
+/// target drives without a server.
+pub(crate) fn check_message(
+    message: &NewMessage,
+    max_message_size: usize,
+) -> std::result::Result<(), ApiError> {
+    check_names(message.event.as_deref(), message.idempotency_key.as_deref())?;
+    if message.data.len() > max_message_size {
+        return Err(ApiError::too_large(format!(
+            "the message is larger than the limit of {max_message_size} bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// Validates an optional event name and idempotency key: the part of [`Publisher::check`]
+/// that needs no payload, for readers that check the names before reading a body.
+pub(crate) fn check_names(
+    event: Option<&str>,
+    key: Option<&str>,
+) -> std::result::Result<(), ApiError> {
+    if let Some(event) = event {
+        validate_event_name(event).map_err(|m| ApiError::bad_request("bad_event_name", m))?;
+    }
+    if let Some(key) = key {
+        validate_idempotency_key(key)
+            .map_err(|m| ApiError::bad_request("bad_idempotency_key", m))?;
+    }
+    Ok(())
+}
+
+/// The answer to one publish: one result per message, once the channel stored them. A named
+/// future (not an `async` block) so a connection can keep its publishes' answers in order
+/// without a task each.
+#[derive(Debug)]
+pub struct Reply {
+    answer: oneshot::Receiver<Result<Vec<Published>>>,
+    name: Arc<str>,
+}
+
+impl Future for Reply {
+    type Output = Result<Vec<Published>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.answer)
+            .poll(cx)
+            .map(|answer| answer.unwrap_or_else(|_| Err(Error::Unavailable(self.name.to_string()))))
     }
 }
 
@@ -240,11 +376,15 @@ mod tests {
 
     fn publisher() -> Publisher {
         let runtime = Runtime::new(Arc::new(MemoryStorage::new()));
-        Publisher::new(runtime.namespace::<Channel>(
-            "channel",
-            NamespaceConfig::with_idle_timeout(Duration::from_secs(30)),
-            ChannelEnv::default(),
-        ))
+        Publisher::new(
+            runtime.namespace::<Channel>(
+                "channel",
+                NamespaceConfig::with_idle_timeout(Duration::from_secs(30)),
+                ChannelEnv::default(),
+            ),
+            Arc::new(Limits::new(&crate::config::LimitsSettings::default())),
+            1 << 20,
+        )
     }
 
     fn message(len: usize) -> NewMessage {

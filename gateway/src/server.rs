@@ -122,16 +122,21 @@ impl Dormouse {
             settings.limits.max_connections,
             settings.limits.max_connections_per_ip,
         ));
-        let settings_limits = settings.limits.clone();
+        let limits = Arc::new(Limits::new(&settings.limits));
+        let publisher = Publisher::new(
+            channels.clone(),
+            limits.clone(),
+            settings.limits.max_message_size.0 as usize,
+        );
         Ok(Self {
             connections,
             state: AppState {
                 runtime,
-                publisher: Publisher::new(channels.clone()),
+                publisher,
                 channels,
                 settings: Arc::new(settings),
                 auth,
-                limits: Arc::new(Limits::new(&settings_limits)),
+                limits,
                 objects: Arc::default(),
                 tasks: TaskTracker::new(),
                 stopping: Stopping::default(),

@@ -12,6 +12,7 @@
 //! binary frame whose bytes are published as is.
 
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -26,9 +27,10 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
 use dormouse_actors::channel::NewMessage;
 use dormouse_runtime::{Inbound, SocketReceiver, Transport};
-use futures::{SinkExt, StreamExt};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use futures::stream::FuturesOrdered;
+use futures::{FutureExt, SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::Message;
@@ -36,10 +38,10 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::auth::{Auth, Need, Principal};
-use crate::channels::{self, ChannelName, check_message};
+use crate::channels::{self, ChannelName};
 use crate::direct::{Direct, Frames, Framing};
-use crate::limits::{ClientIp, Limits};
-use crate::publisher::Publisher;
+use crate::limits::ClientIp;
+use crate::publisher::{Client, Publisher, Reply};
 use crate::sse::{deadline, expiry};
 use crate::stopping::Waiter;
 use crate::telemetry::{Connection, Wire};
@@ -88,10 +90,8 @@ pub(crate) async fn subscribe(
             channel,
             publisher: state.publisher.clone(),
             client_publish: settings.websocket.client_publish,
-            max_message_size: settings.limits.max_message_size.0 as usize,
             auth: state.auth.clone(),
             principal,
-            limits: state.limits.clone(),
             ip,
         },
         receiver,
@@ -127,15 +127,14 @@ pub(crate) enum Mode {
     /// A channel subscriber, who may publish to the channel.
     Channel {
         channel: String,
+        /// Checks and carries the client's publishes, as for every other way of publishing.
         publisher: Publisher,
         client_publish: bool,
-        max_message_size: usize,
         /// Verifies refreshed credentials.
         auth: Auth,
         /// Who is connected; decides whether the client may publish.
         principal: Principal,
-        /// Publish rate limits, shared with HTTP publishers.
-        limits: Arc<Limits>,
+        /// Where the client connects from, for the publish rate per address.
         ip: Option<IpAddr>,
     },
     /// A socket accepted by a user object: messages are forwarded, in order, to the object.
@@ -281,9 +280,10 @@ impl Conn {
     }
 
     async fn serve(&mut self, ws: &mut WsStream, direct: &Direct, direct_writes: bool) -> End {
-        // Answers to the client's own publishes; created on its first message, since most
-        // subscribers never publish and an idle connection should cost little.
-        let mut acks: Option<(mpsc::UnboundedSender<Value>, mpsc::UnboundedReceiver<Value>)> = None;
+        // Answers to the client's own messages, in the order it sent them; created on its
+        // first message (and boxed), since most subscribers never publish and an idle
+        // connection should cost little.
+        let mut answers: Option<Box<FuturesOrdered<Answer>>> = None;
         let mut ping =
             tokio::time::interval_at(Instant::now() + self.ping_interval, self.ping_interval);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -303,7 +303,7 @@ impl Conn {
                 Expired,
                 /// False when the object let go of the socket.
                 Outbound(bool),
-                Ack(Value),
+                Answer(Answered),
                 Incoming(Option<Result<Message, tokio_tungstenite::tungstenite::Error>>),
                 Ping,
             }
@@ -317,12 +317,12 @@ impl Conn {
                     Poll::Pending if direct_writes && direct.has_pending() => Poll::Ready(true),
                     poll => poll,
                 }) => Wake::Outbound(more),
-                Some(ack) = async {
-                    match acks.as_mut() {
-                        Some((_, rx)) => rx.recv().await,
-                        None => std::future::pending().await,
+                Some(answered) = async {
+                    match answers.as_mut() {
+                        Some(waiting) if !waiting.is_empty() => waiting.next().await,
+                        _ => std::future::pending().await,
                     }
-                } => Wake::Ack(ack),
+                } => Wake::Answer(answered),
                 incoming = ws.next() => Wake::Incoming(incoming),
                 _ = ping.tick() => Wake::Ping,
             };
@@ -350,21 +350,24 @@ impl Conn {
                         return end;
                     }
                 }
-                Wake::Ack(ack) => {
-                    // The answers already waiting go out in the same write: a client that
+                Wake::Answer(answered) => {
+                    // The answers already there go out in the same write: a client that
                     // pipelines its publishes gets a merged call's acks together, not one
                     // write each.
-                    let mut next = Some(ack);
+                    let mut next = Some(answered);
                     let mut fed = 0;
-                    while let Some(ack) = next {
-                        if ws.feed(Message::text(ack.to_string())).await.is_err() {
+                    while let Some(Answered { frame, rejected }) = next {
+                        if let Some(code) = rejected {
+                            self.tracked.telemetry().rejected(code);
+                        }
+                        if ws.feed(Message::text(frame)).await.is_err() {
                             return End::WriteFailed;
                         }
                         fed += 1;
-                        next = acks
+                        next = answers
                             .as_mut()
-                            .filter(|_| fed < ACKS_PER_WRITE)
-                            .and_then(|(_, rx)| rx.try_recv().ok());
+                            .filter(|waiting| fed < ACKS_PER_WRITE && !waiting.is_empty())
+                            .and_then(|waiting| waiting.next().now_or_never().flatten());
                     }
                     if ws.flush().await.is_err() {
                         return End::WriteFailed;
@@ -378,8 +381,8 @@ impl Conn {
                         }
                         Some(Ok(Message::Text(text))) => match &self.mode {
                             Mode::Channel { .. } => {
-                                let tx = &acks.get_or_insert_with(mpsc::unbounded_channel).0;
-                                self.on_text(text.as_str(), tx)
+                                let answer = self.on_text(text.as_str());
+                                answers.get_or_insert_default().push_back(answer);
                             }
                             Mode::Object { forward } => {
                                 let _ = forward.send(Inbound::Text(text.as_str().to_string()));
@@ -387,8 +390,13 @@ impl Conn {
                         },
                         Some(Ok(Message::Binary(data))) => match &self.mode {
                             Mode::Channel { .. } => {
-                                let tx = &acks.get_or_insert_with(mpsc::unbounded_channel).0;
-                                self.on_publish(None, data, None, None, tx)
+                                let message = NewMessage {
+                                    event: None,
+                                    data,
+                                    idempotency_key: None,
+                                };
+                                let answer = self.on_publish(message, None);
+                                answers.get_or_insert_default().push_back(answer);
                             }
                             Mode::Object { forward } => {
                                 let _ = forward.send(Inbound::Binary(data));
@@ -466,27 +474,31 @@ impl Conn {
         Some(close_with(ws, code, &reason).await)
     }
 
-    fn on_text(&mut self, text: &str, acks: &mpsc::UnboundedSender<Value>) {
+    /// Answers a client's text message: a publish waits for its channel, anything else is
+    /// answered at once.
+    fn on_text(&mut self, text: &str) -> Answer {
         match parse_client_message(text) {
-            Ok(ClientMessage::Auth { token, r#ref }) => self.on_auth(&token, r#ref, acks),
+            Ok(ClientMessage::Auth { token, r#ref }) => self.on_auth(&token, r#ref),
             Ok(ClientMessage::Publish {
                 event,
                 data,
                 idempotency_key,
                 r#ref,
-            }) => self.on_publish(event, data, idempotency_key, r#ref, acks),
-            Err((e, r#ref)) => {
-                self.tracked.telemetry().rejected(e.code);
-                let _ = acks.send(
-                    json!({"type": "error", "code": e.code, "message": e.message, "ref": r#ref}),
-                );
-            }
+            }) => self.on_publish(
+                NewMessage {
+                    event,
+                    data,
+                    idempotency_key,
+                },
+                r#ref,
+            ),
+            Err((e, r#ref)) => Answer::failed(&e, r#ref),
         }
     }
 
     /// Replaces the connection's credential with a fresh one that still grants this
     /// channel, pushing back its expiry; a refused one leaves the old one in force.
-    fn on_auth(&mut self, token: &str, r#ref: Option<Value>, acks: &mpsc::UnboundedSender<Value>) {
+    fn on_auth(&mut self, token: &str, r#ref: Option<Value>) -> Answer {
         let Mode::Channel {
             channel,
             auth,
@@ -494,12 +506,12 @@ impl Conn {
             ..
         } = &mut self.mode
         else {
-            return;
+            unreachable!("only channel sockets read client messages");
         };
         let fresh = auth
             .verify(token)
             .and_then(|p| p.require(Need::Subscribe(channel)).map(|()| p));
-        let reply = match fresh {
+        match fresh {
             Ok(fresh) => {
                 self.expires_at = fresh.time_left().map(|left| Instant::now() + left);
                 let expires_at = fresh
@@ -507,96 +519,142 @@ impl Conn {
                     .and_then(|at| at.duration_since(std::time::UNIX_EPOCH).ok())
                     .map(|d| d.as_secs());
                 *principal = fresh;
-                json!({"type": "auth_ok", "expires_at": expires_at, "ref": r#ref})
+                Answer::ready(Frame::AuthOk {
+                    expires_at,
+                    r#ref: &r#ref,
+                })
             }
-            Err(e) => {
-                self.tracked.telemetry().rejected(e.code);
-                json!({"type": "error", "code": e.code, "message": e.message, "ref": r#ref})
-            }
-        };
-        let _ = acks.send(reply);
+            Err(e) => Answer::failed(&e, r#ref),
+        }
     }
 
-    fn on_publish(
-        &self,
-        event: Option<String>,
-        data: Bytes,
-        idempotency_key: Option<String>,
-        r#ref: Option<Value>,
-        acks: &mpsc::UnboundedSender<Value>,
-    ) {
-        let telemetry = self.tracked.telemetry().clone();
-        let fail = |code: &'static str, message: String| {
-            telemetry.rejected(code);
-            let _ = acks.send(
-                json!({"type": "error", "code": code, "message": message, "ref": r#ref.clone()}),
-            );
-        };
+    /// Hands a client's message to the publisher, which checks it as it checks every
+    /// publish; the answer waits for the channel in the connection's queue of answers, so
+    /// a pipelining client costs no task per publish.
+    fn on_publish(&self, message: NewMessage, r#ref: Option<Value>) -> Answer {
         let Mode::Channel {
             channel,
             publisher,
             client_publish,
-            max_message_size,
             principal,
-            limits,
             ip,
             ..
         } = &self.mode
         else {
-            return;
+            unreachable!("only channel sockets read client messages");
         };
         if !client_publish {
-            return fail(
+            let e = ApiError::new(
+                axum::http::StatusCode::FORBIDDEN,
                 "forbidden",
-                "publishing over this socket is disabled".to_string(),
+                "publishing over this socket is disabled",
             );
+            return Answer::failed(&e, r#ref);
         }
-        if let Err(e) = principal.require(Need::Publish(channel)) {
-            return fail(e.code, e.message);
+        let client = Client { principal, ip: *ip };
+        match publisher.publish_one(client, channel, message) {
+            Ok(reply) => Answer::Publish { reply, r#ref },
+            Err(e) => Answer::failed(&e, r#ref),
         }
-        if let Err(e) = limits.publish(*ip, principal, 1) {
-            return fail(e.code, e.message);
+    }
+}
+
+/// A frame the server sends in answer to a client's message.
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Frame<'a> {
+    Ack {
+        id: &'a str,
+        duplicate: bool,
+        r#ref: &'a Option<Value>,
+    },
+    AuthOk {
+        expires_at: Option<u64>,
+        r#ref: &'a Option<Value>,
+    },
+    Error {
+        code: &'a str,
+        message: &'a str,
+        r#ref: &'a Option<Value>,
+    },
+}
+
+impl Frame<'_> {
+    fn text(&self) -> String {
+        // Serialising these plain structs cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// The answer to one of the client's messages, kept in the order the client sent them.
+enum Answer {
+    /// Known at once (a refusal, an auth reply); taken when polled.
+    Ready(Option<Answered>),
+    /// Waits for the channel to store the message.
+    Publish { reply: Reply, r#ref: Option<Value> },
+}
+
+/// An answer's frame, and the error code to count when it refuses the message.
+struct Answered {
+    frame: String,
+    rejected: Option<&'static str>,
+}
+
+impl Answer {
+    fn ready(frame: Frame<'_>) -> Self {
+        Self::Ready(Some(Answered {
+            frame: frame.text(),
+            rejected: None,
+        }))
+    }
+
+    fn failed(e: &ApiError, r#ref: Option<Value>) -> Self {
+        Self::Ready(Some(Answered::failed(e, &r#ref)))
+    }
+}
+
+impl Answered {
+    fn failed(e: &ApiError, r#ref: &Option<Value>) -> Self {
+        Self {
+            frame: Frame::Error {
+                code: e.code,
+                message: &e.message,
+                r#ref,
+            }
+            .text(),
+            rejected: Some(e.code),
         }
-        if data.len() > *max_message_size {
-            return fail(
-                "payload_too_large",
-                format!(
-                    "the message is larger than the limit of {} bytes",
-                    max_message_size
-                ),
-            );
+    }
+}
+
+impl Future for Answer {
+    type Output = Answered;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Answered> {
+        match self.get_mut() {
+            Answer::Ready(answered) => Poll::Ready(
+                answered
+                    .take()
+                    .unwrap_or_else(|| Answered::failed(&channels::unexpected(), &None)),
+            ),
+            Answer::Publish { reply, r#ref } => {
+                Pin::new(reply).poll(cx).map(|outcome| match outcome {
+                    Ok(results) => match results.first() {
+                        Some(p) => Answered {
+                            frame: Frame::Ack {
+                                id: &p.id,
+                                duplicate: p.duplicate,
+                                r#ref,
+                            }
+                            .text(),
+                            rejected: None,
+                        },
+                        None => Answered::failed(&channels::unexpected(), r#ref),
+                    },
+                    Err(e) => Answered::failed(&ApiError::from(e), r#ref),
+                })
+            }
         }
-        if let Err(e) = check_message(event.as_deref(), idempotency_key.as_deref()) {
-            return fail(e.code, e.message);
-        }
-        let reply = publisher.publish(
-            channel,
-            vec![NewMessage {
-                event,
-                data,
-                idempotency_key,
-            }],
-        );
-        let acks = acks.clone();
-        let telemetry = telemetry.clone();
-        tokio::spawn(async move {
-            let frame = match reply.await {
-                Ok(results) => match results.first() {
-                    Some(p) => {
-                        json!({"type": "ack", "id": p.id, "duplicate": p.duplicate, "ref": r#ref})
-                    }
-                    None => {
-                        json!({"type": "error", "code": "internal", "message": "no result", "ref": r#ref})
-                    }
-                },
-                Err(e) => {
-                    let e = ApiError::from(e);
-                    telemetry.rejected(e.code);
-                    json!({"type": "error", "code": e.code, "message": e.message, "ref": r#ref})
-                }
-            };
-            let _ = acks.send(frame);
-        });
     }
 }
 

@@ -179,6 +179,79 @@ async fn a_client_publishes_over_the_socket_and_gets_an_ack_with_its_ref() {
     server.stop().await;
 }
 
+/// A client that sends many messages without waiting gets one answer per message, in the
+/// order it sent them, whether it was answered at once (bad JSON, a bad event name, a
+/// credential) or waited for the channel.
+#[tokio::test]
+async fn pipelined_messages_are_answered_in_the_order_they_were_sent() {
+    let server = TestServer::start().await;
+    let mut client = WsClient::connect(&server, WS).await;
+    const SENT: usize = 60;
+    let mut published = Vec::new();
+    for r in 0..SENT {
+        let text = match r % 5 {
+            1 => json!({"type": "publish", "event": "bad:name", "data": "x", "ref": r}).to_string(),
+            2 => format!("{{\"type\":\"publish\",\"ref\":{r}"),
+            3 => json!({"type": "auth", "token": "not-a-token", "ref": r}).to_string(),
+            _ => {
+                published.push(r);
+                json!({"type": "publish", "data": format!("m{r}"), "ref": r}).to_string()
+            }
+        };
+        client.ws.send(Message::text(text)).await.expect("send");
+    }
+    // The client is subscribed too: its messages arrive among the answers.
+    let (mut answers, mut events) = (Vec::new(), Vec::new());
+    while answers.len() < SENT || events.len() < published.len() {
+        let got = client.next().await.expect("a frame");
+        match got["type"].as_str() {
+            Some("message") => events.push(got),
+            _ => answers.push(got),
+        }
+    }
+    let refs: Vec<Value> = answers.iter().map(|a| a["ref"].clone()).collect();
+    // A frame too malformed to read has no ref to echo.
+    let expected: Vec<Value> = (0..SENT)
+        .map(|r| if r % 5 == 2 { Value::Null } else { json!(r) })
+        .collect();
+    assert_eq!(refs, expected, "answers: {answers:?}");
+    let kinds: Vec<(&str, &str)> = answers
+        .iter()
+        .map(|a| {
+            (
+                a["type"].as_str().unwrap_or(""),
+                a["code"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    for (r, kind) in kinds.iter().enumerate() {
+        let want = match r % 5 {
+            1 => ("error", "bad_event_name"),
+            2 => ("error", "bad_message"),
+            // Auth is off on this server: any credential is taken.
+            3 => ("auth_ok", ""),
+            _ => ("ack", ""),
+        };
+        assert_eq!(*kind, want, "answer {r}: {:?}", answers[r]);
+    }
+    // Acks carry the ids the events got, in publish order.
+    let acked: Vec<&Value> = answers
+        .iter()
+        .filter(|a| a["type"] == "ack")
+        .map(|a| &a["id"])
+        .collect();
+    let delivered: Vec<&Value> = events.iter().map(|e| &e["id"]).collect();
+    assert_eq!(acked, delivered);
+    let data: Vec<String> = events
+        .iter()
+        .map(|e| e["data"].as_str().unwrap_or("").to_string())
+        .collect();
+    let want: Vec<String> = published.iter().map(|r| format!("m{r}")).collect();
+    assert_eq!(data, want);
+    drop(client);
+    server.stop().await;
+}
+
 /// The server reads sockets with a 1 KiB buffer (idle memory); a client message hundreds of
 /// times larger must still arrive whole.
 #[tokio::test]

@@ -77,11 +77,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
-use dormouse_actors::Channel;
 use dormouse_actors::channel::{Control, EventId};
+use dormouse_gateway::Publisher;
 use dormouse_runtime::http::{HeaderMap, Method, StatusCode};
 use dormouse_runtime::{
-    Bytes, Context, HttpRequest, HttpResponse, Namespace, Object, Outbound, Socket, Transport,
+    Bytes, Context, HttpRequest, HttpResponse, Object, Outbound, Socket, Transport,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -106,8 +106,9 @@ const MAX_ARTIFACT_NAME: usize = 128;
 /// What every run shares.
 #[derive(Debug, Clone)]
 pub struct RunEnv {
-    /// The gateway's channels (`Dormouse::state().channels`), for the SSE mirror.
-    pub channels: Namespace<Channel>,
+    /// The gateway's publisher (`Dormouse::state().publisher`), through which the SSE mirror
+    /// feeds the run's channel as every other publish does.
+    pub publisher: Publisher,
     /// How long after an event the run wakes to check its channel copy is complete. Short
     /// means SSE viewers wait less for a repair after a crash; each check is two cheap calls.
     pub mirror_check: Duration,
@@ -115,9 +116,9 @@ pub struct RunEnv {
 
 impl RunEnv {
     /// The defaults: a check 2 s after activity.
-    pub fn new(channels: Namespace<Channel>) -> Self {
+    pub fn new(publisher: Publisher) -> Self {
         Self {
-            channels,
+            publisher,
             mirror_check: Duration::from_secs(2),
         }
     }
@@ -202,7 +203,7 @@ impl Object for Run {
             None => 0,
         };
         let mut run = Self {
-            mirror: Mirror::new(env.channels.clone(), ctx.name())?,
+            mirror: Mirror::new(env.publisher.clone(), ctx.name())?,
             mirror_check: env.mirror_check,
             epoch: 0,
             next_seq: 1,

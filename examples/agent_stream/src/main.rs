@@ -43,7 +43,7 @@ async fn main() -> anyhow::Result<()> {
             }))?);
     }
     let server = Dormouse::open(settings)?;
-    let env = RunEnv::new(server.state().channels.clone());
+    let env = RunEnv::new(server.state().publisher.clone());
     server.mount::<Run>(NAMESPACE, NamespaceConfig::default(), env)?;
     server.serve_until_signal().await
 }

@@ -3,8 +3,8 @@
 //! responses.
 //!
 //! Publishes happen in after-commit effects, so the channel only ever receives events the
-//! run has made durable, in log order (`Namespace::call` enqueues when it is called, and
-//! effects run in commit order). Each carries the run's event id as its idempotency key, so
+//! run has made durable, in log order (the gateway's `Publisher` keeps each channel's
+//! publishes in the order they were handed to it, and effects run in commit order). Each carries the run's event id as its idempotency key, so
 //! publishing an event twice (a repair racing a late effect) stores it once.
 //!
 //! What a crash can cost is the tail of publishes that were queued but not yet stored by the
@@ -14,11 +14,10 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use dormouse_actors::Channel;
 use dormouse_actors::channel::{
     ChannelRequest, ChannelResponse, EventId, NewMessage, Start, validate_channel_name,
 };
-use dormouse_runtime::Namespace;
+use dormouse_gateway::Publisher;
 
 use crate::event::{RunEvent, payload_seq};
 
@@ -28,7 +27,7 @@ pub const CHANNEL_PREFIX: &str = "run:";
 /// A run's handle on its channel.
 #[derive(Debug, Clone)]
 pub(crate) struct Mirror {
-    channels: Namespace<Channel>,
+    publisher: Publisher,
     channel: Arc<str>,
     /// Set by a publish that failed (the channel could not store it), so the run's next
     /// handler repairs the copy instead of waiting for its next wake.
@@ -36,13 +35,13 @@ pub(crate) struct Mirror {
 }
 
 impl Mirror {
-    pub(crate) fn new(channels: Namespace<Channel>, run: &str) -> anyhow::Result<Self> {
+    pub(crate) fn new(publisher: Publisher, run: &str) -> anyhow::Result<Self> {
         let channel = format!("{CHANNEL_PREFIX}{run}");
         validate_channel_name(&channel).map_err(|rule| {
             anyhow::anyhow!("run {run:?} cannot have a channel ({rule}); use a shorter name")
         })?;
         Ok(Self {
-            channels,
+            publisher,
             channel: channel.into(),
             broken: Arc::default(),
         })
@@ -66,9 +65,7 @@ impl Mirror {
                 idempotency_key: Some(event.id.to_string()),
             })
             .collect();
-        let reply = self
-            .channels
-            .call(&self.channel, ChannelRequest::Publish(messages));
+        let reply = self.publisher.publish(&self.channel, messages);
         let (broken, channel) = (self.broken.clone(), self.channel.clone());
         tokio::spawn(async move {
             if let Err(e) = reply.await {
@@ -87,7 +84,8 @@ impl Mirror {
     /// when its newest event is not one of ours.
     pub(crate) async fn last_seq(&self) -> anyhow::Result<Option<u64>> {
         let info = match self
-            .channels
+            .publisher
+            .channels()
             .call(&self.channel, ChannelRequest::Info)
             .await?
         {
@@ -103,7 +101,8 @@ impl Mirror {
             seq: last.seq.saturating_sub(1),
         });
         match self
-            .channels
+            .publisher
+            .channels()
             .call(&self.channel, ChannelRequest::History { start, limit: 1 })
             .await?
         {

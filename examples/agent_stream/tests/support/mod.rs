@@ -46,7 +46,7 @@ impl TestServer {
         settings.limits.subscriber_queue = ByteSize::mib(64);
         let server = Dormouse::open(settings).expect("open server");
         let env = RunEnv {
-            channels: server.state().channels.clone(),
+            publisher: server.state().publisher.clone(),
             mirror_check,
         };
         server
