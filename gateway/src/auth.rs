@@ -22,7 +22,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::{Deserialize, Serialize};
 
 use crate::config::AuthSettings;
-use crate::{ApiError, AppState};
+use crate::{ApiError, AppState, routes};
 
 /// What a credential allows. The same shape is the `dormouse` claim of a JWT and the
 /// capabilities of an API key in the config file, so one model covers both.
@@ -497,18 +497,16 @@ pub(crate) async fn require(
     let route = matched.as_ref().map_or("", MatchedPath::as_str);
     let compat_channel;
     let need = match (request.method(), route) {
-        (_, "/v1/channels" | "/admin/api/stats") => Need::Admin,
-        (_, "/metrics") => Need::Metrics,
-        (&Method::DELETE, "/v1/channels/{channel}") => Need::Admin,
-        (_, "/v1/channels/{channel}") => Need::Describe(param("channel")),
-        (&Method::POST, "/v1/channels/{channel}/messages" | "/channel/{channel}/messages") => {
+        (_, routes::CHANNELS | routes::ADMIN_STATS) => Need::Admin,
+        (_, routes::METRICS) => Need::Metrics,
+        (&Method::DELETE, routes::CHANNEL) => Need::Admin,
+        (_, routes::CHANNEL) => Need::Describe(param("channel")),
+        (&Method::POST, routes::CHANNEL_MESSAGES | routes::COMPAT_PUBLISH) => {
             Need::Publish(param("channel"))
         }
-        (_, "/v1/channels/{channel}/messages") => Need::History(param("channel")),
-        (_, "/v1/channels/{channel}/events" | "/v1/channels/{channel}/ws") => {
-            Need::Subscribe(param("channel"))
-        }
-        (_, "/sub") => {
+        (_, routes::CHANNEL_MESSAGES) => Need::History(param("channel")),
+        (_, routes::CHANNEL_EVENTS | routes::CHANNEL_WS) => Need::Subscribe(param("channel")),
+        (_, routes::COMPAT_SUBSCRIBE) => {
             compat_channel = form_pairs(request.uri().query().unwrap_or(""))
                 .into_iter()
                 .find(|(k, _)| k == "channel")
@@ -516,12 +514,10 @@ pub(crate) async fn require(
                 .unwrap_or_default();
             Need::Subscribe(&compat_channel)
         }
-        (_, "/v1/objects/{namespace}/{name}" | "/v1/objects/{namespace}/{name}/{*rest}") => {
-            Need::Object {
-                namespace: param("namespace"),
-                name: param("name"),
-            }
-        }
+        (_, routes::OBJECT | routes::OBJECT_REST) => Need::Object {
+            namespace: param("namespace"),
+            name: param("name"),
+        },
         // Batch publish (checked per channel by the handler) and anything added later:
         // a credential at least, never open by omission.
         _ => Need::Credential,

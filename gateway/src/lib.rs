@@ -42,6 +42,7 @@ mod logging;
 mod objects;
 mod publish;
 mod publisher;
+mod routes;
 mod server;
 mod sse;
 mod stopping;

@@ -36,7 +36,9 @@ use crate::publisher::Publisher;
 use crate::stopping::Stopping;
 use crate::telemetry::{self, Telemetry, Wire};
 use crate::upgrade::SharedStream;
-use crate::{ApiError, Settings, admin, channels, detach, health, objects, publish, sse, ws};
+use crate::{
+    ApiError, Settings, admin, channels, detach, health, objects, publish, routes, sse, ws,
+};
 
 /// Everything a request handler may need; cloned per request (all fields are handles).
 #[derive(Debug, Clone)]
@@ -457,29 +459,26 @@ fn router(state: AppState) -> Router {
     // axum's own limit is lifted above the largest so it never answers first.
     let body_limit = limits.max_message_size.0.max(limits.max_batch_size.0) as usize + 1024;
     let api = Router::new()
-        .route("/v1/channels", get(channels::list))
+        .route(routes::CHANNELS, get(channels::list))
         .route(
-            "/v1/channels/{channel}",
+            routes::CHANNEL,
             get(channels::info).delete(channels::delete),
         )
         .route(
-            "/v1/channels/{channel}/messages",
+            routes::CHANNEL_MESSAGES,
             post(channels::publish).get(channels::history),
         )
-        .route("/v1/channels/{channel}/events", get(sse::subscribe))
-        .route("/v1/channels/{channel}/ws", get(ws::subscribe))
-        .route("/v1/publish", post(publish::batch))
-        .route("/metrics", get(telemetry::scrape))
-        .route("/v1/objects/{namespace}/{name}", any(objects::route))
-        .route(
-            "/v1/objects/{namespace}/{name}/{*rest}",
-            any(objects::route),
-        )
+        .route(routes::CHANNEL_EVENTS, get(sse::subscribe))
+        .route(routes::CHANNEL_WS, get(ws::subscribe))
+        .route(routes::PUBLISH, post(publish::batch))
+        .route(routes::METRICS, get(telemetry::scrape))
+        .route(routes::OBJECT, any(objects::route))
+        .route(routes::OBJECT_REST, any(objects::route))
         // Compatibility with Redis-backed SSE proxies.
-        .route("/channel/{channel}/messages", post(channels::publish))
-        .route("/sub", get(sse::subscribe_compat));
+        .route(routes::COMPAT_PUBLISH, post(channels::publish))
+        .route(routes::COMPAT_SUBSCRIBE, get(sse::subscribe_compat));
     let api = if state.settings.admin.enabled {
-        api.route("/admin/api/stats", get(admin::stats))
+        api.route(routes::ADMIN_STATS, get(admin::stats))
     } else {
         api
     };
@@ -489,14 +488,14 @@ fn router(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require));
     let router = Router::new()
         // Probes stay open: orchestrators call them without credentials.
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz));
+        .route(routes::HEALTHZ, get(health::healthz))
+        .route(routes::READYZ, get(health::readyz));
     // The page itself is static and holds no data (the same bytes ship in every binary);
     // what it shows comes from `/admin/api/stats`, which needs the admin capability. A
     // browser cannot attach a bearer token to a page load, so gating the page would push
     // tokens into URLs.
     let router = if state.settings.admin.enabled {
-        router.route("/admin", get(admin::page))
+        router.route(routes::ADMIN_PAGE, get(admin::page))
     } else {
         router
     };

@@ -65,6 +65,12 @@ async fn bad_channel_names_are_400_on_every_route() {
             format!("/v1/channels/{long}/events"),
             format!("{NAME_RULE}; got 201 characters"),
         ),
+        // An empty name reaches the handler on the SSE fast path as through the router.
+        (
+            reqwest::Method::GET,
+            "/v1/channels//events".into(),
+            format!("{NAME_RULE}; got 0 characters"),
+        ),
         (
             reqwest::Method::POST,
             "/channel/caf%C3%A9/messages".into(),

@@ -1,0 +1,39 @@
+//! Every route's path, named once. The router declares the routes with these constants, the
+//! auth middleware decides what each route needs by them, and the connection layer
+//! recognises SSE subscriptions by them: renaming a route here renames it everywhere, so it
+//! cannot silently lose its authorisation rule or the SSE fast path.
+
+/// `GET`: list channels (admin).
+pub(crate) const CHANNELS: &str = "/v1/channels";
+/// `GET`: describe a channel; `DELETE`: delete it (admin).
+pub(crate) const CHANNEL: &str = "/v1/channels/{channel}";
+/// `POST`: publish one message; `GET`: read history.
+pub(crate) const CHANNEL_MESSAGES: &str = "/v1/channels/{channel}/messages";
+/// `GET`: subscribe over SSE.
+pub(crate) const CHANNEL_EVENTS: &str = "/v1/channels/{channel}/events";
+/// `GET`: subscribe (and publish) over WebSocket.
+pub(crate) const CHANNEL_WS: &str = "/v1/channels/{channel}/ws";
+/// `POST`: many messages to one or many channels.
+pub(crate) const PUBLISH: &str = "/v1/publish";
+/// `GET`: Prometheus text.
+pub(crate) const METRICS: &str = "/metrics";
+/// Any method: a user object's own routes.
+pub(crate) const OBJECT: &str = "/v1/objects/{namespace}/{name}";
+/// Any method: a user object's own routes, below its name.
+pub(crate) const OBJECT_REST: &str = "/v1/objects/{namespace}/{name}/{*rest}";
+/// `POST`: publish, as Redis-backed SSE proxies take it.
+pub(crate) const COMPAT_PUBLISH: &str = "/channel/{channel}/messages";
+/// `GET ?channel=`: subscribe over SSE, as Redis-backed SSE proxies take it.
+pub(crate) const COMPAT_SUBSCRIBE: &str = "/sub";
+/// `GET`: the admin page's figures (admin).
+pub(crate) const ADMIN_STATS: &str = "/admin/api/stats";
+/// `GET`: the admin page (static, open).
+pub(crate) const ADMIN_PAGE: &str = "/admin";
+/// `GET`: liveness (open).
+pub(crate) const HEALTHZ: &str = "/healthz";
+/// `GET`: readiness (open).
+pub(crate) const READYZ: &str = "/readyz";
+
+/// The `GET` routes that answer with an event stream, which the connection layer serves
+/// outside hyper on HTTP/1.x (`detach.rs`).
+pub(crate) const SSE_SUBSCRIPTIONS: [&str; 2] = [CHANNEL_EVENTS, COMPAT_SUBSCRIBE];
