@@ -13,16 +13,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
-use axum::extract::rejection::{MatchedPathRejection, RawPathParamsRejection};
-use axum::extract::{MatchedPath, RawPathParams, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::{Deserialize, Serialize};
 
+use crate::ApiError;
 use crate::config::AuthSettings;
-use crate::{ApiError, AppState, routes};
 
 /// What a credential allows. The same shape is the `dormouse` claim of a JWT and the
 /// capabilities of an API key in the config file, so one model covers both.
@@ -456,7 +453,7 @@ fn credential(
     Ok(None)
 }
 
-fn form_pairs(query: &str) -> Vec<(String, String)> {
+pub(crate) fn form_pairs(query: &str) -> Vec<(String, String)> {
     let uri: axum::http::Uri = match format!("/?{query}").parse() {
         Ok(uri) => uri,
         Err(_) => return Vec::new(),
@@ -477,65 +474,8 @@ fn unauthorized(code: &'static str, message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::UNAUTHORIZED, code, message)
 }
 
-/// The middleware on every authenticated route: authenticates, checks what the route needs,
-/// and leaves the [`Principal`] for the handler.
-pub(crate) async fn require(
-    State(state): State<AppState>,
-    matched: Result<MatchedPath, MatchedPathRejection>,
-    params: Result<RawPathParams, RawPathParamsRejection>,
-    mut request: Request,
-    next: Next,
-) -> Response {
-    // Looked up in place: a route has at most three parameters, not worth a map per request.
-    let param = |name: &str| -> &str {
-        params
-            .as_ref()
-            .ok()
-            .and_then(|p| p.iter().find(|(key, _)| *key == name).map(|(_, v)| v))
-            .unwrap_or("")
-    };
-    let route = matched.as_ref().map_or("", MatchedPath::as_str);
-    let compat_channel;
-    let need = match (request.method(), route) {
-        (_, routes::CHANNELS | routes::ADMIN_STATS) => Need::Admin,
-        (_, routes::METRICS) => Need::Metrics,
-        (&Method::DELETE, routes::CHANNEL) => Need::Admin,
-        (_, routes::CHANNEL) => Need::Describe(param("channel")),
-        (&Method::POST, routes::CHANNEL_MESSAGES | routes::COMPAT_PUBLISH) => {
-            Need::Publish(param("channel"))
-        }
-        (_, routes::CHANNEL_MESSAGES) => Need::History(param("channel")),
-        (_, routes::CHANNEL_EVENTS | routes::CHANNEL_WS) => Need::Subscribe(param("channel")),
-        (_, routes::COMPAT_SUBSCRIBE) => {
-            compat_channel = form_pairs(request.uri().query().unwrap_or(""))
-                .into_iter()
-                .find(|(k, _)| k == "channel")
-                .map(|(_, v)| v)
-                .unwrap_or_default();
-            Need::Subscribe(&compat_channel)
-        }
-        (_, routes::OBJECT | routes::OBJECT_REST) => Need::Object {
-            namespace: param("namespace"),
-            name: param("name"),
-        },
-        // Batch publish (checked per channel by the handler) and anything added later:
-        // a credential at least, never open by omission.
-        _ => Need::Credential,
-    };
-    let principal = match state
-        .auth
-        .authenticate(request.method(), request.headers(), request.uri().query())
-        .and_then(|p| p.require(need).map(|()| p))
-    {
-        Ok(p) => p,
-        Err(e) => return with_challenge(e),
-    };
-    request.extensions_mut().insert(principal);
-    next.run(request).await
-}
-
 /// A 401 tells the client how to authenticate (RFC 6750).
-fn with_challenge(e: ApiError) -> Response {
+pub(crate) fn with_challenge(e: ApiError) -> Response {
     let status = e.status;
     let mut response = e.into_response();
     if status == StatusCode::UNAUTHORIZED {

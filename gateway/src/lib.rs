@@ -1,5 +1,6 @@
-//! The front door: configuration, the HTTP API, SSE and WebSocket connections, and the
-//! `dormouse` binary's plumbing.
+//! The front door: configuration, the HTTP API, SSE and WebSocket connections. The
+//! `dormouse` binary (crate `dormouse`, in `cli/`) runs it; a program of its own can too
+//! (every example does), without compiling the binary's client commands.
 //!
 //! # Layout
 //! - `config`: [`Settings`], from defaults, a TOML file, `DORMOUSE_*` variables and flags.
@@ -7,7 +8,14 @@
 //!   `{"error": {"code", "message"}}` with its HTTP status.
 //! - `server`: [`Dormouse`] opens storage and the runtime, [`Dormouse::router`] builds the
 //!   routes (tests use the same router), [`Dormouse::serve`] runs until shutdown.
-//! - `auth`: credentials (JWT, API keys), [`Grants`], and the middleware that checks them.
+//! - `state`: [`AppState`], the handles every handler shares; only handlers and middleware
+//!   import it.
+//! - `routes`: every route's path, named once (router, auth rules, SSE fast path).
+//! - `middleware`: the HTTP glue every request passes (refusals counted, size and overload
+//!   guard, authentication and what the route needs).
+//! - `auth`: credentials (JWT, API keys), [`Grants`], and what each route needs.
+//! - `publisher`: [`Publisher`], the one way into a channel: a client's checks (grant, rate,
+//!   validation) and the merging of concurrent publishes into one call.
 //! - `health`: liveness and readiness probes.
 //! - `limits`: request size, overload shedding and publish rate limits.
 //! - `listener`: connection IO with a kill switch (bounded shutdown) and a lingering close.
@@ -20,8 +28,9 @@
 //! - `direct`: WebSocket frames, written by the thread that released them when it can.
 //! - `upgrade`: WebSocket handshakes, answered here so `ws` can write to the stream itself.
 //! - `objects`: user-defined objects mounted under `/v1/objects/{namespace}/{name}/...`.
-//! - `telemetry`: the server's figures: Prometheus text at `/metrics`, connection
-//!   open/close logging, per-second samples for the admin page.
+//! - `telemetry`: the server's figures, connection open/close logging, per-second samples
+//!   for the admin page; `telemetry/render.rs` writes them as Prometheus text.
+//! - `scrape`: `GET /metrics`.
 //! - `busiest`: a bounded top-N of channels by recent publishes (admin page only).
 //! - `admin`: the dashboard at `/admin` and the JSON it polls.
 //! - `logging`: text or JSON log lines, and error cause chains for log fields.
@@ -39,12 +48,15 @@ mod health;
 mod limits;
 mod listener;
 mod logging;
+mod middleware;
 mod objects;
 mod publish;
 mod publisher;
 mod routes;
+mod scrape;
 mod server;
 mod sse;
+mod state;
 mod stopping;
 mod telemetry;
 mod upgrade;
@@ -62,7 +74,8 @@ pub use logging::{Chain, LogFormat, error_chain, init_logging};
 pub use objects::SUBJECT_HEADER;
 pub use publish::{Planned, parse_batch};
 pub use publisher::{Publisher, Reply};
-pub use server::{AppState, Dormouse, shutdown_signal};
+pub use server::{Dormouse, shutdown_signal};
+pub use state::AppState;
 pub use stopping::Stopping;
 pub use telemetry::Telemetry;
 pub use ws::{ClientMessage, parse_client_message};

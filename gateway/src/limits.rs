@@ -8,13 +8,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use axum::extract::{ConnectInfo, Request, State};
 use axum::http::StatusCode;
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 
 use crate::auth::Principal;
-use crate::{ApiError, AppState, LimitsSettings};
+use crate::{ApiError, LimitsSettings};
 
 /// `Retry-After` of a request shed under overload: soon, spread by the clients' own jitter.
 const OVERLOAD_RETRY_AFTER_SECS: u64 = 1;
@@ -138,68 +135,51 @@ impl<K: std::hash::Hash + Eq + Clone> RateLimiter<K> {
     }
 }
 
-/// Before routing: refuses oversized request targets (414) and headers (431), and sheds
-/// requests beyond `max_inflight_requests` with 503 so overload turns into fast, retryable
-/// answers instead of a growing queue. Streams count only until their response starts, so
-/// existing subscribers are never shed.
-pub(crate) async fn guard(
-    State(state): State<AppState>,
-    mut request: Request,
-    next: Next,
-) -> Response {
-    let limits = &state.limits;
-    let ip = request
-        .extensions()
-        .get::<ConnectInfo<PeerAddr>>()
-        .map(|c| c.0.0.ip());
-    request.extensions_mut().insert(ClientIp(ip));
-    let target = request
-        .uri()
-        .path_and_query()
-        .map_or(0, |pq| pq.as_str().len());
-    if target > limits.max_url {
-        return ApiError::new(
-            StatusCode::URI_TOO_LONG,
-            "url_too_long",
-            format!(
-                "the request target is {target} bytes; the limit is {} (limits.max_url_size)",
-                limits.max_url
-            ),
-        )
-        .into_response();
+impl Limits {
+    /// Refuses a request target over `limits.max_url_size` (414) and headers over
+    /// `limits.max_header_size` (431), before any other work.
+    pub(crate) fn check_request_size(&self, target: usize, headers: usize) -> Result<(), ApiError> {
+        if target > self.max_url {
+            return Err(ApiError::new(
+                StatusCode::URI_TOO_LONG,
+                "url_too_long",
+                format!(
+                    "the request target is {target} bytes; the limit is {} (limits.max_url_size)",
+                    self.max_url
+                ),
+            ));
+        }
+        if headers > self.max_headers {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "headers_too_large",
+                format!(
+                    "the request headers are {headers} bytes; the limit is {} (limits.max_header_size)",
+                    self.max_headers
+                ),
+            ));
+        }
+        Ok(())
     }
-    let headers: usize = request
-        .headers()
-        .iter()
-        .map(|(name, value)| name.as_str().len() + value.len() + 4)
-        .sum();
-    if headers > limits.max_headers {
-        return ApiError::new(
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "headers_too_large",
-            format!(
-                "the request headers are {headers} bytes; the limit is {} (limits.max_header_size)",
-                limits.max_headers
-            ),
-        )
-        .into_response();
-    }
-    let _inflight = match InFlight::enter(limits) {
-        Some(guard) => guard,
-        None => {
-            return ApiError::new(
+
+    /// Counts a request in flight until the returned guard drops; beyond
+    /// `limits.max_inflight_requests` it is shed with a retryable 503, so overload turns
+    /// into fast answers instead of a growing queue.
+    pub(crate) fn admit(&self) -> Result<InFlight<'_>, ApiError> {
+        InFlight::enter(self).ok_or_else(|| {
+            ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "overloaded",
                 "the server is handling as many requests as it is allowed to; retry shortly",
             )
             .retry_after(OVERLOAD_RETRY_AFTER_SECS)
-            .into_response();
-        }
-    };
-    next.run(request).await
+        })
+    }
 }
 
-struct InFlight<'a>(&'a Limits);
+/// A request counted in flight, until it drops.
+#[derive(Debug)]
+pub(crate) struct InFlight<'a>(&'a Limits);
 
 impl<'a> InFlight<'a> {
     fn enter(limits: &'a Limits) -> Option<Self> {

@@ -163,8 +163,7 @@ impl Publisher {
     /// returned future is dropped: the messages may still be published.
     ///
     /// This is the trusted way in, for the server's own code (an object feeding a channel);
-    /// a client's messages pass [`Publisher::authorize`], [`Publisher::charge`] and
-    /// [`Publisher::check`] first.
+    /// a client's messages pass the publisher's checks (grant, rate, validation) first.
     pub fn publish(&self, channel: &str, messages: Vec<NewMessage>) -> Reply {
         let (reply, answer) = oneshot::channel();
         let bytes = messages.iter().map(|m| m.data.len()).sum();

@@ -1,7 +1,6 @@
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use axum::Router;
@@ -9,7 +8,6 @@ use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{Method, Uri};
-use axum::middleware;
 use axum::routing::{any, get, post};
 use axum::serve::Listener as _;
 use dormouse_actors::Channel;
@@ -28,44 +26,18 @@ use tracing::info;
 
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
-use crate::auth::{self, Auth};
+use crate::auth::Auth;
 use crate::config::CorsSettings;
-use crate::limits::{self, Limits, PeerAddr};
+use crate::limits::{Limits, PeerAddr};
 use crate::listener::{Connections, GuardedListener, KillSwitch};
 use crate::publisher::Publisher;
 use crate::stopping::Stopping;
 use crate::telemetry::{self, Telemetry, Wire};
 use crate::upgrade::SharedStream;
 use crate::{
-    ApiError, Settings, admin, channels, detach, health, objects, publish, routes, sse, ws,
+    ApiError, AppState, Settings, admin, channels, detach, health, middleware, objects, publish,
+    routes, scrape, sse, ws,
 };
-
-/// Everything a request handler may need; cloned per request (all fields are handles).
-#[derive(Debug, Clone)]
-pub struct AppState {
-    /// The object host.
-    pub runtime: Runtime,
-    /// The channel objects.
-    pub channels: Namespace<Channel>,
-    /// Every publish to a channel goes through it (merging concurrent ones).
-    pub publisher: Publisher,
-    /// The configuration in force.
-    pub settings: Arc<Settings>,
-    /// Verifies credentials; allows everything when none is configured.
-    pub auth: Auth,
-    /// Overload shedding and publish rate limits.
-    pub limits: Arc<Limits>,
-    /// User-defined object namespaces mounted under `/v1/objects/{namespace}/...`.
-    pub objects: Arc<RwLock<HashMap<String, Arc<dyn DynNamespace>>>>,
-    /// Long-lived connection tasks (WebSockets), so a stop can wait for them to let go of
-    /// storage.
-    pub tasks: TaskTracker,
-    /// Set when the server is stopping, so long-lived connections can say goodbye (SSE:
-    /// reconnect hint; WebSocket: close 1012 "service restart").
-    pub stopping: Stopping,
-    /// The server's own figures: `/metrics` and the admin page.
-    pub telemetry: Arc<Telemetry>,
-}
 
 /// A configured server: storage open, runtime up, not yet listening.
 #[derive(Debug)]
@@ -471,7 +443,7 @@ fn router(state: AppState) -> Router {
         .route(routes::CHANNEL_EVENTS, get(sse::subscribe))
         .route(routes::CHANNEL_WS, get(ws::subscribe))
         .route(routes::PUBLISH, post(publish::batch))
-        .route(routes::METRICS, get(telemetry::scrape))
+        .route(routes::METRICS, get(scrape::metrics))
         .route(routes::OBJECT, any(objects::route))
         .route(routes::OBJECT_REST, any(objects::route))
         // Compatibility with Redis-backed SSE proxies.
@@ -485,7 +457,10 @@ fn router(state: AppState) -> Router {
     let api = api
         // After routing, so the check knows the route and its parameters; routes added
         // above are covered by default (unknown ones need at least a credential).
-        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require));
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            middleware::require,
+        ));
     let router = Router::new()
         // Probes stay open: orchestrators call them without credentials.
         .route(routes::HEALTHZ, get(health::healthz))
@@ -505,11 +480,14 @@ fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
         // Oversized and excess requests are refused before any other work.
-        .layer(middleware::from_fn_with_state(state.clone(), limits::guard))
-        // Outside everything that may refuse a request, so every refusal is counted.
-        .layer(middleware::from_fn_with_state(
+        .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            telemetry::count_rejections,
+            middleware::guard,
+        ))
+        // Outside everything that may refuse a request, so every refusal is counted.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            middleware::count_rejections,
         ));
     let router = match cors_layer(&state.settings.cors) {
         Ok(Some(cors)) => router.layer(cors),
@@ -603,30 +581,6 @@ async fn sample(state: AppState) {
                 Err(e) => tracing::warn!(error = %e, "measuring storage did not finish"),
             }
         }
-    }
-}
-
-impl AppState {
-    /// Each namespace's counters (channels first), read from the runtime at call time.
-    pub(crate) fn namespace_stats(&self) -> Vec<(String, dormouse_runtime::NamespaceStats)> {
-        let mut all = vec![(NAMESPACE.to_string(), self.channels.stats())];
-        let objects = self.objects.read().unwrap_or_else(|p| p.into_inner());
-        let mut mounted: Vec<_> = objects
-            .iter()
-            .map(|(name, ns)| (name.clone(), ns.stats()))
-            .collect();
-        mounted.sort_by(|a, b| a.0.cmp(&b.0));
-        all.extend(mounted);
-        all
-    }
-
-    /// The mounted namespace called `name`.
-    pub(crate) fn object_namespace(&self, name: &str) -> Option<Arc<dyn DynNamespace>> {
-        self.objects
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-            .cloned()
     }
 }
 

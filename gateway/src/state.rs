@@ -1,0 +1,70 @@
+//! What every request handler shares: one [`AppState`], built by `server.rs` and handed to
+//! the router. It holds only handles to lower layers (runtime, publisher, auth, limits,
+//! telemetry, the stop signal), and nothing below the handlers imports it, so the layers
+//! stay one-way: handlers and middleware above, the services they call below.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use dormouse_actors::Channel;
+use dormouse_actors::channel::NAMESPACE;
+use dormouse_runtime::{DynNamespace, Namespace, Runtime};
+use tokio_util::task::TaskTracker;
+
+use crate::Settings;
+use crate::auth::Auth;
+use crate::limits::Limits;
+use crate::publisher::Publisher;
+use crate::stopping::Stopping;
+use crate::telemetry::Telemetry;
+
+/// Everything a request handler may need; cloned per request (all fields are handles).
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// The object host.
+    pub runtime: Runtime,
+    /// The channel objects.
+    pub channels: Namespace<Channel>,
+    /// Every publish to a channel goes through it (merging concurrent ones).
+    pub publisher: Publisher,
+    /// The configuration in force.
+    pub settings: Arc<Settings>,
+    /// Verifies credentials; allows everything when none is configured.
+    pub auth: Auth,
+    /// Overload shedding and publish rate limits.
+    pub limits: Arc<Limits>,
+    /// User-defined object namespaces mounted under `/v1/objects/{namespace}/...`.
+    pub objects: Arc<RwLock<HashMap<String, Arc<dyn DynNamespace>>>>,
+    /// Long-lived connection tasks (WebSockets), so a stop can wait for them to let go of
+    /// storage.
+    pub tasks: TaskTracker,
+    /// Set when the server is stopping, so long-lived connections can say goodbye (SSE:
+    /// reconnect hint; WebSocket: close 1012 "service restart").
+    pub stopping: Stopping,
+    /// The server's own figures: `/metrics` and the admin page.
+    pub telemetry: Arc<Telemetry>,
+}
+
+impl AppState {
+    /// Each namespace's counters (channels first), read from the runtime at call time.
+    pub(crate) fn namespace_stats(&self) -> Vec<(String, dormouse_runtime::NamespaceStats)> {
+        let mut all = vec![(NAMESPACE.to_string(), self.channels.stats())];
+        let objects = self.objects.read().unwrap_or_else(|p| p.into_inner());
+        let mut mounted: Vec<_> = objects
+            .iter()
+            .map(|(name, ns)| (name.clone(), ns.stats()))
+            .collect();
+        mounted.sort_by(|a, b| a.0.cmp(&b.0));
+        all.extend(mounted);
+        all
+    }
+
+    /// The mounted namespace called `name`.
+    pub(crate) fn object_namespace(&self, name: &str) -> Option<Arc<dyn DynNamespace>> {
+        self.objects
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+}
