@@ -14,7 +14,7 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p dormouse-gateway --bin dormouse \
+    cargo build --release --locked -p dormouse --bin dormouse \
     && install -m 0755 target/release/dormouse /usr/local/bin/dormouse
 
 # Runtime stage: glibc from the same Debian release as the builder, nothing else. No

@@ -6,7 +6,7 @@
 //! be there too (it was committed, its `201` never arrived), but never twice.
 //!
 //! Run: `cargo run --release -p dormouse-bench -- crash --cycles 50`. The gateway's test
-//! suite runs the same code in a short form (`gateway/tests/crash.rs`).
+//! suite runs the same code in a short form (`cli/tests/crash.rs`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;

@@ -25,7 +25,7 @@ pub fn default_server_bin() -> anyhow::Result<PathBuf> {
     anyhow::ensure!(
         relative.exists(),
         "no dormouse binary next to this one or at target/release/dormouse: build it with \
-         `cargo build --release -p dormouse-gateway` or pass --server-bin"
+         `cargo build --release -p dormouse` or pass --server-bin"
     );
     Ok(relative)
 }

@@ -2,7 +2,7 @@
 //! as a child process against a real server, and the tests read what it prints and how it
 //! exits.
 
-mod support;
+use dormouse_testkit as support;
 
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};

@@ -2,7 +2,7 @@
 //! object, connections are logged when they open and close (transport, reason, duration),
 //! and a fatal error carries its cause chain.
 
-mod support;
+use dormouse_testkit as support;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};

@@ -2,7 +2,7 @@
 //! `kill -9` of the real binary in the middle of publishing, after which every acknowledged
 //! message is there exactly once and in order.
 
-mod support;
+use dormouse_testkit as support;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::File;

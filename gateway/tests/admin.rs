@@ -6,7 +6,7 @@
 //! Needs Chromium (`apt-get install -y chromium`); the test fails, rather than skipping, when
 //! it is missing. `DORMOUSE_CHROMIUM` may name another binary.
 
-mod support;
+use dormouse_testkit as support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -2,7 +2,7 @@
 //! capabilities per channel pattern, token expiry on live SSE and WebSocket connections,
 //! refresh over WebSocket, and CORS.
 
-mod support;
+use dormouse_testkit as support;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -228,7 +228,7 @@ async fn everything_is_denied_unless_granted() {
         None,
     )
     .await;
-    let id = server.publish_with_key("chat:1", "live").await;
+    let id = publish_with_key(&server, "chat:1", "live").await;
     let event = sse.next().await.expect("event");
     assert_eq!(
         (event.id.as_deref(), event.data.as_str()),
@@ -247,20 +247,19 @@ async fn everything_is_denied_unless_granted() {
     server.stop().await;
 }
 
-impl TestServer {
-    async fn publish_with_key(&self, channel: &str, data: &str) -> String {
-        let res = self
-            .client
-            .post(self.url(&format!("/v1/channels/{channel}/messages")))
-            .bearer_auth(PUBLISHER_KEY)
-            .body(data.to_string())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), 201);
-        let body: Value = res.json().await.unwrap();
-        body["id"].as_str().unwrap().to_string()
-    }
+/// Publishes with the publisher's API key and returns the id, asserting 201.
+async fn publish_with_key(server: &TestServer, channel: &str, data: &str) -> String {
+    let res = server
+        .client
+        .post(server.url(&format!("/v1/channels/{channel}/messages")))
+        .bearer_auth(PUBLISHER_KEY)
+        .body(data.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let body: Value = res.json().await.unwrap();
+    body["id"].as_str().unwrap().to_string()
 }
 
 #[tokio::test]
@@ -276,7 +275,7 @@ async fn live_connections_end_when_their_token_expires_unless_refreshed() {
         None,
     )
     .await;
-    let id = server.publish_with_key("room", "before expiry").await;
+    let id = publish_with_key(&server, "room", "before expiry").await;
     assert_eq!(sse.next().await.unwrap().id.as_deref(), Some(id.as_str()));
     let control = sse.expect_control("reconnect").await;
     assert_eq!(control["reason"], "token_expired", "{control}");
@@ -321,7 +320,7 @@ async fn live_connections_end_when_their_token_expires_unless_refreshed() {
 
     // The refreshed one outlives its first token and still receives.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let id = server.publish_with_key("room", "after expiry").await;
+    let id = publish_with_key(&server, "room", "after expiry").await;
     let message = fresh_ws.next().await.unwrap();
     assert_eq!(
         (message["type"].as_str(), message["id"].as_str()),

@@ -1,7 +1,7 @@
 //! Channels end to end: history, info, list, delete and epochs, retention gaps, hibernation
 //! with connected subscribers, the compatibility routes, and the largest allowed message.
 
-mod support;
+use dormouse_testkit as support;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! Bad input gets the documented JSON error (exact status, code and a message that says what
 //! was wrong), and the server keeps serving afterwards.
 
-mod support;
+use dormouse_testkit as support;
 
 use std::convert::Infallible;
 
@@ -118,8 +118,7 @@ async fn malformed_cursors_are_400_bad_event_id_on_sse_ws_and_history() {
             &[("Last-Event-ID", raw.as_bytes())],
         )
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
         let (status, code, message) = error_of(res).await;
         assert_eq!((status, code.as_str()), (400, "bad_event_id"), "{raw}");
         assert!(
@@ -133,8 +132,7 @@ async fn malformed_cursors_are_400_bad_event_id_on_sse_ws_and_history() {
         &[("Last-Event-ID", b"caf\xc3\xa9")],
     )
     .await
-    .err()
-    .expect("refused");
+    .expect_err("refused");
     assert_eq!(
         error_of(res).await,
         (
@@ -149,8 +147,7 @@ async fn malformed_cursors_are_400_bad_event_id_on_sse_ws_and_history() {
         &[],
     )
     .await
-    .err()
-    .expect("refused");
+    .expect_err("refused");
     let (status, code, message) = error_of(res).await;
     assert_eq!((status, code.as_str()), (400, "bad_event_id"));
     assert!(
@@ -164,14 +161,12 @@ async fn malformed_cursors_are_400_bad_event_id_on_sse_ws_and_history() {
         &[("Last-Event-ID", b"bad")],
     )
     .await
-    .err()
-    .expect("refused");
+    .expect_err("refused");
     assert_eq!(error_of(res).await.1, "bad_event_id");
     // The compatibility route checks the same way.
     let res = SseClient::try_connect(&server, "/sub?channel=cursors&last_event_id=-1", &[])
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert_eq!(error_of(res).await.1, "bad_event_id");
 
     // WebSocket: a real client's handshake is refused with 400 ...
@@ -181,8 +176,7 @@ async fn malformed_cursors_are_400_bad_event_id_on_sse_ws_and_history() {
     ] {
         let err = support::WsClient::try_connect_with(&server, path, &headers, None)
             .await
-            .err()
-            .expect("handshake refused");
+            .expect_err("handshake refused");
         match err {
             tokio_tungstenite::tungstenite::Error::Http(res) => {
                 assert_eq!(res.status(), 400, "{path}")

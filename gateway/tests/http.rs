@@ -1,6 +1,6 @@
 //! The HTTP surface, driven over the wire with a real client.
 
-mod support;
+use dormouse_testkit as support;
 
 use serde_json::Value;
 use support::TestServer;

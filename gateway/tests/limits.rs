@@ -2,7 +2,7 @@
 //! and headers, publish rates per address and per credential (HTTP, batch, WebSocket), and
 //! shedding under overload.
 
-mod support;
+use dormouse_testkit as support;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! parsed by a small Prometheus text parser, asserting that the specific figures moved by
 //! exactly what the test did.
 
-mod support;
+use dormouse_testkit as support;
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! Many subscribers on one channel: every one of them receives the same events, in the same
 //! order, with nothing missing and nothing extra.
 
-mod support;
+use dormouse_testkit as support;
 
 use std::time::Instant;
 

@@ -1,6 +1,6 @@
 //! A client that stops reading is cut off, not buffered forever.
 
-mod support;
+use dormouse_testkit as support;
 
 use std::time::Duration;
 

@@ -1,6 +1,6 @@
 //! Server-Sent Events end to end: a real server, a real SSE parser.
 
-mod support;
+use dormouse_testkit as support;
 
 use support::{SseClient, TestServer};
 

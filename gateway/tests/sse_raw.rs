@@ -3,7 +3,7 @@
 //! sees there, that a connection hyper keeps still serves subscriptions, and that a
 //! subscriber who closes its socket is let go at once rather than at the next write.
 
-mod support;
+use dormouse_testkit as support;
 
 use std::time::Duration;
 

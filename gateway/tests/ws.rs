@@ -1,6 +1,6 @@
 //! WebSocket subscribers (and publishers) end to end: a real server, a real WebSocket client.
 
-mod support;
+use dormouse_testkit as support;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;

@@ -1,6 +1,8 @@
-//! A real server on an ephemeral port with its own data dir, and real clients: an SSE stream
-//! parser (WHATWG rules) over reqwest, and a WebSocket client (tokio-tungstenite).
-#![allow(dead_code, unreachable_pub)]
+//! What Dormouse's tests share, so each is written once: a real server on an ephemeral port
+//! with its own data dir, and real clients: an SSE stream parser (WHATWG rules) over
+//! reqwest, and a WebSocket client (tokio-tungstenite). Used as a dev-dependency by the
+//! gateway's and the `dormouse` binary's tests; tests meet the server as a user would.
+#![allow(missing_docs)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -99,7 +101,8 @@ impl TestServer {
         self._dir.take()
     }
 
-    /// Stops and starts again on the same data dir with the same settings tweak.
+    /// Stops and starts again on the same data dir, with the test defaults changed by
+    /// `tweak` (the earlier start's tweak is not kept: pass it again if it still applies).
     pub async fn restart_with(self, tweak: impl FnOnce(&mut Settings)) -> Self {
         let data_dir = self.data_dir.clone();
         let dir = self.stop().await;
@@ -261,6 +264,15 @@ fn find_blank_line(buf: &[u8]) -> Option<(usize, usize)> {
 }
 
 /// A WebSocket client.
+impl std::fmt::Debug for SseClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SseClient")
+            .field("last_id", &self.last_id)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
 pub struct WsClient {
     pub ws: tokio_tungstenite::WebSocketStream<
         tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
