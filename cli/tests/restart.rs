@@ -6,6 +6,7 @@ use dormouse_testkit as support;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::{PATIENCE, SseClient, TestServer, WsClient};
+use support::{Endpoint, PATIENCE, SseClient, TestServer, WsClient};
 
 const EVENTS: &str = "/v1/channels/durable/events";
 const WS: &str = "/v1/channels/durable/ws";
@@ -130,7 +131,7 @@ async fn a_graceful_restart_reopens_the_data_dir_while_a_websocket_client_has_st
 /// exit path of a test leaves it behind.
 struct ChildServer {
     child: Child,
-    base: String,
+    endpoint: Endpoint,
     log: PathBuf,
 }
 
@@ -172,7 +173,7 @@ impl ChildServer {
             }
             let mut server = Self {
                 child: command.spawn().expect("spawn dormouse"),
-                base: format!("http://127.0.0.1:{port}"),
+                endpoint: Endpoint::new(SocketAddr::from(([127, 0, 0, 1], port))),
                 log,
             };
             if server.wait_until_serving(port).await {
@@ -199,7 +200,7 @@ impl ChildServer {
             let log = self.log_text();
             if log.contains("listening") && log.contains(&address) {
                 let healthy = client
-                    .get(format!("{}/healthz", self.base))
+                    .get(self.url("/healthz"))
                     .send()
                     .await
                     .is_ok_and(|r| r.status() == 200);
@@ -220,7 +221,7 @@ impl ChildServer {
     }
 
     fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
+        self.endpoint.url(path)
     }
 
     /// SIGKILL, then reap.
@@ -264,38 +265,17 @@ fn seq_of(id: &str) -> (String, u64) {
 }
 
 /// Every retained event of the channel, oldest first, as `(id, data)`.
-async fn read_all(
-    client: &reqwest::Client,
-    server: &ChildServer,
-    channel: &str,
-) -> Vec<(String, String)> {
-    let mut events = Vec::new();
-    let mut after: Option<String> = None;
-    loop {
-        let query = match &after {
-            Some(id) => format!("?after={id}&limit=1000"),
-            None => "?limit=1000".to_string(),
-        };
-        let res = client
-            .get(server.url(&format!("/v1/channels/{channel}/messages{query}")))
-            .send()
-            .await
-            .expect("history");
-        assert_eq!(res.status(), 200);
-        let page: Value = res.json().await.expect("history json");
-        assert!(page["gap"].is_null(), "{page}");
-        let batch = page["events"].as_array().expect("events");
-        if batch.is_empty() {
-            return events;
-        }
-        for e in batch {
-            events.push((
+async fn read_all(server: &ChildServer, channel: &str) -> Vec<(String, String)> {
+    let events = server.endpoint.all_history(channel).await;
+    events
+        .iter()
+        .map(|e| {
+            (
                 e["id"].as_str().expect("id").to_string(),
                 e["data"].as_str().expect("text data").to_string(),
-            ));
-        }
-        after = page["next_after"].as_str().map(str::to_string);
-    }
+            )
+        })
+        .collect()
 }
 
 /// Checks the log against what was acknowledged: each publisher's messages form a
@@ -353,7 +333,7 @@ fn check_log(events: &[(String, String)], acked: &BTreeMap<String, Acked>, senti
 /// id, and checks both against the acknowledgements.
 async fn verify(server: &ChildServer, acked: &BTreeMap<String, Acked>, sentinels: &mut usize) {
     let client = reqwest::Client::new();
-    let events = read_all(&client, server, "crash").await;
+    let events = read_all(server, "crash").await;
     check_log(&events, acked, *sentinels);
 
     let first = events.first().expect("some events").0.clone();

@@ -506,7 +506,8 @@ impl Conn {
             ..
         } = &mut self.mode
         else {
-            unreachable!("only channel sockets read client messages");
+            // Only channel sockets read client messages.
+            return Answer::failed(&channels::unexpected(), r#ref);
         };
         let fresh = auth
             .verify(token)
@@ -541,7 +542,8 @@ impl Conn {
             ..
         } = &self.mode
         else {
-            unreachable!("only channel sockets read client messages");
+            // Only channel sockets read client messages.
+            return Answer::failed(&channels::unexpected(), r#ref);
         };
         if !client_publish {
             let e = ApiError::new(

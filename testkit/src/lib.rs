@@ -20,16 +20,33 @@ use tokio_tungstenite::tungstenite::Message;
 /// How long any single wait in a test may take before the test fails instead of hanging.
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
+/// Where a server listens and the HTTP client that talks to it. Every HTTP helper is a
+/// method of this, so a test of an in-process [`TestServer`] (which derefs to one) and a test
+/// of a server run as a child process (build one from its address) use the same helpers.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub client: reqwest::Client,
+}
+
 /// A running server; [`TestServer::stop`] shuts it down gracefully and checks it exited well.
+/// Its [`Endpoint`] methods (`url`, `publish`, `history`, ...) are reached through `Deref`.
 #[derive(Debug)]
 pub struct TestServer {
-    pub addr: SocketAddr,
+    endpoint: Endpoint,
     pub data_dir: PathBuf,
     /// Kept so the directory lives as long as the server (and across restarts).
     _dir: Option<tempfile::TempDir>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<anyhow::Result<()>>,
-    pub client: reqwest::Client,
+}
+
+impl std::ops::Deref for TestServer {
+    type Target = Endpoint;
+
+    fn deref(&self) -> &Endpoint {
+        &self.endpoint
+    }
 }
 
 /// Test defaults: small limits where that makes tests fast, the rest as shipped.
@@ -71,21 +88,12 @@ impl TestServer {
             let _ = stopped.await;
         }));
         Self {
-            addr,
+            endpoint: Endpoint::new(addr),
             data_dir,
             _dir: dir,
             stop: Some(stop),
             task,
-            client: reqwest::Client::new(),
         }
-    }
-
-    pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
-    }
-
-    pub fn ws_url(&self, path: &str) -> String {
-        format!("ws://{}{}", self.addr, path)
     }
 
     /// Graceful stop; returns the data dir's owner so the caller may restart on it.
@@ -124,25 +132,6 @@ impl TestServer {
             .expect("bind the same address again");
         Self::launch_on(listener, s, dir)
     }
-
-    /// Publishes `data` to `channel` and returns the id, asserting 201.
-    pub async fn publish(&self, channel: &str, data: impl Into<reqwest::Body>) -> String {
-        self.publish_to(&format!("/v1/channels/{channel}/messages"), data)
-            .await
-    }
-
-    async fn publish_to(&self, path: &str, data: impl Into<reqwest::Body>) -> String {
-        let res = self
-            .client
-            .post(self.url(path))
-            .body(data)
-            .send()
-            .await
-            .expect("publish request");
-        assert_eq!(res.status(), 201, "publish status");
-        let body: Value = res.json().await.expect("publish json");
-        body["id"].as_str().expect("id").to_string()
-    }
 }
 
 /// One parsed SSE event (WHATWG: fields joined, `data` lines joined with `\n`).
@@ -167,7 +156,7 @@ pub struct SseClient {
 
 impl SseClient {
     /// Connects; `last_id` is sent as the `Last-Event-ID` header.
-    pub async fn connect(server: &TestServer, path: &str, last_id: Option<&str>) -> Self {
+    pub async fn connect(server: &Endpoint, path: &str, last_id: Option<&str>) -> Self {
         Self::connect_to(&server.client, &server.url(path), last_id).await
     }
 
@@ -280,7 +269,7 @@ pub struct WsClient {
 }
 
 impl WsClient {
-    pub async fn connect(server: &TestServer, path: &str) -> Self {
+    pub async fn connect(server: &Endpoint, path: &str) -> Self {
         let (ws, res) = tokio_tungstenite::connect_async(server.ws_url(path))
             .await
             .expect("websocket connect");
@@ -337,7 +326,42 @@ pub async fn error_of(res: reqwest::Response) -> (u16, String, String) {
     (status, code, message)
 }
 
-impl TestServer {
+impl Endpoint {
+    /// The endpoint of a server listening at `addr`, with a client of its own.
+    pub fn new(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            client: reqwest::Client::new(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn ws_url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.addr, path)
+    }
+
+    /// Publishes `data` to `channel` and returns the id, asserting 201.
+    pub async fn publish(&self, channel: &str, data: impl Into<reqwest::Body>) -> String {
+        self.publish_to(&format!("/v1/channels/{channel}/messages"), data)
+            .await
+    }
+
+    pub async fn publish_to(&self, path: &str, data: impl Into<reqwest::Body>) -> String {
+        let res = self
+            .client
+            .post(self.url(path))
+            .body(data)
+            .send()
+            .await
+            .expect("publish request");
+        assert_eq!(res.status(), 201, "publish status");
+        let body: Value = res.json().await.expect("publish json");
+        body["id"].as_str().expect("id").to_string()
+    }
+
     /// `GET path` as JSON, asserting `status`.
     pub async fn get_json(&self, path: &str, status: u16) -> Value {
         let res = self
@@ -395,7 +419,7 @@ impl SseClient {
     /// Connects with extra request headers and returns the raw response when it is not a
     /// stream (for error answers).
     pub async fn try_connect(
-        server: &TestServer,
+        server: &Endpoint,
         path: &str,
         headers: &[(&str, &[u8])],
     ) -> Result<Self, reqwest::Response> {
@@ -466,7 +490,7 @@ impl WsClient {
     /// Connects with a custom request (extra headers) and client config; the handshake error
     /// (an HTTP answer other than 101) is returned as is.
     pub async fn try_connect_with(
-        server: &TestServer,
+        server: &Endpoint,
         path: &str,
         headers: &[(&str, &str)],
         config: Option<tokio_tungstenite::tungstenite::protocol::WebSocketConfig>,
@@ -504,7 +528,7 @@ impl WsClient {
 /// The handshake a WebSocket client sends, made with reqwest so that an error answer can be
 /// read whole: (status, code, message).
 pub async fn ws_handshake_error(
-    server: &TestServer,
+    server: &Endpoint,
     path: &str,
     headers: &[(&str, &str)],
 ) -> (u16, String, String) {
