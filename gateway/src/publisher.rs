@@ -70,11 +70,19 @@ struct Inner {
     shards: Vec<Mutex<HashMap<Arc<str>, VecDeque<Waiting>>>>,
 }
 
-/// One caller's messages, waiting for the channel's current call to finish.
-struct Waiting {
-    messages: Vec<NewMessage>,
-    bytes: usize,
-    reply: oneshot::Sender<Result<Vec<Published>>>,
+/// One caller's work, waiting for the channel's current call to finish.
+enum Waiting {
+    /// Messages, merged with the publishes queued next to them.
+    Publish {
+        messages: Vec<NewMessage>,
+        bytes: usize,
+        reply: oneshot::Sender<Result<Vec<Published>>>,
+    },
+    /// Any other request (a read, a delete), sent alone, in its place in the order.
+    Call {
+        request: ChannelRequest,
+        reply: oneshot::Sender<Result<ChannelResponse>>,
+    },
 }
 
 /// A client asking to publish: whose grant it is and where it connects from, which is what
@@ -101,12 +109,6 @@ impl Publisher {
                 shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             }),
         }
-    }
-
-    /// The channels published to, for the server's own reads (history, info) next to its
-    /// publishes.
-    pub fn channels(&self) -> &Namespace<Channel> {
-        &self.inner.channels
     }
 
     /// Whether `client` may publish to `channel` (403 when its credential does not grant it).
@@ -167,11 +169,29 @@ impl Publisher {
     pub fn publish(&self, channel: &str, messages: Vec<NewMessage>) -> Reply {
         let (reply, answer) = oneshot::channel();
         let bytes = messages.iter().map(|m| m.data.len()).sum();
-        let waiting = Waiting {
-            messages,
-            bytes,
-            reply,
-        };
+        let name = self.enqueue(
+            channel,
+            Waiting::Publish {
+                messages,
+                bytes,
+                reply,
+            },
+        );
+        Reply { answer, name }
+    }
+
+    /// Sends `request` (a read such as `Info` or `History`, a delete) to `channel` after
+    /// every publish handed to this publisher for the same channel before, so the server's
+    /// own code reads what it published. A call straight to the namespace could overtake
+    /// publishes still waiting here.
+    pub fn call(&self, channel: &str, request: ChannelRequest) -> Reply<ChannelResponse> {
+        let (reply, answer) = oneshot::channel();
+        let name = self.enqueue(channel, Waiting::Call { request, reply });
+        Reply { answer, name }
+    }
+
+    /// Queues `waiting` behind the channel's call in flight, or starts a driver for it.
+    fn enqueue(&self, channel: &str, waiting: Waiting) -> Arc<str> {
         let name: Arc<str> = Arc::from(channel);
         let start = {
             let mut lanes = self.inner.shard(&name);
@@ -192,7 +212,7 @@ impl Publisher {
             // cannot leave the channel's queue without a driver.
             tokio::spawn(drive(self.inner.clone(), name.clone()));
         }
-        Reply { answer, name }
+        name
     }
 }
 
@@ -227,17 +247,17 @@ pub(crate) fn check_names(
     Ok(())
 }
 
-/// The answer to one publish: one result per message, once the channel stored them. A named
-/// future (not an `async` block) so a connection can keep its publishes' answers in order
-/// without a task each.
+/// The answer to one publish (one result per message, once the channel stored them) or to
+/// one call. A named future (not an `async` block) so a connection can keep its publishes'
+/// answers in order without a task each.
 #[derive(Debug)]
-pub struct Reply {
-    answer: oneshot::Receiver<Result<Vec<Published>>>,
+pub struct Reply<T = Vec<Published>> {
+    answer: oneshot::Receiver<Result<T>>,
     name: Arc<str>,
 }
 
-impl Future for Reply {
-    type Output = Result<Vec<Published>>;
+impl<T> Future for Reply<T> {
+    type Output = Result<T>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         Pin::new(&mut self.answer)
@@ -255,7 +275,8 @@ impl Inner {
         shard.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Takes the next merged call's worth of waiting publishes. With none waiting and
+    /// Takes the next merged call's worth of waiting publishes, or the one other call at
+    /// the front. With none waiting and
     /// `retire` set (no call of the driver's in flight), removes the channel's queue, under
     /// the lock: a publish either lands in a batch this driver takes or finds no queue and
     /// starts a new driver.
@@ -267,13 +288,29 @@ impl Inner {
         let mut batch = Vec::new();
         let (mut messages, mut bytes) = (0, 0);
         while let Some(next) = queue.front() {
-            let fits =
-                messages + next.messages.len() <= MAX_MESSAGES && bytes + next.bytes <= MAX_BYTES;
-            if !batch.is_empty() && !fits {
+            let fits = match next {
+                Waiting::Publish {
+                    messages: more,
+                    bytes: size,
+                    ..
+                } => {
+                    let fits = batch.is_empty()
+                        || (messages + more.len() <= MAX_MESSAGES && bytes + size <= MAX_BYTES);
+                    messages += more.len();
+                    bytes += size;
+                    fits
+                }
+                // A call goes alone: it ends a batch of publishes, or is one.
+                Waiting::Call { .. } => {
+                    if batch.is_empty() {
+                        batch.extend(queue.pop_front());
+                    }
+                    break;
+                }
+            };
+            if !fits {
                 break;
             }
-            messages += next.messages.len();
-            bytes += next.bytes;
             batch.extend(queue.pop_front());
         }
         if batch.is_empty() && retire {
@@ -288,11 +325,21 @@ impl Inner {
 /// would; a third would only split the publishes waiting behind them into smaller calls.
 const DEPTH: usize = 2;
 
-/// One merged call on its way, and whom to answer.
+/// One call on its way, and whom to answer.
 struct InFlight {
     response: futures::future::BoxFuture<'static, Result<ChannelResponse>>,
-    replies: Vec<(oneshot::Sender<Result<Vec<Published>>>, usize)>,
-    messages: usize,
+    answer: Answer,
+}
+
+/// Whom a call in flight answers.
+enum Answer {
+    /// The callers merged into one publish, each with how many of its messages it sent.
+    Publishes {
+        replies: Vec<(oneshot::Sender<Result<Vec<Published>>>, usize)>,
+        messages: usize,
+    },
+    /// The one caller of another request.
+    Call(oneshot::Sender<Result<ChannelResponse>>),
 }
 
 impl InFlight {
@@ -302,23 +349,47 @@ impl InFlight {
         let mut replies = Vec::with_capacity(batch.len());
         let mut messages = Vec::new();
         for waiting in batch {
-            replies.push((waiting.reply, waiting.messages.len()));
-            messages.extend(waiting.messages);
+            match waiting {
+                Waiting::Publish {
+                    messages: more,
+                    reply,
+                    ..
+                } => {
+                    replies.push((reply, more.len()));
+                    messages.extend(more);
+                }
+                // `next_batch` hands a call over alone.
+                Waiting::Call { request, reply } => {
+                    return Self {
+                        response: Box::pin(inner.channels.call(name, request)),
+                        answer: Answer::Call(reply),
+                    };
+                }
+            }
         }
         let count = messages.len();
         Self {
             response: Box::pin(inner.channels.call(name, ChannelRequest::Publish(messages))),
-            replies,
-            messages: count,
+            answer: Answer::Publishes {
+                replies,
+                messages: count,
+            },
         }
     }
 
     /// Waits for the channel's answer and hands each caller its part of it.
     async fn finish(self, name: &str) {
-        let outcome = match self.response.await {
-            Ok(ChannelResponse::Published(results)) if results.len() == self.messages => {
-                Ok(results)
+        let response = self.response.await;
+        let (replies, messages) = match self.answer {
+            Answer::Call(reply) => {
+                // A caller that went away no longer needs the answer.
+                let _ = reply.send(response);
+                return;
             }
+            Answer::Publishes { replies, messages } => (replies, messages),
+        };
+        let outcome = match response {
+            Ok(ChannelResponse::Published(results)) if results.len() == messages => Ok(results),
             Ok(_) => Err(Error::Handler {
                 id: name.to_string(),
                 message: "the channel answered a publish with something else".into(),
@@ -328,13 +399,13 @@ impl InFlight {
         match outcome {
             Ok(results) => {
                 let mut results = results.into_iter();
-                for (reply, count) in self.replies {
+                for (reply, count) in replies {
                     // A caller that went away no longer needs its ids.
                     let _ = reply.send(Ok(results.by_ref().take(count).collect()));
                 }
             }
             Err(e) => {
-                for (reply, _) in self.replies {
+                for (reply, _) in replies {
                     let _ = reply.send(Err(e.clone()));
                 }
             }
@@ -345,6 +416,11 @@ impl InFlight {
 /// Sends the channel's waiting publishes, merged, at most [`DEPTH`] calls at a time, until
 /// none wait and none are in flight.
 async fn drive(inner: Arc<Inner>, name: Arc<str>) {
+    let guard = Driving {
+        inner: &inner,
+        name: &name,
+        done: false,
+    };
     let mut in_flight = VecDeque::with_capacity(DEPTH);
     loop {
         while in_flight.len() < DEPTH {
@@ -356,9 +432,34 @@ async fn drive(inner: Arc<Inner>, name: Arc<str>) {
         }
         let Some(oldest) = in_flight.pop_front() else {
             // Nothing waited and nothing was in flight: the queue is gone.
+            guard.finished();
             return;
         };
         oldest.finish(&name).await;
+    }
+}
+
+/// Removes the channel's queue if its driver ends without emptying it (a panic, or its
+/// runtime shutting down), so the next publish starts a new driver instead of waiting
+/// forever behind one that is gone. The callers still queued get `Unavailable` (their
+/// reply senders are dropped with the queue).
+struct Driving<'a> {
+    inner: &'a Inner,
+    name: &'a Arc<str>,
+    done: bool,
+}
+
+impl Driving<'_> {
+    fn finished(mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for Driving<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.inner.shard(self.name).remove(self.name);
+        }
     }
 }
 
@@ -403,7 +504,7 @@ mod tests {
             .shard(name)
             .entry(name.clone())
             .or_default()
-            .push_back(Waiting {
+            .push_back(Waiting::Publish {
                 messages,
                 bytes,
                 reply,
@@ -415,7 +516,13 @@ mod tests {
         let publisher = publisher();
         let name: Arc<str> = Arc::from("bounded");
         let sizes = |batch: Vec<Waiting>| -> Vec<usize> {
-            batch.iter().map(|w| w.messages.len()).collect()
+            batch
+                .iter()
+                .map(|w| match w {
+                    Waiting::Publish { messages, .. } => messages.len(),
+                    Waiting::Call { .. } => 0,
+                })
+                .collect()
         };
         // By count: 300 + 200 fit, the next 100 would not.
         for n in [300, 200, 100] {
@@ -433,6 +540,53 @@ mod tests {
         assert!(publisher.inner.shard(&name).contains_key(&name));
         assert!(publisher.inner.next_batch(&name, true).is_empty());
         assert!(!publisher.inner.shard(&name).contains_key(&name));
+    }
+
+    #[tokio::test]
+    async fn a_call_goes_alone_after_the_publishes_queued_before_it() {
+        let publisher = publisher();
+        let name: Arc<str> = Arc::from("ordered");
+        queue(&publisher, &name, vec![message(1)]);
+        queue(&publisher, &name, vec![message(1)]);
+        let (reply, _) = oneshot::channel();
+        publisher
+            .inner
+            .shard(&name)
+            .get_mut(&name)
+            .expect("queue")
+            .push_back(Waiting::Call {
+                request: ChannelRequest::Info,
+                reply,
+            });
+        queue(&publisher, &name, vec![message(1)]);
+        let kinds = |batch: Vec<Waiting>| -> Vec<&'static str> {
+            batch
+                .iter()
+                .map(|w| match w {
+                    Waiting::Publish { .. } => "publish",
+                    Waiting::Call { .. } => "call",
+                })
+                .collect()
+        };
+        assert_eq!(
+            kinds(publisher.inner.next_batch(&name, false)),
+            ["publish", "publish"]
+        );
+        assert_eq!(kinds(publisher.inner.next_batch(&name, false)), ["call"]);
+        assert_eq!(kinds(publisher.inner.next_batch(&name, false)), ["publish"]);
+
+        // Through the driver: a read sent right after publishes (not awaited) sees them.
+        let published: Vec<Reply> = (0..20)
+            .map(|_| publisher.publish("seen", vec![message(2)]))
+            .collect();
+        let info = publisher.call("seen", ChannelRequest::Info).await;
+        match info {
+            Ok(ChannelResponse::Info(info)) => assert_eq!(info.events, 20, "{info:?}"),
+            other => panic!("expected info, got {other:?}"),
+        }
+        for reply in published {
+            reply.await.expect("published");
+        }
     }
 
     #[tokio::test]

@@ -85,7 +85,6 @@ impl Mirror {
     pub(crate) async fn last_seq(&self) -> anyhow::Result<Option<u64>> {
         let info = match self
             .publisher
-            .channels()
             .call(&self.channel, ChannelRequest::Info)
             .await?
         {
@@ -102,7 +101,6 @@ impl Mirror {
         });
         match self
             .publisher
-            .channels()
             .call(&self.channel, ChannelRequest::History { start, limit: 1 })
             .await?
         {
