@@ -133,7 +133,8 @@ pub(crate) async fn publish(
         data,
         idempotency_key,
     };
-    publisher.check(&message)?;
+    // The names were checked above and the size while reading: `Publisher::check` in two
+    // steps, the first before the body is read.
     let mut results = publisher.publish(&channel, vec![message]).await?;
     let published = results.pop().ok_or_else(unexpected)?;
     let status = if published.duplicate {

@@ -323,7 +323,11 @@ impl Conn {
                         _ => std::future::pending().await,
                     }
                 } => Wake::Answer(answered),
-                incoming = ws.next() => Wake::Incoming(incoming),
+                // A client that sends faster than its answers come back waits (TCP pushes
+                // back) once MAX_UNANSWERED are pending: what one connection queues is bounded.
+                incoming = ws.next(), if answers.as_ref().is_none_or(|a| a.len() < MAX_UNANSWERED) => {
+                    Wake::Incoming(incoming)
+                }
                 _ = ping.tick() => Wake::Ping,
             };
             match wake {
@@ -659,6 +663,11 @@ impl Future for Answer {
         }
     }
 }
+
+/// Most of a client's messages awaiting their answers before the connection stops reading
+/// its frames. Well above what a pipelining client needs to keep a channel's commits full
+/// (a merged call takes up to 512 messages), and a bound on what one connection can queue.
+const MAX_UNANSWERED: usize = 4096;
 
 /// Most answers to a client's publishes written together, so a long run of them cannot keep
 /// the connection from its other work (pings, the stop signal, outbound messages).

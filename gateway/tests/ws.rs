@@ -252,6 +252,52 @@ async fn pipelined_messages_are_answered_in_the_order_they_were_sent() {
     server.stop().await;
 }
 
+/// A client that keeps sending publishes without reading is slowed down by the server once
+/// thousands wait for their answers (it stops reading the socket), and still gets every
+/// answer, in order.
+#[tokio::test]
+async fn a_client_far_ahead_of_its_answers_is_held_back_and_answered_in_order() {
+    use futures::StreamExt as _;
+    let server = TestServer::start().await;
+    let client = WsClient::connect(&server, "/v1/channels/flood/ws").await;
+    let (mut tx, mut rx) = client.ws.split();
+    const SENT: usize = 6000;
+    let sender = tokio::spawn(async move {
+        for r in 0..SENT {
+            let text = json!({"type": "publish", "data": "x", "ref": r}).to_string();
+            tx.feed(Message::text(text)).await.expect("send");
+        }
+        tx.flush().await.expect("flush");
+        tx
+    });
+    let mut refs = Vec::new();
+    while refs.len() < SENT {
+        let frame = tokio::time::timeout(support::PATIENCE, rx.next())
+            .await
+            .expect("a frame in time")
+            .expect("open")
+            .expect("frame");
+        let Message::Text(text) = frame else { continue };
+        let value: Value = serde_json::from_str(&text).expect("json");
+        match value["type"].as_str() {
+            Some("ack") => refs.push(value["ref"].as_u64().expect("ref") as usize),
+            Some("message") => {}
+            _ => panic!("unexpected {value}"),
+        }
+    }
+    assert_eq!(refs, (0..SENT).collect::<Vec<_>>());
+    drop(sender.await.expect("sender"));
+    let info = server.get_json("/v1/channels/flood", 200).await;
+    assert_eq!(
+        info["last_id"]
+            .as_str()
+            .map(|id| id.ends_with(&format!("-{SENT}"))),
+        Some(true),
+        "{info}"
+    );
+    server.stop().await;
+}
+
 /// The server reads sockets with a 1 KiB buffer (idle memory); a client message hundreds of
 /// times larger must still arrive whole.
 #[tokio::test]
