@@ -15,6 +15,7 @@ pub(crate) struct Counters {
     pub(crate) hibernations: AtomicU64,
     pub(crate) failures: AtomicU64,
     pub(crate) requests: AtomicU64,
+    pub(crate) evictions_declined: AtomicU64,
 }
 
 impl Counters {
@@ -27,6 +28,7 @@ impl Counters {
             hibernations_total: self.hibernations.load(Ordering::Relaxed),
             failures_total: self.failures.load(Ordering::Relaxed),
             requests_total: self.requests.load(Ordering::Relaxed),
+            evictions_declined_total: self.evictions_declined.load(Ordering::Relaxed),
         }
     }
 }
@@ -48,6 +50,10 @@ pub struct NamespaceStats {
     pub failures_total: u64,
     /// Requests delivered to objects.
     pub requests_total: u64,
+    /// Activations asked to hibernate early (past `max_active`) that declined, because they
+    /// were working or asked to stay awake. Climbing fast means the bound is too low for
+    /// what must stay awake.
+    pub evictions_declined_total: u64,
 }
 
 /// Receives the duration of each durability wait.

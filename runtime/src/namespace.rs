@@ -182,7 +182,14 @@ struct Slot<O: Object> {
     last_used: u64,
     /// Asked to hibernate early and not yet answered; counted in `Shared::evicting`.
     evicting: bool,
+    /// `last_used` when the activation last declined to hibernate early (it was working or
+    /// asked to stay awake); `NEVER_DECLINED` if it has not. Sweeps pass it over until it is
+    /// used again, so they do not ask the same activations again and again.
+    declined_at: u64,
 }
+
+/// `Slot::declined_at` of an activation that never declined.
+const NEVER_DECLINED: u64 = u64::MAX;
 
 impl<O: Object> Namespace<O> {
     pub(crate) fn new(
@@ -463,6 +470,7 @@ impl<O: Object> Shared<O> {
                     inflight,
                     last_used: 0,
                     evicting: false,
+                    declined_at: NEVER_DECLINED,
                 },
             );
             spawned = true;
@@ -508,7 +516,9 @@ impl<O: Object> Shared<O> {
                     .live
                     .iter()
                     .filter(|(_, slot)| {
-                        !slot.evicting && slot.inflight.load(Ordering::Acquire) == 0
+                        !slot.evicting
+                            && slot.declined_at != slot.last_used
+                            && slot.inflight.load(Ordering::Acquire) == 0
                     })
                     .map(|(name, slot)| (slot.last_used, name.clone(), slot.generation)),
             );
@@ -518,13 +528,14 @@ impl<O: Object> Shared<O> {
             idle.truncate(want);
         }
         let mut asked = 0;
-        for (_, name, generation) in idle {
+        for (used, name, generation) in idle {
             let mut shard = self.shard(name_hash(&name));
             let Some(slot) = shard.live.get_mut(&name) else {
                 continue;
             };
             // Used since the scan: not idle any more.
             if slot.generation != generation
+                || slot.last_used != used
                 || slot.evicting
                 || slot.inflight.load(Ordering::Acquire) != 0
             {
@@ -547,7 +558,8 @@ impl<O: Object> Shared<O> {
     }
 
     /// The activation declined to hibernate early (it was working or asked to stay
-    /// awake): it counts against `max_active` again, and a later sweep may ask again.
+    /// awake): it counts against `max_active` again, and a later sweep may ask again once
+    /// it has been used since.
     pub(crate) fn eviction_declined(&self, args: &ActivationArgs<O>) {
         let name = args.id.name();
         let mut shard = self.shard(name_hash(name));
@@ -555,7 +567,11 @@ impl<O: Object> Shared<O> {
             && slot.generation == args.generation
             && std::mem::take(&mut slot.evicting)
         {
+            slot.declined_at = slot.last_used;
             self.evicting.fetch_sub(1, Ordering::AcqRel);
+            self.counters
+                .evictions_declined
+                .fetch_add(1, Ordering::Relaxed);
         }
     }
 

@@ -294,6 +294,51 @@ async fn an_object_does_not_hibernate_while_its_writes_are_not_durable() {
 
 /// `max_active` bounds the activations in memory: past it, the least recently used idle
 /// ones hibernate early (keeping their state), and one asked to stay awake is left alone.
+/// Objects that decline to hibernate early (asked to stay awake) are the least recently
+/// used, so a sweep would pick them first every time: the ones that can go must still go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_active_objects_that_stay_awake_do_not_shield_the_others() {
+    const MAX: usize = 20;
+    const AWAKE: usize = 30;
+    let env = Arc::new(ProbeEnv::default());
+    let runtime = Runtime::new(Arc::new(dormouse_runtime::storage::MemoryStorage::new()));
+    let ns: Namespace<Probe> = runtime.namespace(
+        "probe",
+        NamespaceConfig::with_idle_timeout(Duration::from_secs(600)).with_max_active(MAX),
+        env.clone(),
+    );
+    for i in 0..AWAKE {
+        ns.call(
+            &format!("awake{i}"),
+            ProbeReq::StayAwake(Duration::from_secs(600)),
+        )
+        .await
+        .unwrap();
+    }
+    for i in 0..200u64 {
+        ns.call(&format!("o{i}"), ProbeReq::Add(i)).await.unwrap();
+        // Paced a little, so declines come back between activations as they would.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let hibernated = (0..200)
+        .filter(|i| ns.state(&format!("o{i}")) == ObjectState::Hibernated)
+        .count();
+    assert!(
+        hibernated >= 150,
+        "only {hibernated} of 200 idle objects hibernated; {} active with max_active {MAX}",
+        ns.stats().active
+    );
+    for i in 0..AWAKE {
+        assert_eq!(ns.state(&format!("awake{i}")), ObjectState::Active);
+    }
+    // Each object that stays awake is asked once, not by every sweep again.
+    let declined = ns.stats().evictions_declined_total;
+    assert!(
+        declined <= AWAKE as u64,
+        "{declined} declines from {AWAKE} objects that stay awake"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_max_active_the_least_recently_used_hibernate_early() {
     const MAX: usize = 20;

@@ -66,6 +66,10 @@ impl Telemetry {
                 ),
                 ("dormouse_object_failures_total", stats.failures_total),
                 ("dormouse_object_requests_total", stats.requests_total),
+                (
+                    "dormouse_object_evictions_declined_total",
+                    stats.evictions_declined_total,
+                ),
             ] {
                 register_counter(r, name, &ns).absolute(value);
             }
@@ -219,6 +223,11 @@ pub(super) fn describe(r: &PrometheusRecorder) {
             "dormouse_object_requests_total",
             None,
             "Requests delivered to objects, by namespace.",
+        ),
+        (
+            "dormouse_object_evictions_declined_total",
+            None,
+            "Activations asked to hibernate early (past max_active) that declined (working or asked to stay awake), by namespace.",
         ),
     ];
     for (name, unit, help) in counters {
