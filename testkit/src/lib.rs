@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -29,16 +30,31 @@ pub struct Endpoint {
     pub client: reqwest::Client,
 }
 
+/// What a test does to a server once it is open and before it listens, typically mounting
+/// its object types; run again on every restart.
+type Setup = Arc<dyn Fn(&Dormouse) + Send + Sync>;
+
 /// A running server; [`TestServer::stop`] shuts it down gracefully and checks it exited well.
 /// Its [`Endpoint`] methods (`url`, `publish`, `history`, ...) are reached through `Deref`.
-#[derive(Debug)]
 pub struct TestServer {
     endpoint: Endpoint,
     pub data_dir: PathBuf,
     /// Kept so the directory lives as long as the server (and across restarts).
     _dir: Option<tempfile::TempDir>,
+    /// The settings it was started with, for [`TestServer::restart`].
+    settings: Settings,
+    setup: Option<Setup>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl std::fmt::Debug for TestServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestServer")
+            .field("addr", &self.endpoint.addr)
+            .field("data_dir", &self.data_dir)
+            .finish_non_exhaustive()
+    }
 }
 
 impl std::ops::Deref for TestServer {
@@ -67,21 +83,51 @@ impl TestServer {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut s = settings(dir.path());
         tweak(&mut s);
-        Self::launch(s, Some(dir)).await
+        Self::launch(s, Some(dir), None).await
     }
 
-    async fn launch(settings: Settings, dir: Option<tempfile::TempDir>) -> Self {
+    /// A server with the test defaults in a temporary data dir of its own, and `setup` run
+    /// once it is open and before it listens (mounting the test's objects), again on every
+    /// restart.
+    pub async fn start_mounted(setup: impl Fn(&Dormouse) + Send + Sync + 'static) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let s = settings(dir.path());
+        Self::launch(s, Some(dir), Some(Arc::new(setup))).await
+    }
+
+    /// A server on `data_dir` (which the caller keeps, say across servers), with the test
+    /// defaults changed by `tweak`, and `setup` run once it is open and before it listens
+    /// (mounting the test's objects), again on every restart.
+    pub async fn start_in(
+        data_dir: &Path,
+        tweak: impl FnOnce(&mut Settings),
+        setup: impl Fn(&Dormouse) + Send + Sync + 'static,
+    ) -> Self {
+        let mut s = settings(data_dir);
+        tweak(&mut s);
+        Self::launch(s, None, Some(Arc::new(setup))).await
+    }
+
+    async fn launch(
+        settings: Settings,
+        dir: Option<tempfile::TempDir>,
+        setup: Option<Setup>,
+    ) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        Self::launch_on(listener, settings, dir)
+        Self::launch_on(listener, settings, dir, setup)
     }
 
     fn launch_on(
         listener: TcpListener,
         settings: Settings,
         dir: Option<tempfile::TempDir>,
+        setup: Option<Setup>,
     ) -> Self {
         let data_dir = settings.data_dir.clone();
-        let server = Dormouse::open(settings).expect("open server");
+        let server = Dormouse::open(settings.clone()).expect("open server");
+        if let Some(setup) = &setup {
+            setup(&server);
+        }
         let addr = listener.local_addr().expect("local addr");
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.serve(listener, async {
@@ -91,6 +137,8 @@ impl TestServer {
             endpoint: Endpoint::new(addr),
             data_dir,
             _dir: dir,
+            settings,
+            setup,
             stop: Some(stop),
             task,
         }
@@ -109,28 +157,36 @@ impl TestServer {
         self._dir.take()
     }
 
-    /// Stops and starts again on the same data dir, with the test defaults changed by
-    /// `tweak` (the earlier start's tweak is not kept: pass it again if it still applies).
-    pub async fn restart_with(self, tweak: impl FnOnce(&mut Settings)) -> Self {
-        let data_dir = self.data_dir.clone();
+    /// Stops and starts again as it was started: the same data dir, settings and setup.
+    pub async fn restart(mut self) -> Self {
+        let (settings, setup) = (self.settings.clone(), self.setup.take());
+        let dir = self.stop().await;
+        Self::launch(settings, dir, setup).await
+    }
+
+    /// Stops and starts again on the same data dir and with the same setup, with the test
+    /// defaults changed by `tweak` (the earlier start's tweak is not kept: pass it again if
+    /// it still applies).
+    pub async fn restart_with(mut self, tweak: impl FnOnce(&mut Settings)) -> Self {
+        let (data_dir, setup) = (self.data_dir.clone(), self.setup.take());
         let dir = self.stop().await;
         let mut s = settings(&data_dir);
         tweak(&mut s);
-        Self::launch(s, dir).await
+        Self::launch(s, dir, setup).await
     }
 
     /// Stops and starts again on the same data dir and the same address, for clients that
     /// only know the old URL (a child process) and must find the new server there. The port
     /// was ours a moment ago; another test taking it in between would make this panic.
-    pub async fn restart_in_place(self, tweak: impl FnOnce(&mut Settings)) -> Self {
-        let (addr, data_dir) = (self.addr, self.data_dir.clone());
+    pub async fn restart_in_place(mut self, tweak: impl FnOnce(&mut Settings)) -> Self {
+        let (addr, data_dir, setup) = (self.addr, self.data_dir.clone(), self.setup.take());
         let dir = self.stop().await;
         let mut s = settings(&data_dir);
         tweak(&mut s);
         let listener = TcpListener::bind(addr)
             .await
             .expect("bind the same address again");
-        Self::launch_on(listener, s, dir)
+        Self::launch_on(listener, s, dir, setup)
     }
 }
 

@@ -9,8 +9,8 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::{Value, json};
 use support::{
-    Api, ChildServer, PATIENCE, Producer, Seen, SseClient, TestServer, WsClient, WsNext,
-    assert_same_events, id_order, pseudo_random,
+    ChildServer, PATIENCE, Producer, Runs, Seen, SseClient, WsClient, WsNext, assert_same_events,
+    id_order, pseudo_random, start,
 };
 
 const ARTIFACT_SIZE: usize = 5 << 20;
@@ -43,7 +43,7 @@ fn check_stream(who: &str, seen: &[Seen], artifact: &[u8]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn viewers_that_drop_mid_run_resume_with_exactly_the_missed_events() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path(), Duration::from_secs(2)).await;
+    let server = start(dir.path(), Duration::from_secs(2)).await;
     let mut producer = Producer::new("run-1");
     let artifact = pseudo_random(ARTIFACT_SIZE);
 
@@ -100,7 +100,7 @@ async fn viewers_that_drop_mid_run_resume_with_exactly_the_missed_events() {
     check_stream("sse", &sse_seen, &artifact);
     check_stream("websocket", &ws_seen, &artifact);
     // The channel holds each event once, so no viewer could ever have got a duplicate.
-    let history = server.channel_history("run:run-1").await;
+    let history = server.all_history("run:run-1").await;
     assert_eq!(history.len(), expected.len());
     assert_eq!(
         history.last().unwrap()["id"].as_str(),
@@ -113,7 +113,7 @@ async fn viewers_that_drop_mid_run_resume_with_exactly_the_missed_events() {
     let body: Value = res.json().await.unwrap();
     assert_eq!(body["error"]["code"], "finished");
     assert_eq!(server.post("run-1", "/finish", "{}").await.status(), 409);
-    let status = server.get_json("/v1/objects/runs/run-1/state").await;
+    let status = server.get_json("/v1/objects/runs/run-1/state", 200).await;
     assert_eq!(status["status"], "finished");
     assert_eq!(status["state"], state);
     assert_eq!(status["chunks"], 200);
@@ -127,7 +127,7 @@ async fn viewers_that_drop_mid_run_resume_with_exactly_the_missed_events() {
 
     // The final state and the whole run survive a restart.
     let server = server.restart().await;
-    let after = server.get_json("/v1/objects/runs/run-1/state").await;
+    let after = server.get_json("/v1/objects/runs/run-1/state", 200).await;
     assert_eq!(after, status);
     let mut ws = WsClient::connect(&server, "/v1/objects/runs/run-1/ws", &[]).await;
     let replay = ws.take(expected.len()).await;
@@ -147,14 +147,14 @@ async fn viewers_that_drop_mid_run_resume_with_exactly_the_missed_events() {
 async fn a_run_republishes_what_its_channel_lacks_when_it_wakes() {
     let dir = tempfile::tempdir().unwrap();
     // A long mirror check, so only the wake-up repairs.
-    let server = TestServer::start(dir.path(), Duration::from_secs(600)).await;
+    let server = start(dir.path(), Duration::from_secs(600)).await;
     let mut producer = Producer::new("run-2");
     for i in 0..10 {
         producer.chunk(&server, &token(i)).await;
     }
     producer.finish(&server, json!({"ok": true})).await;
     let wait = async {
-        while server.channel_history("run:run-2").await.len() < 11 {
+        while server.all_history("run:run-2").await.len() < 11 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
@@ -168,14 +168,14 @@ async fn a_run_republishes_what_its_channel_lacks_when_it_wakes() {
         .await
         .unwrap();
     assert!(res.status().is_success(), "{}", res.status());
-    assert!(server.channel_history("run:run-2").await.is_empty());
+    assert!(server.all_history("run:run-2").await.is_empty());
 
     let server = server.restart().await;
-    let status = server.get_json("/v1/objects/runs/run-2/state").await;
+    let status = server.get_json("/v1/objects/runs/run-2/state", 200).await;
     assert_eq!(status["status"], "finished");
     let wait = async {
         loop {
-            let history = server.channel_history("run:run-2").await;
+            let history = server.all_history("run:run-2").await;
             if history.len() >= 11 {
                 return history;
             }
@@ -197,8 +197,8 @@ async fn a_run_republishes_what_its_channel_lacks_when_it_wakes() {
 
     // Waking the run again finds the channel complete and publishes nothing.
     let server = server.restart().await;
-    server.get_json("/v1/objects/runs/run-2/state").await;
-    assert_eq!(server.channel_history("run:run-2").await.len(), 11);
+    server.get_json("/v1/objects/runs/run-2/state", 200).await;
+    assert_eq!(server.all_history("run:run-2").await.len(), 11);
     server.stop().await;
 }
 
@@ -223,7 +223,7 @@ async fn acknowledged_events_reach_both_kinds_of_viewer_across_kill_9() {
     let server = ChildServer::start(dir.path()).await;
     let wait = async {
         loop {
-            let history = server.channel_history("run:run-k").await;
+            let history = server.all_history("run:run-k").await;
             if history.len() >= 100 {
                 return history;
             }
@@ -259,7 +259,7 @@ async fn acknowledged_events_reach_both_kinds_of_viewer_across_kill_9() {
 #[tokio::test]
 async fn bad_requests_and_cursors_get_clear_answers() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path(), Duration::from_secs(2)).await;
+    let server = start(dir.path(), Duration::from_secs(2)).await;
     let code = |res: reqwest::Response| async move {
         let status = res.status().as_u16();
         let body: Value = res.json().await.unwrap();
@@ -291,7 +291,7 @@ async fn bad_requests_and_cursors_get_clear_answers() {
         .await
         .unwrap();
     assert_eq!(code(res).await, bad(405, "method_not_allowed"));
-    let status = server.get_json("/v1/objects/runs/r/state").await;
+    let status = server.get_json("/v1/objects/runs/r/state", 200).await;
     assert_eq!(status["status"], "running");
     assert_eq!(status["chunks"], 0);
     assert_eq!(status["last_id"], Value::Null);

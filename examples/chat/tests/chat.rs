@@ -2,50 +2,26 @@
 
 use std::time::Duration;
 
-use dormouse_gateway::{Dormouse, Settings};
 use dormouse_runtime::NamespaceConfig;
+use dormouse_testkit::TestServer;
 use example_chat::{NAMESPACE, Room};
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::Message;
 
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-struct Server {
-    addr: String,
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-    _dir: tempfile::TempDir,
+async fn start(idle: Duration) -> TestServer {
+    TestServer::start_mounted(move |server| {
+        server
+            .mount::<Room>(NAMESPACE, NamespaceConfig::with_idle_timeout(idle), ())
+            .expect("mount the rooms");
+    })
+    .await
 }
 
-async fn start(idle: Duration) -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let settings = Settings {
-        data_dir: dir.path().to_path_buf(),
-        ..Settings::default()
-    };
-    let server = Dormouse::open(settings).unwrap();
-    server
-        .mount::<Room>(NAMESPACE, NamespaceConfig::with_idle_timeout(idle), ())
-        .unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(server.serve(listener, async {
-        let _ = stopped.await;
-    }));
-    Server {
-        addr,
-        stop,
-        task,
-        _dir: dir,
-    }
-}
-
-async fn join(server: &Server, room: &str, name: &str) -> (Ws, Value) {
+async fn join(server: &TestServer, room: &str, name: &str) -> (Ws, Value) {
     let url = format!(
         "ws://{}/v1/objects/{NAMESPACE}/{room}/ws?name={name}",
         server.addr
@@ -167,8 +143,7 @@ async fn people_chat_and_presence_and_history_survive_hibernation() {
     say(&mut bob, "ok").await;
     assert_eq!(next(&mut carol).await["text"], "ok");
 
-    let _ = server.stop.send(());
-    server.task.await.unwrap().unwrap();
+    server.stop().await;
 }
 
 #[tokio::test]
@@ -197,6 +172,5 @@ async fn the_page_is_served_and_a_nameless_join_is_refused() {
     assert!(refused["message"].as_str().unwrap().contains("?name="));
     assert_eq!(next(&mut ws).await["type"], "closed");
 
-    let _ = server.stop.send(());
-    server.task.await.unwrap().unwrap();
+    server.stop().await;
 }

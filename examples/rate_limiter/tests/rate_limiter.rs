@@ -2,45 +2,27 @@
 
 use std::time::Duration;
 
-use dormouse_gateway::{Dormouse, Settings};
 use dormouse_runtime::NamespaceConfig;
+use dormouse_testkit::TestServer;
 use example_rate_limiter::{Limits, NAMESPACE, TokenBucket};
 use serde_json::Value;
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 
-struct Server {
-    base: String,
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+async fn start(dir: &std::path::Path, limits: Limits, idle: Duration) -> TestServer {
+    TestServer::start_in(
+        dir,
+        |_| {},
+        move |server| {
+            server
+                .mount::<TokenBucket>(NAMESPACE, NamespaceConfig::with_idle_timeout(idle), limits)
+                .expect("mount the limiters");
+        },
+    )
+    .await
 }
 
-async fn start(dir: &std::path::Path, limits: Limits, idle: Duration) -> Server {
-    let settings = Settings {
-        data_dir: dir.to_path_buf(),
-        ..Settings::default()
-    };
-    let server = Dormouse::open(settings).unwrap();
-    server
-        .mount::<TokenBucket>(NAMESPACE, NamespaceConfig::with_idle_timeout(idle), limits)
-        .unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!(
-        "http://{}/v1/objects/{NAMESPACE}",
-        listener.local_addr().unwrap()
-    );
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(server.serve(listener, async {
-        let _ = stopped.await;
-    }));
-    Server { base, stop, task }
-}
-
-impl Server {
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        self.task.await.unwrap().unwrap();
-    }
+/// Where the limiters are: `{base}/{key}/take`.
+fn base(server: &TestServer) -> String {
+    server.url(&format!("/v1/objects/{NAMESPACE}"))
 }
 
 const SLOW: Limits = Limits {
@@ -53,7 +35,7 @@ async fn concurrent_requests_to_one_key_get_exactly_the_capacity() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path(), SLOW, Duration::from_secs(30)).await;
     let client = reqwest::Client::new();
-    let url = format!("{}/key-1/take", server.base);
+    let url = format!("{}/key-1/take", base(&server));
     let takes = (0..50).map(|_| {
         let client = client.clone();
         let url = url.clone();
@@ -88,7 +70,7 @@ async fn concurrent_requests_to_one_key_get_exactly_the_capacity() {
 
     // Other keys are independent.
     let res = client
-        .post(format!("{}/key-2/take?n=3", server.base))
+        .post(format!("{}/key-2/take?n=3", base(&server)))
         .send()
         .await
         .unwrap();
@@ -107,11 +89,15 @@ async fn the_budget_survives_hibernation_and_restart_and_refills() {
     };
     let server = start(dir.path(), SLOW, Duration::from_millis(20)).await;
     let client = reqwest::Client::new();
-    let take = |n: u32| client.post(format!("{}/k/take?n={n}", server.base)).send();
+    let take = |n: u32| {
+        client
+            .post(format!("{}/k/take?n={n}", base(&server)))
+            .send()
+    };
     assert_eq!(take(4).await.unwrap().status(), 200);
     tokio::time::sleep(Duration::from_millis(100)).await; // hibernates
     let body: Value = client
-        .get(format!("{}/k", server.base))
+        .get(format!("{}/k", base(&server)))
         .send()
         .await
         .unwrap()
@@ -124,20 +110,20 @@ async fn the_budget_survives_hibernation_and_restart_and_refills() {
     // Restart with a fast refill: the stored level carries over, then refills.
     let server = start(dir.path(), limits, Duration::from_secs(30)).await;
     let res = client
-        .post(format!("{}/k/take?n=5", server.base))
+        .post(format!("{}/k/take?n=5", base(&server)))
         .send()
         .await
         .unwrap();
     assert_eq!(res.status(), 200, "a 5-token bucket refills at 20/s");
     let res = client
-        .post(format!("{}/k/take?n=5", server.base))
+        .post(format!("{}/k/take?n=5", base(&server)))
         .send()
         .await
         .unwrap();
     assert_eq!(res.status(), 429);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let res = client
-        .post(format!("{}/k/take?n=5", server.base))
+        .post(format!("{}/k/take?n=5", base(&server)))
         .send()
         .await
         .unwrap();
@@ -151,7 +137,7 @@ async fn bad_requests_get_json_errors() {
     let server = start(dir.path(), SLOW, Duration::from_secs(30)).await;
     let client = reqwest::Client::new();
     let res = client
-        .post(format!("{}/k/take?n=0", server.base))
+        .post(format!("{}/k/take?n=0", base(&server)))
         .send()
         .await
         .unwrap();
@@ -159,20 +145,20 @@ async fn bad_requests_get_json_errors() {
     let body: Value = res.json().await.unwrap();
     assert_eq!(body["error"]["code"], "bad_query");
     let res = client
-        .delete(format!("{}/k", server.base))
+        .delete(format!("{}/k", base(&server)))
         .send()
         .await
         .unwrap();
     assert_eq!(res.status(), 404);
     let res = client
-        .post(format!("{}/bad%20key/take", server.base))
+        .post(format!("{}/bad%20key/take", base(&server)))
         .send()
         .await
         .unwrap();
     assert_eq!(res.status(), 400);
     let body: Value = res.json().await.unwrap();
     assert_eq!(body["error"]["code"], "bad_object_name");
-    let base = server.base.replace(NAMESPACE, "nope");
+    let base = base(&server).replace(NAMESPACE, "nope");
     let res = client.post(format!("{base}/k/take")).send().await.unwrap();
     assert_eq!(res.status(), 404);
     server.stop().await;

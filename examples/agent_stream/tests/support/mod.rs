@@ -3,153 +3,70 @@
 //! WebSocket client (tokio-tungstenite).
 #![allow(dead_code, unreachable_pub)]
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::{Bytes, BytesMut};
-use dormouse_gateway::{ByteSize, Dormouse, Settings};
+use dormouse_gateway::ByteSize;
 use dormouse_runtime::NamespaceConfig;
+pub use dormouse_testkit::{Endpoint, TestServer};
 use example_agent_stream::{NAMESPACE, Run, RunEnv};
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 
 /// How long any single wait may take before the test fails instead of hanging.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
-/// A running server; [`TestServer::stop`] shuts it down gracefully.
-pub struct TestServer {
-    pub addr: SocketAddr,
-    pub data_dir: PathBuf,
-    pub client: reqwest::Client,
-    mirror_check: Duration,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<anyhow::Result<()>>,
-}
-
-impl TestServer {
-    pub async fn start(data_dir: &Path, mirror_check: Duration) -> Self {
-        let mut settings = Settings {
-            data_dir: data_dir.to_path_buf(),
-            ..Settings::default()
-        };
+/// A server with the runs mounted, on `data_dir` (kept across restarts by the caller), the
+/// shared test kit's server with this example's setup.
+pub async fn start(data_dir: &Path, mirror_check: Duration) -> TestServer {
+    TestServer::start_in(
+        data_dir,
         // Viewers here read in bursts, with a 5 MiB artifact in the backlog: leave them room
         // so the slow-consumer cut-off is not what is being tested.
-        settings.limits.subscriber_queue = ByteSize::mib(64);
-        let server = Dormouse::open(settings).expect("open server");
-        let env = RunEnv {
-            publisher: server.state().publisher.clone(),
-            mirror_check,
-        };
-        server
-            .mount::<Run>(NAMESPACE, NamespaceConfig::default(), env)
-            .expect("mount runs");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("local addr");
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.serve(listener, async {
-            let _ = stopped.await;
-        }));
-        Self {
-            addr,
-            data_dir: data_dir.to_path_buf(),
-            client: reqwest::Client::new(),
-            mirror_check,
-            stop,
-            task,
-        }
-    }
-
-    pub async fn stop(self) {
-        let _ = self.stop.send(());
-        tokio::time::timeout(PATIENCE, self.task)
-            .await
-            .expect("server stops in time")
-            .expect("server task")
-            .expect("server exits cleanly");
-    }
-
-    /// Stops gracefully and starts again on the same data dir.
-    pub async fn restart(self) -> Self {
-        let (dir, mirror_check) = (self.data_dir.clone(), self.mirror_check);
-        self.stop().await;
-        Self::start(&dir, mirror_check).await
-    }
+        |settings| settings.limits.subscriber_queue = ByteSize::mib(64),
+        move |server| {
+            let env = RunEnv {
+                publisher: server.state().publisher.clone(),
+                mirror_check,
+            };
+            server
+                .mount::<Run>(NAMESPACE, NamespaceConfig::default(), env)
+                .expect("mount runs");
+        },
+    )
+    .await
 }
 
-impl Api for TestServer {
-    fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    fn client(&self) -> &reqwest::Client {
-        &self.client
-    }
-}
-
-/// What tests do with a server, wherever it runs (in-process or as a child process).
-pub trait Api {
-    fn addr(&self) -> SocketAddr;
-
-    fn client(&self) -> &reqwest::Client;
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr())
-    }
-
-    fn ws_url(&self, path: &str) -> String {
-        format!("ws://{}{path}", self.addr())
-    }
-
+/// The runs' routes, on any server (in-process, or the binary as a child process).
+pub trait Runs {
     /// `POST /v1/objects/runs/{run}{rest}` with `body`.
     async fn post(
         &self,
         run: &str,
         rest: &str,
         body: impl Into<reqwest::Body>,
+    ) -> reqwest::Response;
+}
+
+impl Runs for Endpoint {
+    async fn post(
+        &self,
+        run: &str,
+        rest: &str,
+        body: impl Into<reqwest::Body>,
     ) -> reqwest::Response {
-        self.client()
+        self.client
             .post(self.url(&format!("/v1/objects/{NAMESPACE}/{run}{rest}")))
             .body(body)
             .send()
             .await
             .expect("producer request")
-    }
-
-    /// `GET path` as JSON, asserting 200.
-    async fn get_json(&self, path: &str) -> Value {
-        let res = self.client().get(self.url(path)).send().await.expect("GET");
-        assert_eq!(res.status(), 200, "GET {path}");
-        res.json().await.expect("JSON body")
-    }
-
-    /// Every event of a channel, oldest first, read page by page from its history.
-    async fn channel_history(&self, channel: &str) -> Vec<Value> {
-        let mut events = Vec::new();
-        let mut after: Option<String> = None;
-        loop {
-            let query = match &after {
-                Some(id) => format!("?after={id}&limit=1000"),
-                None => "?limit=1000".to_string(),
-            };
-            let page = self
-                .get_json(&format!("/v1/channels/{channel}/messages{query}"))
-                .await;
-            let batch = page["events"].as_array().expect("events").clone();
-            if batch.is_empty() {
-                return events;
-            }
-            after = page["next_after"].as_str().map(str::to_string);
-            events.extend(batch);
-        }
     }
 }
 
@@ -157,17 +74,14 @@ pub trait Api {
 /// variables). Dropping it kills it, so no test leaves one behind whatever way it ends.
 pub struct ChildServer {
     child: Child,
-    addr: SocketAddr,
-    client: reqwest::Client,
+    endpoint: Endpoint,
 }
 
-impl Api for ChildServer {
-    fn addr(&self) -> SocketAddr {
-        self.addr
-    }
+impl std::ops::Deref for ChildServer {
+    type Target = Endpoint;
 
-    fn client(&self) -> &reqwest::Client {
-        &self.client
+    fn deref(&self) -> &Endpoint {
+        &self.endpoint
     }
 }
 
@@ -196,8 +110,7 @@ impl ChildServer {
             .expect("spawn the example binary");
         let mut server = Self {
             child,
-            addr,
-            client: reqwest::Client::new(),
+            endpoint: Endpoint::new(addr),
         };
         let health = server.url("/healthz");
         let ready = async {
@@ -205,7 +118,7 @@ impl ChildServer {
                 if let Some(status) = server.child.try_wait().expect("child status") {
                     panic!("the server exited early: {status}");
                 }
-                if let Ok(res) = server.client.get(&health).send().await
+                if let Ok(res) = server.endpoint.client.get(&health).send().await
                     && res.status() == 200
                 {
                     return;
@@ -249,13 +162,13 @@ impl Producer {
         body["seq"].as_u64().expect("seq")
     }
 
-    pub async fn chunk(&mut self, server: &impl Api, text: &str) {
+    pub async fn chunk(&mut self, server: &Endpoint, text: &str) {
         let seq = Self::appended(server.post(&self.run, "/chunks", text.to_string()).await).await;
         self.expected
             .push(json!({"seq": seq, "type": "chunk", "text": text}));
     }
 
-    pub async fn artifact(&mut self, server: &impl Api, name: &str, data: Vec<u8>) {
+    pub async fn artifact(&mut self, server: &Endpoint, name: &str, data: Vec<u8>) {
         let size = data.len();
         let encoded = BASE64.encode(&data);
         let res = server
@@ -267,7 +180,7 @@ impl Producer {
             "size": size, "data_base64": encoded}));
     }
 
-    pub async fn finish(&mut self, server: &impl Api, state: Value) {
+    pub async fn finish(&mut self, server: &Endpoint, state: Value) {
         let seq = Self::appended(server.post(&self.run, "/finish", state.to_string()).await).await;
         self.expected
             .push(json!({"seq": seq, "type": "finish", "state": state}));
@@ -326,8 +239,8 @@ pub struct SseClient {
 
 impl SseClient {
     /// Connects; `last_id` is sent as the `Last-Event-ID` header.
-    pub async fn connect(server: &impl Api, path: &str, last_id: Option<&str>) -> Self {
-        let mut request = server.client().get(server.url(path));
+    pub async fn connect(server: &Endpoint, path: &str, last_id: Option<&str>) -> Self {
+        let mut request = server.client.get(server.url(path));
         if let Some(id) = last_id {
             request = request.header("Last-Event-ID", id);
         }
@@ -430,7 +343,7 @@ pub enum WsNext {
 
 impl WsClient {
     /// Connects to `path` with extra request headers.
-    pub async fn connect(server: &impl Api, path: &str, headers: &[(&str, &str)]) -> Self {
+    pub async fn connect(server: &Endpoint, path: &str, headers: &[(&str, &str)]) -> Self {
         let mut request = server
             .ws_url(path)
             .into_client_request()

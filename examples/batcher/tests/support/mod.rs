@@ -14,11 +14,11 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
-use dormouse_gateway::{Dormouse, Settings};
 use dormouse_runtime::NamespaceConfig;
+use dormouse_testkit::TestServer;
 use example_batcher::{Batcher, BatcherConfig, BatcherEnv, NAMESPACE};
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 /// How long any single wait may take before the test fails instead of hanging.
@@ -177,49 +177,40 @@ pub fn config(upstream: &FakeUpstream) -> BatcherConfig {
     }
 }
 
-/// The batcher served in-process on 127.0.0.1:0.
+/// The batcher served in-process on 127.0.0.1:0 (the shared test kit's server, with the
+/// batcher mounted).
 pub struct Server {
+    server: TestServer,
     /// `http://addr/v1/objects/ingest`.
     pub base: String,
     pub client: reqwest::Client,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<anyhow::Result<()>>,
 }
 
 impl Server {
     pub async fn start(dir: &Path, config: BatcherConfig) -> Self {
-        let settings = Settings {
-            data_dir: dir.to_path_buf(),
-            ..Settings::default()
-        };
-        let server = Dormouse::open(settings).unwrap();
-        server
-            .mount::<Batcher>(
-                NAMESPACE,
-                NamespaceConfig::default(),
-                BatcherEnv::new(config).unwrap(),
-            )
-            .unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!(
-            "http://{}/v1/objects/{NAMESPACE}",
-            listener.local_addr().unwrap()
-        );
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.serve(listener, async {
-            let _ = stopped.await;
-        }));
+        let server = TestServer::start_in(
+            dir,
+            |_| {},
+            move |server| {
+                server
+                    .mount::<Batcher>(
+                        NAMESPACE,
+                        NamespaceConfig::default(),
+                        BatcherEnv::new(config.clone()).expect("batcher config"),
+                    )
+                    .expect("mount the batcher");
+            },
+        )
+        .await;
         Self {
-            base,
-            client: reqwest::Client::new(),
-            stop,
-            task,
+            base: server.url(&format!("/v1/objects/{NAMESPACE}")),
+            client: server.client.clone(),
+            server,
         }
     }
 
     pub async fn stop(self) {
-        let _ = self.stop.send(());
-        self.task.await.unwrap().unwrap();
+        self.server.stop().await;
     }
 
     /// Posts `rows` as NDJSON to `stream`.
