@@ -267,7 +267,8 @@ pub struct LimitsSettings {
     /// Messages per second one credential (token subject or API key) may publish, across
     /// all its connections. 0: no limit.
     pub publish_rate_per_credential: u32,
-    /// Messages a publisher may send in a burst above its rate; 0: one second's worth.
+    /// Messages a publisher may send in a burst above its rate; 0: one second's worth. With
+    /// a rate set, a batch of more messages than this is refused (413): it could never pass.
     pub publish_burst: u32,
     /// Subscribers one channel holds; beyond it a new subscriber gets 503. 0: no limit.
     pub max_subscribers_per_channel: usize,

@@ -2,13 +2,16 @@
 //! size before routing, shedding under overload, and publish rates per client address and
 //! per credential.
 
-use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::http::StatusCode;
+use governor::clock::Clock as _;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use crate::auth::Principal;
 use crate::{ApiError, LimitsSettings};
@@ -23,52 +26,108 @@ pub struct Limits {
     max_inflight: usize,
     max_url: usize,
     max_headers: usize,
-    per_ip: Option<RateLimiter<IpAddr>>,
-    per_credential: Option<RateLimiter<Arc<str>>>,
+    per_ip: Option<PublishRate<IpAddr>>,
+    per_credential: Option<PublishRate<Arc<str>>>,
 }
 
 impl Limits {
     /// Limits from `[limits]`.
     pub fn new(settings: &LimitsSettings) -> Self {
-        fn limiter<K: std::hash::Hash + Eq + Clone>(
-            rate: u32,
-            burst: u32,
-        ) -> Option<RateLimiter<K>> {
-            let burst = if burst > 0 { burst } else { rate };
-            (rate > 0).then(|| RateLimiter::new(f64::from(rate), f64::from(burst)))
-        }
         let burst = settings.publish_burst;
         Self {
             inflight: AtomicUsize::new(0),
             max_inflight: settings.max_inflight_requests,
             max_url: settings.max_url_size.0 as usize,
             max_headers: settings.max_header_size.0 as usize,
-            per_ip: limiter(settings.publish_rate_per_ip, burst),
-            per_credential: limiter(settings.publish_rate_per_credential, burst),
+            per_ip: PublishRate::new(settings.publish_rate_per_ip, burst),
+            per_credential: PublishRate::new(settings.publish_rate_per_credential, burst),
         }
     }
 
     /// Takes `messages` publishes from the budgets of `ip` and of `principal`, or says when
-    /// to retry (429). Anonymous callers (auth off) are limited by address only.
+    /// to retry (429). Anonymous callers (auth off) are limited by address only. More
+    /// messages at once than the burst could never pass: 413, saying so.
     pub(crate) fn publish(
         &self,
         ip: Option<IpAddr>,
         principal: &Principal,
         messages: usize,
     ) -> Result<(), ApiError> {
-        let cost = messages.max(1) as f64;
-        if let (Some(limiter), Some(ip)) = (&self.per_ip, ip)
-            && let Err(wait) = limiter.take(ip, cost)
-        {
-            return Err(rate_limited("your address", wait));
+        let cost = u32::try_from(messages.max(1)).unwrap_or(u32::MAX);
+        if let (Some(limiter), Some(ip)) = (&self.per_ip, ip) {
+            limiter.take(&ip, cost, "your address")?;
         }
         if let Some(limiter) = &self.per_credential
             && principal.is_authenticated()
-            && let Err(wait) = limiter.take(principal.subject.clone(), cost)
         {
-            return Err(rate_limited(&format!("{:?}", principal.subject), wait));
+            limiter.take(
+                &principal.subject,
+                cost,
+                &format!("{:?}", principal.subject),
+            )?;
         }
         Ok(())
+    }
+
+    /// Forgets the budgets that have refilled completely (a key not seen for a burst's
+    /// worth of time is the same as a new one), so the tables hold only recent publishers.
+    /// Called once a second by the server.
+    pub(crate) fn forget_idle(&self) {
+        if let Some(limiter) = &self.per_ip {
+            limiter.forget_idle();
+        }
+        if let Some(limiter) = &self.per_credential {
+            limiter.forget_idle();
+        }
+    }
+}
+
+/// A publish rate per key (an address, a credential's subject), with `governor`'s keyed
+/// GCRA: a sharded map, so publishers do not meet on one lock, and idle keys are dropped
+/// by [`Limits::forget_idle`] rather than swept on the hot path.
+#[derive(Debug)]
+struct PublishRate<K: Hash + Eq + Clone> {
+    limiter: DefaultKeyedRateLimiter<K>,
+    burst: u32,
+}
+
+impl<K: Hash + Eq + Clone> PublishRate<K> {
+    /// `rate` messages a second, `burst` saved up (0: one second's worth); none when the
+    /// rate is 0 (unlimited).
+    fn new(rate: u32, burst: u32) -> Option<Self> {
+        let rate = NonZeroU32::new(rate)?;
+        let burst = NonZeroU32::new(burst).unwrap_or(rate);
+        Some(Self {
+            limiter: RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)),
+            burst: burst.get(),
+        })
+    }
+
+    /// Takes `cost` messages from `key`'s budget, or the refusal to answer `who` with.
+    fn take(&self, key: &K, cost: u32, who: &str) -> Result<(), ApiError> {
+        let over_burst = || {
+            ApiError::too_large(format!(
+                "{cost} messages at once are more than the publish burst of {} \
+                 (limits.publish_burst); send them in smaller batches",
+                self.burst
+            ))
+        };
+        let Some(n) = NonZeroU32::new(cost) else {
+            return Ok(());
+        };
+        match self.limiter.check_key_n(key, n) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => Err(rate_limited(
+                who,
+                not_until.wait_time_from(self.limiter.clock().now()),
+            )),
+            Err(_) => Err(over_burst()),
+        }
+    }
+
+    fn forget_idle(&self) {
+        self.limiter.retain_recent();
+        self.limiter.shrink_to_fit();
     }
 }
 
@@ -80,59 +139,6 @@ fn rate_limited(who: &str, wait: Duration) -> ApiError {
         format!("{who} is publishing faster than allowed; retry in {secs} s"),
     )
     .retry_after(secs)
-}
-
-/// Token buckets per key: `rate` tokens a second, at most `burst` saved up.
-#[derive(Debug)]
-struct RateLimiter<K> {
-    rate: f64,
-    burst: f64,
-    buckets: Mutex<HashMap<K, Bucket>>,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
-
-/// Buckets kept before idle (full) ones are swept, so the map cannot grow without bound.
-const SWEEP_ABOVE: usize = 10_000;
-
-impl<K: std::hash::Hash + Eq + Clone> RateLimiter<K> {
-    fn new(rate: f64, burst: f64) -> Self {
-        Self {
-            rate,
-            burst: burst.max(1.0),
-            buckets: Mutex::default(),
-        }
-    }
-
-    /// Takes `cost` tokens, or returns how long until they would be there. A cost above the
-    /// burst is allowed from a full bucket (a large batch is not refused forever) and leaves
-    /// it in debt.
-    fn take(&self, key: K, cost: f64) -> Result<(), Duration> {
-        let now = Instant::now();
-        let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
-        if buckets.len() > SWEEP_ABOVE {
-            let (rate, burst) = (self.rate, self.burst);
-            buckets.retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * rate < burst);
-        }
-        let bucket = buckets.entry(key).or_insert(Bucket {
-            tokens: self.burst,
-            at: now,
-        });
-        let refill = now.duration_since(bucket.at).as_secs_f64() * self.rate;
-        bucket.tokens = (bucket.tokens + refill).min(self.burst);
-        bucket.at = now;
-        if bucket.tokens >= cost.min(self.burst) {
-            bucket.tokens -= cost;
-            Ok(())
-        } else {
-            let missing = cost.min(self.burst) - bucket.tokens;
-            Err(Duration::from_secs_f64(missing / self.rate))
-        }
-    }
 }
 
 impl Limits {
@@ -211,23 +217,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn token_buckets_allow_the_burst_then_the_rate() {
-        let limiter = RateLimiter::new(10.0, 5.0);
+    fn a_rate_allows_the_burst_then_the_rate_per_key() {
+        let limiter = PublishRate::new(10, 5).expect("a rate");
         for _ in 0..5 {
-            assert!(limiter.take("a", 1.0).is_ok());
+            assert!(limiter.take(&"a", 1, "a").is_ok());
         }
-        let wait = limiter.take("a", 1.0).unwrap_err();
-        assert!(
-            wait <= Duration::from_millis(100) && wait > Duration::ZERO,
-            "{wait:?}"
+        let refused = limiter.take(&"a", 1, "a").unwrap_err();
+        assert_eq!(
+            (refused.status.as_u16(), refused.code),
+            (429, "rate_limited")
         );
-        // Another key has its own bucket.
-        assert!(limiter.take("b", 1.0).is_ok());
+        // Another key has its own budget.
+        assert!(limiter.take(&"b", 1, "b").is_ok());
         std::thread::sleep(Duration::from_millis(120));
-        assert!(limiter.take("a", 1.0).is_ok(), "refilled at the rate");
-        // A batch larger than the burst passes from a full bucket and leaves it in debt.
-        assert!(limiter.take("c", 50.0).is_ok());
-        let wait = limiter.take("c", 1.0).unwrap_err();
-        assert!(wait >= Duration::from_secs(4), "{wait:?}");
+        assert!(limiter.take(&"a", 1, "a").is_ok(), "refilled at the rate");
+        // A batch up to the burst passes from a full budget; one above it never could.
+        assert!(limiter.take(&"c", 5, "c").is_ok());
+        let refused = limiter.take(&"d", 6, "d").unwrap_err();
+        assert_eq!(refused.status.as_u16(), 413);
+        assert!(
+            refused.message.contains("limits.publish_burst"),
+            "{}",
+            refused.message
+        );
+        // No rate configured: no limiter.
+        assert!(PublishRate::<&str>::new(0, 5).is_none());
     }
 }

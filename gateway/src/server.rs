@@ -570,6 +570,7 @@ async fn sample(state: AppState) {
             () = stopping.stopped() => return,
         }
         state.telemetry.tick();
+        state.limits.forget_idle();
         if last_size.is_none_or(|at| at.elapsed() >= telemetry::STORAGE_SAMPLE_EVERY) {
             last_size = Some(tokio::time::Instant::now());
             let storage = state.runtime.storage().clone();

@@ -133,6 +133,20 @@ async fn publishers_over_their_rate_get_429_with_retry_after() {
         .await
         .unwrap();
     assert_eq!(refusal(res).await.0, 429);
+    // A batch of more messages than the burst could never pass: 413, naming the setting.
+    let six: Vec<_> = (0..6)
+        .map(|i| json!({"channel": "r", "data": i.to_string()}))
+        .collect();
+    let res = server
+        .client
+        .post(server.url("/v1/publish"))
+        .json(&six)
+        .send()
+        .await
+        .unwrap();
+    let (status, code, message) = error_of(res).await;
+    assert_eq!((status, code.as_str()), (413, "payload_too_large"));
+    assert!(message.contains("limits.publish_burst"), "{message}");
     // WebSocket publishes share the budget of the address.
     let mut ws = WsClient::connect(&server, "/v1/channels/r/ws").await;
     ws.send_json(json!({"type": "publish", "data": "x", "ref": 1}))
