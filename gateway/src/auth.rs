@@ -1,6 +1,6 @@
 //! Who may do what. A request carries a credential (a JWT, or a server-side API key); the
 //! credential carries [`Grants`]: channel-name patterns per capability, and object patterns.
-//! One middleware ([`require`]) turns the route into the [`Need`] it has, checks it, and
+//! One middleware ([`require`](crate::middleware::require)) turns the route into the [`Need`] it has, checks it, and
 //! leaves the caller's [`Principal`] in the request for handlers that check more (a batch
 //! publish names its channels in the body; a WebSocket client publishes later) and for
 //! long-lived connections, which end when the credential expires.

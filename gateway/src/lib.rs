@@ -18,15 +18,15 @@
 //!   validation) and the merging of concurrent publishes into one call.
 //! - `health`: liveness and readiness probes.
 //! - `limits`: request size, overload shedding and publish rate limits.
-//! - `listener`: connection IO with a kill switch (bounded shutdown) and a lingering close.
 //! - `channels`: the channel routes: publish, history, info, list, delete.
 //! - `publish`: batch publish (`POST /v1/publish`, JSON array or NDJSON).
 //! - `cursor`: where a subscriber starts (`Last-Event-ID` header or query).
-//! - `sse`: the Server-Sent Events connection task.
-//! - `stopping`: the shutdown signal, as every long-lived connection waits for it.
-//! - `ws`: the WebSocket connection task.
-//! - `direct`: WebSocket frames, written by the thread that released them when it can.
-//! - `upgrade`: WebSocket handshakes, answered here so `ws` can write to the stream itself.
+//! - `conn`: the connection layer, from the TCP socket to the router and from a runtime
+//!   socket's queue to the client: accept loop, connection IO, the SSE fast path outside
+//!   hyper, WebSocket handshakes, the subscriber writer and framing, shutdown. Its module
+//!   doc lists its vocabulary.
+//! - `sse`: the Server-Sent Events subscription handlers and body stream.
+//! - `ws`: the WebSocket session: subscription handler and the client's own messages.
 //! - `objects`: user-defined objects mounted under `/v1/objects/{namespace}/{name}/...`.
 //! - `telemetry`: the server's figures, connection open/close logging, per-second samples
 //!   for the admin page; `telemetry/render.rs` writes them as Prometheus text.
@@ -40,13 +40,11 @@ mod auth;
 mod busiest;
 mod channels;
 mod config;
+mod conn;
 mod cursor;
-mod detach;
-mod direct;
 mod error;
 mod health;
 mod limits;
-mod listener;
 mod logging;
 mod middleware;
 mod objects;
@@ -57,9 +55,7 @@ mod scrape;
 mod server;
 mod sse;
 mod state;
-mod stopping;
 mod telemetry;
-mod upgrade;
 mod ws;
 
 pub use auth::{Auth, Grants, Principal};
@@ -68,14 +64,14 @@ pub use config::{
     LimitsSettings, LogSettings, PrefixSettings, Settings, SseSettings, StorageSettings,
     WebSocketSettings,
 };
+pub use conn::{Stopping, shutdown_signal};
 pub use error::ApiError;
 pub use limits::Limits;
 pub use logging::{Chain, LogFormat, error_chain, init_logging};
 pub use objects::SUBJECT_HEADER;
 pub use publish::{Planned, parse_batch};
 pub use publisher::{Publisher, Reply};
-pub use server::{Dormouse, shutdown_signal};
+pub use server::Dormouse;
 pub use state::AppState;
-pub use stopping::Stopping;
 pub use telemetry::Telemetry;
 pub use ws::{ClientMessage, parse_client_message};

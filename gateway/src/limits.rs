@@ -3,7 +3,7 @@
 //! per credential.
 
 use std::hash::Hash;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -204,11 +204,7 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// The address a connection came from, put in every request by the server.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct PeerAddr(pub(crate) SocketAddr);
-
-/// The client's address, left in the request by [`guard`] for the rate limits.
+/// The client's address, left in the request by [`guard`](crate::middleware::guard) for the rate limits.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ClientIp(pub(crate) Option<IpAddr>);
 

@@ -10,8 +10,9 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use crate::auth::{Need, form_pairs, with_challenge};
+use crate::conn::PeerAddr;
 use crate::error::ErrorCode;
-use crate::limits::{ClientIp, PeerAddr};
+use crate::limits::ClientIp;
 use crate::{AppState, routes};
 
 /// Outermost middleware: counts every JSON error answered, by its code (set by
@@ -63,7 +64,7 @@ pub(crate) async fn guard(
 }
 
 /// The middleware on every authenticated route: authenticates, checks what the route needs,
-/// and leaves the [`Principal`] for the handler.
+/// and leaves the [`Principal`](crate::Principal) for the handler.
 pub(crate) async fn require(
     State(state): State<AppState>,
     matched: Result<MatchedPath, MatchedPathRejection>,

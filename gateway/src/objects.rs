@@ -17,9 +17,9 @@ use crate::channels::{check_channel, read_body};
 /// The request header carrying the caller's identity (token `sub`, API key name, or
 /// `anonymous`) to objects.
 pub const SUBJECT_HEADER: &str = "x-dormouse-subject";
-use crate::telemetry::Wire;
-use crate::upgrade::Handshake;
-use crate::ws::{Conn, Mode};
+use crate::conn::WsHandshake;
+use crate::telemetry::ConnKind;
+use crate::ws::{Mode, WsSession};
 use crate::{ApiError, AppState};
 
 /// `/v1/objects/{namespace}/{name}` and everything below it, any method.
@@ -75,7 +75,7 @@ async fn handle(state: AppState, request: Request) -> Result<Response, ApiError>
         .map_err(|_| ApiError::bad_request("bad_path", "the path is not a valid URI"))?;
 
     if is_websocket(&parts.headers) {
-        let upgrade = Handshake::from_request_parts(&mut parts, &state)
+        let upgrade = WsHandshake::from_request_parts(&mut parts, &state)
             .await
             .map_err(|e| ApiError::new(e.status(), "websocket_upgrade_required", e.body_text()))?;
         return connect(state, target, name, uri, parts, upgrade, expires_at).await;
@@ -107,7 +107,7 @@ async fn connect(
     name: String,
     uri: Uri,
     parts: axum::http::request::Parts,
-    upgrade: Handshake,
+    upgrade: WsHandshake,
     expires_at: Option<tokio::time::Instant>,
 ) -> Result<Response, ApiError> {
     let settings = state.settings.clone();
@@ -143,8 +143,10 @@ async fn connect(
         }
     };
     let label = format!("{}/{name}", target.name());
-    let conn = Conn {
-        tracked: state.telemetry.connection_opened(Wire::Ws, false, &label),
+    let conn = WsSession {
+        tracked: state
+            .telemetry
+            .connection_opened(ConnKind::Ws, false, &label),
         expires_at,
         mode: Mode::Object { forward },
         receiver,

@@ -4,39 +4,29 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use axum::Router;
-use axum::body::Body;
-use axum::extract::ConnectInfo;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{Method, Uri};
 use axum::routing::{any, get, post};
-use axum::serve::Listener as _;
 use dormouse_actors::Channel;
 use dormouse_actors::channel::NAMESPACE;
 use dormouse_runtime::{DynNamespace, Namespace, NamespaceConfig, Object, Runtime};
 use dormouse_storage::{SegmentConfig, SegmentStorage, Storage};
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
-use tower::ServiceExt as _;
-use tracing::info;
-
 use tower_http::cors::{AllowOrigin, CorsLayer};
+use tracing::info;
 
 use crate::auth::Auth;
 use crate::config::CorsSettings;
-use crate::limits::{Limits, PeerAddr};
-use crate::listener::{Connections, GuardedListener, KillSwitch};
+use crate::conn::{
+    self, ConnContext, ConnLimits, ConnListener, KillSwitch, Stopping, shutdown_signal,
+};
+use crate::limits::Limits;
 use crate::publisher::Publisher;
-use crate::stopping::Stopping;
-use crate::telemetry::{self, Telemetry, Wire};
-use crate::upgrade::SharedStream;
+use crate::telemetry::{self, Telemetry};
 use crate::{
-    ApiError, AppState, Settings, admin, channels, detach, health, middleware, objects, publish,
-    routes, scrape, sse, ws,
+    ApiError, AppState, Settings, admin, channels, health, middleware, objects, publish, routes,
+    scrape, sse, ws,
 };
 
 /// A configured server: storage open, runtime up, not yet listening.
@@ -44,7 +34,7 @@ use crate::{
 pub struct Dormouse {
     state: AppState,
     storage: Arc<dyn Storage>,
-    connections: Arc<Connections>,
+    connections: Arc<ConnLimits>,
 }
 
 /// Opens the data dir on the segment engine. A data dir written by the sled engine (it has
@@ -92,7 +82,7 @@ impl Dormouse {
                 .with_max_active(settings.channels.max_active),
             channel_env,
         );
-        let connections = Arc::new(Connections::new(
+        let connections = Arc::new(ConnLimits::new(
             settings.limits.max_connections,
             settings.limits.max_connections_per_ip,
         ));
@@ -172,7 +162,35 @@ impl Dormouse {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let addr = listener.local_addr()?;
+        self.check_bound(listener.local_addr()?).await?;
+        let kill = KillSwitch::default();
+        let listener = ConnListener::new(
+            listener,
+            kill.clone(),
+            self.state.settings.limits.write_timeout,
+            self.connections.clone(),
+            self.state.telemetry.clone(),
+        );
+        let sampler = tokio::spawn(sample(self.state.clone()));
+        let ctx = ConnContext {
+            router: self.router(),
+            head_timeout: self.state.settings.limits.header_read_timeout,
+            tasks: self.state.tasks.clone(),
+            stopping: self.state.stopping.clone(),
+            telemetry: self.state.telemetry.clone(),
+        };
+        let grace = self.state.settings.shutdown_grace;
+        conn::accept::serve(listener, shutdown, ctx, kill, grace).await;
+        self.shutdown_namespaces().await;
+        sampler.abort();
+        self.close_storage().await?;
+        info!("stopped");
+        Ok(())
+    }
+
+    /// Refuses to serve on an address the configuration does not allow (see
+    /// `check_exposure`); warns when every client may do everything.
+    async fn check_bound(&self, addr: SocketAddr) -> anyhow::Result<()> {
         if let Err(e) = check_exposure(
             addr,
             self.state.auth.enabled(),
@@ -187,153 +205,12 @@ impl Dormouse {
             tracing::warn!(%addr, "no authentication configured: every client may do everything");
         }
         info!(%addr, "listening");
-        let kill = KillSwitch::default();
-        let grace = self.state.settings.shutdown_grace;
-        let write_timeout = self.state.settings.limits.write_timeout;
-        let listener = GuardedListener::new(
-            listener,
-            kill.clone(),
-            write_timeout,
-            self.connections.clone(),
-            self.state.telemetry.clone(),
-        );
-        let sampler = tokio::spawn(sample(self.state.clone()));
-        // hyper directly rather than `axum::serve`, for what axum does not expose: a
-        // deadline on reading request heads.
-        let router = self.router();
-        // HTTP/2 (told apart by its preface) goes to the auto builder; HTTP/1 to hyper's own
-        // HTTP/1 connection, which gives the socket back (`detach::Handover`).
-        let http = auto::Builder::new(TokioExecutor::new()).http2_only();
-        let mut http1 = hyper::server::conn::http1::Builder::new();
-        http1
-            .timer(TokioTimer::new())
-            .header_read_timeout(self.state.settings.limits.header_read_timeout);
-        let graceful = GracefulShutdown::new();
-        let head_timeout = self.state.settings.limits.header_read_timeout;
-        let mut shutdown = std::pin::pin!(shutdown);
-        let mut listener = listener;
-        loop {
-            let (io, peer) = tokio::select! {
-                accepted = listener.accept() => accepted,
-                () = &mut shutdown => break,
-            };
-            let mut tracked = self
-                .state
-                .telemetry
-                .connection_opened(Wire::Http, false, &peer);
-            let mut watcher = Some(graceful.watcher());
-            let mut stopping = self.state.stopping.waiter();
-            let http = http.clone();
-            let http1 = http1.clone();
-            let router = router.clone();
-            let tasks = self.state.tasks.clone();
-            tokio::spawn(async move {
-                let mut io = io;
-                // SSE subscriptions are served outside hyper (see `detach`); everything
-                // else goes to hyper untouched (the head was only peeked at). An HTTP/1
-                // connection is only lent to hyper: it comes back when an SSE subscription
-                // follows other requests on it, and that one is served outside hyper too.
-                loop {
-                    let h2 = match detach::first_request(&io, head_timeout).await {
-                        detach::First::Sse { request, head_len } => {
-                            // Tracked, so a graceful stop waits for the goodbye to be
-                            // written.
-                            let running = tasks.token();
-                            let socket = crate::sse::DetachedSocket(io.shared());
-                            let finished = move || {
-                                tracked.ending("closed");
-                                drop(running);
-                            };
-                            // In a task of its own: this one is sized for hyper's
-                            // connection too, which a subscriber would otherwise carry
-                            // while it idles.
-                            tokio::spawn(detach::serve_sse(
-                                io, socket, request, head_len, peer, router, finished,
-                            ));
-                            return;
-                        }
-                        detach::First::Hyper { h2 } => h2,
-                        detach::First::Closed => {
-                            tracked.ending("client_left");
-                            return;
-                        }
-                    };
-                    let peer = ConnectInfo(PeerAddr(peer));
-                    // For a WebSocket upgraded on this connection to write to it directly.
-                    let shared = SharedStream(io.shared());
-                    if h2 {
-                        let service = router
-                            .map_request(move |request| connection_request(request, peer, &shared));
-                        let connection = http.serve_connection_with_upgrades(
-                            TokioIo::new(io),
-                            TowerToHyperService::new(service),
-                        );
-                        let Some(watcher) = watcher.take() else {
-                            return;
-                        };
-                        ended(&mut tracked, watcher.watch(connection.into_owned()).await);
-                        return;
-                    }
-                    let handover = detach::Handover::new(io);
-                    let lent = handover.lent();
-                    let began = Arc::clone(&lent);
-                    let answered = Arc::clone(&lent);
-                    let service = router
-                        .clone()
-                        .map_request(move |request: http::Request<Incoming>| {
-                            began.began(&request);
-                            connection_request(request, peer, &shared)
-                        })
-                        .map_response(move |response| answered.answered(response));
-                    let mut connection = http1
-                        .serve_connection(TokioIo::new(handover), TowerToHyperService::new(service))
-                        .with_upgrades();
-                    // `graceful.shutdown()` waits for `watcher` to go; the stop itself
-                    // comes through `stopping`, which is set first.
-                    let result = tokio::select! {
-                        result = &mut connection => result,
-                        () = stopping.stopped() => {
-                            std::pin::Pin::new(&mut connection).graceful_shutdown();
-                            (&mut connection).await
-                        }
-                    };
-                    if result.is_ok()
-                        && lent.taken()
-                        && let Some(parts) = connection.into_parts()
-                        && parts.read_buf.is_empty()
-                    {
-                        io = parts.io.into_inner().into_inner();
-                        continue;
-                    }
-                    ended(&mut tracked, result);
-                    return;
-                }
-            });
-        }
-        drop(listener);
-        info!("shutting down: closing connections");
-        self.state.stopping.stop();
-        // Connections that cannot say goodbye in time (a client that stopped reading) are
-        // cut.
-        let cut_off = kill.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(grace).await;
-            cut_off.flip();
-        });
-        graceful.shutdown().await;
-        self.state.tasks.close();
-        if tokio::time::timeout(grace * 2, self.state.tasks.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!("some WebSocket connections did not end in time");
-        }
-        kill.flip();
-        // The connections the switch cuts end at once, but each holds the server's state
-        // (and so the data dir's lock) until its task has run: wait for them, so that a
-        // server opened on the same data dir right after `serve` returns finds it free.
-        let _ = tokio::time::timeout(grace, self.state.tasks.wait()).await;
-        // Objects may publish to channels while they drain, never the reverse: objects first.
+        Ok(())
+    }
+
+    /// Lets every object and channel release what it holds. Objects may publish to
+    /// channels while they drain, never the reverse: objects first.
+    async fn shutdown_namespaces(&self) {
         let mounted: Vec<Arc<dyn DynNamespace>> = self
             .state
             .objects
@@ -346,49 +223,18 @@ impl Dormouse {
             ns.shutdown().await;
         }
         self.state.channels.shutdown().await;
-        sampler.abort();
-        // A stuck engine would hang the final flush too: exit at once, with an error, so a
-        // supervisor restarts us (everything acknowledged is already durable).
+    }
+
+    /// The final flush. A stuck engine would hang it too: exit at once, with an error, so a
+    /// supervisor restarts us (everything acknowledged is already durable).
+    async fn close_storage(&self) -> anyhow::Result<()> {
         dormouse_storage::Storage::check(&*self.storage)
             .context("not flushing storage on the way out")?;
         let storage = self.storage.clone();
         tokio::task::spawn_blocking(move || storage.close())
             .await?
-            .context("final storage flush")?;
-        info!("stopped");
-        Ok(())
+            .context("final storage flush")
     }
-}
-
-/// A request as the router takes it, with what handlers need from its connection: the
-/// client's address (limits) and the TCP stream (WebSocket direct writes).
-fn connection_request(
-    mut request: http::Request<Incoming>,
-    peer: ConnectInfo<PeerAddr>,
-    shared: &SharedStream,
-) -> http::Request<Body> {
-    request.extensions_mut().insert(peer);
-    request.extensions_mut().insert(shared.clone());
-    request.map(Body::new)
-}
-
-/// Records how a connection hyper served ended.
-fn ended<E>(tracked: &mut telemetry::Connection, result: Result<(), E>)
-where
-    E: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let Err(e) = result else {
-        tracked.ending("closed");
-        return;
-    };
-    let e = e.into();
-    // Routine for clients that vanish or idle; debug, not a warning.
-    tracing::debug!(error = %crate::logging::error_chain(&*e), "connection failed");
-    tracked.ending(match e.downcast_ref::<hyper::Error>() {
-        Some(e) if e.is_timeout() => "header_read_timeout",
-        Some(e) if e.is_incomplete_message() => "client_left",
-        _ => "error",
-    });
 }
 
 impl Dormouse {
@@ -400,29 +246,6 @@ impl Dormouse {
             .with_context(|| format!("binding {listen}"))?;
         self.serve(listener, shutdown_signal()).await
     }
-}
-
-/// Resolves on SIGINT or SIGTERM, the signals an operator or a supervisor uses to stop us.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = terminate => {},
-    }
-    info!("shutdown requested");
 }
 
 fn router(state: AppState) -> Router {

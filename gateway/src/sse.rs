@@ -2,19 +2,18 @@
 //! body, batching whatever is ready into one write, and sends keep-alive comments on its own
 //! timer (so an idle client never wakes its channel).
 //!
-//! A subscription served outside hyper (`detach.rs`, an HTTP/1.x connection whose first
-//! request it is) has its socket to itself after the response head, so once the opening
-//! comment is out its events are written directly, as a WebSocket's are (`direct.rs`):
-//! by the thread that released them, and by the task under the same lock when woken. The
-//! task still writes the keep-alives and the closing control event, through
-//! [`Ordered`](crate::direct::Ordered), so nothing lands inside an event.
+//! A subscription served outside hyper ([`crate::conn::raw_sse`]) has its socket to itself
+//! after the response head, so once the opening comment is out its events are written
+//! directly, as a WebSocket's are ([`SubscriberWriter`]): by the thread that released them,
+//! and by the task under the same lock when woken. The task still writes the keep-alives
+//! and the closing control event, through [`SerializedIo`](crate::conn::writer::SerializedIo), so
+//! nothing lands inside an event.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use crate::stopping::Waiter;
 use axum::Extension;
 use axum::body::Body;
 use axum::extract::State;
@@ -27,39 +26,27 @@ use futures::Stream;
 use serde::Deserialize;
 use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
 
-use tokio::net::TcpStream;
-
 use crate::auth::Principal;
 use crate::channels::{self, ChannelName, check_channel, query};
-use crate::direct::{Direct, Framing};
-use crate::telemetry::{Connection, Wire};
+use crate::conn::expiry::{deadline, expired};
+use crate::conn::{BodyWriter, Framing, RawSocket, StopWaiter, SubscriberWriter, Writable};
+use crate::telemetry::{ConnKind, Connection};
 use crate::{ApiError, AppState, cursor};
 
 /// Most bytes gathered into one body chunk from messages that are already queued.
 const BATCH_BYTES: usize = 64 * 1024;
 
-/// The socket of a subscription served outside hyper: after the response head, the body is
-/// written straight to it, so events can be too. Put into the request by `detach.rs` only;
-/// a stream hyper serves (chunked, or HTTP/2) must never be written to around hyper.
-#[derive(Debug, Clone)]
-pub(crate) struct DetachedSocket(pub(crate) Arc<TcpStream>);
-
-/// On a response whose events are written directly: `detach.rs` writes the rest of the body
-/// through it, in order with them.
-#[derive(Debug, Clone)]
-pub(crate) struct DirectBody(pub(crate) Arc<Direct>);
-
 /// `GET /v1/channels/{channel}/events`
 pub(crate) async fn subscribe(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
-    detached: Option<Extension<DetachedSocket>>,
+    raw: Option<Extension<RawSocket>>,
     ChannelName(channel): ChannelName,
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let start = cursor::from_request(&uri, &headers)?;
-    open(state, channel, start, &principal, detached).await
+    open(state, channel, start, &principal, raw).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -76,7 +63,7 @@ struct CompatQuery {
 pub(crate) async fn subscribe_compat(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
-    detached: Option<Extension<DetachedSocket>>,
+    raw: Option<Extension<RawSocket>>,
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -90,7 +77,7 @@ pub(crate) async fn subscribe_compat(
     })?;
     check_channel(&channel)?;
     let start = cursor::start(&headers, last_event_id.as_deref())?;
-    open(state, channel, start, &principal, detached).await
+    open(state, channel, start, &principal, raw).await
 }
 
 async fn open(
@@ -98,17 +85,22 @@ async fn open(
     channel: String,
     start: Start,
     principal: &Principal,
-    detached: Option<Extension<DetachedSocket>>,
+    raw: Option<Extension<RawSocket>>,
 ) -> Result<Response, ApiError> {
     let receiver = channels::subscribe(&state, &channel, Transport::Sse, start).await?;
-    let conn = state.telemetry.connection_opened(Wire::Sse, true, &channel);
-    let direct = detached.map(|Extension(DetachedSocket(socket))| {
-        Direct::new(
-            Some(socket),
-            Arc::clone(&state.telemetry),
-            Framing::EventStream,
-        )
-    });
+    let conn = state
+        .telemetry
+        .connection_opened(ConnKind::Sse, true, &channel);
+    // Only a response written outside hyper may have its body written around it.
+    let direct = raw
+        .filter(|Extension(raw)| raw.writable == Writable::ResponseBody)
+        .map(|Extension(raw)| {
+            SubscriberWriter::new(
+                Some(raw.tcp),
+                Arc::clone(&state.telemetry),
+                Framing::EventStream,
+            )
+        });
     let sse = &state.settings.sse;
     let body = Body::from_stream(stream(
         conn,
@@ -121,7 +113,7 @@ async fn open(
     ));
     let mut response = body.into_response();
     if let Some(direct) = direct {
-        response.extensions_mut().insert(DirectBody(direct));
+        response.extensions_mut().insert(BodyWriter(direct));
     }
     let headers = response.headers_mut();
     headers.insert(
@@ -133,19 +125,19 @@ async fn open(
     Ok(response)
 }
 
-struct Conn {
+struct EventStream {
     /// Counted while the stream lives; logs its end.
     conn: Connection,
     receiver: SocketReceiver,
     /// Writes events straight to the socket, once `direct_on`; `None` when the stream goes
     /// through hyper.
-    direct: Option<Arc<Direct>>,
+    direct: Option<Arc<SubscriberWriter>>,
     /// Set on the first turn after the opening comment: from then on, the response head
     /// and the opening are on the wire (or pending, under the lock) before any event.
     direct_on: bool,
     keepalive: Interval,
     /// Ready when the server starts shutting down.
-    stopping: Waiter,
+    stopping: StopWaiter,
     /// Ends the stream when the subscriber's credential expires; `None` if it does not.
     expired: Option<Pin<Box<Sleep>>>,
     opening: Option<Bytes>,
@@ -155,15 +147,15 @@ struct Conn {
 fn stream(
     conn: Connection,
     receiver: SocketReceiver,
-    direct: Option<Arc<Direct>>,
+    direct: Option<Arc<SubscriberWriter>>,
     keepalive: Duration,
     retry: Duration,
-    stopping: Waiter,
+    stopping: StopWaiter,
     expires_at: Option<Instant>,
 ) -> impl Stream<Item = Result<Bytes, std::convert::Infallible>> + Send {
     let mut keepalive = tokio::time::interval_at(Instant::now() + keepalive, keepalive);
     keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let conn = Conn {
+    let conn = EventStream {
         conn,
         receiver,
         direct,
@@ -186,7 +178,7 @@ fn stream(
             return Some((Ok(opening), conn));
         }
         if let Some(direct) = conn.direct.as_ref().filter(|_| !conn.direct_on) {
-            conn.receiver.set_direct(Arc::clone(direct) as _);
+            conn.receiver.write_on_release(Arc::clone(direct) as _);
             conn.direct_on = true;
         }
         let chunk = conn.next_chunk().await?;
@@ -194,7 +186,7 @@ fn stream(
     })
 }
 
-impl Conn {
+impl EventStream {
     /// The next bytes to write, or `None` to end the response.
     async fn next_chunk(&mut self) -> Option<Bytes> {
         enum Wake {
@@ -225,7 +217,7 @@ impl Conn {
         let wake = tokio::select! {
             biased;
             () = self.stopping.stopped() => Wake::Shutdown,
-            () = expiry(&mut self.expired) => Wake::Expired,
+            () = expired(&mut self.expired) => Wake::Expired,
             wake = outbound => wake,
             _ = self.keepalive.tick() => Wake::KeepAlive,
         };
@@ -263,7 +255,7 @@ impl Conn {
                 let written = direct.write_queued(&mut self.receiver);
                 self.conn
                     .telemetry()
-                    .delivered(Wire::Sse, written.messages, written.stamps);
+                    .delivered(ConnKind::Sse, written.messages, written.stamps);
                 if written.failed {
                     // The socket refused the bytes: the client is gone (the reason the
                     // connection is logged with unless something else ended it).
@@ -287,7 +279,7 @@ impl Conn {
     fn frame(&mut self, message: Outbound, stamp: Option<std::time::Instant>) -> Option<Bytes> {
         match message {
             Outbound::Text(bytes) => {
-                self.conn.telemetry().delivered(Wire::Sse, 1, stamp);
+                self.conn.telemetry().delivered(ConnKind::Sse, 1, stamp);
                 Some(bytes)
             }
             // The object never sends binary frames to SSE; drop rather than corrupt.
@@ -299,8 +291,8 @@ impl Conn {
     /// The control event that ends the stream when the channel closes the socket.
     fn closing(&mut self, code: u16, reason: &str) -> Bytes {
         self.done = true;
-        let cause = if code == 1008 {
-            self.conn.telemetry().slow_disconnect(Wire::Sse);
+        let cause = if code == Outbound::SLOW_CONSUMER {
+            self.conn.telemetry().slow_disconnect(ConnKind::Sse);
             "slow_consumer"
         } else {
             "closed"
@@ -333,27 +325,13 @@ impl Conn {
     }
 }
 
-impl Drop for Conn {
+impl Drop for EventStream {
     /// Lets go of the socket: the channel may still offer this subscriber's queue until it
     /// notices the subscriber left.
     fn drop(&mut self) {
         if let Some(direct) = &self.direct {
-            direct.detach();
+            direct.release_socket();
         }
-    }
-}
-
-/// A connection's credential expiry as a timer made once: `None` when it does not expire.
-/// Boxed, so a connection without one pays nothing for it.
-pub(crate) fn deadline(at: Option<Instant>) -> Option<Pin<Box<Sleep>>> {
-    at.map(|at| Box::pin(tokio::time::sleep_until(at)))
-}
-
-/// Resolves when `deadline` passes; never if there is none.
-pub(crate) async fn expiry(deadline: &mut Option<Pin<Box<Sleep>>>) {
-    match deadline.as_mut() {
-        Some(sleep) => sleep.await,
-        None => std::future::pending().await,
     }
 }
 

@@ -13,9 +13,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::Settings;
 use crate::auth::Auth;
+use crate::conn::Stopping;
 use crate::limits::Limits;
 use crate::publisher::Publisher;
-use crate::stopping::Stopping;
 use crate::telemetry::Telemetry;
 
 /// Everything a request handler may need; cloned per request (all fields are handles).

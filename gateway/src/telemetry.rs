@@ -49,7 +49,7 @@ pub(crate) const STORAGE_SAMPLE_EVERY: Duration = Duration::from_secs(10);
 
 /// The kinds of client connection, the `transport` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Wire {
+pub(crate) enum ConnKind {
     /// A TCP connection carrying HTTP/1.1 or h2c; every SSE stream and WebSocket rides on
     /// one, so they are counted here as well.
     Http = 0,
@@ -59,14 +59,14 @@ pub(crate) enum Wire {
     Ws = 2,
 }
 
-impl Wire {
-    const ALL: [Wire; 3] = [Wire::Http, Wire::Sse, Wire::Ws];
+impl ConnKind {
+    const ALL: [ConnKind; 3] = [ConnKind::Http, ConnKind::Sse, ConnKind::Ws];
 
     fn label(self) -> &'static str {
         match self {
-            Wire::Http => "http",
-            Wire::Sse => "sse",
-            Wire::Ws => "ws",
+            ConnKind::Http => "http",
+            ConnKind::Sse => "sse",
+            ConnKind::Ws => "ws",
         }
     }
 }
@@ -209,7 +209,7 @@ impl Telemetry {
     /// `what` says what it is for (a peer address, a channel, an object) in the log only.
     pub(crate) fn connection_opened(
         self: &Arc<Self>,
-        wire: Wire,
+        wire: ConnKind,
         subscriber: bool,
         what: &dyn fmt::Display,
     ) -> Connection {
@@ -232,8 +232,13 @@ impl Telemetry {
 
     /// `n` messages were written to a subscriber connection; `stamps` are the instants
     /// the live ones among them were accepted.
-    pub(crate) fn delivered(&self, wire: Wire, n: u64, stamps: impl IntoIterator<Item = Instant>) {
-        let index = usize::from(wire == Wire::Ws);
+    pub(crate) fn delivered(
+        &self,
+        wire: ConnKind,
+        n: u64,
+        stamps: impl IntoIterator<Item = Instant>,
+    ) {
+        let index = usize::from(wire == ConnKind::Ws);
         self.delivered.local()[index].fetch_add(n, Ordering::Relaxed);
         let now = Instant::now();
         let window = self.delivery_window.local();
@@ -245,8 +250,8 @@ impl Telemetry {
     }
 
     /// A subscriber was cut off because its queue overflowed.
-    pub(crate) fn slow_disconnect(&self, wire: Wire) {
-        self.slow_disconnects[usize::from(wire == Wire::Ws)].fetch_add(1, Ordering::Relaxed);
+    pub(crate) fn slow_disconnect(&self, wire: ConnKind) {
+        self.slow_disconnects[usize::from(wire == ConnKind::Ws)].fetch_add(1, Ordering::Relaxed);
     }
 
     /// A connection was closed because the client stopped reading.
@@ -297,13 +302,13 @@ impl Telemetry {
 
     /// The figures the admin page shows now.
     pub(crate) fn figures(&self) -> Figures {
-        let open = |w: Wire| self.open[w as usize].load(Ordering::Relaxed);
+        let open = |w: ConnKind| self.open[w as usize].load(Ordering::Relaxed);
         let storage = self.storage_bytes.load(Ordering::Relaxed);
         Figures {
             connections: ConnectionFigures {
-                http: open(Wire::Http),
-                sse: open(Wire::Sse),
-                ws: open(Wire::Ws),
+                http: open(ConnKind::Http),
+                sse: open(ConnKind::Sse),
+                ws: open(ConnKind::Ws),
             },
             subscribers: self.subscribers.load(Ordering::Relaxed),
             published_total: self.published.load(Ordering::Relaxed),
@@ -395,7 +400,7 @@ impl ChannelObserver for Telemetry {
 pub(crate) struct Connection {
     telemetry: Arc<Telemetry>,
     id: u64,
-    wire: Wire,
+    wire: ConnKind,
     subscriber: bool,
     opened: Instant,
     reason: &'static str,

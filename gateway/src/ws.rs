@@ -1,7 +1,8 @@
 //! WebSocket subscribers (and publishers). One task per connection selects over the socket's
 //! outbound queue, the client's frames, a ping timer and the shutdown signal. Outbound
 //! messages already queued are written together, each as a frame header and its shared
-//! payload, in one vectored write, usually by the thread that released them (`direct`),
+//! payload, in one vectored write, usually by the thread that released them
+//! ([`SubscriberWriter`]),
 //! else by this task; tungstenite reads the client's frames and writes the control frames
 //! (pings, pongs, closes) and answers.
 //!
@@ -39,13 +40,11 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::auth::{Auth, Need, Principal};
 use crate::channels::{self, ChannelName};
-use crate::direct::{Direct, Frames, Framing};
+use crate::conn::expiry::{deadline, expired};
+use crate::conn::{StopWaiter, SubscriberWriter, WsHandshake, WsStream};
 use crate::limits::ClientIp;
 use crate::publisher::{Client, Publisher, Reply};
-use crate::sse::{deadline, expiry};
-use crate::stopping::Waiter;
-use crate::telemetry::{Connection, Wire};
-use crate::upgrade::{Handshake, WsStream};
+use crate::telemetry::{ConnKind, Connection};
 use crate::{ApiError, AppState, cursor};
 
 /// Close codes, documented for clients.
@@ -53,7 +52,7 @@ mod close {
     /// The server is restarting; reconnect with your last id.
     pub(super) const RESTART: u16 = 1012;
     /// The client fell too far behind; reconnect with your last id.
-    pub(super) const SLOW_CONSUMER: u16 = 1008;
+    pub(super) const SLOW_CONSUMER: u16 = dormouse_runtime::Outbound::SLOW_CONSUMER;
     /// Nothing (not even a pong) arrived within the idle timeout.
     pub(super) const HEARTBEAT_TIMEOUT: u16 = 4000;
     /// The client's credential expired and was not refreshed; reconnect with a fresh one.
@@ -68,7 +67,7 @@ pub(crate) async fn subscribe(
     ChannelName(channel): ChannelName,
     uri: Uri,
     headers: HeaderMap,
-    upgrade: Result<Handshake, WebSocketUpgradeRejection>,
+    upgrade: Result<WsHandshake, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let upgrade = upgrade.map_err(|e| {
         ApiError::new(
@@ -80,10 +79,12 @@ pub(crate) async fn subscribe(
     let start = cursor::from_request(&uri, &headers)?;
     let settings = state.settings.clone();
     let receiver = channels::subscribe(&state, &channel, Transport::WebSocket, start).await?;
-    let tracked = state.telemetry.connection_opened(Wire::Ws, true, &channel);
+    let tracked = state
+        .telemetry
+        .connection_opened(ConnKind::Ws, true, &channel);
     // Base64 in JSON inflates a payload by 4/3; leave room for it and the envelope.
     let max_message = settings.limits.max_message_size.0 as usize / 3 * 4 + 64 * 1024;
-    let conn = Conn {
+    let conn = WsSession {
         tracked,
         expires_at: principal.time_left().map(|left| Instant::now() + left),
         mode: Mode::Channel {
@@ -109,7 +110,7 @@ pub(crate) async fn subscribe(
 }
 
 /// One WebSocket connection's task state.
-pub(crate) struct Conn {
+pub(crate) struct WsSession {
     /// Counted while the connection lives; logs its end with the reason.
     pub(crate) tracked: Connection,
     /// When the client's credential expires: the connection closes then (code 4001) unless
@@ -117,7 +118,7 @@ pub(crate) struct Conn {
     pub(crate) expires_at: Option<Instant>,
     pub(crate) mode: Mode,
     pub(crate) receiver: SocketReceiver,
-    pub(crate) stopping: Waiter,
+    pub(crate) stopping: StopWaiter,
     pub(crate) ping_interval: Duration,
     pub(crate) idle_timeout: Duration,
 }
@@ -241,7 +242,7 @@ enum End {
     WriteFailed,
 }
 
-impl Conn {
+impl WsSession {
     /// Serves the connection to its end. Not an `async fn`: an idle connection's task is
     /// mostly this future, and an `async fn` keeps each by-value argument twice (as it was
     /// passed and as the local it is moved to: ~600 more bytes for the stream and `self`),
@@ -253,16 +254,16 @@ impl Conn {
     pub(crate) fn run(
         mut self,
         mut ws: WsStream,
-        direct: Arc<Direct>,
+        direct: Arc<SubscriberWriter>,
     ) -> impl Future<Output = ()> + Send + 'static {
         async move {
-            let direct_writes = direct.enabled();
+            let direct_writes = direct.writes_directly();
             if direct_writes {
-                self.receiver.set_direct(direct.clone());
+                self.receiver.write_on_release(direct.clone());
             }
             let end = self.serve(&mut ws, &direct, direct_writes).await;
             // Lets go of the shared socket, so it closes with the connection.
-            direct.detach();
+            direct.release_socket();
             self.end(end);
         }
     }
@@ -279,7 +280,12 @@ impl Conn {
         });
     }
 
-    async fn serve(&mut self, ws: &mut WsStream, direct: &Direct, direct_writes: bool) -> End {
+    async fn serve(
+        &mut self,
+        ws: &mut WsStream,
+        direct: &SubscriberWriter,
+        direct_writes: bool,
+    ) -> End {
         // Answers to the client's own messages, in the order it sent them; created on its
         // first message (and boxed), since most subscribers never publish and an idle
         // connection should cost little.
@@ -290,13 +296,13 @@ impl Conn {
         let mut last_heard = Instant::now();
         // The expiry timer is made once (re-armed when the client sends a fresh credential),
         // not per turn of the loop, and boxed only when there is an expiry; the stop signal
-        // is registered once (`stopping::Waiter`).
+        // is registered once (`stopping::StopWaiter`).
         let mut armed_for = self.expires_at;
-        let mut expired = deadline(armed_for);
+        let mut expiry = deadline(armed_for);
         loop {
             if self.expires_at != armed_for {
                 armed_for = self.expires_at;
-                expired = deadline(armed_for);
+                expiry = deadline(armed_for);
             }
             enum Wake {
                 Shutdown,
@@ -310,7 +316,7 @@ impl Conn {
             let wake = tokio::select! {
                 biased;
                 () = self.stopping.stopped() => Wake::Shutdown,
-                () = expiry(&mut expired) => Wake::Expired,
+                () = expired(&mut expiry) => Wake::Expired,
                 more = std::future::poll_fn(|cx| match self.receiver.poll_ready(cx) {
                     // Registered first, then checked: a direct write that leaves bytes
                     // behind sets them before it wakes this task.
@@ -345,12 +351,9 @@ impl Conn {
                     // as its largest step for the connection's whole life, mostly idle. A
                     // directly written connection comes here only when bytes were left
                     // over (or a close was queued).
-                    let end = if direct_writes {
-                        Box::pin(self.write_direct(ws, direct)).await
-                    } else {
-                        Box::pin(self.write_batch(ws)).await
-                    };
-                    if let Some(end) = end {
+                    if let Some(end) =
+                        Box::pin(self.write_outbound(ws, direct, direct_writes)).await
+                    {
                         return end;
                     }
                 }
@@ -424,42 +427,38 @@ impl Conn {
     }
 
     /// Writes what the socket has queued (up to a bound) in one vectored write: each
-    /// message's frame header, made here, then its payload, the bytes the channel encoded
-    /// once and shares with every subscriber. For a connection whose socket is not shared
-    /// (see `write_direct`). Counts what was written as delivered once the write completed.
-    async fn write_batch(&mut self, ws: &mut WsStream) -> Option<End> {
-        // A control frame tungstenite still holds (an automatic pong) goes out first and
-        // whole: a frame written here must never land inside one of its frames.
-        if ws.flush().await.is_err() {
-            return Some(End::WriteFailed);
-        }
-        let mut taken = Vec::new();
-        self.receiver
-            .try_recv_many(&mut taken, Frames::MAX_FRAMES, Frames::MAX_BYTES);
-        let check_text = matches!(self.mode, Mode::Object { .. });
-        let (frames, written) = Frames::gather(taken, Framing::WebSocket { check_text });
-        if frames.write_to(ws.get_mut()).await.is_err() {
-            return Some(End::WriteFailed);
-        }
+    /// message's frame header, then its payload, the bytes the channel encoded once and
+    /// shares with every subscriber. With `direct_writes`, as the releasing thread does:
+    /// taken and written without blocking under the writer's lock, and what the socket does
+    /// not take now is flushed here, with the listener's write timeout. Counts what was
+    /// written as delivered.
+    async fn write_outbound(
+        &mut self,
+        ws: &mut WsStream,
+        writer: &SubscriberWriter,
+        direct_writes: bool,
+    ) -> Option<End> {
+        let drained = if direct_writes {
+            writer.write_queued(&mut self.receiver)
+        } else {
+            // A control frame tungstenite still holds (an automatic pong) goes out first
+            // and whole: a frame written here must never land inside one of its frames.
+            if ws.flush().await.is_err() {
+                return Some(End::WriteFailed);
+            }
+            writer
+                .write_queued_through(&mut self.receiver, ws.get_mut())
+                .await
+        };
         self.tracked
             .telemetry()
-            .delivered(Wire::Ws, written.messages, written.stamps);
-        self.close_after(ws, written.close).await
-    }
-
-    /// Writes what the socket has queued, as the releasing thread does (`direct.rs`):
-    /// taken and written without blocking under the connection's lock; what the socket
-    /// does not take now is flushed here, with the listener's write timeout.
-    async fn write_direct(&mut self, ws: &mut WsStream, direct: &Direct) -> Option<End> {
-        let written = direct.write_queued(&mut self.receiver);
-        self.tracked
-            .telemetry()
-            .delivered(Wire::Ws, written.messages, written.stamps);
-        // Also sends any control frame tungstenite holds, after the pending bytes.
-        if written.failed || ws.flush().await.is_err() {
+            .delivered(ConnKind::Ws, drained.messages, drained.stamps);
+        // Also sends the bytes a direct write left pending, then any control frame
+        // tungstenite holds.
+        if drained.failed || ws.flush().await.is_err() {
             return Some(End::WriteFailed);
         }
-        self.close_after(ws, written.close).await
+        self.close_after(ws, drained.close).await
     }
 
     /// Sends a close the object queued, if any.
@@ -469,8 +468,8 @@ impl Conn {
         close: Option<(u16, String)>,
     ) -> Option<End> {
         let (code, reason) = close?;
-        let code = if code == 1008 {
-            self.tracked.telemetry().slow_disconnect(Wire::Ws);
+        let code = if code == close::SLOW_CONSUMER {
+            self.tracked.telemetry().slow_disconnect(ConnKind::Ws);
             close::SLOW_CONSUMER
         } else {
             code

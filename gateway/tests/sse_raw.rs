@@ -1,4 +1,4 @@
-//! SSE at the byte level: a subscription is served outside hyper (`detach`) when it opens
+//! SSE at the byte level: a subscription is served outside hyper (`conn::raw_sse`) when it opens
 //! its connection or follows other requests on it, so these check the exact bytes a client
 //! sees there, that a connection hyper keeps still serves subscriptions, and that a
 //! subscriber who closes its socket is let go at once rather than at the next write.

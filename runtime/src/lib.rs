@@ -76,7 +76,8 @@ pub use namespace::{DynNamespace, Namespace, ObjectHandle, ObjectState};
 pub use object::Object;
 pub use runtime::Runtime;
 pub use socket::{
-    DirectWrite, Inbound, Outbound, Queued, SendOutcome, Socket, SocketReceiver, Sockets, Transport,
+    Inbound, Outbound, Queued, SendOutcome, Socket, SocketReceiver, Sockets, Transport,
+    WriteOnRelease,
 };
 
 pub use bytes::Bytes;

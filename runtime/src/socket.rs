@@ -46,7 +46,15 @@ pub enum Outbound {
     },
 }
 
+/// Why a slow consumer's connection was closed, as its client reads it.
+const SLOW_CONSUMER_REASON: &str = "slow consumer: reconnect with your last event id";
+
 impl Outbound {
+    /// The close code of a socket cut off because its queue overflowed (a slow consumer):
+    /// WebSocket's "policy violation", which clients know as "reconnect, and resume". A
+    /// connection that sees it counts a slow disconnect; SSE says `slow_consumer`.
+    pub const SLOW_CONSUMER: u16 = 1008;
+
     fn cost(&self) -> usize {
         match self {
             Self::Text(b) | Self::Binary(b) => b.len(),
@@ -108,8 +116,8 @@ struct Inner {
     /// Small per-connection state the object keeps across hibernation (a user name, a
     /// subscription filter): the equivalent of a hibernatable WebSocket's attachment.
     attachment: Mutex<Bytes>,
-    /// Set by a connection that writes released messages itself (see [`DirectWrite`]).
-    direct: OnceLock<Arc<dyn DirectWrite>>,
+    /// Set by a connection that writes released messages itself (see [`WriteOnRelease`]).
+    on_release: OnceLock<Arc<dyn WriteOnRelease>>,
 }
 
 /// A connection that can write its socket's messages on the thread that released them.
@@ -117,17 +125,17 @@ struct Inner {
 /// Messages released together (a group commit's events, in one pass of the output gate)
 /// normally wake the connection's task, which then writes them: under fan-out to a thousand
 /// subscribers that is a thousand task wake-ups, polls and hand-offs between cores per
-/// group. A connection that registers a `DirectWrite` ([`SocketReceiver::set_direct`]) is
+/// group. A connection that registers a `WriteOnRelease` ([`SocketReceiver::write_on_release`]) is
 /// offered the messages first, on the releasing thread, when the batch ends; it writes what
 /// the socket takes without blocking, and only when it cannot (its task is writing, the
 /// socket is full, a close is queued) is the task woken as before.
-pub trait DirectWrite: Send + Sync {
+pub trait WriteOnRelease: Send + Sync {
     /// Writes what it can of `queued` now, without blocking; true if the connection's task
     /// need not be woken (everything queued was written or handed to the socket).
-    fn write_now(&self, queued: Queued<'_>) -> bool;
+    fn write_released(&self, queued: Queued<'_>) -> bool;
 }
 
-/// A socket's queue, as a [`DirectWrite`] sees it.
+/// A socket's queue, as a [`WriteOnRelease`] sees it.
 #[derive(Debug)]
 pub struct Queued<'a> {
     inner: &'a Inner,
@@ -298,7 +306,7 @@ enum Deferred {
     /// reference to the socket is held): a receiver that looks at its queue before the
     /// batch ends finds the message, and the wake it then gets is a spare one.
     Wake(Waker),
-    /// Offer its queue to its [`DirectWrite`], and wake the receiver if that declines.
+    /// Offer its queue to its [`WriteOnRelease`], and wake the receiver if that declines.
     Offer(Arc<Inner>),
 }
 
@@ -333,7 +341,7 @@ impl WakeBatch {
     fn defer(inner: &Arc<Inner>) -> bool {
         DEFERRED_WAKES.with(|d| match d.borrow_mut().as_mut() {
             Some(pending) => {
-                if inner.direct.get().is_some() {
+                if inner.on_release.get().is_some() {
                     pending.push(Deferred::Offer(Arc::clone(inner)));
                 } else if let Some(waker) = inner.waker.take() {
                     // None: the receiver is not waiting, and looks at its queue before it
@@ -406,14 +414,14 @@ const OFFERS_PER_PART: usize = 64;
 /// Direct writes a share makes before it lets other ready tasks run.
 const WRITES_PER_TURN: usize = 64;
 
-/// Offers each socket's queue to its [`DirectWrite`]; wakes the receiver of each that
+/// Offers each socket's queue to its [`WriteOnRelease`]; wakes the receiver of each that
 /// declines.
 fn offer_all(offers: &[Arc<Inner>]) {
     for inner in offers {
         let written = inner
-            .direct
+            .on_release
             .get()
-            .is_some_and(|direct| direct.write_now(Queued { inner }));
+            .is_some_and(|writer| writer.write_released(Queued { inner }));
         if !written {
             inner.waker.wake();
         }
@@ -456,7 +464,7 @@ impl Socket {
             overflowed: AtomicBool::new(false),
             close_reported: AtomicBool::new(false),
             attachment: Mutex::new(attachment),
-            direct: OnceLock::new(),
+            on_release: OnceLock::new(),
         });
         (
             Socket {
@@ -542,16 +550,14 @@ impl Socket {
             self.inner.queued.fetch_sub(cost, Ordering::AcqRel);
             self.inner.overflowed.store(true, Ordering::Release);
             let close = Outbound::Close {
-                code: 1008,
-                reason: "slow consumer: reconnect with your last event id".to_string(),
+                code: Outbound::SLOW_CONSUMER,
+                reason: SLOW_CONSUMER_REASON.to_string(),
             };
+            let cost = close.cost();
             // Accounted like any message, so taking it off the queue balances.
-            self.inner.queued.fetch_add(close.cost(), Ordering::AcqRel);
+            self.inner.queued.fetch_add(cost, Ordering::AcqRel);
             if !self.inner.push(close, None) {
-                self.inner.queued.fetch_sub(
-                    "slow consumer: reconnect with your last event id".len(),
-                    Ordering::AcqRel,
-                );
+                self.inner.queued.fetch_sub(cost, Ordering::AcqRel);
             }
             return SendOutcome::Overflowed;
         }
@@ -611,10 +617,10 @@ impl SocketReceiver {
         self.inner.take(into, max_messages, max_bytes, true)
     }
 
-    /// Lets `direct` write this socket's released messages itself (see [`DirectWrite`]);
+    /// Lets `writer` write this socket's released messages itself (see [`WriteOnRelease`]);
     /// a socket takes one, for its life.
-    pub fn set_direct(&self, direct: Arc<dyn DirectWrite>) {
-        let _ = self.inner.direct.set(direct);
+    pub fn write_on_release(&self, writer: Arc<dyn WriteOnRelease>) {
+        let _ = self.inner.on_release.set(writer);
     }
 
     /// Waits until a message is queued, without taking it; false once every [`Socket`]
@@ -625,7 +631,7 @@ impl SocketReceiver {
     }
 
     /// [`SocketReceiver::ready`] as a poll. When pending, `cx` is registered: it is woken
-    /// by the next message, by the last sender leaving, and by a [`DirectWrite`] that
+    /// by the next message, by the last sender leaving, and by a [`WriteOnRelease`] that
     /// declines an offer (which lets a connection notice work of its own, such as bytes a
     /// socket did not take, by checking after this returns pending).
     pub fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> Poll<bool> {
@@ -852,15 +858,15 @@ mod tests {
         assert_eq!(recv.as_mut().poll(&mut cx), Poll::Ready(Some(text(4))));
     }
 
-    /// A `DirectWrite` that takes what it may (or declines) and counts its offers.
+    /// A `WriteOnRelease` that takes what it may (or declines) and counts its offers.
     struct Recorder {
         accept: bool,
         offers: AtomicUsize,
         taken: Mutex<Vec<usize>>,
     }
 
-    impl DirectWrite for Recorder {
-        fn write_now(&self, queued: Queued<'_>) -> bool {
+    impl WriteOnRelease for Recorder {
+        fn write_released(&self, queued: Queued<'_>) -> bool {
             self.offers.fetch_add(1, Ordering::SeqCst);
             if self.accept {
                 let mut taken = Vec::new();
@@ -885,7 +891,7 @@ mod tests {
                 offers: AtomicUsize::new(0),
                 taken: Mutex::new(Vec::new()),
             });
-            rx.set_direct(recorder.clone());
+            rx.write_on_release(recorder.clone());
             let counter = Arc::new(CountingWaker(AtomicUsize::new(0)));
             let waker = std::task::Waker::from(counter.clone());
             let mut cx = std::task::Context::from_waker(&waker);
@@ -947,7 +953,7 @@ mod tests {
         let mut receivers = Vec::new();
         for recorder in &recorders {
             let (socket, rx) = Socket::new(Transport::WebSocket, 1000, Bytes::new());
-            rx.set_direct(recorder.clone());
+            rx.write_on_release(recorder.clone());
             sockets.push(socket);
             receivers.push(rx);
         }

@@ -7,21 +7,21 @@ use dormouse_runtime::NamespaceStats;
 use metrics::{Counter, Gauge, Key, Label, Metadata, Recorder, Unit};
 use metrics_exporter_prometheus::PrometheusRecorder;
 
-use super::{Telemetry, Wire};
+use super::{ConnKind, Telemetry};
 
 impl Telemetry {
     /// Prometheus text: copies the kept figures and the namespaces' counters into the
     /// recorder, then renders it.
     pub(crate) fn render(&self, namespaces: &[(String, NamespaceStats)]) -> String {
         let r = &self.recorder;
-        for wire in Wire::ALL {
+        for wire in ConnKind::ALL {
             let labels = [("transport", wire.label())];
             register_gauge(r, "dormouse_connections", &labels)
                 .set(self.open[wire as usize].load(Ordering::Relaxed) as f64);
             register_counter(r, "dormouse_connections_opened_total", &labels)
                 .absolute(self.opened[wire as usize].load(Ordering::Relaxed));
         }
-        for (index, wire) in [Wire::Sse, Wire::Ws].into_iter().enumerate() {
+        for (index, wire) in [ConnKind::Sse, ConnKind::Ws].into_iter().enumerate() {
             let labels = [("transport", wire.label())];
             register_counter(r, "dormouse_deliveries_total", &labels).absolute(
                 self.delivered

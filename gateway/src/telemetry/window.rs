@@ -11,7 +11,7 @@ use serde::Serialize;
 /// about 2^33 µs (2.4 hours); slower values land in the last bucket.
 const BUCKETS: usize = 128;
 
-/// Latencies recorded since the last [`LatencyWindow::take`].
+/// Latencies recorded since the last `take`.
 #[derive(Debug)]
 pub(super) struct LatencyWindow {
     buckets: [AtomicU64; BUCKETS],

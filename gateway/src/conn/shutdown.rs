@@ -1,4 +1,6 @@
-//! The shutdown signal, as tens of thousands of connections wait for it.
+//! Stopping the server's connections: the stop signal every connection's loop polls
+//! ([`Stopping`]), the [`KillSwitch`] that fails the IO of those that outlive the grace
+//! period, the OS signals ([`shutdown_signal`]) and the drain ([`drain_connections`]).
 //!
 //! A connection's loop asks "is the server stopping?" on every turn. Asked through a
 //! `watch` channel, each turn registered a waiter on a list every connection shares and
@@ -14,7 +16,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 
+use std::time::Duration;
+
+use hyper_util::server::graceful::GracefulShutdown;
 use slab::Slab;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::task::TaskTracker;
 
 /// Lists of wakers; a waiter picks one by a counter, so registrations rarely contend.
 const SHARDS: usize = 16;
@@ -50,9 +57,9 @@ impl Stopping {
     }
 
     /// A waiter for a connection's loop, polled on every turn.
-    pub(crate) fn waiter(&self) -> Waiter {
+    pub(crate) fn waiter(&self) -> StopWaiter {
         let shard = self.shared.next_shard.fetch_add(1, Ordering::Relaxed) % SHARDS;
-        Waiter {
+        StopWaiter {
             shared: self.shared.clone(),
             shard: shard as u8,
             registered: None,
@@ -68,13 +75,13 @@ impl Stopping {
 
 /// One connection's registration: its waker's slot and a copy to compare against.
 #[derive(Debug)]
-pub(crate) struct Waiter {
+pub(crate) struct StopWaiter {
     shared: Arc<Shared>,
     shard: u8,
     registered: Option<(usize, Waker)>,
 }
 
-impl Waiter {
+impl StopWaiter {
     /// Ready once the server is stopping; otherwise arranges for `cx` to be woken then.
     pub(crate) fn poll_stopping(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         if self.shared.stopping.load(Ordering::Acquire) {
@@ -114,7 +121,7 @@ impl Waiter {
     }
 }
 
-impl Drop for Waiter {
+impl Drop for StopWaiter {
     fn drop(&mut self) {
         if let Some((key, _)) = self.registered.take() {
             self.shared.wakers[usize::from(self.shard)]
@@ -189,4 +196,84 @@ mod tests {
         let mut waiter = stopping.waiter();
         waiter.stopped().await;
     }
+}
+
+/// The switch that ends every connection's IO at the end of a shutdown's grace period.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct KillSwitch {
+    /// What every read and write checks first: a plain atomic load, where the token's own
+    /// `is_cancelled` takes a mutex that all connections share (measured at 2.4 % of the
+    /// server's CPU under fan-out).
+    flipped: Arc<AtomicBool>,
+    /// Wakes IO that is blocked when the switch flips.
+    token: CancellationToken,
+}
+
+impl KillSwitch {
+    /// Fails every connection's pending and future IO.
+    pub(crate) fn flip(&self) {
+        self.flipped.store(true, Ordering::Release);
+        self.token.cancel();
+    }
+
+    /// The plain load every read and write makes first.
+    pub(super) fn is_flipped(&self) -> bool {
+        self.flipped.load(Ordering::Acquire)
+    }
+
+    /// Resolves when the switch flips: polled by IO only once it would block.
+    pub(super) fn flipped(&self) -> WaitForCancellationFutureOwned {
+        self.token.clone().cancelled_owned()
+    }
+}
+
+/// Ends every connection, within bounds: tells them to go ([`Stopping::stop`]: SSE clients
+/// get a `reconnect` event, WebSockets close 1012), waits for hyper's connections and the
+/// tracked tasks (WebSockets, raw SSE), and flips `kill` after `grace` so those that cannot
+/// say goodbye (a client that stopped reading) are cut. Returns once the cut connections'
+/// tasks ran too, or after another `grace`: each holds the server's state (and so the data
+/// dir's lock), so a server opened on the same data dir right after finds it free.
+pub(crate) async fn drain_connections(
+    stopping: &Stopping,
+    kill: &KillSwitch,
+    graceful: GracefulShutdown,
+    tasks: &TaskTracker,
+    grace: Duration,
+) {
+    stopping.stop();
+    let cut_off = kill.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(grace).await;
+        cut_off.flip();
+    });
+    graceful.shutdown().await;
+    tasks.close();
+    if tokio::time::timeout(grace * 2, tasks.wait()).await.is_err() {
+        tracing::warn!("some WebSocket connections did not end in time");
+    }
+    kill.flip();
+    let _ = tokio::time::timeout(grace, tasks.wait()).await;
+}
+
+/// Resolves on SIGINT or SIGTERM, the signals an operator or a supervisor uses to stop us.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutdown requested");
 }

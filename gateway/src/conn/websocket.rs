@@ -1,8 +1,9 @@
-//! WebSocket handshakes whose connection the gateway drives itself.
+//! WebSocket handshakes answered here, so the gateway drives the upgraded connection
+//! itself.
 //!
 //! axum's `WebSocket` hides the stream it wraps, and the fan-out path needs that stream: a
 //! connection writes each message's frame header and its shared, already-encoded payload
-//! straight to the socket in one vectored write per batch (see `ws::Conn::write_batch`),
+//! straight to the socket in one vectored write per batch (see [`super::writer`]),
 //! where going through tungstenite's sink copied every payload into a per-connection
 //! buffer, validated its UTF-8 again and took a lock shared by the two split halves. So the
 //! handshake is checked by axum's own extractor (which names each failure precisely:
@@ -22,25 +23,21 @@ use http::request::Parts;
 use http::{StatusCode, Version};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
-use crate::direct::{Direct, Framing, Ordered};
+use super::framing::Framing;
+use super::tcp::{RawSocket, SharedTcp, Writable};
+use super::writer::{SerializedIo, SubscriberWriter};
 use crate::telemetry::Telemetry;
 
-/// An accepted WebSocket. Its IO is [`Ordered`], so that data frames written around
-/// tungstenite (`direct.rs`) never interleave with the frames tungstenite writes.
-pub(crate) type WsStream = WebSocketStream<Ordered<TokioIo<Upgraded>>>;
-
-/// The TCP stream a request arrived on, put into each request by the server, so that an
-/// HTTP/1.1 WebSocket can write to its socket directly (`direct.rs`).
-#[derive(Debug, Clone)]
-pub(crate) struct SharedStream(pub(crate) Arc<TcpStream>);
+/// An accepted WebSocket. Its IO is [`SerializedIo`], so that data frames written around
+/// tungstenite ([`SubscriberWriter`]) never interleave with the frames tungstenite writes.
+pub(crate) type WsStream = WebSocketStream<SerializedIo<TokioIo<Upgraded>>>;
 
 /// A valid WebSocket handshake, not yet answered.
-pub(crate) struct Handshake {
+pub(crate) struct WsHandshake {
     on_upgrade: OnUpgrade,
     /// `Sec-WebSocket-Accept` for an HTTP/1.1 handshake; HTTP/2 (RFC 8441) has none and is
     /// answered with a plain 200.
@@ -48,10 +45,10 @@ pub(crate) struct Handshake {
     /// The connection's own TCP stream, for an HTTP/1.1 upgrade on our listener: after the
     /// upgrade nothing but this WebSocket uses it. (On HTTP/2 the stream carries other
     /// requests' frames too: never written to directly.)
-    stream: Option<Arc<TcpStream>>,
+    stream: Option<SharedTcp>,
 }
 
-impl<S: Send + Sync> FromRequestParts<S> for Handshake {
+impl<S: Send + Sync> FromRequestParts<S> for WsHandshake {
     type Rejection = WebSocketUpgradeRejection;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
@@ -70,8 +67,9 @@ impl<S: Send + Sync> FromRequestParts<S> for Handshake {
                 .and_then(|accept| HeaderValue::from_str(&accept).ok());
             let stream = parts
                 .extensions
-                .get::<SharedStream>()
-                .map(|shared| Arc::clone(&shared.0));
+                .get::<RawSocket>()
+                .filter(|socket| socket.writable == Writable::AfterUpgrade)
+                .map(|socket| socket.tcp.clone());
             (accept, stream)
         } else {
             (None, None)
@@ -84,9 +82,9 @@ impl<S: Send + Sync> FromRequestParts<S> for Handshake {
     }
 }
 
-impl Handshake {
+impl WsHandshake {
     /// Answers the handshake and, once the client has the answer, runs `serve` on the
-    /// connection in its own task, with the connection's [`Direct`] (enabled when the
+    /// connection in its own task, with the connection's [`SubscriberWriter`] (enabled when the
     /// socket can be shared). Buffers: a 1 KiB read buffer is allocated for every
     /// connection (it grows only while a larger frame is read); `max_message` bounds what
     /// a client may send in one message. `check_text`: whether the text the connection
@@ -99,7 +97,7 @@ impl Handshake {
         serve: F,
     ) -> Response
     where
-        F: FnOnce(WsStream, Arc<Direct>) -> Fut + Send + 'static,
+        F: FnOnce(WsStream, Arc<SubscriberWriter>) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let on_upgrade = self.on_upgrade;
@@ -121,10 +119,11 @@ impl Handshake {
                     return;
                 }
             };
-            let direct = Direct::new(stream, telemetry, Framing::WebSocket { check_text });
-            let io = Ordered::new(TokioIo::new(upgraded), Arc::clone(&direct));
+            let writer =
+                SubscriberWriter::new(stream, telemetry, Framing::WebSocket { check_text });
+            let io = SerializedIo::new(TokioIo::new(upgraded), Arc::clone(&writer));
             let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
-            serve(ws, direct).await;
+            serve(ws, writer).await;
         });
         let mut response = Response::new(Body::empty());
         if let Some(accept) = self.accept {

@@ -1,10 +1,12 @@
-//! The TCP listener and connection IO the server runs on. Two things axum's plain
-//! `TcpListener` cannot do:
+//! A connection's TCP stream: [`ConnStream`], the IO every connection runs on, and
+//! [`SharedTcp`], the same socket as a subscriber's writer holds it.
+//!
+//! Three things a plain `TcpStream` does not do:
 //!
 //! - **Forced shutdown.** A graceful stop asks every connection to finish, but a client that
 //!   stopped reading leaves its connection blocked in a write that will never complete. Every
-//!   connection's IO here watches a kill switch, flipped after a grace period, that fails its
-//!   pending reads and writes, so the server always stops.
+//!   connection's IO here watches the [`KillSwitch`], flipped after a grace period, that fails
+//!   its pending reads and writes, so the server always stops.
 //! - **Write timeout.** A client that stops reading for good would otherwise hold its
 //!   connection (and its queued bytes) forever: a write that makes no progress for
 //!   `write_timeout` fails, which ends the connection; the client resumes with its last id.
@@ -14,244 +16,74 @@
 //!   sending side and read (and drop) what the client still sends, for a bounded time and
 //!   amount, so the answer arrives (RFC 9112, section 9.6).
 
-use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::time::Sleep;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
+use super::listen::ConnPermit;
+#[cfg(test)]
+use super::listen::accepted_for_test;
+use super::shutdown::KillSwitch;
 use crate::telemetry::Telemetry;
 
+/// The address a connection came from, put in every request it carries (as axum's
+/// `ConnectInfo`), for the limits and the logs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PeerAddr(pub(crate) SocketAddr);
+
+/// A connection's socket, shared between its IO and a [`SubscriberWriter`] that writes
+/// released messages to it from another thread. All IO on it goes through readiness and
+/// `try_*` calls, which work on a shared stream.
+///
+/// [`SubscriberWriter`]: super::SubscriberWriter
+#[derive(Debug, Clone)]
+pub(crate) struct SharedTcp(Arc<TcpStream>);
+
+impl std::ops::Deref for SharedTcp {
+    type Target = TcpStream;
+
+    fn deref(&self) -> &TcpStream {
+        &self.0
+    }
+}
+
+/// Put into a request by the accept loop (see [`super::accept`]): the connection's socket,
+/// and when the request's handler may write to it around the server's HTTP code. Never put
+/// into an HTTP/2 request, whose connection carries other requests' frames.
+#[derive(Debug, Clone)]
+pub(crate) struct RawSocket {
+    pub(crate) tcp: SharedTcp,
+    pub(crate) writable: Writable,
+}
+
+/// When a handler may write to a [`RawSocket`] itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Writable {
+    /// After a WebSocket upgrade: nothing but the WebSocket uses the connection then.
+    AfterUpgrade,
+    /// Once the response head is out: an SSE subscription served outside hyper
+    /// ([`super::raw_sse`]) owns the connection and writes its body straight to it.
+    ResponseBody,
+}
 /// How long a closing connection keeps reading what the client still sends.
 const LINGER: Duration = Duration::from_secs(2);
 /// How much it reads at most while lingering.
 const LINGER_BYTES: usize = 64 * 1024 * 1024;
 
-/// The switch that ends every connection's IO at the end of a shutdown's grace period.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct KillSwitch {
-    /// What every read and write checks first: a plain atomic load, where the token's own
-    /// `is_cancelled` takes a mutex that all connections share (measured at 2.4 % of the
-    /// server's CPU under fan-out).
-    flipped: Arc<AtomicBool>,
-    /// Wakes IO that is blocked when the switch flips.
-    token: CancellationToken,
-}
-
-impl KillSwitch {
-    /// Fails every connection's pending and future IO.
-    pub(crate) fn flip(&self) {
-        self.flipped.store(true, Ordering::Release);
-        self.token.cancel();
-    }
-
-    fn is_flipped(&self) -> bool {
-        self.flipped.load(Ordering::Acquire)
-    }
-}
-
-/// Accepts connections whose IO obeys `kill`, within the connection limits.
-#[derive(Debug)]
-pub(crate) struct GuardedListener {
-    inner: TcpListener,
-    kill: KillSwitch,
-    write_timeout: Duration,
-    connections: Arc<Connections>,
-    /// Counts bytes, refusals and write timeouts.
-    telemetry: Arc<Telemetry>,
-}
-
-impl GuardedListener {
-    pub(crate) fn new(
-        inner: TcpListener,
-        kill: KillSwitch,
-        write_timeout: Duration,
-        connections: Arc<Connections>,
-        telemetry: Arc<Telemetry>,
-    ) -> Self {
-        Self {
-            inner,
-            kill,
-            write_timeout,
-            connections,
-            telemetry,
-        }
-    }
-}
-
-/// Open connections, in total and per client address, against their limits (0: none).
-#[derive(Debug)]
-pub(crate) struct Connections {
-    max_total: usize,
-    max_per_ip: usize,
-    open: Mutex<(usize, HashMap<IpAddr, usize>)>,
-}
-
-impl Connections {
-    pub(crate) fn new(max_total: usize, max_per_ip: usize) -> Self {
-        Self {
-            max_total,
-            max_per_ip,
-            open: Mutex::default(),
-        }
-    }
-
-    /// A slot for a new connection from `ip`, or why there is none.
-    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, &'static str> {
-        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
-        let (total, per_ip) = &mut *open;
-        if self.max_total > 0 && *total >= self.max_total {
-            return Err("the server has reached its connection limit (limits.max_connections)");
-        }
-        let mine = per_ip.entry(ip).or_default();
-        if self.max_per_ip > 0 && *mine >= self.max_per_ip {
-            return Err("too many connections from your address (limits.max_connections_per_ip)");
-        }
-        *mine += 1;
-        *total += 1;
-        Ok(Slot {
-            connections: Arc::clone(self),
-            ip,
-        })
-    }
-}
-
-/// One admitted connection; gives its place back when the connection is dropped.
-#[derive(Debug)]
-struct Slot {
-    connections: Arc<Connections>,
-    ip: IpAddr,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut open = self
-            .connections
-            .open
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let (total, per_ip) = &mut *open;
-        *total = total.saturating_sub(1);
-        if let Some(mine) = per_ip.get_mut(&self.ip) {
-            *mine -= 1;
-            if *mine == 0 {
-                per_ip.remove(&self.ip);
-            }
-        }
-    }
-}
-
-/// Answers a connection over a limit with a 503 and closes it: the client learns why and
-/// when to retry instead of seeing a reset. The request head is read first (briefly, and
-/// bounded), because an HTTP client treats an answer that comes before its request as an
-/// error rather than as the answer.
-async fn refuse(mut stream: TcpStream, why: &'static str) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let body = format!(r#"{{"error":{{"code":"too_many_connections","message":"{why}"}}}}"#);
-    let response = format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
-         retry-after: {REFUSED_RETRY_AFTER_SECS}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let mut head = Vec::with_capacity(1024);
-    let mut scratch = [0u8; 1024];
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        while head.len() < 16 * 1024 && !head.windows(4).any(|w| w == b"\r\n\r\n") {
-            match stream.read(&mut scratch).await {
-                Ok(n) if n > 0 => head.extend_from_slice(&scratch[..n]),
-                _ => break,
-            }
-        }
-    })
-    .await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        let _ = stream.write_all(response.as_bytes()).await;
-        let _ = stream.shutdown().await;
-        // Drain what the client still sends so it reads the answer, not a reset.
-        let _ = tokio::time::timeout(Duration::from_millis(500), async {
-            while matches!(stream.read(&mut scratch).await, Ok(n) if n > 0) {}
-        })
-        .await;
-    })
-    .await;
-}
-
-/// The `Retry-After` of a refused connection.
-const REFUSED_RETRY_AFTER_SECS: u64 = 5;
-
-impl axum::serve::Listener for GuardedListener {
-    type Io = GuardedStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            match self.inner.accept().await {
-                Ok((stream, addr)) => match self.connections.admit(addr.ip()) {
-                    Ok(slot) => {
-                        // Nagle's algorithm holds a small write back while an earlier one
-                        // is unacknowledged. A channel's frames are small and each is
-                        // written as soon as it is released, so with it on, a message
-                        // waits for the client's (possibly delayed) acknowledgement of the
-                        // one before: a round trip or up to 200 ms of latency on a stream
-                        // of tokens. Redis, nginx, Go's net package and Node's `ws` turn it
-                        // off for the same reason. A failure only costs latency.
-                        if let Err(e) = stream.set_nodelay(true) {
-                            tracing::debug!(peer = %addr, error = %e, "TCP_NODELAY not set");
-                        }
-                        let mut io = GuardedStream::new(
-                            stream,
-                            self.kill.clone(),
-                            self.write_timeout,
-                            self.telemetry.clone(),
-                        );
-                        io.slot = Some(slot);
-                        return (io, addr);
-                    }
-                    Err(why) => {
-                        tracing::debug!(peer = %addr, why, "connection refused");
-                        self.telemetry.rejected("too_many_connections");
-                        tokio::spawn(refuse(stream, why));
-                    }
-                },
-                Err(e) if is_connection_error(&e) => {}
-                Err(e) => {
-                    // Usually out of file descriptors: wait for some to close.
-                    tracing::error!(error = %crate::logging::error_chain(&e), "accept failed; retrying in 1 s");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            }
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.inner.local_addr()
-    }
-}
-
-fn is_connection_error(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionRefused
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-    )
-}
-
 /// A connection's IO: a TCP stream with a kill switch and a lingering close.
 ///
-/// The stream is shared (`Arc`) so that a WebSocket's fan-out can write to the same socket
-/// from the thread that released the messages (`direct.rs`); all IO here goes through
-/// readiness plus `try_*` calls, which work on a shared stream.
-pub(crate) struct GuardedStream {
-    inner: Arc<TcpStream>,
+/// The socket is a [`SharedTcp`], so that a subscriber's writer can write to it from the
+/// thread that released the messages ([`super::writer`]).
+pub(crate) struct ConnStream {
+    inner: SharedTcp,
     kill: KillSwitch,
     /// Polled only when the IO would block, so the hot path is one atomic load.
     killed: Pin<Box<WaitForCancellationFutureOwned>>,
@@ -269,29 +101,30 @@ pub(crate) struct GuardedStream {
     /// True while the timer runs for the current blocked write.
     stalled: bool,
     /// Its place under the connection limits, given back on drop.
-    slot: Option<Slot>,
+    _permit: ConnPermit,
     telemetry: Arc<Telemetry>,
 }
 
-impl std::fmt::Debug for GuardedStream {
+impl std::fmt::Debug for ConnStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GuardedStream")
+        f.debug_struct("ConnStream")
             .field("peer", &self.inner.peer_addr().ok())
             .finish()
     }
 }
 
-impl GuardedStream {
-    fn new(
+impl ConnStream {
+    pub(super) fn new(
         inner: TcpStream,
+        permit: ConnPermit,
         kill: KillSwitch,
         write_timeout: Duration,
         telemetry: Arc<Telemetry>,
     ) -> Self {
         Self {
             telemetry,
-            inner: Arc::new(inner),
-            killed: Box::pin(kill.token.clone().cancelled_owned()),
+            inner: SharedTcp(Arc::new(inner)),
+            killed: Box::pin(kill.flipped()),
             kill_waker: None,
             kill,
             linger: None,
@@ -299,7 +132,7 @@ impl GuardedStream {
             write_timeout,
             stall_timer: None,
             stalled: false,
-            slot: None,
+            _permit: permit,
         }
     }
 
@@ -342,7 +175,7 @@ impl GuardedStream {
         self.inner.peek(buf).await
     }
 
-    /// As [`GuardedStream::peek`], without waiting: for a reader that must decide in a poll.
+    /// As [`ConnStream::peek`], without waiting: for a reader that must decide in a poll.
     pub(crate) fn poll_peek(
         &self,
         cx: &mut Context<'_>,
@@ -376,10 +209,10 @@ impl GuardedStream {
     }
 }
 
-/// The stream, shared with whoever writes to it directly (see the type's doc).
-impl GuardedStream {
-    pub(crate) fn shared(&self) -> Arc<TcpStream> {
-        Arc::clone(&self.inner)
+impl ConnStream {
+    /// The socket, for a writer that writes to it around this IO (see the type's doc).
+    pub(crate) fn shared(&self) -> SharedTcp {
+        self.inner.clone()
     }
 }
 
@@ -434,7 +267,7 @@ fn killed_error() -> io::Error {
     io::Error::new(io::ErrorKind::ConnectionAborted, "server shutting down")
 }
 
-impl AsyncRead for GuardedStream {
+impl AsyncRead for ConnStream {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -455,7 +288,7 @@ impl AsyncRead for GuardedStream {
     }
 }
 
-impl AsyncWrite for GuardedStream {
+impl AsyncWrite for ConnStream {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -505,7 +338,7 @@ impl AsyncWrite for GuardedStream {
         }
         let this = &mut *self;
         if this.linger.is_none() {
-            socket2::SockRef::from(&*this.inner).shutdown(std::net::Shutdown::Write)?;
+            socket2::SockRef::from(&*this.inner.0).shutdown(std::net::Shutdown::Write)?;
             this.linger = Some(Box::pin(tokio::time::sleep(LINGER)));
         }
         let mut scratch = [0u8; 8192];
@@ -531,25 +364,6 @@ impl AsyncWrite for GuardedStream {
         }
     }
 }
-
-/// A connection accepted as the server accepts them (no limits), its peer address, and the
-/// client's end: for tests of what runs on one.
-#[cfg(test)]
-pub(crate) async fn accepted_for_test() -> (GuardedStream, SocketAddr, TcpStream) {
-    let inner = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = inner.local_addr().unwrap();
-    let mut listener = GuardedListener::new(
-        inner,
-        KillSwitch::default(),
-        Duration::from_secs(5),
-        Arc::new(Connections::new(0, 0)),
-        Arc::new(Telemetry::new(false)),
-    );
-    let client = TcpStream::connect(addr).await.unwrap();
-    let (stream, peer) = axum::serve::Listener::accept(&mut listener).await;
-    (stream, peer, client)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
