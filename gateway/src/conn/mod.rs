@@ -85,7 +85,7 @@ mod tests {
                 .filter(|l| l.trim_start().starts_with("use "))
             {
                 for name in above {
-                    assert!(!line.contains(name), "conn/{file} imports {name}: {line}");
+                    assert!(!line.contains(name), "{file} imports {name}: {line}");
                 }
             }
         }
