@@ -19,8 +19,8 @@ use futures::StreamExt as _;
 use serde::Serialize;
 use tokio::sync::Mutex;
 
-use crate::SseEvent;
 use crate::child::ServerProcess;
+use dormouse_client::sse::{Event, Parser};
 
 /// What to run.
 #[derive(Debug, Clone, clap::Args)]
@@ -327,22 +327,20 @@ async fn consume(client: reqwest::Client, url: String, state: Arc<Mutex<Consumed
         s.cycle += 1;
     }
     let mut stream = res.bytes_stream();
-    let mut buf: Vec<u8> = Vec::new();
+    let mut parser = Parser::default();
     while let Some(Ok(chunk)) = stream.next().await {
-        buf.extend_from_slice(&chunk);
-        while let Some(SseEvent { id, event, data }) = crate::next_sse_event(&mut buf) {
+        for Event { id, event, data } in parser.feed(&chunk) {
             let mut s = state.lock().await;
-            match (id, event.as_deref(), data) {
-                (Some(id), None | Some("message"), Some(data)) => {
+            match (id, event.as_str()) {
+                (Some(id), "message") => {
                     s.last_id = Some(id.clone());
                     s.events.push((id, data));
                 }
-                (_, Some("dormouse.reconnect"), _) => {}
-                (_, Some(other), data) => {
+                (_, "dormouse.reconnect") => {}
+                (_, other) => {
                     s.violations
                         .push(format!("{url}: unexpected event {other}: {data:?}"));
                 }
-                _ => {}
             }
         }
     }

@@ -46,35 +46,3 @@ pub fn free_port() -> anyhow::Result<SocketAddr> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?)
 }
-
-/// One Server-Sent Event as the harnesses read it (Dormouse writes one `data:` line per
-/// event for the text payloads they publish).
-#[derive(Debug)]
-pub(crate) struct SseEvent {
-    pub(crate) id: Option<String>,
-    pub(crate) event: Option<String>,
-    pub(crate) data: Option<String>,
-}
-
-/// Takes the next complete event (up to a blank line) off the front of `buf`, if there is
-/// one; comments and fields other than `id`, `event` and `data` are skipped.
-pub(crate) fn next_sse_event(buf: &mut Vec<u8>) -> Option<SseEvent> {
-    let end = buf.windows(2).position(|w| w == b"\n\n")?;
-    let block: Vec<u8> = buf.drain(..end + 2).collect();
-    let text = String::from_utf8_lossy(&block[..end]);
-    let mut event = SseEvent {
-        id: None,
-        event: None,
-        data: None,
-    };
-    for line in text.lines() {
-        if let Some(v) = line.strip_prefix("id: ") {
-            event.id = Some(v.to_string());
-        } else if let Some(v) = line.strip_prefix("event: ") {
-            event.event = Some(v.to_string());
-        } else if let Some(v) = line.strip_prefix("data: ") {
-            event.data = Some(v.to_string());
-        }
-    }
-    Some(event)
-}

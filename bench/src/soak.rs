@@ -19,8 +19,8 @@ use serde::Serialize;
 use tokio::sync::Mutex;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::SseEvent;
 use crate::child::ServerProcess;
+use dormouse_client::sse::{Event, Parser};
 
 /// What to run.
 #[derive(Debug, Clone, clap::Args)]
@@ -303,7 +303,7 @@ async fn sse_session(
     }
     let res = request.send().await?.error_for_status()?;
     let mut stream = res.bytes_stream();
-    let mut buf: Vec<u8> = Vec::new();
+    let mut parser = Parser::default();
     let mut problems = Vec::new();
     while !stop.load(Ordering::SeqCst) {
         let Ok(chunk) = tokio::time::timeout_at(deadline, stream.next()).await else {
@@ -313,16 +313,13 @@ async fn sse_session(
             problems.push(format!("{channel}: the SSE stream ended"));
             break;
         };
-        buf.extend_from_slice(&chunk?);
-        while let Some(SseEvent { id, event, data }) = crate::next_sse_event(&mut buf) {
-            match (id, event.as_deref(), data) {
-                (Some(id), None | Some("message"), Some(data)) => {
-                    problems.extend(on_message(id, &data));
+        for Event { id, event, data } in parser.feed(&chunk?) {
+            match (id, event.as_str()) {
+                (Some(id), "message") => problems.extend(on_message(id, &data)),
+                (None, "message") => {
+                    problems.push(format!("{channel}: a message without an id: {data:?}"));
                 }
-                (_, Some(event), data) => {
-                    problems.push(format!("{channel}: SSE event {event}: {data:?}"));
-                }
-                _ => {}
+                (_, event) => problems.push(format!("{channel}: SSE event {event}: {data:?}")),
             }
         }
     }

@@ -6,7 +6,6 @@
 //! - `client`: base URL, credential, and errors that carry the server's own code and message.
 //! - `publish`: one message, or each line of a file or stdin through the batch route.
 //! - `tail`: an SSE subscriber that resumes with its last id after any interruption.
-//! - `sse`: the incremental SSE parser `tail` reads the stream with.
 //! - `channels`: list channels, or describe one.
 //! - `token`: mint a JWT in the layout the server's auth verifies.
 //! - `output`: results on stdout, one flushed write each, and a closed pipe as a normal end.
@@ -15,7 +14,6 @@ mod channels;
 mod client;
 mod output;
 mod publish;
-mod sse;
 mod tail;
 mod token;
 

@@ -5,16 +5,16 @@
 use dormouse_testkit as support;
 
 use std::collections::{BTreeMap, HashSet};
-use std::fs::File;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::{Endpoint, PATIENCE, SseClient, TestServer, WsClient};
+use support::{ChildServer, PATIENCE, SseClient, TestServer, WsClient};
+
+/// The binary under test.
+const DORMOUSE: &str = env!("CARGO_BIN_EXE_dormouse");
 
 const EVENTS: &str = "/v1/channels/durable/events";
 const WS: &str = "/v1/channels/durable/ws";
@@ -127,111 +127,6 @@ async fn a_graceful_restart_reopens_the_data_dir_while_a_websocket_client_has_st
     server.stop().await;
 }
 
-/// The `dormouse` binary running as a child process; killed (SIGKILL) when dropped, so no
-/// exit path of a test leaves it behind.
-struct ChildServer {
-    child: Child,
-    endpoint: Endpoint,
-    log: PathBuf,
-}
-
-impl Drop for ChildServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl ChildServer {
-    /// Starts the binary on a free port and waits until it serves. A port taken between
-    /// choosing and binding makes the child exit; then another port is tried.
-    async fn start(data_dir: &Path, log_dir: &Path, run: usize) -> Self {
-        for attempt in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("pick a port")
-                .port();
-            let log = log_dir.join(format!("dormouse-{run}-{attempt}.log"));
-            let mut command = Command::new(env!("CARGO_BIN_EXE_dormouse"));
-            command
-                .arg("--listen")
-                .arg(format!("127.0.0.1:{port}"))
-                .arg("--data-dir")
-                .arg(data_dir)
-                .env("RUST_LOG", "info")
-                .env("NO_COLOR", "1")
-                .stdin(Stdio::null());
-            // Logs go to stdout, a failure to start to stderr: keep both.
-            let file = File::create(&log).expect("log file");
-            command
-                .stdout(file.try_clone().expect("log file"))
-                .stderr(file);
-            for (key, _) in std::env::vars() {
-                if key.starts_with("DORMOUSE_") {
-                    command.env_remove(key);
-                }
-            }
-            let mut server = Self {
-                child: command.spawn().expect("spawn dormouse"),
-                endpoint: Endpoint::new(SocketAddr::from(([127, 0, 0, 1], port))),
-                log,
-            };
-            if server.wait_until_serving(port).await {
-                return server;
-            }
-            let log = server.log_text();
-            assert!(
-                log.contains("binding"),
-                "dormouse exited before serving:\n{log}"
-            );
-        }
-        panic!("could not start dormouse on a free port in 5 attempts");
-    }
-
-    /// True once the child says it listens on `port` and answers /healthz; false if it exited.
-    async fn wait_until_serving(&mut self, port: u16) -> bool {
-        let client = reqwest::Client::new();
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        let address = format!("127.0.0.1:{port}");
-        loop {
-            if self.child.try_wait().expect("child status").is_some() {
-                return false;
-            }
-            let log = self.log_text();
-            if log.contains("listening") && log.contains(&address) {
-                let healthy = client
-                    .get(self.url("/healthz"))
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status() == 200);
-                if healthy {
-                    return true;
-                }
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "dormouse did not start serving in time:\n{log}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn url(&self, path: &str) -> String {
-        self.endpoint.url(path)
-    }
-
-    /// SIGKILL, then reap.
-    fn kill9(mut self) {
-        self.child.kill().expect("SIGKILL");
-        let status = self.child.wait().expect("reap");
-        assert!(!status.success(), "killed, not exited: {status}");
-    }
-}
-
 /// What one publisher got acknowledged: `(n, id)` for its messages `{tag}-{n}`, in order.
 type Acked = Vec<(usize, String)>;
 
@@ -266,7 +161,7 @@ fn seq_of(id: &str) -> (String, u64) {
 
 /// Every retained event of the channel, oldest first, as `(id, data)`.
 async fn read_all(server: &ChildServer, channel: &str) -> Vec<(String, String)> {
-    let events = server.endpoint.all_history(channel).await;
+    let events = server.all_history(channel).await;
     events
         .iter()
         .map(|e| {
@@ -374,15 +269,12 @@ async fn verify(server: &ChildServer, acked: &BTreeMap<String, Acked>, sentinels
 async fn kill_9_while_publishing_loses_no_acknowledged_message() {
     const PUBLISHERS: usize = 4;
     let data = tempfile::tempdir().expect("data dir");
-    let logs = tempfile::tempdir().expect("log dir");
     let mut acked: BTreeMap<String, Acked> = BTreeMap::new();
     let mut sentinels = 0;
-    let mut run = 0;
 
     // Two kill points: early (few messages) and later (after a first crash and recovery).
     for (cycle, kill_after) in [(0, 37), (1, 151)] {
-        let server = ChildServer::start(data.path(), logs.path(), run).await;
-        run += 1;
+        let server = ChildServer::start(Path::new(DORMOUSE), data.path(), &[]).await;
         if cycle > 0 {
             verify(&server, &acked, &mut sentinels).await;
         }
@@ -406,7 +298,7 @@ async fn kill_9_while_publishing_loses_no_acknowledged_message() {
             );
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        server.kill9();
+        server.kill();
         for (p, task) in tasks.into_iter().enumerate() {
             let got = tokio::time::timeout(PATIENCE, task)
                 .await
@@ -418,7 +310,7 @@ async fn kill_9_while_publishing_loses_no_acknowledged_message() {
         let total: usize = acked.values().map(Vec::len).sum();
         assert!(total >= kill_after, "{total} acknowledged");
     }
-    let server = ChildServer::start(data.path(), logs.path(), run).await;
+    let server = ChildServer::start(Path::new(DORMOUSE), data.path(), &[]).await;
     verify(&server, &acked, &mut sentinels).await;
     drop(server);
 }

@@ -1,15 +1,19 @@
 //! What Dormouse's tests share, so each is written once: a real server on an ephemeral port
-//! with its own data dir, and real clients: an SSE stream parser (WHATWG rules) over
-//! reqwest, and a WebSocket client (tokio-tungstenite). Used as a dev-dependency by the
-//! gateway's and the `dormouse` binary's tests; tests meet the server as a user would.
+//! with its own data dir (or a binary run as a child process), and real clients: an SSE
+//! client over reqwest, reading with the parser `dormouse tail` uses
+//! ([`dormouse_client::sse`]), and a WebSocket client (tokio-tungstenite). Used as a
+//! dev-dependency by the gateway's, the `dormouse` binary's and the examples' tests; tests
+//! meet the server as a user would.
 #![allow(missing_docs)]
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
+use dormouse_client::sse::Parser;
 use dormouse_gateway::{Dormouse, Settings};
 use futures::{SinkExt, StreamExt};
 use serde_json::Value;
@@ -190,24 +194,18 @@ impl TestServer {
     }
 }
 
-/// One parsed SSE event (WHATWG: fields joined, `data` lines joined with `\n`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SseEvent {
-    pub id: Option<String>,
-    pub event: String,
-    pub data: String,
-}
+/// One parsed SSE event (WHATWG: fields joined, `data` lines joined with `\n`), as the
+/// CLI's `tail` reads it too.
+pub use dormouse_client::sse::Event as SseEvent;
 
 /// An SSE client: parses the stream incrementally, keeps the last id like EventSource.
 pub struct SseClient {
     stream: futures::stream::BoxStream<'static, reqwest::Result<Bytes>>,
-    buf: BytesMut,
+    parser: Parser,
+    /// Events parsed from a chunk and not yet returned.
+    ready: VecDeque<SseEvent>,
     pub last_id: Option<String>,
     pub retry: Option<u64>,
-    pub comments: usize,
-    /// Bytes of `buf` already searched for a blank line, so a multi-MiB event arriving in
-    /// many chunks is parsed in linear time.
-    scanned: usize,
 }
 
 impl SseClient {
@@ -227,13 +225,16 @@ impl SseClient {
         assert_eq!(res.headers()["content-type"], "text/event-stream");
         assert_eq!(res.headers()["cache-control"], "no-cache");
         assert_eq!(res.headers()["x-accel-buffering"], "no");
+        Self::reading(res, last_id.map(str::to_string))
+    }
+
+    fn reading(res: reqwest::Response, last_id: Option<String>) -> Self {
         Self {
             stream: res.bytes_stream().boxed(),
-            buf: BytesMut::new(),
-            last_id: last_id.map(str::to_string),
+            parser: Parser::default(),
+            ready: VecDeque::new(),
+            last_id,
             retry: None,
-            comments: 0,
-            scanned: 0,
         }
     }
 
@@ -246,66 +247,23 @@ impl SseClient {
 
     async fn next_inner(&mut self) -> Option<SseEvent> {
         loop {
-            if let Some(event) = self.parse_one() {
+            if let Some(event) = self.ready.pop_front() {
+                if let Some(id) = &event.id {
+                    self.last_id = Some(id.clone());
+                }
                 return Some(event);
             }
             match self.stream.next().await {
-                Some(Ok(chunk)) => self.buf.extend_from_slice(&chunk),
+                Some(Ok(chunk)) => {
+                    self.ready.extend(self.parser.feed(&chunk));
+                    if let Some(retry) = self.parser.take_retry() {
+                        self.retry = Some(retry);
+                    }
+                }
                 _ => return None,
             }
         }
     }
-
-    /// Parses one complete event block from the buffer, if there is one.
-    fn parse_one(&mut self) -> Option<SseEvent> {
-        loop {
-            let from = self.scanned.saturating_sub(1);
-            let Some(end) = find_blank_line(&self.buf[from..]) else {
-                self.scanned = self.buf.len();
-                return None;
-            };
-            let end = (from + end.0, end.1);
-            self.scanned = 0;
-            let block = self.buf.split_to(end.0);
-            let _ = self.buf.split_to(end.1);
-            let text = String::from_utf8(block.to_vec()).expect("SSE is UTF-8");
-            let mut id = None;
-            let mut event = None;
-            let mut data: Vec<&str> = Vec::new();
-            for line in text.split('\n') {
-                if line.starts_with(':') {
-                    self.comments += 1;
-                    continue;
-                }
-                let (field, value) = match line.split_once(':') {
-                    Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
-                    None => (line, ""),
-                };
-                match field {
-                    "id" => id = Some(value.to_string()),
-                    "event" => event = Some(value.to_string()),
-                    "data" => data.push(value),
-                    "retry" => self.retry = value.parse().ok(),
-                    _ => {}
-                }
-            }
-            if let Some(id) = &id {
-                self.last_id = Some(id.clone());
-            }
-            if !data.is_empty() {
-                return Some(SseEvent {
-                    id,
-                    event: event.unwrap_or_else(|| "message".to_string()),
-                    data: data.join("\n"),
-                });
-            }
-        }
-    }
-}
-
-/// (end of block, length of the blank-line terminator) for `\n\n` (the server only sends LF).
-fn find_blank_line(buf: &[u8]) -> Option<(usize, usize)> {
-    buf.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2))
 }
 
 /// A WebSocket client.
@@ -493,14 +451,7 @@ impl SseClient {
             return Err(res);
         }
         assert_eq!(res.headers()["content-type"], "text/event-stream");
-        Ok(Self {
-            stream: res.bytes_stream().boxed(),
-            buf: BytesMut::new(),
-            last_id,
-            retry: None,
-            comments: 0,
-            scanned: 0,
-        })
+        Ok(Self::reading(res, last_id))
     }
 
     /// The next event, asserting it is a message with exactly this id, type and data.
@@ -568,6 +519,31 @@ impl WsClient {
         Ok(Self { ws })
     }
 
+    /// Connects with extra request headers (`Last-Event-ID`, a credential).
+    pub async fn connect_with(server: &Endpoint, path: &str, headers: &[(&str, &str)]) -> Self {
+        Self::try_connect_with(server, path, headers, None)
+            .await
+            .expect("websocket connect")
+    }
+
+    /// Asserts the server closes the socket next, with `code`.
+    pub async fn expect_close(&mut self, code: u16) {
+        let got = self
+            .next()
+            .await
+            .expect("a close frame, not a dropped socket");
+        assert_eq!(
+            got["type"], "close",
+            "expected a close with {code}, got {got}"
+        );
+        assert_eq!(got["code"], code, "{got}");
+    }
+
+    /// Leaves like a browser tab that is closed.
+    pub async fn close(mut self) {
+        let _ = self.ws.send(Message::Close(None)).await;
+    }
+
     /// The next message, asserting it is the event with exactly this id, type and text data.
     pub async fn expect_event(&mut self, id: &str, event: &str, data: &str) {
         let got = self
@@ -629,4 +605,127 @@ pub async fn raw_request(addr: SocketAddr, head: &str) -> (u16, Vec<u8>) {
         .and_then(|s| s.parse().ok())
         .expect("a status line");
     (status, answer[split + 4..].to_vec())
+}
+
+/// A server binary run as a child process, configured as an operator configures one
+/// (`DORMOUSE_*` variables), for tests that must kill it the way a crash does. Its stdout
+/// and stderr go to a log file, shown when it fails to start. Dropping it kills it, so no
+/// test leaves one behind whichever way it ends.
+pub struct ChildServer {
+    child: std::process::Child,
+    endpoint: Endpoint,
+    log: tempfile::NamedTempFile,
+}
+
+impl std::ops::Deref for ChildServer {
+    type Target = Endpoint;
+
+    fn deref(&self) -> &Endpoint {
+        &self.endpoint
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl std::fmt::Debug for ChildServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChildServer")
+            .field("pid", &self.child.id())
+            .field("addr", &self.endpoint.addr)
+            .finish()
+    }
+}
+
+impl ChildServer {
+    /// Starts `binary` on a free port with `data_dir` and `vars` (the test's own
+    /// `DORMOUSE_*` variables are not passed on), and waits until it says it listens on that
+    /// port and answers `/healthz`. A port taken between choosing and binding makes the
+    /// child exit; then another port is tried.
+    pub async fn start(binary: &Path, data_dir: &Path, vars: &[(&str, &str)]) -> Self {
+        for _ in 0..5 {
+            // A port nobody listens on right now: bind port 0, read it, let it go.
+            let addr = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port");
+            let log = tempfile::NamedTempFile::new().expect("a log file");
+            let mut command = std::process::Command::new(binary);
+            for (key, _) in std::env::vars() {
+                if key.starts_with("DORMOUSE_") {
+                    command.env_remove(key);
+                }
+            }
+            command
+                .env("DORMOUSE_LISTEN", addr.to_string())
+                .env("DORMOUSE_DATA_DIR", data_dir)
+                .env("RUST_LOG", "info")
+                .env("NO_COLOR", "1")
+                .envs(vars.iter().copied())
+                .stdin(std::process::Stdio::null())
+                .stdout(log.reopen().expect("log file"))
+                .stderr(log.reopen().expect("log file"));
+            let mut server = Self {
+                child: command
+                    .spawn()
+                    .unwrap_or_else(|e| panic!("spawn {binary:?}: {e}")),
+                endpoint: Endpoint::new(addr),
+                log,
+            };
+            if server.wait_until_serving().await {
+                return server;
+            }
+            let log = server.log_text();
+            assert!(
+                log.contains("binding"),
+                "{binary:?} exited before serving:\n{log}"
+            );
+        }
+        panic!("could not start {binary:?} on a free port in 5 attempts");
+    }
+
+    /// True once the child says it listens on its port and answers `/healthz` (so the
+    /// answer is its own, not another process's on a reused port); false if it exited.
+    async fn wait_until_serving(&mut self) -> bool {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        let address = self.endpoint.addr.to_string();
+        loop {
+            if self.child.try_wait().expect("child status").is_some() {
+                return false;
+            }
+            let log = self.log_text();
+            if log.contains("listening") && log.contains(&address) {
+                let healthy = self
+                    .endpoint
+                    .client
+                    .get(self.endpoint.url("/healthz"))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status() == 200);
+                if healthy {
+                    return true;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the server did not start serving in time:\n{log}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// What the server logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    /// SIGKILL, then reap: no shutdown, no flush, exactly like a crash.
+    pub fn kill(mut self) {
+        self.child.kill().expect("SIGKILL the server");
+        let status = self.child.wait().expect("reap the server");
+        assert!(!status.success(), "killed, not exited: {status}");
+    }
 }

@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use super::client::{Client, ConnArgs, ServerError, error_of};
 use super::output;
-use super::sse::{Event, Parser};
+use dormouse_client::sse::{Event, Parser};
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct TailArgs {

@@ -3,15 +3,19 @@
 
 mod support;
 
+use std::path::Path;
 use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::{Value, json};
 use support::{
-    ChildServer, PATIENCE, Producer, Runs, Seen, SseClient, WsClient, WsNext, assert_same_events,
+    ChildServer, PATIENCE, Producer, Runs, Seen, SseClient, Viewer, WsClient, assert_same_events,
     id_order, pseudo_random, start,
 };
+
+/// The example's binary, for the tests that kill it like a crash.
+const BINARY: &str = env!("CARGO_BIN_EXE_example-agent_stream");
 
 const ARTIFACT_SIZE: usize = 5 << 20;
 
@@ -50,7 +54,7 @@ async fn viewers_that_drop_mid_run_resume_with_exactly_the_missed_events() {
     // Both viewers are there before the first token: SSE from the channel's next event,
     // WebSocket from the start of the run.
     let mut sse = SseClient::connect(&server, "/v1/channels/run:run-1/events", None).await;
-    let mut ws = WsClient::connect(&server, "/v1/objects/runs/run-1/ws", &[]).await;
+    let mut ws = WsClient::connect(&server, "/v1/objects/runs/run-1/ws").await;
     for i in 0..80 {
         producer.chunk(&server, &token(i)).await;
     }
@@ -80,7 +84,6 @@ async fn viewers_that_drop_mid_run_resume_with_exactly_the_missed_events() {
     let mut ws = WsClient::connect(
         &server,
         &format!("/v1/objects/runs/run-1/ws?last_event_id={ws_last}"),
-        &[],
     )
     .await;
 
@@ -129,7 +132,7 @@ async fn viewers_that_drop_mid_run_resume_with_exactly_the_missed_events() {
     let server = server.restart().await;
     let after = server.get_json("/v1/objects/runs/run-1/state", 200).await;
     assert_eq!(after, status);
-    let mut ws = WsClient::connect(&server, "/v1/objects/runs/run-1/ws", &[]).await;
+    let mut ws = WsClient::connect(&server, "/v1/objects/runs/run-1/ws").await;
     let replay = ws.take(expected.len()).await;
     ws.expect_close(1000).await;
     assert_same_events("replay after restart", &replay, expected);
@@ -209,9 +212,9 @@ async fn a_run_republishes_what_its_channel_lacks_when_it_wakes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_events_reach_both_kinds_of_viewer_across_kill_9() {
     let dir = tempfile::tempdir().unwrap();
-    let server = ChildServer::start(dir.path()).await;
+    let server = ChildServer::start(Path::new(BINARY), dir.path(), &[]).await;
     let mut producer = Producer::new("run-k");
-    let mut ws = WsClient::connect(&server, "/v1/objects/runs/run-k/ws", &[]).await;
+    let mut ws = WsClient::connect(&server, "/v1/objects/runs/run-k/ws").await;
     for i in 0..100 {
         producer.chunk(&server, &token(i)).await;
     }
@@ -220,7 +223,7 @@ async fn acknowledged_events_reach_both_kinds_of_viewer_across_kill_9() {
     server.kill();
     drop(ws);
 
-    let server = ChildServer::start(dir.path()).await;
+    let server = ChildServer::start(Path::new(BINARY), dir.path(), &[]).await;
     let wait = async {
         loop {
             let history = server.all_history("run:run-k").await;
@@ -243,7 +246,7 @@ async fn acknowledged_events_reach_both_kinds_of_viewer_across_kill_9() {
     );
 
     let last = seen.last().unwrap().id.clone();
-    let mut ws = WsClient::connect(
+    let mut ws = WsClient::connect_with(
         &server,
         "/v1/objects/runs/run-k/ws",
         &[("Last-Event-ID", &last)],
@@ -301,34 +304,28 @@ async fn bad_requests_and_cursors_get_clear_answers() {
     producer.chunk(&server, "two").await;
 
     // A malformed cursor is refused, never silently replaced by a fresh start.
-    let mut ws = WsClient::connect(&server, "/v1/objects/runs/r/ws?last_event_id=nope", &[]).await;
-    match ws.next().await {
-        WsNext::Json(value) => assert_eq!(value["code"], "bad_event_id", "{value}"),
-        other => panic!("expected an error message, got {other:?}"),
-    }
+    let mut ws = WsClient::connect(&server, "/v1/objects/runs/r/ws?last_event_id=nope").await;
+    let value = ws.next().await.expect("an error message");
+    assert_eq!(value["code"], "bad_event_id", "{value}");
     ws.expect_close(4400).await;
 
     // An id from elsewhere gets a gap notice, then the whole run.
-    let mut ws = WsClient::connect(
+    let mut ws = WsClient::connect_with(
         &server,
         "/v1/objects/runs/r/ws",
         &[("Last-Event-ID", "1-5")],
     )
     .await;
-    match ws.next().await {
-        WsNext::Json(value) => {
-            assert_eq!(value["type"], "gap");
-            assert_eq!(value["reason"], "epoch_changed");
-            assert_eq!(value["requested_id"], "1-5");
-        }
-        other => panic!("expected a gap, got {other:?}"),
-    }
+    let value = ws.next().await.expect("a gap notice");
+    assert_eq!(value["type"], "gap", "{value}");
+    assert_eq!(value["reason"], "epoch_changed");
+    assert_eq!(value["requested_id"], "1-5");
     let seen = ws.take(2).await;
     assert_same_events("after the gap", &seen, &producer.expected);
 
     // The header wins over the query, and a viewer at the head gets only new events.
     let head = seen[1].id.clone();
-    let mut ws = WsClient::connect(
+    let mut ws = WsClient::connect_with(
         &server,
         "/v1/objects/runs/r/ws?last_event_id=1-1",
         &[("Last-Event-ID", &head)],

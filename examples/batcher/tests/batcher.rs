@@ -4,12 +4,15 @@
 mod support;
 
 use std::collections::HashSet;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{ChildServer, FakeUpstream, PATIENCE, Server, config, post_rows, row_number, rows};
+use support::{
+    BINARY, ChildServer, FakeUpstream, PATIENCE, Server, base, config, post_rows, row_number, rows,
+};
 
 #[tokio::test]
 async fn a_full_batch_is_shipped_at_once_with_exactly_its_rows_in_order() {
@@ -265,12 +268,12 @@ async fn every_acknowledged_row_reaches_the_upstream_across_kill_9() {
         .unwrap();
 
     for round in 0..3 {
-        let server = ChildServer::start(dir.path(), &vars).await;
+        let server = ChildServer::start(Path::new(BINARY), dir.path(), &vars).await;
         let last_round = round == 2;
         let progress = Arc::new(AtomicUsize::new(0));
         let mut producers = Vec::new();
         for (i, stream) in streams.iter().enumerate() {
-            let (client, base, progress) = (client.clone(), server.base.clone(), progress.clone());
+            let (client, base, progress) = (client.clone(), base(&server), progress.clone());
             let (stream, mut next, mut sent_here) = (stream.to_string(), acked[i], sent[i]);
             producers.push(tokio::spawn(async move {
                 for request in 0.. {

@@ -1,10 +1,9 @@
 //! A fake upstream sink that records what it is sent (and can be told to fail), the batcher
-//! served in-process, and the batcher binary run as a child process that a test can `kill -9`.
+//! served in-process, and the batcher binary run as a child process that a test can
+//! `kill -9` (the shared test kit's `ChildServer`).
 #![allow(dead_code, unreachable_pub)]
 
-use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,7 +14,8 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use dormouse_runtime::NamespaceConfig;
-use dormouse_testkit::TestServer;
+pub use dormouse_testkit::ChildServer;
+use dormouse_testkit::{Endpoint, TestServer};
 use example_batcher::{Batcher, BatcherConfig, BatcherEnv, NAMESPACE};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -186,6 +186,14 @@ pub struct Server {
     pub client: reqwest::Client,
 }
 
+/// `http://addr/v1/objects/ingest` on `server`: where the batcher's streams live.
+pub fn base(server: &Endpoint) -> String {
+    server.url(&format!("/v1/objects/{NAMESPACE}"))
+}
+
+/// The batcher binary, for the test that kills it like a crash.
+pub const BINARY: &str = env!("CARGO_BIN_EXE_example-batcher");
+
 impl Server {
     pub async fn start(dir: &Path, config: BatcherConfig) -> Self {
         let server = TestServer::start_in(
@@ -203,7 +211,7 @@ impl Server {
         )
         .await;
         Self {
-            base: server.url(&format!("/v1/objects/{NAMESPACE}")),
+            base: base(&server),
             client: server.client.clone(),
             server,
         }
@@ -279,73 +287,4 @@ pub fn rows(stream: &str, from: usize, count: usize) -> Vec<String> {
 pub fn row_number(row: &str) -> usize {
     let value: serde_json::Value = serde_json::from_str(row).expect("a JSON row");
     value["n"].as_u64().expect("n") as usize
-}
-
-/// The batcher binary as a child process. Dropping it kills it, so no test leaves one behind
-/// whatever way it ends.
-pub struct ChildServer {
-    child: Child,
-    /// `http://addr/v1/objects/ingest`.
-    pub base: String,
-}
-
-impl Drop for ChildServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl ChildServer {
-    /// Starts the binary on a free port and `data_dir`, with `vars` set, and waits until it
-    /// answers its health check.
-    pub async fn start(data_dir: &Path, vars: &[(&str, &str)]) -> Self {
-        let addr = free_addr();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_example-batcher"));
-        command
-            .env("DORMOUSE_LISTEN", addr.to_string())
-            .env("DORMOUSE_DATA_DIR", data_dir)
-            .env("RUST_LOG", "error")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        for (key, value) in vars {
-            command.env(key, value);
-        }
-        let mut server = Self {
-            child: command.spawn().expect("spawn the batcher binary"),
-            base: format!("http://{addr}/v1/objects/{NAMESPACE}"),
-        };
-        let client = reqwest::Client::new();
-        let health = format!("http://{addr}/healthz");
-        let ready = async {
-            loop {
-                if let Some(status) = server.child.try_wait().unwrap() {
-                    panic!("the batcher exited early: {status}");
-                }
-                if let Ok(res) = client.get(&health).send().await
-                    && res.status() == 200
-                {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        };
-        tokio::time::timeout(PATIENCE, ready)
-            .await
-            .expect("the batcher did not become ready");
-        server
-    }
-
-    /// SIGKILL: no shutdown, no flush, exactly like a crash.
-    pub fn kill(mut self) {
-        self.child.kill().expect("kill -9 the batcher");
-        self.child.wait().expect("reap the batcher");
-    }
-}
-
-/// A port nobody listens on right now: bind port 0, read it, let it go.
-fn free_addr() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap()
 }

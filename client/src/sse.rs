@@ -1,19 +1,30 @@
 //! An incremental Server-Sent Events parser (the WHATWG rules a browser's EventSource
 //! follows), fed the body as it arrives in chunks of any size.
+//!
+//! ```
+//! use dormouse_client::sse::Parser;
+//!
+//! let mut parser = Parser::default();
+//! assert!(parser.feed(b": connected\nretry: 2000\n\nid: 1-1\ndata: he").is_empty());
+//! let events = parser.feed(b"llo\n\n");
+//! assert_eq!(events[0].id.as_deref(), Some("1-1"));
+//! assert_eq!((events[0].event.as_str(), events[0].data.as_str()), ("message", "hello"));
+//! assert_eq!(parser.take_retry(), Some(2000));
+//! ```
 
 /// One dispatched event: the fields of one block, `data` lines joined with `\n`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Event {
+pub struct Event {
     /// The block's `id:`, if it had one (control events have none).
-    pub(crate) id: Option<String>,
+    pub id: Option<String>,
     /// `event:`, or `message` when absent.
-    pub(crate) event: String,
-    pub(crate) data: String,
+    pub event: String,
+    pub data: String,
 }
 
 /// Parser state between chunks.
 #[derive(Debug, Default)]
-pub(crate) struct Parser {
+pub struct Parser {
     /// Bytes after the last complete line.
     partial: Vec<u8>,
     id: Option<String>,
@@ -27,7 +38,7 @@ pub(crate) struct Parser {
 
 impl Parser {
     /// Feeds one chunk; returns the events it completed, in order.
-    pub(crate) fn feed(&mut self, chunk: &[u8]) -> Vec<Event> {
+    pub fn feed(&mut self, chunk: &[u8]) -> Vec<Event> {
         let mut events = Vec::new();
         let mut rest = chunk;
         if self.after_cr && rest.first() == Some(&b'\n') {
@@ -57,7 +68,7 @@ impl Parser {
     }
 
     /// The latest `retry:` hint, once.
-    pub(crate) fn take_retry(&mut self) -> Option<u64> {
+    pub fn take_retry(&mut self) -> Option<u64> {
         self.retry.take()
     }
 
