@@ -31,15 +31,9 @@ async fn read_until(stream: &mut TcpStream, seen: &mut Vec<u8>, needle: &str) {
 }
 
 async fn subscribers(server: &TestServer, channel: &str) -> u64 {
-    let info: Value = server
-        .client
-        .get(server.url(&format!("/v1/channels/{channel}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info = server
+        .get_json(&format!("/v1/channels/{channel}"), 200)
+        .await;
     info["subscribers"].as_u64().unwrap_or(0)
 }
 

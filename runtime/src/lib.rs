@@ -16,6 +16,7 @@
 //! - `counters`: [`NamespaceStats`], activation and hibernation figures.
 //! - `runtime`: [`Runtime`], which owns the storage and creates namespaces.
 //! - `error`: the crate's [`Error`].
+//! - `respond`: JSON answers and errors for [`Object::fetch`], in the gateway's shapes.
 //!
 //! # A minimal object
 //! ```
@@ -65,6 +66,7 @@ mod error;
 mod gate;
 mod namespace;
 mod object;
+pub mod respond;
 mod runtime;
 mod socket;
 

@@ -80,6 +80,7 @@ use anyhow::Context as _;
 use dormouse_actors::channel::{Control, EventId};
 use dormouse_gateway::Publisher;
 use dormouse_runtime::http::{HeaderMap, Method, StatusCode};
+use dormouse_runtime::respond;
 use dormouse_runtime::{
     Bytes, Context, HttpRequest, HttpResponse, Object, Outbound, Socket, Transport,
 };
@@ -252,7 +253,7 @@ impl Object for Run {
             (&Method::POST, "/chunks") => match String::from_utf8(body.to_vec()) {
                 Ok(text) if !text.is_empty() => RunRequest::Chunk(text),
                 _ => {
-                    return error(
+                    return respond::error(
                         StatusCode::BAD_REQUEST,
                         "bad_chunk",
                         "a chunk is non-empty UTF-8 text",
@@ -261,38 +262,40 @@ impl Object for Run {
             },
             (&Method::POST, "/artifacts") => match artifact_name(parts.uri.query()) {
                 Ok(name) => RunRequest::Artifact { name, data: body },
-                Err(message) => return error(StatusCode::BAD_REQUEST, "bad_query", &message),
+                Err(message) => {
+                    return respond::error(StatusCode::BAD_REQUEST, "bad_query", &message);
+                }
             },
             (&Method::POST, "/finish") => match serde_json::from_slice(&body) {
                 Ok(state) => RunRequest::Finish(state),
                 Err(e) => {
-                    return error(
+                    return respond::error(
                         StatusCode::BAD_REQUEST,
                         "bad_state",
-                        &format!("the final state must be JSON: {e}"),
+                        format!("the final state must be JSON: {e}"),
                     );
                 }
             },
             (&Method::GET, "/state") => RunRequest::Status,
             (_, "/ws") => {
-                return error(
+                return respond::error(
                     StatusCode::UPGRADE_REQUIRED,
                     "websocket_upgrade_required",
                     "connect to /ws with a WebSocket client",
                 );
             }
             (_, "/chunks" | "/artifacts" | "/finish" | "/state") => {
-                return error(
+                return respond::error(
                     StatusCode::METHOD_NOT_ALLOWED,
                     "method_not_allowed",
-                    &format!("{} is not allowed on {path}", parts.method),
+                    format!("{} is not allowed on {path}", parts.method),
                 );
             }
             _ => {
-                return error(
+                return respond::error(
                     StatusCode::NOT_FOUND,
                     "not_found",
-                    &format!(
+                    format!(
                         "no route for {path}: producers POST /chunks, /artifacts?name=, /finish; viewers GET /state or connect to /ws"
                     ),
                 );
@@ -300,14 +303,14 @@ impl Object for Run {
         };
         match self.call(ctx, request)? {
             RunReply::Appended { id, seq } => {
-                respond(StatusCode::CREATED, &json!({"id": id, "seq": seq}))
+                respond::json(StatusCode::CREATED, &json!({"id": id, "seq": seq}))
             }
-            RunReply::AlreadyFinished => error(
+            RunReply::AlreadyFinished => respond::error(
                 StatusCode::CONFLICT,
                 "finished",
                 "the run has finished and takes no more events",
             ),
-            RunReply::Status(status) => respond(StatusCode::OK, &status),
+            RunReply::Status(status) => respond::json(StatusCode::OK, &status),
         }
     }
 
@@ -624,20 +627,6 @@ fn finished_close() -> Outbound {
         code: 1000,
         reason: "the run finished".to_string(),
     }
-}
-
-fn respond(status: StatusCode, body: &Value) -> anyhow::Result<HttpResponse> {
-    Ok(dormouse_runtime::http::Response::builder()
-        .status(status)
-        .header("content-type", "application/json")
-        .body(Bytes::from(body.to_string()))?)
-}
-
-fn error(status: StatusCode, code: &str, message: &str) -> anyhow::Result<HttpResponse> {
-    respond(
-        status,
-        &json!({"error": {"code": code, "message": message}}),
-    )
 }
 
 fn now_ms() -> u64 {

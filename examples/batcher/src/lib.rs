@@ -55,6 +55,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use dormouse_runtime::http::{Method, StatusCode};
+use dormouse_runtime::respond;
 use dormouse_runtime::storage::Retention;
 use dormouse_runtime::{Bytes, Context, HttpRequest, HttpResponse, Object};
 use serde_json::{Map, Value, json};
@@ -179,7 +180,7 @@ impl Object for Batcher {
             (&Method::POST, "/events") => {
                 let rows = match parse_ndjson(request.body()) {
                     Ok(rows) if rows.is_empty() => {
-                        return error(
+                        return respond::error(
                             StatusCode::BAD_REQUEST,
                             "no_events",
                             "the body holds no events: send one JSON object per line",
@@ -187,7 +188,7 @@ impl Object for Batcher {
                     }
                     Ok(rows) => rows,
                     Err(BadLine { line, why }) => {
-                        return respond(
+                        return respond::json(
                             StatusCode::BAD_REQUEST,
                             &json!({"error": {"code": "bad_event", "line": line,
                                 "message": format!("line {line} is not a JSON object ({why}); nothing was stored")}}),
@@ -197,16 +198,16 @@ impl Object for Batcher {
                 let outcome = self.ingest(ctx, rows)?;
                 self.answer(outcome)
             }
-            (&Method::GET, "/") => respond(StatusCode::OK, &self.status(ctx)?),
-            (_, "/events" | "/") => error(
+            (&Method::GET, "/") => respond::json(StatusCode::OK, &self.status(ctx)?),
+            (_, "/events" | "/") => respond::error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
-                &format!("{} is not allowed on {path}", request.method()),
+                format!("{} is not allowed on {path}", request.method()),
             ),
-            _ => error(
+            _ => respond::error(
                 StatusCode::NOT_FOUND,
                 "not_found",
-                &format!("no route for {path}: use POST /events or GET /"),
+                format!("no route for {path}: use POST /events or GET /"),
             ),
         }
     }
@@ -385,7 +386,7 @@ impl Batcher {
 
     fn answer(&self, outcome: Ingested) -> anyhow::Result<HttpResponse> {
         match outcome {
-            Ingested::Accepted { accepted, buffered } => respond(
+            Ingested::Accepted { accepted, buffered } => respond::json(
                 StatusCode::ACCEPTED,
                 &json!({"accepted": accepted, "buffered": buffered}),
             ),
@@ -394,7 +395,7 @@ impl Batcher {
                 retry_after,
             } => {
                 let seconds = retry_after.as_millis().div_ceil(1000).max(1);
-                let mut response = respond(
+                let mut response = respond::json(
                     StatusCode::TOO_MANY_REQUESTS,
                     &json!({"error": {"code": "buffer_full", "message": format!(
                         "the stream holds {buffered} rows and takes at most {} until the upstream catches up; retry later",
@@ -405,10 +406,10 @@ impl Batcher {
                     .insert("retry-after", seconds.to_string().parse()?);
                 Ok(response)
             }
-            Ingested::TooLarge => error(
+            Ingested::TooLarge => respond::error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "payload_too_large",
-                &format!(
+                format!(
                     "a request may carry at most {} events",
                     self.config.max_buffered
                 ),
@@ -447,20 +448,6 @@ fn parse_ndjson(body: &Bytes) -> Result<Vec<Bytes>, BadLine> {
         rows.push(body.slice(from..from + trimmed.len()));
     }
     Ok(rows)
-}
-
-fn respond(status: StatusCode, body: &Value) -> anyhow::Result<HttpResponse> {
-    Ok(dormouse_runtime::http::Response::builder()
-        .status(status)
-        .header("content-type", "application/json")
-        .body(Bytes::from(body.to_string()))?)
-}
-
-fn error(status: StatusCode, code: &str, message: &str) -> anyhow::Result<HttpResponse> {
-    respond(
-        status,
-        &json!({"error": {"code": code, "message": message}}),
-    )
 }
 
 fn now_ms() -> u64 {

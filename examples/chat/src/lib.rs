@@ -14,6 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use dormouse_runtime::http::{Method, StatusCode, request::Parts};
+use dormouse_runtime::respond;
 use dormouse_runtime::storage::Retention;
 use dormouse_runtime::{
     Bytes, Context, HttpRequest, HttpResponse, Inbound, Object, Outbound, Socket,
@@ -70,16 +71,21 @@ impl Object for Room {
         request: HttpRequest,
     ) -> anyhow::Result<HttpResponse> {
         match (request.method(), request.uri().path()) {
-            (&Method::GET, "/") => respond(StatusCode::OK, "text/html; charset=utf-8", PAGE.into()),
+            (&Method::GET, "/") => {
+                with_type(StatusCode::OK, "text/html; charset=utf-8", PAGE.into())
+            }
             (&Method::GET, "/members") => {
-                json_response(StatusCode::OK, &json!({"members": members(ctx)}))
+                respond::json(StatusCode::OK, &json!({"members": members(ctx)}))
             }
             (&Method::GET, "/history") => {
-                json_response(StatusCode::OK, &json!({"messages": history(ctx)?}))
+                respond::json(StatusCode::OK, &json!({"messages": history(ctx)?}))
             }
-            (method, path) => json_response(
+            (method, path) => respond::error(
                 StatusCode::NOT_FOUND,
-                &json!({"error": {"code": "not_found", "message": format!("no route for {method} {path}: try GET /, /members, /history or a WebSocket on /ws?name=NAME")}}),
+                "not_found",
+                format!(
+                    "no route for {method} {path}: try GET /, /members, /history or a WebSocket on /ws?name=NAME"
+                ),
             ),
         }
     }
@@ -254,15 +260,11 @@ fn reply_error(socket: &Socket, message: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn respond(status: StatusCode, content_type: &str, body: Bytes) -> anyhow::Result<HttpResponse> {
+fn with_type(status: StatusCode, content_type: &str, body: Bytes) -> anyhow::Result<HttpResponse> {
     Ok(dormouse_runtime::http::Response::builder()
         .status(status)
         .header("content-type", content_type)
         .body(body)?)
-}
-
-fn json_response(status: StatusCode, value: &Value) -> anyhow::Result<HttpResponse> {
-    respond(status, "application/json", Bytes::from(value.to_string()))
 }
 
 fn now_ms() -> u64 {

@@ -86,18 +86,9 @@ async fn people_chat_and_presence_and_history_survive_hibernation() {
 
     // Let the room hibernate with both still connected.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let client = reqwest::Client::new();
-    let members: Value = client
-        .get(format!(
-            "http://{}/v1/objects/{NAMESPACE}/lobby/members",
-            server.addr
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let members = server
+        .get_json(&format!("/v1/objects/{NAMESPACE}/lobby/members"), 200)
+        .await;
     assert_eq!(
         members["members"],
         json!(["alice", "bob"]),

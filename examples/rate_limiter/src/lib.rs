@@ -12,7 +12,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use dormouse_runtime::http::{Method, StatusCode};
-use dormouse_runtime::{Bytes, Context, HttpRequest, HttpResponse, Object};
+use dormouse_runtime::respond;
+use dormouse_runtime::{Context, HttpRequest, HttpResponse, Object};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -79,17 +80,14 @@ impl Object for TokenBucket {
                 let n = match query_n(request.uri().query()) {
                     Ok(n) => n,
                     Err(message) => {
-                        return respond(
-                            StatusCode::BAD_REQUEST,
-                            &json!({"error": {"code": "bad_query", "message": message}}),
-                        );
+                        return respond::error(StatusCode::BAD_REQUEST, "bad_query", message);
                     }
                 };
                 self.take(ctx, n)?
             }
             (&Method::GET, "/") => self.peek(),
             _ => {
-                return respond(
+                return respond::json(
                     StatusCode::NOT_FOUND,
                     &json!({"error": {"code": "not_found", "message": format!("no route for {} {path}: use POST /take?n=N or GET /", request.method())}}),
                 );
@@ -100,7 +98,7 @@ impl Object for TokenBucket {
         } else {
             StatusCode::TOO_MANY_REQUESTS
         };
-        let mut response = respond(status, &serde_json::to_value(decision)?)?;
+        let mut response = respond::json(status, &serde_json::to_value(decision)?)?;
         if !decision.allowed {
             let seconds = decision.retry_after_ms.div_ceil(1000).max(1);
             response
@@ -175,13 +173,6 @@ fn query_n(query: Option<&str>) -> Result<u32, String> {
         }
     }
     Ok(n)
-}
-
-fn respond(status: StatusCode, body: &serde_json::Value) -> anyhow::Result<HttpResponse> {
-    Ok(dormouse_runtime::http::Response::builder()
-        .status(status)
-        .header("content-type", "application/json")
-        .body(Bytes::from(body.to_string()))?)
 }
 
 fn now_ms() -> u64 {

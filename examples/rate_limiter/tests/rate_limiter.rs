@@ -96,14 +96,9 @@ async fn the_budget_survives_hibernation_and_restart_and_refills() {
     };
     assert_eq!(take(4).await.unwrap().status(), 200);
     tokio::time::sleep(Duration::from_millis(100)).await; // hibernates
-    let body: Value = client
-        .get(format!("{}/k", base(&server)))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body = server
+        .get_json(&format!("/v1/objects/{NAMESPACE}/k"), 200)
+        .await;
     assert_eq!(body["remaining"], 6);
     server.stop().await;
 
