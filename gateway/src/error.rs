@@ -1,3 +1,6 @@
+//! [`ApiError`], the one shape every refusal takes on the wire: a status, a stable `code` and
+//! a message saying what was wrong (`{"error": {"code", "message"}}`, docs/API.md).
+
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};

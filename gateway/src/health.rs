@@ -1,3 +1,6 @@
+//! The probes an orchestrator polls: `/healthz` (the process serves HTTP) and `/readyz`
+//! (storage answers too).
+
 use axum::Json;
 use axum::extract::State;
 use serde_json::{Value, json};

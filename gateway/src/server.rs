@@ -1,3 +1,7 @@
+//! The wiring: [`Dormouse`] opens storage and the runtime, mounts object namespaces, builds
+//! the router from `routes.rs`, and [`Dormouse::serve`] hands it to the connection layer
+//! (`conn/`), then shuts the namespaces down and closes storage.
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;

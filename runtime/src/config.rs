@@ -1,3 +1,6 @@
+//! [`NamespaceConfig`]: the tunables of one object type (idle timeout, how many may stay
+//! active), as the gateway reads them from its configuration.
+
 use std::time::Duration;
 
 use serde::Deserialize;

@@ -1,3 +1,7 @@
+//! [`Context`]: what a handler sees of its object: its name, its own storage (reads see its
+//! pending writes), its sockets and alarm, and the effects it wants released once its
+//! writes are durable.
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Bound;

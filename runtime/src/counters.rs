@@ -1,3 +1,6 @@
+//! Activation and hibernation figures of a namespace ([`NamespaceStats`]), counted with
+//! relaxed atomics on the hot path and read when metrics are scraped.
+
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};

@@ -1,3 +1,6 @@
+//! The runtime's [`Error`]: why a call to an object failed, cloneable so one storage failure
+//! reaches every request that waited on the same commit.
+
 use std::sync::Arc;
 
 /// Why a call to an object failed. Cloneable because one storage failure may have to be

@@ -1,3 +1,5 @@
+//! The [`Object`] trait a user implements: the Durable Object class of this runtime.
+
 use std::future::Future;
 
 use crate::{Context, HttpRequest, HttpResponse, Inbound, Socket};

@@ -1,3 +1,6 @@
+//! [`Runtime`]: owns the storage engine and the alarm scheduler every namespace of a process
+//! shares, and creates the namespaces.
+
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;

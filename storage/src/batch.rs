@@ -1,3 +1,5 @@
+//! [`WriteBatch`]: everything one handler wrote to one object, applied atomically.
+
 use bytes::Bytes;
 
 use crate::Retention;

@@ -1,3 +1,5 @@
+//! [`Durability`]: when a write counts as safe (`always`, every interval, or `never`).
+
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;

@@ -1,3 +1,5 @@
+//! Storage's [`Error`], worded for the operator who reads it in a log or an HTTP body.
+
 use std::io;
 use std::path::PathBuf;
 

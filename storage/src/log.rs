@@ -1,3 +1,6 @@
+//! An object's append-only log as storage keeps it: entries ([`LogEntry`]) and the meta
+//! record of its bounds ([`LogMeta`]), and what it keeps ([`Retention`]).
+
 use std::time::Duration;
 
 use bytes::Bytes;

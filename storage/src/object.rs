@@ -1,3 +1,5 @@
+//! [`ObjectId`]: which object a write or read belongs to (namespace and name).
+
 use std::fmt;
 use std::sync::Arc;
 
