@@ -9,8 +9,8 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use crate::AppState;
 use crate::busiest::WINDOW;
+use crate::state::AppState;
 
 /// The page; its script and styles are inline so it works offline and behind any proxy.
 const PAGE: &str = include_str!("admin/dashboard.html");

@@ -1,9 +1,10 @@
 //! Who may do what. A request carries a credential (a JWT, or a server-side API key); the
 //! credential carries [`Grants`]: channel-name patterns per capability, and object patterns.
-//! One middleware ([`require`](crate::middleware::require)) turns the route into the [`Need`] it has, checks it, and
-//! leaves the caller's [`Principal`] in the request for handlers that check more (a batch
-//! publish names its channels in the body; a WebSocket client publishes later) and for
-//! long-lived connections, which end when the credential expires.
+//! One middleware ([`require`](crate::middleware::require)) turns the route into the
+//! [`Need`] it has, checks it, and leaves the caller's [`Principal`] in the request for
+//! handlers that check more (a batch publish names its channels in the body; a WebSocket
+//! client publishes later) and for long-lived connections, which end when the credential
+//! expires.
 //!
 //! With no credential configured everyone gets everything: the server then refuses to listen
 //! beyond loopback unless told to (see `Dormouse::serve`).
@@ -18,8 +19,8 @@ use axum::response::{IntoResponse, Response};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::{Deserialize, Serialize};
 
-use crate::ApiError;
 use crate::config::AuthSettings;
+use crate::error::ApiError;
 
 /// What a credential allows. The same shape is the `dormouse` claim of a JWT and the
 /// capabilities of an API key in the config file, so one model covers both.
@@ -43,6 +44,20 @@ pub struct Grants {
     /// Scraping `/metrics` only: what a monitoring system's credential needs, without the
     /// power to delete channels that `admin` carries.
     pub metrics: bool,
+}
+
+/// An API key's capabilities, as its `[[auth.api_keys]]` entry lists them.
+impl From<&crate::config::ApiKeySettings> for Grants {
+    fn from(key: &crate::config::ApiKeySettings) -> Self {
+        Self {
+            publish: key.publish.clone(),
+            subscribe: key.subscribe.clone(),
+            history: key.history.clone(),
+            objects: key.objects.clone(),
+            admin: key.admin,
+            metrics: key.metrics,
+        }
+    }
 }
 
 impl Grants {
@@ -268,7 +283,11 @@ impl Auth {
             } else {
                 key.name.clone()
             };
-            api_keys.push((key.key.clone(), Arc::from(name), Arc::new(key.grants())));
+            api_keys.push((
+                key.key.clone(),
+                Arc::from(name),
+                Arc::new(Grants::from(key)),
+            ));
         }
         if hs256.is_none() && public.is_none() && api_keys.is_empty() {
             return Ok(Self { inner: None });

@@ -16,9 +16,10 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use crate::auth::Principal;
+use crate::error::ApiError;
 use crate::limits::ClientIp;
 use crate::publisher::{Client, check_names};
-use crate::{ApiError, AppState};
+use crate::state::AppState;
 
 /// A channel name taken from the path and validated, so handlers never see a bad one.
 #[derive(Debug)]

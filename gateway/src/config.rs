@@ -56,7 +56,7 @@ pub struct Settings {
 pub struct LogSettings {
     /// "text" (one readable line per event) or "json" (one JSON object per line, for log
     /// collectors). `--log-format` overrides it.
-    pub format: crate::LogFormat,
+    pub format: crate::logging::LogFormat,
 }
 
 /// `[admin]`: the dashboard at `/admin`, off by default so a server shows nothing it was not
@@ -125,20 +125,6 @@ pub struct ApiKeySettings {
     /// not be able to delete channels.
     #[serde(default)]
     pub metrics: bool,
-}
-
-impl ApiKeySettings {
-    /// The capabilities of this key.
-    pub fn grants(&self) -> crate::Grants {
-        crate::Grants {
-            publish: self.publish.clone(),
-            subscribe: self.subscribe.clone(),
-            history: self.history.clone(),
-            objects: self.objects.clone(),
-            admin: self.admin,
-            metrics: self.metrics,
-        }
-    }
 }
 
 /// `[cors]`: off (no CORS headers) unless origins are listed.
@@ -605,7 +591,7 @@ max_message_size = "1MiB"
         assert_eq!(s.limits.max_message_size, ByteSize::mib(2));
         assert_eq!(s.storage.durability, Durability::Never);
         assert!(!s.websocket.client_publish);
-        assert_eq!(s.log.format, crate::LogFormat::Json);
+        assert_eq!(s.log.format, crate::logging::LogFormat::Json);
         assert!(s.admin.enabled);
         let env = s.channels.env(&s.limits);
         assert_eq!(env.settings_for("chat:1").max_events, 50);

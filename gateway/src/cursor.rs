@@ -7,8 +7,8 @@ use axum::http::{HeaderMap, Uri};
 use dormouse_actors::channel::Start;
 use serde::Deserialize;
 
-use crate::ApiError;
 use crate::channels::{parse_id, query};
+use crate::error::ApiError;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -5,7 +5,8 @@ use axum::Json;
 use axum::extract::State;
 use serde_json::{Value, json};
 
-use crate::{ApiError, AppState};
+use crate::error::ApiError;
+use crate::state::AppState;
 
 /// Liveness: the process is up and serving HTTP. Never touches storage, so a slow disk does
 /// not get a healthy process restarted.

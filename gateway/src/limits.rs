@@ -14,7 +14,8 @@ use governor::clock::Clock as _;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use crate::auth::Principal;
-use crate::{ApiError, LimitsSettings};
+use crate::config::LimitsSettings;
+use crate::error::ApiError;
 
 /// `Retry-After` of a request shed under overload: soon, spread by the clients' own jitter.
 const OVERLOAD_RETRY_AFTER_SECS: u64 = 1;

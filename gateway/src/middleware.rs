@@ -13,7 +13,8 @@ use crate::auth::{Need, form_pairs, with_challenge};
 use crate::conn::PeerAddr;
 use crate::error::ErrorCode;
 use crate::limits::ClientIp;
-use crate::{AppState, routes};
+use crate::routes;
+use crate::state::AppState;
 
 /// Outermost middleware: counts every JSON error answered, by its code (set by
 /// `ApiError::into_response`, so whatever refused the request, it is counted the same way).

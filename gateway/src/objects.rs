@@ -18,9 +18,10 @@ use crate::channels::{check_channel, read_body};
 /// `anonymous`) to objects.
 pub const SUBJECT_HEADER: &str = "x-dormouse-subject";
 use crate::conn::WsHandshake;
+use crate::error::ApiError;
+use crate::state::AppState;
 use crate::telemetry::ConnKind;
 use crate::ws::{Mode, WsSession};
-use crate::{ApiError, AppState};
 
 /// `/v1/objects/{namespace}/{name}` and everything below it, any method.
 pub(crate) async fn route(State(state): State<AppState>, request: Request) -> Response {

@@ -22,9 +22,10 @@ use serde_json::{Value, json};
 
 use crate::auth::Principal;
 use crate::channels::{check_channel, read_body};
+use crate::error::ApiError;
 use crate::limits::ClientIp;
 use crate::publisher::{Client, check_message};
-use crate::{ApiError, AppState};
+use crate::state::AppState;
 
 /// One (item, channel) pair ready to publish, or why it cannot be.
 pub type Planned = Result<(String, NewMessage), ApiError>;

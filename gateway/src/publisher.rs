@@ -33,8 +33,8 @@ use dormouse_actors::channel::{
 use dormouse_runtime::{Error, Namespace, Result};
 use tokio::sync::oneshot;
 
-use crate::ApiError;
 use crate::auth::{Need, Principal};
+use crate::error::ApiError;
 use crate::limits::Limits;
 
 /// Most messages in one merged call: keeps one commit (and the handler that builds it)

@@ -4,7 +4,7 @@ use axum::extract::State;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 
-use crate::AppState;
+use crate::state::AppState;
 
 /// `GET /metrics`
 pub(crate) async fn metrics(State(state): State<AppState>) -> Response {

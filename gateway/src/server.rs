@@ -22,16 +22,16 @@ use tracing::info;
 
 use crate::auth::Auth;
 use crate::config::CorsSettings;
+use crate::config::Settings;
 use crate::conn::{
     self, ConnContext, ConnLimits, ConnListener, KillSwitch, Stopping, shutdown_signal,
 };
+use crate::error::ApiError;
 use crate::limits::Limits;
 use crate::publisher::Publisher;
+use crate::state::AppState;
 use crate::telemetry::{self, Telemetry};
-use crate::{
-    ApiError, AppState, Settings, admin, channels, health, middleware, objects, publish, routes,
-    scrape, sse, ws,
-};
+use crate::{admin, channels, health, middleware, objects, publish, routes, scrape, sse, ws};
 
 /// A configured server: storage open, runtime up, not yet listening.
 #[derive(Debug)]

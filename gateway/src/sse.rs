@@ -30,8 +30,10 @@ use crate::auth::Principal;
 use crate::channels::{self, ChannelName, check_channel, query};
 use crate::conn::expiry::{deadline, expired};
 use crate::conn::{BodyWriter, Framing, RawSocket, StopWaiter, SubscriberWriter, Writable};
+use crate::cursor;
+use crate::error::ApiError;
+use crate::state::AppState;
 use crate::telemetry::{ConnKind, Connection};
-use crate::{ApiError, AppState, cursor};
 
 /// Most bytes gathered into one body chunk from messages that are already queued.
 const BATCH_BYTES: usize = 64 * 1024;

@@ -11,8 +11,8 @@ use dormouse_actors::channel::NAMESPACE;
 use dormouse_runtime::{DynNamespace, Namespace, Runtime};
 use tokio_util::task::TaskTracker;
 
-use crate::Settings;
 use crate::auth::Auth;
+use crate::config::Settings;
 use crate::conn::Stopping;
 use crate::limits::Limits;
 use crate::publisher::Publisher;

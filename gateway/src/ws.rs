@@ -42,10 +42,12 @@ use crate::auth::{Auth, Need, Principal};
 use crate::channels::{self, ChannelName};
 use crate::conn::expiry::{deadline, expired};
 use crate::conn::{StopWaiter, SubscriberWriter, WsHandshake, WsStream};
+use crate::cursor;
+use crate::error::ApiError;
 use crate::limits::ClientIp;
 use crate::publisher::{Client, Publisher, Reply};
+use crate::state::AppState;
 use crate::telemetry::{ConnKind, Connection};
-use crate::{ApiError, AppState, cursor};
 
 /// Close codes, documented for clients.
 mod close {

@@ -25,11 +25,12 @@ use hyper_util::service::TowerToHyperService;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
 
+use super::listen::ConnListener;
 use super::raw_sse::serve_raw_sse;
+use super::reclaim::ReclaimableIo;
 use super::shutdown::{KillSwitch, StopWaiter, Stopping, drain_connections};
 use super::sniff::{FirstRequest, peek_first_request};
 use super::tcp::{ConnStream, PeerAddr, RawSocket, Writable};
-use super::{ConnListener, ReclaimableIo};
 use crate::telemetry::{self, ConnKind, Telemetry};
 
 /// What every connection's task needs, made once per server and shared.

@@ -9,7 +9,6 @@ use dormouse_runtime::Outbound;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::writer::Drained;
 use crate::telemetry::{ConnKind, Telemetry};
 
 /// How queued messages become bytes on the wire.
@@ -30,6 +29,20 @@ impl Framing {
             Framing::EventStream => ConnKind::Sse,
         }
     }
+}
+
+/// What one batch of queued messages came to: what was framed, their stamps, a close
+/// queued after them, and (once written) whether the socket failed.
+#[derive(Debug, Default)]
+pub(crate) struct Drained {
+    /// Messages whose frames are on the wire or in `pending`.
+    pub(crate) messages: u64,
+    /// Their stamps, for the delivery latency.
+    pub(crate) stamps: Vec<Instant>,
+    /// A close that was queued after them, for the task to send.
+    pub(crate) close: Option<(u16, String)>,
+    /// The socket failed.
+    pub(crate) failed: bool,
 }
 
 /// A WebSocket data frame's opcode (RFC 6455, section 5.2).

@@ -3,30 +3,34 @@
 //! `objects.rs`) use it; it imports nothing from them, nor [`AppState`](crate::AppState).
 //!
 //! # Vocabulary, in the order a connection meets it
-//! - [`listen`]: [`ConnListener`] accepts a connection within the [`ConnLimits`] (or answers
-//!   503), as a [`ConnStream`](tcp::ConnStream).
-//! - [`tcp`]: [`ConnStream`](tcp::ConnStream) is a connection's IO: a [`SharedTcp`](tcp::SharedTcp) socket with the kill
-//!   switch, a write timeout and a lingering close. [`RawSocket`] is the socket as a request
-//!   carries it to a handler that may write to it itself, and when ([`Writable`]).
+//! - [`listen`]: [`ConnListener`] accepts a connection within the [`ConnLimits`] ([`admit`];
+//!   over them it answers 503), as a [`ConnStream`](tcp::ConnStream).
+//! - [`tcp`]: [`ConnStream`](tcp::ConnStream) is a connection's IO: a
+//!   [`SharedTcp`](tcp::SharedTcp) socket with the kill switch, a write timeout and a
+//!   lingering close. [`RawSocket`] is the socket as a request carries it to a handler that
+//!   may write to it itself, and when ([`Writable`]).
 //! - [`accept`]: the accept loop and each connection's dispatch: an SSE subscription to
 //!   [`raw_sse`], HTTP/2 to hyper, HTTP/1 lent to hyper ([`reclaim`]) until it ends or an
 //!   SSE subscription follows; and, on stop, the drain.
-//! - [`sniff`]: [`FirstRequest`](sniff::FirstRequest), what a connection's first request head is, by `MSG_PEEK`.
-//! - [`reclaim`]: [`ReclaimableIo`], an HTTP/1 connection lent to hyper that it gives back.
+//! - [`sniff`]: [`FirstRequest`](sniff::FirstRequest), what a connection's first request
+//!   head is, read with `MSG_PEEK`.
+//! - [`reclaim`]: [`ReclaimableIo`](reclaim::ReclaimableIo), an HTTP/1 connection lent to
+//!   hyper that it gives back.
 //! - [`raw_sse`]: an SSE response written straight to the socket, outside hyper.
 //! - [`websocket`]: [`WsHandshake`], the upgrade answered here, so the WebSocket's stream
 //!   ([`WsStream`]) can be written around tungstenite.
 //! - [`writer`]: [`SubscriberWriter`], the one place a subscriber's queued messages are
 //!   written: by the thread that released them ([`dormouse_runtime::WriteOnRelease`]) or by
-//!   the connection's task, under one lock; [`SerializedIo`](writer::SerializedIo) keeps every other write on the
-//!   connection out of its frames.
-//! - [`framing`]: [`Framing`] (WebSocket frames or SSE bytes) and [`framing::FrameBatch`], one
-//!   vectored write's worth of frames.
+//!   the connection's task, under one lock; [`SerializedIo`](writer::SerializedIo) keeps
+//!   every other write on the connection out of its frames.
+//! - [`framing`]: [`Framing`] (WebSocket frames or SSE bytes) and
+//!   [`FrameBatch`](framing::FrameBatch), one vectored write's worth of frames.
 //! - [`shutdown`]: [`Stopping`], the signal every connection's loop polls; [`KillSwitch`],
 //!   which fails the IO of connections that outlive the grace period; the OS signals.
 //! - [`expiry`]: a connection's credential deadline, as a timer made once.
 
 pub(crate) mod accept;
+pub(crate) mod admit;
 pub(crate) mod expiry;
 pub(crate) mod framing;
 pub(crate) mod listen;
@@ -39,9 +43,9 @@ pub(crate) mod websocket;
 pub(crate) mod writer;
 
 pub(crate) use accept::ConnContext;
+pub(crate) use admit::ConnLimits;
 pub(crate) use framing::Framing;
-pub(crate) use listen::{ConnLimits, ConnListener};
-pub(crate) use reclaim::ReclaimableIo;
+pub(crate) use listen::ConnListener;
 pub(crate) use shutdown::{KillSwitch, StopWaiter};
 pub use shutdown::{Stopping, shutdown_signal};
 pub(crate) use tcp::{PeerAddr, RawSocket, Writable};

@@ -28,7 +28,7 @@ use tokio::net::TcpStream;
 use tokio::time::Sleep;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
-use super::listen::ConnPermit;
+use super::admit::ConnPermit;
 #[cfg(test)]
 use super::listen::accepted_for_test;
 use super::shutdown::KillSwitch;

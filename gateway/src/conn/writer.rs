@@ -32,7 +32,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use dormouse_runtime::{Outbound, Queued, SocketReceiver, WriteOnRelease};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::framing::{FrameBatch, Framing};
+use super::framing::{Drained, FrameBatch, Framing};
 use super::tcp::SharedTcp;
 use crate::telemetry::Telemetry;
 
@@ -53,19 +53,6 @@ struct State {
     pending: Bytes,
     /// A write failed: the connection is over; the task finds out on its next turn.
     failed: bool,
-}
-
-/// What one write under the lock did.
-#[derive(Debug, Default)]
-pub(crate) struct Drained {
-    /// Messages whose frames are on the wire or in `pending`.
-    pub(crate) messages: u64,
-    /// Their stamps, for the delivery latency.
-    pub(crate) stamps: Vec<Instant>,
-    /// A close that was queued after them, for the task to send.
-    pub(crate) close: Option<(u16, String)>,
-    /// The socket failed.
-    pub(crate) failed: bool,
 }
 
 impl SubscriberWriter {
