@@ -8,24 +8,10 @@ use support::TestServer;
 #[tokio::test]
 async fn health_and_readiness_answer_json() {
     let server = TestServer::start().await;
-    let res = server
-        .client
-        .get(server.url("/healthz"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    let body: Value = res.json().await.unwrap();
+    let body = server.get_json("/healthz", 200).await;
     assert_eq!(body["status"], "ok");
 
-    let res = server
-        .client
-        .get(server.url("/readyz"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    let body: Value = res.json().await.unwrap();
+    let body = server.get_json("/readyz", 200).await;
     assert_eq!(body["status"], "ready");
     assert_eq!(body["durability"], "always");
     assert!(body["storage_bytes"].as_u64().unwrap() > 0);

@@ -230,14 +230,8 @@ impl Server {
 
     /// The stream's status document.
     pub async fn status(&self, stream: &str) -> serde_json::Value {
-        let res = self
-            .client
-            .get(format!("{}/{stream}", self.base))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), 200);
-        res.json().await.unwrap()
+        let path = format!("/v1/objects/{NAMESPACE}/{stream}");
+        self.server.get_json(&path, 200).await
     }
 
     /// Polls the status until `done` holds for it.
