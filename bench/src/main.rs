@@ -12,11 +12,14 @@
 //!   as a yardstick) that the bench starts, or one already running.
 //! - `wire`: the server under test and minimal WebSocket, SSE and RESP clients.
 //! - `crash` (in the library): the crash-safety harness.
+//! - `nats_probe`: the NATS JetStream facts cluster mode rests on (fenced append cost, the
+//!   pause when a stream's leader dies), on a three-server cluster it starts.
 
 mod activation;
 mod engine;
 mod fanout;
 mod idle;
+mod nats_probe;
 mod publish;
 mod retained;
 mod storage_churn;
@@ -68,6 +71,9 @@ enum Scenario {
     /// Fill the data dir's file system (a tmpfs; needs root), then free it: clear refusals,
     /// no hang, nothing acknowledged lost, working again after a restart.
     DiskFull(dormouse_bench::disk_full::Args),
+    /// Fenced, replicated appends on a three-server NATS cluster it starts: latency, NATS
+    /// CPU per append, and the pause when the stream's leader is killed.
+    NatsProbe(nats_probe::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -84,6 +90,9 @@ fn main() -> anyhow::Result<()> {
         Scenario::Fanout(args) => serde_json::to_string(&fanout::run(args)?)?,
         Scenario::Idle(args) => serde_json::to_string(&idle::run(args)?)?,
         Scenario::Publish(args) => serde_json::to_string(&publish::run(args)?)?,
+        Scenario::NatsProbe(args) => serde_json::to_string(
+            &tokio::runtime::Runtime::new()?.block_on(nats_probe::run(args))?,
+        )?,
         Scenario::Crash(args) => {
             let report =
                 tokio::runtime::Runtime::new()?.block_on(dormouse_bench::crash::run(args))?;

@@ -6,6 +6,8 @@
 //! meet the server as a user would.
 #![allow(missing_docs)]
 
+pub mod nats;
+
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

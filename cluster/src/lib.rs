@@ -1,0 +1,20 @@
+//! Cluster mode's footing on NATS JetStream (issue 16): what every node needs before it can
+//! own, forward or replicate anything.
+//!
+//! - [`connect`](mod@connect): reaching the NATS cluster, and refusing at start a server that cannot be
+//!   trusted to fence (a release before [`MIN_SERVER_VERSION`]), is unreachable, or has
+//!   JetStream off.
+//! - [`fenced`]: appends that name the sequence they expect their subject to end at, so a
+//!   former owner's late append is refused by the log itself, and retries are recognised.
+//! - [`version`]: nats-server releases and which qualify.
+//!
+//! Nothing here is wired into the server yet; `docs/CLUSTER.md` says what is built and
+//! what is not.
+
+pub mod connect;
+pub mod fenced;
+pub mod version;
+
+pub use connect::{ConnectError, Nats, NatsSettings, connect};
+pub use fenced::{AppendError, Appended, FencedLog, LogError, LogSpec};
+pub use version::{MIN_SERVER_VERSION, ServerVersion};

@@ -1,0 +1,117 @@
+//! A node refuses, at start and with a message that names the server, a NATS cluster it
+//! cannot trust: unreachable, a release that does not fence appends, JetStream off. The
+//! misbehaving servers are a few lines of TCP that speak the start of the NATS protocol.
+
+use std::time::Duration;
+
+use dormouse_cluster::{ConnectError, NatsSettings, connect};
+use dormouse_testkit::nats::NatsCluster;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// A server that introduces itself with `info` (its INFO line) and answers the client's
+/// handshake (CONNECT, PING) with PONG, then idles.
+async fn fake_server(info: &'static str) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = stream
+                    .write_all(format!("INFO {info}\r\n").as_bytes())
+                    .await;
+                let mut buf = vec![0u8; 4096];
+                let mut seen = Vec::new();
+                while let Ok(n) = stream.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                    if seen.windows(6).any(|w| w == b"PING\r\n") {
+                        seen.clear();
+                        let _ = stream.write_all(b"PONG\r\n").await;
+                    }
+                }
+            });
+        }
+    });
+    format!("nats://{addr}")
+}
+
+fn settings(urls: Vec<String>) -> NatsSettings {
+    let mut settings = NatsSettings::new(urls, "test");
+    settings.connect_timeout = Duration::from_secs(2);
+    settings
+}
+
+#[tokio::test]
+async fn a_server_that_cannot_fence_is_refused_by_name_and_version() {
+    let url = fake_server(
+        r#"{"server_id":"OLD","server_name":"old-nats","version":"2.9.10","proto":1,"headers":true,"jetstream":true,"max_payload":1048576}"#,
+    )
+    .await;
+    let error = connect(&settings(vec![url])).await.unwrap_err();
+    assert!(
+        matches!(&error, ConnectError::TooOld { server, .. } if server == "old-nats"),
+        "{error:?}"
+    );
+    let message = error.to_string();
+    assert!(
+        message.contains("2.9.10") && message.contains("2.14.4"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn a_server_without_jetstream_is_refused() {
+    let url = fake_server(
+        r#"{"server_id":"X","server_name":"plain","version":"2.15.1","proto":1,"headers":true,"max_payload":1048576}"#,
+    )
+    .await;
+    let error = connect(&settings(vec![url])).await.unwrap_err();
+    assert!(
+        matches!(&error, ConnectError::NoJetStream { server } if server == "plain"),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains("JetStream"), "{error}");
+}
+
+#[tokio::test]
+async fn an_unreachable_cluster_and_an_empty_list_are_refused_with_what_was_tried() {
+    // A port nobody listens on.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let url = format!("nats://{addr}");
+    let error = connect(&settings(vec![url.clone()])).await.unwrap_err();
+    assert!(
+        matches!(error, ConnectError::Unreachable { .. }),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains(&url), "{error}");
+
+    let error = connect(&settings(Vec::new())).await.unwrap_err();
+    assert!(matches!(error, ConnectError::NoUrls), "{error:?}");
+    let error = connect(&settings(vec!["nats://[::1".into()]))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, ConnectError::BadUrl { .. }), "{error:?}");
+}
+
+#[tokio::test]
+async fn the_pinned_server_qualifies_and_a_dead_one_in_the_list_is_passed_over() {
+    let cluster = NatsCluster::start(3).await;
+    let dead = {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        format!("nats://{addr}")
+    };
+    let mut urls = vec![dead];
+    urls.extend(cluster.urls());
+    let nats = connect(&settings(urls)).await.expect("connect");
+    assert!(nats.version.qualifies(), "{}", nats.version);
+    assert!(nats.server.starts_with('n'), "{}", nats.server);
+}
