@@ -6,6 +6,8 @@
 //!   JetStream off.
 //! - [`fenced`]: appends that name the sequence they expect their subject to end at, so a
 //!   former owner's late append is refused by the log itself, and retries are recognised.
+//! - [`ownership`]: live nodes, placement, the owner directory, and the fence a new owner
+//!   puts in an object's log.
 //! - [`version`]: nats-server releases and which qualify.
 //!
 //! Nothing here is wired into the server yet; `docs/CLUSTER.md` says what is built and
@@ -13,8 +15,13 @@
 
 pub mod connect;
 pub mod fenced;
+pub mod ownership;
 pub mod version;
 
 pub use connect::{ConnectError, Nats, NatsSettings, connect};
 pub use fenced::{AppendError, Appended, FencedLog, LogError, LogSpec};
+pub use ownership::{
+    Claim, Directory, DirectoryError, DirectorySpec, Membership, NodeId, TakeOverError, place,
+    take_over, token,
+};
 pub use version::{MIN_SERVER_VERSION, ServerVersion};

@@ -1,0 +1,417 @@
+//! Who owns what: which nodes are alive ([`Membership`]), where a new owner goes
+//! ([`place`]), who owns an object now ([`Directory`]), and the fence a new owner puts in
+//! the object's log ([`take_over`]).
+//!
+//! The directory is a routing hint, not the safety: two nodes may both believe they own an
+//! object for a moment (a paused owner whose entry was taken over, say). What keeps them from
+//! both writing is the log: a new owner appends a marker that expects the log's current end,
+//! and every later append expects the one before it, so the former owner's next append names
+//! a stale sequence and is refused ([`crate::fenced`]).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::time::Duration;
+
+use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
+use bytes::Bytes;
+use futures::TryStreamExt as _;
+
+use crate::connect::Nats;
+use crate::fenced::{AppendError, FencedLog};
+
+/// One run of one node: its configured name and a number drawn at start, so a node that
+/// restarts under the same name is a different owner from its former self.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct NodeId {
+    pub name: String,
+    pub incarnation: u64,
+}
+
+impl NodeId {
+    /// `name` with a fresh incarnation.
+    pub fn start(name: impl Into<String>) -> Self {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        std::time::SystemTime::now().hash(&mut hasher);
+        std::process::id().hash(&mut hasher);
+        // A per-process random seed too, so two starts in one nanosecond still differ.
+        std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish()
+            .hash(&mut hasher);
+        Self {
+            name: name.into(),
+            incarnation: hasher.finish(),
+        }
+    }
+
+    fn encode(&self) -> Bytes {
+        Bytes::from(format!("{} {}", self.incarnation, self.name))
+    }
+
+    fn decode(value: &[u8]) -> Option<Self> {
+        let text = std::str::from_utf8(value).ok()?;
+        let (incarnation, name) = text.split_once(' ')?;
+        Some(Self {
+            name: name.to_string(),
+            incarnation: incarnation.parse().ok()?,
+        })
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}#{:016x}", self.name, self.incarnation)
+    }
+}
+
+/// A KV key or subject token for any object name: characters outside `[A-Za-z0-9_-]` (the
+/// `.` that would split a subject, the `:` and `@` channel names allow) become `=XX`.
+pub fn token(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for byte in name.bytes() {
+        if byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-' {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("={byte:02X}"));
+        }
+    }
+    out
+}
+
+/// The nodes that are alive: each keeps an entry in a bucket whose entries expire after
+/// `ttl`, rewritten every quarter of it; a node that stops (killed, paused, cut off) drops
+/// out once its entry expires.
+#[derive(Debug)]
+pub struct Membership {
+    me: NodeId,
+    nodes: kv::Store,
+    heartbeat: tokio::task::JoinHandle<()>,
+}
+
+/// Where cluster mode keeps its membership and directory.
+#[derive(Debug, Clone)]
+pub struct DirectorySpec {
+    /// Prefix of the two buckets' names (`{prefix}_nodes`, `{prefix}_owners`).
+    pub prefix: String,
+    pub replicas: usize,
+    /// How long a silent node counts as alive.
+    pub node_ttl: Duration,
+}
+
+/// A failure of a membership or directory operation.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {source}")]
+pub struct DirectoryError {
+    what: String,
+    #[source]
+    source: async_nats::Error,
+}
+
+impl DirectoryError {
+    fn new(what: impl Into<String>, source: impl Into<async_nats::Error>) -> Self {
+        Self {
+            what: what.into(),
+            source: source.into(),
+        }
+    }
+}
+
+async fn bucket(
+    nats: &Nats,
+    name: String,
+    replicas: usize,
+    max_age: Duration,
+) -> Result<kv::Store, DirectoryError> {
+    let js = async_nats::jetstream::new(nats.client.clone());
+    js.create_or_update_key_value(kv::Config {
+        bucket: name.clone(),
+        history: 1,
+        max_age,
+        num_replicas: replicas,
+        ..kv::Config::default()
+    })
+    .await
+    .map_err(|e| DirectoryError::new(format!("opening bucket {name}"), e))
+}
+
+impl Membership {
+    /// Announces `me` and keeps announcing it until dropped.
+    pub async fn join(
+        nats: &Nats,
+        spec: &DirectorySpec,
+        me: NodeId,
+    ) -> Result<Self, DirectoryError> {
+        let nodes = bucket(
+            nats,
+            format!("{}_nodes", spec.prefix),
+            spec.replicas,
+            spec.node_ttl,
+        )
+        .await?;
+        nodes
+            .put(token(&me.name), me.encode())
+            .await
+            .map_err(|e| DirectoryError::new(format!("announcing node {me}"), e))?;
+        let every = spec.node_ttl / 4;
+        let (store, key, value) = (nodes.clone(), token(&me.name), me.encode());
+        let heartbeat = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                if let Err(e) = store.put(&key, value.clone()).await {
+                    tracing::warn!(error = %e, "node heartbeat not written; retrying");
+                }
+            }
+        });
+        Ok(Self {
+            me,
+            nodes,
+            heartbeat,
+        })
+    }
+
+    /// This node.
+    pub fn me(&self) -> &NodeId {
+        &self.me
+    }
+
+    /// Every node whose entry has not expired, by name.
+    pub async fn live_nodes(&self) -> Result<BTreeMap<String, NodeId>, DirectoryError> {
+        let keys: Vec<String> = self
+            .nodes
+            .keys()
+            .await
+            .map_err(|e| DirectoryError::new("listing nodes", e))?
+            .try_collect()
+            .await
+            .map_err(|e| DirectoryError::new("listing nodes", e))?;
+        let mut live = BTreeMap::new();
+        for key in keys {
+            let entry = self
+                .nodes
+                .entry(key.clone())
+                .await
+                .map_err(|e| DirectoryError::new(format!("reading node {key}"), e))?;
+            if let Some(entry) = entry.filter(|e| e.operation == Operation::Put)
+                && let Some(node) = NodeId::decode(&entry.value)
+            {
+                live.insert(node.name.clone(), node);
+            }
+        }
+        Ok(live)
+    }
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        self.heartbeat.abort();
+    }
+}
+
+/// The live node that should own `object`: rendezvous hashing, so every node computes the
+/// same answer from the same list, owners spread evenly, and a node's loss moves only its
+/// own objects.
+pub fn place<'a>(object: &str, nodes: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    nodes.into_iter().max_by_key(|node| {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (node, object).hash(&mut hasher);
+        hasher.finish()
+    })
+}
+
+/// Who owns each object now (a routing hint; see the module doc).
+#[derive(Debug, Clone)]
+pub struct Directory {
+    owners: kv::Store,
+}
+
+/// The answer to a claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// This node owns the object now; `revision` releases it.
+    Mine { revision: u64 },
+    /// A live node owns it: forward to it.
+    Theirs(NodeId),
+}
+
+impl Directory {
+    pub async fn open(nats: &Nats, spec: &DirectorySpec) -> Result<Self, DirectoryError> {
+        Ok(Self {
+            owners: bucket(
+                nats,
+                format!("{}_owners", spec.prefix),
+                spec.replicas,
+                Duration::ZERO,
+            )
+            .await?,
+        })
+    }
+
+    /// The recorded owner of `object`, if any.
+    pub async fn owner(&self, object: &str) -> Result<Option<(NodeId, u64)>, DirectoryError> {
+        let entry = self
+            .owners
+            .entry(token(object))
+            .await
+            .map_err(|e| DirectoryError::new(format!("reading the owner of {object}"), e))?;
+        Ok(entry
+            .filter(|e| e.operation == Operation::Put)
+            .and_then(|e| NodeId::decode(&e.value).map(|node| (node, e.revision))))
+    }
+
+    /// Makes `me` the owner of `object` unless a node `alive` says is alive owns it. Races
+    /// between claimers are settled by the bucket's compare-and-set: one wins, the others
+    /// see it as the owner. Reads may come from a replica that is a moment behind (the
+    /// directory is a hint), so a claim that lost a race and cannot see the winner yet looks
+    /// again, a bounded number of times.
+    pub async fn claim(
+        &self,
+        object: &str,
+        me: &NodeId,
+        alive: impl Fn(&NodeId) -> bool,
+    ) -> Result<Claim, DirectoryError> {
+        let key = token(object);
+        let mut last_error = None;
+        for _ in 0..CLAIM_TRIES {
+            match self.owners.create(&key, me.encode()).await {
+                Ok(revision) => return Ok(Claim::Mine { revision }),
+                Err(e) if e.kind() == CreateErrorKind::InvalidKey => {
+                    return Err(DirectoryError::new(format!("claiming {object}"), e));
+                }
+                // It exists, or another claimer's create was in flight: see who owns it.
+                Err(e) => last_error = Some(DirectoryError::new(format!("claiming {object}"), e)),
+            }
+            let Some((owner, revision)) = self.owner(object).await? else {
+                // Released in between, or the winner's entry is not visible here yet.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            if &owner == me {
+                return Ok(Claim::Mine { revision });
+            }
+            if alive(&owner) {
+                return Ok(Claim::Theirs(owner));
+            }
+            match self.owners.update(&key, me.encode(), revision).await {
+                Ok(revision) => return Ok(Claim::Mine { revision }),
+                // Another claimer moved first, or this read was behind: look again.
+                Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => {}
+                Err(e) => {
+                    last_error = Some(DirectoryError::new(format!("taking over {object}"), e))
+                }
+            }
+        }
+        Err(last_error.unwrap_or_else(|| {
+            DirectoryError::new(
+                format!("claiming {object}"),
+                "its entry kept changing; another node keeps claiming it",
+            )
+        }))
+    }
+
+    /// Gives `object` up (as on hibernation), unless someone took it over since `revision`.
+    pub async fn release(&self, object: &str, revision: u64) -> Result<(), DirectoryError> {
+        self.owners
+            .delete_expect_revision(token(object), Some(revision))
+            .await
+            .map_err(|e| DirectoryError::new(format!("releasing {object}"), e))
+    }
+}
+
+/// Puts `me`'s fence at the end of `subject`: a marker appended with the log's current end as
+/// its expectation. Returns the marker's sequence, which `me`'s next append expects; any
+/// writer that appended before holds a stale expectation from now on.
+pub async fn take_over(log: &FencedLog, subject: &str, me: &NodeId) -> Result<u64, TakeOverError> {
+    let marker = Bytes::from(format!("owner {me}"));
+    for _ in 0..TAKE_OVER_TRIES {
+        let end = log
+            .last_sequence(subject)
+            .await
+            .map_err(TakeOverError::Read)?;
+        let id = format!("owner-{}-{:x}-{end}", token(&me.name), me.incarnation);
+        match log.append(subject, marker.clone(), end, &id).await {
+            Ok(appended) => return Ok(appended.sequence),
+            // The former owner's last appends were still landing: read the end again.
+            Err(AppendError::Fenced { .. } | AppendError::Contended) => {}
+            Err(AppendError::Unacknowledged(_)) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(TakeOverError::Append(e)),
+        }
+    }
+    Err(TakeOverError::Busy)
+}
+
+/// Looks a claim may take before it gives up on an entry that keeps changing.
+const CLAIM_TRIES: usize = 100;
+
+/// Reads and appends a take-over may make before it gives up on a log that keeps moving.
+const TAKE_OVER_TRIES: usize = 100;
+
+/// Why a take-over did not put its fence in.
+#[derive(Debug, thiserror::Error)]
+pub enum TakeOverError {
+    #[error("reading the log's end: {0}")]
+    Read(#[source] crate::fenced::LogError),
+    #[error("appending the owner marker: {0}")]
+    Append(#[source] AppendError),
+    #[error("the log kept moving: another writer is still appending")]
+    Busy,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_keep_only_safe_characters_and_tell_names_apart() {
+        assert_eq!(token("news"), "news");
+        assert_eq!(token("run:abc"), "run=3Aabc");
+        assert_eq!(token("a.b"), "a=2Eb");
+        assert_eq!(
+            token("a=2Eb"),
+            "a=3D2Eb",
+            "an escape in a name is escaped too"
+        );
+        assert_ne!(token("a.b"), token("a=2Eb"));
+        for name in ["user@example.com", "x-y_z.9", "é"] {
+            assert!(
+                token(name)
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_-=".contains(&b)),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn placement_spreads_owners_and_a_lost_node_moves_only_its_own() {
+        let three = ["n1", "n2", "n3"];
+        let objects: Vec<String> = (0..3000).map(|i| format!("chan-{i}")).collect();
+        let mut counts = BTreeMap::new();
+        for object in &objects {
+            *counts.entry(place(object, three).unwrap()).or_insert(0) += 1;
+        }
+        for (node, count) in &counts {
+            assert!((800..1200).contains(count), "{node} places {count} of 3000");
+        }
+        let two = ["n1", "n3"];
+        for object in &objects {
+            let before = place(object, three).unwrap();
+            let after = place(object, two).unwrap();
+            if before != "n2" {
+                assert_eq!(before, after, "{object} moved though its node stayed");
+            }
+        }
+        assert_eq!(place("x", []), None);
+    }
+
+    #[test]
+    fn node_ids_round_trip_and_restarts_differ() {
+        let a = NodeId::start("node a");
+        assert_eq!(NodeId::decode(&a.encode()), Some(a.clone()));
+        assert_ne!(NodeId::start("node a"), a);
+        assert_eq!(NodeId::decode(b"not a node"), None);
+    }
+}
