@@ -1,4 +1,5 @@
-//! The client commands of the `dormouse` binary: `publish`, `tail`, `channels` and `token`.
+//! The client commands of the `dormouse` binary: `publish`, `tail`, `channels`, `token` and
+//! `cluster check`.
 //! They talk to a running server over HTTP only, exactly as any other client would, so the
 //! binary an operator already has doubles as the tool to poke at a deployment.
 //!
@@ -8,10 +9,12 @@
 //! - `tail`: an SSE subscriber that resumes with its last id after any interruption.
 //! - `channels`: list channels, or describe one.
 //! - `token`: mint a JWT in the layout the server's auth verifies.
+//! - `cluster`: `cluster check`, whether a NATS cluster can carry cluster mode.
 //! - `output`: results on stdout, one flushed write each, and a closed pipe as a normal end.
 
 mod channels;
 mod client;
+mod cluster;
 mod output;
 mod publish;
 mod tail;
@@ -32,6 +35,9 @@ pub(crate) enum ClientCommand {
     Channels(channels::ChannelsArgs),
     /// Mint a JWT carrying Dormouse capabilities (HS256, EdDSA or RS256).
     Token(token::TokenArgs),
+    /// Cluster mode's tools (cluster mode itself is not in this build yet).
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
 }
 
 /// A mistake in how the command was called, found after clap parsed it (for example two
@@ -59,6 +65,7 @@ pub(crate) fn run(command: ClientCommand) -> ExitCode {
             ClientCommand::Tail(args) => tail::run(args).await,
             ClientCommand::Channels(args) => channels::run(args).await,
             ClientCommand::Token(args) => token::run(args),
+            ClientCommand::Cluster(command) => cluster::run(command).await,
         }
     });
     match result {

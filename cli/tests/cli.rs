@@ -851,3 +851,77 @@ fn files_path(name: &str) -> String {
         .to_string_lossy()
         .into_owned()
 }
+
+/// `dormouse cluster check` against a real three-server NATS cluster: every server
+/// qualifies, and a replicated fenced append works while a stale one is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_check_passes_on_a_nats_cluster_that_fences() {
+    let cluster = support::nats::NatsCluster::start(3).await;
+    let mut args = vec!["cluster", "check", "--json"];
+    let urls = cluster.urls();
+    for url in &urls {
+        args.extend(["--nats-url", url.as_str()]);
+    }
+    let lines = run("http://unused", &args, None).await.ok_lines();
+    let report: Value = serde_json::from_str(&lines[0]).unwrap();
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["replicas"], 3);
+    assert!(report["append_ms"].as_f64().unwrap() > 0.0, "{report}");
+    let servers = report["servers"].as_array().unwrap();
+    assert_eq!(servers.len(), 3);
+    for server in servers {
+        assert_eq!(server["version"], "2.15.1", "{server}");
+        assert_eq!(server["problem"], Value::Null, "{server}");
+    }
+}
+
+/// One server of the list runs a release that cannot fence: the check fails, naming it,
+/// though the others would do; without any URL it is a usage error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_check_names_a_server_that_cannot_fence() {
+    let cluster = support::nats::NatsCluster::start(3).await;
+    let old = support::nats::fake_nats_server(
+        r#"{"server_id":"OLD","server_name":"old-nats","version":"2.9.10","proto":1,"headers":true,"jetstream":true,"max_payload":1048576}"#,
+    )
+    .await;
+    let first = cluster.url(0);
+    let out = run(
+        "http://unused",
+        &["cluster", "check", "--nats-url", &first, "--nats-url", &old],
+        None,
+    )
+    .await;
+    out.assert_fails(1, &["cannot carry cluster mode"]);
+    let refused = out
+        .stdout
+        .lines()
+        .find(|line| line.starts_with("refused"))
+        .unwrap_or_else(|| panic!("a refused server: {out:?}"));
+    assert!(
+        refused.contains(&old) && refused.contains("old-nats") && refused.contains("2.9.10"),
+        "{refused}"
+    );
+    assert!(out.stdout.contains(&format!("ok       {first}")), "{out:?}");
+
+    run("http://unused", &["cluster", "check"], None)
+        .await
+        .assert_fails(2, &["cluster.nats_urls is empty"]);
+}
+
+/// A server configured for a cluster refuses to start rather than run alone: cluster mode
+/// is not in this build yet.
+#[tokio::test]
+async fn a_server_configured_for_a_cluster_refuses_to_start_saying_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = dormouse("http://unused");
+    command
+        .env("DORMOUSE_CLUSTER_NATS_URLS", "nats://127.0.0.1:4222")
+        .env("DORMOUSE_DATA_DIR", dir.path());
+    let out = run_command(command, &["serve", "--listen", "127.0.0.1:0"], None).await;
+    assert_ne!(out.code, 0, "{out:?}");
+    assert!(
+        out.stderr.contains("cluster mode is not in this build yet")
+            && out.stderr.contains("dormouse cluster check"),
+        "{out:?}"
+    );
+}

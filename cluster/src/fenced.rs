@@ -155,6 +155,16 @@ impl FencedLog {
         Ok((message.subject.to_string(), message.payload))
     }
 
+    /// Deletes the stream and everything in it.
+    pub async fn delete(&self) -> Result<(), LogError> {
+        let name = self.stream.cached_info().config.name.clone();
+        self.js
+            .delete_stream(&name)
+            .await
+            .map_err(|e| LogError::new(format!("deleting stream {name}"), e))?;
+        Ok(())
+    }
+
     /// The name of the server that leads the stream now, if one does.
     pub async fn leader(&self) -> Result<Option<String>, LogError> {
         let mut stream = self.stream.clone();

@@ -9,15 +9,18 @@
 //! - [`ownership`]: live nodes, placement, the owner directory, and the fence a new owner
 //!   puts in an object's log.
 //! - [`version`]: nats-server releases and which qualify.
+//! - [`check`](mod@check): whether a NATS cluster can carry cluster mode (`dormouse cluster check`).
 //!
 //! Nothing here is wired into the server yet; `docs/CLUSTER.md` says what is built and
 //! what is not.
 
+pub mod check;
 pub mod connect;
 pub mod fenced;
 pub mod ownership;
 pub mod version;
 
+pub use check::{CheckReport, ServerCheck, check};
 pub use connect::{ConnectError, Nats, NatsSettings, connect};
 pub use fenced::{AppendError, Appended, FencedLog, LogError, LogSpec};
 pub use ownership::{

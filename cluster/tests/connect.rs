@@ -5,38 +5,7 @@
 use std::time::Duration;
 
 use dormouse_cluster::{ConnectError, NatsSettings, connect};
-use dormouse_testkit::nats::NatsCluster;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-
-/// A server that introduces itself with `info` (its INFO line) and answers the client's
-/// handshake (CONNECT, PING) with PONG, then idles.
-async fn fake_server(info: &'static str) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let _ = stream
-                    .write_all(format!("INFO {info}\r\n").as_bytes())
-                    .await;
-                let mut buf = vec![0u8; 4096];
-                let mut seen = Vec::new();
-                while let Ok(n) = stream.read(&mut buf).await {
-                    if n == 0 {
-                        break;
-                    }
-                    seen.extend_from_slice(&buf[..n]);
-                    if seen.windows(6).any(|w| w == b"PING\r\n") {
-                        seen.clear();
-                        let _ = stream.write_all(b"PONG\r\n").await;
-                    }
-                }
-            });
-        }
-    });
-    format!("nats://{addr}")
-}
+use dormouse_testkit::nats::{NatsCluster, fake_nats_server};
 
 fn settings(urls: Vec<String>) -> NatsSettings {
     let mut settings = NatsSettings::new(urls, "test");
@@ -46,7 +15,7 @@ fn settings(urls: Vec<String>) -> NatsSettings {
 
 #[tokio::test]
 async fn a_server_that_cannot_fence_is_refused_by_name_and_version() {
-    let url = fake_server(
+    let url = fake_nats_server(
         r#"{"server_id":"OLD","server_name":"old-nats","version":"2.9.10","proto":1,"headers":true,"jetstream":true,"max_payload":1048576}"#,
     )
     .await;
@@ -64,7 +33,7 @@ async fn a_server_that_cannot_fence_is_refused_by_name_and_version() {
 
 #[tokio::test]
 async fn a_server_without_jetstream_is_refused() {
-    let url = fake_server(
+    let url = fake_nats_server(
         r#"{"server_id":"X","server_name":"plain","version":"2.15.1","proto":1,"headers":true,"max_payload":1048576}"#,
     )
     .await;

@@ -48,6 +48,117 @@ pub struct Settings {
     pub log: LogSettings,
     /// The admin page.
     pub admin: AdminSettings,
+    /// Cluster mode on NATS JetStream; off while `nats_urls` is empty.
+    pub cluster: ClusterSettings,
+}
+
+/// `[cluster]`: how this node reaches the NATS cluster that cluster mode runs on
+/// (docs/CLUSTER.md). Cluster mode is not in this build yet: a server with `nats_urls` set
+/// refuses to start rather than run alone while its operator believes it clustered, and
+/// `dormouse cluster check` tests a NATS cluster against these settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterSettings {
+    /// Every server of the NATS cluster (`nats://host:4222`, `tls://...`): a list in the
+    /// file, comma-separated in `DORMOUSE_CLUSTER_NATS_URLS`.
+    #[serde(deserialize_with = "url_list::deserialize")]
+    pub nats_urls: Vec<String>,
+    /// This node's name, unique in the cluster; empty: the host's name.
+    pub node_name: String,
+    /// Copies of every stream and bucket: 3 survives the loss of a NATS server; 1 is for
+    /// development. 1, 3 or 5.
+    pub replicas: usize,
+    /// A NATS `.creds` file (user JWT and NKey seed); empty: none.
+    pub nats_credentials: PathBuf,
+    /// CA certificate to verify the NATS servers with; empty: the system's roots.
+    pub nats_tls_ca: PathBuf,
+    /// Client certificate for servers that verify clients; needs `nats_tls_key`.
+    pub nats_tls_cert: PathBuf,
+    /// The client certificate's key.
+    pub nats_tls_key: PathBuf,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        Self {
+            nats_urls: Vec::new(),
+            node_name: String::new(),
+            replicas: 3,
+            nats_credentials: PathBuf::new(),
+            nats_tls_ca: PathBuf::new(),
+            nats_tls_cert: PathBuf::new(),
+            nats_tls_key: PathBuf::new(),
+        }
+    }
+}
+
+impl ClusterSettings {
+    /// Whether cluster mode is asked for.
+    pub fn enabled(&self) -> bool {
+        !self.nats_urls.is_empty()
+    }
+
+    /// The NATS connection these settings describe, checked: a replica count NATS would
+    /// refuse, or a certificate without its key, is named here rather than at connect.
+    pub fn nats(&self) -> anyhow::Result<dormouse_cluster::NatsSettings> {
+        anyhow::ensure!(
+            self.enabled(),
+            "cluster.nats_urls is empty: list every server of the NATS cluster"
+        );
+        anyhow::ensure!(
+            matches!(self.replicas, 1 | 3 | 5),
+            "cluster.replicas is {}; it must be 1 (development), 3 or 5",
+            self.replicas
+        );
+        let given = |path: &PathBuf| (!path.as_os_str().is_empty()).then(|| path.clone());
+        let tls_client = match (given(&self.nats_tls_cert), given(&self.nats_tls_key)) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => anyhow::bail!("cluster.nats_tls_cert and cluster.nats_tls_key go together"),
+        };
+        let mut nats = dormouse_cluster::NatsSettings::new(self.nats_urls.clone(), self.node());
+        nats.credentials = given(&self.nats_credentials);
+        nats.tls_ca = given(&self.nats_tls_ca);
+        nats.tls_client = tls_client;
+        Ok(nats)
+    }
+
+    /// This node's name: `node_name`, else the host's name.
+    pub fn node(&self) -> String {
+        if !self.node_name.is_empty() {
+            return self.node_name.clone();
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|name| name.trim().to_string())
+            .ok()
+            .filter(|name| !name.is_empty())
+            .unwrap_or_else(|| "dormouse".to_string())
+    }
+}
+
+/// A list of URLs from a TOML array, or from one comma-separated string (as an environment
+/// variable gives it).
+mod url_list {
+    use serde::{Deserialize, Deserializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Given {
+        List(Vec<String>),
+        Joined(String),
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+        let urls = match Given::deserialize(d)? {
+            Given::List(urls) => urls,
+            Given::Joined(text) => text.split(',').map(str::to_string).collect(),
+        };
+        Ok(urls
+            .into_iter()
+            .map(|url| url.trim().to_string())
+            .filter(|url| !url.is_empty())
+            .collect())
+    }
 }
 
 /// `[log]`
@@ -305,6 +416,7 @@ impl Default for Settings {
             cors: CorsSettings::default(),
             log: LogSettings::default(),
             admin: AdminSettings::default(),
+            cluster: ClusterSettings::default(),
         }
     }
 }
@@ -542,6 +654,45 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn cluster_urls_come_from_a_list_or_a_comma_separated_variable_and_are_checked() {
+        let s = Settings::load(None, env(&[])).unwrap();
+        assert!(!s.cluster.enabled(), "off by default");
+        let s = Settings::load(
+            None,
+            env(&[
+                (
+                    "DORMOUSE_CLUSTER_NATS_URLS",
+                    "nats://a:4222, nats://b:4222,nats://c:4222",
+                ),
+                ("DORMOUSE_CLUSTER_NODE_NAME", "node-1"),
+                ("DORMOUSE_CLUSTER_REPLICAS", "1"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            s.cluster.nats_urls,
+            ["nats://a:4222", "nats://b:4222", "nats://c:4222"]
+        );
+        let nats = s.cluster.nats().unwrap();
+        assert_eq!((nats.name.as_str(), nats.urls.len()), ("node-1", 3));
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dormouse.toml");
+        std::fs::write(
+            &path,
+            "[cluster]\nnats_urls = [\"nats://x:4222\"]\nreplicas = 2\nnats_tls_cert = \"c.pem\"\n",
+        )
+        .unwrap();
+        let s = Settings::load(Some(&path), env(&[])).unwrap();
+        let error = s.cluster.nats().unwrap_err().to_string();
+        assert!(error.contains("cluster.replicas is 2"), "{error}");
+        let mut cluster = s.cluster.clone();
+        cluster.replicas = 3;
+        let error = cluster.nats().unwrap_err().to_string();
+        assert!(error.contains("nats_tls_key"), "{error}");
     }
 
     #[test]

@@ -60,9 +60,9 @@ mod ws;
 
 pub use auth::{Auth, Grants, Principal};
 pub use config::{
-    AdminSettings, ApiKeySettings, AuthSettings, ByteSize, ChannelsSettings, CorsSettings,
-    LimitsSettings, LogSettings, PrefixSettings, Settings, SseSettings, StorageSettings,
-    WebSocketSettings,
+    AdminSettings, ApiKeySettings, AuthSettings, ByteSize, ChannelsSettings, ClusterSettings,
+    CorsSettings, LimitsSettings, LogSettings, PrefixSettings, Settings, SseSettings,
+    StorageSettings, WebSocketSettings,
 };
 pub use conn::{Stopping, shutdown_signal};
 pub use error::ApiError;

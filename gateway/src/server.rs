@@ -64,6 +64,14 @@ impl Dormouse {
     /// Opens the data dir and creates the runtime. Fails with a clear message when the data
     /// dir is in use by another process or was written by an incompatible version.
     pub fn open(settings: Settings) -> anyhow::Result<Self> {
+        // Not silently single-node: an operator who configured a cluster must not find out
+        // from a lost failover that there was none.
+        anyhow::ensure!(
+            !settings.cluster.enabled(),
+            "cluster.nats_urls is set, but cluster mode is not in this build yet \
+             (docs/CLUSTER.md says what is built); unset it to run single-node, and run \
+             `dormouse cluster check` to test your NATS cluster for it"
+        );
         let auth = Auth::from_settings(&settings.auth)?;
         cors_layer(&settings.cors)?;
         // Checked before the data dir is touched; `serve` checks the bound address again.

@@ -239,3 +239,36 @@ impl Drop for NatsCluster {
         }
     }
 }
+
+/// A server that is not a real NATS server: it introduces itself with `info` (the JSON of
+/// its `INFO` line) and answers a client's handshake, then idles. For tests of what a node
+/// refuses (a release too old to fence, JetStream off); returns its URL.
+pub async fn fake_nats_server(info: &'static str) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a fake NATS server");
+    let addr = listener.local_addr().expect("its address");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = stream
+                    .write_all(format!("INFO {info}\r\n").as_bytes())
+                    .await;
+                let mut buf = vec![0u8; 4096];
+                let mut seen = Vec::new();
+                while let Ok(n) = stream.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                    if seen.windows(6).any(|w| w == b"PING\r\n") {
+                        seen.clear();
+                        let _ = stream.write_all(b"PONG\r\n").await;
+                    }
+                }
+            });
+        }
+    });
+    format!("nats://{addr}")
+}
