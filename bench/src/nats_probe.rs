@@ -59,6 +59,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
             subjects: vec!["probe.>".into()],
             replicas: args.replicas,
             duplicate_window: Duration::from_secs(30),
+            republish: false,
         },
     )
     .await?;

@@ -88,6 +88,7 @@ async fn replicated_append(settings: &NatsSettings, replicas: usize) -> Result<D
             subjects: vec![format!("{}.>", name.to_ascii_lowercase())],
             replicas,
             duplicate_window: Duration::from_secs(30),
+            republish: false,
         },
     )
     .await

@@ -14,7 +14,7 @@ use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::{
-    Config, DiscardPolicy, LastRawMessageErrorKind, StorageType, Stream,
+    Config, DiscardPolicy, LastRawMessageErrorKind, Republish, StorageType, Stream,
 };
 use async_nats::jetstream::{self, Context};
 use bytes::Bytes;
@@ -32,13 +32,21 @@ pub struct LogSpec {
     pub replicas: usize,
     /// How long the servers remember append ids, so a retry within it is recognised.
     pub duplicate_window: Duration,
+    /// Also publish every stored message to `live.<subject>` (JetStream's RePublish, sent by
+    /// the stream's leader once the message is stored), for [`FencedLog::follow`]. Needs a
+    /// single subject pattern.
+    pub republish: bool,
 }
+
+/// Where a stored message is republished: `live.` before its subject.
+pub(crate) const LIVE_PREFIX: &str = "live.";
 
 /// One stream's fenced appends and the reads that go with them.
 #[derive(Debug, Clone)]
 pub struct FencedLog {
     js: Context,
-    stream: Stream,
+    pub(crate) stream: Stream,
+    pub(crate) client: async_nats::Client,
 }
 
 /// An append JetStream acknowledged: stored on a quorum of the stream's replicas.
@@ -80,7 +88,7 @@ pub struct LogError {
 }
 
 impl LogError {
-    fn new(what: impl Into<String>, source: impl Into<async_nats::Error>) -> Self {
+    pub(crate) fn new(what: impl Into<String>, source: impl Into<async_nats::Error>) -> Self {
         Self {
             what: what.into(),
             source: source.into(),
@@ -93,6 +101,20 @@ impl FencedLog {
     /// discarded first), or opens it as it is.
     pub async fn open(nats: &Nats, spec: &LogSpec) -> Result<Self, LogError> {
         let js = jetstream::new(nats.client.clone());
+        let republish = match (spec.republish, spec.subjects.as_slice()) {
+            (false, _) => None,
+            (true, [pattern]) => Some(Republish {
+                source: pattern.clone(),
+                destination: format!("{LIVE_PREFIX}{pattern}"),
+                headers_only: false,
+            }),
+            (true, _) => {
+                return Err(LogError::new(
+                    format!("opening stream {}", spec.name),
+                    "republishing needs exactly one subject pattern",
+                ));
+            }
+        };
         let config = Config {
             name: spec.name.clone(),
             subjects: spec.subjects.clone(),
@@ -101,13 +123,18 @@ impl FencedLog {
             discard: DiscardPolicy::Old,
             duplicate_window: spec.duplicate_window,
             allow_direct: true,
+            republish,
             ..Config::default()
         };
         let stream = js
             .get_or_create_stream(config)
             .await
             .map_err(|e| LogError::new(format!("opening stream {}", spec.name), e))?;
-        Ok(Self { js, stream })
+        Ok(Self {
+            js,
+            stream,
+            client: nats.client.clone(),
+        })
     }
 
     /// Appends `payload` to `subject` if its last message is at `expected` (0: the subject

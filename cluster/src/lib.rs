@@ -6,6 +6,8 @@
 //!   JetStream off.
 //! - [`fenced`]: appends that name the sequence they expect their subject to end at, so a
 //!   former owner's late append is refused by the log itself, and retries are recognised.
+//! - [`feed`]: following a subject's appends from any node, in order and each once,
+//!   filling what a lost republish left out from the stream.
 //! - [`ownership`]: live nodes, placement, the owner directory, and the fence a new owner
 //!   puts in an object's log.
 //! - [`version`]: nats-server releases and which qualify.
@@ -16,12 +18,14 @@
 
 pub mod check;
 pub mod connect;
+pub mod feed;
 pub mod fenced;
 pub mod ownership;
 pub mod version;
 
 pub use check::{CheckReport, ServerCheck, check};
 pub use connect::{ConnectError, Nats, NatsSettings, connect};
+pub use feed::{Entry, Feed};
 pub use fenced::{AppendError, Appended, FencedLog, LogError, LogSpec};
 pub use ownership::{
     Claim, Directory, DirectoryError, DirectorySpec, Membership, NodeId, TakeOverError, place,

@@ -15,6 +15,7 @@ fn spec(name: &str) -> LogSpec {
         subjects: vec![format!("{name}.>")],
         replicas: 3,
         duplicate_window: Duration::from_secs(30),
+        republish: false,
     }
 }
 

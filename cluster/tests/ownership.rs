@@ -106,6 +106,7 @@ async fn a_former_owners_append_after_a_take_over_is_refused() {
         subjects: vec!["objects.>".into()],
         replicas: 3,
         duplicate_window: Duration::from_secs(30),
+        republish: false,
     };
     let log_a = FencedLog::open(&node(&cluster, "a").await, &spec)
         .await
