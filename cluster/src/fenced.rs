@@ -38,6 +38,9 @@ pub struct LogSpec {
     pub republish: bool,
 }
 
+/// Between two tries of an unacknowledged append.
+const RETRY_PAUSE: Duration = Duration::from_millis(10);
+
 /// Where a stored message is republished: `live.` before its subject.
 pub(crate) const LIVE_PREFIX: &str = "live.";
 
@@ -160,6 +163,31 @@ impl FencedLog {
             sequence: ack.sequence,
             duplicate: ack.duplicate,
         })
+    }
+
+    /// [`FencedLog::append`] as an owner makes it: sent again, with the same id and
+    /// expectation, while no acknowledgement comes (an election, a lost connection) or its
+    /// own earlier attempt is still in flight, for up to `patience`. A retry of an append
+    /// that was stored is answered with its first sequence, so this never writes twice.
+    pub async fn append_retrying(
+        &self,
+        subject: &str,
+        payload: Bytes,
+        expected: u64,
+        id: &str,
+        patience: Duration,
+    ) -> Result<Appended, AppendError> {
+        let started = tokio::time::Instant::now();
+        loop {
+            match self.append(subject, payload.clone(), expected, id).await {
+                Err(AppendError::Unacknowledged(_) | AppendError::Contended)
+                    if started.elapsed() < patience =>
+                {
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                answer => return answer,
+            }
+        }
     }
 
     /// The sequence of `subject`'s last message, 0 when it has none, read from the stream's

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use dormouse_cluster::{AppendError, Feed, FencedLog, LogSpec, NatsSettings, connect};
+use dormouse_cluster::{Feed, FencedLog, LogSpec, NatsSettings, connect};
 use dormouse_testkit::PATIENCE;
 use dormouse_testkit::nats::NatsCluster;
 
@@ -39,20 +39,16 @@ async fn append_from(
 ) -> Vec<u64> {
     let mut sequences = Vec::new();
     for payload in payloads {
-        let started = tokio::time::Instant::now();
-        let stored = loop {
-            match log
-                .append(subject, Bytes::from(payload.clone()), *expected, payload)
-                .await
-            {
-                Ok(stored) => break stored,
-                Err(AppendError::Unacknowledged(_) | AppendError::Contended) => {
-                    assert!(started.elapsed() < PATIENCE, "no leader in time");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Err(e) => panic!("append {payload}: {e}"),
-            }
-        };
+        let stored = log
+            .append_retrying(
+                subject,
+                Bytes::from(payload.clone()),
+                *expected,
+                payload,
+                PATIENCE,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("append {payload}: {e}"));
         *expected = stored.sequence;
         sequences.push(stored.sequence);
     }

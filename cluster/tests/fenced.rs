@@ -137,19 +137,10 @@ async fn acknowledged_appends_survive_the_loss_of_the_stream_leader() {
     let started = tokio::time::Instant::now();
     for n in 20..30 {
         let id = format!("m{n}");
-        let stored = loop {
-            match log
-                .append(subject, Bytes::from(id.clone()), expected, &id)
-                .await
-            {
-                Ok(stored) => break stored,
-                Err(AppendError::Unacknowledged(_) | AppendError::Contended) => {
-                    assert!(started.elapsed() < PATIENCE, "no new leader in time");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(other) => panic!("append {n} after the leader's loss: {other}"),
-            }
-        };
+        let stored = log
+            .append_retrying(subject, Bytes::from(id.clone()), expected, &id, PATIENCE)
+            .await
+            .unwrap_or_else(|e| panic!("append {n} after the leader's loss: {e}"));
         acked.push((stored.sequence, id));
         expected = stored.sequence;
     }
