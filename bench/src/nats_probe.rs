@@ -26,6 +26,9 @@ pub(crate) struct Args {
     /// Stream replicas (3 survives a server's loss).
     #[arg(long, default_value_t = 3)]
     replicas: usize,
+    /// Node to node requests timed (200 B echoed, the two nodes on different servers).
+    #[arg(long, default_value_t = 1000)]
+    rpc_calls: u64,
     /// Times the stream's leader is killed (and restarted) to time the pause.
     #[arg(long, default_value_t = 3)]
     leader_kills: usize,
@@ -45,6 +48,8 @@ pub(crate) struct Report {
     appends_per_sec: f64,
     /// CPU of all the NATS servers together, per append.
     nats_cpu_us_per_append: f64,
+    rpc_p50_us: u64,
+    rpc_p99_us: u64,
     /// Time from killing the stream's leader to the next acknowledged append (retried every
     /// 10 ms), per kill.
     leader_kill_pauses_ms: Vec<u64>,
@@ -112,6 +117,8 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
     // The leader-kill appends go on from the first subject's tail.
     let mut expected = log.last_sequence(subject).await?;
 
+    let rpc = time_rpc(&cluster, args.rpc_calls).await?;
+
     let mut pauses = Vec::new();
     for kill in 0..args.leader_kills {
         let leader = log
@@ -149,6 +156,29 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
         append_max_us: latency.max(),
         appends_per_sec: total as f64 / elapsed.as_secs_f64(),
         nats_cpu_us_per_append: cpu_used * 1e6 / total as f64,
+        rpc_p50_us: rpc.value_at_quantile(0.5),
+        rpc_p99_us: rpc.value_at_quantile(0.99),
         leader_kill_pauses_ms: pauses,
     })
+}
+
+/// Round trips of a node to node request between connections on two different servers.
+async fn time_rpc(cluster: &NatsCluster, calls: u64) -> anyhow::Result<Histogram<u64>> {
+    let caller = connect(&NatsSettings::new(vec![cluster.url(0)], "caller")).await?;
+    let owner = connect(&NatsSettings::new(vec![cluster.url(1)], "owner")).await?;
+    let me = dormouse_cluster::NodeId::start("owner");
+    let _server =
+        dormouse_cluster::rpc::serve(&owner, &me, |_, body| async move { Ok(body) }).await?;
+    let body = Bytes::from(vec![b'x'; 200]);
+    let mut latency = Histogram::<u64>::new(3)?;
+    for n in 0..calls + 50 {
+        let at = Instant::now();
+        dormouse_cluster::rpc::call(&caller, &me, "echo", body.clone(), Duration::from_secs(5))
+            .await?;
+        // The first 50 warm the route.
+        if n >= 50 {
+            latency.record(at.elapsed().as_micros() as u64)?;
+        }
+    }
+    Ok(latency)
 }

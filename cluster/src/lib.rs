@@ -10,6 +10,7 @@
 //!   filling what a lost republish left out from the stream.
 //! - [`ownership`]: live nodes, placement, the owner directory, and the fence a new owner
 //!   puts in an object's log.
+//! - [`rpc`]: node to node requests, how a node reaches an object's owner.
 //! - [`version`]: nats-server releases and which qualify.
 //! - [`check`](mod@check): whether a NATS cluster can carry cluster mode (`dormouse cluster check`).
 //!
@@ -21,6 +22,7 @@ pub mod connect;
 pub mod feed;
 pub mod fenced;
 pub mod ownership;
+pub mod rpc;
 pub mod version;
 
 pub use check::{CheckReport, ServerCheck, check};
@@ -31,4 +33,5 @@ pub use ownership::{
     Claim, Directory, DirectoryError, DirectorySpec, Membership, NodeId, TakeOverError, place,
     take_over, token,
 };
+pub use rpc::{Reply, RpcError, RpcServer};
 pub use version::{MIN_SERVER_VERSION, ServerVersion};
