@@ -129,13 +129,7 @@ impl Feed {
             {
                 continue;
             }
-            let header = |name: &str| {
-                message
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get(name))
-                    .and_then(|v| v.as_str().parse::<u64>().ok())
-            };
+            let header = |name| crate::header(&message, name).and_then(|v| v.parse::<u64>().ok());
             let (Some(sequence), Some(previous)) =
                 (header("Nats-Sequence"), header("Nats-Last-Sequence"))
             else {

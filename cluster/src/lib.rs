@@ -35,3 +35,12 @@ pub use ownership::{
 };
 pub use rpc::{Reply, RpcError, RpcServer};
 pub use version::{MIN_SERVER_VERSION, ServerVersion};
+
+/// A header of a NATS message, as text, if it has it.
+fn header<'a>(message: &'a async_nats::Message, name: &str) -> Option<&'a str> {
+    message
+        .headers
+        .as_ref()
+        .and_then(|headers| headers.get(name))
+        .map(|value| value.as_str())
+}

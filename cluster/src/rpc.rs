@@ -75,23 +75,18 @@ where
             let Some(reply_to) = request.reply.clone() else {
                 continue;
             };
-            let header = |name: &str| {
-                request
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get(name))
-                    .map(|v| v.as_str().to_string())
-            };
             let (client, handler) = (client.clone(), Arc::clone(&handler));
             let mut headers = HeaderMap::new();
-            if header(TO).as_deref() != Some(incarnation.as_str()) {
+            if crate::header(&request, TO) != Some(incarnation.as_str()) {
                 headers.insert(STATUS, "stale");
                 let _ = client
                     .publish_with_headers(reply_to, headers, Bytes::new())
                     .await;
                 continue;
             }
-            let kind = header(KIND).unwrap_or_default();
+            let kind = crate::header(&request, KIND)
+                .unwrap_or_default()
+                .to_string();
             tokio::spawn(async move {
                 let body = match handler(kind, request.payload).await {
                     Ok(body) => {
@@ -166,12 +161,7 @@ pub async fn call(
             }
         }
     };
-    let status = reply
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(STATUS))
-        .map(|v| v.as_str().to_string());
-    match status.as_deref() {
+    match crate::header(&reply, STATUS) {
         Some("ok") => Ok(reply.payload),
         Some("stale") => Err(RpcError::Stale(node.to_string())),
         Some("error") => Err(RpcError::Refused {
