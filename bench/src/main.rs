@@ -12,10 +12,12 @@
 //!   as a yardstick) that the bench starts, or one already running.
 //! - `wire`: the server under test and minimal WebSocket, SSE and RESP clients.
 //! - `crash` (in the library): the crash-safety harness.
+//! - `cluster_fence`: a paused owner process is fenced by the log after a take-over.
 //! - `nats_probe`: the NATS JetStream facts cluster mode rests on (fenced append cost, the
 //!   pause when a stream's leader dies), on a three-server cluster it starts.
 
 mod activation;
+mod cluster_fence;
 mod engine;
 mod fanout;
 mod idle;
@@ -74,6 +76,12 @@ enum Scenario {
     /// Fenced, replicated appends on a three-server NATS cluster it starts: latency, NATS
     /// CPU per append, and the pause when the stream's leader is killed.
     NatsProbe(nats_probe::Args),
+    /// An owner in a child process is paused (SIGSTOP) past its membership, its object
+    /// taken over, and continued: its next append must be refused by the log.
+    ClusterFence(cluster_fence::Args),
+    /// The owner process of `cluster-fence`, run by it.
+    #[command(hide = true)]
+    ClusterFenceOwner(cluster_fence::OwnerArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -90,6 +98,16 @@ fn main() -> anyhow::Result<()> {
         Scenario::Fanout(args) => serde_json::to_string(&fanout::run(args)?)?,
         Scenario::Idle(args) => serde_json::to_string(&idle::run(args)?)?,
         Scenario::Publish(args) => serde_json::to_string(&publish::run(args)?)?,
+        Scenario::ClusterFenceOwner(args) => {
+            return tokio::runtime::Runtime::new()?.block_on(cluster_fence::owner(args));
+        }
+        Scenario::ClusterFence(args) => {
+            let report = tokio::runtime::Runtime::new()?.block_on(cluster_fence::run(args))?;
+            let ok = report.ok;
+            println!("{}", serde_json::to_string(&report)?);
+            anyhow::ensure!(ok, "a paused owner was not fenced (see the report)");
+            return Ok(());
+        }
         Scenario::NatsProbe(args) => serde_json::to_string(
             &tokio::runtime::Runtime::new()?.block_on(nats_probe::run(args))?,
         )?,
