@@ -98,9 +98,9 @@ impl ClusterSettings {
         !self.nats_urls.is_empty()
     }
 
-    /// The NATS connection these settings describe, checked: a replica count NATS would
-    /// refuse, or a certificate without its key, is named here rather than at connect.
-    pub fn nats(&self) -> anyhow::Result<dormouse_cluster::NatsSettings> {
+    /// Checks what can be named before connecting: a replica count NATS would refuse, a
+    /// certificate without its key.
+    pub fn check(&self) -> anyhow::Result<()> {
         anyhow::ensure!(
             self.enabled(),
             "cluster.nats_urls is empty: list every server of the NATS cluster"
@@ -110,17 +110,11 @@ impl ClusterSettings {
             "cluster.replicas is {}; it must be 1 (development), 3 or 5",
             self.replicas
         );
-        let given = |path: &PathBuf| (!path.as_os_str().is_empty()).then(|| path.clone());
-        let tls_client = match (given(&self.nats_tls_cert), given(&self.nats_tls_key)) {
-            (Some(cert), Some(key)) => Some((cert, key)),
-            (None, None) => None,
-            _ => anyhow::bail!("cluster.nats_tls_cert and cluster.nats_tls_key go together"),
-        };
-        let mut nats = dormouse_cluster::NatsSettings::new(self.nats_urls.clone(), self.node());
-        nats.credentials = given(&self.nats_credentials);
-        nats.tls_ca = given(&self.nats_tls_ca);
-        nats.tls_client = tls_client;
-        Ok(nats)
+        anyhow::ensure!(
+            self.nats_tls_cert.as_os_str().is_empty() == self.nats_tls_key.as_os_str().is_empty(),
+            "cluster.nats_tls_cert and cluster.nats_tls_key go together"
+        );
+        Ok(())
     }
 
     /// This node's name: `node_name`, else the host's name.
@@ -676,8 +670,8 @@ mod tests {
             s.cluster.nats_urls,
             ["nats://a:4222", "nats://b:4222", "nats://c:4222"]
         );
-        let nats = s.cluster.nats().unwrap();
-        assert_eq!((nats.name.as_str(), nats.urls.len()), ("node-1", 3));
+        s.cluster.check().unwrap();
+        assert_eq!(s.cluster.node(), "node-1");
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("dormouse.toml");
@@ -687,11 +681,11 @@ mod tests {
         )
         .unwrap();
         let s = Settings::load(Some(&path), env(&[])).unwrap();
-        let error = s.cluster.nats().unwrap_err().to_string();
+        let error = s.cluster.check().unwrap_err().to_string();
         assert!(error.contains("cluster.replicas is 2"), "{error}");
         let mut cluster = s.cluster.clone();
         cluster.replicas = 3;
-        let error = cluster.nats().unwrap_err().to_string();
+        let error = cluster.check().unwrap_err().to_string();
         assert!(error.contains("nats_tls_key"), "{error}");
     }
 

@@ -6,7 +6,8 @@
 
 use std::path::PathBuf;
 
-use dormouse_gateway::Settings;
+use dormouse_cluster::NatsSettings;
+use dormouse_gateway::{ClusterSettings, Settings};
 
 use super::output;
 
@@ -41,9 +42,10 @@ pub(crate) async fn run(command: ClusterCommand) -> anyhow::Result<()> {
     if let Some(replicas) = args.replicas {
         settings.cluster.replicas = replicas;
     }
-    let nats = settings.cluster.nats().map_err(|e| {
+    settings.cluster.check().map_err(|e| {
         anyhow::Error::new(super::UsageError(format!("{e:#} (or pass --nats-url)")))
     })?;
+    let nats = nats_settings(&settings.cluster);
     let report = dormouse_cluster::check(&nats, settings.cluster.replicas).await;
     if args.json {
         output::line(&serde_json::to_string(&report)?)?;
@@ -77,4 +79,14 @@ pub(crate) async fn run(command: ClusterCommand) -> anyhow::Result<()> {
         "this NATS cluster cannot carry cluster mode (see above; docs/CLUSTER.md)"
     );
     Ok(())
+}
+
+/// The NATS connection `[cluster]` describes (already checked).
+fn nats_settings(cluster: &ClusterSettings) -> NatsSettings {
+    let given = |path: &PathBuf| (!path.as_os_str().is_empty()).then(|| path.clone());
+    let mut nats = NatsSettings::new(cluster.nats_urls.clone(), cluster.node());
+    nats.credentials = given(&cluster.nats_credentials);
+    nats.tls_ca = given(&cluster.nats_tls_ca);
+    nats.tls_client = given(&cluster.nats_tls_cert).zip(given(&cluster.nats_tls_key));
+    nats
 }
