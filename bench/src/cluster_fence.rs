@@ -128,18 +128,20 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
     };
     for round in 0..args.rounds {
         let name = format!("owner-{round}");
-        let mut child = Command::new(std::env::current_exe()?)
-            .args([
-                "cluster-fence-owner",
-                "--urls",
-                &urls.join(","),
-                "--name",
-                &name,
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        let stdout = child.stdout.take().expect("piped");
+        let mut child = Owner(
+            Command::new(std::env::current_exe()?)
+                .args([
+                    "cluster-fence-owner",
+                    "--urls",
+                    &urls.join(","),
+                    "--name",
+                    &name,
+                ])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()?,
+        );
+        let stdout = child.0.stdout.take().expect("piped");
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -164,7 +166,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
             acks += 1;
         }
         let stopped = Instant::now();
-        signal(child.id(), "-STOP")?;
+        signal(child.0.id(), "-STOP")?;
         while let Ok(line) = lines.try_recv() {
             if line.starts_with("acked") {
                 acks += 1;
@@ -202,7 +204,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
                 .await?
                 .sequence;
         }
-        signal(child.id(), "-CONT")?;
+        signal(child.0.id(), "-CONT")?;
         // An append it had in flight when stopped may still be acknowledged: it was stored
         // before the marker. Anything acknowledged after the marker is a second writer. A
         // fenced owner stops at once; one still appending after 5 s was not fenced.
@@ -221,8 +223,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
                 report.acked_after_marker += 1;
             }
         }
-        let _ = child.kill();
-        let _ = child.wait();
+        drop(child);
         drop(membership);
         // Release the object for the next round's owner.
         if let Some((_, revision)) = directory.owner(OBJECT).await? {
@@ -234,11 +235,17 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
     let mut writer_since_marker: Option<String> = None;
     let mut sequence = 1;
     while sequence <= end {
-        let (subject, payload) = match log.get(sequence).await {
-            Ok(message) => message,
-            Err(_) => {
-                sequence += 1;
-                continue;
+        // Every sequence of the stream is this subject's (nothing else is written to it);
+        // a read that keeps failing fails the check rather than skip what it would show.
+        let mut tries = 0;
+        let (subject, payload) = loop {
+            match log.get(sequence).await {
+                Ok(message) => break message,
+                Err(_) if tries < 50 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => anyhow::bail!("reading sequence {sequence} of the log: {e}"),
             }
         };
         sequence += 1;
@@ -259,6 +266,18 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<Report> {
         && report.acked_after_marker == 0
         && report.foreign_after_marker == 0;
     Ok(report)
+}
+
+/// The owner process; killed (and continued first, if stopped) and reaped when dropped,
+/// whichever way the round ends.
+struct Owner(std::process::Child);
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        let _ = signal(self.0.id(), "-CONT");
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 fn signal(pid: u32, which: &str) -> anyhow::Result<()> {

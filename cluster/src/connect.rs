@@ -1,6 +1,8 @@
 //! Connecting a node to the NATS cluster: every server's URL, credentials and TLS, and a
 //! refusal at start, naming the server, when it cannot be reached, runs a release that does
-//! not fence appends correctly ([`crate::version`]), or has JetStream off.
+//! not fence appends correctly ([`crate::version`]), or has JetStream off. Only the server
+//! the connection reaches is checked here (the client may fail over to others later);
+//! [`check`](crate::check()) reaches every listed server on its own.
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -56,7 +56,9 @@ impl std::fmt::Debug for Feed {
 
 impl FencedLog {
     /// Follows `subject` from the message after `after` (0: from its start). The stream
-    /// must republish ([`crate::LogSpec::republish`]).
+    /// must republish ([`crate::LogSpec::republish`]). The backlog is read, one leader read
+    /// per message, before this returns: meant for the bounded tail a subject retains, not
+    /// for replaying a long history.
     pub async fn follow(&self, subject: &str, after: u64) -> Result<Feed, LogError> {
         // Live first, so nothing stored while the backlog is read slips between the two.
         let live = self

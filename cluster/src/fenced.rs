@@ -69,7 +69,9 @@ pub enum AppendError {
     #[error("fenced: the subject's last sequence is no longer {expected}; another writer appended")]
     Fenced { expected: u64 },
     /// Another fenced append to the same subject was still being replicated; the server
-    /// takes one at a time per subject. Re-read the last sequence and try again.
+    /// takes one at a time per subject. An owner tries again with the same expectation
+    /// ([`FencedLog::append_retrying`] does): the other append may be a new owner's marker,
+    /// and adopting the log's new end would write past it. Only a take-over re-reads the end.
     #[error("another fenced append to this subject is in flight")]
     Contended,
     /// No acknowledgement came (a timeout, a leader election, a lost connection): the
@@ -130,9 +132,30 @@ impl FencedLog {
             ..Config::default()
         };
         let stream = js
-            .get_or_create_stream(config)
+            .get_or_create_stream(config.clone())
             .await
             .map_err(|e| LogError::new(format!("opening stream {}", spec.name), e))?;
+        // An existing stream is returned as it is: one made with other settings (R1 in
+        // development, no republish, a shorter dedupe window) must not pass for this one.
+        let found = &stream.cached_info().config;
+        let differs = [
+            ("replicas", found.num_replicas != config.num_replicas),
+            (
+                "duplicate window",
+                found.duplicate_window != config.duplicate_window,
+            ),
+            (
+                "republish",
+                found.republish.is_some() != config.republish.is_some(),
+            ),
+            ("subjects", found.subjects != config.subjects),
+        ];
+        if let Some((what, _)) = differs.iter().find(|(_, differs)| *differs) {
+            return Err(LogError::new(
+                format!("opening stream {}", spec.name),
+                format!("it exists with another {what} than asked for; change or delete it"),
+            ));
+        }
         Ok(Self {
             js,
             stream,
@@ -242,7 +265,9 @@ fn classify(error: PublishError, expected: u64) -> AppendError {
         | PublishErrorKind::StreamNotFound => AppendError::Unacknowledged(error),
         PublishErrorKind::Other => match jetstream_code(&error) {
             Some(CONTENDED) => AppendError::Contended,
-            Some(code) if ELECTING.contains(&code) => AppendError::Unacknowledged(error),
+            Some(code) if ELECTING.contains(&code) || NOT_YET.contains(&code) => {
+                AppendError::Unacknowledged(error)
+            }
             _ => AppendError::Refused(error),
         },
         _ => AppendError::Refused(error),
@@ -258,6 +283,15 @@ const ELECTING: [ErrorCode; 4] = [
     ErrorCode::CLUSTER_NOT_ASSIGNED,
     ErrorCode::CLUSTER_NOT_AVAILABLE,
     ErrorCode::CLUSTER_NOT_LEADER,
+];
+
+/// Answers that say "not now" about this very append: the same id still being replicated
+/// (a retry sent while the first try is in flight), per-subject expectations not ready yet
+/// after a leader change, too many requests. Nothing was stored by this try.
+const NOT_YET: [ErrorCode; 3] = [
+    ErrorCode::STREAM_DUPLICATE_MESSAGE_CONFLICT,
+    ErrorCode::STREAM_EXPECTED_LAST_SEQ_PER_SUBJECT_NOT_READY,
+    ErrorCode::STREAM_TOO_MANY_REQUESTS,
 ];
 
 /// The JetStream error code behind a publish failure, if the server sent one.

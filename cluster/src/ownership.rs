@@ -213,11 +213,27 @@ impl Drop for Membership {
 /// same answer from the same list, owners spread evenly, and a node's loss moves only its
 /// own objects.
 pub fn place<'a>(object: &str, nodes: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
-    nodes.into_iter().max_by_key(|node| {
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        (node, object).hash(&mut hasher);
-        hasher.finish()
-    })
+    nodes
+        .into_iter()
+        .max_by_key(|node| fnv1a([node.as_bytes(), &[0xff], object.as_bytes()]))
+}
+
+/// FNV-1a (64 bits) with splitmix64's finalizer: a hash fixed by its definition, so every
+/// node, whatever toolchain built it, places an object on the same node (std's
+/// `DefaultHasher` may change between Rust releases, which a rolling upgrade would turn
+/// into two placements). The finalizer spreads FNV's similar outputs for similar inputs,
+/// which rendezvous hashing compares directly.
+fn fnv1a<const N: usize>(parts: [&[u8]; N]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in parts.into_iter().flatten() {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash ^= hash >> 30;
+    hash = hash.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    hash ^= hash >> 27;
+    hash = hash.wrapping_mul(0x94d0_49bb_1331_11eb);
+    hash ^ (hash >> 31)
 }
 
 /// Who owns each object now (a routing hint; see the module doc).

@@ -6,7 +6,10 @@
 //! ([`RpcError::Stale`]), and the caller looks the owner up again. A node that is gone has no
 //! subscriber: the request fails at once with [`RpcError::NodeGone`] instead of waiting for
 //! a timeout (after a few tries within 200 ms, as a new subscription takes a moment to reach
-//! every server), which is how a caller learns an owner died before its membership expires.
+//! every server), which is how a caller learns an owner may have died before its membership
+//! expires. It is a hint, not proof: an owner whose client is reconnecting to another server
+//! is briefly unanswerable too; acting on it is safe because a take-over is fenced by the log.
+//! Two live processes must not share a node name: both would answer its requests.
 
 use std::future::Future;
 use std::sync::Arc;

@@ -9,11 +9,13 @@
 use std::fmt;
 
 /// A nats-server release, as its `INFO` or `--version` prints it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServerVersion {
     pub major: u64,
     pub minor: u64,
     pub patch: u64,
+    /// A prerelease (`-beta.1`) of that release, which comes before it.
+    pub prerelease: bool,
 }
 
 /// The oldest release cluster mode runs on (see the module doc).
@@ -21,6 +23,7 @@ pub const MIN_SERVER_VERSION: ServerVersion = ServerVersion {
     major: 2,
     minor: 14,
     patch: 4,
+    prerelease: false,
 };
 
 impl ServerVersion {
@@ -29,6 +32,7 @@ impl ServerVersion {
     pub fn parse(text: &str) -> Option<Self> {
         let text = text.trim().trim_start_matches('v');
         let core = text.split(['-', '+']).next()?;
+        let prerelease = text[core.len()..].starts_with('-');
         let mut parts = core.split('.');
         let mut number = || parts.next().map(str::parse::<u64>);
         let major = number()?.ok()?;
@@ -41,12 +45,16 @@ impl ServerVersion {
             major,
             minor,
             patch,
+            prerelease,
         })
     }
 
-    /// Whether cluster mode may run on this release.
+    /// Whether cluster mode may run on this release (a prerelease of the minimum comes
+    /// before it, and may lack its fixes).
     pub fn qualifies(self) -> bool {
-        self >= MIN_SERVER_VERSION
+        let number = |v: Self| (v.major, v.minor, v.patch);
+        number(self) > number(MIN_SERVER_VERSION)
+            || (number(self) == number(MIN_SERVER_VERSION) && !self.prerelease)
     }
 }
 
@@ -73,7 +81,13 @@ mod tests {
         assert!(!parse("2.9.10").qualifies(), "2.9.10 double-accepts");
         assert!(!parse("2.14.3").qualifies());
         assert!(parse("2.14.4").qualifies());
+        assert!(
+            !parse("2.14.4-beta.1").qualifies(),
+            "a prerelease comes before"
+        );
+        assert!(parse("2.15.0-rc.2").qualifies());
         assert!(parse("2.15.1").qualifies());
-        assert!(parse("2.100.0") > parse("2.15.9"), "numbers, not text");
+        assert!(parse("2.100.0").qualifies(), "numbers, not text");
+        assert!(!parse("2.9.100").qualifies(), "numbers, not text");
     }
 }

@@ -91,8 +91,10 @@ async fn a_follower_gets_the_backlog_then_every_live_append_once_in_order() {
     let got = take(&mut feed, 50).await;
     let expected: Vec<(u64, String)> = sequences.into_iter().zip(payloads("m", 0..50)).collect();
     assert_eq!(got, expected);
+    // Long enough for a few tail checks, which must not repeat anything either.
+    feed.set_tail_check(Duration::from_millis(100));
     assert!(
-        tokio::time::timeout(Duration::from_millis(300), feed.next())
+        tokio::time::timeout(Duration::from_millis(600), feed.next())
             .await
             .is_err(),
         "nothing more, and nothing twice"

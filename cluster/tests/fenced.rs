@@ -74,6 +74,17 @@ async fn a_stale_expectation_is_refused_and_a_retry_is_recognised() {
         log.get(second.sequence).await.unwrap(),
         (subject.to_string(), Bytes::from_static(b"two"))
     );
+    // The stream exists now: opening it with other settings is refused, not ignored.
+    let nats = connect(&NatsSettings::new(cluster.urls(), "test"))
+        .await
+        .unwrap();
+    let mut other = spec("fence");
+    other.replicas = 1;
+    let refused = FencedLog::open(&nats, &other)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("replicas"), "{refused}");
 }
 
 /// nats-server before 2.9.21 accepted both appends of a pair sent together with the same

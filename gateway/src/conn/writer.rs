@@ -122,7 +122,11 @@ impl SubscriberWriter {
         receiver.try_recv_many(&mut taken, FrameBatch::MAX_FRAMES, FrameBatch::MAX_BYTES);
         let (frames, mut drained) = FrameBatch::gather(taken, self.framing);
         if frames.write_to(io).await.is_err() {
-            drained.failed = true;
+            // Nothing counts as delivered from a write that failed.
+            drained = Drained {
+                failed: true,
+                ..Drained::default()
+            };
         }
         drained
     }
