@@ -1,8 +1,8 @@
 //! Connecting a node to the NATS cluster: every server's URL, credentials and TLS, and a
 //! refusal at start, naming the server, when it cannot be reached, runs a release that does
-//! not fence appends correctly ([`crate::version`]), or has JetStream off. Only the server
-//! the connection reaches is checked here (the client may fail over to others later);
-//! [`check`](crate::check()) reaches every listed server on its own.
+//! not fence appends correctly ([`crate::version`]), or has JetStream off. Every listed
+//! server that answers is checked, and the client fails over only between listed servers;
+//! [`check`](crate::check()) also reports the ones that are down.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -92,13 +92,37 @@ pub struct Nats {
     pub server: String,
 }
 
-/// Connects and checks the server: see [`ConnectError`] for what is refused.
+/// Connects and checks the servers: see [`ConnectError`] for what is refused. The server
+/// the connection reaches must qualify; so must every other listed server that answers (one
+/// that is down is passed over, with a warning, and the connection never fails over to a
+/// server it was not given: servers the cluster advertises are ignored).
 pub async fn connect(settings: &NatsSettings) -> Result<Nats, ConnectError> {
-    if settings.urls.is_empty() {
+    let nats = connect_checked(settings, &settings.urls).await?;
+    // The connection reached one of them (in random order): check each on its own.
+    let others = if settings.urls.len() > 1 {
+        settings.urls.as_slice()
+    } else {
+        &[]
+    };
+    for url in others {
+        match connect_checked(settings, std::slice::from_ref(url)).await {
+            Ok(_) => {}
+            Err(ConnectError::Unreachable { .. }) => {
+                tracing::warn!(url, "a listed NATS server is down; it was not checked");
+            }
+            Err(refused) => return Err(refused),
+        }
+    }
+    Ok(nats)
+}
+
+/// Connects to `urls` with `settings`' credentials and TLS, and checks the server reached.
+async fn connect_checked(settings: &NatsSettings, urls: &[String]) -> Result<Nats, ConnectError> {
+    if urls.is_empty() {
         return Err(ConnectError::NoUrls);
     }
-    let mut addrs = Vec::with_capacity(settings.urls.len());
-    for url in &settings.urls {
+    let mut addrs = Vec::with_capacity(urls.len());
+    for url in urls {
         let addr = url
             .parse::<async_nats::ServerAddr>()
             .map_err(|e| ConnectError::BadUrl {
@@ -110,6 +134,8 @@ pub async fn connect(settings: &NatsSettings) -> Result<Nats, ConnectError> {
     let mut options = async_nats::ConnectOptions::new()
         .name(&settings.name)
         .connection_timeout(settings.connect_timeout)
+        // Only servers that were listed, and so checked.
+        .ignore_discovered_servers()
         // The default (a minute) leaves a dead server unnoticed for that long.
         .ping_interval(Duration::from_secs(10));
     if let Some(path) = &settings.credentials {
@@ -132,7 +158,7 @@ pub async fn connect(settings: &NatsSettings) -> Result<Nats, ConnectError> {
         .connect(addrs)
         .await
         .map_err(|source| ConnectError::Unreachable {
-            urls: settings.urls.join(", "),
+            urls: urls.join(", "),
             source,
         })?;
     let info = client.server_info();

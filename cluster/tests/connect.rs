@@ -31,6 +31,24 @@ async fn a_server_that_cannot_fence_is_refused_by_name_and_version() {
     );
 }
 
+/// A cluster whose first server qualifies but whose second, also listed, runs an old
+/// release: the connection could fail over to it, so it is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_listed_server_that_cannot_fence_is_refused_not_only_the_first() {
+    let cluster = NatsCluster::start(3).await;
+    let old = fake_nats_server(
+        r#"{"server_id":"OLD","server_name":"old-nats","version":"2.9.10","proto":1,"headers":true,"jetstream":true,"max_payload":1048576}"#,
+    )
+    .await;
+    let error = connect(&settings(vec![cluster.url(0), old]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, ConnectError::TooOld { server, .. } if server == "old-nats"),
+        "{error:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_server_without_jetstream_is_refused() {
     let url = fake_nats_server(

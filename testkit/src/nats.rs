@@ -83,6 +83,31 @@ impl NatsCluster {
     /// meta leader is elected).
     pub async fn start(size: usize) -> Self {
         let binary = nats_server_binary();
+        // Ports are picked by binding port 0 and letting go, so another process can take
+        // one before a server binds it; the cluster then never forms. One fresh try, said
+        // on stderr, before the test fails with every server's log.
+        let mut failure = String::new();
+        for attempt in 1..=2 {
+            let mut cluster = Self::spawn_all(&binary, size);
+            match cluster.wait_until_ready().await {
+                Ok(()) => return cluster,
+                Err(why) => {
+                    let logs: Vec<String> = (0..size)
+                        .map(|i| format!("--- n{} ---\n{}", i + 1, cluster.log(i)))
+                        .collect();
+                    failure = format!("{why}\n{}", logs.join("\n"));
+                    eprintln!(
+                        "a NATS test cluster did not form, attempt {attempt} of 2: {failure}"
+                    );
+                }
+            }
+        }
+        panic!("the NATS test cluster did not form, twice: {failure}");
+    }
+
+    /// Writes the configs and starts every server, not waiting for them.
+    fn spawn_all(binary: &Path, size: usize) -> Self {
+        let binary = binary.to_path_buf();
         let dir = tempfile::tempdir().expect("a directory for the NATS stores");
         let free = || {
             std::net::TcpListener::bind("127.0.0.1:0")
@@ -126,7 +151,6 @@ impl NatsCluster {
         for i in 0..size {
             cluster.spawn(i);
         }
-        cluster.wait_until_ready().await;
         cluster
     }
 
@@ -189,7 +213,8 @@ impl NatsCluster {
         std::fs::read_to_string(&self.servers[i].log).unwrap_or_default()
     }
 
-    async fn wait_until_ready(&mut self) {
+    /// Until JetStream answers through every server; why not, if it does not in time.
+    async fn wait_until_ready(&mut self) -> Result<(), String> {
         let deadline = tokio::time::Instant::now() + PATIENCE;
         for i in 0..self.servers.len() {
             let url = self.url(i);
@@ -197,19 +222,18 @@ impl NatsCluster {
                 if let Some(child) = self.servers[i].child.as_mut()
                     && let Ok(Some(status)) = child.try_wait()
                 {
-                    panic!("nats-server {i} exited ({status}):\n{}", self.log(i));
+                    return Err(format!("nats-server n{} exited ({status})", i + 1));
                 }
                 if jetstream_answers(&url).await {
                     break;
                 }
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "the NATS cluster did not elect a JetStream leader in time:\n{}",
-                    self.log(i)
-                );
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(format!("no JetStream answer through n{} in time", i + 1));
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
+        Ok(())
     }
 }
 
