@@ -1,8 +1,8 @@
 //! The parts of the bench that tests elsewhere in the workspace run too: the crash-safety
-//! harness (`crash`) and the soak (`soak`), which the gateway's test suite runs in a short form against its own
-//! freshly built binary; the scenarios that drive a server child process through restarts
-//! (`disk_full`, `retained_server`); and `proc`, the kernel's and allocator's figures every
-//! scenario reports. The other load scenarios live in the `dormouse-bench` binary.
+//! harness (`crash`) and the soak (`soak`), which the `dormouse` crate's tests run in a
+//! short form against its own freshly built binary; the scenarios that drive a server child
+//! process through restarts (`disk_full`, `retained_server`); and `proc`, the kernel's and
+//! allocator's figures every scenario reports. The other load scenarios live in the `dormouse-bench` binary.
 
 mod child;
 pub mod crash;

@@ -1,9 +1,9 @@
 //! Cluster mode's footing on NATS JetStream (issue 16): what every node needs before it can
 //! own, forward or replicate anything.
 //!
-//! - [`connect`](mod@connect): reaching the NATS cluster, and refusing at start a server that cannot be
-//!   trusted to fence (a release before [`MIN_SERVER_VERSION`]), is unreachable, or has
-//!   JetStream off.
+//! - [`connect`](mod@connect): reaching the NATS cluster, and refusing at start a server
+//!   that cannot be trusted to fence (a release before [`MIN_SERVER_VERSION`]), is
+//!   unreachable, or has JetStream off.
 //! - [`fenced`]: appends that name the sequence they expect their subject to end at, so a
 //!   former owner's late append is refused by the log itself, and retries are recognised.
 //! - [`feed`]: following a subject's appends from any node, in order and each once,
@@ -12,7 +12,8 @@
 //!   puts in an object's log.
 //! - [`rpc`]: node to node requests, how a node reaches an object's owner.
 //! - [`version`]: nats-server releases and which qualify.
-//! - [`check`](mod@check): whether a NATS cluster can carry cluster mode (`dormouse cluster check`).
+//! - [`check`](mod@check): whether a NATS cluster can carry cluster mode
+//!   (`dormouse cluster check`).
 //!
 //! Nothing here is wired into the server yet; `docs/CLUSTER.md` says what is built and
 //! what is not.

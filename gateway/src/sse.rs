@@ -6,8 +6,8 @@
 //! after the response head, so once the opening comment is out its events are written
 //! directly, as a WebSocket's are ([`SubscriberWriter`]): by the thread that released them,
 //! and by the task under the same lock when woken. The task still writes the keep-alives
-//! and the closing control event, through [`SerializedIo`](crate::conn::writer::SerializedIo), so
-//! nothing lands inside an event.
+//! and the closing control event, through
+//! [`SerializedIo`](crate::conn::writer::SerializedIo), so nothing lands inside an event.
 
 use std::pin::Pin;
 use std::sync::Arc;

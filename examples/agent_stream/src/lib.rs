@@ -55,10 +55,10 @@
 //! 2. A crash can lose publishes that were queued but not yet stored by the channel (the
 //!    producer already had its 201). So every event also makes sure the run's alarm is set,
 //!    at most `mirror_check` ahead; the alarm survives the crash, wakes the run after the
-//!    restart, and every activation (and every alarm) compares the channel's newest event with the log and
-//!    publishes what is missing, in order, with the run's event id as idempotency key (so a
-//!    late duplicate is stored once). SSE viewers thus get every acknowledged event, late
-//!    but in order, and resume across the repair as usual.
+//!    restart, and every activation (and every alarm) compares the channel's newest event
+//!    with the log and publishes what is missing, in order, with the run's event id as
+//!    idempotency key (so a late duplicate is stored once). SSE viewers thus get every
+//!    acknowledged event, late but in order, and resume across the repair as usual.
 //! 3. How far the channel is known to be complete is kept in the run's storage, so waking
 //!    an old, finished run (`GET .../state`) asks the channel nothing.
 //!
