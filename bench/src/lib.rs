@@ -2,7 +2,8 @@
 //! harness (`crash`) and the soak (`soak`), which the `dormouse` crate's tests run in a
 //! short form against its own freshly built binary; the scenarios that drive a server child
 //! process through restarts (`disk_full`, `retained_server`); and `proc`, the kernel's and
-//! allocator's figures every scenario reports. The other load scenarios live in the `dormouse-bench` binary.
+//! allocator's figures every scenario reports. The other load scenarios live in the
+//! `dormouse-bench` binary.
 
 mod child;
 pub mod crash;

@@ -5,7 +5,8 @@
 //! Publishes happen in after-commit effects, so the channel only ever receives events the
 //! run has made durable, in log order (the gateway's `Publisher` keeps each channel's
 //! publishes in the order they were handed to it, and effects run in commit order). Each
-//! carries the run's event id as its idempotency key, so publishing an event twice (a repair racing a late effect) stores it once.
+//! carries the run's event id as its idempotency key, so publishing an event twice (a
+//! repair racing a late effect) stores it once.
 //!
 //! What a crash can cost is the tail of publishes that were queued but not yet stored by the
 //! channel. The run finds it by reading the channel's newest event (its payload names the
