@@ -147,6 +147,8 @@ pub(crate) struct ActivationState<O: Object> {
     awake_until: Option<Instant>,
     /// The object's sockets; parked in the directory when this activation hibernates.
     sockets: Sockets,
+    /// The gate's failure count when `object` was built; see [`crate::gate`].
+    basis: u64,
 }
 
 impl<O: Object> Actor for ObjectActor<O> {
@@ -166,6 +168,7 @@ impl<O: Object> Actor for ObjectActor<O> {
             sockets,
             object: None,
             gate: Gate::default(),
+            basis: 0,
             last_active: Instant::now(),
             awake_until: None,
         })
@@ -280,6 +283,7 @@ impl<O: Object> ActivationState<O> {
                 let (batch, effects) = ctx.finish();
                 match commit(&self.args.id, storage, &shared, batch) {
                     Ok(sync) => self.gate.submit(
+                        self.basis,
                         sync,
                         Box::new(move |outcome| match outcome {
                             Ok(()) => {
@@ -310,6 +314,13 @@ impl<O: Object> ActivationState<O> {
             self.object = None;
         }
         self.sockets.prune();
+        if self.object.is_none()
+            && let Err(e) = shared.storage.acquire(&self.args.id).await
+        {
+            // Owned elsewhere (cluster mode): the owner's scheduler fires it.
+            let _ = reply.send(Err(e.into()));
+            return;
+        }
         // A request may have moved or deleted the alarm since the scheduler read it.
         match shared.storage.alarm(&self.args.id) {
             Ok(Some(at)) if at <= now_ms() => {}
@@ -348,7 +359,9 @@ impl<O: Object> ActivationState<O> {
                     batch.push(Write::DeleteAlarm);
                 }
                 match commit(&self.args.id, storage, &shared, batch) {
-                    Ok(sync) => self.gate.submit(sync, release(effects, reply, ())),
+                    Ok(sync) => self
+                        .gate
+                        .submit(self.basis, sync, release(effects, reply, ())),
                     Err(e) => {
                         self.object = None;
                         let _ = reply.send(Err(e));
@@ -376,13 +389,16 @@ impl<O: Object> ActivationState<O> {
             batch.push(Write::SetAlarm { at_ms: retry_at });
         }
         match commit(&self.args.id, &*shared.storage, &shared, batch) {
-            Ok(sync) => self.gate.submit(sync, Box::new(|_| {})),
+            Ok(sync) => self.gate.submit(self.basis, sync, Box::new(|_| {})),
             Err(e) => warn!(object = %self.args.id, error = %e, "could not reschedule the alarm"),
         }
     }
 
     async fn activate(&mut self) -> Result<O> {
         let shared = self.args.shared.clone();
+        // Cluster mode: take the object over here (or learn who owns it) before reading it.
+        shared.storage.acquire(&self.args.id).await?;
+        self.basis = self.gate.failures();
         let storage: &dyn Storage = &*shared.storage;
         let mut ctx = Context::new(&self.args.id, storage, &mut self.sockets);
         let outcome = AssertUnwindSafe(O::activate(&mut ctx, &shared.env))
@@ -392,6 +408,7 @@ impl<O: Object> ActivationState<O> {
         let (batch, effects) = ctx.finish();
         let sync = commit(&self.args.id, storage, &shared, batch)?;
         self.gate.submit(
+            self.basis,
             sync,
             Box::new(move |outcome| {
                 if outcome.is_ok() {
@@ -473,7 +490,7 @@ fn commit<O: Object>(
     if sets_alarm {
         shared.alarms.changed();
     }
-    Ok(Some(shared.commits.time(storage.sync())))
+    Ok(Some(shared.commits.time(storage.sync_object(id))))
 }
 
 fn release<T: Send + 'static>(

@@ -6,13 +6,20 @@
 //! overtake the durability of state it may have observed. A handler that wrote nothing and
 //! finds the gate empty is released at once, with no task hop.
 //!
+//! A failed commit fails more than its own item: every item computed by the object as it
+//! was when the commit failed (its in-memory state, or what storage showed it, may hold
+//! the writes that were not stored), including items queued after it and items of an
+//! object rebuilt while the failed write was still on its way. Each item names the gate's
+//! failure count when its object was built (its basis); one that differs at release is
+//! refused.
+//!
 //! The releasing task runs only while items wait: it is spawned when the queue goes from
 //! empty to not, and ends when it has emptied it. An activation that is merely alive (most
 //! of them, most of the time: waiting for their idle timeout) holds no task and no channel,
 //! which matters when a burst keeps a hundred thousand of them alive at once.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use dormouse_storage::SyncFuture;
@@ -27,6 +34,8 @@ use crate::{Error, Result};
 pub(crate) type Release = Box<dyn FnOnce(Result<()>) + Send + 'static>;
 
 struct Item {
+    /// The gate's failure count when the object that made this item was built.
+    basis: u64,
     commit: Option<SyncFuture>,
     release: Release,
 }
@@ -48,6 +57,8 @@ struct Shared {
     /// Set when a commit failed: the activation's in-memory state may be ahead of storage,
     /// so it must be rebuilt before serving more requests.
     poisoned: AtomicBool,
+    /// Commits that failed so far.
+    failures: AtomicU64,
 }
 
 #[derive(Default)]
@@ -65,12 +76,26 @@ impl Shared {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn release(&self, release: Release, outcome: Result<()>) {
-        if outcome.is_err() {
-            self.poisoned.store(true, Ordering::Release);
-        }
-        release(outcome);
+    fn release(&self, basis: u64, release: Release, outcome: Result<()>) {
+        release(self.judge(basis, outcome));
         self.pending.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// An item's outcome: its commit's, unless a commit failed since its object was built.
+    fn judge(&self, basis: u64, outcome: Result<()>) -> Result<()> {
+        match outcome {
+            Err(e) => {
+                self.failures.fetch_add(1, Ordering::AcqRel);
+                self.poisoned.store(true, Ordering::Release);
+                Err(e)
+            }
+            Ok(()) if basis != self.failures.load(Ordering::Acquire) => Err(Error::Unavailable(
+                "an earlier write of this object was not stored, and this answer may \
+                 have seen it; nothing of it was acknowledged"
+                    .into(),
+            )),
+            Ok(()) => Ok(()),
+        }
     }
 }
 
@@ -83,16 +108,21 @@ impl std::fmt::Debug for Gate {
 }
 
 impl Gate {
-    /// Queues `release` behind every earlier item and behind `commit`.
-    pub(crate) fn submit(&mut self, commit: Option<SyncFuture>, release: Release) {
+    /// Queues `release` behind every earlier item and behind `commit`. `basis` is
+    /// [`Gate::failures`] as it was when the object that made the item was built.
+    pub(crate) fn submit(&mut self, basis: u64, commit: Option<SyncFuture>, release: Release) {
         if commit.is_none() && self.shared.pending.load(Ordering::Acquire) == 0 {
-            release(Ok(()));
+            release(self.shared.judge(basis, Ok(())));
             return;
         }
         self.shared.pending.fetch_add(1, Ordering::AcqRel);
         let start = {
             let mut queue = self.shared.lock();
-            queue.items.push_back(Item { commit, release });
+            queue.items.push_back(Item {
+                basis,
+                commit,
+                release,
+            });
             !std::mem::replace(&mut queue.running, true)
         };
         if start {
@@ -104,6 +134,11 @@ impl Gate {
     /// successor could reveal state that is not durable yet.
     pub(crate) fn is_busy(&self) -> bool {
         self.shared.pending.load(Ordering::Acquire) > 0
+    }
+
+    /// Commits that failed so far: an object built now is the basis of its items.
+    pub(crate) fn failures(&self) -> u64 {
+        self.shared.failures.load(Ordering::Acquire)
     }
 
     /// True once a commit failed; cleared by the activation when it rebuilds its state.
@@ -149,7 +184,7 @@ async fn run(shared: Arc<Shared>) {
         // Release this item and every later one whose commit is already decided (a group
         // commit covers many) together, so the sockets they feed are woken once for all.
         let _batch = WakeBatch::begin();
-        shared.release(item.release, outcome);
+        shared.release(item.basis, item.release, outcome);
         loop {
             let (item, outcome) = {
                 let mut queue = shared.lock();
@@ -168,7 +203,7 @@ async fn run(shared: Arc<Shared>) {
                     None => break,
                 }
             };
-            shared.release(item.release, outcome);
+            shared.release(item.basis, item.release, outcome);
         }
     }
 }
@@ -204,10 +239,10 @@ mod tests {
         let mut gate = Gate::default();
         let (first, first_commit) = commit();
         let (second, second_commit) = commit();
-        gate.submit(Some(first_commit), logger(&log, 1));
-        gate.submit(Some(second_commit), logger(&log, 2));
+        gate.submit(0, Some(first_commit), logger(&log, 1));
+        gate.submit(0, Some(second_commit), logger(&log, 2));
         // Wrote nothing, but queued behind writes: it waits for them.
-        gate.submit(None, logger(&log, 3));
+        gate.submit(0, None, logger(&log, 3));
         assert!(gate.is_busy());
         // The later commit finishing first releases nothing.
         second.send(()).unwrap();
@@ -219,11 +254,11 @@ mod tests {
         assert_eq!(*log.lock().unwrap(), [1, 2, 3]);
         assert!(!gate.is_busy());
         // Idle again: a write-free item goes at once, and a new write starts a new task.
-        gate.submit(None, logger(&log, 4));
+        gate.submit(0, None, logger(&log, 4));
         assert_eq!(log.lock().unwrap().last(), Some(&4));
         assert!(gate.task.is_none());
         let (third, third_commit) = commit();
-        gate.submit(Some(third_commit), logger(&log, 5));
+        gate.submit(0, Some(third_commit), logger(&log, 5));
         third.send(()).unwrap();
         gate.drain().await;
         assert_eq!(*log.lock().unwrap(), [1, 2, 3, 4, 5]);
@@ -236,6 +271,7 @@ mod tests {
         let failed = Arc::new(AtomicBool::new(false));
         let seen = failed.clone();
         gate.submit(
+            0,
             Some(failing_commit),
             Box::new(move |outcome| seen.store(outcome.is_err(), Ordering::SeqCst)),
         );
@@ -244,5 +280,31 @@ mod tests {
         assert!(failed.load(Ordering::SeqCst));
         assert!(gate.take_poisoned());
         assert!(!gate.take_poisoned(), "taken once");
+    }
+
+    #[tokio::test]
+    async fn what_the_object_made_before_its_rebuild_fails_with_the_write_it_may_have_seen() {
+        let mut gate = Gate::default();
+        let outcomes = Arc::new(StdMutex::new(Vec::new()));
+        let record = |n: u32| -> Release {
+            let outcomes = outcomes.clone();
+            Box::new(move |outcome| outcomes.lock().unwrap().push((n, outcome.is_ok())))
+        };
+        let (failing, failing_commit) = commit();
+        let basis = gate.failures();
+        gate.submit(basis, Some(failing_commit), record(1));
+        // Read-only, queued behind the write it may have seen.
+        gate.submit(basis, None, record(2));
+        drop(failing);
+        gate.drain().await;
+        // Still made by the object as it was (the activation has not rebuilt it yet).
+        gate.submit(basis, None, record(3));
+        // Rebuilt: its basis is the new failure count, and its answers go out again.
+        assert!(gate.take_poisoned());
+        gate.submit(gate.failures(), None, record(4));
+        assert_eq!(
+            *outcomes.lock().unwrap(),
+            [(1, false), (2, false), (3, false), (4, true)]
+        );
     }
 }

@@ -602,6 +602,9 @@ impl<O: Object> Shared<O> {
         let Some((name, slot)) = shard.remove_live(name) else {
             return true;
         };
+        // Under the shard's lock: a successor activation of this name (created under it
+        // too) finds the object released, never half-way.
+        self.storage.release(&args.id);
         self.forget_eviction(&slot);
         sockets.prune();
         if !sockets.is_empty() {

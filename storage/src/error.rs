@@ -69,6 +69,25 @@ pub enum Error {
     )]
     Failed(String),
 
+    /// Cluster mode: another node owns the object (or took it over from this one), so this
+    /// node may not read or write it; nothing of the refused write was stored. The work
+    /// belongs on `owner` when it is known.
+    #[error("{id} is owned by {}; this node may not write it: {reason}", owner.as_deref().unwrap_or("another node"))]
+    NotOwner {
+        /// The object.
+        id: ObjectId,
+        /// The node that owns it, when known (its name).
+        owner: Option<String>,
+        /// What happened.
+        reason: String,
+    },
+
+    /// Cluster mode: the replicated log did not answer (no quorum, an election that did not
+    /// end in time, a lost connection to NATS). Whether the last write was stored is not
+    /// known; nothing was acknowledged, and the object is reloaded before it serves again.
+    #[error("the replicated log is unavailable: {0}")]
+    Unreplicated(String),
+
     /// Sequence numbers are assigned by the caller and must increase, so that a log read in
     /// key order is the log in append order. Nothing of the batch was applied.
     #[error(
@@ -150,6 +169,12 @@ impl Clone for Error {
             Error::Closed => Error::Closed,
             Error::Stalled(for_how_long) => Error::Stalled(*for_how_long),
             Error::Failed(message) => Error::Failed(message.clone()),
+            Error::NotOwner { id, owner, reason } => Error::NotOwner {
+                id: id.clone(),
+                owner: owner.clone(),
+                reason: reason.clone(),
+            },
+            Error::Unreplicated(message) => Error::Unreplicated(message.clone()),
         }
     }
 }

@@ -81,6 +81,10 @@ pub struct Boot {
 /// A future that resolves once the writes applied before it was created are durable.
 pub type SyncFuture = futures::future::BoxFuture<'static, Result<()>>;
 
+/// A future that resolves once an object's records are ready for an activation here; see
+/// [`Storage::acquire`].
+pub type AcquireFuture = futures::future::BoxFuture<'static, Result<()>>;
+
 /// What the runtime needs from a storage engine. Object-safe so the runtime can hold an
 /// `Arc<dyn Storage>` and tests can swap in [`MemoryStorage`].
 pub trait Storage: Send + Sync + Debug + 'static {
@@ -92,6 +96,32 @@ pub trait Storage: Send + Sync + Debug + 'static {
     /// [`Durability`]. Under `always` concurrent callers share one fsync (group commit); under
     /// `interval` and `never` it resolves at once.
     fn sync(&self) -> SyncFuture;
+
+    /// Like [`Storage::sync`], for the writes applied to one object only: what the runtime
+    /// waits for before it releases that object's replies. An engine that makes every
+    /// object durable together (one fsync) needs nothing else; a replicated one commits
+    /// each object on its own, and one object's slow commit must not hold back the others.
+    fn sync_object(&self, id: &ObjectId) -> SyncFuture {
+        let _ = id;
+        self.sync()
+    }
+
+    /// Makes object `id`'s records readable and writable on this node before an activation
+    /// builds the object from them. A local engine holds every object: ready at once. A
+    /// replicated engine (cluster mode) takes the object over here, fencing its former
+    /// owner, and loads its records; it fails with [`Error::NotOwner`] when another live
+    /// node owns the object, so the caller can send the work there instead.
+    fn acquire(&self, id: &ObjectId) -> AcquireFuture {
+        let _ = id;
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    /// The activation of `id` retired (hibernated or stopped) with all its writes durable:
+    /// a replicated engine drops its copy and gives the object up, so a hibernated object
+    /// costs this node nothing. Reads and writes of `id` need a new [`Storage::acquire`].
+    fn release(&self, id: &ObjectId) {
+        let _ = id;
+    }
 
     /// Reserves a new log epoch, strictly greater than any handed out before in this data
     /// dir, for a [`Write::CreateLog`]. Reserving without using one is harmless.
