@@ -10,6 +10,7 @@
 
 use std::time::Duration;
 
+use async_nats::HeaderMap;
 use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
@@ -172,7 +173,22 @@ impl FencedLog {
         expected: u64,
         id: &str,
     ) -> Result<Appended, AppendError> {
+        self.append_headed(subject, HeaderMap::new(), payload, expected, id)
+            .await
+    }
+
+    /// [`FencedLog::append`] with headers of the caller's own beside the payload (what kind
+    /// of record it is, which part of a record split over several messages).
+    pub async fn append_headed(
+        &self,
+        subject: &str,
+        headers: HeaderMap,
+        payload: Bytes,
+        expected: u64,
+        id: &str,
+    ) -> Result<Appended, AppendError> {
         let message = PublishMessage::build()
+            .headers(headers)
             .payload(payload)
             .expected_last_subject_sequence(expected)
             .message_id(id);
@@ -200,9 +216,25 @@ impl FencedLog {
         id: &str,
         patience: Duration,
     ) -> Result<Appended, AppendError> {
+        self.append_headed_retrying(subject, HeaderMap::new(), payload, expected, id, patience)
+            .await
+    }
+
+    /// [`FencedLog::append_retrying`] with headers, as [`FencedLog::append_headed`].
+    pub async fn append_headed_retrying(
+        &self,
+        subject: &str,
+        headers: HeaderMap,
+        payload: Bytes,
+        expected: u64,
+        id: &str,
+        patience: Duration,
+    ) -> Result<Appended, AppendError> {
         let started = tokio::time::Instant::now();
         loop {
-            match self.append(subject, payload.clone(), expected, id).await {
+            let attempt =
+                self.append_headed(subject, headers.clone(), payload.clone(), expected, id);
+            match attempt.await {
                 Err(AppendError::Unacknowledged(_) | AppendError::Contended)
                     if started.elapsed() < patience =>
                 {

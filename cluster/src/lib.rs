@@ -8,6 +8,8 @@
 //!   former owner's late append is refused by the log itself, and retries are recognised.
 //! - [`feed`]: following a subject's appends from any node, in order and each once,
 //!   filling what a lost republish left out from the stream.
+//! - [`journal`]: objects' storage in cluster mode, [`ClusterStorage`]: a replicated,
+//!   fenced journal per object in JetStream, read into memory while this node owns it.
 //! - [`ownership`]: live nodes, placement, the owner directory, and the fence a new owner
 //!   puts in an object's log.
 //! - [`rpc`]: node to node requests, how a node reaches an object's owner.
@@ -22,6 +24,7 @@ pub mod check;
 pub mod connect;
 pub mod feed;
 pub mod fenced;
+pub mod journal;
 pub mod ownership;
 pub mod rpc;
 pub mod version;
@@ -30,6 +33,7 @@ pub use check::{CheckReport, ServerCheck, check};
 pub use connect::{ConnectError, Nats, NatsSettings, connect};
 pub use feed::{Entry, Feed};
 pub use fenced::{AppendError, Appended, FencedLog, LogError, LogSpec};
+pub use journal::{ClusterStorage, JournalSpec, JournalStats};
 pub use ownership::{
     Claim, Directory, DirectoryError, DirectorySpec, Membership, NodeId, TakeOverError, place,
     take_over, token,

@@ -11,11 +11,12 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::hash::{BuildHasher, Hash, Hasher};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
 use bytes::Bytes;
-use futures::TryStreamExt as _;
+use futures::{StreamExt as _, TryStreamExt as _};
 
 use crate::connect::Nats;
 use crate::fenced::{AppendError, FencedLog};
@@ -82,11 +83,19 @@ pub fn token(name: &str) -> String {
 /// The nodes that are alive: each keeps an entry in a bucket whose entries expire after
 /// `ttl`, rewritten every quarter of it; a node that stops (killed, paused, cut off) drops
 /// out once its entry expires.
+///
+/// Each node also watches the bucket, so [`Membership::alive`] answers from memory: a node
+/// is alive while its latest announcement is younger than `ttl`.
 #[derive(Debug)]
 pub struct Membership {
     me: NodeId,
     nodes: kv::Store,
+    ttl: Duration,
+    /// Each node's latest announcement and when it was made (by the server's clock, as seen
+    /// here), kept by the watch task.
+    seen: Arc<Mutex<BTreeMap<String, (NodeId, SystemTime)>>>,
     heartbeat: tokio::task::JoinHandle<()>,
+    watch: tokio::task::JoinHandle<()>,
 }
 
 /// Where cluster mode keeps its membership and directory.
@@ -164,11 +173,62 @@ impl Membership {
                 }
             }
         });
+        let seen = Arc::new(Mutex::new(BTreeMap::new()));
+        // With history: the nodes announced before this one joined, then every change.
+        let mut updates = nodes
+            .watch_with_history(">")
+            .await
+            .map_err(|e| DirectoryError::new("watching the nodes bucket", e))?;
+        let watched = seen.clone();
+        let watch = tokio::spawn(async move {
+            while let Some(update) = updates.next().await {
+                let Ok(entry) = update else { continue };
+                let mut seen = watched.lock().unwrap_or_else(PoisonError::into_inner);
+                match (entry.operation, NodeId::decode(&entry.value)) {
+                    (Operation::Put, Some(node)) => {
+                        let nanos =
+                            u64::try_from(entry.created.unix_timestamp_nanos()).unwrap_or(0);
+                        let at = UNIX_EPOCH + Duration::from_nanos(nanos);
+                        seen.insert(node.name.clone(), (node, at));
+                    }
+                    _ => {
+                        seen.remove(&entry.key);
+                    }
+                }
+            }
+            tracing::warn!("the nodes bucket's watch ended; liveness is no longer updated");
+        });
         Ok(Self {
             me,
             nodes,
+            ttl: spec.node_ttl,
+            seen,
             heartbeat,
+            watch,
         })
+    }
+
+    /// Whether `node` (this very incarnation) announced itself within the node TTL, as this
+    /// node's watch of the bucket saw it. No I/O: asked on every claim and placement.
+    pub fn alive(&self, node: &NodeId) -> bool {
+        if node == &self.me {
+            return true;
+        }
+        let seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        seen.get(&node.name)
+            .is_some_and(|(known, at)| known == node && fresh(*at, self.ttl))
+    }
+
+    /// The nodes alive now by [`Membership::alive`]'s rule, by name; this node included.
+    pub fn alive_nodes(&self) -> BTreeMap<String, NodeId> {
+        let seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut live: BTreeMap<String, NodeId> = seen
+            .iter()
+            .filter(|(_, (_, at))| fresh(*at, self.ttl))
+            .map(|(name, (node, _))| (name.clone(), node.clone()))
+            .collect();
+        live.insert(self.me.name.clone(), self.me.clone());
+        live
     }
 
     /// This node.
@@ -206,7 +266,15 @@ impl Membership {
 impl Drop for Membership {
     fn drop(&mut self) {
         self.heartbeat.abort();
+        self.watch.abort();
     }
+}
+
+/// Announced at `at` and not older than `ttl` now. A clock that went back counts as fresh.
+fn fresh(at: SystemTime, ttl: Duration) -> bool {
+    SystemTime::now()
+        .duration_since(at)
+        .map_or(true, |age| age < ttl)
 }
 
 /// The live node that should own `object`: rendezvous hashing, so every node computes the
@@ -223,7 +291,7 @@ pub fn place<'a>(object: &str, nodes: impl IntoIterator<Item = &'a str>) -> Opti
 /// `DefaultHasher` may change between Rust releases, which a rolling upgrade would turn
 /// into two placements). The finalizer spreads FNV's similar outputs for similar inputs,
 /// which rendezvous hashing compares directly.
-fn fnv1a<const N: usize>(parts: [&[u8]; N]) -> u64 {
+pub(crate) fn fnv1a<const N: usize>(parts: [&[u8]; N]) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for byte in parts.into_iter().flatten() {
         hash ^= u64::from(*byte);
@@ -345,7 +413,13 @@ pub async fn take_over(log: &FencedLog, subject: &str, me: &NodeId) -> Result<u6
             .last_sequence(subject)
             .await
             .map_err(TakeOverError::Read)?;
-        let id = format!("owner-{}-{:x}-{end}", token(&me.name), me.incarnation);
+        // The servers dedupe ids per stream, which many subjects share: the subject is
+        // part of the id, or two objects' first markers would pass for one append.
+        let id = format!(
+            "owner-{subject}-{}-{:x}-{end}",
+            token(&me.name),
+            me.incarnation
+        );
         match log.append(subject, marker.clone(), end, &id).await {
             Ok(appended) => return Ok(appended.sequence),
             // The former owner's last appends were still landing: read the end again.
