@@ -12,6 +12,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use async_nats::HeaderMap;
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use bytes::Bytes;
 use futures::StreamExt as _;
@@ -23,6 +24,8 @@ use crate::fenced::{FencedLog, LIVE_PREFIX, LogError};
 pub struct Entry {
     /// Its stream sequence.
     pub sequence: u64,
+    /// Its headers as appended (a republished message also carries JetStream's `Nats-*`).
+    pub headers: HeaderMap,
     pub payload: Bytes,
 }
 
@@ -150,6 +153,7 @@ impl Feed {
             self.delivered = sequence;
             return Ok(Entry {
                 sequence,
+                headers: message.headers.unwrap_or_default(),
                 payload: message.payload,
             });
         }
@@ -189,6 +193,7 @@ impl Feed {
             self.filled += 1;
             self.ready.push_back(Entry {
                 sequence: message.sequence,
+                headers: message.headers,
                 payload: message.payload,
             });
         }

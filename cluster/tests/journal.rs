@@ -55,6 +55,26 @@ async fn node(cluster: &NatsCluster, name: &str) -> ClusterStorage {
         .expect("open the journal")
 }
 
+/// The stream that holds `subject`, opened by a third party (as another node would).
+async fn journal_stream(cluster: &NatsCluster, subject: &str) -> FencedLog {
+    let nats = connect(&NatsSettings::new(cluster.urls(), "c"))
+        .await
+        .unwrap();
+    let shard = subject.split('.').nth(2).unwrap();
+    FencedLog::open(
+        &nats,
+        &LogSpec {
+            name: format!("DM_OBJ_{shard}"),
+            subjects: vec![format!("dm.obj.{shard}.>")],
+            replicas: 3,
+            duplicate_window: journal_spec().duplicate_window,
+            republish: true,
+        },
+    )
+    .await
+    .unwrap()
+}
+
 /// Everything a reader can see of one object.
 #[derive(Debug, PartialEq)]
 struct Contents {
@@ -215,23 +235,8 @@ async fn a_former_owners_write_is_refused_and_the_next_owner_never_sees_it() {
 
     // A node that believes a dead (a paused a, as the directory saw it) puts its fence in
     // the journal: from then on a's writes name a stale sequence.
-    let nats = connect(&NatsSettings::new(cluster.urls(), "c"))
-        .await
-        .unwrap();
     let subject = a.subject(&id);
-    let shard = subject.split('.').nth(2).unwrap();
-    let log = FencedLog::open(
-        &nats,
-        &LogSpec {
-            name: format!("DM_OBJ_{shard}"),
-            subjects: vec![format!("dm.obj.{shard}.>")],
-            replicas: 3,
-            duplicate_window: journal_spec().duplicate_window,
-            republish: false,
-        },
-    )
-    .await
-    .unwrap();
+    let log = journal_stream(&cluster, &subject).await;
     take_over(&log, &subject, &NodeId::start("c"))
         .await
         .unwrap();
@@ -308,22 +313,7 @@ async fn records_larger_than_a_message_are_split_and_a_cut_short_one_is_never_ap
     // next owner must apply none of it. Write such a record by hand: part 1 of 2 of a
     // commit that would delete the log, then a fence.
     let subject = a.subject(&id);
-    let nats = connect(&NatsSettings::new(cluster.urls(), "c"))
-        .await
-        .unwrap();
-    let shard = subject.split('.').nth(2).unwrap();
-    let log = FencedLog::open(
-        &nats,
-        &LogSpec {
-            name: format!("DM_OBJ_{shard}"),
-            subjects: vec![format!("dm.obj.{shard}.>")],
-            replicas: 3,
-            duplicate_window: journal_spec().duplicate_window,
-            republish: false,
-        },
-    )
-    .await
-    .unwrap();
+    let log = journal_stream(&cluster, &subject).await;
     let end = log.last_sequence(&subject).await.unwrap();
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Dm-Kind", "commit");
@@ -343,6 +333,52 @@ async fn records_larger_than_a_message_are_split_and_a_cut_short_one_is_never_ap
     let entries = b.read_log(&id, 0, 10).unwrap();
     assert_eq!(entries.len(), 1, "the half-written delete was applied");
     assert_eq!(entries[0].data, big, "the split record came back different");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_keeps_an_exact_copy_through_lost_republishes_images_and_parts() {
+    let cluster = NatsCluster::start(3).await;
+    let a = node(&cluster, "a").await;
+    let b = node(&cluster, "b").await;
+    let id = ObjectId::new("test", "followed");
+    a.acquire(&id).await.unwrap();
+    let mut seq = 1;
+    let mut rng = Rng(0xf011_0e5e_eed0_0002);
+    let mut first = WriteBatch::new();
+    first.push(Write::CreateLog { epoch: 9 });
+    commit(&a, &id, first).await.unwrap();
+    for round in 0..5 {
+        commit(&a, &id, random_batch(&mut rng, &mut seq, round))
+            .await
+            .unwrap();
+    }
+    let copy = Arc::new(MemoryStorage::new());
+    let mut follower = b.follow(&id, copy.clone()).await.unwrap();
+    assert_eq!(contents(&*copy, &id), contents(&a, &id), "the backlog");
+    follower.drop_live_every(3);
+    let big = Bytes::from(vec![7u8; a.part_limit() * 2]);
+    for round in 5..40 {
+        let mut batch = random_batch(&mut rng, &mut seq, round);
+        if round == 20 {
+            batch.append(seq, round, big.clone());
+            seq += 1;
+        }
+        commit(&a, &id, batch).await.unwrap();
+        let want = contents(&a, &id);
+        let deadline = tokio::time::Instant::now() + dormouse_testkit::PATIENCE;
+        while contents(&*copy, &id) != want {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "round {round}: the copy fell behind"
+            );
+            tokio::time::timeout(Duration::from_secs(5), follower.step())
+                .await
+                .expect("a step")
+                .unwrap();
+        }
+    }
+    let images = a.stats().images.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(images > 0, "no image went by the follower");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

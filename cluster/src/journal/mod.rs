@@ -45,6 +45,7 @@ use futures::channel::oneshot;
 pub use codec::Undecodable;
 
 use crate::connect::Nats;
+use crate::feed::Feed;
 use crate::fenced::{AppendError, FencedLog, LogError, LogSpec};
 use crate::ownership::{Claim, Directory, Membership, NodeId, TakeOverError, take_over, token};
 
@@ -226,7 +227,8 @@ impl ClusterStorage {
                     subjects: vec![format!("{}.obj.{shard}.>", spec.prefix)],
                     replicas: spec.replicas,
                     duplicate_window: spec.duplicate_window,
-                    republish: false,
+                    // Followers ([`ClusterStorage::follow`]) get each append live.
+                    republish: true,
                 },
             )
             .await?;
@@ -277,6 +279,83 @@ impl ClusterStorage {
     /// The subject of `id`'s journal.
     pub fn subject(&self, id: &ObjectId) -> String {
         self.inner.locate(id).1
+    }
+}
+
+/// A read-only copy of one object's records, kept up to date from its journal on any node:
+/// how a node serves subscribers of a channel whichever node owns it. Reads come from the
+/// [`MemoryStorage`] it was given; [`Follower::step`] applies the journal's next message.
+pub struct Follower {
+    feed: Feed,
+    assembler: Assembler,
+    id: ObjectId,
+    copy: Arc<MemoryStorage>,
+}
+
+impl fmt::Debug for Follower {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Follower")
+            .field("id", &self.id)
+            .field("feed", &self.feed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClusterStorage {
+    /// Copies `id`'s records into `copy` (replacing what it held of `id`) as of the
+    /// journal's end now, and returns a follower that keeps them current.
+    pub async fn follow(&self, id: &ObjectId, copy: Arc<MemoryStorage>) -> Result<Follower> {
+        let (shard, subject) = self.inner.locate(id);
+        let log = &self.inner.shards[shard];
+        copy.forget_object(id)?;
+        let feed = log
+            .follow(&subject, 0)
+            .await
+            .map_err(|e| unreplicated("following the journal", e))?;
+        let tail = log
+            .last_sequence(&subject)
+            .await
+            .map_err(|e| unreplicated("reading the journal's end", e))?;
+        let mut follower = Follower {
+            feed,
+            assembler: Assembler::default(),
+            id: id.clone(),
+            copy,
+        };
+        while follower.feed.delivered() < tail {
+            follower.step().await?;
+        }
+        Ok(follower)
+    }
+}
+
+impl Follower {
+    /// Waits for the journal's next message and applies it to the copy: true when it
+    /// completed a record (the copy changed), false for an owner marker or a part.
+    pub async fn step(&mut self) -> Result<bool> {
+        let entry = self
+            .feed
+            .next()
+            .await
+            .map_err(|e| unreplicated("following the journal", e))?;
+        match self.assembler.push(&entry.headers, entry.payload) {
+            Some((kind, payload)) => {
+                replay(&self.copy, &self.id, kind, &payload)?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Drops every `n`th live message as if its republish had been lost (for tests and
+    /// chaos runs): what it left out must be read from the stream.
+    pub fn drop_live_every(&mut self, n: u64) {
+        self.feed.drop_live_every(n);
+    }
+
+    /// The object it follows.
+    pub fn id(&self) -> &ObjectId {
+        &self.id
     }
 }
 
@@ -366,7 +445,7 @@ impl Inner {
     ) -> Result<Loaded> {
         self.cache.forget_object(id)?;
         let mut loaded = Loaded::default();
-        let mut partial: Option<Partial> = None;
+        let mut assembler = Assembler::default();
         let mut from = 1;
         let started = tokio::time::Instant::now();
         loop {
@@ -391,67 +470,20 @@ impl Inner {
             self.stats.loaded_messages.fetch_add(1, Ordering::Relaxed);
             let sequence = message.sequence;
             from = sequence + 1;
-            let header = |name: &str| message.headers.get(name).map(|v| v.as_str().to_string());
             loaded.since_image += 1;
-            let kind = header(KIND_HEADER).and_then(|k| Kind::parse(&k));
-            match kind {
-                // An owner marker: it ends whatever record a fenced writer left unfinished.
-                None => partial = None,
-                Some(kind) => {
-                    let (part, of) = header(PART_HEADER)
-                        .and_then(|p| parse_part(&p))
-                        .unwrap_or((1, 1));
-                    if part == 1 {
-                        partial = Some(Partial {
-                            kind,
-                            of,
-                            parts: Vec::with_capacity(of),
-                        });
+            if let Some((kind, payload)) = assembler.push(&message.headers, message.payload) {
+                replay(&self.cache, id, kind, &payload)?;
+                match kind {
+                    Kind::Image => {
+                        loaded.image_bytes = payload.len();
+                        loaded.since_image = 0;
+                        loaded.since_image_bytes = 0;
                     }
-                    match partial.as_mut() {
-                        Some(p) if p.kind == kind && p.of == of && p.parts.len() + 1 == part => {
-                            p.parts.push(message.payload.clone());
-                        }
-                        // A part without its beginning: left by a writer fenced half-way.
-                        _ => partial = None,
-                    }
-                    if let Some(p) = partial.take_if(|p| p.parts.len() == p.of) {
-                        let payload = if p.parts.len() == 1 {
-                            p.parts.into_iter().next().unwrap_or_default()
-                        } else {
-                            Bytes::from(p.parts.concat())
-                        };
-                        self.replay(id, p.kind, &payload)?;
-                        match p.kind {
-                            Kind::Image => {
-                                loaded.image_bytes = payload.len();
-                                loaded.since_image = 0;
-                                loaded.since_image_bytes = 0;
-                            }
-                            Kind::Commit => loaded.since_image_bytes += payload.len(),
-                        }
-                    }
+                    Kind::Commit => loaded.since_image_bytes += payload.len(),
                 }
             }
             if sequence >= fence {
                 return Ok(loaded);
-            }
-        }
-    }
-
-    /// Applies one complete journal record to the cache.
-    fn replay(&self, id: &ObjectId, kind: Kind, payload: &Bytes) -> Result<()> {
-        let damaged = |e: Undecodable| Error::Corrupt(format!("the journal of {id}: {e}"));
-        match kind {
-            Kind::Image => {
-                let records = codec::decode_image(payload).map_err(damaged)?;
-                self.cache.restore_object(id, records)
-            }
-            Kind::Commit => {
-                for batch in codec::decode_commit(payload).map_err(damaged)? {
-                    self.cache.apply(id, batch)?;
-                }
-                Ok(())
             }
         }
     }
@@ -675,11 +707,75 @@ struct Loaded {
     since_image_bytes: usize,
 }
 
+/// Puts records back together from the messages of one subject, in order: a record split
+/// into parts is returned once its last part is read, and parts whose record was cut short
+/// (by an owner marker, or a part missing) are dropped, never applied.
+#[derive(Default)]
+struct Assembler {
+    partial: Option<Partial>,
+}
+
 /// A record whose parts are being read.
 struct Partial {
     kind: Kind,
     of: usize,
     parts: Vec<Bytes>,
+}
+
+impl Assembler {
+    /// The record this message completes, if any.
+    fn push(&mut self, headers: &HeaderMap, payload: Bytes) -> Option<(Kind, Bytes)> {
+        let header = |name: &str| headers.get(name).map(|v| v.as_str().to_string());
+        let Some(kind) = header(KIND_HEADER).and_then(|k| Kind::parse(&k)) else {
+            // An owner marker: it ends whatever record a fenced writer left unfinished.
+            self.partial = None;
+            return None;
+        };
+        let (part, of) = header(PART_HEADER)
+            .and_then(|p| parse_part(&p))
+            .unwrap_or((1, 1));
+        if part == 1 {
+            self.partial = Some(Partial {
+                kind,
+                of,
+                parts: Vec::with_capacity(of),
+            });
+        }
+        match self.partial.as_mut() {
+            Some(p) if p.kind == kind && p.of == of && p.parts.len() + 1 == part => {
+                p.parts.push(payload);
+            }
+            // A part without its beginning: left by a writer fenced half-way.
+            _ => {
+                self.partial = None;
+                return None;
+            }
+        }
+        let done = self.partial.take_if(|p| p.parts.len() == p.of)?;
+        let payload = if done.parts.len() == 1 {
+            done.parts.into_iter().next().unwrap_or_default()
+        } else {
+            Bytes::from(done.parts.concat())
+        };
+        Some((done.kind, payload))
+    }
+}
+
+/// Applies one complete journal record to `cache`.
+fn replay(cache: &MemoryStorage, id: &ObjectId, kind: Kind, payload: &Bytes) -> Result<()> {
+    let damaged = |e: Undecodable| Error::Corrupt(format!("the journal of {id}: {e}"));
+    match kind {
+        Kind::Image => {
+            let records = codec::decode_image(payload).map_err(damaged)?;
+            cache.restore_object(id, records)
+        }
+        Kind::Commit => {
+            for batch in codec::decode_commit(payload).map_err(damaged)? {
+                cache.apply(id, batch)?;
+            }
+            Ok(())
+        }
+    }
 }
 
 /// `i/n` with `1 <= i <= n`.
