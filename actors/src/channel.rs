@@ -93,6 +93,11 @@ pub enum ChannelRequest {
     Info,
     /// Deletes the channel's events and state; the next publish starts a new epoch.
     Delete,
+    /// The channel's log changed in storage underneath this activation: it is a copy kept
+    /// current from another node's writes (cluster mode's subscribers on any node). Hands
+    /// the events it does not have yet to its subscribers, and a gap event when the log was
+    /// recreated, deleted or trimmed past what they saw.
+    Refresh,
 }
 
 /// What a channel answers.
@@ -113,6 +118,11 @@ pub enum ChannelResponse {
     Info(ChannelInfo),
     /// The channel was deleted.
     Deleted,
+    /// The activation caught up with its log; `events` new ones went to its subscribers.
+    Refreshed {
+        /// Events delivered.
+        events: usize,
+    },
 }
 
 /// A page of stored events.
@@ -267,16 +277,11 @@ impl Object for Channel {
                 Ok(ChannelResponse::History(HistoryPage { gap, events }))
             }
             ChannelRequest::Info => Ok(ChannelResponse::Info(self.info(ctx)?)),
+            ChannelRequest::Refresh => self.refresh(ctx),
             ChannelRequest::Delete => {
                 ctx.delete_log();
                 ctx.delete_all();
-                self.epoch = 0;
-                self.next_seq = 1;
-                self.tail.clear();
-                if let Some(tails) = &self.tails {
-                    tails.give_back(self.tail_bytes);
-                }
-                self.tail_bytes = 0;
+                self.forget_events();
                 let gap = Control {
                     r#type: "gap",
                     reason: "deleted",
@@ -386,6 +391,88 @@ impl Channel {
         Ok(ChannelResponse::Published(results))
     }
 
+    /// See [`ChannelRequest::Refresh`].
+    fn refresh(&mut self, ctx: &mut Context<'_>) -> anyhow::Result<ChannelResponse> {
+        let meta = ctx.log_meta()?;
+        let mut gap = None;
+        match meta {
+            None if self.epoch != 0 => {
+                self.forget_events();
+                gap = Some(("deleted", "the channel was deleted; its history is gone"));
+            }
+            Some(m) if m.epoch != self.epoch => {
+                if self.epoch != 0 {
+                    gap = Some((
+                        "epoch_changed",
+                        "the channel was deleted and started again; continuing with its new events",
+                    ));
+                }
+                self.forget_events();
+                self.epoch = m.epoch;
+            }
+            Some(m) if m.count > 0 && m.first_seq > self.next_seq => {
+                gap = Some((
+                    "trimmed",
+                    "events were dropped from the replay buffer before they reached this server; continuing with the oldest retained",
+                ));
+            }
+            _ => {}
+        }
+        let fresh: Vec<Arc<Event>> = match meta {
+            Some(m) if m.last_seq >= self.next_seq => ctx
+                .read_log(self.next_seq, usize::MAX)?
+                .iter()
+                .map(|e| Event::from_record(m.epoch, e.seq, e.timestamp_ms, &e.data).map(Arc::new))
+                .collect::<Result<_, _>>()
+                .context("reading the channel log")?,
+            _ => Vec::new(),
+        };
+        if let Some(m) = meta {
+            self.next_seq = self.next_seq.max(m.last_seq + 1);
+        }
+        for event in &fresh {
+            self.push_tail(event.clone());
+        }
+        let events = fresh.len();
+        let sockets = ctx.sockets();
+        if !sockets.is_empty() && (gap.is_some() || !fresh.is_empty()) {
+            let gap = gap.map(|(reason, message)| Control {
+                r#type: "gap",
+                reason,
+                message: message.to_string(),
+                earliest_id: fresh.first().map(|e| e.id.to_string()),
+                requested_id: None,
+            });
+            let observer = self.observer.clone();
+            ctx.after_commit(move || {
+                for socket in sockets.iter() {
+                    let transport = socket.transport();
+                    if let Some(gap) = &gap {
+                        socket.send(gap.frame(transport));
+                        if let Some(observer) = &observer {
+                            observer.gap_sent(gap.reason);
+                        }
+                    }
+                    for event in &fresh {
+                        socket.send(event.frame(transport));
+                    }
+                }
+            });
+        }
+        Ok(ChannelResponse::Refreshed { events })
+    }
+
+    /// Drops what the activation holds of the log (not storage): the log is gone or new.
+    fn forget_events(&mut self) {
+        self.epoch = 0;
+        self.next_seq = 1;
+        self.tail.clear();
+        if let Some(tails) = &self.tails {
+            tails.give_back(self.tail_bytes);
+        }
+        self.tail_bytes = 0;
+    }
+
     /// The seq a still-valid idempotency record points to.
     fn remembered(&self, ctx: &Context<'_>, key: &[u8], now: u64) -> anyhow::Result<Option<u64>> {
         let Some(record) = ctx.get(key)? else {
@@ -468,8 +555,11 @@ impl Channel {
                 .cloned()
                 .collect()
         } else {
+            // Never past what this activation has handed out: a copy's storage may be
+            // ahead of it until its next refresh, which delivers those to subscribers.
             ctx.read_log(from, limit)?
                 .iter()
+                .take_while(|entry| entry.seq < self.next_seq)
                 .map(|entry| {
                     Event::from_record(self.epoch, entry.seq, entry.timestamp_ms, &entry.data)
                         .map(Arc::new)

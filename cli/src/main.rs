@@ -130,5 +130,5 @@ async fn serve(args: ServeArgs, settings: anyhow::Result<Settings>) -> anyhow::R
         print!("{}", toml::to_string(&shown)?);
         return Ok(());
     }
-    Dormouse::open(settings)?.serve_until_signal().await
+    Dormouse::start(settings).await?.serve_until_signal().await
 }

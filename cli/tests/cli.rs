@@ -908,20 +908,31 @@ async fn cluster_check_names_a_server_that_cannot_fence() {
         .assert_fails(2, &["cluster.nats_urls is empty"]);
 }
 
-/// A server configured for a cluster refuses to start rather than run alone: cluster mode
-/// is not in this build yet.
-#[tokio::test]
-async fn a_server_configured_for_a_cluster_refuses_to_start_saying_why() {
+/// A server configured for a cluster whose NATS servers cannot carry it refuses to start,
+/// naming the server and why, rather than run alone: one too old to fence, none answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_node_refuses_to_start_on_nats_that_cannot_carry_it_saying_why() {
+    let old = support::nats::fake_nats_server(
+        r#"{"server_id":"OLD","server_name":"old-nats","version":"2.9.10","proto":1,"headers":true,"jetstream":true,"max_payload":1048576}"#,
+    )
+    .await;
     let dir = tempfile::tempdir().unwrap();
-    let mut command = dormouse("http://unused");
-    command
-        .env("DORMOUSE_CLUSTER_NATS_URLS", "nats://127.0.0.1:4222")
-        .env("DORMOUSE_DATA_DIR", dir.path());
-    let out = run_command(command, &["serve", "--listen", "127.0.0.1:0"], None).await;
-    assert_ne!(out.code, 0, "{out:?}");
-    assert!(
-        out.stderr.contains("cluster mode is not in this build yet")
-            && out.stderr.contains("dormouse cluster check"),
-        "{out:?}"
-    );
+    for (url, says) in [
+        (old.as_str(), ["old-nats", "2.9.10"]),
+        (
+            "nats://127.0.0.1:1",
+            ["nats://127.0.0.1:1", "joining the cluster"],
+        ),
+    ] {
+        let mut command = dormouse("http://unused");
+        command
+            .env("DORMOUSE_CLUSTER_NATS_URLS", url)
+            .env("DORMOUSE_DATA_DIR", dir.path());
+        let out = run_command(command, &["serve", "--listen", "127.0.0.1:0"], None).await;
+        assert_ne!(out.code, 0, "{out:?}");
+        assert!(
+            says.iter().all(|s| out.stderr.contains(s)),
+            "{url}: {out:?}"
+        );
+    }
 }

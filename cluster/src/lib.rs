@@ -14,6 +14,7 @@
 //!   puts in an object's log.
 //! - [`rpc`]: node to node requests, how a node reaches an object's owner.
 //! - [`version`]: nats-server releases and which qualify.
+//! - [`wire`]: the byte encoding of what nodes send each other.
 //! - [`check`](mod@check): whether a NATS cluster can carry cluster mode
 //!   (`dormouse cluster check`).
 //!
@@ -28,6 +29,7 @@ pub mod journal;
 pub mod ownership;
 pub mod rpc;
 pub mod version;
+pub mod wire;
 
 pub use check::{CheckReport, ServerCheck, check};
 pub use connect::{ConnectError, Nats, NatsSettings, connect};

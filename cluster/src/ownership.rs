@@ -219,6 +219,26 @@ impl Membership {
             .is_some_and(|(known, at)| known == node && fresh(*at, self.ttl))
     }
 
+    /// Counts `node` as dead until it announces itself again: a request to it found no one
+    /// answering ([`crate::RpcError::NodeGone`]). Its objects can then be taken over at once
+    /// rather than after its announcement expires; a node that is in fact alive reappears
+    /// with its next heartbeat, and a take-over is fenced by the log either way.
+    pub fn suspect(&self, node: &NodeId) {
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        if seen.get(&node.name).is_some_and(|(known, _)| known == node) {
+            seen.remove(&node.name);
+        }
+    }
+
+    /// Withdraws this node's announcement (an orderly stop), so the others take its
+    /// objects over without waiting for it to expire.
+    pub async fn leave(&self) {
+        self.heartbeat.abort();
+        if let Err(e) = self.nodes.delete(token(&self.me.name)).await {
+            tracing::debug!(error = %e, "the node's announcement was not withdrawn");
+        }
+    }
+
     /// The nodes alive now by [`Membership::alive`]'s rule, by name; this node included.
     pub fn alive_nodes(&self) -> BTreeMap<String, NodeId> {
         let seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);

@@ -171,7 +171,7 @@ pub(crate) async fn subscribe(
     let queue = state.settings.limits.subscriber_queue.0 as usize;
     let (socket, receiver) = Socket::new(transport, queue, Bytes::new());
     let response = state
-        .channels
+        .publisher
         .call(channel, ChannelRequest::Subscribe { socket, start })
         .await?;
     match response {
@@ -230,7 +230,7 @@ pub(crate) async fn history(
         None => Start::Oldest,
     };
     let response = state
-        .channels
+        .publisher
         .call(&channel, ChannelRequest::History { start, limit })
         .await?;
     let ChannelResponse::History(page) = response else {
@@ -251,6 +251,30 @@ pub(crate) async fn info(
     State(state): State<AppState>,
     ChannelName(channel): ChannelName,
 ) -> Result<Json<Value>, ApiError> {
+    if let Some(cluster) = &state.cluster {
+        // The owner answers (it may be another node); subscribers are counted on this
+        // node, where they are served from its copy of the channel.
+        let response = state.publisher.call(&channel, ChannelRequest::Info).await?;
+        let ChannelResponse::Info(info) = response else {
+            return Err(unexpected());
+        };
+        let subscribers = cluster.subscribers_here(&channel).await;
+        if info.last_id.is_none() && info.events == 0 && subscribers == 0 {
+            return Err(ApiError::not_found(format!(
+                "channel {channel:?} has no events and no subscribers"
+            )));
+        }
+        return Ok(Json(json!({
+            "channel": channel,
+            "state": "active",
+            "last_id": info.last_id,
+            "earliest_id": info.earliest_id,
+            "events": info.events,
+            "bytes": info.bytes,
+            "subscribers": subscribers,
+            "node": cluster.me().name,
+        })));
+    }
     let object_state = state.channels.state(&channel);
     if object_state == ObjectState::Active {
         let response = state.channels.call(&channel, ChannelRequest::Info).await?;
@@ -334,6 +358,14 @@ pub(crate) async fn list(State(state): State<AppState>, uri: Uri) -> Result<Json
     if let Some(after) = &after {
         check_channel(after)?;
     }
+    if state.cluster.is_some() {
+        return Err(ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "not_in_cluster_mode",
+            "listing channels is not available in cluster mode yet (docs/CLUSTER.md); \
+             ask for a channel by name",
+        ));
+    }
     let names = state
         .runtime
         .storage()
@@ -372,7 +404,7 @@ pub(crate) async fn delete(
     ChannelName(channel): ChannelName,
 ) -> Result<Json<Value>, ApiError> {
     let response = state
-        .channels
+        .publisher
         .call(&channel, ChannelRequest::Delete)
         .await?;
     let ChannelResponse::Deleted = response else {

@@ -53,9 +53,8 @@ pub struct Settings {
 }
 
 /// `[cluster]`: how this node reaches the NATS cluster that cluster mode runs on
-/// (docs/CLUSTER.md). Cluster mode is not in this build yet: a server with `nats_urls` set
-/// refuses to start rather than run alone while its operator believes it clustered, and
-/// `dormouse cluster check` tests a NATS cluster against these settings.
+/// (docs/CLUSTER.md). A server with `nats_urls` set runs in cluster mode, and
+/// `dormouse cluster check` tests a NATS cluster against these settings first.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterSettings {
@@ -76,6 +75,11 @@ pub struct ClusterSettings {
     pub nats_tls_cert: PathBuf,
     /// The client certificate's key.
     pub nats_tls_key: PathBuf,
+    /// How long a node that stopped announcing itself counts as alive; its objects move to
+    /// other nodes after it (sooner when a call to it finds nobody answering). Short fails
+    /// over faster; each node announces itself four times per period.
+    #[serde(with = "humantime_serde")]
+    pub node_ttl: Duration,
 }
 
 impl Default for ClusterSettings {
@@ -88,6 +92,7 @@ impl Default for ClusterSettings {
             nats_tls_ca: PathBuf::new(),
             nats_tls_cert: PathBuf::new(),
             nats_tls_key: PathBuf::new(),
+            node_ttl: Duration::from_secs(5),
         }
     }
 }
@@ -113,6 +118,11 @@ impl ClusterSettings {
         anyhow::ensure!(
             self.nats_tls_cert.as_os_str().is_empty() == self.nats_tls_key.as_os_str().is_empty(),
             "cluster.nats_tls_cert and cluster.nats_tls_key go together"
+        );
+        anyhow::ensure!(
+            self.node_ttl >= Duration::from_millis(500),
+            "cluster.node_ttl is {:?}; it must be at least 500ms",
+            self.node_ttl
         );
         Ok(())
     }

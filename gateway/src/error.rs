@@ -104,6 +104,18 @@ impl From<dormouse_runtime::Error> for ApiError {
                     format!("the server's disk is full; nothing was stored: {inner}"),
                 )
             }
+            Error::Storage(inner)
+                if matches!(**inner, dormouse_storage::Error::NotOwner { .. }) =>
+            {
+                // Cluster mode: another node owns it (a WebSocket to an object connects on its
+                // owner only), or took it over while this node was writing.
+                tracing::info!(error = %inner, "refused: owned by another node");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "owned_elsewhere",
+                    format!("nothing was stored: {inner}"),
+                )
+            }
             Error::Storage(inner) => {
                 tracing::warn!(error = %inner, "storage failed; refusing the request");
                 Self::new(

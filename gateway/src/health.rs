@@ -1,5 +1,5 @@
 //! The probes an orchestrator polls: `/healthz` (the process serves HTTP) and `/readyz`
-//! (storage answers too).
+//! (storage answers too; in cluster mode, the NATS connection is up).
 
 use axum::Json;
 use axum::extract::State;
@@ -28,9 +28,16 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> Result<Json<Value>,
         .await
         .map_err(|e| ApiError::unavailable(format!("storage check did not finish: {e}")))?
         .map_err(|e| ApiError::unavailable(format!("storage is not ready: {e}")))?;
-    Ok(Json(json!({
+    let mut ready = json!({
         "status": "ready",
         "durability": state.runtime.storage().durability().to_string(),
         "storage_bytes": size,
-    })))
+    });
+    if let Some(cluster) = &state.cluster {
+        ready["cluster"] = json!({
+            "node": cluster.me().to_string(),
+            "nodes_alive": cluster.alive_nodes(),
+        });
+    }
+    Ok(Json(ready))
 }

@@ -6,7 +6,7 @@
 //! - `config`: [`Settings`], from defaults, a TOML file, `DORMOUSE_*` variables and flags.
 //! - `error`: [`ApiError`], the one type every failure becomes on the wire:
 //!   `{"error": {"code", "message"}}` with its HTTP status.
-//! - `server`: [`Dormouse`] opens storage and the runtime, [`Dormouse::router`] builds the
+//! - `server`: [`Dormouse`] opens storage and the runtime (or joins a cluster), [`Dormouse::router`] builds the
 //!   routes (tests use the same router), [`Dormouse::serve`] runs until shutdown.
 //! - `state`: [`AppState`], the handles every handler shares; only handlers and middleware
 //!   import it.
@@ -19,6 +19,9 @@
 //! - `health`: liveness and readiness probes.
 //! - `limits`: request size, overload shedding and publish rate limits.
 //! - `channels`: the channel routes: publish, history, info, list, delete.
+//! - `cluster`: cluster mode: [`ClusterNode`] sends each call to the owner of its channel
+//!   or object, answers other nodes' calls, and serves subscribers from copies of their
+//!   channels kept current from the journal.
 //! - `publish`: batch publish (`POST /v1/publish`, JSON array or NDJSON).
 //! - `cursor`: where a subscriber starts (`Last-Event-ID` header or query).
 //! - `conn`: the connection layer, from the TCP socket to the router and from a runtime
@@ -39,6 +42,7 @@ mod admin;
 mod auth;
 mod busiest;
 mod channels;
+mod cluster;
 mod config;
 mod conn;
 mod cursor;
@@ -59,6 +63,7 @@ mod telemetry;
 mod ws;
 
 pub use auth::{Auth, Grants, Principal};
+pub use cluster::ClusterNode;
 pub use config::{
     AdminSettings, ApiKeySettings, AuthSettings, ByteSize, ChannelsSettings, ClusterSettings,
     CorsSettings, LimitsSettings, LogSettings, PrefixSettings, Settings, SseSettings,

@@ -90,7 +90,10 @@ async fn handle(state: AppState, request: Request) -> Result<Response, ApiError>
         .body(data)
         .map_err(|e| ApiError::bad_request("bad_request", e.to_string()))?;
     *request.headers_mut() = parts.headers.clone();
-    let response = target.fetch(&name, request).await?;
+    let response = match &state.cluster {
+        Some(cluster) => cluster.fetch(&target, &name, request).await?,
+        None => target.fetch(&name, request).await?,
+    };
     let (parts, body) = response.into_parts();
     Ok(Response::from_parts(parts, Body::from(body)))
 }

@@ -34,6 +34,7 @@ use dormouse_runtime::{Error, Namespace, Result};
 use tokio::sync::oneshot;
 
 use crate::auth::{Need, Principal};
+use crate::cluster::{ChannelCall, ClusterNode};
 use crate::error::ApiError;
 use crate::limits::Limits;
 
@@ -61,6 +62,8 @@ impl std::fmt::Debug for Publisher {
 
 struct Inner {
     channels: Namespace<Channel>,
+    /// Cluster mode: where each call goes (here, or the channel's owner).
+    cluster: Option<Arc<ClusterNode>>,
     /// Publish rates per address and per credential.
     limits: Arc<Limits>,
     /// The largest payload a client may publish (`limits.max_message_size`).
@@ -98,12 +101,14 @@ impl Publisher {
     /// payloads of at most `max_message_size` bytes.
     pub(crate) fn new(
         channels: Namespace<Channel>,
+        cluster: Option<Arc<ClusterNode>>,
         limits: Arc<Limits>,
         max_message_size: usize,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 channels,
+                cluster,
                 limits,
                 max_message_size,
                 shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
@@ -267,6 +272,28 @@ impl<T> Future for Reply<T> {
 }
 
 impl Inner {
+    /// Sends `request` to the channel: its activation here, or in cluster mode wherever
+    /// the channel is owned (a subscriber goes to this node's copy of it).
+    fn call(
+        &self,
+        name: &str,
+        request: ChannelRequest,
+    ) -> futures::future::BoxFuture<'static, Result<ChannelResponse>> {
+        let Some(cluster) = &self.cluster else {
+            return Box::pin(self.channels.call(name, request));
+        };
+        let (cluster, channels, name) = (cluster.clone(), self.channels.clone(), name.to_string());
+        Box::pin(async move {
+            match ChannelCall::from_request(request) {
+                Ok(call) => cluster.channel_call(&channels, &name, call).await,
+                Err(ChannelRequest::Subscribe { socket, start }) => {
+                    cluster.subscribe(&name, socket, start).await
+                }
+                Err(other) => cluster.copy_call(&name, other).await,
+            }
+        })
+    }
+
     fn shard(&self, name: &str) -> MutexGuard<'_, HashMap<Arc<str>, VecDeque<Waiting>>> {
         let mut hasher = DefaultHasher::new();
         name.hash(&mut hasher);
@@ -361,7 +388,7 @@ impl InFlight {
                 // `next_batch` hands a call over alone.
                 Waiting::Call { request, reply } => {
                     return Self {
-                        response: Box::pin(inner.channels.call(name, request)),
+                        response: inner.call(name, request),
                         answer: Answer::Call(reply),
                     };
                 }
@@ -369,7 +396,7 @@ impl InFlight {
         }
         let count = messages.len();
         Self {
-            response: Box::pin(inner.channels.call(name, ChannelRequest::Publish(messages))),
+            response: inner.call(name, ChannelRequest::Publish(messages)),
             answer: Answer::Publishes {
                 replies,
                 messages: count,
@@ -482,6 +509,7 @@ mod tests {
                 NamespaceConfig::with_idle_timeout(Duration::from_secs(30)),
                 ChannelEnv::default(),
             ),
+            None,
             Arc::new(Limits::new(&crate::config::LimitsSettings::default())),
             1 << 20,
         )

@@ -8,7 +8,10 @@ use crate::state::AppState;
 
 /// `GET /metrics`
 pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
-    let text = state.telemetry.render(&state.namespace_stats());
+    let mut text = state.telemetry.render(&state.namespace_stats());
+    if let Some(cluster) = &state.cluster {
+        text.push_str(&cluster.render_metrics());
+    }
     let mut response = text.into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -21,6 +21,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use tracing::info;
 
 use crate::auth::Auth;
+use crate::cluster::ClusterNode;
 use crate::config::CorsSettings;
 use crate::config::Settings;
 use crate::conn::{
@@ -61,29 +62,70 @@ fn open_storage(settings: &Settings) -> anyhow::Result<Arc<dyn Storage>> {
 }
 
 impl Dormouse {
-    /// Opens the data dir and creates the runtime. Fails with a clear message when the data
-    /// dir is in use by another process or was written by an incompatible version.
+    /// Opens the server as its configuration says: on its embedded store, or, with
+    /// `cluster.nats_urls` set, as a node of a cluster on NATS JetStream (connecting,
+    /// joining and answering other nodes before it returns). What a `main` calls.
+    pub async fn start(settings: Settings) -> anyhow::Result<Self> {
+        if !settings.cluster.enabled() {
+            return Self::open(settings);
+        }
+        let mut channel_env = settings.channels.env(&settings.limits);
+        let telemetry = Arc::new(Telemetry::new(settings.admin.enabled));
+        channel_env.observer = Some(telemetry.clone());
+        let cluster = ClusterNode::start(
+            &settings.cluster,
+            channel_env,
+            NamespaceConfig::with_idle_timeout(settings.channels.idle_timeout),
+            settings.limits.max_message_size.0 as usize,
+        )
+        .await
+        .context("joining the cluster")?;
+        let storage: Arc<dyn Storage> = Arc::new(cluster.storage().clone());
+        let server = Self::build(settings, storage, telemetry, Some(cluster.clone()))?;
+        cluster.serve(server.state.clone()).await?;
+        Ok(server)
+    }
+
+    /// Opens the data dir and creates the runtime, single-node. Fails with a clear message
+    /// when the data dir is in use by another process or was written by an incompatible
+    /// version, and when `cluster.nats_urls` is set (that takes [`Dormouse::start`]).
     pub fn open(settings: Settings) -> anyhow::Result<Self> {
         // Not silently single-node: an operator who configured a cluster must not find out
         // from a lost failover that there was none.
         anyhow::ensure!(
             !settings.cluster.enabled(),
-            "cluster.nats_urls is set, but cluster mode is not in this build yet \
-             (docs/CLUSTER.md says what is built); unset it to run single-node, and run \
-             `dormouse cluster check` to test your NATS cluster for it"
+            "cluster.nats_urls is set: a cluster node is started with Dormouse::start \
+             (the dormouse binary does), not Dormouse::open"
         );
+        let telemetry = Arc::new(Telemetry::new(settings.admin.enabled));
+        // Checked before the data dir is touched.
+        Self::check_front(&settings)?;
+        let storage = open_storage(&settings)
+            .with_context(|| format!("opening data dir {}", settings.data_dir.display()))?;
+        Self::build(settings, storage, telemetry, None)
+    }
+
+    /// What both ways of opening check first: credentials, CORS, the listen address against
+    /// the authentication configured (`serve` checks the bound address again).
+    fn check_front(settings: &Settings) -> anyhow::Result<Auth> {
         let auth = Auth::from_settings(&settings.auth)?;
         cors_layer(&settings.cors)?;
-        // Checked before the data dir is touched; `serve` checks the bound address again.
         check_exposure(
             settings.listen,
             auth.enabled(),
             settings.auth.allow_anonymous,
         )?;
-        let storage = open_storage(&settings)
-            .with_context(|| format!("opening data dir {}", settings.data_dir.display()))?;
+        Ok(auth)
+    }
+
+    fn build(
+        settings: Settings,
+        storage: Arc<dyn Storage>,
+        telemetry: Arc<Telemetry>,
+        cluster: Option<Arc<ClusterNode>>,
+    ) -> anyhow::Result<Self> {
+        let auth = Self::check_front(&settings)?;
         let runtime = Runtime::new(storage.clone());
-        let telemetry = Arc::new(Telemetry::new(settings.admin.enabled));
         let observer = telemetry.clone();
         runtime.observe_commits(move |took| observer.commit(took));
         let mut channel_env = settings.channels.env(&settings.limits);
@@ -101,6 +143,7 @@ impl Dormouse {
         let limits = Arc::new(Limits::new(&settings.limits));
         let publisher = Publisher::new(
             channels.clone(),
+            cluster.clone(),
             limits.clone(),
             settings.limits.max_message_size.0 as usize,
         );
@@ -117,6 +160,7 @@ impl Dormouse {
                 tasks: TaskTracker::new(),
                 stopping: Stopping::default(),
                 telemetry,
+                cluster,
             },
             storage,
         })
@@ -194,6 +238,9 @@ impl Dormouse {
         let grace = self.state.settings.shutdown_grace;
         conn::accept::serve(listener, shutdown, ctx, kill, grace).await;
         self.shutdown_namespaces().await;
+        if let Some(cluster) = &self.state.cluster {
+            cluster.leave().await;
+        }
         sampler.abort();
         self.close_storage().await?;
         info!("stopped");

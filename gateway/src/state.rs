@@ -3,6 +3,7 @@
 //! telemetry, the stop signal), and nothing below the handlers imports it, so the layers
 //! stay one-way: handlers and middleware above, the services they call below.
 
+use crate::cluster::ClusterNode;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
@@ -43,6 +44,8 @@ pub struct AppState {
     pub stopping: Stopping,
     /// The server's own figures: `/metrics` and the admin page.
     pub telemetry: Arc<Telemetry>,
+    /// Cluster mode's node; `None` on a single node.
+    pub cluster: Option<Arc<ClusterNode>>,
 }
 
 impl AppState {

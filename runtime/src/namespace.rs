@@ -676,6 +676,8 @@ pub trait DynNamespace: Send + Sync + fmt::Debug {
     fn socket_closed(&self, name: &str, socket: u64) -> BoxFuture<'static, Result<()>>;
     /// See [`Namespace::stats`].
     fn stats(&self) -> NamespaceStats;
+    /// See [`Namespace::state`].
+    fn state(&self, name: &str) -> ObjectState;
     /// See [`Namespace::shutdown`].
     fn shutdown(&self) -> BoxFuture<'static, ()>;
 }
@@ -706,6 +708,10 @@ impl<O: Object> DynNamespace for Namespace<O> {
     fn socket_closed(&self, name: &str, socket: u64) -> BoxFuture<'static, Result<()>> {
         Box::pin(Namespace::socket_closed(self, name, socket))
     }
+    fn state(&self, name: &str) -> ObjectState {
+        Namespace::state(self, name)
+    }
+
     fn stats(&self) -> NamespaceStats {
         Namespace::stats(self)
     }

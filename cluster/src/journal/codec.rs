@@ -6,7 +6,7 @@
 //! engine's layout; images are the in-memory engine's records and carry the storage schema
 //! version they were written with, so a build with another layout refuses them by name.
 //!
-//! Every integer is big-endian; byte strings are a u32 length, then the bytes.
+//! The primitives (big-endian integers, length-prefixed byte strings) are [`crate::wire`]'s.
 
 use std::time::Duration;
 
@@ -14,14 +14,10 @@ use bytes::{BufMut, Bytes, BytesMut};
 use dormouse_storage::key::CURRENT_SCHEMA;
 use dormouse_storage::{Retention, Write, WriteBatch};
 
+use crate::wire::{Reader, Undecodable, len32, put_bytes, put_opt};
+
 const COMMIT_MAGIC: &[u8; 4] = b"DMC1";
 const IMAGE_MAGIC: &[u8; 4] = b"DMI1";
-
-/// A journal message that does not decode: the journal is damaged or was written by
-/// something else.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("undecodable journal record: {0}")]
-pub struct Undecodable(pub String);
 
 /// One commit message: the batches it carries, applied in order. A writer merges every
 /// batch that waited while its previous append was in flight into one message.
@@ -102,26 +98,6 @@ pub(super) fn split(payload: &Bytes, limit: usize) -> Vec<Bytes> {
         .step_by(limit)
         .map(|start| payload.slice(start..(start + limit).min(payload.len())))
         .collect()
-}
-
-fn len32(n: usize) -> u32 {
-    // A batch or value over 4 GiB cannot reach here: request bodies are bounded far below.
-    u32::try_from(n).expect("journal record parts fit in u32 lengths")
-}
-
-fn put_bytes(out: &mut BytesMut, bytes: &[u8]) {
-    out.put_u32(len32(bytes.len()));
-    out.put_slice(bytes);
-}
-
-fn put_opt(out: &mut BytesMut, value: Option<u64>) {
-    match value {
-        Some(v) => {
-            out.put_u8(1);
-            out.put_u64(v);
-        }
-        None => out.put_u8(0),
-    }
 }
 
 fn encode_write(out: &mut BytesMut, write: &Write) {
@@ -211,93 +187,6 @@ fn decode_write(r: &mut Reader<'_>) -> Result<Write, Undecodable> {
         9 => Write::DeleteAlarm,
         other => return Err(Undecodable(format!("unknown write kind {other}"))),
     })
-}
-
-/// A cursor over a message's bytes that fails, rather than panics, on a short message.
-struct Reader<'a> {
-    bytes: &'a [u8],
-    at: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn new(bytes: &'a [u8]) -> Self {
-        Self { bytes, at: 0 }
-    }
-
-    fn take(&mut self, n: usize) -> Result<&'a [u8], Undecodable> {
-        let end = self
-            .at
-            .checked_add(n)
-            .filter(|end| *end <= self.bytes.len());
-        let Some(end) = end else {
-            return Err(Undecodable(format!(
-                "cut short: {n} bytes wanted at offset {} of {}",
-                self.at,
-                self.bytes.len()
-            )));
-        };
-        let out = &self.bytes[self.at..end];
-        self.at = end;
-        Ok(out)
-    }
-
-    fn magic(&mut self, magic: &[u8; 4]) -> Result<(), Undecodable> {
-        let found = self.take(4)?;
-        if found != magic {
-            return Err(Undecodable(format!(
-                "expected a {} record",
-                String::from_utf8_lossy(magic)
-            )));
-        }
-        Ok(())
-    }
-
-    fn u8(&mut self) -> Result<u8, Undecodable> {
-        Ok(self.take(1)?[0])
-    }
-
-    fn u32(&mut self) -> Result<u32, Undecodable> {
-        let mut b = [0; 4];
-        b.copy_from_slice(self.take(4)?);
-        Ok(u32::from_be_bytes(b))
-    }
-
-    fn u64(&mut self) -> Result<u64, Undecodable> {
-        let mut b = [0; 8];
-        b.copy_from_slice(self.take(8)?);
-        Ok(u64::from_be_bytes(b))
-    }
-
-    fn opt(&mut self) -> Result<Option<u64>, Undecodable> {
-        match self.u8()? {
-            0 => Ok(None),
-            1 => Ok(Some(self.u64()?)),
-            other => Err(Undecodable(format!("option flag {other}"))),
-        }
-    }
-
-    /// A length-prefixed byte string: where it starts and how long it is.
-    fn span(&mut self) -> Result<(usize, usize), Undecodable> {
-        let len = self.u32()? as usize;
-        let start = self.at;
-        self.take(len)?;
-        Ok((start, len))
-    }
-
-    fn bytes(&mut self) -> Result<&'a [u8], Undecodable> {
-        let (start, len) = self.span()?;
-        Ok(&self.bytes[start..start + len])
-    }
-
-    fn end(&self) -> Result<(), Undecodable> {
-        if self.at != self.bytes.len() {
-            return Err(Undecodable(format!(
-                "{} bytes left over after the record",
-                self.bytes.len() - self.at
-            )));
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]

@@ -42,12 +42,11 @@ use dormouse_storage::{
 };
 use futures::channel::oneshot;
 
-pub use codec::Undecodable;
-
 use crate::connect::Nats;
 use crate::feed::Feed;
 use crate::fenced::{AppendError, FencedLog, LogError, LogSpec};
 use crate::ownership::{Claim, Directory, Membership, NodeId, TakeOverError, take_over, token};
+use crate::wire::Undecodable;
 
 /// Where and how objects' journals are kept.
 #[derive(Debug, Clone)]
@@ -280,6 +279,22 @@ impl ClusterStorage {
     pub fn subject(&self, id: &ObjectId) -> String {
         self.inner.locate(id).1
     }
+
+    /// The sequence of the last message of `id`'s journal, read from its stream's leader:
+    /// a follower that has reached it has every write acknowledged before this call.
+    pub async fn journal_end(&self, id: &ObjectId) -> Result<u64> {
+        let (shard, subject) = self.inner.locate(id);
+        self.inner.shards[shard]
+            .last_sequence(&subject)
+            .await
+            .map_err(|e| unreplicated("reading the journal's end", e))
+    }
+
+    /// The owner directory's key for `id`, as [`crate::Directory`] and [`crate::place`]
+    /// take it.
+    pub fn object_key(id: &ObjectId) -> String {
+        Inner::directory_key(id)
+    }
 }
 
 /// A read-only copy of one object's records, kept up to date from its journal on any node:
@@ -351,6 +366,11 @@ impl Follower {
     /// chaos runs): what it left out must be read from the stream.
     pub fn drop_live_every(&mut self, n: u64) {
         self.feed.drop_live_every(n);
+    }
+
+    /// The journal sequence the copy has reached.
+    pub fn delivered(&self) -> u64 {
+        self.feed.delivered()
     }
 
     /// The object it follows.

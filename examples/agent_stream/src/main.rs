@@ -42,7 +42,7 @@ async fn main() -> anyhow::Result<()> {
                 "max_age": "7days",
             }))?);
     }
-    let server = Dormouse::open(settings)?;
+    let server = Dormouse::start(settings).await?;
     let env = RunEnv::new(server.state().publisher.clone());
     server.mount::<Run>(NAMESPACE, NamespaceConfig::default(), env)?;
     server.serve_until_signal().await

@@ -25,7 +25,7 @@ async fn main() -> anyhow::Result<()> {
         settings.data_dir = "batcher-data".into();
     }
     let env = BatcherEnv::new(BatcherConfig::from_vars(std::env::vars())?)?;
-    let server = Dormouse::open(settings)?;
+    let server = Dormouse::start(settings).await?;
     server.mount::<Batcher>(NAMESPACE, NamespaceConfig::default(), env)?;
     server.serve_until_signal().await
 }

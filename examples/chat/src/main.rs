@@ -15,7 +15,7 @@ async fn main() -> anyhow::Result<()> {
     if std::env::var_os("DORMOUSE_DATA_DIR").is_none() {
         settings.data_dir = "chat-data".into();
     }
-    let server = Dormouse::open(settings)?;
+    let server = Dormouse::start(settings).await?;
     server.mount::<Room>(NAMESPACE, NamespaceConfig::default(), ())?;
     server.serve_until_signal().await
 }

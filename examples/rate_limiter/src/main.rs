@@ -19,7 +19,7 @@ async fn main() -> anyhow::Result<()> {
     if std::env::var_os("DORMOUSE_DATA_DIR").is_none() {
         settings.data_dir = "rate-limiter-data".into();
     }
-    let server = Dormouse::open(settings)?;
+    let server = Dormouse::start(settings).await?;
     server.mount::<TokenBucket>(
         NAMESPACE,
         NamespaceConfig::default(),

@@ -1,0 +1,242 @@
+//! Cluster mode end to end, as an operator runs it: three NATS servers and three `dormouse`
+//! processes on loopback, each given every NATS URL. Any node serves any client; subscribers
+//! on every node get every event once, in order; a client resumes on any node; a killed
+//! owner's channel is served by another node with its history and ids intact.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use dormouse_testkit::nats::NatsCluster;
+use dormouse_testkit::{ChildServer, PATIENCE, SseClient};
+use serde_json::Value;
+
+/// One Dormouse node of the cluster.
+async fn node(nats: &NatsCluster, name: &str, dir: &Path) -> ChildServer {
+    let urls = nats.urls().join(",");
+    ChildServer::start(
+        Path::new(env!("CARGO_BIN_EXE_dormouse")),
+        dir,
+        &[
+            ("DORMOUSE_CLUSTER_NATS_URLS", urls.as_str()),
+            ("DORMOUSE_CLUSTER_NODE_NAME", name),
+            ("DORMOUSE_CLUSTER_NODE_TTL", "2s"),
+            // A forwarded publish travels in one NATS message (1MB by default).
+            ("DORMOUSE_LIMITS_MAX_MESSAGE_SIZE", "512KiB"),
+            ("DORMOUSE_CHANNELS_IDLE_TIMEOUT", "2s"),
+        ],
+    )
+    .await
+}
+
+async fn three_nodes(nats: &NatsCluster, dir: &Path) -> Vec<ChildServer> {
+    let mut nodes = Vec::new();
+    for name in ["n1", "n2", "n3"] {
+        let data = dir.join(name);
+        std::fs::create_dir_all(&data).unwrap();
+        nodes.push(node(nats, name, &data).await);
+    }
+    nodes
+}
+
+/// Publishes one message through `node`; its id.
+async fn publish(node: &ChildServer, channel: &str, body: &str, key: Option<&str>) -> Value {
+    let mut request = node
+        .client
+        .post(node.url(&format!("/v1/channels/{channel}/messages")))
+        .body(body.to_string());
+    if let Some(key) = key {
+        request = request.header("Idempotency-Key", key);
+    }
+    let response = request.send().await.expect("publish");
+    let status = response.status();
+    let json: Value = response.json().await.expect("a JSON answer");
+    // 201 stored, 200 a duplicate of an earlier publish.
+    let want = if json["duplicate"] == true { 200 } else { 201 };
+    assert_eq!(status, want, "publish through {:?}: {json}", node.addr);
+    json
+}
+
+/// Reads `count` events from `client`, as (id, data).
+async fn take(client: &mut SseClient, count: usize) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    while out.len() < count {
+        let event = client.next().await.expect("the stream ended");
+        if event.event.starts_with("dormouse.") {
+            panic!("a control event where events were due: {event:?}");
+        }
+        out.push((event.id.clone().expect("an id"), event.data.clone()));
+    }
+    out
+}
+
+fn parse(id: &str) -> (u64, u64) {
+    let (epoch, seq) = id.split_once('-').expect("epoch-seq");
+    // The epoch is hex, the seq decimal.
+    (
+        u64::from_str_radix(epoch, 16).unwrap(),
+        seq.parse().unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_node_serves_any_client_and_every_subscriber_gets_every_event_once_in_order() {
+    let nats = NatsCluster::start(3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = three_nodes(&nats, dir.path()).await;
+
+    // Subscribers on two nodes before anything is published.
+    let mut on_two = SseClient::connect(&nodes[1], "/v1/channels/news/events", None).await;
+    let mut on_three = SseClient::connect(&nodes[2], "/v1/channels/news/events", None).await;
+
+    let mut sent = Vec::new();
+    for i in 0..24 {
+        let node = &nodes[i % 3];
+        let json = publish(node, "news", &format!("m{i}"), None).await;
+        sent.push((json["id"].as_str().unwrap().to_string(), format!("m{i}")));
+    }
+    // One history, one epoch, increasing ids, whichever node took each publish.
+    let epoch = parse(&sent[0].0).0;
+    for pair in sent.windows(2) {
+        let ((e1, s1), (e2, s2)) = (parse(&pair[0].0), parse(&pair[1].0));
+        assert_eq!((e1, e2), (epoch, epoch), "{pair:?}");
+        assert_eq!(s2, s1 + 1, "{pair:?}");
+    }
+    assert_eq!(take(&mut on_two, 24).await, sent, "the subscriber on n2");
+    assert_eq!(take(&mut on_three, 24).await, sent, "the subscriber on n3");
+
+    // History from any node.
+    for node in &nodes {
+        let events = node.all_history("news").await;
+        let ids: Vec<&str> = events.iter().map(|e| e["id"].as_str().unwrap()).collect();
+        let want: Vec<&str> = sent.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(ids, want, "history through {:?}", node.addr);
+    }
+
+    // A retry with the same idempotency key through another node is recognised.
+    let first = publish(&nodes[0], "news", "once", Some("key-1")).await;
+    let again = publish(&nodes[2], "news", "once", Some("key-1")).await;
+    assert_eq!(again["id"], first["id"]);
+    assert_eq!(again["duplicate"], true, "{again}");
+
+    // A client resumes on a node it never used, from an id another node acknowledged.
+    let cursor = sent[9].0.clone();
+    let mut resumed =
+        SseClient::connect(&nodes[0], "/v1/channels/news/events", Some(&cursor)).await;
+    let mut want: Vec<(String, String)> = sent[10..].to_vec();
+    want.push((first["id"].as_str().unwrap().to_string(), "once".into()));
+    assert_eq!(take(&mut resumed, want.len()).await, want);
+
+    // The live subscribers got the keyed publish once, not twice.
+    assert_eq!(take(&mut on_two, 1).await[0].1, "once");
+    let later = publish(&nodes[1], "news", "after", None).await;
+    assert_eq!(
+        take(&mut on_two, 1).await[0].0,
+        later["id"].as_str().unwrap(),
+        "the duplicate reached a subscriber"
+    );
+
+    // /readyz names the node; /metrics shows the calls that crossed nodes.
+    let ready = nodes[0].get_json("/readyz", 200).await;
+    assert_eq!(
+        ready["cluster"]["nodes_alive"].as_array().unwrap().len(),
+        3,
+        "{ready}"
+    );
+    let forwarded: u64 = metric_sum(&nodes, "dormouse_cluster_forwarded_total").await;
+    assert!(forwarded > 0, "no call crossed nodes");
+}
+
+/// The sum of one metric over `nodes`.
+async fn metric_sum(nodes: &[ChildServer], name: &str) -> u64 {
+    let mut sum = 0;
+    for node in nodes {
+        sum += metric(node, name).await;
+    }
+    sum
+}
+
+async fn metric(node: &ChildServer, name: &str) -> u64 {
+    let text = node
+        .client
+        .get(node.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_owners_channel_is_served_by_another_node_with_its_history() {
+    let nats = NatsCluster::start(3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = three_nodes(&nats, dir.path()).await;
+
+    let mut sent = Vec::new();
+    for i in 0..10 {
+        let json = publish(&nodes[i % 3], "orders", &format!("o{i}"), None).await;
+        sent.push((json["id"].as_str().unwrap().to_string(), format!("o{i}")));
+    }
+    // Which node owns it: the one holding it.
+    let mut owner = None;
+    for (i, node) in nodes.iter().enumerate() {
+        if metric(node, "dormouse_cluster_objects_held").await > 0 {
+            owner = Some(i);
+        }
+    }
+    let owner = owner.expect("some node holds the channel");
+    let survivor = (owner + 1) % 3;
+    let mut watching = SseClient::connect(
+        &nodes[survivor],
+        "/v1/channels/orders/events",
+        Some(&sent[9].0),
+    )
+    .await;
+
+    nodes.remove(owner).kill();
+    let survivor = if survivor > owner {
+        survivor - 1
+    } else {
+        survivor
+    };
+    let started = Instant::now();
+    let after = loop {
+        let response = nodes[survivor]
+            .client
+            .post(nodes[survivor].url("/v1/channels/orders/messages"))
+            .body("after the kill")
+            .send()
+            .await
+            .unwrap();
+        if response.status() == 201 {
+            break response.json::<Value>().await.unwrap();
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "no node took the channel over: {} {}",
+            response.status(),
+            response.text().await.unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!("served again {:?} after the kill", started.elapsed());
+    let (epoch, seq) = parse(after["id"].as_str().unwrap());
+    assert_eq!((epoch, seq), (parse(&sent[9].0).0, parse(&sent[9].0).1 + 1));
+    // The subscriber on a surviving node never noticed.
+    assert_eq!(
+        take(&mut watching, 1).await,
+        [(
+            after["id"].as_str().unwrap().to_string(),
+            "after the kill".to_string()
+        )]
+    );
+    for node in &nodes {
+        let events = node.all_history("orders").await;
+        assert_eq!(events.len(), 11, "history through {:?}", node.addr);
+    }
+}
