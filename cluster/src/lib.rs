@@ -35,7 +35,7 @@ pub use check::{CheckReport, ServerCheck, check};
 pub use connect::{ConnectError, Nats, NatsSettings, connect};
 pub use feed::{Entry, Feed};
 pub use fenced::{AppendError, Appended, FencedLog, LogError, LogSpec};
-pub use journal::{ClusterStorage, Follower, JournalSpec, JournalStats};
+pub use journal::{ClusterStorage, Follower, JournalSpec, JournalStats, Record};
 pub use ownership::{
     Claim, Directory, DirectoryError, DirectorySpec, Membership, NodeId, TakeOverError, place,
     take_over, token,

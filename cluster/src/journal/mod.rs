@@ -297,6 +297,20 @@ impl ClusterStorage {
     }
 }
 
+/// Which of `shards` journal streams holds the object `namespace/name` (a hash fixed by its
+/// definition, so every node and tool agrees).
+pub fn shard(namespace: &str, name: &str, shards: usize) -> usize {
+    let hash = crate::ownership::fnv1a([namespace.as_bytes(), &[0xff], name.as_bytes()]);
+    (hash % shards.max(1) as u64) as usize
+}
+
+/// One complete journal record read by a [`Follower`], to apply to its copy.
+#[derive(Debug)]
+pub struct Record {
+    kind: Kind,
+    payload: Bytes,
+}
+
 /// A read-only copy of one object's records, kept up to date from its journal on any node:
 /// how a node serves subscribers of a channel whichever node owns it. Reads come from the
 /// [`MemoryStorage`] it was given; [`Follower::step`] applies the journal's next message.
@@ -317,12 +331,11 @@ impl fmt::Debug for Follower {
 }
 
 impl ClusterStorage {
-    /// Copies `id`'s records into `copy` (replacing what it held of `id`) as of the
-    /// journal's end now, and returns a follower that keeps them current.
+    /// Copies `id`'s records into `copy` (replacing what it held of `id`, in one step) as of
+    /// the journal's end now, and returns a follower that keeps them current.
     pub async fn follow(&self, id: &ObjectId, copy: Arc<MemoryStorage>) -> Result<Follower> {
         let (shard, subject) = self.inner.locate(id);
         let log = &self.inner.shards[shard];
-        copy.forget_object(id)?;
         let feed = log
             .follow(&subject, 0)
             .await
@@ -331,15 +344,19 @@ impl ClusterStorage {
             .last_sequence(&subject)
             .await
             .map_err(|e| unreplicated("reading the journal's end", e))?;
+        // Loaded aside, then put in place in one step: a reader of `copy` never sees the
+        // object half-loaded (or gone, as a channel copy would take it to be deleted).
         let mut follower = Follower {
             feed,
             assembler: Assembler::default(),
             id: id.clone(),
-            copy,
+            copy: Arc::new(MemoryStorage::new()),
         };
         while follower.feed.delivered() < tail {
             follower.step().await?;
         }
+        copy.restore_object(id, follower.copy.export_object(id)?)?;
+        follower.copy = copy;
         Ok(follower)
     }
 }
@@ -348,18 +365,34 @@ impl Follower {
     /// Waits for the journal's next message and applies it to the copy: true when it
     /// completed a record (the copy changed), false for an owner marker or a part.
     pub async fn step(&mut self) -> Result<bool> {
+        match self.next().await? {
+            Some(record) => {
+                self.apply(record)?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Waits for the journal's next message: the record it completes, not applied yet
+    /// ([`Follower::apply`]), or `None` for an owner marker or a part. Split from applying
+    /// so a reader of the copy can prepare for the change first (a hibernated channel copy
+    /// wakes before its records move past what its parked subscribers saw).
+    pub async fn next(&mut self) -> Result<Option<Record>> {
         let entry = self
             .feed
             .next()
             .await
             .map_err(|e| unreplicated("following the journal", e))?;
-        match self.assembler.push(&entry.headers, entry.payload) {
-            Some((kind, payload)) => {
-                replay(&self.copy, &self.id, kind, &payload)?;
-                Ok(true)
-            }
-            None => Ok(false),
-        }
+        Ok(self
+            .assembler
+            .push(&entry.headers, entry.payload)
+            .map(|(kind, payload)| Record { kind, payload }))
+    }
+
+    /// Applies a record [`Follower::next`] returned to the copy.
+    pub fn apply(&self, record: Record) -> Result<()> {
+        replay(&self.copy, &self.id, record.kind, &record.payload)
     }
 
     /// Drops every `n`th live message as if its republish had been lost (for tests and
@@ -386,9 +419,7 @@ impl Inner {
 
     /// The shard and subject of `id`'s journal.
     fn locate(&self, id: &ObjectId) -> (usize, String) {
-        let shard =
-            (crate::ownership::fnv1a([id.namespace().as_bytes(), &[0xff], id.name().as_bytes()])
-                % self.shards.len() as u64) as usize;
+        let shard = shard(id.namespace(), id.name(), self.shards.len());
         let subject = format!(
             "{}.obj.{shard}.{}.{}",
             self.prefix,

@@ -202,13 +202,19 @@ impl Inner {
     ) {
         let id = follower.id().clone();
         loop {
-            match follower.step().await {
-                Ok(changed) => {
-                    if changed
-                        && let Err(e) = self.channels.call(&channel, ChannelRequest::Refresh).await
-                    {
-                        warn!(channel, error = %e, "a channel copy could not refresh");
+            match follower.next().await {
+                Ok(None) => {
+                    tell.send_replace(follower.delivered());
+                }
+                Ok(Some(record)) => {
+                    // Awake before the records move: a copy that wakes loads its position
+                    // from them, and its parked subscribers saw only what came before.
+                    self.refresh(&channel).await;
+                    if let Err(e) = follower.apply(record) {
+                        warn!(channel, error = %e, "a journal record could not be applied; reloading");
+                        follower = self.reload(&id, &channel).await;
                     }
+                    self.refresh(&channel).await;
                     tell.send_replace(follower.delivered());
                 }
                 Err(e) => {
@@ -216,18 +222,32 @@ impl Inner {
                     // load the journal again rather than skip anything.
                     warn!(channel, error = %e, "following the channel's journal failed; reloading");
                     tokio::time::sleep(Duration::from_secs(1)).await;
-                    match self.storage.follow(&id, self.records.clone()).await {
-                        Ok(again) => {
-                            follower = again;
-                            if let Err(e) =
-                                self.channels.call(&channel, ChannelRequest::Refresh).await
-                            {
-                                warn!(channel, error = %e, "a channel copy could not refresh");
-                            }
-                            tell.send_replace(follower.delivered());
-                        }
-                        Err(e) => debug!(channel, error = %e, "reloading failed; retrying"),
-                    }
+                    follower = self.reload(&id, &channel).await;
+                    tell.send_replace(follower.delivered());
+                }
+            }
+        }
+    }
+
+    /// Hands the copy's subscribers what its records hold that they have not seen.
+    async fn refresh(&self, channel: &str) {
+        if let Err(e) = self.channels.call(channel, ChannelRequest::Refresh).await {
+            warn!(channel, error = %e, "a channel copy could not refresh");
+        }
+    }
+
+    /// Loads the journal again (the copy awake meanwhile), until it loads.
+    async fn reload(&self, id: &ObjectId, channel: &str) -> Follower {
+        loop {
+            self.refresh(channel).await;
+            match self.storage.follow(id, self.records.clone()).await {
+                Ok(follower) => {
+                    self.refresh(channel).await;
+                    return follower;
+                }
+                Err(e) => {
+                    debug!(channel, error = %e, "reloading failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
         }

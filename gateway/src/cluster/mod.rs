@@ -43,6 +43,8 @@ use wire::{Answer, Forwarded};
 const MAX_HOPS: usize = 4;
 /// How long a forwarded call waits for the owner's answer.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a forwarded call in flight checks that its owner still counts as alive.
+const LIVENESS_CHECK: Duration = Duration::from_millis(250);
 /// The request kind that only asks whether a node is there.
 const PING: &str = "ping";
 /// How long a ping waits: a node that is gone is known at once (no responders).
@@ -481,6 +483,29 @@ impl ClusterNode {
             .map_err(|e| RpcError::Failed(format!("the owner's answer: {e}").into()))
     }
 
+    /// [`ClusterNode::send`], given up (as timed out) once `node` stops counting as alive:
+    /// an owner that is paused or cut off answers nothing, and its calls must not wait out
+    /// the whole call timeout while another node could take its objects over. Whatever it
+    /// does when it comes back is fenced by the journal.
+    async fn send_watching(
+        &self,
+        node: &NodeId,
+        call: &Forwarded,
+    ) -> std::result::Result<Answer, RpcError> {
+        let lost = async {
+            loop {
+                tokio::time::sleep(LIVENESS_CHECK).await;
+                if !self.membership.alive(node) {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            answer = self.send(node, call) => answer,
+            () = lost => Err(RpcError::TimedOut(node.to_string())),
+        }
+    }
+
     /// Runs `here` or forwards `call`, following the owner as it moves; see the module doc.
     async fn route<T, H, F>(
         &self,
@@ -508,7 +533,7 @@ impl ClusterNode {
                     },
                     done => return done,
                 },
-                Target::Node(node) => match self.send(&node, &call).await {
+                Target::Node(node) => match self.send_watching(&node, &call).await {
                     Ok(Answer::Failed(e)) => match self.moved_to(&e) {
                         Some(owner) => hint = owner.filter(|o| o != &node),
                         None => return Err(e),
@@ -519,11 +544,18 @@ impl ClusterNode {
                     Err(RpcError::NodeGone(_) | RpcError::Stale(_)) => {
                         self.membership.suspect(&node);
                     }
-                    Err(RpcError::TimedOut(who)) => {
+                    Err(RpcError::TimedOut(who)) if self.membership.alive(&node) => {
                         return Err(Error::Unavailable(format!(
                             "{id}: the owner, node {who}, did not answer in time; the call may \
                              or may not have taken effect (retry a publish with its idempotency \
                              key)"
+                        )));
+                    }
+                    Err(RpcError::TimedOut(who)) => {
+                        return Err(Error::Unavailable(format!(
+                            "{id}: the owner, node {who}, stopped answering and its membership \
+                             expired; the call may or may not have taken effect (retry a publish \
+                             with its idempotency key: the next try goes to the new owner)"
                         )));
                     }
                     Err(e) => {
