@@ -86,6 +86,11 @@ impl ServerProcess {
         }
     }
 
+    /// What the server logged so far.
+    pub(crate) fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// SIGKILL, and reap it.
     pub(crate) fn kill9(&mut self) -> anyhow::Result<()> {
         self.child.kill()?;

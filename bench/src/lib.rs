@@ -1,11 +1,13 @@
 //! The parts of the bench that tests elsewhere in the workspace run too: the crash-safety
 //! harness (`crash`) and the soak (`soak`), which the `dormouse` crate's tests run in a
 //! short form against its own freshly built binary; the scenarios that drive a server child
-//! process through restarts (`disk_full`, `retained_server`); and `proc`, the kernel's and
+//! process through restarts (`disk_full`, `retained_server`, `cluster`, `cluster_chaos`); and `proc`, the kernel's and
 //! allocator's figures every scenario reports. The other load scenarios live in the
 //! `dormouse-bench` binary.
 
 mod child;
+pub mod cluster;
+pub mod cluster_chaos;
 pub mod crash;
 pub mod disk_full;
 pub mod proc;

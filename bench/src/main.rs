@@ -79,6 +79,14 @@ enum Scenario {
     /// An owner in a child process is paused (SIGSTOP) past its membership, its object
     /// taken over, and continued: its next append must be refused by the log.
     ClusterFence(cluster_fence::Args),
+    /// Three NATS servers and three dormouse nodes: publish latency through the owner and
+    /// through another node, the time until a killed owner's channel is served again, and
+    /// memory per hibernated channel against one node.
+    Cluster(dormouse_bench::cluster::Args),
+    /// Cluster mode under faults (node kill, NATS leader kill, both, a paused node, all
+    /// nodes restarted) with publishers and reconnecting subscribers: nothing acknowledged
+    /// lost, duplicated or reordered, every subscriber exact or told of a gap.
+    ClusterChaos(dormouse_bench::cluster_chaos::Args),
     /// The owner process of `cluster-fence`, run by it.
     #[command(hide = true)]
     ClusterFenceOwner(cluster_fence::OwnerArgs),
@@ -106,6 +114,17 @@ fn main() -> anyhow::Result<()> {
             let ok = report.ok;
             println!("{}", serde_json::to_string(&report)?);
             anyhow::ensure!(ok, "a paused owner was not fenced (see the report)");
+            return Ok(());
+        }
+        Scenario::Cluster(args) => serde_json::to_string(
+            &tokio::runtime::Runtime::new()?.block_on(dormouse_bench::cluster::run(args))?,
+        )?,
+        Scenario::ClusterChaos(args) => {
+            let report = tokio::runtime::Runtime::new()?
+                .block_on(dormouse_bench::cluster_chaos::run(args))?;
+            let ok = report.ok;
+            println!("{}", serde_json::to_string(&report)?);
+            anyhow::ensure!(ok, "cluster chaos found violations (see the report)");
             return Ok(());
         }
         Scenario::NatsProbe(args) => serde_json::to_string(

@@ -1,0 +1,505 @@
+//! Cluster mode measured from outside, as issue 16's targets put it: three NATS servers and
+//! three `dormouse` nodes (child processes) on loopback.
+//!
+//! - **latency**: sequential publishes to one channel through its owner and through another
+//!   node; p50/p99/max, and the CPU the six processes used per publish.
+//! - **failover**: a channel's owner is killed (SIGKILL) and the time until a publish through
+//!   a surviving node is acknowledged is measured; the killed node is restarted under its
+//!   name before the next round. Every round also checks the history is intact (no
+//!   acknowledged publish lost, the next id follows the last).
+//! - **memory**: many channels with a few events each are published through one node and
+//!   left to hibernate; each node's RSS over its own after-start figure, per channel, next
+//!   to a single-node server given the same work.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use dormouse_cluster::{ClusterStorage, Directory, DirectorySpec, NatsSettings, connect};
+use dormouse_storage::ObjectId;
+use dormouse_testkit::nats::NatsCluster;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::child::ServerProcess;
+use crate::proc::{cpu_secs, process_rss_bytes};
+
+/// `dormouse-bench cluster`
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The `dormouse` binary (default: next to this one, or target/release/dormouse).
+    #[arg(long)]
+    pub server_bin: Option<PathBuf>,
+    /// Sequential publishes through each of the owner and another node.
+    #[arg(long, default_value_t = 2000)]
+    pub publishes: u64,
+    /// Owner kills (each followed by a restart of the killed node).
+    #[arg(long, default_value_t = 20)]
+    pub kills: usize,
+    /// Channels for the memory figure (0: skip it).
+    #[arg(long, default_value_t = 10_000)]
+    pub channels: u64,
+    /// Events per channel for the memory figure.
+    #[arg(long, default_value_t = 10)]
+    pub events: u64,
+    /// `cluster.node_ttl` of the nodes.
+    #[arg(long, default_value = "5s")]
+    pub node_ttl: String,
+    /// Kills of the NATS server that leads a channel's stream.
+    #[arg(long, default_value_t = 3)]
+    pub leader_kills: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub params: Value,
+    pub latency: Value,
+    pub failover: Value,
+    pub nats_leader_loss: Value,
+    pub memory: Value,
+}
+
+/// The three nodes and what restarting one needs.
+pub(crate) struct Nodes {
+    bin: PathBuf,
+    dir: PathBuf,
+    urls: String,
+    node_ttl: String,
+    idle_timeout: String,
+    pub(crate) procs: Vec<ServerProcess>,
+    pub(crate) bases: Vec<String>,
+    runs: usize,
+}
+
+pub(crate) const NAMES: [&str; 3] = ["n1", "n2", "n3"];
+
+impl Nodes {
+    fn env(&self, i: usize) -> Vec<(&'static str, String)> {
+        vec![
+            ("DORMOUSE_CLUSTER_NATS_URLS", self.urls.clone()),
+            ("DORMOUSE_CLUSTER_NODE_NAME", NAMES[i].to_string()),
+            ("DORMOUSE_CLUSTER_NODE_TTL", self.node_ttl.clone()),
+            ("DORMOUSE_LIMITS_MAX_MESSAGE_SIZE", "512KiB".to_string()),
+            ("DORMOUSE_CHANNELS_IDLE_TIMEOUT", self.idle_timeout.clone()),
+        ]
+    }
+
+    async fn spawn(
+        &mut self,
+        i: usize,
+        client: &reqwest::Client,
+    ) -> anyhow::Result<(ServerProcess, String)> {
+        let env = self.env(i);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let data = self.dir.join(NAMES[i]);
+        std::fs::create_dir_all(&data)?;
+        self.runs += 1;
+        let mut proc =
+            ServerProcess::start(&self.bin, &data, &self.dir, "always", self.runs, &env)?;
+        let base = proc
+            .wait_ready_within(client, Duration::from_secs(60))
+            .await?;
+        Ok((proc, base))
+    }
+
+    /// Starts node `i` again under its name (after a kill).
+    pub(crate) async fn respawn(
+        &mut self,
+        i: usize,
+        client: &reqwest::Client,
+    ) -> anyhow::Result<()> {
+        let (proc, base) = self.spawn(i, client).await?;
+        self.procs[i] = proc;
+        self.bases[i] = base;
+        Ok(())
+    }
+
+    pub(crate) async fn start(
+        bin: PathBuf,
+        dir: &Path,
+        urls: String,
+        node_ttl: String,
+        idle_timeout: &str,
+        client: &reqwest::Client,
+    ) -> anyhow::Result<Self> {
+        let mut nodes = Self {
+            bin,
+            dir: dir.to_path_buf(),
+            urls,
+            node_ttl,
+            idle_timeout: idle_timeout.to_string(),
+            procs: Vec::new(),
+            bases: Vec::new(),
+            runs: 0,
+        };
+        for i in 0..3 {
+            let (proc, base) = nodes.spawn(i, client).await?;
+            nodes.procs.push(proc);
+            nodes.bases.push(base);
+        }
+        Ok(nodes)
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        self.procs.iter().map(|p| p.pid).collect()
+    }
+}
+
+/// Publishes `body` to `channel` through `base`: its id, or the failure.
+async fn publish(
+    client: &reqwest::Client,
+    base: &str,
+    channel: &str,
+    body: String,
+) -> anyhow::Result<String> {
+    let response = client
+        .post(format!("{base}/v1/channels/{channel}/messages"))
+        .body(body)
+        .send()
+        .await?;
+    let status = response.status();
+    let json: Value = response.json().await.unwrap_or(Value::Null);
+    anyhow::ensure!(status.as_u16() == 201, "{status}: {json}");
+    json["id"].as_str().map(str::to_string).context("an id")
+}
+
+fn figures(h: &Histogram<u64>) -> Value {
+    json!({
+        "count": h.len(),
+        "p50_ms": h.value_at_quantile(0.5) as f64 / 1000.0,
+        "p99_ms": h.value_at_quantile(0.99) as f64 / 1000.0,
+        "max_ms": h.max() as f64 / 1000.0,
+    })
+}
+
+fn cpu_of(pids: &[u32]) -> anyhow::Result<f64> {
+    pids.iter().map(|p| cpu_secs(&p.to_string())).sum()
+}
+
+/// Which node owns `channel` now, by the directory.
+pub(crate) async fn owner_of(
+    directory: &Directory,
+    channel: &str,
+) -> anyhow::Result<Option<usize>> {
+    let key = ClusterStorage::object_key(&ObjectId::new("channel", channel));
+    Ok(directory
+        .owner(&key)
+        .await?
+        .and_then(|(node, _)| NAMES.iter().position(|n| *n == node.name)))
+}
+
+pub async fn run(args: Args) -> anyhow::Result<Report> {
+    let bin = match args.server_bin.clone() {
+        Some(bin) => bin,
+        None => crate::default_server_bin()?,
+    };
+    let mut nats = NatsCluster::start(3).await;
+    let dir = tempfile::tempdir()?;
+    let client = reqwest::Client::new();
+    let urls = nats.urls().join(",");
+    let mut nodes = Nodes::start(
+        bin.clone(),
+        dir.path(),
+        urls.clone(),
+        args.node_ttl.clone(),
+        // Short, so the memory figure sees every channel hibernated.
+        "2s",
+        &client,
+    )
+    .await?;
+    let bench_nats = connect(&NatsSettings::new(nats.urls(), "bench")).await?;
+    let directory = Directory::open(
+        &bench_nats,
+        &DirectorySpec {
+            prefix: "dm".into(),
+            replicas: 3,
+            node_ttl: Duration::from_secs(5),
+        },
+    )
+    .await?;
+    let all_pids = |nodes: &Nodes, nats: &NatsCluster| {
+        let mut pids = nodes.pids();
+        pids.extend(nats.pids());
+        pids
+    };
+
+    // Latency through the owner and through another node.
+    publish(&client, &nodes.bases[0], "latency", "first".into()).await?;
+    let owner = owner_of(&directory, "latency")
+        .await?
+        .context("the latency channel has an owner")?;
+    let other = (owner + 1) % 3;
+    let payload = "x".repeat(200);
+    let mut latency = serde_json::Map::new();
+    for (label, via) in [("through_owner", owner), ("through_another_node", other)] {
+        let mut h = Histogram::<u64>::new(3)?;
+        let cpu_before = cpu_of(&all_pids(&nodes, &nats))?;
+        let started = Instant::now();
+        for _ in 0..args.publishes {
+            let t = Instant::now();
+            publish(&client, &nodes.bases[via], "latency", payload.clone()).await?;
+            h.record(t.elapsed().as_micros() as u64)?;
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let cpu = cpu_of(&all_pids(&nodes, &nats))? - cpu_before;
+        let mut f = figures(&h);
+        f["publishes_per_sec"] = json!(args.publishes as f64 / elapsed);
+        f["cpu_ms_per_publish_all_six_processes"] = json!(cpu * 1000.0 / args.publishes as f64);
+        latency.insert(label.into(), f);
+    }
+
+    // Failover: kill the owner, publish through a survivor until it is acknowledged.
+    let mut takeover = Histogram::<u64>::new(3)?;
+    let mut rounds = Vec::new();
+    for round in 0..args.kills {
+        let channel = format!("failover-{round}");
+        let mut last = String::new();
+        for i in 0..5 {
+            last = publish(
+                &client,
+                &nodes.bases[i % 3],
+                &channel,
+                format!("before-{i}"),
+            )
+            .await?;
+        }
+        let owner = owner_of(&directory, &channel).await?.context("an owner")?;
+        let survivor = (owner + 1 + round % 2) % 3;
+        nodes.procs[owner].kill9()?;
+        let killed = Instant::now();
+        let mut tries = 0u32;
+        let id = loop {
+            tries += 1;
+            match publish(&client, &nodes.bases[survivor], &channel, "after".into()).await {
+                Ok(id) => break id,
+                Err(e) => {
+                    anyhow::ensure!(
+                        killed.elapsed() < Duration::from_secs(60),
+                        "round {round}: never served again: {e}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        };
+        let took = killed.elapsed();
+        takeover.record(took.as_micros() as u64)?;
+        // Nothing lost: the next id follows the last acknowledged one, and the history
+        // through the survivor holds all six.
+        let seq = |id: &str| {
+            id.split_once('-')
+                .map(|(_, s)| s.parse::<u64>().unwrap_or(0))
+        };
+        anyhow::ensure!(
+            seq(&id) == seq(&last).map(|s| s + 1),
+            "round {round}: {last} then {id}"
+        );
+        let history: Value = client
+            .get(format!(
+                "{}/v1/channels/{channel}/messages",
+                nodes.bases[survivor]
+            ))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let events = history["events"].as_array().map_or(0, Vec::len);
+        anyhow::ensure!(events == 6, "round {round}: {events} events in the history");
+        rounds.push(json!({"killed": NAMES[owner], "served_by": NAMES[survivor], "ms": took.as_millis(), "tries": tries}));
+        // Bring the node back under its name before the next round.
+        nodes.respawn(owner, &client).await?;
+    }
+    let failover = json!({
+        "served_again": figures(&takeover),
+        "rounds": rounds,
+    });
+
+    // The NATS server leading a channel's stream is killed: how long until a publish through
+    // Dormouse is acknowledged again.
+    let mut leader_loss = Vec::new();
+    for round in 0..args.leader_kills {
+        let channel = format!("leader-{round}");
+        let mut last = publish(&client, &nodes.bases[0], &channel, "before".into()).await?;
+        let subject_shard = {
+            let nodes_storage_key =
+                ClusterStorage::object_key(&ObjectId::new("channel", channel.as_str()));
+            shard_of(&nodes_storage_key)
+        };
+        let leader = stream_leader(&bench_nats, subject_shard).await?;
+        let index = nats
+            .index_of(&leader)
+            .context("the leader is one of ours")?;
+        nats.kill(index);
+        let killed = Instant::now();
+        let via = round % 3;
+        let id = loop {
+            match publish(&client, &nodes.bases[via], &channel, "after".into()).await {
+                Ok(id) => break id,
+                Err(e) => {
+                    anyhow::ensure!(
+                        killed.elapsed() < Duration::from_secs(90),
+                        "round {round}: writes never came back: {e}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        };
+        let took = killed.elapsed();
+        let seq = |id: &str| {
+            id.split_once('-')
+                .map(|(_, s)| s.parse::<u64>().unwrap_or(0))
+        };
+        anyhow::ensure!(
+            seq(&id) == seq(&last).map(|s| s + 1),
+            "round {round}: {last} then {id}"
+        );
+        last = id;
+        leader_loss.push(json!({"killed": leader, "ms": took.as_millis(), "last_id": last}));
+        nats.restart(index);
+        // Let the restarted server catch up before the next kill.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    }
+    let nats_leader_loss = json!({ "rounds": leader_loss });
+
+    // Memory per hibernated channel, cluster against one node.
+    let memory = if args.channels > 0 {
+        let baseline: Vec<u64> = nodes
+            .pids()
+            .iter()
+            .map(|p| process_rss_bytes(*p))
+            .collect::<anyhow::Result<_>>()?;
+        fill(&client, &nodes.bases[0], args.channels, args.events).await?;
+        // Idle timeout 2 s, then the copies' sweep and the allocator settle.
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        let after: Vec<u64> = nodes
+            .pids()
+            .iter()
+            .map(|p| process_rss_bytes(*p))
+            .collect::<anyhow::Result<_>>()?;
+        let grown: u64 = after
+            .iter()
+            .zip(&baseline)
+            .map(|(a, b)| a.saturating_sub(*b))
+            .sum();
+        let single_dir = dir.path().join("single");
+        std::fs::create_dir_all(&single_dir)?;
+        let mut single = ServerProcess::start(
+            &bin,
+            &single_dir,
+            dir.path(),
+            "always",
+            1000,
+            &[("DORMOUSE_CHANNELS_IDLE_TIMEOUT", "2s")],
+        )?;
+        let single_base = single.wait_ready(&client).await?;
+        // The same sequential publishes on one node, back to back with the cluster's.
+        publish(&client, &single_base, "latency", "first".into()).await?;
+        let mut h = Histogram::<u64>::new(3)?;
+        let cpu_before = cpu_secs(&single.pid.to_string())?;
+        let started = Instant::now();
+        for _ in 0..args.publishes {
+            let t = Instant::now();
+            publish(&client, &single_base, "latency", payload.clone()).await?;
+            h.record(t.elapsed().as_micros() as u64)?;
+        }
+        let mut f = figures(&h);
+        f["publishes_per_sec"] = json!(args.publishes as f64 / started.elapsed().as_secs_f64());
+        f["cpu_ms_per_publish"] = json!(
+            (cpu_secs(&single.pid.to_string())? - cpu_before) * 1000.0 / args.publishes as f64
+        );
+        latency.insert("single_node_durability_always".into(), f);
+        let single_baseline = process_rss_bytes(single.pid)?;
+        fill(&client, &single_base, args.channels, args.events).await?;
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        let single_grown = process_rss_bytes(single.pid)?.saturating_sub(single_baseline);
+        json!({
+            "channels": args.channels,
+            "events_each": args.events,
+            "cluster_rss_growth_bytes_per_node": after.iter().zip(&baseline).map(|(a, b)| a.saturating_sub(*b)).collect::<Vec<_>>(),
+            "cluster_rss_growth_per_channel_bytes": grown as f64 / args.channels as f64,
+            "single_node_rss_growth_per_channel_bytes": single_grown as f64 / args.channels as f64,
+        })
+    } else {
+        Value::Null
+    };
+
+    Ok(Report {
+        params: json!({
+            "publishes": args.publishes,
+            "kills": args.kills,
+            "channels": args.channels,
+            "events": args.events,
+            "node_ttl": args.node_ttl,
+            "leader_kills": args.leader_kills,
+            "payload_bytes": 200,
+            "nats_servers": 3,
+            "replicas": 3,
+        }),
+        latency: Value::Object(latency),
+        failover,
+        nats_leader_loss,
+        memory,
+    })
+}
+
+/// The journal stream a directory key's object lives in (as `ClusterStorage` places it).
+pub(crate) fn shard_of(key: &str) -> usize {
+    let (namespace, name) = key.split_once('/').unwrap_or(("", key));
+    dormouse_cluster::journal::shard(
+        namespace,
+        name,
+        dormouse_cluster::JournalSpec::new("dm", 3).shards,
+    )
+}
+
+/// The server leading journal stream `shard`.
+pub(crate) async fn stream_leader(
+    nats: &dormouse_cluster::Nats,
+    shard: usize,
+) -> anyhow::Result<String> {
+    let spec = dormouse_cluster::JournalSpec::new("dm", 3);
+    let log = dormouse_cluster::FencedLog::open(
+        nats,
+        &dormouse_cluster::LogSpec {
+            name: format!("DM_OBJ_{shard}"),
+            subjects: vec![format!("dm.obj.{shard}.>")],
+            replicas: spec.replicas,
+            duplicate_window: spec.duplicate_window,
+            republish: true,
+        },
+    )
+    .await?;
+    log.leader().await?.context("the stream has a leader")
+}
+
+/// `channels` channels with `events` events each, through one node's batch publish, 16
+/// requests in flight.
+async fn fill(
+    client: &reqwest::Client,
+    base: &str,
+    channels: u64,
+    events: u64,
+) -> anyhow::Result<()> {
+    use futures::StreamExt as _;
+    let per_request = 50u64;
+    let requests = channels.div_ceil(per_request);
+    let results = futures::stream::iter(0..requests)
+        .map(|r| {
+            let body: Vec<Value> = (r * per_request..((r + 1) * per_request).min(channels))
+                .flat_map(|c| {
+                    (0..events).map(move |e| {
+                        json!({"channel": format!("mem-{c}"), "data": format!("event {e:>6} of 64 bytes {}", ".".repeat(38))})
+                    })
+                })
+                .collect();
+            let request = client.post(format!("{base}/v1/publish")).json(&body);
+            async move { crate::json_of(request).await }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+    for result in results {
+        result?;
+    }
+    Ok(())
+}
