@@ -91,9 +91,8 @@ pub struct Membership {
     me: NodeId,
     nodes: kv::Store,
     ttl: Duration,
-    /// Each node's latest announcement and when it was made (by the server's clock, as seen
-    /// here), kept by the watch task.
-    seen: Arc<Mutex<BTreeMap<String, (NodeId, SystemTime)>>>,
+    /// What the watch task saw of the bucket.
+    seen: Arc<Mutex<Seen>>,
     heartbeat: tokio::task::JoinHandle<()>,
     watch: tokio::task::JoinHandle<()>,
 }
@@ -118,7 +117,7 @@ pub struct DirectoryError {
 }
 
 impl DirectoryError {
-    fn new(what: impl Into<String>, source: impl Into<async_nats::Error>) -> Self {
+    pub(crate) fn new(what: impl Into<String>, source: impl Into<async_nats::Error>) -> Self {
         Self {
             what: what.into(),
             source: source.into(),
@@ -126,7 +125,7 @@ impl DirectoryError {
     }
 }
 
-async fn bucket(
+pub(crate) async fn bucket(
     nats: &Nats,
     name: String,
     replicas: usize,
@@ -162,7 +161,7 @@ impl Membership {
             .put(token(&me.name), me.encode())
             .await
             .map_err(|e| DirectoryError::new(format!("announcing node {me}"), e))?;
-        let every = spec.node_ttl / 4;
+        let every = heartbeat_every(spec.node_ttl);
         let (store, key, value) = (nodes.clone(), token(&me.name), me.encode());
         let heartbeat = tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
@@ -173,7 +172,8 @@ impl Membership {
                 }
             }
         });
-        let seen = Arc::new(Mutex::new(BTreeMap::new()));
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let (mine, ttl) = (me.clone(), spec.node_ttl);
         // With history: the nodes announced before this one joined, then every change.
         let mut updates = nodes
             .watch_with_history(">")
@@ -189,10 +189,10 @@ impl Membership {
                         let nanos =
                             u64::try_from(entry.created.unix_timestamp_nanos()).unwrap_or(0);
                         let at = UNIX_EPOCH + Duration::from_nanos(nanos);
-                        seen.insert(node.name.clone(), (node, at));
+                        seen.announced(&mine, node, at, ttl);
                     }
                     _ => {
-                        seen.remove(&entry.key);
+                        seen.nodes.remove(&entry.key);
                     }
                 }
             }
@@ -210,13 +210,21 @@ impl Membership {
 
     /// Whether `node` (this very incarnation) announced itself within the node TTL, as this
     /// node's watch of the bucket saw it. No I/O: asked on every claim and placement.
+    ///
+    /// Silence proves death only while this node hears its own heartbeats: when the nodes
+    /// bucket cannot take writes (its stream is electing a leader after a NATS server died)
+    /// or this node lost its connection, every announcement goes stale at once, its own
+    /// included, and declaring every other node dead would move every object for nothing.
+    /// So a node counts as alive while this node hears nothing, and once the bucket is heard
+    /// again every node gets a whole TTL from that moment to announce itself.
     pub fn alive(&self, node: &NodeId) -> bool {
         if node == &self.me {
             return true;
         }
         let seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-        seen.get(&node.name)
-            .is_some_and(|(known, at)| known == node && fresh(*at, self.ttl))
+        seen.nodes
+            .get(&node.name)
+            .is_some_and(|(known, at)| known == node && seen.counts_alive(&self.me, *at, self.ttl))
     }
 
     /// Counts `node` as dead until it announces itself again: a request to it found no one
@@ -225,8 +233,12 @@ impl Membership {
     /// with its next heartbeat, and a take-over is fenced by the log either way.
     pub fn suspect(&self, node: &NodeId) {
         let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-        if seen.get(&node.name).is_some_and(|(known, _)| known == node) {
-            seen.remove(&node.name);
+        if seen
+            .nodes
+            .get(&node.name)
+            .is_some_and(|(known, _)| known == node)
+        {
+            seen.nodes.remove(&node.name);
         }
     }
 
@@ -243,8 +255,9 @@ impl Membership {
     pub fn alive_nodes(&self) -> BTreeMap<String, NodeId> {
         let seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
         let mut live: BTreeMap<String, NodeId> = seen
+            .nodes
             .iter()
-            .filter(|(_, (_, at))| fresh(*at, self.ttl))
+            .filter(|(_, (_, at))| seen.counts_alive(&self.me, *at, self.ttl))
             .map(|(name, (node, _))| (name.clone(), node.clone()))
             .collect();
         live.insert(self.me.name.clone(), self.me.clone());
@@ -281,6 +294,54 @@ impl Membership {
         }
         Ok(live)
     }
+}
+
+/// The nodes bucket as this node's watch saw it.
+#[derive(Debug, Default)]
+struct Seen {
+    /// Each node's latest announcement and when it was made (by the server's clock).
+    nodes: BTreeMap<String, (NodeId, SystemTime)>,
+    /// When this node's own announcements came through again after a gap longer than two
+    /// heartbeats: the bucket was unwritable (a NATS election) or this node was cut off, so
+    /// the others' silence before that moment proves nothing.
+    heard_again: Option<SystemTime>,
+}
+
+impl Seen {
+    /// Records an announcement watched at `at`; `me` is this node, whose gaps are tracked.
+    fn announced(&mut self, me: &NodeId, node: NodeId, at: SystemTime, ttl: Duration) {
+        if &node == me
+            && let Some((_, before)) = self.nodes.get(&me.name).filter(|(n, _)| n == me)
+            && at
+                .duration_since(*before)
+                .is_ok_and(|gap| gap > heartbeat_every(ttl) * 2)
+        {
+            self.heard_again = Some(at);
+        }
+        self.nodes.insert(node.name.clone(), (node, at));
+    }
+
+    /// Whether `at` (a node's latest announcement) is recent enough to count that node alive.
+    ///
+    /// Silence proves death only while this node hears its own heartbeats, and only for the
+    /// time it has heard them: a node is dead once it stayed silent for a whole TTL while
+    /// this node's announcements went through. While this node misses its own (none came
+    /// back for two heartbeats), everyone counts as alive: the others' announcements stopped
+    /// at the same moment, up to a heartbeat earlier, and would expire first.
+    fn counts_alive(&self, me: &NodeId, at: SystemTime, ttl: Duration) -> bool {
+        let hearing = self
+            .nodes
+            .get(&me.name)
+            .is_some_and(|(known, mine)| known == me && fresh(*mine, heartbeat_every(ttl) * 2));
+        let since = self.heard_again.map_or(at, |again| again.max(at));
+        !hearing || fresh(since, ttl)
+    }
+}
+
+/// How often a node announces itself: four times per TTL, so a slow write or two does not
+/// make a live node expire.
+fn heartbeat_every(ttl: Duration) -> Duration {
+    ttl / 4
 }
 
 impl Drop for Membership {
@@ -493,6 +554,35 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    #[test]
+    fn silence_counts_only_for_a_ttl_of_time_this_node_was_heard() {
+        let ttl = Duration::from_secs(5);
+        let (me, other) = (NodeId::start("a"), NodeId::start("b"));
+        let now = SystemTime::now();
+        let ago = |secs: f64| now - Duration::from_secs_f64(secs);
+        let mut seen = Seen::default();
+        seen.announced(&me, other.clone(), ago(6.0), ttl);
+        seen.announced(&me, me.clone(), ago(7.0), ttl);
+        assert!(
+            seen.counts_alive(&me, ago(6.0), ttl),
+            "this node hears nothing either: nobody is judged"
+        );
+        // Heard again after a gap of 6 s: the other node gets a TTL from that moment.
+        seen.announced(&me, me.clone(), ago(1.0), ttl);
+        assert!(seen.counts_alive(&me, ago(6.0), ttl));
+        // Heartbeats one beat apart are no gap: the grace does not move.
+        seen.announced(&me, me.clone(), ago(1.0) + heartbeat_every(ttl), ttl);
+        assert!(seen.counts_alive(&me, ago(6.0), ttl));
+        assert_eq!(seen.heard_again, Some(ago(1.0)));
+        // Five seconds of hearing without a word from it: dead.
+        seen.heard_again = Some(ago(5.5));
+        assert!(!seen.counts_alive(&me, ago(6.0), ttl));
+        assert!(seen.counts_alive(&me, ago(0.5), ttl), "a fresh one lives");
+        // Its own announcement missed two beats: the bucket stalled under everyone at once.
+        seen.nodes.insert(me.name.clone(), (me.clone(), ago(3.0)));
+        assert!(seen.counts_alive(&me, ago(6.0), ttl));
     }
 
     #[test]

@@ -162,3 +162,66 @@ async fn a_former_owners_append_after_a_take_over_is_refused() {
     let (_, marker) = log_a.get(b_marker).await.unwrap();
     assert_eq!(marker, Bytes::from(format!("owner {b}")));
 }
+
+/// The NATS server that leads `stream` now.
+async fn leader_of(nats: &Nats, stream: &str) -> String {
+    let js = async_nats::jetstream::new(nats.client.clone());
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Ok(mut handle) = js.get_stream(stream).await
+            && let Ok(info) = handle.info().await
+            && let Some(leader) = info.cluster.as_ref().and_then(|c| c.leader.clone())
+        {
+            return leader;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{stream} has no leader"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Killing the NATS server that leads the nodes bucket stops every heartbeat until a new
+/// leader is elected (longer than the node TTL here): no node may take that silence for
+/// the death of the others, since each hears its own heartbeats stop too. A node that
+/// really stops is still found dead once the bucket works again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_nodes_bucket_kills_nobody_and_a_stopped_node_is_still_found_dead() {
+    let mut cluster = NatsCluster::start(3).await;
+    let (nats_a, nats_b) = (node(&cluster, "a").await, node(&cluster, "b").await);
+    let (a, b) = (NodeId::start("a"), NodeId::start("b"));
+    let member_a = Membership::join(&nats_a, &spec(), a.clone()).await.unwrap();
+    let member_b = Membership::join(&nats_b, &spec(), b.clone()).await.unwrap();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !(member_a.alive(&b) && member_b.alive(&a)) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never saw each other"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let leader = leader_of(&nats_a, "KV_dm_nodes").await;
+    cluster.kill(cluster.index_of(&leader).expect("one of ours"));
+    // Three node TTLs: the election (4 to 7 s on this machine) falls inside.
+    let watched = tokio::time::Instant::now();
+    while watched.elapsed() < 3 * spec().node_ttl {
+        assert!(
+            member_a.alive(&b) && member_b.alive(&a),
+            "a node counted dead {:?} after the bucket's leader was killed",
+            watched.elapsed()
+        );
+        assert!(member_a.alive_nodes().contains_key("b"));
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // b stops for good: a, hearing its own heartbeats again, finds it dead.
+    drop(member_b);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while member_a.alive(&b) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a stopped node still counts as alive"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
