@@ -464,3 +464,71 @@ async fn a_channel_continues_on_another_node_with_the_same_ids() {
         other => panic!("{other:?}"),
     }
 }
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// Waits until `done` holds, polling: the alarm index reaches other nodes through a watch.
+async fn eventually(what: &str, done: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + dormouse_testkit::PATIENCE;
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An alarm outlives its object's activation and its node: the node that set it finds it
+/// due after releasing the object (no records of it left in memory), no other node fires it
+/// while that node lives, and once it is dead exactly the node placement picks does, finding
+/// the alarm in the journal when it acquires the object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alarm_is_fired_by_its_writer_after_release_and_by_a_survivor_once_the_writer_died() {
+    let cluster = NatsCluster::start(3).await;
+    let a = node(&cluster, "a").await;
+    let b = node(&cluster, "b").await;
+    let id = ObjectId::new("timers", "t1");
+    a.acquire(&id).await.unwrap();
+    let at = now_ms() + 300;
+    let mut batch = WriteBatch::new();
+    batch.push(Write::SetAlarm { at_ms: at });
+    commit(&a, &id, batch).await.unwrap();
+    // Moved earlier: the index follows, the old time leaves no trace.
+    let at = at - 100;
+    let mut batch = WriteBatch::new();
+    batch.push(Write::SetAlarm { at_ms: at });
+    commit(&a, &id, batch).await.unwrap();
+    a.release(&id);
+    assert_eq!(
+        a.alarm(&id).unwrap(),
+        None,
+        "released: nothing of it in memory"
+    );
+    eventually("b sees the alarm", || b.alarms_indexed() == 1).await;
+    assert_eq!(a.due_alarms(at - 1, 10).unwrap(), []);
+    assert_eq!(a.due_alarms(at, 10).unwrap(), [(id.clone(), at)]);
+    assert_eq!(a.next_alarm().unwrap(), Some((id.clone(), at)));
+    assert_eq!(b.due_alarms(at, 10).unwrap(), [], "a is alive: a fires it");
+    assert_eq!(b.next_alarm().unwrap(), None);
+
+    drop(a);
+    // Once a's announcement expires (node TTL 2 s), b is the only live node.
+    eventually("b takes a's alarm", || {
+        b.due_alarms(now_ms(), 10).unwrap() == [(id.clone(), at)]
+    })
+    .await;
+    eventually_acquired(&b, &id).await;
+    assert_eq!(b.alarm(&id).unwrap(), Some(at), "the journal's alarm");
+    // Held: its records answer, not the index.
+    assert_eq!(b.due_alarms(now_ms(), 10).unwrap(), [(id.clone(), at)]);
+    let mut batch = WriteBatch::new();
+    batch.push(Write::DeleteAlarm);
+    commit(&b, &id, batch).await.unwrap();
+    eventually("the entry leaves the index", || b.alarms_indexed() == 0).await;
+    assert_eq!(b.next_alarm().unwrap(), None);
+    b.release(&id);
+    assert_eq!(b.due_alarms(u64::MAX, 10).unwrap(), []);
+}

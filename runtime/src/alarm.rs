@@ -137,12 +137,17 @@ impl Alarms {
             });
         }
         let next = self.storage.next_alarm()?;
-        Ok(match next {
+        let wait = match next {
             Some((_, at)) if at > now => Some(Duration::from_millis(at - now)),
             // Due but running or undeliverable: completions and changes wake us; poll anyway.
             Some(_) => Some(Duration::from_secs(1)),
             None if waiting_on_something => Some(Duration::from_secs(1)),
             None => None,
+        };
+        // Cluster mode: a dead node's alarms become ours with no write here to say so.
+        Ok(match (wait, self.storage.alarm_poll()) {
+            (Some(wait), Some(poll)) => Some(wait.min(poll)),
+            (wait, poll) => wait.or(poll),
         })
     }
 }

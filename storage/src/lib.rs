@@ -187,6 +187,14 @@ pub trait Storage: Send + Sync + Debug + 'static {
     /// The earliest alarm of any object, so the alarm scheduler knows how long to sleep.
     fn next_alarm(&self) -> Result<Option<(ObjectId, u64)>>;
 
+    /// How often the alarm scheduler must look again even when nothing it knows of is due.
+    /// A replicated store's alarms can become this process's to fire without a write here
+    /// (the node that set them died); `None` (a local store): only this process's writes
+    /// change what is due, and they wake the scheduler themselves.
+    fn alarm_poll(&self) -> Option<std::time::Duration> {
+        None
+    }
+
     /// Up to `limit` names of objects of `namespace` that have a log, after `start_after`
     /// (for pagination). The order is the storage order: by name length in bytes, then
     /// bytewise (names are length-prefixed in keys), which pages correctly but is not

@@ -25,6 +25,7 @@
 //! and the commits after it rebuild the object's records in memory. Releasing it (on
 //! hibernation) drops them, so a hibernated object costs this node nothing.
 
+mod alarms;
 mod codec;
 
 use std::collections::HashMap;
@@ -47,6 +48,7 @@ use crate::feed::Feed;
 use crate::fenced::{AppendError, FencedLog, LogError, LogSpec};
 use crate::ownership::{Claim, Directory, Membership, NodeId, TakeOverError, take_over, token};
 use crate::wire::Undecodable;
+use alarms::AlarmIndex;
 
 /// Where and how objects' journals are kept.
 #[derive(Debug, Clone)]
@@ -121,6 +123,9 @@ struct Inner {
     directory: Directory,
     membership: Arc<Membership>,
     held: Mutex<HashMap<ObjectId, Arc<Held>>>,
+    /// Every object's alarm, cluster-wide: how alarms of hibernated objects, and of objects
+    /// whose node died, are found.
+    alarms: AlarmIndex,
     /// The largest payload of one message (the server's limit less room for headers).
     part_limit: usize,
     last_epoch: Mutex<u64>,
@@ -186,6 +191,9 @@ impl Kind {
 }
 
 const KIND_HEADER: &str = "Dm-Kind";
+/// How often the alarm scheduler looks at the index again with nothing due: how late a dead
+/// node's alarm fires, past the node TTL that declares it dead.
+const ALARM_POLL: Duration = Duration::from_secs(1);
 const PART_HEADER: &str = "Dm-Part";
 /// Room left in each message for its headers.
 const HEADER_ROOM: usize = 4 * 1024;
@@ -239,6 +247,9 @@ impl ClusterStorage {
         } else {
             max_payload / 2
         };
+        let alarms = AlarmIndex::open(nats, &spec.prefix, spec.replicas, membership.clone())
+            .await
+            .map_err(|e| LogError::new("opening the alarms index", e))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 cache: MemoryStorage::new(),
@@ -246,6 +257,7 @@ impl ClusterStorage {
                 prefix: spec.prefix.clone(),
                 directory,
                 membership,
+                alarms,
                 held: Mutex::new(HashMap::new()),
                 part_limit: part_limit.max(1),
                 last_epoch: Mutex::new(0),
@@ -268,6 +280,11 @@ impl ClusterStorage {
     /// How many objects this node holds (acquired, not released).
     pub fn held(&self) -> usize {
         lock(&self.inner.held).len()
+    }
+
+    /// Objects with an alarm, cluster-wide, as this node's view of the alarm index has them.
+    pub fn alarms_indexed(&self) -> usize {
+        self.inner.alarms.len()
     }
 
     /// The largest payload one journal message carries; larger records are split.
@@ -482,6 +499,12 @@ impl Inner {
         lock(&self.held).insert(id.clone(), held.clone());
         self.stats.loads.fetch_add(1, Ordering::Relaxed);
         self.start_writer(&id, &held, &mut lock(&held.state));
+        // The index now names this node for the alarm the journal holds (or forgets one the
+        // journal does not): what settles an entry left early or stale by a dead writer.
+        let alarm = self.cache.alarm(&id)?;
+        if let Err(e) = self.alarms.settle(&id, alarm).await {
+            tracing::warn!(object = %id, error = %e, "the alarm index was not brought up to date; the next write or acquisition retries");
+        }
         Ok(())
     }
 
@@ -583,54 +606,81 @@ impl Inner {
                     batches: batches.len() as u64,
                     target: state.applied,
                     expected: state.expected,
+                    alarm: alarm_change(&batches),
                 }
             };
-            let outcome = self.append_record(&id, &held, &job).await;
-            let mut state = lock(&held.state);
-            match outcome {
-                Ok((first, last)) => {
-                    state.expected = last;
-                    state.acked = job.target;
-                    self.stats.batches.fetch_add(job.batches, Ordering::Relaxed);
-                    let acked = state.acked;
-                    resolve(&mut state.waiters, acked);
-                    match job.kind {
-                        Kind::Image => {
-                            state.since_image = 0;
-                            state.since_image_bytes = 0;
-                            state.image_bytes = job.payload.len();
-                            self.stats.images.fetch_add(1, Ordering::Relaxed);
-                            let log = self.shards[held.shard].clone();
-                            let subject = held.subject.clone();
-                            tokio::spawn(async move {
-                                // Best effort: the next image purges again.
-                                if let Err(e) =
-                                    log.stream.purge().filter(&subject).sequence(first).await
-                                {
-                                    tracing::debug!(subject, error = %e, "purging before an image failed");
-                                }
-                            });
-                        }
-                        Kind::Commit => {
-                            state.since_image += 1;
-                            state.since_image_bytes += job.payload.len();
-                        }
+            // The index may run ahead of the journal, never behind (see `alarms`).
+            let recorded = match job.alarm {
+                Some(Some(at_ms)) => self
+                    .alarms
+                    .before_set(&id, at_ms)
+                    .await
+                    .map_err(|e| unreplicated("recording the alarm in the index", e)),
+                _ => Ok(()),
+            };
+            let outcome = match recorded {
+                Ok(()) => self.append_record(&id, &held, &job).await,
+                Err(e) => Err(e),
+            };
+            self.finish_job(&id, &held, &job, outcome);
+            if lock(&held.state).broken.is_some() {
+                return;
+            }
+            if let Some(alarm) = job.alarm
+                && let Err(e) = self.alarms.settle(&id, alarm).await
+            {
+                // Early or stale, never missing: the firing or the next acquisition settles it.
+                tracing::debug!(object = %id, error = %e, "the alarm index was not settled");
+            }
+        }
+    }
+
+    /// Records an append's outcome: acknowledges the batches it carried, or breaks the
+    /// object (it must be acquired again) and fails every waiter.
+    fn finish_job(&self, id: &ObjectId, held: &Held, job: &Job, outcome: Result<(u64, u64)>) {
+        let mut state = lock(&held.state);
+        match outcome {
+            Ok((first, last)) => {
+                state.expected = last;
+                state.acked = job.target;
+                self.stats.batches.fetch_add(job.batches, Ordering::Relaxed);
+                let acked = state.acked;
+                resolve(&mut state.waiters, acked);
+                match job.kind {
+                    Kind::Image => {
+                        state.since_image = 0;
+                        state.since_image_bytes = 0;
+                        state.image_bytes = job.payload.len();
+                        self.stats.images.fetch_add(1, Ordering::Relaxed);
+                        let log = self.shards[held.shard].clone();
+                        let subject = held.subject.clone();
+                        tokio::spawn(async move {
+                            // Best effort: the next image purges again.
+                            if let Err(e) =
+                                log.stream.purge().filter(&subject).sequence(first).await
+                            {
+                                tracing::debug!(subject, error = %e, "purging before an image failed");
+                            }
+                        });
+                    }
+                    Kind::Commit => {
+                        state.since_image += 1;
+                        state.since_image_bytes += job.payload.len();
                     }
                 }
-                Err(e) => {
-                    match &e {
-                        Error::NotOwner { .. } => self.stats.fenced.fetch_add(1, Ordering::Relaxed),
-                        _ => self.stats.unreplicated.fetch_add(1, Ordering::Relaxed),
-                    };
-                    tracing::warn!(object = %id, error = %e, "the object's journal refused a write; it must be acquired again");
-                    for (_, waiter) in state.waiters.drain(..) {
-                        let _ = waiter.send(Err(e.clone()));
-                    }
-                    state.pending.clear();
-                    state.broken = Some(e);
-                    state.writing = false;
-                    return;
+            }
+            Err(e) => {
+                match &e {
+                    Error::NotOwner { .. } => self.stats.fenced.fetch_add(1, Ordering::Relaxed),
+                    _ => self.stats.unreplicated.fetch_add(1, Ordering::Relaxed),
+                };
+                tracing::warn!(object = %id, error = %e, "the object's journal refused a write; it must be acquired again");
+                for (_, waiter) in state.waiters.drain(..) {
+                    let _ = waiter.send(Err(e.clone()));
                 }
+                state.pending.clear();
+                state.broken = Some(e);
+                state.writing = false;
             }
         }
     }
@@ -749,6 +799,21 @@ struct Job {
     /// The applied-batch count it makes durable.
     target: u64,
     expected: u64,
+    /// What the batches leave the alarm as, if they touch it: `Some(None)` deleted.
+    alarm: Option<Option<u64>>,
+}
+
+/// The alarm as `batches` leave it, if any of them touches it.
+fn alarm_change(batches: &[WriteBatch]) -> Option<Option<u64>> {
+    batches
+        .iter()
+        .flat_map(|b| b.writes())
+        .filter_map(|w| match w {
+            Write::SetAlarm { at_ms } => Some(Some(*at_ms)),
+            Write::DeleteAlarm => Some(None),
+            _ => None,
+        })
+        .last()
 }
 
 #[derive(Default)]
@@ -862,15 +927,6 @@ impl Storage for ClusterStorage {
                 reason: "this node has not acquired it".into(),
             });
         };
-        if batch
-            .writes()
-            .iter()
-            .any(|w| matches!(w, Write::SetAlarm { .. }))
-        {
-            return Err(Error::Engine(
-                "alarms are not available in cluster mode yet; nothing was stored".into(),
-            ));
-        }
         let mut state = lock(&held.state);
         if let Some(e) = &state.broken {
             return Err(e.clone());
@@ -987,12 +1043,34 @@ impl Storage for ClusterStorage {
         self.inner.cache.alarm(id)
     }
 
+    /// The alarms of objects held here (from their records), and of those held nowhere that
+    /// this node fires (from the alarm index; see `alarms`).
     fn due_alarms(&self, now_ms: u64, limit: usize) -> Result<Vec<(ObjectId, u64)>> {
-        self.inner.cache.due_alarms(now_ms, limit)
+        let inner = &self.inner;
+        let mut due = inner.cache.due_alarms(now_ms, limit)?;
+        due.extend(
+            inner
+                .alarms
+                .due(now_ms, limit, |id| inner.held(id).is_some()),
+        );
+        due.sort_by_key(|(_, at)| *at);
+        due.truncate(limit);
+        Ok(due)
     }
 
     fn next_alarm(&self) -> Result<Option<(ObjectId, u64)>> {
-        self.inner.cache.next_alarm()
+        let inner = &self.inner;
+        let held_here = inner.cache.next_alarm()?;
+        let indexed = inner.alarms.next(|id| inner.held(id).is_some());
+        Ok([held_here, indexed]
+            .into_iter()
+            .flatten()
+            .min_by_key(|(_, at)| *at))
+    }
+
+    /// Another node's death makes its alarms this node's to fire without a write here.
+    fn alarm_poll(&self) -> Option<Duration> {
+        Some(ALARM_POLL)
     }
 
     /// The objects held on this node only.

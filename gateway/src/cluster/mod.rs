@@ -205,7 +205,7 @@ impl ClusterNode {
         let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
         let connected =
             self.nats.client.connection_state() == async_nats::connection::State::Connected;
-        let rows: [(&str, &str, &str, u64); 15] = [
+        let rows: [(&str, &str, &str, u64); 16] = [
             (
                 "dormouse_cluster_nats_connected",
                 "gauge",
@@ -223,6 +223,12 @@ impl ClusterNode {
                 "gauge",
                 "Objects (channels included) whose activation this node holds",
                 self.storage.held() as u64,
+            ),
+            (
+                "dormouse_cluster_alarms_indexed",
+                "gauge",
+                "Objects with an alarm, cluster-wide, in this node's view of the alarm index",
+                self.storage.alarms_indexed() as u64,
             ),
             (
                 "dormouse_cluster_channel_copies",
