@@ -8,8 +8,11 @@
 //!   name before the next round. Every round also checks the history is intact (no
 //!   acknowledged publish lost, the next id follows the last).
 //! - **memory**: many channels with a few events each are published through one node and
-//!   left to hibernate; each node's RSS over its own after-start figure, per channel, next
-//!   to a single-node server given the same work.
+//!   left to hibernate, twice (different channels): the first fill warms the processes up
+//!   (allocator arenas, buffers, connections: a fixed cost that does not depend on the
+//!   number of channels), the second is measured, so the figure is the cost of one more
+//!   hibernated channel. The sum of the three nodes' RSS growth per channel, next to a
+//!   single-node server given the same two fills.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -153,14 +156,32 @@ async fn publish(
     channel: &str,
     body: String,
 ) -> anyhow::Result<String> {
-    let response = client
+    publish_keyed(client, base, channel, body, None).await
+}
+
+/// [`publish`], with an `Idempotency-Key` when a failed attempt may have been stored and is
+/// retried: the retry then answers the first attempt's id instead of storing it twice.
+async fn publish_keyed(
+    client: &reqwest::Client,
+    base: &str,
+    channel: &str,
+    body: String,
+    key: Option<&str>,
+) -> anyhow::Result<String> {
+    let mut request = client
         .post(format!("{base}/v1/channels/{channel}/messages"))
-        .body(body)
-        .send()
-        .await?;
+        .body(body);
+    if let Some(key) = key {
+        request = request.header("Idempotency-Key", key);
+    }
+    let response = request.send().await?;
     let status = response.status();
     let json: Value = response.json().await.unwrap_or(Value::Null);
-    anyhow::ensure!(status.as_u16() == 201, "{status}: {json}");
+    // 200 answers a retry whose first attempt was stored (`"duplicate": true`).
+    anyhow::ensure!(
+        status.as_u16() == 201 || (status.as_u16() == 200 && json["duplicate"] == true),
+        "{status}: {json}"
+    );
     json["id"].as_str().map(str::to_string).context("an id")
 }
 
@@ -331,20 +352,61 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
             .context("the leader is one of ours")?;
         nats.kill(index);
         let killed = Instant::now();
+        // NATS's own election time, to hold the write-back time against: when the stream
+        // reports a leader other than the killed server.
+        let elected = {
+            let (nats, gone) = (bench_nats.clone(), leader.clone());
+            tokio::spawn(async move {
+                loop {
+                    let asked = stream_leader(&nats, subject_shard);
+                    match tokio::time::timeout(Duration::from_millis(500), asked)
+                        .await
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer")))
+                    {
+                        Ok(now) if now != gone => return Some(killed.elapsed()),
+                        _ if killed.elapsed() > Duration::from_secs(90) => return None,
+                        _ => tokio::time::sleep(Duration::from_millis(20)).await,
+                    }
+                }
+            })
+        };
         let via = round % 3;
+        // An attempt that times out while the stream elects a leader may still have been
+        // stored (ambiguous, as any replicated write); the key makes the retries safe.
+        let key = format!("leader-loss-{round}");
+        // What each failed attempt answered, and when (each kind once): where the time went.
+        let mut failures: Vec<Value> = Vec::new();
         let id = loop {
-            match publish(&client, &nodes.bases[via], &channel, "after".into()).await {
+            let attempt = Instant::now();
+            match publish_keyed(
+                &client,
+                &nodes.bases[via],
+                &channel,
+                "after".into(),
+                Some(&key),
+            )
+            .await
+            {
                 Ok(id) => break id,
                 Err(e) => {
                     anyhow::ensure!(
                         killed.elapsed() < Duration::from_secs(90),
                         "round {round}: writes never came back: {e}"
                     );
+                    let what: String = e.to_string().chars().take(160).collect();
+                    if failures.last().is_none_or(|f| f["error"] != what.as_str()) {
+                        failures.push(json!({
+                            "at_ms": attempt.duration_since(killed).as_millis(),
+                            "took_ms": attempt.elapsed().as_millis(),
+                            "error": what,
+                        }));
+                    }
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
             }
         };
         let took = killed.elapsed();
+        let elected = elected.await?.map(|t| t.as_millis());
         let seq = |id: &str| {
             id.split_once('-')
                 .map(|(_, s)| s.parse::<u64>().unwrap_or(0))
@@ -354,22 +416,33 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
             "round {round}: {last} then {id}"
         );
         last = id;
-        leader_loss.push(json!({"killed": leader, "ms": took.as_millis(), "last_id": last}));
         nats.restart(index);
-        // Let the restarted server catch up before the next kill.
-        tokio::time::sleep(Duration::from_secs(10)).await;
+        // The next kill must find three current replicas, or it measures a stream left
+        // without a quorum by a server still catching up, not an election.
+        let caught_up = Instant::now();
+        streams_current(&bench_nats, 8).await?;
+        leader_loss.push(json!({
+            "killed": leader,
+            "ms": took.as_millis(),
+            "stream_leader_elected_after_ms": elected,
+            "last_id": last,
+            "restarted_server_current_after_ms": caught_up.elapsed().as_millis(),
+            "failed_attempts": failures,
+        }));
     }
     let nats_leader_loss = json!({ "rounds": leader_loss });
 
     // Memory per hibernated channel, cluster against one node.
     let memory = if args.channels > 0 {
+        fill(&client, &nodes.bases[0], "warm", args.channels, args.events).await?;
+        // Idle timeout 2 s, then the copies' sweep and the allocator settle.
+        tokio::time::sleep(Duration::from_secs(8)).await;
         let baseline: Vec<u64> = nodes
             .pids()
             .iter()
             .map(|p| process_rss_bytes(*p))
             .collect::<anyhow::Result<_>>()?;
-        fill(&client, &nodes.bases[0], args.channels, args.events).await?;
-        // Idle timeout 2 s, then the copies' sweep and the allocator settle.
+        fill(&client, &nodes.bases[0], "mem", args.channels, args.events).await?;
         tokio::time::sleep(Duration::from_secs(8)).await;
         let after: Vec<u64> = nodes
             .pids()
@@ -408,8 +481,10 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
             (cpu_secs(&single.pid.to_string())? - cpu_before) * 1000.0 / args.publishes as f64
         );
         latency.insert("single_node_durability_always".into(), f);
+        fill(&client, &single_base, "warm", args.channels, args.events).await?;
+        tokio::time::sleep(Duration::from_secs(8)).await;
         let single_baseline = process_rss_bytes(single.pid)?;
-        fill(&client, &single_base, args.channels, args.events).await?;
+        fill(&client, &single_base, "mem", args.channels, args.events).await?;
         tokio::time::sleep(Duration::from_secs(8)).await;
         let single_grown = process_rss_bytes(single.pid)?.saturating_sub(single_baseline);
         json!({
@@ -472,11 +547,42 @@ pub(crate) async fn stream_leader(
     log.leader().await?.context("the stream has a leader")
 }
 
+/// Waits (up to a minute) until every journal stream has a leader and two current replicas.
+async fn streams_current(nats: &dormouse_cluster::Nats, shards: usize) -> anyhow::Result<()> {
+    let js = async_nats::jetstream::new(nats.client.clone());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for shard in 0..shards {
+        loop {
+            let current = match js.get_stream(format!("DM_OBJ_{shard}")).await {
+                Ok(mut stream) => stream.info().await.ok().and_then(|info| {
+                    let cluster = info.cluster.as_ref()?;
+                    Some(
+                        cluster.leader.is_some()
+                            && cluster.replicas.len() == 2
+                            && cluster.replicas.iter().all(|r| r.current && !r.offline),
+                    )
+                }),
+                Err(_) => None,
+            };
+            if current == Some(true) {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "stream DM_OBJ_{shard} has no quorum of current replicas after a minute"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
+}
+
 /// `channels` channels with `events` events each, through one node's batch publish, 16
 /// requests in flight.
 async fn fill(
     client: &reqwest::Client,
     base: &str,
+    prefix: &str,
     channels: u64,
     events: u64,
 ) -> anyhow::Result<()> {
@@ -488,7 +594,7 @@ async fn fill(
             let body: Vec<Value> = (r * per_request..((r + 1) * per_request).min(channels))
                 .flat_map(|c| {
                     (0..events).map(move |e| {
-                        json!({"channel": format!("mem-{c}"), "data": format!("event {e:>6} of 64 bytes {}", ".".repeat(38))})
+                        json!({"channel": format!("{prefix}-{c}"), "data": format!("event {e:>6} of 64 bytes {}", ".".repeat(38))})
                     })
                 })
                 .collect();
