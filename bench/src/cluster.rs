@@ -239,11 +239,11 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         },
     )
     .await?;
-    let all_pids = |nodes: &Nodes, nats: &NatsCluster| {
-        let mut pids = nodes.pids();
-        pids.extend(nats.pids());
-        pids
-    };
+    // What the cluster costs NATS doing nothing (heartbeats, tail checks), to hold the
+    // per-publish counts against.
+    let quiet = nats_traffic(&client, &nats).await?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let idle = nats_traffic(&client, &nats).await?.since(&quiet).per(5.0);
 
     // Latency through the owner and through another node.
     publish(&client, &nodes.bases[0], "latency", "first".into()).await?;
@@ -253,9 +253,11 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     let other = (owner + 1) % 3;
     let payload = "x".repeat(200);
     let mut latency = serde_json::Map::new();
+    latency.insert("nats_idle_per_second".into(), idle);
     for (label, via) in [("through_owner", owner), ("through_another_node", other)] {
         let mut h = Histogram::<u64>::new(3)?;
-        let cpu_before = cpu_of(&all_pids(&nodes, &nats))?;
+        let traffic_before = nats_traffic(&client, &nats).await?;
+        let (nodes_before, nats_before) = (cpu_of(&nodes.pids())?, cpu_of(&nats.pids())?);
         let started = Instant::now();
         for _ in 0..args.publishes {
             let t = Instant::now();
@@ -263,10 +265,16 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
             h.record(t.elapsed().as_micros() as u64)?;
         }
         let elapsed = started.elapsed().as_secs_f64();
-        let cpu = cpu_of(&all_pids(&nodes, &nats))? - cpu_before;
+        let per_publish = |secs: f64| secs * 1000.0 / args.publishes as f64;
+        let nodes_cpu = per_publish(cpu_of(&nodes.pids())? - nodes_before);
+        let nats_cpu = per_publish(cpu_of(&nats.pids())? - nats_before);
+        let traffic = nats_traffic(&client, &nats).await?.since(&traffic_before);
         let mut f = figures(&h);
         f["publishes_per_sec"] = json!(args.publishes as f64 / elapsed);
-        f["cpu_ms_per_publish_all_six_processes"] = json!(cpu * 1000.0 / args.publishes as f64);
+        f["nats_per_publish"] = traffic.per(args.publishes as f64);
+        f["cpu_ms_per_publish_all_six_processes"] = json!(nodes_cpu + nats_cpu);
+        f["cpu_ms_per_publish_dormouse_nodes"] = json!(nodes_cpu);
+        f["cpu_ms_per_publish_nats_servers"] = json!(nats_cpu);
         latency.insert(label.into(), f);
     }
 
@@ -442,6 +450,10 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
             .iter()
             .map(|p| process_rss_bytes(*p))
             .collect::<anyhow::Result<_>>()?;
+        // Where a hibernated channel's records live in cluster mode: the NATS servers.
+        let nats_rss =
+            || -> anyhow::Result<u64> { nats.pids().iter().map(|p| process_rss_bytes(*p)).sum() };
+        let nats_baseline = nats_rss()?;
         fill(&client, &nodes.bases[0], "mem", args.channels, args.events).await?;
         tokio::time::sleep(Duration::from_secs(8)).await;
         let after: Vec<u64> = nodes
@@ -449,6 +461,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
             .iter()
             .map(|p| process_rss_bytes(*p))
             .collect::<anyhow::Result<_>>()?;
+        let nats_grown = nats_rss()?.saturating_sub(nats_baseline);
         let grown: u64 = after
             .iter()
             .zip(&baseline)
@@ -493,6 +506,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
             "cluster_rss_growth_bytes_per_node": after.iter().zip(&baseline).map(|(a, b)| a.saturating_sub(*b)).collect::<Vec<_>>(),
             "cluster_rss_growth_per_channel_bytes": grown as f64 / args.channels as f64,
             "single_node_rss_growth_per_channel_bytes": single_grown as f64 / args.channels as f64,
+            "nats_servers_rss_growth_per_channel_bytes": nats_grown as f64 / args.channels as f64,
         })
     } else {
         Value::Null
@@ -515,6 +529,56 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         nats_leader_loss,
         memory,
     })
+}
+
+/// The NATS servers' message and byte counters, summed (`/varz`): every message a server
+/// took in or sent out, from clients, routes (replication) and JetStream itself.
+#[derive(Debug, Clone, Copy, Default)]
+struct Traffic {
+    in_msgs: f64,
+    out_msgs: f64,
+    in_bytes: f64,
+    out_bytes: f64,
+}
+
+impl Traffic {
+    fn since(&self, before: &Traffic) -> Traffic {
+        Traffic {
+            in_msgs: self.in_msgs - before.in_msgs,
+            out_msgs: self.out_msgs - before.out_msgs,
+            in_bytes: self.in_bytes - before.in_bytes,
+            out_bytes: self.out_bytes - before.out_bytes,
+        }
+    }
+
+    /// Per unit of work (a publish, a second).
+    fn per(&self, units: f64) -> Value {
+        json!({
+            "msgs_in": self.in_msgs / units,
+            "msgs_out": self.out_msgs / units,
+            "bytes_in": self.in_bytes / units,
+            "bytes_out": self.out_bytes / units,
+        })
+    }
+}
+
+async fn nats_traffic(client: &reqwest::Client, nats: &NatsCluster) -> anyhow::Result<Traffic> {
+    let mut sum = Traffic::default();
+    for url in nats.monitor_urls() {
+        let varz: Value = client
+            .get(format!("{url}/varz"))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let field = |name: &str| varz[name].as_f64().unwrap_or(0.0);
+        sum.in_msgs += field("in_msgs");
+        sum.out_msgs += field("out_msgs");
+        sum.in_bytes += field("in_bytes");
+        sum.out_bytes += field("out_bytes");
+    }
+    Ok(sum)
 }
 
 /// The journal stream a directory key's object lives in (as `ClusterStorage` places it).

@@ -9,7 +9,8 @@
 //! - [`feed`]: following a subject's appends from any node, in order and each once,
 //!   filling what a lost republish left out from the stream.
 //! - [`journal`]: objects' storage in cluster mode, [`ClusterStorage`]: a replicated,
-//!   fenced journal per object in JetStream, read into memory while this node owns it.
+//!   fenced journal per object in JetStream, read into memory while this node owns it, and
+//!   the cluster-wide index that fires alarms of objects no node holds.
 //! - [`ownership`]: live nodes, placement, the owner directory, and the fence a new owner
 //!   puts in an object's log.
 //! - [`rpc`]: node to node requests, how a node reaches an object's owner.
@@ -18,8 +19,8 @@
 //! - [`check`](mod@check): whether a NATS cluster can carry cluster mode
 //!   (`dormouse cluster check`).
 //!
-//! Nothing here is wired into the server yet; `docs/CLUSTER.md` says what is built and
-//! what is not.
+//! The gateway's `cluster` module puts these under the server (`[cluster]` in the
+//! configuration); `docs/CLUSTER.md` says what works, what it costs and what does not yet.
 
 pub mod check;
 pub mod connect;

@@ -64,6 +64,7 @@ fn server_version(binary: &Path) -> Option<ServerVersion> {
 struct Server {
     name: String,
     client_port: u16,
+    monitor_port: u16,
     config: PathBuf,
     log: PathBuf,
     child: Option<Child>,
@@ -115,20 +116,21 @@ impl NatsCluster {
                 .expect("a free port")
                 .port()
         };
-        let ports: Vec<(u16, u16)> = (0..size).map(|_| (free(), free())).collect();
+        let ports: Vec<(u16, u16, u16)> = (0..size).map(|_| (free(), free(), free())).collect();
         let routes: Vec<String> = ports
             .iter()
-            .map(|(_, route)| format!("nats-route://127.0.0.1:{route}"))
+            .map(|(_, route, _)| format!("nats-route://127.0.0.1:{route}"))
             .collect();
         let servers = ports
             .iter()
             .enumerate()
-            .map(|(i, (client, route))| {
+            .map(|(i, (client, route, monitor))| {
                 let name = format!("n{}", i + 1);
                 let store = dir.path().join(&name);
                 let config = dir.path().join(format!("{name}.conf"));
                 let text = format!(
                     "server_name: {name}\nlisten: 127.0.0.1:{client}\n\
+                     http: 127.0.0.1:{monitor}\n\
                      jetstream {{ store_dir: {store:?} }}\n\
                      cluster {{ name: dm, listen: 127.0.0.1:{route}, routes: [{}] }}\n",
                     routes.join(", ")
@@ -138,6 +140,7 @@ impl NatsCluster {
                     log: dir.path().join(format!("{name}.log")),
                     name,
                     client_port: *client,
+                    monitor_port: *monitor,
                     config,
                     child: None,
                 }
@@ -179,6 +182,16 @@ impl NatsCluster {
     /// The URL of server `i` alone.
     pub fn url(&self, i: usize) -> String {
         format!("nats://127.0.0.1:{}", self.servers[i].client_port)
+    }
+
+    /// The running servers' monitoring endpoints (`/varz` has their message and byte
+    /// counters), for benchmarks that count what an operation costs NATS.
+    pub fn monitor_urls(&self) -> Vec<String> {
+        self.servers
+            .iter()
+            .filter(|s| s.child.is_some())
+            .map(|s| format!("http://127.0.0.1:{}", s.monitor_port))
+            .collect()
     }
 
     /// The index of the server named `name` (`n1`, `n2`, ...), as JetStream names a leader.
