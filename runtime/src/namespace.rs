@@ -603,11 +603,14 @@ impl<O: Object> Shared<O> {
             return true;
         };
         // Under the shard's lock: a successor activation of this name (created under it
-        // too) finds the object released, never half-way.
-        self.storage.release(&args.id);
+        // too) finds the object released, never half-way. An object whose clients stay
+        // connected here is parked instead, so it wakes where its sockets are.
         self.forget_eviction(&slot);
         sockets.prune();
-        if !sockets.is_empty() {
+        if sockets.is_empty() {
+            self.storage.release(&args.id);
+        } else {
+            self.storage.park(&args.id);
             shard.parked.insert(name, std::mem::take(sockets));
         }
         if shard.hibernated.insert(hash) {

@@ -123,6 +123,16 @@ pub trait Storage: Send + Sync + Debug + 'static {
         let _ = id;
     }
 
+    /// The activation of `id` hibernated while clients stay connected to it on this node
+    /// (the runtime parked its sockets here). Its records may leave memory as on
+    /// [`Storage::release`], but a replicated engine must keep the object this node's: its
+    /// sockets cannot move, so its next wake-up (a socket's message, or any call another
+    /// node forwards here) must happen where they are. Needs a new [`Storage::acquire`]
+    /// like `release`; a local engine treats both alike.
+    fn park(&self, id: &ObjectId) {
+        self.release(id);
+    }
+
     /// Reserves a new log epoch, strictly greater than any handed out before in this data
     /// dir, for a [`Write::CreateLog`]. Reserving without using one is harmless.
     fn allocate_epoch(&self) -> Result<u64>;

@@ -434,6 +434,15 @@ impl Inner {
         lock(&self.held).get(id).cloned()
     }
 
+    /// Forgets `id`'s records here (it hibernated), returning what was held.
+    fn drop_held(&self, id: &ObjectId) -> Option<Arc<Held>> {
+        let held = lock(&self.held).remove(id)?;
+        if let Err(e) = self.cache.forget_object(id) {
+            tracing::warn!(object = %id, error = %e, "could not drop a hibernated object's records");
+        }
+        Some(held)
+    }
+
     /// The shard and subject of `id`'s journal.
     fn locate(&self, id: &ObjectId) -> (usize, String) {
         let shard = shard(id.namespace(), id.name(), self.shards.len());
@@ -972,13 +981,10 @@ impl Storage for ClusterStorage {
     }
 
     fn release(&self, id: &ObjectId) {
-        let inner = &self.inner;
-        let Some(held) = lock(&inner.held).remove(id) else {
+        let Some(held) = self.inner.drop_held(id) else {
             return;
         };
-        if let Err(e) = inner.cache.forget_object(id) {
-            tracing::warn!(object = %id, error = %e, "could not drop a released object's records");
-        }
+        let inner = &self.inner;
         let revision = lock(&held.state).revision;
         let inner = inner.clone();
         let id = id.clone();
@@ -992,6 +998,12 @@ impl Storage for ClusterStorage {
                 tracing::debug!(object = %id, error = %e, "directory entry not released");
             }
         });
+    }
+
+    /// Drops the records but keeps the directory entry: calls keep coming here, where the
+    /// object's sockets are, and the next acquire finds its own claim.
+    fn park(&self, id: &ObjectId) {
+        self.inner.drop_held(id);
     }
 
     fn allocate_epoch(&self) -> Result<u64> {
