@@ -44,15 +44,33 @@ async fn node(cluster: &NatsCluster, name: &str) -> ClusterStorage {
         .await
         .expect("connect");
     let me = NodeId::start(name);
-    let membership = Membership::join(&nats, &directory_spec(), me)
-        .await
-        .expect("join");
-    let directory = Directory::open(&nats, &directory_spec())
-        .await
-        .expect("directory");
-    ClusterStorage::open(&nats, Arc::new(membership), directory, journal_spec())
-        .await
-        .expect("open the journal")
+    let spec = directory_spec();
+    let membership =
+        Arc::new(retrying("join", || Membership::join(&nats, &spec, me.clone())).await);
+    let directory = retrying("open the directory", || Directory::open(&nats, &spec)).await;
+    retrying("open the journal", || {
+        ClusterStorage::open(&nats, membership.clone(), directory.clone(), journal_spec())
+    })
+    .await
+}
+
+/// `step` until it succeeds, for a while: a NATS cluster that just formed may still be
+/// electing the leaders of new streams, and a node retries the same way at start.
+async fn retrying<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
+    what: &str,
+    step: impl Fn() -> F,
+) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match step().await {
+            Ok(done) => return done,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                eprintln!("{what}: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => panic!("{what}: {e}"),
+        }
+    }
 }
 
 /// The stream that holds `subject`, opened by a third party (as another node would).

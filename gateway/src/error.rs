@@ -107,8 +107,8 @@ impl From<dormouse_runtime::Error> for ApiError {
             Error::Storage(inner)
                 if matches!(**inner, dormouse_storage::Error::NotOwner { .. }) =>
             {
-                // Cluster mode: another node owns it (a WebSocket to an object connects on its
-                // owner only), or took it over while this node was writing.
+                // Cluster mode: another node took it over while this node was writing, or
+                // kept refusing the calls this node forwarded.
                 tracing::info!(error = %inner, "refused: owned by another node");
                 Self::new(
                     StatusCode::SERVICE_UNAVAILABLE,

@@ -17,6 +17,7 @@ use crate::channels::{check_channel, read_body};
 /// The request header carrying the caller's identity (token `sub`, API key name, or
 /// `anonymous`) to objects.
 pub const SUBJECT_HEADER: &str = "x-dormouse-subject";
+use crate::cluster::SocketLink;
 use crate::conn::WsHandshake;
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -127,7 +128,19 @@ async fn connect(
         .map_err(|e| ApiError::bad_request("bad_request", e.to_string()))?;
     *request.headers_mut() = parts.headers.clone();
     let (request_parts, ()) = request.into_parts();
-    target.connect(&name, socket, request_parts).await?;
+    // In cluster mode the object may run on another node: it then holds a socket there
+    // whose frames are relayed to this connection.
+    let link = match &state.cluster {
+        Some(cluster) => {
+            cluster
+                .connect(&target, &name, socket, request_parts)
+                .await?
+        }
+        None => {
+            target.connect(&name, socket, request_parts).await?;
+            SocketLink::Here
+        }
+    };
 
     // Messages go to the object one at a time, in the order the client sent them; the close
     // goes last.
@@ -135,13 +148,35 @@ async fn connect(
     let forwarder = {
         let target = target.clone();
         let name = name.clone();
+        let cluster = state.cluster.clone();
         async move {
+            let mut broken = false;
             while let Some(message) = inbound.recv().await {
-                if let Err(e) = target.socket_message(&name, socket_id, message).await {
+                let sent = match (&link, &cluster) {
+                    (SocketLink::Remote(_), _) if broken => continue,
+                    (SocketLink::Remote(remote), Some(cluster)) => {
+                        cluster.remote_message(remote, message).await
+                    }
+                    _ => target.socket_message(&name, socket_id, message).await,
+                };
+                if let Err(e) = sent {
                     tracing::warn!(object = %name, error = %crate::logging::error_chain(&e), "socket message failed");
+                    // A relayed socket the owner no longer has (it died, restarted or
+                    // let the object go): the client reconnects to wherever it runs now.
+                    if let SocketLink::Remote(remote) = &link {
+                        remote.give_up();
+                        broken = true;
+                    }
                 }
             }
-            if let Err(e) = target.socket_closed(&name, socket_id).await {
+            let closed = match (link, &cluster) {
+                (SocketLink::Remote(remote), Some(cluster)) => {
+                    cluster.remote_closed(remote).await;
+                    Ok(())
+                }
+                _ => target.socket_closed(&name, socket_id).await,
+            };
+            if let Err(e) = closed {
                 tracing::debug!(object = %name, error = %crate::logging::error_chain(&e), "socket close not delivered");
             }
         }

@@ -1,6 +1,8 @@
 //! The chat unchanged on a cluster (three NATS servers, three chat processes): people
-//! connected to a room on one node stay in it while the room hibernates, and the room
-//! wakes on that node, where their sockets are, whichever node a later call arrives at.
+//! connected to a room through any node share it (the room runs on one node, which relays
+//! the others' sockets); a room hibernates and wakes where it runs, whichever node a later
+//! call arrives at; a node's death is a `leave` for its people, and the death of the
+//! room's node closes the others' sockets so they rejoin.
 
 use std::path::Path;
 use std::time::Duration;
@@ -41,6 +43,75 @@ async fn next(ws: &mut Ws) -> Value {
     .expect("a message in time")
 }
 
+async fn say(ws: &mut Ws, text: &str) {
+    ws.send(Message::Text(
+        json!({"type": "message", "text": text}).to_string().into(),
+    ))
+    .await
+    .unwrap();
+}
+
+/// The next message that is not a join or a leave.
+async fn next_said(ws: &mut Ws) -> Value {
+    loop {
+        let m = next(ws).await;
+        if m["type"] != "join" && m["type"] != "leave" {
+            return m;
+        }
+    }
+}
+
+/// The close code the server ends `ws` with, skipping what comes before it.
+async fn close_code(ws: &mut Ws) -> u16 {
+    tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(Some(frame)))) => return u16::from(frame.code),
+                Some(Ok(Message::Close(None))) | None | Some(Err(_)) => return 1006,
+                Some(Ok(_)) => continue,
+            }
+        }
+    })
+    .await
+    .expect("the socket closed in time")
+}
+
+async fn start_node(nats: &NatsCluster, dir: &Path, name: &str) -> ChildServer {
+    let urls = nats.urls().join(",");
+    let data = dir.join(name);
+    std::fs::create_dir_all(&data).unwrap();
+    ChildServer::start(
+        Path::new(env!("CARGO_BIN_EXE_example-chat")),
+        &data,
+        &[
+            ("DORMOUSE_CLUSTER_NATS_URLS", urls.as_str()),
+            ("DORMOUSE_CLUSTER_NODE_NAME", name),
+            ("DORMOUSE_CLUSTER_NODE_TTL", "2s"),
+            ("DORMOUSE_LIMITS_MAX_MESSAGE_SIZE", "512KiB"),
+            ("CHAT_IDLE_TIMEOUT", "1s"),
+        ],
+    )
+    .await
+}
+
+/// The node placement gives `room` to among `nodes`.
+fn placed<'a>(room: &str, nodes: &[&'a str]) -> &'a str {
+    let key = ClusterStorage::object_key(&ObjectId::new(NAMESPACE, room));
+    place(&key, nodes.iter().copied()).expect("a node")
+}
+
+async fn until_alive(node: &ChildServer, count: f64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while metric(node, "dormouse_cluster_nodes_alive").await != count {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node {} does not see {count} nodes",
+            node.addr
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn get(node: &ChildServer, path: &str) -> Value {
     let response = node.client.get(node.url(path)).send().await.unwrap();
     assert_eq!(response.status(), 200, "GET {path}");
@@ -78,40 +149,26 @@ async fn until_held(node: &ChildServer, held: f64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hibernated_room_wakes_where_its_people_are_connected() {
     let nats = NatsCluster::start(3).await;
-    let urls = nats.urls().join(",");
     let dir = tempfile::tempdir().unwrap();
-    let mut nodes = Vec::new();
-    for name in NODES {
-        let data = dir.path().join(name);
-        std::fs::create_dir_all(&data).unwrap();
-        nodes.push(
-            ChildServer::start(
-                Path::new(env!("CARGO_BIN_EXE_example-chat")),
-                &data,
-                &[
-                    ("DORMOUSE_CLUSTER_NATS_URLS", urls.as_str()),
-                    ("DORMOUSE_CLUSTER_NODE_NAME", name),
-                    ("DORMOUSE_LIMITS_MAX_MESSAGE_SIZE", "512KiB"),
-                    ("CHAT_IDLE_TIMEOUT", "1s"),
-                ],
-            )
-            .await,
-        );
-    }
-    // A room that placement would give to node b, joined on node a: a claims it.
+    // A room that placement gives to a while a and c run, and to b once b joins.
     let room = (0..)
         .map(|i| format!("room-{i}"))
-        .find(|room| {
-            let key = ClusterStorage::object_key(&ObjectId::new(NAMESPACE, room.as_str()));
-            place(&key, NODES) == Some("b")
-        })
+        .find(|room| placed(room, &["a", "c"]) == "a" && placed(room, &NODES) == "b")
         .unwrap();
-    let mut alice = join(&nodes[0], &room, "alice").await;
+    let (a, c) = (
+        start_node(&nats, dir.path(), "a").await,
+        start_node(&nats, dir.path(), "c").await,
+    );
+    let mut alice = join(&a, &room, "alice").await;
     assert_eq!(next(&mut alice).await["members"], json!(["alice"]));
-    let mut bob = join(&nodes[0], &room, "bob").await;
+    let mut bob = join(&a, &room, "bob").await;
     assert_eq!(next(&mut bob).await["members"], json!(["alice", "bob"]));
     assert_eq!(next(&mut alice).await["type"], "join");
-    until_held(&nodes[0], 1.0).await;
+    until_held(&a, 1.0).await;
+    let b = start_node(&nats, dir.path(), "b").await;
+    until_alive(&a, 3.0).await;
+    until_alive(&b, 3.0).await;
+    let nodes = [a, b, c];
 
     // The room hibernates on a with both people connected: its records leave a's memory.
     until_held(&nodes[0], 0.0).await;
@@ -182,4 +239,100 @@ async fn a_hibernated_room_wakes_where_its_people_are_connected() {
         .filter_map(|m| m["text"].as_str())
         .collect();
     assert_eq!(texts, ["after the nap"], "{history}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn people_on_every_node_share_a_room_and_a_dead_node_leaves_it() {
+    let nats = NatsCluster::start(3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let room = "plaza";
+    let path = |rest: &str| format!("/v1/objects/{NAMESPACE}/{room}{rest}");
+    // The room runs on the node placement picks; Alice joins there, Bob and Carol through
+    // the other two.
+    let owner = placed(room, &NODES);
+    let mut order: Vec<&str> = NODES.to_vec();
+    order.sort_by_key(|n| *n != owner);
+    let mut nodes = Vec::new();
+    for name in &order {
+        nodes.push(start_node(&nats, dir.path(), name).await);
+    }
+    for node in &nodes {
+        until_alive(node, 3.0).await;
+    }
+    let mut alice = join(&nodes[0], room, "alice").await;
+    assert_eq!(next(&mut alice).await["members"], json!(["alice"]));
+    let mut bob = join(&nodes[1], room, "bob").await;
+    assert_eq!(next(&mut bob).await["members"], json!(["alice", "bob"]));
+    assert_eq!(
+        next(&mut alice).await,
+        json!({"type": "join", "name": "bob"})
+    );
+    let mut carol = join(&nodes[2], room, "carol").await;
+    assert_eq!(
+        next(&mut carol).await["members"],
+        json!(["alice", "bob", "carol"])
+    );
+    for ws in [&mut alice, &mut bob] {
+        assert_eq!(next(ws).await, json!({"type": "join", "name": "carol"}));
+    }
+    assert_eq!(
+        metric(&nodes[0], "dormouse_cluster_relayed_sockets").await,
+        2.0
+    );
+    assert_eq!(
+        metric(&nodes[1], "dormouse_cluster_relayed_connections").await,
+        1.0
+    );
+    assert_eq!(
+        metric(&nodes[1], "dormouse_cluster_objects_held").await,
+        0.0
+    );
+
+    // A message from a relayed socket reaches everyone, in order, once.
+    say(&mut bob, "one").await;
+    say(&mut bob, "two").await;
+    for ws in [&mut alice, &mut bob, &mut carol] {
+        for text in ["one", "two"] {
+            let m = next_said(ws).await;
+            assert_eq!(
+                (m["name"].as_str(), m["text"].as_str()),
+                (Some("bob"), Some(text))
+            );
+        }
+    }
+    let members = get(&nodes[2], &path("/members")).await;
+    assert_eq!(members["members"], json!(["alice", "bob", "carol"]));
+
+    // Asleep on a with its relayed sockets parked there, Carol's message wakes it there.
+    until_held(&nodes[0], 0.0).await;
+    say(&mut carol, "wake up").await;
+    for ws in [&mut alice, &mut bob, &mut carol] {
+        assert_eq!(next_said(ws).await["text"], "wake up");
+    }
+
+    // Carol's node dies: the room hears her leave (her node's membership expires).
+    nodes.remove(2).kill();
+    for ws in [&mut alice, &mut bob] {
+        assert_eq!(next(ws).await, json!({"type": "leave", "name": "carol"}));
+    }
+    assert_eq!(
+        metric(&nodes[0], "dormouse_cluster_relayed_sockets").await,
+        1.0
+    );
+
+    // The room's node dies: Bob's connection is closed as "service restart", and he
+    // rejoins the room, now run by his node, with its history.
+    nodes.remove(0).kill();
+    assert_eq!(close_code(&mut bob).await, 1012);
+    let mut bob = join(&nodes[0], room, "bob").await;
+    let welcome = next(&mut bob).await;
+    assert_eq!(welcome["members"], json!(["bob"]), "{welcome}");
+    let texts: Vec<&str> = welcome["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["text"].as_str())
+        .collect();
+    assert_eq!(texts, ["one", "two", "wake up"], "{welcome}");
+    drop(alice);
 }

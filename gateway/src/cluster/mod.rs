@@ -8,10 +8,13 @@
 //!   answered once the owner's journal append is acknowledged by the JetStream quorum.
 //! - A subscriber stays on the node it connected to and is served by a copy of its channel
 //!   kept current from the journal (`copies`), whichever node owns the channel.
+//! - A WebSocket to a user object stays on the node it connected to too; the object, on its
+//!   owner, holds a socket whose frames are relayed there (`sockets`).
 //!
 //! docs/CLUSTER.md describes the design, the guarantees and the limits.
 
 mod copies;
+mod sockets;
 pub(crate) mod wire;
 
 use std::path::PathBuf;
@@ -27,8 +30,8 @@ use dormouse_cluster::{
     RpcError, RpcServer, connect, place, rpc,
 };
 use dormouse_runtime::{
-    DynNamespace, Error, HttpRequest, HttpResponse, Namespace, NamespaceConfig, ObjectState,
-    Result, Socket,
+    DynNamespace, Error, HttpRequest, HttpResponse, Inbound, Namespace, NamespaceConfig,
+    ObjectState, Result, Socket, Transport,
 };
 use dormouse_storage::ObjectId;
 use tracing::{debug, info, warn};
@@ -74,6 +77,12 @@ pub struct ClusterNode {
     directory: Directory,
     copies: Copies,
     rpc: Mutex<Option<RpcServer>>,
+    /// Sockets of objects owned here whose connections are on other nodes.
+    relays: sockets::Relays,
+    /// Reports the relayed sockets of nodes that died to their objects.
+    orphan_watch: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Connections here to objects owned by another node.
+    pub(crate) relayed_here: AtomicU64,
     /// The largest message the NATS servers take.
     max_payload: usize,
     /// Calls sent to another node, served for another node, and redirected because the
@@ -88,6 +97,35 @@ impl std::fmt::Debug for ClusterNode {
         f.debug_struct("ClusterNode")
             .field("node", self.membership.me())
             .finish_non_exhaustive()
+    }
+}
+
+/// Where a WebSocket to a user object was connected.
+pub(crate) enum SocketLink {
+    /// To the object here: messages and the close go to the local namespace.
+    Here,
+    /// To a socket on the owner, relayed.
+    Remote(RemoteLink),
+}
+
+/// A connection here relayed to its object's socket on another node.
+pub(crate) struct RemoteLink {
+    owner: NodeId,
+    namespace: String,
+    name: String,
+    /// The owner's id for its socket.
+    socket: u64,
+    /// Feeds the owner's frames into the connection.
+    feeding: tokio::task::JoinHandle<()>,
+    /// Ends the feed, closing the client so it reconnects.
+    stop: Arc<tokio::sync::Notify>,
+}
+
+impl RemoteLink {
+    /// Gives the link up (the owner refused a message): the client is closed with 1012 and
+    /// reconnects, to wherever its object runs now.
+    pub(crate) fn give_up(&self) {
+        self.stop.notify_one();
     }
 }
 
@@ -176,6 +214,9 @@ impl ClusterNode {
             directory,
             copies,
             rpc: Mutex::new(None),
+            relays: sockets::Relays::default(),
+            orphan_watch: Mutex::new(None),
+            relayed_here: AtomicU64::new(0),
             max_payload,
             forwarded: AtomicU64::new(0),
             served: AtomicU64::new(0),
@@ -205,7 +246,7 @@ impl ClusterNode {
         let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
         let connected =
             self.nats.client.connection_state() == async_nats::connection::State::Connected;
-        let rows: [(&str, &str, &str, u64); 16] = [
+        let rows: [(&str, &str, &str, u64); 18] = [
             (
                 "dormouse_cluster_nats_connected",
                 "gauge",
@@ -235,6 +276,18 @@ impl ClusterNode {
                 "gauge",
                 "Channels this node keeps a copy of for its subscribers",
                 self.followed() as u64,
+            ),
+            (
+                "dormouse_cluster_relayed_sockets",
+                "gauge",
+                "Sockets of objects owned here whose clients are connected to other nodes",
+                self.relays.len() as u64,
+            ),
+            (
+                "dormouse_cluster_relayed_connections",
+                "gauge",
+                "WebSockets connected here to objects owned by other nodes",
+                load(&self.relayed_here),
             ),
             (
                 "dormouse_cluster_forwarded_total",
@@ -327,6 +380,25 @@ impl ClusterNode {
         })
         .await?;
         *self.rpc.lock().unwrap_or_else(PoisonError::into_inner) = Some(server);
+        // The relayed sockets of a node that died are reported closed to their objects.
+        let node = Arc::downgrade(self);
+        let watch = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(sockets::LIVENESS_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(node) = node.upgrade() else { return };
+                for socket in node.relays.orphans(|n| node.membership.alive(n)) {
+                    if let Err(e) = node.relays.closed(&node.nats, socket).await {
+                        warn!(socket, error = %e, "a dead node's socket was not reported closed");
+                    }
+                }
+            }
+        });
+        *self
+            .orphan_watch
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(watch);
         Ok(())
     }
 
@@ -336,6 +408,14 @@ impl ClusterNode {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
+        if let Some(watch) = self
+            .orphan_watch
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            watch.abort();
+        }
         self.membership.leave().await;
     }
 
@@ -416,7 +496,67 @@ impl ClusterNode {
                     Err(e) => Answer::Failed(e),
                 },
             },
+            Ok(Forwarded::Connect {
+                namespace,
+                name,
+                node,
+                conn,
+                request,
+            }) => match state.object_namespace(&namespace) {
+                None => self.not_mounted(&namespace),
+                Some(target) => {
+                    let queue = state.settings.limits.subscriber_queue.0 as usize;
+                    let (proxy, receiver) = Socket::new(Transport::WebSocket, queue, Bytes::new());
+                    // Its node reports the client's close, as a local connection does.
+                    proxy.set_close_reported();
+                    let socket = proxy.id();
+                    let (parts, _) = request.into_parts();
+                    match target.connect(&name, proxy, parts).await {
+                        Ok(()) => {
+                            let client = sockets::Connection { node, conn };
+                            self.relays
+                                .start(&self.nats, socket, receiver, client, target, name);
+                            Answer::Socket {
+                                owner: self.me().clone(),
+                                socket,
+                            }
+                        }
+                        Err(e) => Answer::Failed(e),
+                    }
+                }
+            },
+            Ok(Forwarded::SocketMessage {
+                namespace,
+                name,
+                socket,
+                message,
+            }) => match state.object_namespace(&namespace) {
+                None => self.not_mounted(&namespace),
+                Some(_) if !self.relays.holds(socket) => {
+                    Answer::Failed(Error::Unavailable(format!(
+                        "{namespace}/{name}: socket {socket} is no longer connected on node {}",
+                        self.me()
+                    )))
+                }
+                Some(target) => match target.socket_message(&name, socket, message).await {
+                    Ok(()) => Answer::Done,
+                    Err(e) => Answer::Failed(e),
+                },
+            },
+            Ok(Forwarded::SocketClosed { socket, .. }) => {
+                match self.relays.closed(&self.nats, socket).await {
+                    Ok(()) => Answer::Done,
+                    Err(e) => Answer::Failed(e),
+                }
+            }
         }
+    }
+
+    fn not_mounted(&self, namespace: &str) -> Answer {
+        Answer::Failed(Error::Unavailable(format!(
+            "namespace {namespace:?} is not mounted on node {}",
+            self.me()
+        )))
     }
 
     /// Where a call to `id` goes now. `here` says its activation runs on this node.
@@ -631,6 +771,122 @@ impl ClusterNode {
             },
         )
         .await
+    }
+
+    /// Connects a client's WebSocket (`socket`, drained by its connection here) to the user
+    /// object `name`: handed to the object here when it runs here (or this node claims it),
+    /// else to its owner, which gives the object a socket relayed to this one. Frames are
+    /// subscribed to before the owner is asked, so none it sends at once are missed.
+    pub(crate) async fn connect(
+        self: &Arc<Self>,
+        target: &Arc<dyn DynNamespace>,
+        name: &str,
+        socket: Socket,
+        parts: http::request::Parts,
+    ) -> Result<SocketLink> {
+        let id = ObjectId::new(target.name(), name);
+        let active = target.state(name) == ObjectState::Active;
+        let conn = socket.id();
+        let relay_failed = |e: async_nats::Error| {
+            Error::Unavailable(format!("{id}: relaying a socket over NATS: {e}"))
+        };
+        let frames = self
+            .nats
+            .client
+            .subscribe(sockets::frames_subject(self.me(), conn))
+            .await
+            .map_err(|e| relay_failed(e.into()))?;
+        self.nats
+            .client
+            .flush()
+            .await
+            .map_err(|e| relay_failed(e.into()))?;
+        let forwarded = Forwarded::Connect {
+            namespace: target.name().to_string(),
+            name: name.to_string(),
+            node: self.me().clone(),
+            conn,
+            request: Box::new(http::Request::from_parts(parts.clone(), Bytes::new())),
+        };
+        let remote = self
+            .route(
+                &id,
+                active,
+                forwarded,
+                || {
+                    let connected = target.connect(name, socket.clone(), parts.clone());
+                    async move { connected.await.map(|()| None) }
+                },
+                |answer| match answer {
+                    Answer::Socket { owner, socket } => Ok(Some((owner, socket))),
+                    _ => Err(Error::Unavailable(format!(
+                        "{id}: an answer of another kind"
+                    ))),
+                },
+            )
+            .await?;
+        let Some((owner, proxy)) = remote else {
+            return Ok(SocketLink::Here);
+        };
+        self.relayed_here.fetch_add(1, Ordering::Relaxed);
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let node = self.clone();
+        let watched = owner.clone();
+        let feeding = tokio::spawn(sockets::feed(
+            frames,
+            socket,
+            move || node.membership.alive(&watched),
+            stop.clone(),
+        ));
+        Ok(SocketLink::Remote(RemoteLink {
+            owner,
+            namespace: target.name().to_string(),
+            name: name.to_string(),
+            socket: proxy,
+            feeding,
+            stop,
+        }))
+    }
+
+    /// A client's message on a relayed socket, to its object on the owner.
+    pub(crate) async fn remote_message(&self, link: &RemoteLink, message: Inbound) -> Result<()> {
+        let call = Forwarded::SocketMessage {
+            namespace: link.namespace.clone(),
+            name: link.name.clone(),
+            socket: link.socket,
+            message,
+        };
+        self.remote_call(link, &call).await
+    }
+
+    /// The client of a relayed socket went away: the owner tells the object.
+    pub(crate) async fn remote_closed(&self, link: RemoteLink) {
+        link.feeding.abort();
+        self.relayed_here.fetch_sub(1, Ordering::Relaxed);
+        let call = Forwarded::SocketClosed {
+            namespace: link.namespace.clone(),
+            name: link.name.clone(),
+            socket: link.socket,
+        };
+        if let Err(e) = self.remote_call(&link, &call).await {
+            // The owner died (its sockets died with it) or will see this node die.
+            debug!(object = %link.name, error = %e, "a relayed socket's close not delivered");
+        }
+    }
+
+    async fn remote_call(&self, link: &RemoteLink, call: &Forwarded) -> Result<()> {
+        match self.send_watching(&link.owner, call).await {
+            Ok(Answer::Done) => Ok(()),
+            Ok(Answer::Failed(e)) => Err(e),
+            Ok(_) => Err(Error::Unavailable(format!(
+                "{}/{}: an answer of another kind",
+                link.namespace, link.name
+            ))),
+            Err(e) => Err(Error::Unavailable(format!(
+                "{}/{}: the owner, node {}: {e}",
+                link.namespace, link.name, link.owner
+            ))),
+        }
     }
 
     /// Subscribes `socket` to `channel` on this node, from a copy of the channel kept

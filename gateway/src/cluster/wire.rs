@@ -14,8 +14,9 @@ use dormouse_actors::channel::{
     ChannelInfo, ChannelRequest, ChannelResponse, Control, Event, EventId, HistoryPage, NewMessage,
     Published, Start,
 };
+use dormouse_cluster::NodeId;
 use dormouse_cluster::wire::{Reader, Undecodable, len32, put_bytes, put_opt_str, put_str};
-use dormouse_runtime::{Error, HttpRequest, HttpResponse};
+use dormouse_runtime::{Error, HttpRequest, HttpResponse, Inbound};
 
 const VERSION: u8 = 1;
 
@@ -29,6 +30,28 @@ pub(crate) enum Forwarded {
         namespace: String,
         name: String,
         request: Box<HttpRequest>,
+    },
+    /// A WebSocket to a user object, connected to `node` (the sender) as its connection
+    /// `conn`: the owner gives the object a socket whose frames it relays there.
+    Connect {
+        namespace: String,
+        name: String,
+        node: NodeId,
+        conn: u64,
+        request: Box<HttpRequest>,
+    },
+    /// A client's message on a socket relayed by the owner (`socket` is the owner's id).
+    SocketMessage {
+        namespace: String,
+        name: String,
+        socket: u64,
+        message: Inbound,
+    },
+    /// The client of a relayed socket went away.
+    SocketClosed {
+        namespace: String,
+        name: String,
+        socket: u64,
     },
 }
 
@@ -70,6 +93,13 @@ pub(crate) enum Answer {
     Channel(ChannelResponse),
     Http(HttpResponse),
     Failed(Error),
+    /// A [`Forwarded::Connect`] accepted: the owner and its id for the socket.
+    Socket {
+        owner: NodeId,
+        socket: u64,
+    },
+    /// A socket message or close delivered.
+    Done,
 }
 
 fn start_bytes(out: &mut BytesMut) {
@@ -127,13 +157,88 @@ pub(crate) fn encode_forwarded(call: &Forwarded) -> Bytes {
             out.put_u8(2);
             put_str(&mut out, namespace);
             put_str(&mut out, name);
-            put_str(&mut out, request.method().as_str());
-            put_str(&mut out, &request.uri().to_string());
-            put_headers(&mut out, request.headers());
-            put_bytes(&mut out, request.body());
+            put_request(&mut out, request);
+        }
+        Forwarded::Connect {
+            namespace,
+            name,
+            node,
+            conn,
+            request,
+        } => {
+            out.put_u8(3);
+            put_str(&mut out, namespace);
+            put_str(&mut out, name);
+            put_node(&mut out, node);
+            out.put_u64(*conn);
+            put_request(&mut out, request);
+        }
+        Forwarded::SocketMessage {
+            namespace,
+            name,
+            socket,
+            message,
+        } => {
+            out.put_u8(4);
+            put_str(&mut out, namespace);
+            put_str(&mut out, name);
+            out.put_u64(*socket);
+            match message {
+                Inbound::Text(text) => {
+                    out.put_u8(0);
+                    put_str(&mut out, text);
+                }
+                Inbound::Binary(bytes) => {
+                    out.put_u8(1);
+                    put_bytes(&mut out, bytes);
+                }
+            }
+        }
+        Forwarded::SocketClosed {
+            namespace,
+            name,
+            socket,
+        } => {
+            out.put_u8(5);
+            put_str(&mut out, namespace);
+            put_str(&mut out, name);
+            out.put_u64(*socket);
         }
     }
     out.freeze()
+}
+
+fn put_request(out: &mut BytesMut, request: &HttpRequest) {
+    put_str(out, request.method().as_str());
+    put_str(out, &request.uri().to_string());
+    put_headers(out, request.headers());
+    put_bytes(out, request.body());
+}
+
+fn read_request(r: &mut Reader<'_>) -> Result<HttpRequest, Undecodable> {
+    let method = r.str()?;
+    let uri = r.str()?;
+    let headers = read_headers(r)?;
+    let body = Bytes::copy_from_slice(r.bytes()?);
+    let mut request = http::Request::builder()
+        .method(method.as_str())
+        .uri(uri.as_str())
+        .body(body)
+        .map_err(|e| Undecodable(format!("a forwarded request: {e}")))?;
+    *request.headers_mut() = headers;
+    Ok(request)
+}
+
+fn put_node(out: &mut BytesMut, node: &NodeId) {
+    put_str(out, &node.name);
+    out.put_u64(node.incarnation);
+}
+
+fn read_node(r: &mut Reader<'_>) -> Result<NodeId, Undecodable> {
+    Ok(NodeId {
+        name: r.str()?,
+        incarnation: r.u64()?,
+    })
 }
 
 pub(crate) fn decode_forwarded(bytes: &[u8]) -> Result<Forwarded, Undecodable> {
@@ -174,25 +279,33 @@ pub(crate) fn decode_forwarded(bytes: &[u8]) -> Result<Forwarded, Undecodable> {
             };
             Forwarded::Channel { name, call }
         }
-        2 => {
-            let namespace = r.str()?;
-            let name = r.str()?;
-            let method = r.str()?;
-            let uri = r.str()?;
-            let headers = read_headers(&mut r)?;
-            let body = Bytes::copy_from_slice(r.bytes()?);
-            let mut request = http::Request::builder()
-                .method(method.as_str())
-                .uri(uri.as_str())
-                .body(body)
-                .map_err(|e| Undecodable(format!("a forwarded request: {e}")))?;
-            *request.headers_mut() = headers;
-            Forwarded::Fetch {
-                namespace,
-                name,
-                request: Box::new(request),
-            }
-        }
+        2 => Forwarded::Fetch {
+            namespace: r.str()?,
+            name: r.str()?,
+            request: Box::new(read_request(&mut r)?),
+        },
+        3 => Forwarded::Connect {
+            namespace: r.str()?,
+            name: r.str()?,
+            node: read_node(&mut r)?,
+            conn: r.u64()?,
+            request: Box::new(read_request(&mut r)?),
+        },
+        4 => Forwarded::SocketMessage {
+            namespace: r.str()?,
+            name: r.str()?,
+            socket: r.u64()?,
+            message: match r.u8()? {
+                0 => Inbound::Text(r.str()?),
+                1 => Inbound::Binary(Bytes::copy_from_slice(r.bytes()?)),
+                other => return Err(Undecodable(format!("socket message kind {other}"))),
+            },
+        },
+        5 => Forwarded::SocketClosed {
+            namespace: r.str()?,
+            name: r.str()?,
+            socket: r.u64()?,
+        },
         other => return Err(Undecodable(format!("call kind {other}"))),
     };
     r.end()?;
@@ -217,6 +330,12 @@ pub(crate) fn encode_answer(answer: &Answer) -> Bytes {
             put_headers(&mut out, response.headers());
             put_bytes(&mut out, response.body());
         }
+        Answer::Socket { owner, socket } => {
+            out.put_u8(3);
+            put_node(&mut out, owner);
+            out.put_u64(*socket);
+        }
+        Answer::Done => out.put_u8(4),
     }
     out.freeze()
 }
@@ -238,6 +357,11 @@ pub(crate) fn decode_answer(bytes: &[u8]) -> Result<Answer, Undecodable> {
             *response.headers_mut() = headers;
             Answer::Http(response)
         }
+        3 => Answer::Socket {
+            owner: read_node(&mut r)?,
+            socket: r.u64()?,
+        },
+        4 => Answer::Done,
         other => return Err(Undecodable(format!("answer kind {other}"))),
     };
     r.end()?;
@@ -540,6 +664,76 @@ mod tests {
         assert!(
             matches!(&*inner, dormouse_storage::Error::NotOwner { owner: Some(o), .. } if o == "n2")
         );
+    }
+
+    #[test]
+    fn socket_calls_and_answers_cross_unchanged() {
+        let node = NodeId {
+            name: "n-1".into(),
+            incarnation: u64::MAX,
+        };
+        let connect = Forwarded::Connect {
+            namespace: "rooms".into(),
+            name: "lobby".into(),
+            node: node.clone(),
+            conn: 77,
+            request: Box::new(
+                http::Request::builder()
+                    .uri("/ws?name=ann")
+                    .body(Bytes::new())
+                    .unwrap(),
+            ),
+        };
+        let Forwarded::Connect {
+            node: back,
+            conn,
+            request,
+            ..
+        } = decode_forwarded(&encode_forwarded(&connect)).unwrap()
+        else {
+            panic!("another call came out");
+        };
+        assert_eq!((back, conn), (node.clone(), 77));
+        assert_eq!(request.uri(), "/ws?name=ann");
+        for message in [
+            Inbound::Text("hé".into()),
+            Inbound::Binary(Bytes::from_static(b"\0\xff")),
+        ] {
+            let call = Forwarded::SocketMessage {
+                namespace: "rooms".into(),
+                name: "lobby".into(),
+                socket: 5,
+                message: message.clone(),
+            };
+            let Forwarded::SocketMessage {
+                socket, message: m, ..
+            } = decode_forwarded(&encode_forwarded(&call)).unwrap()
+            else {
+                panic!("another call came out");
+            };
+            assert_eq!((socket, m), (5, message));
+        }
+        let closed = Forwarded::SocketClosed {
+            namespace: "rooms".into(),
+            name: "lobby".into(),
+            socket: 9,
+        };
+        assert!(matches!(
+            decode_forwarded(&encode_forwarded(&closed)).unwrap(),
+            Forwarded::SocketClosed { socket: 9, .. }
+        ));
+        let Answer::Socket { owner, socket } = decode_answer(&encode_answer(&Answer::Socket {
+            owner: node.clone(),
+            socket: 3,
+        }))
+        .unwrap() else {
+            panic!("another answer came out");
+        };
+        assert_eq!((owner, socket), (node, 3));
+        assert!(matches!(
+            decode_answer(&encode_answer(&Answer::Done)).unwrap(),
+            Answer::Done
+        ));
     }
 
     #[test]
