@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -162,13 +163,17 @@ impl Membership {
             .await
             .map_err(|e| DirectoryError::new(format!("announcing node {me}"), e))?;
         let every = heartbeat_every(spec.node_ttl);
+        // When this node's last heartbeat was written (ms since the epoch, this clock).
+        let written = Arc::new(AtomicU64::new(now_ms()));
         let (store, key, value) = (nodes.clone(), token(&me.name), me.encode());
+        let wrote = written.clone();
         let heartbeat = tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
-                if let Err(e) = store.put(&key, value.clone()).await {
-                    tracing::warn!(error = %e, "node heartbeat not written; retrying");
+                match store.put(&key, value.clone()).await {
+                    Ok(_) => wrote.store(now_ms(), Ordering::Relaxed),
+                    Err(e) => tracing::warn!(error = %e, "node heartbeat not written; retrying"),
                 }
             }
         });
@@ -180,23 +185,52 @@ impl Membership {
             .await
             .map_err(|e| DirectoryError::new("watching the nodes bucket", e))?;
         let watched = seen.clone();
+        let store = nodes.clone();
         let watch = tokio::spawn(async move {
-            while let Some(update) = updates.next().await {
-                let Ok(entry) = update else { continue };
-                let mut seen = watched.lock().unwrap_or_else(PoisonError::into_inner);
-                match (entry.operation, NodeId::decode(&entry.value)) {
-                    (Operation::Put, Some(node)) => {
-                        let nanos =
-                            u64::try_from(entry.created.unix_timestamp_nanos()).unwrap_or(0);
-                        let at = UNIX_EPOCH + Duration::from_nanos(nanos);
-                        seen.announced(&mine, node, at, ttl);
+            let mut check = tokio::time::interval_at(tokio::time::Instant::now() + ttl, every);
+            check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                let renew = tokio::select! {
+                    update = updates.next() => match update {
+                        Some(Ok(entry)) => {
+                            let mut seen = watched.lock().unwrap_or_else(PoisonError::into_inner);
+                            match (entry.operation, NodeId::decode(&entry.value)) {
+                                (Operation::Put, Some(node)) => {
+                                    let nanos = u64::try_from(entry.created.unix_timestamp_nanos())
+                                        .unwrap_or(0);
+                                    let at = UNIX_EPOCH + Duration::from_nanos(nanos);
+                                    seen.announced(&mine, node, at, ttl);
+                                }
+                                _ => {
+                                    seen.nodes.remove(&entry.key);
+                                }
+                            }
+                            false
+                        }
+                        Some(Err(_)) => false,
+                        None => true,
+                    },
+                    _ = check.tick() => {
+                        // This node's heartbeats are written but do not come back: the
+                        // watch itself is stuck (its consumer went with a NATS server).
+                        let seen = watched.lock().unwrap_or_else(PoisonError::into_inner);
+                        let heard = seen.nodes.get(&mine.name).map(|(_, at)| *at);
+                        let written_ms = written.load(Ordering::Relaxed);
+                        now_ms().saturating_sub(written_ms) < 2 * every.as_millis() as u64
+                            && heard.is_none_or(|at| !fresh(at, ttl))
                     }
-                    _ => {
-                        seen.nodes.remove(&entry.key);
+                };
+                if renew {
+                    tracing::warn!("the nodes bucket's watch stopped; watching it again");
+                    match store.watch_with_history(">").await {
+                        Ok(again) => updates = again,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "watching the nodes bucket failed; retrying");
+                            tokio::time::sleep(every).await;
+                        }
                     }
                 }
             }
-            tracing::warn!("the nodes bucket's watch ended; liveness is no longer updated");
         });
         Ok(Self {
             me,
@@ -351,6 +385,12 @@ impl Drop for Membership {
     }
 }
 
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Announced at `at` and not older than `ttl` now. A clock that went back counts as fresh.
 fn fresh(at: SystemTime, ttl: Duration) -> bool {
     SystemTime::now()
@@ -453,7 +493,18 @@ impl Directory {
                 continue;
             };
             if &owner == me {
-                return Ok(Claim::Mine { revision });
+                // Its own entry, perhaps with a release of this revision still on its way
+                // (the object hibernated a moment ago): a new revision makes that release
+                // miss, so the entry cannot vanish under the activation starting now.
+                match self.owners.update(&key, me.encode(), revision).await {
+                    Ok(revision) => return Ok(Claim::Mine { revision }),
+                    // Released or taken in between: look again.
+                    Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => continue,
+                    Err(e) => {
+                        last_error = Some(DirectoryError::new(format!("claiming {object}"), e));
+                        continue;
+                    }
+                }
             }
             if alive(&owner) {
                 return Ok(Claim::Theirs(owner));

@@ -155,18 +155,24 @@ async fn connect(
                 let sent = match (&link, &cluster) {
                     (SocketLink::Remote(_), _) if broken => continue,
                     (SocketLink::Remote(remote), Some(cluster)) => {
-                        cluster.remote_message(remote, message).await
+                        match cluster.remote_message(remote, message).await {
+                            Ok(()) => Ok(()),
+                            Err(failure) => {
+                                // The owner no longer has the socket (it died, restarted
+                                // or lost it): the client reconnects to wherever the object
+                                // runs now.
+                                if failure.lost {
+                                    remote.give_up();
+                                    broken = true;
+                                }
+                                Err(failure.error)
+                            }
+                        }
                     }
                     _ => target.socket_message(&name, socket_id, message).await,
                 };
                 if let Err(e) = sent {
                     tracing::warn!(object = %name, error = %crate::logging::error_chain(&e), "socket message failed");
-                    // A relayed socket the owner no longer has (it died, restarted or
-                    // let the object go): the client reconnects to wherever it runs now.
-                    if let SocketLink::Remote(remote) = &link {
-                        remote.give_up();
-                        broken = true;
-                    }
                 }
             }
             let closed = match (link, &cluster) {

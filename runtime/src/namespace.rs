@@ -604,13 +604,17 @@ impl<O: Object> Shared<O> {
         };
         // Under the shard's lock: a successor activation of this name (created under it
         // too) finds the object released, never half-way. An object whose clients stay
-        // connected here is parked instead, so it wakes where its sockets are.
+        // connected here is parked instead, so it wakes where its sockets are. (A socket
+        // whose close is still to be reported does not hold the object here: that report
+        // wakes it, wherever it runs next.)
         self.forget_eviction(&slot);
         sockets.prune();
-        if sockets.is_empty() {
-            self.storage.release(&args.id);
-        } else {
+        if sockets.live() > 0 {
             self.storage.park(&args.id);
+        } else {
+            self.storage.release(&args.id);
+        }
+        if !sockets.is_empty() {
             shard.parked.insert(name, std::mem::take(sockets));
         }
         if shard.hibernated.insert(hash) {

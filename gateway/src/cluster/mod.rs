@@ -108,7 +108,9 @@ pub(crate) enum SocketLink {
     Remote(RemoteLink),
 }
 
-/// A connection here relayed to its object's socket on another node.
+/// A connection here relayed to its object's socket on another node. Dropped without
+/// [`ClusterNode::remote_closed`] (the upgrade never happened, the handler was cancelled),
+/// it still tells the owner, so the object does not keep a socket nobody reads.
 pub(crate) struct RemoteLink {
     owner: NodeId,
     namespace: String,
@@ -119,13 +121,72 @@ pub(crate) struct RemoteLink {
     feeding: tokio::task::JoinHandle<()>,
     /// Ends the feed, closing the client so it reconnects.
     stop: Arc<tokio::sync::Notify>,
+    node: std::sync::Weak<ClusterNode>,
+    /// The owner was told of the close.
+    closed: bool,
 }
 
 impl RemoteLink {
-    /// Gives the link up (the owner refused a message): the client is closed with 1012 and
-    /// reconnects, to wherever its object runs now.
+    /// Gives the link up (the owner no longer has the socket): the client is closed with
+    /// 1012 and reconnects, to wherever its object runs now.
     pub(crate) fn give_up(&self) {
         self.stop.notify_one();
+    }
+
+    fn close_call(&self) -> Forwarded {
+        Forwarded::SocketClosed {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            socket: self.socket,
+        }
+    }
+}
+
+impl Drop for RemoteLink {
+    fn drop(&mut self) {
+        self.feeding.abort();
+        let Some(node) = self.node.upgrade() else {
+            return;
+        };
+        node.relayed_here.fetch_sub(1, Ordering::Relaxed);
+        if !self.closed {
+            let (owner, call) = (self.owner.clone(), self.close_call());
+            tokio::spawn(async move {
+                let _ = remote_call(&node, &owner, &call).await;
+            });
+        }
+    }
+}
+
+/// Why a call about a relayed socket failed, and whether the owner lost the socket.
+#[derive(Debug)]
+pub(crate) struct RemoteFailure {
+    pub(crate) error: Error,
+    /// The owner no longer has the socket: the connection should be closed.
+    pub(crate) lost: bool,
+}
+
+/// A call about a relayed socket, to its owner.
+async fn remote_call(
+    node: &ClusterNode,
+    owner: &NodeId,
+    call: &Forwarded,
+) -> std::result::Result<(), RemoteFailure> {
+    match node.send_watching(owner, call).await {
+        Ok(Answer::Done) => Ok(()),
+        Ok(Answer::Failed(error)) => Err(RemoteFailure {
+            lost: node.owner_named(&error).is_some(),
+            error,
+        }),
+        Ok(_) => Err(RemoteFailure {
+            error: Error::Unavailable("an answer of another kind".into()),
+            lost: false,
+        }),
+        // Nobody answers for it, it restarted, or it stopped counting as alive.
+        Err(e) => Err(RemoteFailure {
+            error: Error::Unavailable(format!("the owner, node {owner}: {e}")),
+            lost: true,
+        }),
     }
 }
 
@@ -380,17 +441,24 @@ impl ClusterNode {
         })
         .await?;
         *self.rpc.lock().unwrap_or_else(PoisonError::into_inner) = Some(server);
-        // The relayed sockets of a node that died are reported closed to their objects.
+        // The relayed sockets of a node that died, or whose connection is gone, are
+        // reported closed to their objects.
         let node = Arc::downgrade(self);
         let watch = tokio::spawn(async move {
             let mut tick = tokio::time::interval(sockets::LIVENESS_EVERY);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut probed = tokio::time::Instant::now();
             loop {
                 tick.tick().await;
                 let Some(node) = node.upgrade() else { return };
-                for socket in node.relays.orphans(|n| node.membership.alive(n)) {
+                let mut gone = node.relays.orphans(|n| node.membership.alive(n));
+                if probed.elapsed() >= sockets::PROBE_EVERY {
+                    probed = tokio::time::Instant::now();
+                    gone.extend(node.relays.unheard(&node.nats).await);
+                }
+                for socket in gone {
                     if let Err(e) = node.relays.closed(&node.nats, socket).await {
-                        warn!(socket, error = %e, "a dead node's socket was not reported closed");
+                        warn!(socket, error = %e, "a lost socket was not reported closed yet; retrying");
                     }
                 }
             }
@@ -533,10 +601,15 @@ impl ClusterNode {
             }) => match state.object_namespace(&namespace) {
                 None => self.not_mounted(&namespace),
                 Some(_) if !self.relays.holds(socket) => {
-                    Answer::Failed(Error::Unavailable(format!(
-                        "{namespace}/{name}: socket {socket} is no longer connected on node {}",
-                        self.me()
-                    )))
+                    // As for an object that moved: the client reconnects to find it.
+                    Answer::Failed(Error::from(dormouse_storage::Error::NotOwner {
+                        id: ObjectId::new(namespace.as_str(), name.as_str()),
+                        owner: None,
+                        reason: format!(
+                            "its socket {socket} is no longer connected on node {}",
+                            self.me()
+                        ),
+                    }))
                 }
                 Some(target) => match target.socket_message(&name, socket, message).await {
                     Ok(()) => Answer::Done,
@@ -830,12 +903,13 @@ impl ClusterNode {
         };
         self.relayed_here.fetch_add(1, Ordering::Relaxed);
         let stop = Arc::new(tokio::sync::Notify::new());
-        let node = self.clone();
+        let node = Arc::downgrade(self);
         let watched = owner.clone();
         let feeding = tokio::spawn(sockets::feed(
+            self.nats.client.clone(),
             frames,
             socket,
-            move || node.membership.alive(&watched),
+            move || node.upgrade().is_some_and(|n| n.membership.alive(&watched)),
             stop.clone(),
         ));
         Ok(SocketLink::Remote(RemoteLink {
@@ -845,47 +919,38 @@ impl ClusterNode {
             socket: proxy,
             feeding,
             stop,
+            node: Arc::downgrade(self),
+            closed: false,
         }))
     }
 
-    /// A client's message on a relayed socket, to its object on the owner.
-    pub(crate) async fn remote_message(&self, link: &RemoteLink, message: Inbound) -> Result<()> {
+    /// A client's message on a relayed socket, to its object on the owner. A failure that
+    /// means the owner no longer has the socket (it died, restarted, or lost it) says so,
+    /// so the connection can be closed for the client to reconnect; the object's own
+    /// errors leave the connection as a local one would.
+    pub(crate) async fn remote_message(
+        &self,
+        link: &RemoteLink,
+        message: Inbound,
+    ) -> std::result::Result<(), RemoteFailure> {
         let call = Forwarded::SocketMessage {
             namespace: link.namespace.clone(),
             name: link.name.clone(),
             socket: link.socket,
             message,
         };
-        self.remote_call(link, &call).await
+        remote_call(self, &link.owner, &call).await
     }
 
     /// The client of a relayed socket went away: the owner tells the object.
-    pub(crate) async fn remote_closed(&self, link: RemoteLink) {
+    pub(crate) async fn remote_closed(&self, mut link: RemoteLink) {
+        link.closed = true;
         link.feeding.abort();
-        self.relayed_here.fetch_sub(1, Ordering::Relaxed);
-        let call = Forwarded::SocketClosed {
-            namespace: link.namespace.clone(),
-            name: link.name.clone(),
-            socket: link.socket,
-        };
-        if let Err(e) = self.remote_call(&link, &call).await {
-            // The owner died (its sockets died with it) or will see this node die.
-            debug!(object = %link.name, error = %e, "a relayed socket's close not delivered");
-        }
-    }
-
-    async fn remote_call(&self, link: &RemoteLink, call: &Forwarded) -> Result<()> {
-        match self.send_watching(&link.owner, call).await {
-            Ok(Answer::Done) => Ok(()),
-            Ok(Answer::Failed(e)) => Err(e),
-            Ok(_) => Err(Error::Unavailable(format!(
-                "{}/{}: an answer of another kind",
-                link.namespace, link.name
-            ))),
-            Err(e) => Err(Error::Unavailable(format!(
-                "{}/{}: the owner, node {}: {e}",
-                link.namespace, link.name, link.owner
-            ))),
+        let call = link.close_call();
+        if let Err(e) = remote_call(self, &link.owner, &call).await {
+            // The owner died (its sockets died with it) or will find the connection gone
+            // when it next probes it.
+            debug!(object = %link.name, error = %e.error, "a relayed socket's close not delivered");
         }
     }
 

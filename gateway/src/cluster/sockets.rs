@@ -10,7 +10,10 @@
 //! - The client's messages and its close go to the owner as node-to-node calls naming the
 //!   proxy, one at a time, in the order the client sent them.
 //! - A node that dies takes its connections with it: the owner notices through membership
-//!   and reports each of its proxies closed to its object (`socket_close`), at least once.
+//!   and reports each of its proxies closed to its object (`socket_close`), at least once
+//!   (retried until the object was told). A close lost on the way from a live node (an
+//!   upgrade cancelled after the owner accepted, a call that timed out) is found by the
+//!   owner's probe of each connection's subject every [`PROBE_EVERY`].
 //!   An owner that dies (or restarts) takes the proxies with it: the connection's node
 //!   notices and closes the client with 1012 (service restart), and the client reconnects.
 //!
@@ -29,12 +32,19 @@ use dormouse_runtime::{DynNamespace, Outbound, Socket, SocketReceiver};
 use futures::StreamExt as _;
 use tracing::debug;
 
-/// Header: what a relayed frame is (`text`, `binary`, `close`, `end`).
+/// Header: what a relayed frame is (`text`, `binary`, `close`, `end`), or `probe` on the
+/// owner's question whether the connection is still there.
 const FRAME: &str = "Dm-Frame";
 /// Header on a `close` frame: its WebSocket close code.
 const CODE: &str = "Dm-Code";
 /// How often each side checks that the other side's node is still alive.
 pub(super) const LIVENESS_EVERY: Duration = Duration::from_secs(1);
+/// How often the owner asks whether each relayed connection is still there.
+pub(super) const PROBE_EVERY: Duration = Duration::from_secs(15);
+/// How long a probe waits; only "no responders" counts as gone.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Room a relayed frame keeps for its headers.
+const FRAME_ROOM: usize = 1024;
 /// The close code a client gets when the node owning its object went away: "service
 /// restart", which clients take as "reconnect".
 pub(super) const OWNER_GONE: u16 = 1012;
@@ -104,6 +114,8 @@ struct Relayed {
     name: String,
     relay: tokio::task::JoinHandle<()>,
     subject: String,
+    /// Its client is gone and the object is being told; retried until it is.
+    closing: bool,
 }
 
 /// The owner's side: every proxy socket this node holds for connections elsewhere, by the
@@ -123,13 +135,15 @@ impl Relays {
         self.lock().len()
     }
 
-    /// Whether the proxy `socket` is still held here.
+    /// Whether the proxy `socket` is held here, its client still connected.
     pub(super) fn holds(&self, socket: u64) -> bool {
-        self.lock().contains_key(&socket)
+        self.lock().get(&socket).is_some_and(|r| !r.closing)
     }
 
     /// Starts relaying what the object queues on `proxy` (whose receiving half is
-    /// `receiver`) to the client's connection `to`.
+    /// `receiver`) to the client's connection `to`. A frame larger than the NATS servers
+    /// take cannot be relayed, and skipping it would break the order: the connection is
+    /// closed with 1009 (message too big) instead.
     pub(super) fn start(
         &self,
         nats: &Nats,
@@ -142,11 +156,27 @@ impl Relays {
         let Connection { node, conn } = to;
         let subject = frames_subject(&node, conn);
         let client = nats.client.clone();
+        let max_payload = client.server_info().max_payload;
         let to = subject.clone();
         let held = self.held.clone();
+        // Registered before the relay can end, so its end always finds its entry.
+        let mut entries = self.lock();
         let relay = tokio::spawn(async move {
             loop {
-                let frame = receiver.recv().await;
+                let mut frame = receiver.recv().await;
+                let size = match &frame {
+                    Some(Outbound::Text(b) | Outbound::Binary(b)) => b.len(),
+                    _ => 0,
+                };
+                if size + FRAME_ROOM > max_payload {
+                    frame = Some(Outbound::Close {
+                        code: 1009,
+                        reason: format!(
+                            "a message of {size} bytes cannot travel between nodes (the NATS \
+                             servers take at most {max_payload})"
+                        ),
+                    });
+                }
                 let (headers, payload) = encode(frame.as_ref());
                 if let Err(e) = client
                     .publish_with_headers(to.clone(), headers, payload)
@@ -154,16 +184,16 @@ impl Relays {
                 {
                     debug!(error = %e, "a relayed frame was not sent");
                 }
-                if frame.is_none() {
+                if frame.is_none() || size + FRAME_ROOM > max_payload {
                     break;
                 }
             }
-            // The object let the socket go: nothing more to relay, nothing to report.
+            // The object let the socket go (or it was cut off): nothing more to relay.
             held.lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .remove(&proxy);
         });
-        self.lock().insert(
+        entries.insert(
             proxy,
             Relayed {
                 node,
@@ -171,33 +201,96 @@ impl Relays {
                 name,
                 relay,
                 subject,
+                closing: false,
             },
         );
     }
 
-    /// The client of `socket` went away (its node said so, or its node died): stop relaying
-    /// and tell the object, as a local connection's close would.
+    /// The client of `socket` went away (its node said so, died, or stopped answering
+    /// probes): stop relaying, close the client if it is in fact still there, and tell the
+    /// object, as a local connection's close would. Kept and retried by [`Relays::sweep`]
+    /// until the object has been told.
     pub(super) async fn closed(&self, nats: &Nats, socket: u64) -> dormouse_runtime::Result<()> {
-        let Some(relayed) = self.lock().remove(&socket) else {
-            return Ok(());
+        let (first, subject, target, name) = {
+            let mut entries = self.lock();
+            let Some(relayed) = entries.get_mut(&socket) else {
+                return Ok(());
+            };
+            let first = !relayed.closing;
+            relayed.closing = true;
+            // The receiver goes with the task, so the proxy reads as closed from now on.
+            relayed.relay.abort();
+            (
+                first,
+                relayed.subject.clone(),
+                relayed.target.clone(),
+                relayed.name.clone(),
+            )
         };
-        // The receiver goes with the task, so the proxy reads as closed from now on.
-        relayed.relay.abort();
-        // Whoever still listens (a node wrongly believed dead) closes its client.
-        let (headers, payload) = encode(None);
-        let _ = nats
-            .client
-            .publish_with_headers(relayed.subject, headers, payload)
-            .await;
-        relayed.target.socket_closed(&relayed.name, socket).await
+        if first {
+            // A node wrongly believed gone still has its client: close it so it reconnects.
+            for frame in [
+                Some(Outbound::Close {
+                    code: OWNER_GONE,
+                    reason: "this connection lost its object; reconnect".into(),
+                }),
+                None,
+            ] {
+                let (headers, payload) = encode(frame.as_ref());
+                let _ = nats
+                    .client
+                    .publish_with_headers(subject.clone(), headers, payload)
+                    .await;
+            }
+        }
+        target.socket_closed(&name, socket).await?;
+        self.lock().remove(&socket);
+        Ok(())
     }
 
-    /// Proxies whose connection's node no longer counts as alive.
+    /// Proxies to close: those whose connection's node no longer counts as alive, and those
+    /// whose close did not reach their object yet.
     pub(super) fn orphans(&self, alive: impl Fn(&NodeId) -> bool) -> Vec<u64> {
         self.lock()
             .iter()
-            .filter(|(_, relayed)| !alive(&relayed.node))
+            .filter(|(_, relayed)| relayed.closing || !alive(&relayed.node))
             .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Proxies whose connection nobody listens for any more: its node is alive but lost the
+    /// connection's close on the way (a cancelled upgrade, a call that timed out). Asks
+    /// each connection's subject; "no responders" means it is gone.
+    pub(super) async fn unheard(&self, nats: &Nats) -> Vec<u64> {
+        let asks: Vec<(u64, String)> = self
+            .lock()
+            .iter()
+            .filter(|(_, relayed)| !relayed.closing)
+            .map(|(id, relayed)| (*id, relayed.subject.clone()))
+            .collect();
+        let probes = asks.into_iter().map(|(id, subject)| async move {
+            let mut headers = HeaderMap::new();
+            headers.insert(FRAME, "probe");
+            for _ in 0..2 {
+                let asked = nats.client.request_with_headers(
+                    subject.clone(),
+                    headers.clone(),
+                    Bytes::new(),
+                );
+                match tokio::time::timeout(PROBE_TIMEOUT, asked).await {
+                    Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    // Answered, or busy: there.
+                    _ => return None,
+                }
+            }
+            Some(id)
+        });
+        futures::future::join_all(probes)
+            .await
+            .into_iter()
+            .flatten()
             .collect()
     }
 }
@@ -215,6 +308,7 @@ impl Drop for Relays {
 /// the owner stops counting as alive. Dropping the socket at the end lets the connection
 /// finish what is queued and close.
 pub(super) async fn feed(
+    client: async_nats::Client,
     mut frames: async_nats::Subscriber,
     socket: Socket,
     owner_alive: impl Fn() -> bool,
@@ -233,6 +327,11 @@ pub(super) async fn feed(
             }
             message = frames.next() => {
                 let Some(message) = message else { break };
+                if let Some(reply) = message.reply.clone() {
+                    // The owner asks whether this connection is still here: it is.
+                    let _ = client.publish(reply, Bytes::new()).await;
+                    continue;
+                }
                 match decode(&message) {
                     Some(Some(frame)) => {
                         if socket.send(frame) != dormouse_runtime::SendOutcome::Queued {
