@@ -6,9 +6,10 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use dormouse_testkit::browser::Browser;
 use dormouse_testkit::nats::NatsCluster;
 use dormouse_testkit::{ChildServer, PATIENCE, SseClient};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// One Dormouse node of the cluster.
 async fn node(nats: &NatsCluster, name: &str, dir: &Path) -> ChildServer {
@@ -23,6 +24,7 @@ async fn node(nats: &NatsCluster, name: &str, dir: &Path) -> ChildServer {
             // A forwarded publish travels in one NATS message (1MB by default).
             ("DORMOUSE_LIMITS_MAX_MESSAGE_SIZE", "512KiB"),
             ("DORMOUSE_CHANNELS_IDLE_TIMEOUT", "2s"),
+            ("DORMOUSE_ADMIN_ENABLED", "true"),
         ],
     )
     .await
@@ -239,4 +241,100 @@ async fn a_killed_owners_channel_is_served_by_another_node_with_its_history() {
         let events = node.all_history("orders").await;
         assert_eq!(events.len(), 11, "history through {:?}", node.addr);
     }
+}
+
+/// What the cluster panel of the admin page shows, as the data attributes its script keeps.
+const CLUSTER_PANEL: &str = r#"(() => {
+  const v = (id) => document.getElementById(id).dataset.value;
+  const t = (id) => document.getElementById(id).textContent;
+  return {
+    hidden: document.getElementById("cluster").hidden,
+    node: t("cluster-node"), nodes: t("cluster-nodes"),
+    alive: Number(v("cluster-alive")), held: Number(v("cluster-held")),
+    rtt: Number(v("cluster-rtt")), forwarded: Number(v("cluster-forwarded")),
+    fenced: Number(v("cluster-fenced")), nats: t("cluster-nats"),
+  };
+})()"#;
+
+/// The operator's view: `/metrics` and `/admin` (JSON and the page, in Chromium) show the
+/// nodes, what this node holds, forwards, fencing refusals and NATS latency.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_the_admin_page_show_the_cluster() {
+    let nats = NatsCluster::start(3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = three_nodes(&nats, dir.path()).await;
+    for i in 0..6 {
+        publish(&nodes[i % 3], "dashboard", &format!("m{i}"), None).await;
+    }
+    let metrics = nodes[0]
+        .client
+        .get(nodes[0].url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "dormouse_cluster_nodes_alive 3",
+        "dormouse_cluster_journal_append_seconds_total ",
+        "dormouse_cluster_nats_rtt_seconds ",
+        "dormouse_cluster_fenced_total 0",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l.starts_with(name)),
+            "no {name:?} in:\n{metrics}"
+        );
+    }
+    // Every node's own view: the one that owns the channel appended, the others forwarded.
+    let mut appends = 0;
+    let mut forwarded = 0;
+    for node in &nodes {
+        let stats: Value = node
+            .client
+            .get(node.url("/admin/api/stats"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let cluster = &stats["cluster"];
+        assert_eq!(cluster["nodes_alive"], json!(["n1", "n2", "n3"]), "{stats}");
+        assert_eq!(cluster["nats_connected"], true);
+        assert_eq!(cluster["fenced_total"], 0);
+        appends += cluster["appends_total"].as_u64().unwrap();
+        forwarded += cluster["forwarded_total"].as_u64().unwrap();
+    }
+    assert!(appends >= 6, "six publishes, {appends} appends");
+    assert!(
+        forwarded >= 4,
+        "two of three nodes forwarded theirs: {forwarded}"
+    );
+
+    // The page shows the cluster panel (it stays hidden on one node).
+    let browser = Browser::launch().await;
+    let mut page = browser.page().await;
+    page.call("Page.enable", json!({})).await;
+    page.call("Page.navigate", json!({"url": nodes[1].url("/admin")}))
+        .await;
+    let panel = page
+        .until(
+            "the cluster panel with three nodes and a NATS round trip",
+            CLUSTER_PANEL,
+            |v| {
+                v["hidden"] == false
+                    && v["alive"] == 3
+                    && v["rtt"].as_f64().is_some_and(|r| r > 0.0)
+            },
+        )
+        .await;
+    assert_eq!(panel["node"], "n2", "{panel}");
+    assert_eq!(panel["nodes"], "n1, n2, n3", "{panel}");
+    assert_eq!(panel["fenced"], 0, "{panel}");
+    assert!(
+        panel["nats"].as_str().unwrap().starts_with("connected to "),
+        "{panel}"
+    );
+    browser.close().await;
 }

@@ -82,5 +82,7 @@ pub(crate) async fn stats(State(state): State<AppState>) -> Json<Value> {
         "busiest_window_seconds": WINDOW,
         "max_history_page": state.settings.limits.max_history_page,
         "series": t.series(),
+        // A node of a cluster: its view of the cluster (absent on one node).
+        "cluster": state.cluster.as_ref().map(|c| c.admin_stats()),
     }))
 }

@@ -6,6 +6,7 @@
 //! meet the server as a user would.
 #![allow(missing_docs)]
 
+pub mod browser;
 pub mod nats;
 
 use std::collections::VecDeque;

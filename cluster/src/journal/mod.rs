@@ -95,6 +95,9 @@ pub struct JournalStats {
     pub appends: AtomicU64,
     /// Bytes of those messages' payloads.
     pub appended_bytes: AtomicU64,
+    /// Microseconds those appends took, from sending to the quorum's acknowledgement
+    /// (retries included): with `appends`, the replicated write latency operators watch.
+    pub append_micros: AtomicU64,
     /// Batches acknowledged to the runtime.
     pub batches: AtomicU64,
     /// Images written.
@@ -718,6 +721,7 @@ impl Inner {
                 me.incarnation
             );
             let len = part.len() as u64;
+            let started = std::time::Instant::now();
             match log
                 .append_headed_retrying(
                     &held.subject,
@@ -734,6 +738,8 @@ impl Inner {
                     first.get_or_insert(appended.sequence);
                     self.stats.appends.fetch_add(1, Ordering::Relaxed);
                     self.stats.appended_bytes.fetch_add(len, Ordering::Relaxed);
+                    let took = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                    self.stats.append_micros.fetch_add(took, Ordering::Relaxed);
                 }
                 Err(AppendError::Fenced { .. }) => {
                     return Err(Error::NotOwner {

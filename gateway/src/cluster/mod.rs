@@ -56,6 +56,8 @@ const PING_TIMEOUT: Duration = Duration::from_secs(2);
 const JETSTREAM_PATIENCE: Duration = Duration::from_secs(30);
 /// Room a forwarded message keeps for its headers and encoding.
 const ENVELOPE: usize = 4 * 1024;
+/// How often the NATS round trip is measured.
+const RTT_EVERY: Duration = Duration::from_secs(5);
 
 impl ClusterSettings {
     /// The NATS connection these settings describe.
@@ -81,8 +83,13 @@ pub struct ClusterNode {
     relays: sockets::Relays,
     /// Reports the relayed sockets of nodes that died to their objects.
     orphan_watch: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Other tasks of this node's, stopped when it leaves.
+    background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Connections here to objects owned by another node.
     pub(crate) relayed_here: AtomicU64,
+    /// The last round trip to the NATS server (a PING answered), in microseconds; 0 before
+    /// the first, or while none is answered.
+    nats_rtt_micros: Arc<AtomicU64>,
     /// The largest message the NATS servers take.
     max_payload: usize,
     /// Calls sent to another node, served for another node, and redirected because the
@@ -277,7 +284,9 @@ impl ClusterNode {
             rpc: Mutex::new(None),
             relays: sockets::Relays::default(),
             orphan_watch: Mutex::new(None),
+            background: Mutex::new(Vec::new()),
             relayed_here: AtomicU64::new(0),
+            nats_rtt_micros: Arc::new(AtomicU64::new(0)),
             max_payload,
             forwarded: AtomicU64::new(0),
             served: AtomicU64::new(0),
@@ -424,6 +433,27 @@ impl ClusterNode {
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
             );
         }
+        let seconds: [(&str, &str, &str, f64); 2] = [
+            (
+                "dormouse_cluster_nats_rtt_seconds",
+                "gauge",
+                "The last round trip to the NATS server (0 while none is answered)",
+                load(&self.nats_rtt_micros) as f64 / 1e6,
+            ),
+            (
+                "dormouse_cluster_journal_append_seconds_total",
+                "counter",
+                "Time journal appends took until the quorum acknowledged them; divide by \
+                 dormouse_cluster_journal_appends_total for the mean",
+                load(&journal.append_micros) as f64 / 1e6,
+            ),
+        ];
+        for (name, kind, help, value) in seconds {
+            let _ = write!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+            );
+        }
         out
     }
 
@@ -467,7 +497,54 @@ impl ClusterNode {
             .orphan_watch
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(watch);
+        // The NATS round trip, for /metrics and /admin.
+        let (client, rtt) = (self.nats.client.clone(), self.nats_rtt_micros.clone());
+        let measure = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(RTT_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let started = tokio::time::Instant::now();
+                let answered = tokio::time::timeout(PING_TIMEOUT, client.flush()).await;
+                let micros = match answered {
+                    Ok(Ok(())) => u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+                    _ => 0,
+                };
+                rtt.store(micros, Ordering::Relaxed);
+            }
+        });
+        self.background
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(measure);
         Ok(())
+    }
+
+    /// The figures `/admin` shows of this node's part in the cluster.
+    pub(crate) fn admin_stats(&self) -> serde_json::Value {
+        let journal = self.storage.stats();
+        let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
+        let connected =
+            self.nats.client.connection_state() == async_nats::connection::State::Connected;
+        serde_json::json!({
+            "node": self.me().name,
+            "nats_connected": connected,
+            "nats_server": self.nats.server,
+            "nats_rtt_ms": load(&self.nats_rtt_micros) as f64 / 1000.0,
+            "nodes_alive": self.alive_nodes(),
+            "objects_held": self.storage.held(),
+            "channel_copies": self.followed(),
+            "alarms_indexed": self.storage.alarms_indexed(),
+            "relayed_sockets": self.relays.len(),
+            "relayed_connections": load(&self.relayed_here),
+            "forwarded_total": load(&self.forwarded),
+            "served_total": load(&self.served),
+            "moved_total": load(&self.moved),
+            "appends_total": load(&journal.appends),
+            "append_seconds_total": load(&journal.append_micros) as f64 / 1e6,
+            "fenced_total": load(&journal.fenced),
+            "unreplicated_total": load(&journal.unreplicated),
+        })
     }
 
     /// An orderly stop: other nodes take this one's objects over at once.
@@ -483,6 +560,14 @@ impl ClusterNode {
             .take()
         {
             watch.abort();
+        }
+        for task in self
+            .background
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain(..)
+        {
+            task.abort();
         }
         self.membership.leave().await;
     }
