@@ -99,6 +99,12 @@ async fn handle(state: AppState, request: Request) -> Result<Response, ApiError>
     Ok(Response::from_parts(parts, Body::from(body)))
 }
 
+/// Whether `error` says another node owns the object now.
+fn moved(error: &dormouse_runtime::Error) -> bool {
+    matches!(error, dormouse_runtime::Error::Storage(inner)
+        if matches!(**inner, dormouse_storage::Error::NotOwner { .. }))
+}
+
 fn is_websocket(headers: &HeaderMap) -> bool {
     headers
         .get(axum::http::header::UPGRADE)
@@ -145,10 +151,12 @@ async fn connect(
     // Messages go to the object one at a time, in the order the client sent them; the close
     // goes last.
     let (forward, mut inbound) = mpsc::unbounded_channel::<Inbound>();
+    let lost = Arc::new(tokio::sync::Notify::new());
     let forwarder = {
         let target = target.clone();
         let name = name.clone();
         let cluster = state.cluster.clone();
+        let lost = lost.clone();
         async move {
             let mut broken = false;
             while let Some(message) = inbound.recv().await {
@@ -173,6 +181,11 @@ async fn connect(
                 };
                 if let Err(e) = sent {
                     tracing::warn!(object = %name, error = %crate::logging::error_chain(&e), "socket message failed");
+                    // Cluster mode: this node lost the object (it was paused or cut off
+                    // and another node took it over), and the socket with it.
+                    if moved(&e) {
+                        lost.notify_one();
+                    }
                 }
             }
             let closed = match (link, &cluster) {
@@ -193,7 +206,7 @@ async fn connect(
             .telemetry
             .connection_opened(ConnKind::Ws, false, &label),
         expires_at,
-        mode: Mode::Object { forward },
+        mode: Mode::Object { forward, lost },
         receiver,
         stopping: state.stopping.waiter(),
         ping_interval: settings.websocket.ping_interval,

@@ -143,6 +143,9 @@ pub(crate) enum Mode {
     /// A socket accepted by a user object: messages are forwarded, in order, to the object.
     Object {
         forward: mpsc::UnboundedSender<Inbound>,
+        /// Notified when the object is no longer reachable through this socket (cluster
+        /// mode: another node took it over): the client is closed with 1012 to reconnect.
+        lost: Arc<tokio::sync::Notify>,
     },
 }
 
@@ -301,6 +304,10 @@ impl WsSession {
         // is registered once (`stopping::StopWaiter`).
         let mut armed_for = self.expires_at;
         let mut expiry = deadline(armed_for);
+        let lost = match &self.mode {
+            Mode::Object { lost, .. } => Some(lost.clone()),
+            Mode::Channel { .. } => None,
+        };
         loop {
             if self.expires_at != armed_for {
                 armed_for = self.expires_at;
@@ -308,6 +315,7 @@ impl WsSession {
             }
             enum Wake {
                 Shutdown,
+                Lost,
                 Expired,
                 /// False when the object let go of the socket.
                 Outbound(bool),
@@ -318,6 +326,12 @@ impl WsSession {
             let wake = tokio::select! {
                 biased;
                 () = self.stopping.stopped() => Wake::Shutdown,
+                () = async {
+                    match &lost {
+                        Some(lost) => lost.notified().await,
+                        None => std::future::pending().await,
+                    }
+                } => Wake::Lost,
                 () = expired(&mut expiry) => Wake::Expired,
                 more = std::future::poll_fn(|cx| match self.receiver.poll_ready(cx) {
                     // Registered first, then checked: a direct write that leaves bytes
@@ -341,6 +355,14 @@ impl WsSession {
             match wake {
                 Wake::Shutdown => {
                     return close_with(ws, close::RESTART, "service restart").await;
+                }
+                Wake::Lost => {
+                    return close_with(
+                        ws,
+                        close::RESTART,
+                        "the object moved to another node; reconnect",
+                    )
+                    .await;
                 }
                 Wake::Expired => {
                     return close_with(ws, close::TOKEN_EXPIRED, "token expired").await;
@@ -393,7 +415,7 @@ impl WsSession {
                                 let answer = self.on_text(text.as_str());
                                 answers.get_or_insert_default().push_back(answer);
                             }
-                            Mode::Object { forward } => {
+                            Mode::Object { forward, .. } => {
                                 let _ = forward.send(Inbound::Text(text.as_str().to_string()));
                             }
                         },
@@ -407,7 +429,7 @@ impl WsSession {
                                 let answer = self.on_publish(message, None);
                                 answers.get_or_insert_default().push_back(answer);
                             }
-                            Mode::Object { forward } => {
+                            Mode::Object { forward, .. } => {
                                 let _ = forward.send(Inbound::Binary(data));
                             }
                         },

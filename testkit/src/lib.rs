@@ -725,6 +725,11 @@ impl ChildServer {
         std::fs::read_to_string(self.log.path()).unwrap_or_default()
     }
 
+    /// The child's process id (to pause it with SIGSTOP, say).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL, then reap: no shutdown, no flush, exactly like a crash.
     pub fn kill(mut self) {
         self.child.kill().expect("SIGKILL the server");

@@ -77,6 +77,10 @@ async fn close_code(ws: &mut Ws) -> u16 {
 }
 
 async fn start_node(nats: &NatsCluster, dir: &Path, name: &str) -> ChildServer {
+    start_node_idle(nats, dir, name, "1s").await
+}
+
+async fn start_node_idle(nats: &NatsCluster, dir: &Path, name: &str, idle: &str) -> ChildServer {
     let urls = nats.urls().join(",");
     let data = dir.join(name);
     std::fs::create_dir_all(&data).unwrap();
@@ -88,10 +92,39 @@ async fn start_node(nats: &NatsCluster, dir: &Path, name: &str) -> ChildServer {
             ("DORMOUSE_CLUSTER_NODE_NAME", name),
             ("DORMOUSE_CLUSTER_NODE_TTL", "2s"),
             ("DORMOUSE_LIMITS_MAX_MESSAGE_SIZE", "512KiB"),
-            ("CHAT_IDLE_TIMEOUT", "1s"),
+            ("CHAT_IDLE_TIMEOUT", idle),
         ],
     )
     .await
+}
+
+/// Joins `room` through `node`, retrying while the cluster settles who runs it (a call to a
+/// paused owner is answered 503 once its membership expires); the welcome message.
+async fn join_when_served(node: &ChildServer, room: &str, name: &str) -> (Ws, Value) {
+    let url = node.ws_url(&format!("/v1/objects/{NAMESPACE}/{room}/ws?name={name}"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok((mut ws, _)) = tokio_tungstenite::connect_async(url.as_str()).await {
+            let welcome = next(&mut ws).await;
+            if welcome["type"] == "welcome" {
+                return (ws, welcome);
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} could not join {room} through {}",
+            node.addr
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn signal(node: &ChildServer, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([signal, &node.pid().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill {signal} {}", node.pid());
 }
 
 /// The node placement gives `room` to among `nodes`.
@@ -335,4 +368,56 @@ async fn people_on_every_node_share_a_room_and_a_dead_node_leaves_it() {
         .collect();
     assert_eq!(texts, ["one", "two", "wake up"], "{welcome}");
     drop(alice);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_nodes_people_are_sent_to_the_rooms_new_node() {
+    let nats = NatsCluster::start(3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let room = "hall";
+    let owner = placed(room, &NODES);
+    let mut order: Vec<&str> = NODES.to_vec();
+    order.sort_by_key(|n| *n != owner);
+    let mut nodes = Vec::new();
+    for name in &order {
+        // Rooms stay awake: the paused node must come back with the room still running.
+        nodes.push(start_node_idle(&nats, dir.path(), name, "60s").await);
+    }
+    for node in &nodes {
+        until_alive(node, 3.0).await;
+    }
+    // Alice is on the room's node, Bob on another.
+    let mut alice = join(&nodes[0], room, "alice").await;
+    assert_eq!(next(&mut alice).await["members"], json!(["alice"]));
+    let mut bob = join(&nodes[1], room, "bob").await;
+    assert_eq!(next(&mut bob).await["members"], json!(["alice", "bob"]));
+    assert_eq!(next(&mut alice).await["type"], "join");
+
+    // The room's node stops past its TTL: Bob's next message finds it gone, his connection
+    // is closed to reconnect, and his rejoin takes the room over on another node.
+    signal(&nodes[0], "-STOP");
+    say(&mut bob, "anyone there?").await;
+    assert_eq!(close_code(&mut bob).await, 1012);
+    let (mut bob, welcome) = join_when_served(&nodes[1], room, "bob").await;
+    assert_eq!(welcome["members"], json!(["bob"]), "{welcome}");
+
+    // Back, the paused node still runs its copy of the room: Alice's message is refused by
+    // the journal there, and her connection is closed so she rejoins the room's new node.
+    signal(&nodes[0], "-CONT");
+    say(&mut alice, "I was away").await;
+    assert_eq!(close_code(&mut alice).await, 1012);
+    let (_alice, welcome) = join_when_served(&nodes[0], room, "alice").await;
+    assert_eq!(welcome["members"], json!(["alice", "bob"]), "{welcome}");
+    assert_eq!(
+        next(&mut bob).await,
+        json!({"type": "join", "name": "alice"})
+    );
+    // Only what the room's journal took is in its history.
+    let texts: Vec<&str> = welcome["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["text"].as_str())
+        .collect();
+    assert!(!texts.contains(&"I was away"), "{welcome}");
 }
