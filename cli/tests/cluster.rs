@@ -13,16 +13,11 @@ use serde_json::{Value, json};
 
 /// One Dormouse node of the cluster.
 async fn node(nats: &NatsCluster, name: &str, dir: &Path) -> ChildServer {
-    let urls = nats.urls().join(",");
-    ChildServer::start(
+    nats.node(
         Path::new(env!("CARGO_BIN_EXE_dormouse")),
         dir,
+        name,
         &[
-            ("DORMOUSE_CLUSTER_NATS_URLS", urls.as_str()),
-            ("DORMOUSE_CLUSTER_NODE_NAME", name),
-            ("DORMOUSE_CLUSTER_NODE_TTL", "2s"),
-            // A forwarded publish travels in one NATS message (1MB by default).
-            ("DORMOUSE_LIMITS_MAX_MESSAGE_SIZE", "512KiB"),
             ("DORMOUSE_CHANNELS_IDLE_TIMEOUT", "2s"),
             ("DORMOUSE_ADMIN_ENABLED", "true"),
         ],
@@ -33,9 +28,7 @@ async fn node(nats: &NatsCluster, name: &str, dir: &Path) -> ChildServer {
 async fn three_nodes(nats: &NatsCluster, dir: &Path) -> Vec<ChildServer> {
     let mut nodes = Vec::new();
     for name in ["n1", "n2", "n3"] {
-        let data = dir.join(name);
-        std::fs::create_dir_all(&data).unwrap();
-        nodes.push(node(nats, name, &data).await);
+        nodes.push(node(nats, name, dir).await);
     }
     nodes
 }
@@ -152,25 +145,9 @@ async fn any_node_serves_any_client_and_every_subscriber_gets_every_event_once_i
 async fn metric_sum(nodes: &[ChildServer], name: &str) -> u64 {
     let mut sum = 0;
     for node in nodes {
-        sum += metric(node, name).await;
+        sum += node.metric(name).await as u64;
     }
     sum
-}
-
-async fn metric(node: &ChildServer, name: &str) -> u64 {
-    let text = node
-        .client
-        .get(node.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|line| line.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} missing from /metrics"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -187,7 +164,7 @@ async fn a_killed_owners_channel_is_served_by_another_node_with_its_history() {
     // Which node owns it: the one holding it.
     let mut owner = None;
     for (i, node) in nodes.iter().enumerate() {
-        if metric(node, "dormouse_cluster_objects_held").await > 0 {
+        if node.metric("dormouse_cluster_objects_held").await > 0.0 {
             owner = Some(i);
         }
     }

@@ -379,6 +379,46 @@ impl Endpoint {
         body["id"].as_str().expect("id").to_string()
     }
 
+    /// One unlabelled value of the server's `/metrics`; panics, showing them all, when it
+    /// is missing.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = self
+            .client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("the metrics");
+        text.lines()
+            .find_map(|line| {
+                line.strip_prefix(name)?
+                    .strip_prefix(' ')?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+    }
+
+    /// Waits (up to [`PATIENCE`]) until [`Endpoint::metric`] of `name` is `value`.
+    pub async fn until_metric(&self, name: &str, value: f64) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let now = self.metric(name).await;
+            if now == value {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name} at {} stays {now}, not {value}",
+                self.addr
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// `GET path` as JSON, asserting `status`.
     pub async fn get_json(&self, path: &str, status: u16) -> Value {
         let res = self

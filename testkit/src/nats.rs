@@ -179,6 +179,30 @@ impl NatsCluster {
             .collect()
     }
 
+    /// Starts `binary` (a `dormouse` build or an example's) as cluster node `name`: given
+    /// every server's URL, a data dir `name` under `dir`, a node TTL of 2 s (tests see
+    /// deaths quickly), and a message limit a forwarded call fits in with NATS's default
+    /// `max_payload`; `vars` come last and win.
+    pub async fn node(
+        &self,
+        binary: &Path,
+        dir: &Path,
+        name: &str,
+        vars: &[(&str, &str)],
+    ) -> crate::ChildServer {
+        let data = dir.join(name);
+        std::fs::create_dir_all(&data).expect("a node's data dir");
+        let urls = self.urls().join(",");
+        let mut all = vec![
+            ("DORMOUSE_CLUSTER_NATS_URLS", urls.as_str()),
+            ("DORMOUSE_CLUSTER_NODE_NAME", name),
+            ("DORMOUSE_CLUSTER_NODE_TTL", "2s"),
+            ("DORMOUSE_LIMITS_MAX_MESSAGE_SIZE", "512KiB"),
+        ];
+        all.extend_from_slice(vars);
+        crate::ChildServer::start(binary, &data, &all).await
+    }
+
     /// The URL of server `i` alone.
     pub fn url(&self, i: usize) -> String {
         format!("nats://127.0.0.1:{}", self.servers[i].client_port)

@@ -21,27 +21,14 @@ const NODES: [&str; 3] = ["a", "b", "c"];
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn viewers_on_other_nodes_miss_nothing_when_the_runs_node_dies() {
     let nats = NatsCluster::start(3).await;
-    let urls = nats.urls().join(",");
     let dir = tempfile::tempdir().unwrap();
     let run = "run-c";
     let key = ClusterStorage::object_key(&ObjectId::new(NAMESPACE, run));
     let owner = place(&key, NODES).expect("a node");
     let mut nodes: Vec<Option<ChildServer>> = Vec::new();
     for name in NODES {
-        let data = dir.path().join(name);
-        std::fs::create_dir_all(&data).unwrap();
         nodes.push(Some(
-            ChildServer::start(
-                Path::new(BINARY),
-                &data,
-                &[
-                    ("DORMOUSE_CLUSTER_NATS_URLS", urls.as_str()),
-                    ("DORMOUSE_CLUSTER_NODE_NAME", name),
-                    ("DORMOUSE_CLUSTER_NODE_TTL", "2s"),
-                    ("DORMOUSE_LIMITS_MAX_MESSAGE_SIZE", "512KiB"),
-                ],
-            )
-            .await,
+            nats.node(Path::new(BINARY), dir.path(), name, &[]).await,
         ));
     }
     let owner_at = NODES.iter().position(|n| *n == owner).unwrap();

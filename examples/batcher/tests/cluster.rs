@@ -40,21 +40,15 @@ async fn a_killed_nodes_waiting_batches_are_shipped_by_a_survivor() {
     // Every batch waits (its alarm set again and again) until the sink recovers.
     upstream.set_failing(true);
     let nats = NatsCluster::start(3).await;
-    let urls = nats.urls().join(",");
     let dir = tempfile::tempdir().unwrap();
-    let mut nodes = Vec::new();
+    let mut nodes: Vec<ChildServer> = Vec::new();
     for name in NODES {
-        let data = dir.path().join(name);
-        std::fs::create_dir_all(&data).unwrap();
         nodes.push(
-            ChildServer::start(
+            nats.node(
                 Path::new(BINARY),
-                &data,
+                dir.path(),
+                name,
                 &[
-                    ("DORMOUSE_CLUSTER_NATS_URLS", urls.as_str()),
-                    ("DORMOUSE_CLUSTER_NODE_NAME", name),
-                    ("DORMOUSE_CLUSTER_NODE_TTL", "2s"),
-                    ("DORMOUSE_LIMITS_MAX_MESSAGE_SIZE", "512KiB"),
                     ("BATCHER_UPSTREAM", upstream.url.as_str()),
                     ("BATCHER_MAX_ROWS", "50"),
                     ("BATCHER_MAX_DELAY", "200ms"),
@@ -96,8 +90,8 @@ async fn a_killed_nodes_waiting_batches_are_shipped_by_a_survivor() {
     // Each node runs its own two streams (their alarms keep them awake), and every node
     // sees all six alarms in the index.
     for node in &nodes {
-        assert_eq!(metric(node, "dormouse_cluster_objects_held").await, 2.0);
-        assert_eq!(metric(node, "dormouse_cluster_alarms_indexed").await, 6.0);
+        assert_eq!(node.metric("dormouse_cluster_objects_held").await, 2.0);
+        assert_eq!(node.metric("dormouse_cluster_alarms_indexed").await, 6.0);
     }
     nodes.remove(1).kill();
     upstream.set_failing(false);
@@ -142,20 +136,4 @@ async fn a_killed_nodes_waiting_batches_are_shipped_by_a_survivor() {
             );
         }
     }
-}
-
-/// One value of a node's `/metrics`.
-async fn metric(node: &ChildServer, name: &str) -> f64 {
-    let text = node
-        .client
-        .get(node.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
 }

@@ -1,16 +1,16 @@
 //! Chat over the wire: real WebSocket clients against a real server.
 
+mod support;
+
 use std::time::Duration;
 
 use dormouse_runtime::NamespaceConfig;
 use dormouse_testkit::TestServer;
 use example_chat::{NAMESPACE, Room};
-use futures::{SinkExt, StreamExt};
+use futures::SinkExt;
 use serde_json::{Value, json};
+use support::{Ws, next, say};
 use tokio_tungstenite::tungstenite::Message;
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn start(idle: Duration) -> TestServer {
     TestServer::start_mounted(move |server| {
@@ -30,30 +30,6 @@ async fn join(server: &TestServer, room: &str, name: &str) -> (Ws, Value) {
     let welcome = next(&mut ws).await;
     assert_eq!(welcome["type"], "welcome", "{welcome}");
     (ws, welcome)
-}
-
-async fn next(ws: &mut Ws) -> Value {
-    tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match ws.next().await.expect("socket open").expect("frame") {
-                Message::Text(t) => return serde_json::from_str(&t).unwrap(),
-                Message::Close(frame) => {
-                    return json!({"type": "closed", "frame": format!("{frame:?}")});
-                }
-                _ => continue,
-            }
-        }
-    })
-    .await
-    .expect("a message in time")
-}
-
-async fn say(ws: &mut Ws, text: &str) {
-    ws.send(Message::Text(
-        json!({"type": "message", "text": text}).to_string().into(),
-    ))
-    .await
-    .unwrap();
 }
 
 #[tokio::test]

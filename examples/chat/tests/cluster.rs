@@ -4,6 +4,8 @@
 //! call arrives at; a node's death is a `leave` for its people, and the death of the
 //! room's node closes the others' sockets so they rejoin.
 
+mod support;
+
 use std::path::Path;
 use std::time::Duration;
 
@@ -14,10 +16,8 @@ use dormouse_testkit::nats::NatsCluster;
 use example_chat::NAMESPACE;
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
+use support::{Ws, next, say};
 use tokio_tungstenite::tungstenite::Message;
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 const NODES: [&str; 3] = ["a", "b", "c"];
 
@@ -25,30 +25,6 @@ async fn join(node: &ChildServer, room: &str, name: &str) -> Ws {
     let url = node.ws_url(&format!("/v1/objects/{NAMESPACE}/{room}/ws?name={name}"));
     let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
     ws
-}
-
-async fn next(ws: &mut Ws) -> Value {
-    tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match ws.next().await.expect("socket open").expect("frame") {
-                Message::Text(t) => return serde_json::from_str(&t).unwrap(),
-                Message::Close(frame) => {
-                    return json!({"type": "closed", "frame": format!("{frame:?}")});
-                }
-                _ => continue,
-            }
-        }
-    })
-    .await
-    .expect("a message in time")
-}
-
-async fn say(ws: &mut Ws, text: &str) {
-    ws.send(Message::Text(
-        json!({"type": "message", "text": text}).to_string().into(),
-    ))
-    .await
-    .unwrap();
 }
 
 /// The next message that is not a join or a leave.
@@ -81,21 +57,9 @@ async fn start_node(nats: &NatsCluster, dir: &Path, name: &str) -> ChildServer {
 }
 
 async fn start_node_idle(nats: &NatsCluster, dir: &Path, name: &str, idle: &str) -> ChildServer {
-    let urls = nats.urls().join(",");
-    let data = dir.join(name);
-    std::fs::create_dir_all(&data).unwrap();
-    ChildServer::start(
-        Path::new(env!("CARGO_BIN_EXE_example-chat")),
-        &data,
-        &[
-            ("DORMOUSE_CLUSTER_NATS_URLS", urls.as_str()),
-            ("DORMOUSE_CLUSTER_NODE_NAME", name),
-            ("DORMOUSE_CLUSTER_NODE_TTL", "2s"),
-            ("DORMOUSE_LIMITS_MAX_MESSAGE_SIZE", "512KiB"),
-            ("CHAT_IDLE_TIMEOUT", idle),
-        ],
-    )
-    .await
+    let binary = Path::new(env!("CARGO_BIN_EXE_example-chat"));
+    nats.node(binary, dir, name, &[("CHAT_IDLE_TIMEOUT", idle)])
+        .await
 }
 
 /// Joins `room` through `node`, retrying while the cluster settles who runs it (a call to a
@@ -133,50 +97,10 @@ fn placed<'a>(room: &str, nodes: &[&'a str]) -> &'a str {
     place(&key, nodes.iter().copied()).expect("a node")
 }
 
-async fn until_alive(node: &ChildServer, count: f64) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while metric(node, "dormouse_cluster_nodes_alive").await != count {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "node {} does not see {count} nodes",
-            node.addr
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 async fn get(node: &ChildServer, path: &str) -> Value {
     let response = node.client.get(node.url(path)).send().await.unwrap();
     assert_eq!(response.status(), 200, "GET {path}");
     response.json().await.unwrap()
-}
-
-/// One value of a node's `/metrics`.
-async fn metric(node: &ChildServer, name: &str) -> f64 {
-    let text = node
-        .client
-        .get(node.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
-}
-
-async fn until_held(node: &ChildServer, held: f64) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while metric(node, "dormouse_cluster_objects_held").await != held {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "node {} does not come to hold {held} objects",
-            node.addr
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -197,14 +121,16 @@ async fn a_hibernated_room_wakes_where_its_people_are_connected() {
     let mut bob = join(&a, &room, "bob").await;
     assert_eq!(next(&mut bob).await["members"], json!(["alice", "bob"]));
     assert_eq!(next(&mut alice).await["type"], "join");
-    until_held(&a, 1.0).await;
+    a.until_metric("dormouse_cluster_objects_held", 1.0).await;
     let b = start_node(&nats, dir.path(), "b").await;
-    until_alive(&a, 3.0).await;
-    until_alive(&b, 3.0).await;
+    a.until_metric("dormouse_cluster_nodes_alive", 3.0).await;
+    b.until_metric("dormouse_cluster_nodes_alive", 3.0).await;
     let nodes = [a, b, c];
 
     // The room hibernates on a with both people connected: its records leave a's memory.
-    until_held(&nodes[0], 0.0).await;
+    nodes[0]
+        .until_metric("dormouse_cluster_objects_held", 0.0)
+        .await;
     // A call through b (placement's choice for an unowned room) is served by a, where the
     // people are, not by a fresh room on b that knows nobody.
     let members = get(
@@ -213,13 +139,12 @@ async fn a_hibernated_room_wakes_where_its_people_are_connected() {
     )
     .await;
     assert_eq!(members["members"], json!(["alice", "bob"]), "{members}");
-    assert_eq!(
-        metric(&nodes[1], "dormouse_cluster_objects_held").await,
-        0.0
-    );
+    assert_eq!(nodes[1].metric("dormouse_cluster_objects_held").await, 0.0);
 
     // Hibernated again, a message from a socket wakes it on a and reaches everyone.
-    until_held(&nodes[0], 0.0).await;
+    nodes[0]
+        .until_metric("dormouse_cluster_objects_held", 0.0)
+        .await;
     alice
         .send(Message::Text(
             json!({"type": "message", "text": "after the nap"})
@@ -250,7 +175,9 @@ async fn a_hibernated_room_wakes_where_its_people_are_connected() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    until_held(&nodes[0], 0.0).await;
+    nodes[0]
+        .until_metric("dormouse_cluster_objects_held", 0.0)
+        .await;
     // Giving the directory entry up happens just after the records leave memory.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let members = get(
@@ -259,7 +186,9 @@ async fn a_hibernated_room_wakes_where_its_people_are_connected() {
     )
     .await;
     assert_eq!(members["members"], json!([]), "{members}");
-    until_held(&nodes[1], 1.0).await;
+    nodes[1]
+        .until_metric("dormouse_cluster_objects_held", 1.0)
+        .await;
     let history = get(
         &nodes[2],
         &format!("/v1/objects/{NAMESPACE}/{room}/history"),
@@ -290,7 +219,7 @@ async fn people_on_every_node_share_a_room_and_a_dead_node_leaves_it() {
         nodes.push(start_node(&nats, dir.path(), name).await);
     }
     for node in &nodes {
-        until_alive(node, 3.0).await;
+        node.until_metric("dormouse_cluster_nodes_alive", 3.0).await;
     }
     let mut alice = join(&nodes[0], room, "alice").await;
     assert_eq!(next(&mut alice).await["members"], json!(["alice"]));
@@ -309,17 +238,16 @@ async fn people_on_every_node_share_a_room_and_a_dead_node_leaves_it() {
         assert_eq!(next(ws).await, json!({"type": "join", "name": "carol"}));
     }
     assert_eq!(
-        metric(&nodes[0], "dormouse_cluster_relayed_sockets").await,
+        nodes[0].metric("dormouse_cluster_relayed_sockets").await,
         2.0
     );
     assert_eq!(
-        metric(&nodes[1], "dormouse_cluster_relayed_connections").await,
+        nodes[1]
+            .metric("dormouse_cluster_relayed_connections")
+            .await,
         1.0
     );
-    assert_eq!(
-        metric(&nodes[1], "dormouse_cluster_objects_held").await,
-        0.0
-    );
+    assert_eq!(nodes[1].metric("dormouse_cluster_objects_held").await, 0.0);
 
     // A message from a relayed socket reaches everyone, in order, once.
     say(&mut bob, "one").await;
@@ -337,7 +265,9 @@ async fn people_on_every_node_share_a_room_and_a_dead_node_leaves_it() {
     assert_eq!(members["members"], json!(["alice", "bob", "carol"]));
 
     // Asleep on a with its relayed sockets parked there, Carol's message wakes it there.
-    until_held(&nodes[0], 0.0).await;
+    nodes[0]
+        .until_metric("dormouse_cluster_objects_held", 0.0)
+        .await;
     say(&mut carol, "wake up").await;
     for ws in [&mut alice, &mut bob, &mut carol] {
         assert_eq!(next_said(ws).await["text"], "wake up");
@@ -349,7 +279,7 @@ async fn people_on_every_node_share_a_room_and_a_dead_node_leaves_it() {
         assert_eq!(next(ws).await, json!({"type": "leave", "name": "carol"}));
     }
     assert_eq!(
-        metric(&nodes[0], "dormouse_cluster_relayed_sockets").await,
+        nodes[0].metric("dormouse_cluster_relayed_sockets").await,
         1.0
     );
 
@@ -384,7 +314,7 @@ async fn a_paused_nodes_people_are_sent_to_the_rooms_new_node() {
         nodes.push(start_node_idle(&nats, dir.path(), name, "60s").await);
     }
     for node in &nodes {
-        until_alive(node, 3.0).await;
+        node.until_metric("dormouse_cluster_nodes_alive", 3.0).await;
     }
     // Alice is on the room's node, Bob on another.
     let mut alice = join(&nodes[0], room, "alice").await;

@@ -5,7 +5,6 @@
 use std::path::Path;
 use std::time::Instant;
 
-use dormouse_testkit::ChildServer;
 use dormouse_testkit::nats::NatsCluster;
 use example_rate_limiter::NAMESPACE;
 
@@ -13,23 +12,10 @@ use example_rate_limiter::NAMESPACE;
 async fn takes_through_every_node_share_one_bucket() {
     let nats = NatsCluster::start(3).await;
     let dir = tempfile::tempdir().unwrap();
-    let urls = nats.urls().join(",");
     let mut nodes = Vec::new();
     for name in ["a", "b", "c"] {
-        let data = dir.path().join(name);
-        std::fs::create_dir_all(&data).unwrap();
-        nodes.push(
-            ChildServer::start(
-                Path::new(env!("CARGO_BIN_EXE_example-rate_limiter")),
-                &data,
-                &[
-                    ("DORMOUSE_CLUSTER_NATS_URLS", urls.as_str()),
-                    ("DORMOUSE_CLUSTER_NODE_NAME", name),
-                    ("DORMOUSE_LIMITS_MAX_MESSAGE_SIZE", "512KiB"),
-                ],
-            )
-            .await,
-        );
+        let binary = Path::new(env!("CARGO_BIN_EXE_example-rate_limiter"));
+        nodes.push(nats.node(binary, dir.path(), name, &[]).await);
     }
     let started = Instant::now();
     // 45 takes of one token, 15 through each node, all at once.
