@@ -315,3 +315,56 @@ async fn metrics_and_the_admin_page_show_the_cluster() {
     );
     browser.close().await;
 }
+
+/// `GET /v1/channels` on any node lists every channel with a log, cluster-wide, hibernated
+/// or not, in the single node's order and pages; a deleted channel is not listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_node_lists_every_channel_of_the_cluster() {
+    let nats = NatsCluster::start(3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = three_nodes(&nats, dir.path()).await;
+    let mut last = std::collections::BTreeMap::new();
+    for (i, channel) in ["b22", "c", "a1", "gone"].iter().enumerate() {
+        for n in 0..=i {
+            let sent = publish(&nodes[(i + n) % 3], channel, &format!("m{n}"), None).await;
+            last.insert(*channel, sent["id"].as_str().unwrap().to_string());
+        }
+    }
+    let deleted = nodes[1]
+        .client
+        .delete(nodes[1].url("/v1/channels/gone"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 200);
+    // Every channel hibernates (idle timeout 2 s): the listing asks the index, not memory.
+    for node in &nodes {
+        node.until_metric("dormouse_cluster_objects_held", 0.0)
+            .await;
+    }
+    let first = nodes[2].get_json("/v1/channels?limit=2", 200).await;
+    let names = |page: &Value| -> Vec<String> {
+        page["channels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["channel"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(names(&first), ["c", "a1"], "{first}");
+    assert_eq!(first["next_after"], "a1");
+    assert_eq!(first["channels"][0]["state"], "hibernated", "{first}");
+    let second = nodes[0]
+        .get_json("/v1/channels?limit=2&after=a1", 200)
+        .await;
+    assert_eq!(names(&second), ["b22"], "{second}");
+    assert_eq!(second["next_after"], Value::Null);
+    for page in [&first, &second] {
+        for channel in page["channels"].as_array().unwrap() {
+            let name = channel["channel"].as_str().unwrap();
+            assert_eq!(channel["last_id"], last[name].as_str(), "{channel}");
+            let events = ["b22", "c", "a1"].iter().position(|c| *c == name).unwrap() + 1;
+            assert_eq!(channel["events"], events, "{channel}");
+        }
+    }
+}

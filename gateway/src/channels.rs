@@ -358,13 +358,8 @@ pub(crate) async fn list(State(state): State<AppState>, uri: Uri) -> Result<Json
     if let Some(after) = &after {
         check_channel(after)?;
     }
-    if state.cluster.is_some() {
-        return Err(ApiError::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "not_in_cluster_mode",
-            "listing channels is not available in cluster mode yet (docs/CLUSTER.md); \
-             ask for a channel by name",
-        ));
+    if let Some(cluster) = &state.cluster {
+        return list_in_cluster(&state, cluster, after.as_deref(), limit).await;
     }
     let names = state
         .runtime
@@ -395,6 +390,62 @@ pub(crate) async fn list(State(state): State<AppState>, uri: Uri) -> Result<Json
         "active": stats.active,
         "hibernated": stats.hibernated,
     })))
+}
+
+/// `GET /v1/channels` on a node of a cluster: the names come from the cluster's index of
+/// channels with a log, and each channel's figures from the channel itself, through its
+/// owner (which wakes a hibernated one: a page costs up to `limit` wake-ups, 8 at a time).
+/// `state` says whether a node held the channel before the listing asked it.
+async fn list_in_cluster(
+    state: &AppState,
+    cluster: &std::sync::Arc<crate::cluster::ClusterNode>,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<Json<Value>, ApiError> {
+    use futures::StreamExt as _;
+    let names = cluster
+        .storage()
+        .list_logs_indexed(NAMESPACE, after, limit)
+        .await
+        .map_err(dormouse_runtime::Error::from)?;
+    let described: Vec<Result<Value, ApiError>> = futures::stream::iter(names.clone())
+        .map(|name| {
+            let (state, cluster) = (state.clone(), cluster.clone());
+            async move { describe(&state, &cluster, name).await }
+        })
+        .buffered(8)
+        .collect()
+        .await;
+    let channels = described.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let next_after = (names.len() == limit)
+        .then(|| names.last().cloned())
+        .flatten();
+    let stats = state.channels.stats();
+    Ok(Json(json!({
+        "channels": channels,
+        "next_after": next_after,
+        "active": stats.active,
+        "hibernated": stats.hibernated,
+    })))
+}
+
+/// One channel of a cluster listing.
+async fn describe(
+    state: &AppState,
+    cluster: &crate::cluster::ClusterNode,
+    name: String,
+) -> Result<Value, ApiError> {
+    let held = cluster.held_anywhere(&name).await;
+    let response = state.publisher.call(&name, ChannelRequest::Info).await?;
+    let ChannelResponse::Info(info) = response else {
+        return Err(unexpected());
+    };
+    Ok(json!({
+        "channel": name,
+        "state": if held { "active" } else { "hibernated" },
+        "last_id": info.last_id,
+        "events": info.events,
+    }))
 }
 
 /// `DELETE /v1/channels/{channel}`: drops the history; the next publish starts a new epoch,

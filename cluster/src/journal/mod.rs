@@ -27,6 +27,7 @@
 
 mod alarms;
 mod codec;
+mod logs;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -49,6 +50,7 @@ use crate::fenced::{AppendError, FencedLog, LogError, LogSpec};
 use crate::ownership::{Claim, Directory, Membership, NodeId, TakeOverError, take_over, token};
 use crate::wire::Undecodable;
 use alarms::AlarmIndex;
+use logs::LogIndex;
 
 /// Where and how objects' journals are kept.
 #[derive(Debug, Clone)]
@@ -129,6 +131,8 @@ struct Inner {
     /// Every object's alarm, cluster-wide: how alarms of hibernated objects, and of objects
     /// whose node died, are found.
     alarms: AlarmIndex,
+    /// Which objects have a log, cluster-wide: how channels are listed.
+    logs: LogIndex,
     /// The largest payload of one message (the server's limit less room for headers).
     part_limit: usize,
     last_epoch: Mutex<u64>,
@@ -253,6 +257,9 @@ impl ClusterStorage {
         let alarms = AlarmIndex::open(nats, &spec.prefix, spec.replicas, membership.clone())
             .await
             .map_err(|e| LogError::new("opening the alarms index", e))?;
+        let logs = LogIndex::open(nats, &spec.prefix, spec.replicas)
+            .await
+            .map_err(|e| LogError::new("opening the log index", e))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 cache: MemoryStorage::new(),
@@ -261,6 +268,7 @@ impl ClusterStorage {
                 directory,
                 membership,
                 alarms,
+                logs,
                 held: Mutex::new(HashMap::new()),
                 part_limit: part_limit.max(1),
                 last_epoch: Mutex::new(0),
@@ -286,6 +294,22 @@ impl ClusterStorage {
     }
 
     /// Objects with an alarm, cluster-wide, as this node's view of the alarm index has them.
+    /// Up to `limit` names of `namespace`'s objects that have a log, cluster-wide, after
+    /// `start_after`, in the order the engines list them (the trait's `list_logs` sees only
+    /// the objects held here). Reads the whole log index: O(objects with a log).
+    pub async fn list_logs_indexed(
+        &self,
+        namespace: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>> {
+        self.inner
+            .logs
+            .list(namespace, start_after, limit)
+            .await
+            .map_err(|e| unreplicated("listing the objects with a log", e))
+    }
+
     pub fn alarms_indexed(&self) -> usize {
         self.inner.alarms.len()
     }
@@ -517,6 +541,15 @@ impl Inner {
         if let Err(e) = self.alarms.settle(&id, alarm).await {
             tracing::warn!(object = %id, error = %e, "the alarm index was not brought up to date; the next write or acquisition retries");
         }
+        // Off the acquisition's path: a listing may lag, a take-over must not.
+        let has_log = self.cache.log_meta(&id)?.is_some();
+        let inner = self.clone();
+        let object = id.clone();
+        tokio::spawn(async move {
+            if let Err(e) = inner.logs.settle(&object, has_log).await {
+                tracing::debug!(object = %object, error = %e, "the log index was not settled");
+            }
+        });
         Ok(())
     }
 
@@ -619,6 +652,7 @@ impl Inner {
                     target: state.applied,
                     expected: state.expected,
                     alarm: alarm_change(&batches),
+                    log: log_change(&batches),
                 }
             };
             // The index may run ahead of the journal, never behind (see `alarms`).
@@ -637,6 +671,12 @@ impl Inner {
             self.finish_job(&id, &held, &job, outcome);
             if lock(&held.state).broken.is_some() {
                 return;
+            }
+            if let Some(has_log) = job.log
+                && let Err(e) = self.logs.record(&id, has_log).await
+            {
+                // Settled at the object's next acquisition.
+                tracing::debug!(object = %id, error = %e, "the log index was not updated");
             }
             if let Some(alarm) = job.alarm
                 && let Err(e) = self.alarms.settle(&id, alarm).await
@@ -816,9 +856,24 @@ struct Job {
     expected: u64,
     /// What the batches leave the alarm as, if they touch it: `Some(None)` deleted.
     alarm: Option<Option<u64>>,
+    /// Whether the batches leave the object with a log (`CreateLog`) or without one
+    /// (`DeleteLog`); `None` if they do neither.
+    log: Option<bool>,
 }
 
 /// The alarm as `batches` leave it, if any of them touches it.
+fn log_change(batches: &[WriteBatch]) -> Option<bool> {
+    batches
+        .iter()
+        .flat_map(|b| b.writes())
+        .filter_map(|w| match w {
+            Write::CreateLog { .. } => Some(true),
+            Write::DeleteLog => Some(false),
+            _ => None,
+        })
+        .last()
+}
+
 fn alarm_change(batches: &[WriteBatch]) -> Option<Option<u64>> {
     batches
         .iter()
@@ -1092,6 +1147,8 @@ impl Storage for ClusterStorage {
     }
 
     /// The objects held on this node only.
+    /// The objects held here only: this call cannot wait on NATS. The cluster-wide list is
+    /// [`ClusterStorage::list_logs_indexed`].
     fn list_logs(
         &self,
         namespace: &str,

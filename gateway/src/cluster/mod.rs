@@ -1059,6 +1059,13 @@ impl ClusterNode {
         self.copies.call(channel, request).await
     }
 
+    /// Whether some node holds channel `name`'s activation now (the directory names an
+    /// owner that counts as alive).
+    pub(crate) async fn held_anywhere(&self, name: &str) -> bool {
+        let key = ClusterStorage::object_key(&ObjectId::new(NAMESPACE, name));
+        matches!(self.directory.owner(&key).await, Ok(Some((owner, _))) if self.membership.alive(&owner))
+    }
+
     /// Channels this node keeps copies of (for their subscribers here).
     pub(crate) fn followed(&self) -> usize {
         self.copies.followed()
