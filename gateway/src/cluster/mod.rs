@@ -156,9 +156,12 @@ impl Drop for RemoteLink {
             return;
         };
         node.relayed_here.fetch_sub(1, Ordering::Relaxed);
-        if !self.closed {
+        // Outside a runtime (the process is going away) the owner's probe finds it instead.
+        if !self.closed
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
             let (owner, call) = (self.owner.clone(), self.close_call());
-            tokio::spawn(async move {
+            runtime.spawn(async move {
                 let _ = remote_call(&node, &owner, &call).await;
             });
         }
