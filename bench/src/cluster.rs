@@ -210,33 +210,82 @@ pub(crate) async fn owner_of(
         .and_then(|(node, _)| NAMES.iter().position(|n| *n == node.name)))
 }
 
+/// Three NATS servers and three nodes, plus the harness's own connection and a view of
+/// the owner directory: what both cluster commands measure against.
+pub(crate) struct Rig {
+    pub(crate) nats: NatsCluster,
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) client: reqwest::Client,
+    pub(crate) nodes: Nodes,
+    pub(crate) bench_nats: dormouse_cluster::Nats,
+    pub(crate) directory: Directory,
+}
+
+impl Rig {
+    /// Starts it with `server_bin` (default: the build next to this one), the nodes'
+    /// `node_ttl` and channel idle timeout; `who` names the harness's NATS connection.
+    pub(crate) async fn start(
+        server_bin: Option<PathBuf>,
+        node_ttl: &str,
+        channels_idle: &str,
+        who: &str,
+    ) -> anyhow::Result<Self> {
+        let bin = match server_bin {
+            Some(bin) => bin,
+            None => crate::default_server_bin()?,
+        };
+        let nats = NatsCluster::start(3).await;
+        let dir = tempfile::tempdir()?;
+        let client = reqwest::Client::new();
+        let nodes = Nodes::start(
+            bin,
+            dir.path(),
+            nats.urls().join(","),
+            node_ttl.to_string(),
+            channels_idle,
+            &client,
+        )
+        .await?;
+        let bench_nats = connect(&NatsSettings::new(nats.urls(), who)).await?;
+        let directory = Directory::open(
+            &bench_nats,
+            &DirectorySpec {
+                prefix: "dm".into(),
+                replicas: 3,
+                node_ttl: humantime::parse_duration(node_ttl)?,
+            },
+        )
+        .await?;
+        Ok(Self {
+            nats,
+            dir,
+            client,
+            nodes,
+            bench_nats,
+            directory,
+        })
+    }
+}
+
+/// The RSS of each of `pids`.
+fn rss_each(pids: &[u32]) -> anyhow::Result<Vec<u64>> {
+    pids.iter().map(|p| process_rss_bytes(*p)).collect()
+}
+
 pub async fn run(args: Args) -> anyhow::Result<Report> {
-    let bin = match args.server_bin.clone() {
-        Some(bin) => bin,
-        None => crate::default_server_bin()?,
-    };
-    let mut nats = NatsCluster::start(3).await;
-    let dir = tempfile::tempdir()?;
-    let client = reqwest::Client::new();
-    let urls = nats.urls().join(",");
-    let mut nodes = Nodes::start(
-        bin.clone(),
-        dir.path(),
-        urls.clone(),
-        args.node_ttl.clone(),
+    let Rig {
+        mut nats,
+        dir,
+        client,
+        mut nodes,
+        bench_nats,
+        directory,
+    } = Rig::start(
+        args.server_bin.clone(),
+        &args.node_ttl,
         // Short, so the memory figure sees every channel hibernated.
         "2s",
-        &client,
-    )
-    .await?;
-    let bench_nats = connect(&NatsSettings::new(nats.urls(), "bench")).await?;
-    let directory = Directory::open(
-        &bench_nats,
-        &DirectorySpec {
-            prefix: "dm".into(),
-            replicas: 3,
-            node_ttl: Duration::from_secs(5),
-        },
+        "bench",
     )
     .await?;
     // What the cluster costs NATS doing nothing (heartbeats, tail checks), to hold the
@@ -445,23 +494,16 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         fill(&client, &nodes.bases[0], "warm", args.channels, args.events).await?;
         // Idle timeout 2 s, then the copies' sweep and the allocator settle.
         tokio::time::sleep(Duration::from_secs(8)).await;
-        let baseline: Vec<u64> = nodes
-            .pids()
-            .iter()
-            .map(|p| process_rss_bytes(*p))
-            .collect::<anyhow::Result<_>>()?;
+        let baseline = rss_each(&nodes.pids())?;
         // Where a hibernated channel's records live in cluster mode: the NATS servers.
-        let nats_rss =
-            || -> anyhow::Result<u64> { nats.pids().iter().map(|p| process_rss_bytes(*p)).sum() };
-        let nats_baseline = nats_rss()?;
+        let nats_baseline: u64 = rss_each(&nats.pids())?.iter().sum();
         fill(&client, &nodes.bases[0], "mem", args.channels, args.events).await?;
         tokio::time::sleep(Duration::from_secs(8)).await;
-        let after: Vec<u64> = nodes
-            .pids()
+        let after = rss_each(&nodes.pids())?;
+        let nats_grown = rss_each(&nats.pids())?
             .iter()
-            .map(|p| process_rss_bytes(*p))
-            .collect::<anyhow::Result<_>>()?;
-        let nats_grown = nats_rss()?.saturating_sub(nats_baseline);
+            .sum::<u64>()
+            .saturating_sub(nats_baseline);
         let grown: u64 = after
             .iter()
             .zip(&baseline)
@@ -470,7 +512,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         let single_dir = dir.path().join("single");
         std::fs::create_dir_all(&single_dir)?;
         let mut single = ServerProcess::start(
-            &bin,
+            &nodes.bin,
             &single_dir,
             dir.path(),
             "always",

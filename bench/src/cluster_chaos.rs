@@ -22,13 +22,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use dormouse_cluster::{Directory, DirectorySpec, NatsSettings, connect};
+use dormouse_cluster::Directory;
 use dormouse_testkit::nats::NatsCluster;
 use futures::StreamExt as _;
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::cluster::{NAMES, Nodes, owner_of, shard_of, stream_leader};
+use crate::cluster::{NAMES, Rig, owner_of, shard_of, stream_leader};
 
 /// `dormouse-bench cluster-chaos`
 #[derive(Debug, clap::Args)]
@@ -256,31 +256,19 @@ fn signal(pid: u32, sig: &str) -> anyhow::Result<()> {
 
 pub async fn run(args: Args) -> anyhow::Result<Report> {
     let started = Instant::now();
-    let bin = match args.server_bin.clone() {
-        Some(bin) => bin,
-        None => crate::default_server_bin()?,
-    };
-    let mut nats = NatsCluster::start(3).await;
-    let dir = tempfile::tempdir()?;
-    let client = reqwest::Client::new();
-    let mut nodes = Nodes::start(
-        bin,
-        dir.path(),
-        nats.urls().join(","),
-        args.node_ttl.clone(),
+    let Rig {
+        mut nats,
+        dir: _dir,
+        client,
+        mut nodes,
+        bench_nats,
+        directory,
+    } = Rig::start(
+        args.server_bin.clone(),
+        &args.node_ttl,
         // Long: owners stay active through a pause, so their next appends meet the fence.
         "30s",
-        &client,
-    )
-    .await?;
-    let bench_nats = connect(&NatsSettings::new(nats.urls(), "chaos")).await?;
-    let directory = Directory::open(
-        &bench_nats,
-        &DirectorySpec {
-            prefix: "dm".into(),
-            replicas: 3,
-            node_ttl: Duration::from_secs(5),
-        },
+        "chaos",
     )
     .await?;
     let load = Arc::new(Load {
