@@ -267,15 +267,7 @@ async fn metrics_and_the_admin_page_show_the_cluster() {
     let mut appends = 0;
     let mut forwarded = 0;
     for node in &nodes {
-        let stats: Value = node
-            .client
-            .get(node.url("/admin/api/stats"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let stats = node.get_json("/admin/api/stats", 200).await;
         let cluster = &stats["cluster"];
         assert_eq!(cluster["nodes_alive"], json!(["n1", "n2", "n3"]), "{stats}");
         assert_eq!(cluster["nats_connected"], true);

@@ -120,15 +120,9 @@ async fn a_killed_nodes_waiting_batches_are_shipped_by_a_survivor() {
     // Nothing is left waiting on the survivors.
     for node in &nodes {
         for (stream, _) in &streams {
-            let status: serde_json::Value = node
-                .client
-                .get(format!("{}/{stream}", base(node)))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let status = node
+                .get_json(&format!("/v1/objects/{NAMESPACE}/{stream}"), 200)
+                .await;
             assert_eq!(
                 status["buffered"], 0,
                 "{stream} through {}: {status}",

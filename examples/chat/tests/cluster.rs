@@ -14,7 +14,7 @@ use dormouse_storage::ObjectId;
 use dormouse_testkit::ChildServer;
 use dormouse_testkit::nats::NatsCluster;
 use example_chat::NAMESPACE;
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use serde_json::{Value, json};
 use support::{Ws, next, say};
 use tokio_tungstenite::tungstenite::Message;
@@ -97,12 +97,6 @@ fn placed<'a>(room: &str, nodes: &[&'a str]) -> &'a str {
     place(&key, nodes.iter().copied()).expect("a node")
 }
 
-async fn get(node: &ChildServer, path: &str) -> Value {
-    let response = node.client.get(node.url(path)).send().await.unwrap();
-    assert_eq!(response.status(), 200, "GET {path}");
-    response.json().await.unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hibernated_room_wakes_where_its_people_are_connected() {
     let nats = NatsCluster::start(3).await;
@@ -133,11 +127,9 @@ async fn a_hibernated_room_wakes_where_its_people_are_connected() {
         .await;
     // A call through b (placement's choice for an unowned room) is served by a, where the
     // people are, not by a fresh room on b that knows nobody.
-    let members = get(
-        &nodes[1],
-        &format!("/v1/objects/{NAMESPACE}/{room}/members"),
-    )
-    .await;
+    let members = nodes[1]
+        .get_json(&format!("/v1/objects/{NAMESPACE}/{room}/members"), 200)
+        .await;
     assert_eq!(members["members"], json!(["alice", "bob"]), "{members}");
     assert_eq!(nodes[1].metric("dormouse_cluster_objects_held").await, 0.0);
 
@@ -145,14 +137,7 @@ async fn a_hibernated_room_wakes_where_its_people_are_connected() {
     nodes[0]
         .until_metric("dormouse_cluster_objects_held", 0.0)
         .await;
-    alice
-        .send(Message::Text(
-            json!({"type": "message", "text": "after the nap"})
-                .to_string()
-                .into(),
-        ))
-        .await
-        .unwrap();
+    say(&mut alice, "after the nap").await;
     for ws in [&mut alice, &mut bob] {
         let said = next(ws).await;
         assert_eq!(
@@ -168,7 +153,7 @@ async fn a_hibernated_room_wakes_where_its_people_are_connected() {
     bob.close(None).await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let members_path = format!("/v1/objects/{NAMESPACE}/{room}/members");
-    while get(&nodes[0], &members_path).await["members"] != json!([]) {
+    while nodes[0].get_json(&members_path, 200).await["members"] != json!([]) {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the closes never reached the room"
@@ -180,20 +165,16 @@ async fn a_hibernated_room_wakes_where_its_people_are_connected() {
         .await;
     // Giving the directory entry up happens just after the records leave memory.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let members = get(
-        &nodes[2],
-        &format!("/v1/objects/{NAMESPACE}/{room}/members"),
-    )
-    .await;
+    let members = nodes[2]
+        .get_json(&format!("/v1/objects/{NAMESPACE}/{room}/members"), 200)
+        .await;
     assert_eq!(members["members"], json!([]), "{members}");
     nodes[1]
         .until_metric("dormouse_cluster_objects_held", 1.0)
         .await;
-    let history = get(
-        &nodes[2],
-        &format!("/v1/objects/{NAMESPACE}/{room}/history"),
-    )
-    .await;
+    let history = nodes[2]
+        .get_json(&format!("/v1/objects/{NAMESPACE}/{room}/history"), 200)
+        .await;
     let texts: Vec<&str> = history["messages"]
         .as_array()
         .unwrap()
@@ -261,7 +242,7 @@ async fn people_on_every_node_share_a_room_and_a_dead_node_leaves_it() {
             );
         }
     }
-    let members = get(&nodes[2], &path("/members")).await;
+    let members = nodes[2].get_json(&path("/members"), 200).await;
     assert_eq!(members["members"], json!(["alice", "bob", "carol"]));
 
     // Asleep on a with its relayed sockets parked there, Carol's message wakes it there.
