@@ -158,34 +158,34 @@ async fn connect(
         let cluster = state.cluster.clone();
         let lost = lost.clone();
         async move {
-            let mut broken = false;
+            let mut gone = false;
             while let Some(message) = inbound.recv().await {
-                let sent = match (&link, &cluster) {
-                    (SocketLink::Remote(_), _) if broken => continue,
+                if gone {
+                    continue;
+                }
+                // Cluster mode: whether the object no longer has this socket where the
+                // message went (its node died or restarted, or another node took the
+                // object over while this one was paused or cut off).
+                let (sent, lost_socket) = match (&link, &cluster) {
                     (SocketLink::Remote(remote), Some(cluster)) => {
                         match cluster.remote_message(remote, message).await {
-                            Ok(()) => Ok(()),
-                            Err(failure) => {
-                                // The owner no longer has the socket (it died, restarted
-                                // or lost it): the client reconnects to wherever the object
-                                // runs now.
-                                if failure.lost {
-                                    remote.give_up();
-                                    broken = true;
-                                }
-                                Err(failure.error)
-                            }
+                            Ok(()) => (Ok(()), false),
+                            Err(failure) => (Err(failure.error), failure.lost),
                         }
                     }
-                    _ => target.socket_message(&name, socket_id, message).await,
+                    _ => {
+                        let sent = target.socket_message(&name, socket_id, message).await;
+                        let moved = sent.as_ref().is_err_and(moved);
+                        (sent, moved)
+                    }
                 };
                 if let Err(e) = sent {
                     tracing::warn!(object = %name, error = %crate::logging::error_chain(&e), "socket message failed");
-                    // Cluster mode: this node lost the object (it was paused or cut off
-                    // and another node took it over), and the socket with it.
-                    if moved(&e) {
-                        lost.notify_one();
-                    }
+                }
+                if lost_socket {
+                    // The client reconnects, to wherever the object runs now.
+                    lost.notify_one();
+                    gone = true;
                 }
             }
             let closed = match (link, &cluster) {

@@ -144,7 +144,8 @@ pub(crate) enum Mode {
     Object {
         forward: mpsc::UnboundedSender<Inbound>,
         /// Notified when the object is no longer reachable through this socket (cluster
-        /// mode: another node took it over): the client is closed with 1012 to reconnect.
+        /// mode: its node died or restarted, or another node took it over): the client is
+        /// closed with 1012 to reconnect.
         lost: Arc<tokio::sync::Notify>,
     },
 }
@@ -360,7 +361,7 @@ impl WsSession {
                     return close_with(
                         ws,
                         close::RESTART,
-                        "the object moved to another node; reconnect",
+                        "the object is no longer reachable here; reconnect",
                     )
                     .await;
                 }

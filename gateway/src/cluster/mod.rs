@@ -126,20 +126,12 @@ pub(crate) struct RemoteLink {
     socket: u64,
     /// Feeds the owner's frames into the connection.
     feeding: tokio::task::JoinHandle<()>,
-    /// Ends the feed, closing the client so it reconnects.
-    stop: Arc<tokio::sync::Notify>,
     node: std::sync::Weak<ClusterNode>,
     /// The owner was told of the close.
     closed: bool,
 }
 
 impl RemoteLink {
-    /// Gives the link up (the owner no longer has the socket): the client is closed with
-    /// 1012 and reconnects, to wherever its object runs now.
-    pub(crate) fn give_up(&self) {
-        self.stop.notify_one();
-    }
-
     fn close_call(&self) -> Forwarded {
         Forwarded::SocketClosed {
             namespace: self.namespace.clone(),
@@ -990,7 +982,6 @@ impl ClusterNode {
             return Ok(SocketLink::Here);
         };
         self.relayed_here.fetch_add(1, Ordering::Relaxed);
-        let stop = Arc::new(tokio::sync::Notify::new());
         let node = Arc::downgrade(self);
         let watched = owner.clone();
         let feeding = tokio::spawn(sockets::feed(
@@ -998,7 +989,6 @@ impl ClusterNode {
             frames,
             socket,
             move || node.upgrade().is_some_and(|n| n.membership.alive(&watched)),
-            stop.clone(),
         ));
         Ok(SocketLink::Remote(RemoteLink {
             owner,
@@ -1006,7 +996,6 @@ impl ClusterNode {
             name: name.to_string(),
             socket: proxy,
             feeding,
-            stop,
             node: Arc::downgrade(self),
             closed: false,
         }))

@@ -312,19 +312,11 @@ pub(super) async fn feed(
     mut frames: async_nats::Subscriber,
     socket: Socket,
     owner_alive: impl Fn() -> bool,
-    stop: Arc<tokio::sync::Notify>,
 ) {
     let mut check = tokio::time::interval(LIVENESS_EVERY);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            () = stop.notified() => {
-                socket.send(Outbound::Close {
-                    code: OWNER_GONE,
-                    reason: "the object is no longer reachable on its node; reconnect".into(),
-                });
-                break;
-            }
             message = frames.next() => {
                 let Some(message) = message else { break };
                 if let Some(reply) = message.reply.clone() {
