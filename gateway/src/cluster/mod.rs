@@ -81,15 +81,14 @@ pub struct ClusterNode {
     rpc: Mutex<Option<RpcServer>>,
     /// Sockets of objects owned here whose connections are on other nodes.
     relays: sockets::Relays,
-    /// Reports the relayed sockets of nodes that died to their objects.
-    orphan_watch: Mutex<Option<tokio::task::JoinHandle<()>>>,
-    /// Other tasks of this node's, stopped when it leaves.
+    /// This node's own tasks (reporting lost relayed sockets, timing NATS), stopped when it
+    /// leaves.
     background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Connections here to objects owned by another node.
     pub(crate) relayed_here: AtomicU64,
     /// The last round trip to the NATS server (a PING answered), in microseconds; 0 before
     /// the first, or while none is answered.
-    nats_rtt_micros: Arc<AtomicU64>,
+    nats_rtt_micros: AtomicU64,
     /// The largest message the NATS servers take.
     max_payload: usize,
     /// Calls sent to another node, served for another node, and redirected because the
@@ -278,10 +277,9 @@ impl ClusterNode {
             copies,
             rpc: Mutex::new(None),
             relays: sockets::Relays::default(),
-            orphan_watch: Mutex::new(None),
             background: Mutex::new(Vec::new()),
             relayed_here: AtomicU64::new(0),
-            nats_rtt_micros: Arc::new(AtomicU64::new(0)),
+            nats_rtt_micros: AtomicU64::new(0),
             max_payload,
             forwarded: AtomicU64::new(0),
             served: AtomicU64::new(0),
@@ -488,30 +486,27 @@ impl ClusterNode {
                 }
             }
         });
-        *self
-            .orphan_watch
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(watch);
         // The NATS round trip, for /metrics and /admin.
-        let (client, rtt) = (self.nats.client.clone(), self.nats_rtt_micros.clone());
+        let node = Arc::downgrade(self);
         let measure = tokio::spawn(async move {
             let mut tick = tokio::time::interval(RTT_EVERY);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
+                let Some(node) = node.upgrade() else { return };
                 let started = tokio::time::Instant::now();
-                let answered = tokio::time::timeout(PING_TIMEOUT, client.flush()).await;
+                let answered = tokio::time::timeout(PING_TIMEOUT, node.nats.client.flush()).await;
                 let micros = match answered {
                     Ok(Ok(())) => u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
                     _ => 0,
                 };
-                rtt.store(micros, Ordering::Relaxed);
+                node.nats_rtt_micros.store(micros, Ordering::Relaxed);
             }
         });
         self.background
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .push(measure);
+            .extend([watch, measure]);
         Ok(())
     }
 
@@ -548,14 +543,6 @@ impl ClusterNode {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        if let Some(watch) = self
-            .orphan_watch
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-        {
-            watch.abort();
-        }
         for task in self
             .background
             .lock()

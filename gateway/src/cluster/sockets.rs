@@ -41,6 +41,8 @@ const CODE: &str = "Dm-Code";
 pub(super) const LIVENESS_EVERY: Duration = Duration::from_secs(1);
 /// How often the owner asks whether each relayed connection is still there.
 pub(super) const PROBE_EVERY: Duration = Duration::from_secs(15);
+/// Probes sent at once, so thousands of relayed sockets do not burst at the servers.
+const PROBES_IN_FLIGHT: usize = 64;
 /// How long a probe waits; only "no responders" counts as gone.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Room a relayed frame keeps for its headers.
@@ -208,8 +210,8 @@ impl Relays {
 
     /// The client of `socket` went away (its node said so, died, or stopped answering
     /// probes): stop relaying, close the client if it is in fact still there, and tell the
-    /// object, as a local connection's close would. Kept and retried by [`Relays::sweep`]
-    /// until the object has been told.
+    /// object, as a local connection's close would. Kept (as closing, see
+    /// [`Relays::orphans`]) and retried until the object has been told.
     pub(super) async fn closed(&self, nats: &Nats, socket: u64) -> dormouse_runtime::Result<()> {
         let (first, subject, target, name) = {
             let mut entries = self.lock();
@@ -260,7 +262,8 @@ impl Relays {
 
     /// Proxies whose connection nobody listens for any more: its node is alive but lost the
     /// connection's close on the way (a cancelled upgrade, a call that timed out). Asks
-    /// each connection's subject; "no responders" means it is gone.
+    /// each connection's subject, [`PROBES_IN_FLIGHT`] at a time; "no responders" means it
+    /// is gone.
     pub(super) async fn unheard(&self, nats: &Nats) -> Vec<u64> {
         let asks: Vec<(u64, String)> = self
             .lock()
@@ -287,11 +290,11 @@ impl Relays {
             }
             Some(id)
         });
-        futures::future::join_all(probes)
-            .await
-            .into_iter()
-            .flatten()
+        futures::stream::iter(probes)
+            .buffer_unordered(PROBES_IN_FLIGHT)
+            .filter_map(std::future::ready)
             .collect()
+            .await
     }
 }
 
