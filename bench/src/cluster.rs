@@ -267,6 +267,20 @@ impl Rig {
     }
 }
 
+/// `id` is the event right after `last` in the same log (`epoch-seq` ids): a round lost
+/// nothing.
+fn ensure_next(round: usize, last: &str, id: &str) -> anyhow::Result<()> {
+    let seq = |id: &str| {
+        id.split_once('-')
+            .and_then(|(epoch, seq)| Some((epoch.to_string(), seq.parse::<u64>().ok()?)))
+    };
+    anyhow::ensure!(
+        seq(id) == seq(last).map(|(epoch, s)| (epoch, s + 1)),
+        "round {round}: {last} then {id}"
+    );
+    Ok(())
+}
+
 /// The RSS of each of `pids`.
 fn rss_each(pids: &[u32]) -> anyhow::Result<Vec<u64>> {
     pids.iter().map(|p| process_rss_bytes(*p)).collect()
@@ -364,14 +378,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         takeover.record(took.as_micros() as u64)?;
         // Nothing lost: the next id follows the last acknowledged one, and the history
         // through the survivor holds all six.
-        let seq = |id: &str| {
-            id.split_once('-')
-                .map(|(_, s)| s.parse::<u64>().unwrap_or(0))
-        };
-        anyhow::ensure!(
-            seq(&id) == seq(&last).map(|s| s + 1),
-            "round {round}: {last} then {id}"
-        );
+        ensure_next(round, &last, &id)?;
         let history: Value = client
             .get(format!(
                 "{}/v1/channels/{channel}/messages",
@@ -464,14 +471,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         };
         let took = killed.elapsed();
         let elected = elected.await?.map(|t| t.as_millis());
-        let seq = |id: &str| {
-            id.split_once('-')
-                .map(|(_, s)| s.parse::<u64>().unwrap_or(0))
-        };
-        anyhow::ensure!(
-            seq(&id) == seq(&last).map(|s| s + 1),
-            "round {round}: {last} then {id}"
-        );
+        ensure_next(round, &last, &id)?;
         last = id;
         nats.restart(index);
         // The next kill must find three current replicas, or it measures a stream left

@@ -10,8 +10,8 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::{Value, json};
 use support::{
-    ChildServer, PATIENCE, Producer, Runs, Seen, SseClient, Viewer, WsClient, assert_same_events,
-    id_order, pseudo_random, start,
+    ChildServer, PATIENCE, Producer, Runs, Seen, SseClient, Viewer, WsClient, assert_ids_increase,
+    assert_same_events, id_order, pseudo_random, start,
 };
 
 /// The example's binary, for the tests that kill it like a crash.
@@ -25,14 +25,7 @@ fn token(i: usize) -> String {
 
 /// Ids strictly increase, and the artifact decodes to exactly the bytes sent.
 fn check_stream(who: &str, seen: &[Seen], artifact: &[u8]) {
-    for pair in seen.windows(2) {
-        assert!(
-            id_order(&pair[0].id) < id_order(&pair[1].id),
-            "{who}: ids must increase: {} then {}",
-            pair[0].id,
-            pair[1].id
-        );
-    }
+    assert_ids_increase(who, seen);
     let event = seen
         .iter()
         .find(|s| s.event["type"] == "artifact")

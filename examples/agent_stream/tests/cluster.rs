@@ -13,7 +13,9 @@ use dormouse_storage::ObjectId;
 use dormouse_testkit::nats::NatsCluster;
 use example_agent_stream::NAMESPACE;
 use serde_json::json;
-use support::{ChildServer, Producer, SseClient, Viewer, WsClient, assert_same_events, id_order};
+use support::{
+    ChildServer, Producer, SseClient, Viewer, WsClient, assert_ids_increase, assert_same_events,
+};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_example-agent_stream");
 const NODES: [&str; 3] = ["a", "b", "c"];
@@ -71,15 +73,7 @@ async fn viewers_on_other_nodes_miss_nothing_when_the_runs_node_dies() {
     by_sse.extend(sse.take(41).await);
     assert_same_events("WebSocket", &by_ws, &producer.expected);
     assert_same_events("SSE", &by_sse, &producer.expected);
-    for (who, seen) in [("WebSocket", &by_ws), ("SSE", &by_sse)] {
-        for pair in seen.windows(2) {
-            assert!(
-                id_order(&pair[0].id) < id_order(&pair[1].id),
-                "{who}: ids must increase: {} then {}",
-                pair[0].id,
-                pair[1].id
-            );
-        }
-    }
+    assert_ids_increase("WebSocket", &by_ws);
+    assert_ids_increase("SSE", &by_sse);
     ws.expect_close(1000).await;
 }

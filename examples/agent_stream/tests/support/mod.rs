@@ -144,6 +144,18 @@ fn short(value: &Value) -> String {
     }
 }
 
+/// The transport's ids strictly increase along `seen`.
+pub fn assert_ids_increase(who: &str, seen: &[Seen]) {
+    for pair in seen.windows(2) {
+        assert!(
+            id_order(&pair[0].id) < id_order(&pair[1].id),
+            "{who}: ids must increase: {} then {}",
+            pair[0].id,
+            pair[1].id
+        );
+    }
+}
+
 /// `(epoch, seq)` of an id in the `{epoch hex}-{seq}` form both channels and runs use; the
 /// tests use it only to check ids increase.
 pub fn id_order(id: &str) -> (u64, u64) {
