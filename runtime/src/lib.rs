@@ -78,7 +78,7 @@ pub use namespace::{DynNamespace, Namespace, ObjectHandle, ObjectState};
 pub use object::Object;
 pub use runtime::Runtime;
 pub use socket::{
-    Inbound, Outbound, Queued, SendOutcome, Socket, SocketReceiver, Sockets, Transport,
+    Inbound, Outbound, Outlet, Queued, SendOutcome, Socket, SocketReceiver, Sockets, Transport,
     WriteOnRelease,
 };
 

@@ -539,32 +539,38 @@ impl Socket {
     }
 
     fn send_inner(&self, message: Outbound, stamp: Option<Instant>) -> SendOutcome {
-        if self.inner.overflowed.load(Ordering::Acquire) {
+        self.inner.send(message, stamp)
+    }
+}
+
+impl Inner {
+    fn send(self: &Arc<Self>, message: Outbound, stamp: Option<Instant>) -> SendOutcome {
+        if self.overflowed.load(Ordering::Acquire) {
             return SendOutcome::Overflowed;
         }
         let cost = message.cost();
-        let queued = self.inner.queued.fetch_add(cost, Ordering::AcqRel) + cost;
+        let queued = self.queued.fetch_add(cost, Ordering::AcqRel) + cost;
         // One message larger than the whole bound is still let through when the queue is
         // empty, so a big event reaches a client that keeps up.
-        if queued > self.inner.max_queued && queued != cost {
-            self.inner.queued.fetch_sub(cost, Ordering::AcqRel);
-            self.inner.overflowed.store(true, Ordering::Release);
+        if queued > self.max_queued && queued != cost {
+            self.queued.fetch_sub(cost, Ordering::AcqRel);
+            self.overflowed.store(true, Ordering::Release);
             let close = Outbound::Close {
                 code: Outbound::SLOW_CONSUMER,
                 reason: SLOW_CONSUMER_REASON.to_string(),
             };
             let cost = close.cost();
             // Accounted like any message, so taking it off the queue balances.
-            self.inner.queued.fetch_add(cost, Ordering::AcqRel);
-            if !self.inner.push(close, None) {
-                self.inner.queued.fetch_sub(cost, Ordering::AcqRel);
+            self.queued.fetch_add(cost, Ordering::AcqRel);
+            if !self.push(close, None) {
+                self.queued.fetch_sub(cost, Ordering::AcqRel);
             }
             return SendOutcome::Overflowed;
         }
-        if self.inner.push(message, stamp) {
+        if self.push(message, stamp) {
             SendOutcome::Queued
         } else {
-            self.inner.queued.fetch_sub(cost, Ordering::AcqRel);
+            self.queued.fetch_sub(cost, Ordering::AcqRel);
             SendOutcome::Closed
         }
     }
@@ -653,6 +659,44 @@ impl SocketReceiver {
     /// The socket's id, the same as [`Socket::id`].
     pub fn id(&self) -> u64 {
         self.inner.id
+    }
+
+    /// A way in for the server itself, beside the object's: the gateway's connection table
+    /// keeps one per connection so a backend can send to, or close, that one client.
+    pub fn outlet(&self) -> Outlet {
+        Outlet {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+/// Queues messages on a connection without being one of its object's [`Socket`]s: it does
+/// not keep the connection open (the object letting go still ends it), and it shares the
+/// queue's byte bound, so a backend's sends and the object's events cut off a slow client
+/// alike. Messages join the queue behind whatever is already there.
+#[derive(Clone)]
+pub struct Outlet {
+    inner: Arc<Inner>,
+}
+
+impl Outlet {
+    /// Queues `message` unless the client is gone or too far behind.
+    pub fn send(&self, message: Outbound) -> SendOutcome {
+        self.inner.send(message, None)
+    }
+
+    /// True once the client went away or was cut off.
+    pub fn is_closed(&self) -> bool {
+        !self.inner.receiver_alive.load(Ordering::Acquire)
+            || self.inner.overflowed.load(Ordering::Acquire)
+    }
+}
+
+impl fmt::Debug for Outlet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Outlet")
+            .field("id", &self.inner.id)
+            .finish()
     }
 }
 

@@ -115,58 +115,23 @@ impl Event {
         }
     }
 
-    /// `id`, `event` and one `data:` line per payload line. Binary payloads go base64 with
-    /// the event type prefixed `base64:` (event names cannot contain `:`, so this is never
-    /// ambiguous).
     fn encode_sse(&self) -> Bytes {
-        let mut out = BytesMut::with_capacity(self.data.len() + self.name.len() + 64);
-        out.put_slice(b"id: ");
-        out.put_slice(self.id.to_string().as_bytes());
-        out.put_slice(b"\nevent: ");
-        if self.text {
-            out.put_slice(self.name.as_bytes());
-            out.put_u8(b'\n');
-            // `text` guarantees no CR, so LF is the only line break to split on.
-            for line in self.data.split(|&b| b == b'\n') {
-                out.put_slice(b"data: ");
-                out.put_slice(line);
-                out.put_u8(b'\n');
-            }
-        } else {
-            out.put_slice(b"base64:");
-            out.put_slice(self.name.as_bytes());
-            out.put_slice(b"\ndata: ");
-            out.put_slice(BASE64.encode(&self.data).as_bytes());
-            out.put_u8(b'\n');
-        }
-        out.put_u8(b'\n');
-        out.freeze()
+        sse_frame(
+            Some(&self.id.to_string()),
+            &self.name,
+            &self.data,
+            self.text,
+        )
     }
 
-    /// A JSON text message: `data` holds the text as is, or `data_base64` the bytes.
     fn encode_ws(&self) -> Bytes {
-        #[derive(Serialize)]
-        struct Message<'a> {
-            r#type: &'static str,
-            id: String,
-            event: &'a str,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            data: Option<&'a str>,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            data_base64: Option<String>,
-        }
-        let message = Message {
-            r#type: "message",
-            id: self.id.to_string(),
-            event: &self.name,
-            data: if self.text {
-                std::str::from_utf8(&self.data).ok()
-            } else {
-                None
-            },
-            data_base64: (!self.text).then(|| BASE64.encode(&self.data)),
-        };
-        Bytes::from(serde_json::to_vec(&message).unwrap_or_default())
+        ws_frame(
+            "message",
+            Some(self.id.to_string()),
+            &self.name,
+            &self.data,
+            self.text,
+        )
     }
 
     /// The payload as JSON-friendly fields, for the history API.
@@ -188,6 +153,77 @@ impl Event {
     pub fn weight(&self) -> usize {
         self.data.len() + self.name.len() + 64
     }
+}
+
+/// An SSE frame: `id` (when given), `event` and one `data:` line per payload line. Binary
+/// payloads go base64 with the event type prefixed `base64:` (event names cannot contain
+/// `:`, so this is never ambiguous).
+fn sse_frame(id: Option<&str>, name: &str, data: &[u8], text: bool) -> Bytes {
+    let mut out = BytesMut::with_capacity(data.len() + name.len() + 64);
+    if let Some(id) = id {
+        out.put_slice(b"id: ");
+        out.put_slice(id.as_bytes());
+        out.put_u8(b'\n');
+    }
+    out.put_slice(b"event: ");
+    if text {
+        out.put_slice(name.as_bytes());
+        out.put_u8(b'\n');
+        // `text` guarantees no CR, so LF is the only line break to split on.
+        for line in data.split(|&b| b == b'\n') {
+            out.put_slice(b"data: ");
+            out.put_slice(line);
+            out.put_u8(b'\n');
+        }
+    } else {
+        out.put_slice(b"base64:");
+        out.put_slice(name.as_bytes());
+        out.put_slice(b"\ndata: ");
+        out.put_slice(BASE64.encode(data).as_bytes());
+        out.put_u8(b'\n');
+    }
+    out.put_u8(b'\n');
+    out.freeze()
+}
+
+/// A JSON text message of `type`: `data` holds the text as is, or `data_base64` the bytes.
+fn ws_frame(r#type: &str, id: Option<String>, name: &str, data: &[u8], text: bool) -> Bytes {
+    #[derive(Serialize)]
+    struct Message<'a> {
+        r#type: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+        event: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        data: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        data_base64: Option<String>,
+    }
+    let message = Message {
+        r#type,
+        id,
+        event: name,
+        data: if text {
+            std::str::from_utf8(data).ok()
+        } else {
+            None
+        },
+        data_base64: (!text).then(|| BASE64.encode(data)),
+    };
+    Bytes::from(serde_json::to_vec(&message).unwrap_or_default())
+}
+
+/// A message a backend sends to one connection (or to every connection of a subject) rather
+/// than to a channel: framed like an event, so a client reads both with one parser, but
+/// with no id, so it is never retained, never replayed and never moves the client's cursor.
+/// A WebSocket client reads `{"type":"direct","event","data"|"data_base64"}`; an SSE client
+/// an event of type `event` (`base64:event` for bytes) without an `id:` line.
+pub fn direct_frame(transport: Transport, name: &str, data: &[u8]) -> Outbound {
+    let text = is_text(data);
+    Outbound::Text(match transport {
+        Transport::Sse => sse_frame(None, name, data, text),
+        Transport::WebSocket => ws_frame("direct", None, name, data, text),
+    })
 }
 
 fn is_text(data: &[u8]) -> bool {
