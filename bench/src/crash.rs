@@ -336,7 +336,7 @@ async fn consume(client: reqwest::Client, url: String, state: Arc<Mutex<Consumed
                     s.last_id = Some(id.clone());
                     s.events.push((id, data));
                 }
-                (_, "dormouse.reconnect") => {}
+                (_, "dormouse.reconnect" | "dormouse.connected") => {}
                 (_, other) => {
                     s.violations
                         .push(format!("{url}: unexpected event {other}: {data:?}"));

@@ -571,6 +571,7 @@ async fn receive(
             next = subscriber.next() => match next {
                 Ok(Some(Incoming::Message { seq, data })) => received.record(&shared, seq, data),
                 Ok(Some(Incoming::Other)) => received.controls += 1,
+                Ok(Some(Incoming::Connected)) => {}
                 Ok(None) => {
                     received.closed = true;
                     break;

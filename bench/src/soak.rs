@@ -319,6 +319,7 @@ async fn sse_session(
                 (None, "message") => {
                     problems.push(format!("{channel}: a message without an id: {data:?}"));
                 }
+                (None, "dormouse.connected") => {}
                 (_, event) => problems.push(format!("{channel}: SSE event {event}: {data:?}")),
             }
         }
@@ -358,6 +359,7 @@ async fn ws_session(
                     (Some("message"), Some(id), Some(data)) => {
                         problems.extend(on_message(id.to_string(), data));
                     }
+                    (Some("connected"), None, None) => {}
                     _ => problems.push(format!("{channel}: WebSocket message {value}")),
                 }
             }

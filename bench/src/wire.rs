@@ -46,6 +46,9 @@ pub(crate) enum Incoming<'a> {
     /// A published message: its sequence number, where the protocol carries one (dormouse
     /// event ids end with it; Redis has none), and its payload.
     Message { seq: Option<u64>, data: &'a [u8] },
+    /// Dormouse's first frame or event on a connection, naming it: not a message, and
+    /// not a control message a run should count.
+    Connected,
     /// Anything else: a gap or reconnect notice, a subscription confirmation.
     Other,
 }

@@ -211,6 +211,8 @@ async fn publish_then_tail_prints_exactly_the_events_after_the_cursor() {
     );
     let (code, rest, stderr) = tail.finish().await;
     assert_eq!((code, rest.as_str()), (0, ""), "{stderr}");
+    // The connection's id goes to standard error, never among the events.
+    assert!(stderr.contains("connected as "), "{stderr}");
 
     // Text output: id, event and data, tab-separated.
     let text = run(
@@ -588,7 +590,7 @@ async fn minted_tokens_are_accepted_and_hold_exactly_their_capabilities() {
     assert_eq!(
         claims["dormouse"],
         json!({"publish": ["chat:*"], "subscribe": ["chat:*"], "history": [], "objects": [],
-               "admin": false, "metrics": false})
+               "admin": false, "metrics": false, "connections": false})
     );
     let ttl = claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap();
     assert_eq!(ttl, 600);

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use dormouse_testkit::browser::Browser;
 use dormouse_testkit::nats::NatsCluster;
-use dormouse_testkit::{ChildServer, PATIENCE, SseClient};
+use dormouse_testkit::{ChildServer, PATIENCE, SseClient, WsClient};
 use serde_json::{Value, json};
 
 /// One Dormouse node of the cluster.
@@ -359,4 +359,164 @@ async fn any_node_lists_every_channel_of_the_cluster() {
             assert_eq!(channel["events"], events, "{channel}");
         }
     }
+}
+
+const JWT_SECRET: &str = "cluster-connections-secret-long-enough";
+
+/// An HS256 token for `sub` with `grants`, valid for an hour.
+fn token(sub: &str, grants: Value) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": sub, "exp": exp, "dormouse": grants}),
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// A backend's call to `node`, with a token that has the `connections` capability.
+async fn backend(node: &ChildServer, method: &str, path: &str, body: &str) -> (u16, Value) {
+    let response = node
+        .client
+        .request(method.parse().unwrap(), node.url(path))
+        .bearer_auth(token("backend", json!({"connections": true})))
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("a connections call");
+    let status = response.status().as_u16();
+    (status, response.json().await.expect("a JSON answer"))
+}
+
+/// Connection ids work from any node: a backend lists a subject's connections on every
+/// node, sends to one connection through a node that does not serve it, reaches a subject
+/// on two nodes with one call, closes a connection remotely; a killed node's ids name
+/// nothing any more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_reaches_connections_on_any_node_and_a_dead_nodes_are_gone() {
+    let nats = NatsCluster::start(3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = Vec::new();
+    for name in ["n1", "n2", "n3"] {
+        nodes.push(
+            nats.node(
+                Path::new(env!("CARGO_BIN_EXE_dormouse")),
+                dir.path(),
+                name,
+                &[("DORMOUSE_AUTH_JWT_SECRET", JWT_SECRET)],
+            )
+            .await,
+        );
+    }
+    let subscriber = |sub: &str| token(sub, json!({"subscribe": ["room"]}));
+    let mut alice_ws = WsClient::connect(
+        &nodes[0],
+        &format!("/v1/channels/room/ws?access_token={}", subscriber("alice")),
+    )
+    .await;
+    let alice_ws_id = alice_ws.connection_id.clone().expect("an id");
+    let mut alice_sse = SseClient::connect_to(
+        &nodes[1].client,
+        &nodes[1].url(&format!(
+            "/v1/channels/room/events?access_token={}",
+            subscriber("alice")
+        )),
+        None,
+    )
+    .await;
+    let alice_sse_id = alice_sse.connection_id().await;
+    let mut bob = WsClient::connect(
+        &nodes[2],
+        &format!("/v1/channels/room/ws?access_token={}", subscriber("bob")),
+    )
+    .await;
+    let bob_id = bob.connection_id.clone().expect("an id");
+    assert!(alice_ws_id.starts_with("n1."), "{alice_ws_id}");
+    assert!(alice_sse_id.starts_with("n2."), "{alice_sse_id}");
+
+    // Listings from any node cover every node.
+    let (status, listed) = backend(&nodes[2], "GET", "/v1/subjects/alice/connections", "").await;
+    assert_eq!(status, 200, "{listed}");
+    assert_eq!(listed["total"], 2, "{listed}");
+    let mut served_by: Vec<&str> = listed["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["node"].as_str().unwrap())
+        .collect();
+    served_by.sort();
+    assert_eq!(served_by, ["n1", "n2"]);
+    let (_, room) = backend(&nodes[0], "GET", "/v1/channels/room/connections", "").await;
+    assert_eq!(room["total"], 3, "{room}");
+
+    // One connection, through a node that does not serve it.
+    let (status, sent) = backend(
+        &nodes[2],
+        "POST",
+        &format!("/v1/connections/{alice_ws_id}/messages?event=note"),
+        "via n3",
+    )
+    .await;
+    assert_eq!((status, &sent["queued"]), (200, &json!(true)), "{sent}");
+    assert_eq!(
+        alice_ws.next().await.unwrap(),
+        json!({"type": "direct", "event": "note", "data": "via n3"})
+    );
+    let (status, info) = backend(&nodes[1], "GET", &format!("/v1/connections/{bob_id}"), "").await;
+    assert_eq!(
+        (status, info["node"].as_str(), info["subject"].as_str()),
+        (200, Some("n3"), Some("bob"))
+    );
+
+    // A subject on two nodes, with one call.
+    let (_, sent) = backend(
+        &nodes[0],
+        "POST",
+        "/v1/subjects/alice/messages",
+        "to all of alice",
+    )
+    .await;
+    assert_eq!(sent["queued"], 2, "{sent}");
+    assert_eq!(alice_ws.next().await.unwrap()["data"], "to all of alice");
+    assert_eq!(alice_sse.next().await.unwrap().data, "to all of alice");
+
+    // Closing remotely.
+    let (status, _) = backend(
+        &nodes[0],
+        "POST",
+        &format!("/v1/connections/{bob_id}/close"),
+        r#"{"code": 4200, "reason": "moved"}"#,
+    )
+    .await;
+    assert_eq!(status, 200);
+    bob.expect_close(4200).await;
+
+    // A dead node took its connections with it: its ids are gone from every survivor.
+    nodes.remove(0).kill();
+    let started = Instant::now();
+    loop {
+        let (status, answer) = backend(
+            &nodes[1],
+            "POST",
+            &format!("/v1/connections/{alice_ws_id}/messages"),
+            "x",
+        )
+        .await;
+        if status == 404 {
+            assert_eq!(answer["error"]["code"], "connection_not_found");
+            break;
+        }
+        assert!(started.elapsed() < PATIENCE, "still {status}: {answer}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, listed) = backend(&nodes[0], "GET", "/v1/subjects/alice/connections", "").await;
+    assert_eq!(listed["total"], 1, "{listed}");
+    assert_eq!(
+        listed["connections"][0]["connection_id"],
+        alice_sse_id.as_str()
+    );
 }

@@ -44,6 +44,10 @@ pub struct Grants {
     /// Scraping `/metrics` only: what a monitoring system's credential needs, without the
     /// power to delete channels that `admin` carries.
     pub metrics: bool,
+    /// The server-side connection API: listing connections, sending to them and closing
+    /// them, one by id or all of a subject's. A backend's power over every client, so its
+    /// own capability: `admin` does not imply it.
+    pub connections: bool,
 }
 
 /// An API key's capabilities, as its `[[auth.api_keys]]` entry lists them.
@@ -56,6 +60,7 @@ impl From<&crate::config::ApiKeySettings> for Grants {
             objects: key.objects.clone(),
             admin: key.admin,
             metrics: key.metrics,
+            connections: key.connections,
         }
     }
 }
@@ -71,6 +76,7 @@ impl Grants {
             objects: any,
             admin: true,
             metrics: true,
+            connections: true,
         }
     }
 }
@@ -88,6 +94,8 @@ pub(crate) enum Need<'a> {
     Admin,
     /// `/metrics`: the metrics or the admin capability.
     Metrics,
+    /// The server-side connection API.
+    Connections,
     Object {
         namespace: &'a str,
         name: &'a str,
@@ -135,6 +143,7 @@ impl Principal {
             }
             Need::Admin => g.admin,
             Need::Metrics => g.metrics || g.admin,
+            Need::Connections => g.connections,
             Need::Object { namespace, name } => g
                 .objects
                 .iter()
@@ -157,6 +166,7 @@ impl Principal {
             }
             Need::Admin => "the admin capability".to_string(),
             Need::Metrics => "the metrics (or admin) capability".to_string(),
+            Need::Connections => "the connections capability".to_string(),
             Need::Object { namespace, name } => format!("access to object {namespace}/{name}"),
         };
         Err(ApiError::new(

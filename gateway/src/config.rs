@@ -240,6 +240,10 @@ pub struct ApiKeySettings {
     /// not be able to delete channels.
     #[serde(default)]
     pub metrics: bool,
+    /// The server-side connection API (send to, list and close clients' connections); for
+    /// a backend's key.
+    #[serde(default)]
+    pub connections: bool,
 }
 
 /// `[cors]`: off (no CORS headers) unless origins are listed.

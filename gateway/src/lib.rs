@@ -28,6 +28,8 @@
 //!   socket's queue to the client: accept loop, connection IO, the SSE fast path outside
 //!   hyper, WebSocket handshakes, the subscriber writer and framing, shutdown. Its module
 //!   doc lists its vocabulary.
+//! - `connections`: the connection table (every SSE and WebSocket client by id, subject and
+//!   channel) and the server-side API that sends to, lists and closes them, on any node.
 //! - `sse`: the Server-Sent Events subscription handlers and body stream.
 //! - `ws`: the WebSocket session: subscription handler and the client's own messages.
 //! - `objects`: user-defined objects mounted under `/v1/objects/{namespace}/{name}/...`.
@@ -45,6 +47,7 @@ mod channels;
 mod cluster;
 mod config;
 mod conn;
+mod connections;
 mod cursor;
 mod error;
 mod health;
@@ -70,6 +73,7 @@ pub use config::{
     StorageSettings, WebSocketSettings,
 };
 pub use conn::{Stopping, shutdown_signal};
+pub use connections::ConnectionTable;
 pub use error::ApiError;
 pub use limits::Limits;
 pub use logging::{Chain, LogFormat, error_chain, init_logging};

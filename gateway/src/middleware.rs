@@ -86,6 +86,16 @@ pub(crate) async fn require(
     let need = match (request.method(), route) {
         (_, routes::CHANNELS | routes::ADMIN_STATS) => Need::Admin,
         (_, routes::METRICS) => Need::Metrics,
+        (
+            _,
+            routes::CHANNEL_CONNECTIONS
+            | routes::CONNECTION
+            | routes::CONNECTION_MESSAGES
+            | routes::CONNECTION_CLOSE
+            | routes::SUBJECT_CONNECTIONS
+            | routes::SUBJECT_MESSAGES
+            | routes::SUBJECT_CLOSE,
+        ) => Need::Connections,
         (&Method::DELETE, routes::CHANNEL) => Need::Admin,
         (_, routes::CHANNEL) => Need::Describe(param("channel")),
         (&Method::POST, routes::CHANNEL_MESSAGES | routes::COMPAT_PUBLISH) => {

@@ -19,10 +19,11 @@ use crate::channels::{check_channel, read_body};
 pub const SUBJECT_HEADER: &str = "x-dormouse-subject";
 use crate::cluster::SocketLink;
 use crate::conn::WsHandshake;
+use crate::connections::Target;
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::telemetry::ConnKind;
-use crate::ws::{Mode, WsSession};
+use crate::ws::{Mode, WsSession, with_connection_id};
 
 /// `/v1/objects/{namespace}/{name}` and everything below it, any method.
 pub(crate) async fn route(State(state): State<AppState>, request: Request) -> Response {
@@ -80,7 +81,11 @@ async fn handle(state: AppState, request: Request) -> Result<Response, ApiError>
         let upgrade = WsHandshake::from_request_parts(&mut parts, &state)
             .await
             .map_err(|e| ApiError::new(e.status(), "websocket_upgrade_required", e.body_text()))?;
-        return connect(state, target, name, uri, parts, upgrade, expires_at).await;
+        let caller = Caller {
+            subject: principal.subject.clone(),
+            expires_at,
+        };
+        return connect(state, target, name, uri, parts, upgrade, caller).await;
     }
 
     let limit = state.settings.limits.max_message_size.0;
@@ -112,6 +117,13 @@ fn is_websocket(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
 }
 
+/// Who opened a WebSocket to an object, as the connection keeps it.
+struct Caller {
+    subject: Arc<str>,
+    /// When the credential expires: the connection closes then.
+    expires_at: Option<tokio::time::Instant>,
+}
+
 async fn connect(
     state: AppState,
     target: Arc<dyn DynNamespace>,
@@ -119,7 +131,7 @@ async fn connect(
     uri: Uri,
     parts: axum::http::request::Parts,
     upgrade: WsHandshake,
-    expires_at: Option<tokio::time::Instant>,
+    caller: Caller,
 ) -> Result<Response, ApiError> {
     let settings = state.settings.clone();
     let queue = settings.limits.subscriber_queue.0 as usize;
@@ -201,11 +213,19 @@ async fn connect(
         }
     };
     let label = format!("{}/{name}", target.name());
+    let mut tracked = state
+        .telemetry
+        .connection_opened(ConnKind::Ws, false, &label);
+    let connection_id = tracked.register(
+        &state.connections,
+        caller.subject,
+        Target::Object(Arc::from(label.as_str())),
+        Transport::WebSocket,
+        receiver.outlet(),
+    );
     let conn = WsSession {
-        tracked: state
-            .telemetry
-            .connection_opened(ConnKind::Ws, false, &label),
-        expires_at,
+        tracked,
+        expires_at: caller.expires_at,
         mode: Mode::Object { forward, lost },
         receiver,
         stopping: state.stopping.waiter(),
@@ -215,17 +235,16 @@ async fn connect(
     let max_message = settings.limits.max_message_size.0 as usize + 64 * 1024;
     let tasks = state.tasks.clone();
     let telemetry = state.telemetry.clone();
-    Ok(
-        upgrade.accept(max_message, telemetry, true, move |ws, direct| {
-            tasks.track_future(async move {
-                let forwarding = tokio::spawn(forwarder);
-                // Dropping the connection drops `forward`, which ends the forwarder after it
-                // delivered everything, then the close.
-                conn.run(ws, direct).await;
-                let _ = forwarding.await;
-            })
-        }),
-    )
+    let response = upgrade.accept(max_message, telemetry, true, move |ws, direct| {
+        tasks.track_future(async move {
+            let forwarding = tokio::spawn(forwarder);
+            // Dropping the connection drops `forward`, which ends the forwarder after it
+            // delivered everything, then the close.
+            conn.run(ws, direct).await;
+            let _ = forwarding.await;
+        })
+    });
+    Ok(with_connection_id(response, &connection_id))
 }
 
 /// Namespace names appear in URLs and storage keys: keep them short and plain.

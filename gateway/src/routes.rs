@@ -13,6 +13,20 @@ pub(crate) const CHANNEL_MESSAGES: &str = "/v1/channels/{channel}/messages";
 pub(crate) const CHANNEL_EVENTS: &str = "/v1/channels/{channel}/events";
 /// `GET`: subscribe (and publish) over WebSocket.
 pub(crate) const CHANNEL_WS: &str = "/v1/channels/{channel}/ws";
+/// `GET`: the channel's connections on every node (connections).
+pub(crate) const CHANNEL_CONNECTIONS: &str = "/v1/channels/{channel}/connections";
+/// `GET`: one connection (connections).
+pub(crate) const CONNECTION: &str = "/v1/connections/{id}";
+/// `POST`: a message to one connection (connections).
+pub(crate) const CONNECTION_MESSAGES: &str = "/v1/connections/{id}/messages";
+/// `POST`: close one connection (connections).
+pub(crate) const CONNECTION_CLOSE: &str = "/v1/connections/{id}/close";
+/// `GET`: a subject's connections on every node (connections).
+pub(crate) const SUBJECT_CONNECTIONS: &str = "/v1/subjects/{subject}/connections";
+/// `POST`: a message to every connection of a subject (connections).
+pub(crate) const SUBJECT_MESSAGES: &str = "/v1/subjects/{subject}/messages";
+/// `POST`: close every connection of a subject (connections).
+pub(crate) const SUBJECT_CLOSE: &str = "/v1/subjects/{subject}/close";
 /// `POST`: many messages to one or many channels.
 pub(crate) const PUBLISH: &str = "/v1/publish";
 /// `GET`: Prometheus text.

@@ -27,12 +27,15 @@ use crate::config::Settings;
 use crate::conn::{
     self, ConnContext, ConnLimits, ConnListener, KillSwitch, Stopping, shutdown_signal,
 };
+use crate::connections::ConnectionTable;
 use crate::error::ApiError;
 use crate::limits::Limits;
 use crate::publisher::Publisher;
 use crate::state::AppState;
 use crate::telemetry::{self, Telemetry};
-use crate::{admin, channels, health, middleware, objects, publish, routes, scrape, sse, ws};
+use crate::{
+    admin, channels, connections, health, middleware, objects, publish, routes, scrape, sse, ws,
+};
 
 /// A configured server: storage open, runtime up, not yet listening.
 #[derive(Debug)]
@@ -147,9 +150,16 @@ impl Dormouse {
             limits.clone(),
             settings.limits.max_message_size.0 as usize,
         );
+        // The cluster's name for this node, or a fresh one: either way each start hands out
+        // connection ids no earlier start did.
+        let me = match &cluster {
+            Some(cluster) => cluster.me().clone(),
+            None => dormouse_cluster::NodeId::start(settings.cluster.node()),
+        };
         Ok(Self {
             connections,
             state: AppState {
+                connections: ConnectionTable::new(me),
                 runtime,
                 publisher,
                 channels,
@@ -325,6 +335,22 @@ fn router(state: AppState) -> Router {
         .route(routes::CHANNEL_EVENTS, get(sse::subscribe))
         .route(routes::CHANNEL_WS, get(ws::subscribe))
         .route(routes::PUBLISH, post(publish::batch))
+        .route(
+            routes::CHANNEL_CONNECTIONS,
+            get(connections::channel_connections),
+        )
+        .route(routes::CONNECTION, get(connections::connection_info))
+        .route(
+            routes::CONNECTION_MESSAGES,
+            post(connections::connection_send),
+        )
+        .route(
+            routes::CONNECTION_CLOSE,
+            post(connections::connection_close),
+        )
+        .route(routes::SUBJECT_CONNECTIONS, get(connections::subject_list))
+        .route(routes::SUBJECT_MESSAGES, post(connections::subject_send))
+        .route(routes::SUBJECT_CLOSE, post(connections::subject_close))
         .route(routes::METRICS, get(scrape::metrics))
         .route(routes::OBJECT, any(objects::route))
         .route(routes::OBJECT_REST, any(objects::route))

@@ -30,10 +30,12 @@ use crate::auth::Principal;
 use crate::channels::{self, ChannelName, check_channel, query};
 use crate::conn::expiry::{deadline, expired};
 use crate::conn::{BodyWriter, Framing, RawSocket, StopWaiter, SubscriberWriter, Writable};
+use crate::connections::{Registration, Target};
 use crate::cursor;
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::telemetry::{ConnKind, Connection};
+use crate::ws::with_connection_id;
 
 /// Most bytes gathered into one body chunk from messages that are already queued.
 const BATCH_BYTES: usize = 64 * 1024;
@@ -90,9 +92,16 @@ async fn open(
     raw: Option<Extension<RawSocket>>,
 ) -> Result<Response, ApiError> {
     let receiver = channels::subscribe(&state, &channel, Transport::Sse, start).await?;
-    let conn = state
+    let mut conn = state
         .telemetry
         .connection_opened(ConnKind::Sse, true, &channel);
+    let connection_id = conn.register(
+        &state.connections,
+        principal.subject.clone(),
+        Target::Channel(Arc::from(channel.as_str())),
+        Transport::Sse,
+        receiver.outlet(),
+    );
     // Only a response written outside hyper may have its body written around it.
     let direct = raw
         .filter(|Extension(raw)| raw.writable == Writable::ResponseBody)
@@ -113,7 +122,7 @@ async fn open(
         state.stopping.waiter(),
         principal.time_left().map(|left| Instant::now() + left),
     ));
-    let mut response = body.into_response();
+    let mut response = with_connection_id(body.into_response(), &connection_id);
     if let Some(direct) = direct {
         response.extensions_mut().insert(BodyWriter(direct));
     }
@@ -157,6 +166,10 @@ fn stream(
 ) -> impl Stream<Item = Result<Bytes, std::convert::Infallible>> + Send {
     let mut keepalive = tokio::time::interval_at(Instant::now() + keepalive, keepalive);
     keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let hello = serde_json::json!({
+        "type": "connected",
+        "connection_id": conn.registration().map(Registration::id),
+    });
     let conn = EventStream {
         conn,
         receiver,
@@ -165,10 +178,13 @@ fn stream(
         keepalive,
         stopping,
         expired: deadline(expires_at),
-        // Sent at once, so the client (and any proxy) sees the stream open immediately.
+        // Sent at once, so the client (and any proxy) sees the stream open immediately,
+        // with its connection id as the first event: a control event, with no id, so it
+        // never moves the client's cursor.
         opening: Some(Bytes::from(format!(
-            ": connected\nretry: {}\n\n",
-            retry.as_millis()
+            ": connected\nretry: {}\n\nevent: dormouse.connected\ndata: {}\n\n",
+            retry.as_millis(),
+            hello,
         ))),
         done: false,
     };
@@ -290,17 +306,20 @@ impl EventStream {
         }
     }
 
-    /// The control event that ends the stream when the channel closes the socket.
+    /// The control event that ends the stream: `dormouse.reconnect` for a slow consumer
+    /// (resume from the last id), `dormouse.close` with the code and reason a backend
+    /// closed the connection with (`POST /v1/connections/{id}/close`), which a client
+    /// should take as "do not reconnect" unless the code says otherwise.
     fn closing(&mut self, code: u16, reason: &str) -> Bytes {
         self.done = true;
-        let cause = if code == Outbound::SLOW_CONSUMER {
+        if code == Outbound::SLOW_CONSUMER {
             self.conn.telemetry().slow_disconnect(ConnKind::Sse);
-            "slow_consumer"
-        } else {
-            "closed"
-        };
-        self.conn.ending(cause);
-        reconnect(cause, reason)
+            self.conn.ending("slow_consumer");
+            return reconnect("slow_consumer", reason);
+        }
+        self.conn.ending("closed");
+        let close = serde_json::json!({"type": "close", "code": code, "reason": reason});
+        Bytes::from(format!("event: dormouse.close\ndata: {close}\n\n"))
     }
 
     /// Appends whatever else is already queued (up to a bound), so a burst is one write.

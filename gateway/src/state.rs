@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Auth;
 use crate::config::Settings;
 use crate::conn::Stopping;
+use crate::connections::ConnectionTable;
 use crate::limits::Limits;
 use crate::publisher::Publisher;
 use crate::telemetry::Telemetry;
@@ -46,6 +47,8 @@ pub struct AppState {
     pub telemetry: Arc<Telemetry>,
     /// Cluster mode's node; `None` on a single node.
     pub cluster: Option<Arc<ClusterNode>>,
+    /// This node's SSE and WebSocket connections, for the server-side connection API.
+    pub connections: Arc<ConnectionTable>,
 }
 
 impl AppState {

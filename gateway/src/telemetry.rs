@@ -22,12 +22,14 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dormouse_actors::channel::ChannelObserver;
+use dormouse_runtime::{Outlet, Transport};
 use metrics::Counter;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 use serde::Serialize;
 use tracing::debug;
 
 use crate::busiest::Busiest;
+use crate::connections::{ConnectionTable, Registration, Target};
 
 use render::{describe, register_counter, register_gauge};
 use sharded::{Histogram, Sharded};
@@ -227,6 +229,7 @@ impl Telemetry {
             subscriber,
             opened: Instant::now(),
             reason: "client_left",
+            registration: None,
         }
     }
 
@@ -404,6 +407,8 @@ pub(crate) struct Connection {
     subscriber: bool,
     opened: Instant,
     reason: &'static str,
+    /// Its entry in the connection table, for a client connection (SSE or WebSocket).
+    registration: Option<Registration>,
 }
 
 impl fmt::Debug for Connection {
@@ -419,6 +424,28 @@ impl Connection {
     /// Why the connection ends, for the close log line (`slow_consumer`, `shutdown`, ...).
     pub(crate) fn ending(&mut self, reason: &'static str) {
         self.reason = reason;
+    }
+
+    /// Enters the connection in `table` under the number it is logged with, so backends can
+    /// reach it (docs/API.md, "Connections"); it leaves the table when this guard drops.
+    /// Returns its id.
+    pub(crate) fn register(
+        &mut self,
+        table: &Arc<ConnectionTable>,
+        subject: Arc<str>,
+        target: Target,
+        transport: Transport,
+        outlet: Outlet,
+    ) -> String {
+        let registration = table.register(self.id, subject, target, transport, outlet);
+        let id = registration.id();
+        self.registration = Some(registration);
+        id
+    }
+
+    /// The connection's entry in the connection table, if it has one.
+    pub(crate) fn registration(&self) -> Option<&Registration> {
+        self.registration.as_ref()
     }
 
     /// The server's figures, for what the connection counts as it goes.

@@ -42,6 +42,7 @@ use crate::auth::{Auth, Need, Principal};
 use crate::channels::{self, ChannelName};
 use crate::conn::expiry::{deadline, expired};
 use crate::conn::{StopWaiter, SubscriberWriter, WsHandshake, WsStream};
+use crate::connections::Target;
 use crate::cursor;
 use crate::error::ApiError;
 use crate::limits::ClientIp;
@@ -81,9 +82,16 @@ pub(crate) async fn subscribe(
     let start = cursor::from_request(&uri, &headers)?;
     let settings = state.settings.clone();
     let receiver = channels::subscribe(&state, &channel, Transport::WebSocket, start).await?;
-    let tracked = state
+    let mut tracked = state
         .telemetry
         .connection_opened(ConnKind::Ws, true, &channel);
+    let connection_id = tracked.register(
+        &state.connections,
+        principal.subject.clone(),
+        Target::Channel(Arc::from(channel.as_str())),
+        Transport::WebSocket,
+        receiver.outlet(),
+    );
     // Base64 in JSON inflates a payload by 4/3; leave room for it and the envelope.
     let max_message = settings.limits.max_message_size.0 as usize / 3 * 4 + 64 * 1024;
     let conn = WsSession {
@@ -104,11 +112,22 @@ pub(crate) async fn subscribe(
     };
     let tasks = state.tasks.clone();
     let telemetry = state.telemetry.clone();
-    Ok(
-        upgrade.accept(max_message, telemetry, false, move |ws, direct| {
-            tasks.track_future(conn.run(ws, direct))
-        }),
-    )
+    let response = upgrade.accept(max_message, telemetry, false, move |ws, direct| {
+        tasks.track_future(conn.run(ws, direct))
+    });
+    Ok(with_connection_id(response, &connection_id))
+}
+
+/// The header that tells a client (or a proxy's log) its connection id before any frame
+/// does; a browser's WebSocket and EventSource cannot read it, hence the first frame too.
+pub(crate) const CONNECTION_ID_HEADER: &str = "dormouse-connection-id";
+
+/// `response` with the [`CONNECTION_ID_HEADER`].
+pub(crate) fn with_connection_id(mut response: Response, id: &str) -> Response {
+    if let Ok(value) = axum::http::HeaderValue::from_str(id) {
+        response.headers_mut().insert(CONNECTION_ID_HEADER, value);
+    }
+    response
 }
 
 /// One WebSocket connection's task state.
@@ -263,6 +282,22 @@ impl WsSession {
         direct: Arc<SubscriberWriter>,
     ) -> impl Future<Output = ()> + Send + 'static {
         async move {
+            // A channel's client learns its connection id first, before anything the
+            // channel queued (nothing is written for it until the writer is registered
+            // below). An object's client speaks the object's protocol: it gets the header.
+            if let (Mode::Channel { .. }, Some(registration)) =
+                (&self.mode, self.tracked.registration())
+            {
+                let hello = serde_json::json!({
+                    "type": "connected",
+                    "connection_id": registration.id(),
+                });
+                if ws.send(Message::text(hello.to_string())).await.is_err() {
+                    direct.release_socket();
+                    self.end(End::WriteFailed);
+                    return;
+                }
+            }
             let direct_writes = direct.writes_directly();
             if direct_writes {
                 self.receiver.write_on_release(direct.clone());
@@ -547,6 +582,9 @@ impl WsSession {
                     .expires
                     .and_then(|at| at.duration_since(std::time::UNIX_EPOCH).ok())
                     .map(|d| d.as_secs());
+                if let Some(registration) = self.tracked.registration() {
+                    registration.set_subject(&fresh.subject);
+                }
                 *principal = fresh;
                 Answer::ready(Frame::AuthOk {
                     expires_at,

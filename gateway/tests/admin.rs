@@ -27,6 +27,7 @@ fn key(name: &str, key: &str, admin: bool) -> ApiKeySettings {
         objects: Vec::new(),
         admin,
         metrics: false,
+        connections: false,
     }
 }
 

@@ -45,6 +45,7 @@ fn secured(s: &mut Settings) {
         objects: Vec::new(),
         admin: false,
         metrics: false,
+        connections: false,
     }];
 }
 

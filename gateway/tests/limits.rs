@@ -178,6 +178,7 @@ async fn publishers_over_their_rate_get_429_with_retry_after() {
                 objects: Vec::new(),
                 admin: false,
                 metrics: false,
+                connections: false,
             })
             .collect();
     })

@@ -475,6 +475,7 @@ async fn with_auth_on_metrics_need_the_metrics_or_admin_capability() {
         objects: Vec::new(),
         admin,
         metrics,
+        connections: false,
     };
     let server = TestServer::start_with(|s| {
         s.auth.api_keys = vec![

@@ -209,6 +209,9 @@ pub struct SseClient {
     ready: VecDeque<SseEvent>,
     pub last_id: Option<String>,
     pub retry: Option<u64>,
+    /// The id the server gave this connection in its `dormouse.connected` event, once read
+    /// (`next` takes that event in passing; [`SseClient::connection_id`] waits for it).
+    pub connection_id: Option<String>,
 }
 
 impl SseClient {
@@ -238,14 +241,49 @@ impl SseClient {
             ready: VecDeque::new(),
             last_id,
             retry: None,
+            connection_id: None,
         }
     }
 
-    /// The next event (comments and retry lines are consumed on the way); `None` at EOF.
+    /// The next event (comments, retry lines and the `dormouse.connected` event are
+    /// consumed on the way); `None` at EOF.
     pub async fn next(&mut self) -> Option<SseEvent> {
-        tokio::time::timeout(PATIENCE, self.next_inner())
-            .await
-            .expect("timed out waiting for an SSE event")
+        tokio::time::timeout(PATIENCE, async {
+            loop {
+                let event = self.next_inner().await?;
+                if event.event == "dormouse.connected" {
+                    self.note_connected(&event);
+                    continue;
+                }
+                return Some(event);
+            }
+        })
+        .await
+        .expect("timed out waiting for an SSE event")
+    }
+
+    /// The connection's id, from its first event (read now if it was not yet).
+    pub async fn connection_id(&mut self) -> String {
+        while self.connection_id.is_none() {
+            let event = tokio::time::timeout(PATIENCE, self.next_inner())
+                .await
+                .expect("timed out waiting for the dormouse.connected event")
+                .expect("the stream ended before its dormouse.connected event");
+            assert_eq!(
+                event.event, "dormouse.connected",
+                "the first event names the connection: {event:?}"
+            );
+            self.note_connected(&event);
+        }
+        self.connection_id.clone().unwrap_or_default()
+    }
+
+    fn note_connected(&mut self, event: &SseEvent) {
+        assert_eq!(event.id, None, "the connected event carries no event id");
+        let value: Value = serde_json::from_str(&event.data).expect("connected JSON");
+        assert_eq!(value["type"], "connected", "{value}");
+        let id = value["connection_id"].as_str().expect("a connection_id");
+        self.connection_id = Some(id.to_string());
     }
 
     async fn next_inner(&mut self) -> Option<SseEvent> {
@@ -283,6 +321,9 @@ pub struct WsClient {
     pub ws: tokio_tungstenite::WebSocketStream<
         tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
     >,
+    /// The id from the `dormouse-connection-id` header of the handshake's answer (a
+    /// channel's socket also says it in its first frame, which `next` takes in passing).
+    pub connection_id: Option<String>,
 }
 
 impl WsClient {
@@ -291,7 +332,21 @@ impl WsClient {
             .await
             .expect("websocket connect");
         assert_eq!(res.status(), 101);
-        Self { ws }
+        Self::from_handshake(ws, &res)
+    }
+
+    fn from_handshake(
+        ws: tokio_tungstenite::WebSocketStream<
+            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+        >,
+        res: &tokio_tungstenite::tungstenite::handshake::client::Response,
+    ) -> Self {
+        let connection_id = res
+            .headers()
+            .get("dormouse-connection-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        Self { ws, connection_id }
     }
 
     /// The next text message parsed as JSON, skipping pings; `None` when the socket closes
@@ -300,7 +355,18 @@ impl WsClient {
         tokio::time::timeout(PATIENCE, async {
             loop {
                 match self.ws.next().await? {
-                    Ok(Message::Text(t)) => return Some(serde_json::from_str(&t).expect("json")),
+                    Ok(Message::Text(t)) => {
+                        let value: Value = serde_json::from_str(&t).expect("json");
+                        if value["type"] == "connected" {
+                            assert_eq!(
+                                value["connection_id"].as_str(),
+                                self.connection_id.as_deref(),
+                                "the first frame names the connection as the header did"
+                            );
+                            continue;
+                        }
+                        return Some(value);
+                    }
                     Ok(Message::Close(frame)) => {
                         return Some(serde_json::json!({
                             "type": "close",
@@ -559,7 +625,7 @@ impl WsClient {
         let (ws, res) =
             tokio_tungstenite::connect_async_with_config(request, config, false).await?;
         assert_eq!(res.status(), 101);
-        Ok(Self { ws })
+        Ok(Self::from_handshake(ws, &res))
     }
 
     /// Connects with extra request headers (`Last-Event-ID`, a credential).

@@ -105,6 +105,7 @@ impl SseClient {
                 match parse_event(&self.body[frame.clone()]) {
                     Event::Skip => continue,
                     Event::Other => return Ok(Some(Incoming::Other)),
+                    Event::Connected => return Ok(Some(Incoming::Connected)),
                     Event::Message { seq, data } => {
                         let data = frame.start + data.start..frame.start + data.end;
                         return Ok(Some(Incoming::Message {
@@ -141,6 +142,8 @@ enum Event {
     Skip,
     /// A control event (gap, reconnect) or a payload that is not a bench message.
     Other,
+    /// The event naming the connection, first on every stream.
+    Connected,
     /// A published message: its sequence number and where its data is in the frame.
     Message {
         seq: Option<u64>,
@@ -152,6 +155,7 @@ enum Event {
 fn parse_event(frame: &[u8]) -> Event {
     let mut seq = None;
     let mut control = false;
+    let mut connected = false;
     let mut data = None;
     let mut start = 0;
     while start < frame.len() {
@@ -161,6 +165,7 @@ fn parse_event(frame: &[u8]) -> Event {
             seq = super::seq_of(value);
         } else if let Some(value) = field(line, b"event") {
             control |= value.starts_with(b"dormouse.") || value.starts_with(b"base64:");
+            connected |= value == b"dormouse.connected";
         } else if let Some(value) = field(line, b"data") {
             // Bench payloads are one line; a second data line is not ours.
             control |= data.is_some();
@@ -169,6 +174,7 @@ fn parse_event(frame: &[u8]) -> Event {
         start = end + 1;
     }
     match (data, control) {
+        (Some(_), true) if connected => Event::Connected,
         (Some(data), false) => Event::Message { seq, data },
         (Some(_), true) => Event::Other,
         (None, _) => Event::Skip,
@@ -263,6 +269,10 @@ mod tests {
         assert_eq!(
             parse_event(b"event: dormouse.reconnect\ndata: {}\n"),
             Event::Other
+        );
+        assert_eq!(
+            parse_event(b"event: dormouse.connected\ndata: {}\n"),
+            Event::Connected
         );
         assert_eq!(
             parse_event(b"data:x\n"),

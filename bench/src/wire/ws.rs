@@ -160,19 +160,24 @@ fn pong(payload: &[u8]) -> Vec<u8> {
     frame
 }
 
-/// Locates `id` and `data` in a server message; anything else (gap, ack, error, binary
-/// payloads sent as `data_base64`) is `Other`.
+/// Locates `id` and `data` in a server message (a message sent to this connection alone,
+/// `direct`, has data and no id); anything else (gap, ack, error, binary payloads sent as
+/// `data_base64`) is `Other`.
 fn decode(text: &[u8]) -> Incoming<'_> {
     const PREFIX: &[u8] = br#"{"type":"message","id":""#;
+    const DIRECT: &[u8] = br#"{"type":"direct","#;
     const DATA: &[u8] = br#""data":""#;
-    let Some(rest) = text.strip_prefix(PREFIX) else {
-        return Incoming::Other;
+    let (seq, rest) = match text.strip_prefix(PREFIX) {
+        Some(rest) => {
+            let Some(id_end) = memchr::memchr(b'"', rest) else {
+                return Incoming::Other;
+            };
+            (super::seq_of(&rest[..id_end]), &rest[id_end..])
+        }
+        None if text.starts_with(DIRECT) => (None, text),
+        None if text.starts_with(br#"{"type":"connected""#) => return Incoming::Connected,
+        None => return Incoming::Other,
     };
-    let Some(id_end) = memchr::memchr(b'"', rest) else {
-        return Incoming::Other;
-    };
-    let seq = super::seq_of(&rest[..id_end]);
-    let rest = &rest[id_end..];
     // One searcher for the process: building one per message cost ~3% of the client's CPU.
     static FIND_DATA: LazyLock<memchr::memmem::Finder<'static>> =
         LazyLock::new(|| memchr::memmem::Finder::new(DATA));
@@ -226,6 +231,16 @@ mod tests {
                 data: b"0011xx"
             }
         );
+        let hello = br#"{"type":"connected","connection_id":"n.1.2"}"#;
+        let direct = br#"{"type":"direct","event":"message","data":"0011xx"}"#;
+        assert_eq!(
+            decode(direct),
+            Incoming::Message {
+                seq: None,
+                data: b"0011xx"
+            }
+        );
+        assert_eq!(decode(hello), Incoming::Connected);
         let gap = br#"{"type":"gap","reason":"expired","message":"m"}"#;
         assert_eq!(decode(gap), Incoming::Other);
         let binary = br#"{"type":"message","id":"1-2","event":"message","data_base64":"AA=="}"#;

@@ -195,6 +195,17 @@ impl Tail {
                     field("reason"),
                     field("message")
                 ))),
+                // Said on standard error only: standard output carries the events.
+                "connected" => {
+                    eprintln!("connected as {}", field("connection_id"));
+                    Ok(None)
+                }
+                // A backend ended this connection on purpose: not a reason to reconnect.
+                "close" => Err(anyhow::anyhow!(
+                    "the server closed the connection: {} {}",
+                    control["code"],
+                    field("reason")
+                )),
                 _ => {
                     eprintln!("{kind}: {}: {}", field("reason"), field("message"));
                     if self.args.json {

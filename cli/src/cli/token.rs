@@ -42,6 +42,10 @@ pub(crate) struct TokenArgs {
     /// Grant scraping `/metrics` (what a monitoring system needs, without `--admin`).
     #[arg(long)]
     metrics: bool,
+    /// Grant the server-side connection API (send to, list and close connections): for a
+    /// backend's token.
+    #[arg(long)]
+    connections: bool,
     /// Lifetime, e.g. `15m`, `1h`, `7days`.
     #[arg(long, value_name = "DURATION", default_value = "1h",
           value_parser = humantime::parse_duration)]
@@ -87,11 +91,12 @@ pub(crate) fn run(args: TokenArgs) -> anyhow::Result<()> {
         objects: args.objects.clone(),
         admin: args.admin,
         metrics: args.metrics,
+        connections: args.connections,
     };
     if grants == Grants::default() {
         eprintln!(
             "warning: the token grants nothing; add --publish, --subscribe, --history, \
-             --objects, --admin or --metrics"
+             --objects, --admin, --metrics or --connections"
         );
     }
     let now = SystemTime::now()

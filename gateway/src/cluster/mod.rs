@@ -37,6 +37,7 @@ use dormouse_storage::ObjectId;
 use tracing::{debug, info, warn};
 
 use crate::config::ClusterSettings;
+use crate::connections::{self, Op, Outcome, ParsedId};
 use crate::state::AppState;
 use copies::Copies;
 pub(crate) use wire::ChannelCall;
@@ -46,6 +47,9 @@ use wire::{Answer, Forwarded};
 const MAX_HOPS: usize = 4;
 /// How long a forwarded call waits for the owner's answer.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a connections call may take on the node that serves them: queueing a message
+/// on each of a node's connections takes milliseconds, even for a hundred thousand.
+const CONNECTIONS_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a forwarded call in flight checks that its owner still counts as alive.
 const LIVENESS_CHECK: Duration = Duration::from_millis(250);
 /// The request kind that only asks whether a node is there.
@@ -458,6 +462,14 @@ impl ClusterNode {
             async move {
                 match kind.as_str() {
                     PING => Ok(Bytes::new()),
+                    connections::CALL_KIND => {
+                        let op: Op = serde_json::from_slice(&body)
+                            .map_err(|e| format!("a connections call: {e}"))?;
+                        let outcome = state.connections.apply(&op);
+                        serde_json::to_vec(&outcome)
+                            .map(Bytes::from)
+                            .map_err(|e| e.to_string())
+                    }
                     _ => Ok(node.serve_call(&state, body).await),
                 }
             }
@@ -552,6 +564,61 @@ impl ClusterNode {
             task.abort();
         }
         self.membership.leave().await;
+    }
+
+    /// The live node that handed out connection id `id` (the same incarnation): `None`
+    /// when it restarted or left, which took the connection with it.
+    pub(crate) fn connection_node(&self, id: &ParsedId) -> Option<NodeId> {
+        self.membership
+            .alive_nodes()
+            .into_values()
+            .find(|node| id.is_of(node))
+    }
+
+    /// Every live node but this one.
+    pub(crate) fn other_nodes(&self) -> Vec<NodeId> {
+        let mut nodes: Vec<NodeId> = self
+            .membership
+            .alive_nodes()
+            .into_values()
+            .filter(|node| node != self.me())
+            .collect();
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        nodes
+    }
+
+    /// Runs a connections operation on `node`'s connections; the error says, for the
+    /// caller's answer, why it could not.
+    pub(crate) async fn connections_call(
+        &self,
+        node: &NodeId,
+        op: &Op,
+    ) -> std::result::Result<Outcome, String> {
+        let body = Bytes::from(serde_json::to_vec(op).map_err(|e| e.to_string())?);
+        if body.len() + ENVELOPE > self.max_payload {
+            return Err(format!(
+                "the request ({} bytes) is larger than the NATS servers' max_payload ({} \
+                 bytes) and cannot reach node {}",
+                body.len(),
+                self.max_payload,
+                node.name
+            ));
+        }
+        match rpc::call(
+            &self.nats,
+            node,
+            connections::CALL_KIND,
+            body,
+            CONNECTIONS_TIMEOUT,
+        )
+        .await
+        {
+            Ok(reply) => serde_json::from_slice(&reply)
+                .map_err(|e| format!("node {}'s answer could not be read: {e}", node.name)),
+            // Gone or restarted: so are the connections it served.
+            Err(RpcError::NodeGone(_) | RpcError::Stale(_)) => Ok(Outcome::default()),
+            Err(e) => Err(e.to_string()),
+        }
     }
 
     /// Serves one call of another node, here: never forwarded again (an owner that moved
