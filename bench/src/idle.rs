@@ -55,8 +55,22 @@ pub(crate) struct Args {
     /// Worker threads of the load generator [default: one per CPU].
     #[arg(long)]
     client_threads: Option<usize>,
+    /// How the closing message reaches the connections: a publish to their channels, or
+    /// one call of the server-side connection API to every connection of a subject (`POST
+    /// /v1/subjects/anonymous/messages`: a server without auth gives every connection that
+    /// subject), which is what a backend does to reach its users' dormant connections.
+    #[arg(long, value_enum, default_value_t = DeliverBy::Publish)]
+    deliver_by: DeliverBy,
     #[command(flatten)]
     target: TargetArgs,
+}
+
+/// See [`Args::deliver_by`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum DeliverBy {
+    Publish,
+    Subject,
 }
 
 #[derive(Debug, Serialize)]
@@ -86,7 +100,10 @@ pub(crate) struct Report {
     bytes_per_connection_after_delivery: f64,
     closed_early: u64,
     delivered_after_idle: u64,
+    deliver_by: DeliverBy,
     delivery_ms: f64,
+    /// The server's CPU from the closing call until every connection had the message.
+    delivery_server_cpu_ms: Option<f64>,
 }
 
 pub(crate) fn run(args: Args) -> anyhow::Result<Report> {
@@ -158,9 +175,13 @@ async fn run_async(args: Args) -> anyhow::Result<Report> {
     let server_rss_after_bytes = server.rss_bytes()?.unwrap_or(0);
     let server_peak_rss_bytes = server.peak_rss_bytes()?.unwrap_or(0);
 
-    // Still live? One publish per channel must reach every connection.
+    // Still live? One message must reach every connection.
+    let cpu_before = server.cpu_secs()?;
     let published_ns = payload::now_ns();
-    publish_to_all(&server, &client, args.channels, &channel).await?;
+    match args.deliver_by {
+        DeliverBy::Publish => publish_to_all(&server, &client, args.channels, &channel).await?,
+        DeliverBy::Subject => send_to_subject(&server, &client, args.connections).await?,
+    }
     let delivery_until = tokio::time::Instant::now() + Duration::from(args.delivery_timeout);
     while counts.delivered.load(Ordering::Acquire) + counts.closed.load(Ordering::Acquire)
         < args.connections as u64
@@ -169,6 +190,10 @@ async fn run_async(args: Args) -> anyhow::Result<Report> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let delivery_ms = (payload::now_ns() - published_ns) as f64 / 1e6;
+    let delivery_server_cpu_ms = match (cpu_before, server.cpu_secs()?) {
+        (Some(before), Some(after)) => Some(round1((after - before) * 1000.0)),
+        _ => None,
+    };
     // What a connection keeps after it has carried a message (write buffers grown, queues).
     tokio::time::sleep(settle).await;
     let server_rss_after_delivery_bytes = server.rss_bytes()?.unwrap_or(0);
@@ -208,8 +233,40 @@ async fn run_async(args: Args) -> anyhow::Result<Report> {
         ),
         closed_early,
         delivered_after_idle,
+        deliver_by: args.deliver_by,
         delivery_ms: round1(delivery_ms),
+        delivery_server_cpu_ms,
     })
+}
+
+/// One call that queues a message for every connection of the subject `anonymous`; fails
+/// unless the server says it queued it for all `connections`.
+async fn send_to_subject(
+    server: &Server,
+    client: &reqwest::Client,
+    connections: usize,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        server.kind == Kind::Dormouse,
+        "--deliver-by subject needs a dormouse server"
+    );
+    let answer: serde_json::Value = client
+        .post(format!(
+            "{}/v1/subjects/anonymous/messages",
+            server.base_url()
+        ))
+        .body(payload::encode(64, payload::now_ns(), 0))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    anyhow::ensure!(
+        answer["queued"].as_u64() == Some(connections as u64),
+        "the server queued the message for {} connections, not {connections}",
+        answer["queued"]
+    );
+    Ok(())
 }
 
 /// Publishes one small message to each channel, one after another.
@@ -239,7 +296,7 @@ async fn hold(mut subscriber: Subscriber, counts: Arc<Counts>, mut stop: watch::
                 Ok(Some(Incoming::Message { .. })) => {
                     counts.delivered.fetch_add(1, Ordering::Release);
                 }
-                Ok(Some(Incoming::Other)) => {}
+                Ok(Some(Incoming::Other | Incoming::Connected)) => {}
                 Ok(None) | Err(_) => {
                     counts.closed.fetch_add(1, Ordering::Release);
                     return;
