@@ -426,9 +426,9 @@ impl Connection {
         self.reason = reason;
     }
 
-    /// Enters the connection in `table` under the number it is logged with, so backends can
-    /// reach it (docs/API.md, "Connections"); it leaves the table when this guard drops.
-    /// Returns its id.
+    /// Enters the connection in `table`, so backends can reach it (docs/API.md,
+    /// "Connections"); it leaves the table when this guard drops. Returns its id, which the
+    /// close log line carries too.
     pub(crate) fn register(
         &mut self,
         table: &Arc<ConnectionTable>,
@@ -437,7 +437,7 @@ impl Connection {
         transport: Transport,
         outlet: Outlet,
     ) -> String {
-        let registration = table.register(self.id, subject, target, transport, outlet);
+        let registration = table.register(subject, target, transport, outlet);
         let id = registration.id();
         self.registration = Some(registration);
         id
@@ -463,6 +463,7 @@ impl Drop for Connection {
         }
         debug!(
             conn = self.id,
+            connection_id = self.registration.as_ref().map(Registration::id),
             transport = self.wire.label(),
             reason = self.reason,
             duration_ms = self.opened.elapsed().as_millis() as u64,

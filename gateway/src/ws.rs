@@ -27,7 +27,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
 use dormouse_actors::channel::NewMessage;
-use dormouse_runtime::{Inbound, SocketReceiver, Transport};
+use dormouse_runtime::{Inbound, Outbound, SocketReceiver, Transport};
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt, SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
@@ -291,8 +291,13 @@ impl WsSession {
                 let hello = serde_json::json!({
                     "type": "connected",
                     "connection_id": registration.id(),
-                });
-                if ws.send(Message::text(hello.to_string())).await.is_err() {
+                })
+                .to_string();
+                let sent = match direct.write_first(Outbound::Text(Bytes::from(hello.clone()))) {
+                    Some(sent) => sent,
+                    None => ws.send(Message::text(hello)).await.is_ok(),
+                };
+                if !sent {
                     direct.release_socket();
                     self.end(End::WriteFailed);
                     return;

@@ -110,6 +110,19 @@ impl SubscriberWriter {
         self.write_taken(&mut state, taken)
     }
 
+    /// Writes `frame` now, without blocking, ahead of anything queued: a connection's first
+    /// frame, sent before its writer is registered. What the socket does not take waits in
+    /// `pending`, which the task flushes first. `None` when the socket is not shared (the
+    /// caller writes it through its IO); `Some(false)` when the write failed. Writing it
+    /// here rather than through tungstenite keeps an idle connection from holding the
+    /// write buffer tungstenite would grow for it.
+    pub(crate) fn write_first(&self, frame: Outbound) -> Option<bool> {
+        let mut state = self.lock();
+        state.stream.as_ref()?;
+        let written = self.write_taken(&mut state, vec![(frame, None)]);
+        Some(!written.failed)
+    }
+
     /// For the connection's task when the socket is not shared (an HTTP/2 WebSocket, or
     /// one upgraded through another server's IO): takes what is queued (a close too) and
     /// writes it through `io`, waiting for the socket as needed.

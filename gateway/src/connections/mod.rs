@@ -17,7 +17,6 @@
 //! the node-to-node call kind [`CALL_KIND`]: an operation on one connection goes to its node,
 //! one on a subject or a channel to every live node, and the answers are added up.
 
-use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -31,6 +30,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::ApiError;
 
 mod api;
+mod entries;
+
+use entries::{Entries, Entry, Kind};
 
 pub(crate) use api::{
     channel_connections, connection_close, connection_info, connection_send, subject_close,
@@ -50,52 +52,6 @@ pub(crate) enum Target {
     Channel(Arc<str>),
     /// A WebSocket accepted by a user object, as `namespace/name`.
     Object(Arc<str>),
-}
-
-struct Entry {
-    subject: Arc<str>,
-    target: Target,
-    transport: Transport,
-    opened_ms: u64,
-    outlet: Outlet,
-}
-
-#[derive(Default)]
-struct Entries {
-    by_seq: HashMap<u64, Entry>,
-    by_subject: HashMap<Arc<str>, HashSet<u64>>,
-    by_channel: HashMap<Arc<str>, HashSet<u64>>,
-}
-
-impl Entries {
-    fn index(&mut self, seq: u64, entry: &Entry) {
-        self.by_subject
-            .entry(entry.subject.clone())
-            .or_default()
-            .insert(seq);
-        if let Target::Channel(channel) = &entry.target {
-            self.by_channel
-                .entry(channel.clone())
-                .or_default()
-                .insert(seq);
-        }
-    }
-
-    fn unindex(&mut self, seq: u64, entry: &Entry) {
-        unlink(&mut self.by_subject, &entry.subject, seq);
-        if let Target::Channel(channel) = &entry.target {
-            unlink(&mut self.by_channel, channel, seq);
-        }
-    }
-}
-
-fn unlink(index: &mut HashMap<Arc<str>, HashSet<u64>>, key: &Arc<str>, seq: u64) {
-    if let Some(set) = index.get_mut(key) {
-        set.remove(&seq);
-        if set.is_empty() {
-            index.remove(key);
-        }
-    }
 }
 
 /// This node's connections; see the module doc.
@@ -335,13 +291,14 @@ impl Outcome {
 /// Keeps a connection in the table while it lives; dropping it takes it out.
 pub(crate) struct Registration {
     table: Arc<ConnectionTable>,
-    seq: u64,
+    /// Its key in the table, the number at the end of its id.
+    key: u64,
 }
 
 impl std::fmt::Debug for Registration {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Registration")
-            .field("seq", &self.seq)
+            .field("key", &self.key)
             .finish()
     }
 }
@@ -349,33 +306,19 @@ impl std::fmt::Debug for Registration {
 impl Registration {
     /// The connection's id, as clients and backends see it.
     pub(crate) fn id(&self) -> String {
-        self.table.id_of(self.seq)
+        self.table.id_of(self.key)
     }
 
     /// The connection's credential was replaced by one with another subject (a WebSocket
     /// client's `auth` message): sends to the new subject reach it, to the old one no more.
     pub(crate) fn set_subject(&self, subject: &Arc<str>) {
-        let mut entries = self.table.lock();
-        let Some(mut entry) = entries.by_seq.remove(&self.seq) else {
-            return;
-        };
-        if entry.subject == *subject {
-            entries.by_seq.insert(self.seq, entry);
-            return;
-        }
-        entries.unindex(self.seq, &entry);
-        entry.subject = subject.clone();
-        entries.index(self.seq, &entry);
-        entries.by_seq.insert(self.seq, entry);
+        self.table.lock().set_subject(self.key, subject.clone());
     }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        let mut entries = self.table.lock();
-        if let Some(entry) = entries.by_seq.remove(&self.seq) {
-            entries.unindex(self.seq, &entry);
-        }
+        self.table.lock().remove(self.key);
     }
 }
 
@@ -404,56 +347,37 @@ impl ConnectionTable {
         format!("{}{seq:x}", self.prefix)
     }
 
-    /// Enters connection `seq` (the telemetry's number for it, unique in this process).
+    /// Enters a connection; it stays until the registration is dropped.
     pub(crate) fn register(
         self: &Arc<Self>,
-        seq: u64,
         subject: Arc<str>,
         target: Target,
         transport: Transport,
         outlet: Outlet,
     ) -> Registration {
-        let mut entries = self.lock();
-        // Names already in the indexes are shared rather than kept once per connection: ten
-        // thousand subscribers of one channel hold one copy of its name.
-        let shared = |index: &HashMap<Arc<str>, HashSet<u64>>, name: Arc<str>| {
-            index
-                .get_key_value(&*name)
-                .map_or(name, |(key, _)| key.clone())
+        let (target, kind) = match (target, transport) {
+            (Target::Channel(channel), Transport::WebSocket) => (channel, Kind::ChannelWs),
+            (Target::Channel(channel), Transport::Sse) => (channel, Kind::ChannelSse),
+            (Target::Object(object), _) => (object, Kind::ObjectWs),
         };
-        let subject = shared(&entries.by_subject, subject);
-        let target = match target {
-            Target::Channel(channel) => Target::Channel(shared(&entries.by_channel, channel)),
-            other => other,
-        };
-        let entry = Entry {
-            subject,
-            target,
-            transport,
-            opened_ms: now_ms(),
-            outlet,
-        };
-        entries.index(seq, &entry);
-        entries.by_seq.insert(seq, entry);
+        let key = self.lock().insert(subject, target, kind, now_ms(), outlet);
         Registration {
             table: self.clone(),
-            seq,
+            key,
         }
     }
 
-    fn info(&self, seq: u64, entry: &Entry) -> ConnectionInfo {
-        let (channel, object) = match &entry.target {
-            Target::Channel(c) => (Some(c.to_string()), None),
-            Target::Object(o) => (None, Some(o.to_string())),
+    fn info(&self, key: u64, entry: &Entry) -> ConnectionInfo {
+        let target = Some(entry.target.to_string());
+        let (channel, object, transport) = match entry.kind {
+            Kind::ChannelWs => (target, None, "websocket"),
+            Kind::ChannelSse => (target, None, "sse"),
+            Kind::ObjectWs => (None, target, "websocket"),
         };
         ConnectionInfo {
-            connection_id: self.id_of(seq),
+            connection_id: self.id_of(key),
             subject: entry.subject.to_string(),
-            transport: match entry.transport {
-                Transport::Sse => "sse",
-                Transport::WebSocket => "websocket",
-            }
-            .to_string(),
+            transport: transport.to_string(),
             channel,
             object,
             connected_at_ms: entry.opened_ms,
@@ -465,22 +389,11 @@ impl ConnectionTable {
     /// connections already have; nothing here waits for a client.
     pub(crate) fn apply(&self, op: &Op) -> Outcome {
         let entries = self.lock();
-        let live = |seq: &u64| {
-            entries
-                .by_seq
-                .get(seq)
-                .filter(|e| !e.outlet.is_closed())
-                .map(|e| (*seq, e))
-        };
+        let open = |entry: &Entry| !entry.outlet.is_closed();
+        let live = |seq: &u64| entries.get(*seq).filter(|e| open(e)).map(|e| (*seq, e));
         let of_subject = |subject: &str| -> Vec<(u64, &Entry)> {
-            let mut found: Vec<_> = entries
-                .by_subject
-                .get(subject)
-                .into_iter()
-                .flatten()
-                .filter_map(live)
-                .collect();
-            found.sort_by_key(|(seq, _)| *seq);
+            let mut found = entries.of_subject(subject);
+            found.retain(|(_, e)| open(e));
             found
         };
         let mut outcome = Outcome::default();
@@ -507,13 +420,14 @@ impl ConnectionTable {
             }
             Op::ListChannel { channel, limit } => {
                 let mut found: Vec<_> = entries
-                    .by_channel
-                    .get(channel.as_str())
-                    .into_iter()
-                    .flatten()
-                    .filter_map(live)
+                    .all()
+                    .filter(|(_, e)| {
+                        matches!(e.kind, Kind::ChannelWs | Kind::ChannelSse)
+                            && *e.target == **channel
+                            && open(e)
+                    })
                     .collect();
-                found.sort_by_key(|(seq, _)| *seq);
+                found.sort_by_key(|(key, e)| (e.opened_ms, *key));
                 self.list(found, *limit, &mut outcome);
             }
         }
@@ -538,10 +452,10 @@ fn send_all<'a>(
 ) {
     let mut frames: [Option<Outbound>; 3] = [None, None, None];
     for (_, entry) in to {
-        let (slot, transport) = match (&entry.target, entry.transport) {
-            (Target::Object(_), _) => (0, None),
-            (Target::Channel(_), Transport::WebSocket) => (1, Some(Transport::WebSocket)),
-            (Target::Channel(_), Transport::Sse) => (2, Some(Transport::Sse)),
+        let (slot, transport) = match entry.kind {
+            Kind::ObjectWs => (0, None),
+            Kind::ChannelWs => (1, Some(Transport::WebSocket)),
+            Kind::ChannelSse => (2, Some(Transport::Sse)),
         };
         let frame = frames[slot]
             .get_or_insert_with(|| match transport {
@@ -632,7 +546,6 @@ mod tests {
         let table = table();
         let (_socket, receiver) = Socket::new(Transport::WebSocket, 1 << 20, Bytes::new());
         let registration = table.register(
-            7,
             Arc::from("alice"),
             Target::Channel(Arc::from("room")),
             Transport::WebSocket,
@@ -646,13 +559,18 @@ mod tests {
                 })
                 .total
         };
-        assert_eq!(list("alice"), 1);
+        let channel = || {
+            table
+                .apply(&Op::ListChannel {
+                    channel: "room".into(),
+                    limit: 10,
+                })
+                .total
+        };
+        assert_eq!((list("alice"), channel()), (1, 1));
         registration.set_subject(&Arc::from("bob"));
-        assert_eq!((list("alice"), list("bob")), (0, 1));
+        assert_eq!((list("alice"), list("bob"), channel()), (0, 1, 1));
         drop(registration);
-        assert_eq!(list("bob"), 0);
-        let entries = table.lock();
-        assert!(entries.by_seq.is_empty());
-        assert!(entries.by_subject.is_empty() && entries.by_channel.is_empty());
+        assert_eq!((list("bob"), channel()), (0, 0));
     }
 }

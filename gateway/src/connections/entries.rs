@@ -1,0 +1,379 @@
+//! The table's storage: a slab of entries with a list per subject threaded through it.
+//!
+//! Every idle connection pays for its entry, so the layout is chosen for size (measured
+//! with `dormouse-bench idle`, docs/BENCHMARKS.md): a hash map from id to entry, plus a
+//! set of ids per subject and per channel, cost about 300 bytes per connection at 15,000
+//! connections (a hash table is up to half empty after it grows); a slab costs one 64-byte
+//! slot (a `Vec` grown by doubling), and a subject's connections are a doubly linked list
+//! through their slots, so a subject costs one map entry however many connections it has.
+//! A key is the slot's index and the slot's generation, bumped when the slot is freed, so a
+//! key never names a later occupant of its slot. A channel's connections are found by a
+//! scan: listing them is an operator's call, not a hot path.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use dormouse_runtime::Outlet;
+
+/// No slot: the end of a list.
+const NONE: u32 = u32::MAX;
+
+/// What a connection is, for how a message to it is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kind {
+    /// A channel's WebSocket subscriber.
+    ChannelWs,
+    /// A channel's SSE subscriber.
+    ChannelSse,
+    /// A WebSocket accepted by a user object.
+    ObjectWs,
+}
+
+/// One live connection.
+pub(super) struct Entry {
+    pub(super) subject: Arc<str>,
+    /// The channel, or the object as `namespace/name`.
+    pub(super) target: Arc<str>,
+    pub(super) opened_ms: u64,
+    pub(super) outlet: Outlet,
+    /// Neighbours in the subject's list.
+    prev: u32,
+    next: u32,
+    generation: u32,
+    pub(super) kind: Kind,
+}
+
+enum Slot {
+    Used(Entry),
+    Free { generation: u32, next_free: u32 },
+}
+
+/// See the module doc.
+pub(super) struct Entries {
+    slots: Vec<Slot>,
+    free: u32,
+    /// Each subject's newest connection; the list runs from it to the oldest.
+    subjects: HashMap<Arc<str>, u32>,
+    /// Slots in use.
+    used: usize,
+    /// The generation a slot added at the end starts with: above that of every slot given
+    /// back, so no key of a slot given back names the slot's next occupant.
+    fresh: u32,
+}
+
+impl Default for Entries {
+    fn default() -> Self {
+        Self {
+            slots: Vec::new(),
+            free: NONE,
+            subjects: HashMap::new(),
+            used: 0,
+            fresh: 0,
+        }
+    }
+}
+
+fn key(slot: u32, generation: u32) -> u64 {
+    (u64::from(generation) << 32) | u64::from(slot)
+}
+
+fn split(key: u64) -> (u32, u32) {
+    (key as u32, (key >> 32) as u32)
+}
+
+impl Entries {
+    /// Enters a connection; its key.
+    pub(super) fn insert(
+        &mut self,
+        subject: Arc<str>,
+        target: Arc<str>,
+        kind: Kind,
+        opened_ms: u64,
+        outlet: Outlet,
+    ) -> u64 {
+        let (slot, generation) = match self.free {
+            NONE => {
+                self.slots.push(Slot::Free {
+                    generation: self.fresh,
+                    next_free: NONE,
+                });
+                (
+                    u32::try_from(self.slots.len() - 1).unwrap_or(NONE),
+                    self.fresh,
+                )
+            }
+            slot => match self.slots[slot as usize] {
+                Slot::Free {
+                    generation,
+                    next_free,
+                } => {
+                    self.free = next_free;
+                    (slot, generation)
+                }
+                // The free list holds only free slots.
+                Slot::Used(_) => unreachable!("a used slot on the free list"),
+            },
+        };
+        // Shared with the subject's key, when the subject already has connections.
+        let subject = self
+            .subjects
+            .get_key_value(&*subject)
+            .map_or(subject, |(known, _)| known.clone());
+        self.slots[slot as usize] = Slot::Used(Entry {
+            subject,
+            target,
+            opened_ms,
+            outlet,
+            prev: NONE,
+            next: NONE,
+            generation,
+            kind,
+        });
+        self.link(slot);
+        self.used += 1;
+        key(slot, generation)
+    }
+
+    fn entry_mut(&mut self, slot: u32) -> Option<&mut Entry> {
+        match self.slots.get_mut(slot as usize) {
+            Some(Slot::Used(entry)) => Some(entry),
+            _ => None,
+        }
+    }
+
+    /// Puts `slot` at the head of its subject's list.
+    fn link(&mut self, slot: u32) {
+        let Some(subject) = self.entry_mut(slot).map(|e| e.subject.clone()) else {
+            return;
+        };
+        let old_head = self.subjects.insert(subject, slot).unwrap_or(NONE);
+        if let Some(entry) = self.entry_mut(slot) {
+            entry.prev = NONE;
+            entry.next = old_head;
+        }
+        if let Some(head) = self.entry_mut(old_head) {
+            head.prev = slot;
+        }
+    }
+
+    /// Takes `slot` out of its subject's list.
+    fn unlink(&mut self, slot: u32) {
+        let Some((subject, prev, next)) = self
+            .entry_mut(slot)
+            .map(|e| (e.subject.clone(), e.prev, e.next))
+        else {
+            return;
+        };
+        match self.entry_mut(prev) {
+            Some(before) => before.next = next,
+            None if next == NONE => {
+                self.subjects.remove(&subject);
+            }
+            None => {
+                self.subjects.insert(subject, next);
+            }
+        }
+        if let Some(after) = self.entry_mut(next) {
+            after.prev = prev;
+        }
+    }
+
+    /// The entry under `key`, if it is still that connection's.
+    pub(super) fn get(&self, key: u64) -> Option<&Entry> {
+        let (slot, generation) = split(key);
+        match self.slots.get(slot as usize) {
+            Some(Slot::Used(entry)) if entry.generation == generation => Some(entry),
+            _ => None,
+        }
+    }
+
+    /// Takes the connection under `key` out; a key whose slot moved on is ignored.
+    pub(super) fn remove(&mut self, key: u64) {
+        if self.get(key).is_none() {
+            return;
+        }
+        let (slot, generation) = split(key);
+        self.unlink(slot);
+        self.slots[slot as usize] = Slot::Free {
+            generation: generation.wrapping_add(1),
+            next_free: self.free,
+        };
+        self.free = slot;
+        self.used -= 1;
+        // A burst that went away must not leave its room behind: the free slots at the end
+        // are given back (the free list is rebuilt without them).
+        if self.slots.len() > 64
+            && matches!(self.slots.last(), Some(Slot::Free { .. }))
+            && self.slots.len() > 4 * self.used.max(16)
+        {
+            self.compact();
+        }
+    }
+
+    /// Drops the free slots at the end and shrinks the slab to what is left. A slot added
+    /// later at a dropped index starts at a generation above every dropped one, so a key of
+    /// a dropped slot never names it.
+    fn compact(&mut self) {
+        while let Some(Slot::Free { generation, .. }) = self.slots.last() {
+            self.fresh = self.fresh.max(generation.wrapping_add(1));
+            self.slots.pop();
+        }
+        self.slots.shrink_to(self.slots.len().max(16) * 2);
+        self.free = NONE;
+        for slot in (0..self.slots.len()).rev() {
+            if let Slot::Free { next_free, .. } = &mut self.slots[slot] {
+                *next_free = self.free;
+                self.free = slot as u32;
+            }
+        }
+    }
+
+    /// A subject's connections, oldest first.
+    pub(super) fn of_subject(&self, subject: &str) -> Vec<(u64, &Entry)> {
+        let mut found = Vec::new();
+        let mut at = self.subjects.get(subject).copied().unwrap_or(NONE);
+        while let Some(Slot::Used(entry)) = self.slots.get(at as usize) {
+            found.push((key(at, entry.generation), entry));
+            at = entry.next;
+        }
+        found.reverse();
+        found
+    }
+
+    /// Every connection, in slot order.
+    pub(super) fn all(&self) -> impl Iterator<Item = (u64, &Entry)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, s)| match s {
+                Slot::Used(entry) => Some((key(slot as u32, entry.generation), entry)),
+                Slot::Free { .. } => None,
+            })
+    }
+
+    /// Moves the connection under `key` to another subject's list.
+    pub(super) fn set_subject(&mut self, key: u64, subject: Arc<str>) {
+        match self.get(key) {
+            Some(entry) if *entry.subject != *subject => {}
+            _ => return,
+        }
+        let (slot, _) = split(key);
+        self.unlink(slot);
+        let subject = self
+            .subjects
+            .get_key_value(&*subject)
+            .map_or(subject, |(known, _)| known.clone());
+        if let Some(entry) = self.entry_mut(slot) {
+            entry.subject = subject;
+        }
+        self.link(slot);
+    }
+
+    /// True when nothing is left, indexes included.
+    #[cfg(test)]
+    pub(super) fn is_empty(&self) -> bool {
+        self.used == 0 && self.subjects.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use dormouse_runtime::{Socket, Transport};
+
+    fn outlet() -> Outlet {
+        let (_socket, receiver) = Socket::new(Transport::WebSocket, 1024, Bytes::new());
+        receiver.outlet()
+    }
+
+    fn subjects(entries: &Entries, subject: &str) -> Vec<u64> {
+        entries
+            .of_subject(subject)
+            .into_iter()
+            .map(|(key, _)| key)
+            .collect()
+    }
+
+    #[test]
+    fn lists_follow_inserts_removals_and_moves_and_keys_are_never_reused() {
+        let mut entries = Entries::default();
+        let add = |entries: &mut Entries, subject: &str| {
+            entries.insert(
+                Arc::from(subject),
+                Arc::from("room"),
+                Kind::ChannelWs,
+                0,
+                outlet(),
+            )
+        };
+        let a1 = add(&mut entries, "alice");
+        let b1 = add(&mut entries, "bob");
+        let a2 = add(&mut entries, "alice");
+        let a3 = add(&mut entries, "alice");
+        assert_eq!(subjects(&entries, "alice"), [a1, a2, a3]);
+        // Out of the middle, the head and the tail.
+        entries.remove(a2);
+        assert_eq!(subjects(&entries, "alice"), [a1, a3]);
+        entries.remove(a3);
+        assert_eq!(subjects(&entries, "alice"), [a1]);
+        let a4 = add(&mut entries, "alice");
+        assert_ne!(a4, a2, "a freed slot comes back under a new generation");
+        assert_ne!(a4, a3);
+        assert!(entries.get(a3).is_none() && entries.get(a2).is_none());
+        entries.remove(a3); // a stale key removes nothing
+        assert_eq!(subjects(&entries, "alice"), [a1, a4]);
+        entries.set_subject(a1, Arc::from("bob"));
+        assert_eq!(subjects(&entries, "alice"), [a4]);
+        assert_eq!(subjects(&entries, "bob"), [b1, a1]);
+        for key in [a1, a4, b1] {
+            entries.remove(key);
+        }
+        assert!(entries.is_empty());
+        assert_eq!(entries.all().count(), 0);
+    }
+
+    #[test]
+    fn a_burst_that_leaves_gives_its_room_back() {
+        let mut entries = Entries::default();
+        let keys: Vec<u64> = (0..10_000)
+            .map(|i| {
+                entries.insert(
+                    Arc::from(format!("s{}", i % 7).as_str()),
+                    Arc::from("room"),
+                    Kind::ChannelSse,
+                    0,
+                    outlet(),
+                )
+            })
+            .collect();
+        let stay = keys[3];
+        for key in keys.iter().rev().filter(|k| **k != stay) {
+            entries.remove(*key);
+        }
+        assert!(
+            entries.slots.capacity() < 1000,
+            "{}",
+            entries.slots.capacity()
+        );
+        assert_eq!(subjects(&entries, "s3"), [stay]);
+        // New connections, in freed slots and in slots given back and added again: no key of
+        // the burst names one of them.
+        let again: Vec<u64> = (0..100)
+            .map(|_| {
+                entries.insert(
+                    Arc::from("s3"),
+                    Arc::from("room"),
+                    Kind::ChannelSse,
+                    0,
+                    outlet(),
+                )
+            })
+            .collect();
+        assert_eq!(subjects(&entries, "s3").len(), 101);
+        for key in keys.iter().filter(|k| **k != stay) {
+            assert!(entries.get(*key).is_none());
+            assert!(!again.contains(key));
+        }
+    }
+}
