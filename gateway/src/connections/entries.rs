@@ -3,17 +3,19 @@
 //! Every idle connection pays for its entry, so the layout is chosen for size (measured
 //! with `dormouse-bench idle`, docs/BENCHMARKS.md): a hash map from id to entry, plus a
 //! set of ids per subject and per channel, cost about 300 bytes per connection at 15,000
-//! connections (a hash table is up to half empty after it grows); a slab costs one 64-byte
-//! slot (a `Vec` grown by doubling), and a subject's connections are a doubly linked list
-//! through their slots, so a subject costs one map entry however many connections it has.
-//! A key is the slot's index and the slot's generation, bumped when the slot is freed, so a
-//! key never names a later occupant of its slot. A channel's connections are found by a
-//! scan: listing them is an operator's call, not a hot path.
+//! connections (a hash table is up to half empty after it grows); a slab (the `slab`
+//! crate, already used by the shutdown signal) costs one 64-byte slot, and a subject's
+//! connections are a doubly linked list through their slots, so a subject costs one map
+//! entry however many connections it has. A slab reuses a freed slot, so a key is the slot
+//! and a generation the table counts up per connection: a key never names a later
+//! occupant of its slot (short of four billion connections in between). A channel's
+//! connections are found by a scan: listing them is an operator's call, not a hot path.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use dormouse_runtime::Outlet;
+use slab::Slab;
 
 /// No slot: the end of a list.
 const NONE: u32 = u32::MAX;
@@ -43,34 +45,14 @@ pub(super) struct Entry {
     pub(super) kind: Kind,
 }
 
-enum Slot {
-    Used(Entry),
-    Free { generation: u32, next_free: u32 },
-}
-
 /// See the module doc.
+#[derive(Default)]
 pub(super) struct Entries {
-    slots: Vec<Slot>,
-    free: u32,
+    slots: Slab<Entry>,
     /// Each subject's newest connection; the list runs from it to the oldest.
     subjects: HashMap<Arc<str>, u32>,
-    /// Slots in use.
-    used: usize,
-    /// The generation a slot added at the end starts with: above that of every slot given
-    /// back, so no key of a slot given back names the slot's next occupant.
-    fresh: u32,
-}
-
-impl Default for Entries {
-    fn default() -> Self {
-        Self {
-            slots: Vec::new(),
-            free: NONE,
-            subjects: HashMap::new(),
-            used: 0,
-            fresh: 0,
-        }
-    }
+    /// The next connection's generation.
+    generation: u32,
 }
 
 fn key(slot: u32, generation: u32) -> u64 {
@@ -91,35 +73,14 @@ impl Entries {
         opened_ms: u64,
         outlet: Outlet,
     ) -> u64 {
-        let (slot, generation) = match self.free {
-            NONE => {
-                self.slots.push(Slot::Free {
-                    generation: self.fresh,
-                    next_free: NONE,
-                });
-                (
-                    u32::try_from(self.slots.len() - 1).unwrap_or(NONE),
-                    self.fresh,
-                )
-            }
-            slot => match self.slots[slot as usize] {
-                Slot::Free {
-                    generation,
-                    next_free,
-                } => {
-                    self.free = next_free;
-                    (slot, generation)
-                }
-                // The free list holds only free slots.
-                Slot::Used(_) => unreachable!("a used slot on the free list"),
-            },
-        };
+        let generation = self.generation;
+        self.generation = self.generation.wrapping_add(1);
         // Shared with the subject's key, when the subject already has connections.
         let subject = self
             .subjects
             .get_key_value(&*subject)
             .map_or(subject, |(known, _)| known.clone());
-        self.slots[slot as usize] = Slot::Used(Entry {
+        let slot = self.slots.insert(Entry {
             subject,
             target,
             opened_ms,
@@ -129,16 +90,14 @@ impl Entries {
             generation,
             kind,
         });
+        // A slab index past u32 would need four billion connections at once.
+        let slot = u32::try_from(slot).unwrap_or(NONE);
         self.link(slot);
-        self.used += 1;
         key(slot, generation)
     }
 
     fn entry_mut(&mut self, slot: u32) -> Option<&mut Entry> {
-        match self.slots.get_mut(slot as usize) {
-            Some(Slot::Used(entry)) => Some(entry),
-            _ => None,
-        }
+        self.slots.get_mut(slot as usize)
     }
 
     /// Puts `slot` at the head of its subject's list.
@@ -181,10 +140,9 @@ impl Entries {
     /// The entry under `key`, if it is still that connection's.
     pub(super) fn get(&self, key: u64) -> Option<&Entry> {
         let (slot, generation) = split(key);
-        match self.slots.get(slot as usize) {
-            Some(Slot::Used(entry)) if entry.generation == generation => Some(entry),
-            _ => None,
-        }
+        self.slots
+            .get(slot as usize)
+            .filter(|entry| entry.generation == generation)
     }
 
     /// Takes the connection under `key` out; a key whose slot moved on is ignored.
@@ -192,39 +150,12 @@ impl Entries {
         if self.get(key).is_none() {
             return;
         }
-        let (slot, generation) = split(key);
+        let (slot, _) = split(key);
         self.unlink(slot);
-        self.slots[slot as usize] = Slot::Free {
-            generation: generation.wrapping_add(1),
-            next_free: self.free,
-        };
-        self.free = slot;
-        self.used -= 1;
-        // A burst that went away must not leave its room behind: the free slots at the end
-        // are given back (the free list is rebuilt without them).
-        if self.slots.len() > 64
-            && matches!(self.slots.last(), Some(Slot::Free { .. }))
-            && self.slots.len() > 4 * self.used.max(16)
-        {
-            self.compact();
-        }
-    }
-
-    /// Drops the free slots at the end and shrinks the slab to what is left. A slot added
-    /// later at a dropped index starts at a generation above every dropped one, so a key of
-    /// a dropped slot never names it.
-    fn compact(&mut self) {
-        while let Some(Slot::Free { generation, .. }) = self.slots.last() {
-            self.fresh = self.fresh.max(generation.wrapping_add(1));
-            self.slots.pop();
-        }
-        self.slots.shrink_to(self.slots.len().max(16) * 2);
-        self.free = NONE;
-        for slot in (0..self.slots.len()).rev() {
-            if let Slot::Free { next_free, .. } = &mut self.slots[slot] {
-                *next_free = self.free;
-                self.free = slot as u32;
-            }
+        self.slots.remove(slot as usize);
+        // A burst that went away must not leave its room behind.
+        if self.slots.capacity() > 64 && self.slots.capacity() > 4 * self.slots.len() {
+            self.slots.shrink_to_fit();
         }
     }
 
@@ -232,7 +163,7 @@ impl Entries {
     pub(super) fn of_subject(&self, subject: &str) -> Vec<(u64, &Entry)> {
         let mut found = Vec::new();
         let mut at = self.subjects.get(subject).copied().unwrap_or(NONE);
-        while let Some(Slot::Used(entry)) = self.slots.get(at as usize) {
+        while let Some(entry) = self.slots.get(at as usize) {
             found.push((key(at, entry.generation), entry));
             at = entry.next;
         }
@@ -244,11 +175,7 @@ impl Entries {
     pub(super) fn all(&self) -> impl Iterator<Item = (u64, &Entry)> {
         self.slots
             .iter()
-            .enumerate()
-            .filter_map(|(slot, s)| match s {
-                Slot::Used(entry) => Some((key(slot as u32, entry.generation), entry)),
-                Slot::Free { .. } => None,
-            })
+            .map(|(slot, entry)| (key(slot as u32, entry.generation), entry))
     }
 
     /// Moves the connection under `key` to another subject's list.
@@ -272,7 +199,7 @@ impl Entries {
     /// True when nothing is left, indexes included.
     #[cfg(test)]
     pub(super) fn is_empty(&self) -> bool {
-        self.used == 0 && self.subjects.is_empty()
+        self.slots.is_empty() && self.subjects.is_empty()
     }
 }
 
