@@ -125,6 +125,17 @@ impl Principal {
         }
     }
 
+    /// A caller without a credential where a hook decides who comes in: it may do nothing
+    /// a credential would grant.
+    pub(crate) fn nobody() -> Self {
+        Self {
+            subject: Arc::from("anonymous"),
+            grants: Arc::new(Grants::default()),
+            expires: None,
+            authenticated: false,
+        }
+    }
+
     /// Whether a credential identified this caller (per-credential limits apply then).
     pub(crate) fn is_authenticated(&self) -> bool {
         self.authenticated

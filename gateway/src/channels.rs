@@ -9,6 +9,9 @@ use bytes::Bytes;
 use dormouse_actors::channel::{
     ChannelRequest, ChannelResponse, EventId, NAMESPACE, NewMessage, Start, validate_channel_name,
 };
+use std::net::IpAddr;
+use std::sync::Arc;
+
 use dormouse_runtime::{ObjectState, Socket, SocketReceiver, Transport};
 use dormouse_storage::ObjectId;
 use serde::Deserialize;
@@ -16,10 +19,13 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use crate::auth::Principal;
+use crate::connections::Target;
 use crate::error::ApiError;
+use crate::hooks::Connecting;
 use crate::limits::ClientIp;
 use crate::publisher::{Client, check_names};
 use crate::state::AppState;
+use crate::telemetry::{ConnKind, Connection};
 
 /// A channel name taken from the path and validated, so handlers never see a bad one.
 #[derive(Debug)]
@@ -160,22 +166,77 @@ fn header(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiError> {
         .transpose()
 }
 
-/// Subscribes a new connection to `channel` from `start`; returns the connection's side of
-/// its socket. The channel sends the backlog and adds the socket in one step.
-pub(crate) async fn subscribe(
+/// Who is subscribing, and how, as a subscription handler saw the request.
+#[derive(Debug)]
+pub(crate) struct Subscribing<'a> {
+    pub(crate) channel: &'a str,
+    pub(crate) transport: Transport,
+    pub(crate) start: Start,
+    pub(crate) principal: &'a Principal,
+    pub(crate) uri: &'a Uri,
+    pub(crate) headers: &'a HeaderMap,
+    pub(crate) ip: Option<IpAddr>,
+}
+
+/// A new subscriber: counted, entered in the connection table, put through its channel's
+/// hook (the `connect` decision and the disconnect record), then subscribed. Returns the
+/// connection's guard, its side of the socket, and its id. Every SSE and WebSocket
+/// subscription comes through here, so none skips its hook.
+pub(crate) async fn connect(
+    state: &AppState,
+    how: Subscribing<'_>,
+) -> Result<(Connection, SocketReceiver, String), ApiError> {
+    let queue = state.settings.limits.subscriber_queue.0 as usize;
+    let (socket, receiver) = Socket::new(how.transport, queue, Bytes::new());
+    let kind = match how.transport {
+        Transport::WebSocket => ConnKind::Ws,
+        Transport::Sse => ConnKind::Sse,
+    };
+    let mut conn = state.telemetry.connection_opened(kind, true, &how.channel);
+    let connection_id = conn.register(
+        &state.connections,
+        how.principal.subject.clone(),
+        Target::Channel(Arc::from(how.channel)),
+        how.transport,
+        receiver.outlet(),
+    );
+    if let Some(route) = state.hooks.for_channel(how.channel) {
+        let connecting = Connecting {
+            subject: &how.principal.subject,
+            channel: Some(how.channel),
+            transport: match how.transport {
+                Transport::WebSocket => "websocket",
+                Transport::Sse => "sse",
+            },
+            query: how.uri.query(),
+            headers: how.headers,
+            ip: how.ip,
+        };
+        // The reason a guard dropped on the way out logs (and, once admitted, tells the
+        // hook in the disconnect).
+        conn.ending("refused");
+        state.hooks.admit(route, &mut conn, connecting).await?;
+    }
+    conn.ending("subscribe_failed");
+    subscribe(state, how.channel, socket, how.start).await?;
+    conn.ending("client_left");
+    Ok((conn, receiver, connection_id))
+}
+
+/// Subscribes `socket` to `channel` from `start`. The channel sends the backlog and adds
+/// the socket in one step.
+async fn subscribe(
     state: &AppState,
     channel: &str,
-    transport: Transport,
+    socket: Socket,
     start: Start,
-) -> Result<SocketReceiver, ApiError> {
-    let queue = state.settings.limits.subscriber_queue.0 as usize;
-    let (socket, receiver) = Socket::new(transport, queue, Bytes::new());
+) -> Result<(), ApiError> {
     let response = state
         .publisher
         .call(channel, ChannelRequest::Subscribe { socket, start })
         .await?;
     match response {
-        ChannelResponse::Subscribed => Ok(receiver),
+        ChannelResponse::Subscribed => Ok(()),
         ChannelResponse::Full { limit } => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "channel_full",

@@ -50,6 +50,83 @@ pub struct Settings {
     pub admin: AdminSettings,
     /// Cluster mode on NATS JetStream; off while `nats_urls` is empty.
     pub cluster: ClusterSettings,
+    /// Upstream hooks (`[[hooks]]`, docs/HOOKS.md): HTTP calls to a backend on a client's
+    /// connect, message and disconnect.
+    pub hooks: Vec<HookSettings>,
+}
+
+/// One `[[hooks]]` entry: a backend that decides who connects and hears of every message
+/// and disconnect, over signed HTTP (docs/HOOKS.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HookSettings {
+    /// Names the hook in logs and metrics, and its hooks-mode WebSocket,
+    /// `GET /v1/hooks/{name}/ws`: 1 to 64 characters from A-Z a-z 0-9 _ -.
+    pub name: String,
+    /// Where the calls go: `http://` or `https://`.
+    pub url: String,
+    /// The HMAC-SHA256 key each call is signed with (32 bytes or more); the backend checks
+    /// the `Dormouse-Signature` header with it.
+    pub secret: String,
+    /// Channel patterns whose SSE and WebSocket subscribers also go through this hook's
+    /// `connect` and `disconnect` (the first hook whose pattern matches a channel is its).
+    #[serde(default)]
+    pub channels: Vec<String>,
+    /// The events sent: `connect`, `message`, `disconnect`; all of them when left out.
+    #[serde(default = "HookSettings::all_events")]
+    pub events: Vec<String>,
+    /// How long a call may take before it counts as failed.
+    #[serde(default = "HookSettings::default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl HookSettings {
+    /// Every event a hook can be sent.
+    pub const EVENTS: [&'static str; 3] = ["connect", "message", "disconnect"];
+
+    fn all_events() -> Vec<String> {
+        Self::EVENTS.iter().map(|e| e.to_string()).collect()
+    }
+
+    fn default_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+
+    /// Refuses an entry the server could not use as written, naming the mistake.
+    pub fn check(&self) -> anyhow::Result<()> {
+        let name = &self.name;
+        anyhow::ensure!(
+            !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'),
+            "hooks: name {name:?} must be 1 to 64 characters from A-Z a-z 0-9 _ -"
+        );
+        anyhow::ensure!(
+            self.url.starts_with("http://") || self.url.starts_with("https://"),
+            "hooks.{name}: url {:?} must start with http:// or https://",
+            self.url
+        );
+        anyhow::ensure!(
+            self.secret.len() >= 32,
+            "hooks.{name}: the secret is {} bytes; it must be 32 or more",
+            self.secret.len()
+        );
+        for event in &self.events {
+            anyhow::ensure!(
+                Self::EVENTS.contains(&event.as_str()),
+                "hooks.{name}: unknown event {event:?}; events are {:?}",
+                Self::EVENTS
+            );
+        }
+        anyhow::ensure!(
+            self.timeout >= Duration::from_millis(10) && self.timeout <= Duration::from_secs(60),
+            "hooks.{name}: timeout {:?} must be between 10ms and 60s",
+            self.timeout
+        );
+        Ok(())
+    }
 }
 
 /// `[cluster]`: how this node reaches the NATS cluster that cluster mode runs on
@@ -425,6 +502,7 @@ impl Default for Settings {
             log: LogSettings::default(),
             admin: AdminSettings::default(),
             cluster: ClusterSettings::default(),
+            hooks: Vec::new(),
         }
     }
 }

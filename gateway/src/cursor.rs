@@ -19,9 +19,25 @@ struct SubscribeQuery {
     _access_token: Option<serde::de::IgnoredAny>,
 }
 
-/// The start of a subscribe request whose only query parameter is `last_event_id`.
-pub(crate) fn from_request(uri: &Uri, headers: &HeaderMap) -> Result<Start, ApiError> {
-    let SubscribeQuery { last_event_id, .. } = query(uri)?;
+/// A hooked channel's subscribe query: its hook reads the query too (`connect` gets it
+/// whole), so parameters other than ours are the hook's, not a mistake.
+#[derive(Debug, Deserialize)]
+struct HookedQuery {
+    last_event_id: Option<String>,
+}
+
+/// The start of a subscribe request, whose only query parameter is `last_event_id` unless
+/// the channel is `hooked`.
+pub(crate) fn from_request(
+    uri: &Uri,
+    headers: &HeaderMap,
+    hooked: bool,
+) -> Result<Start, ApiError> {
+    let last_event_id = if hooked {
+        query::<HookedQuery>(uri)?.last_event_id
+    } else {
+        query::<SubscribeQuery>(uri)?.last_event_id
+    };
     start(headers, last_event_id.as_deref())
 }
 

@@ -30,6 +30,8 @@
 //!   doc lists its vocabulary.
 //! - `connections`: the connection table (every SSE and WebSocket client by id, subject and
 //!   channel) and the server-side API that sends to, lists and closes them, on any node.
+//! - `hooks`: upstream hooks: signed HTTP calls to a backend on connect, message and
+//!   disconnect, and the records that make disconnects at least once.
 //! - `sse`: the Server-Sent Events subscription handlers and body stream.
 //! - `ws`: the WebSocket session: subscription handler and the client's own messages.
 //! - `objects`: user-defined objects mounted under `/v1/objects/{namespace}/{name}/...`.
@@ -51,6 +53,7 @@ mod connections;
 mod cursor;
 mod error;
 mod health;
+mod hooks;
 mod limits;
 mod logging;
 mod middleware;
@@ -69,7 +72,7 @@ pub use auth::{Auth, Grants, Principal};
 pub use cluster::ClusterNode;
 pub use config::{
     AdminSettings, ApiKeySettings, AuthSettings, ByteSize, ChannelsSettings, ClusterSettings,
-    CorsSettings, LimitsSettings, LogSettings, PrefixSettings, Settings, SseSettings,
+    CorsSettings, HookSettings, LimitsSettings, LogSettings, PrefixSettings, Settings, SseSettings,
     StorageSettings, WebSocketSettings,
 };
 pub use conn::{Stopping, shutdown_signal};

@@ -9,7 +9,7 @@ use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use crate::auth::{Need, form_pairs, with_challenge};
+use crate::auth::{Need, Principal, form_pairs, with_challenge};
 use crate::conn::PeerAddr;
 use crate::error::ErrorCode;
 use crate::limits::ClientIp;
@@ -119,12 +119,20 @@ pub(crate) async fn require(
         // a credential at least, never open by omission.
         _ => Need::Credential,
     };
+    // A hook that takes `connect` decides who may open its WebSocket: a client with no
+    // credential comes in as nobody in particular (a credential it does send must be valid).
+    let hook_decides = route == routes::HOOK_WS
+        && state
+            .hooks
+            .named(param("name"))
+            .is_some_and(|hook| hook.takes("connect"));
     let principal = match state
         .auth
         .authenticate(request.method(), request.headers(), request.uri().query())
         .and_then(|p| p.require(need).map(|()| p))
     {
         Ok(p) => p,
+        Err(e) if hook_decides && e.code == "missing_credential" => Principal::nobody(),
         Err(e) => return with_challenge(e),
     };
     request.extensions_mut().insert(principal);

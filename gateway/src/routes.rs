@@ -27,6 +27,8 @@ pub(crate) const SUBJECT_CONNECTIONS: &str = "/v1/subjects/{subject}/connections
 pub(crate) const SUBJECT_MESSAGES: &str = "/v1/subjects/{subject}/messages";
 /// `POST`: close every connection of a subject (connections).
 pub(crate) const SUBJECT_CLOSE: &str = "/v1/subjects/{subject}/close";
+/// `GET`: a hook's own WebSocket (docs/HOOKS.md); open when the hook takes `connect`.
+pub(crate) const HOOK_WS: &str = "/v1/hooks/{name}/ws";
 /// `POST`: many messages to one or many channels.
 pub(crate) const PUBLISH: &str = "/v1/publish";
 /// `GET`: Prometheus text.

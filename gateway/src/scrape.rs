@@ -12,6 +12,7 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
     if let Some(cluster) = &state.cluster {
         text.push_str(&cluster.render_metrics());
     }
+    text.push_str(&state.hooks.render_metrics());
     let mut response = text.into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,

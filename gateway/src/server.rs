@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::Router;
@@ -29,6 +30,7 @@ use crate::conn::{
 };
 use crate::connections::ConnectionTable;
 use crate::error::ApiError;
+use crate::hooks::Hooks;
 use crate::limits::Limits;
 use crate::publisher::Publisher;
 use crate::state::AppState;
@@ -159,6 +161,7 @@ impl Dormouse {
         Ok(Self {
             connections,
             state: AppState {
+                hooks: Arc::new(Hooks::new(&settings.hooks, storage.clone(), &me.name)?),
                 connections: ConnectionTable::new(me),
                 runtime,
                 publisher,
@@ -229,6 +232,9 @@ impl Dormouse {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         self.check_bound(listener.local_addr()?).await?;
+        // Before the first connection: the disconnects an earlier run owed go out, and a
+        // hooked connection can be promised its own.
+        self.state.hooks.start_outbox().await;
         let kill = KillSwitch::default();
         let listener = ConnListener::new(
             listener,
@@ -247,6 +253,11 @@ impl Dormouse {
         };
         let grace = self.state.settings.shutdown_grace;
         conn::accept::serve(listener, shutdown, ctx, kill, grace).await;
+        // The connections just closed owe their hooks a disconnect: a moment to send them.
+        self.state
+            .hooks
+            .stop(grace.min(Duration::from_secs(2)))
+            .await;
         self.shutdown_namespaces().await;
         if let Some(cluster) = &self.state.cluster {
             cluster.leave().await;
@@ -351,6 +362,7 @@ fn router(state: AppState) -> Router {
         .route(routes::SUBJECT_CONNECTIONS, get(connections::subject_list))
         .route(routes::SUBJECT_MESSAGES, post(connections::subject_send))
         .route(routes::SUBJECT_CLOSE, post(connections::subject_close))
+        .route(routes::HOOK_WS, get(ws::hooked))
         .route(routes::METRICS, get(scrape::metrics))
         .route(routes::OBJECT, any(objects::route))
         .route(routes::OBJECT_REST, any(objects::route))

@@ -27,12 +27,13 @@ use serde::Deserialize;
 use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
 
 use crate::auth::Principal;
-use crate::channels::{self, ChannelName, check_channel, query};
+use crate::channels::{self, ChannelName, Subscribing, check_channel, query};
 use crate::conn::expiry::{deadline, expired};
 use crate::conn::{BodyWriter, Framing, RawSocket, StopWaiter, SubscriberWriter, Writable};
-use crate::connections::{Registration, Target};
+use crate::connections::Registration;
 use crate::cursor;
 use crate::error::ApiError;
+use crate::limits::ClientIp;
 use crate::state::AppState;
 use crate::telemetry::{ConnKind, Connection};
 use crate::ws::with_connection_id;
@@ -44,13 +45,22 @@ const BATCH_BYTES: usize = 64 * 1024;
 pub(crate) async fn subscribe(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
+    Extension(ClientIp(ip)): Extension<ClientIp>,
     raw: Option<Extension<RawSocket>>,
     ChannelName(channel): ChannelName,
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let start = cursor::from_request(&uri, &headers)?;
-    open(state, channel, start, &principal, raw).await
+    let hooked = state.hooks.for_channel(&channel).is_some();
+    let start = cursor::from_request(&uri, &headers, hooked)?;
+    let request = Request {
+        principal: &principal,
+        raw,
+        uri: &uri,
+        headers: &headers,
+        ip,
+    };
+    open(state, channel, start, request).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -67,6 +77,7 @@ struct CompatQuery {
 pub(crate) async fn subscribe_compat(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
+    Extension(ClientIp(ip)): Extension<ClientIp>,
     raw: Option<Extension<RawSocket>>,
     uri: Uri,
     headers: HeaderMap,
@@ -81,27 +92,51 @@ pub(crate) async fn subscribe_compat(
     })?;
     check_channel(&channel)?;
     let start = cursor::start(&headers, last_event_id.as_deref())?;
-    open(state, channel, start, &principal, raw).await
+    let request = Request {
+        principal: &principal,
+        raw,
+        uri: &uri,
+        headers: &headers,
+        ip,
+    };
+    open(state, channel, start, request).await
+}
+
+/// What both SSE routes take from their request.
+struct Request<'a> {
+    principal: &'a Principal,
+    raw: Option<Extension<RawSocket>>,
+    uri: &'a Uri,
+    headers: &'a HeaderMap,
+    ip: Option<std::net::IpAddr>,
 }
 
 async fn open(
     state: AppState,
     channel: String,
     start: Start,
-    principal: &Principal,
-    raw: Option<Extension<RawSocket>>,
+    request: Request<'_>,
 ) -> Result<Response, ApiError> {
-    let receiver = channels::subscribe(&state, &channel, Transport::Sse, start).await?;
-    let mut conn = state
-        .telemetry
-        .connection_opened(ConnKind::Sse, true, &channel);
-    let connection_id = conn.register(
-        &state.connections,
-        principal.subject.clone(),
-        Target::Channel(Arc::from(channel.as_str())),
-        Transport::Sse,
-        receiver.outlet(),
-    );
+    let Request {
+        principal,
+        raw,
+        uri,
+        headers,
+        ip,
+    } = request;
+    let (conn, receiver, connection_id) = channels::connect(
+        &state,
+        Subscribing {
+            channel: &channel,
+            transport: Transport::Sse,
+            start,
+            principal,
+            uri,
+            headers,
+            ip,
+        },
+    )
+    .await?;
     // Only a response written outside hyper may have its body written around it.
     let direct = raw
         .filter(|Extension(raw)| raw.writable == Writable::ResponseBody)

@@ -16,6 +16,7 @@ use crate::auth::Auth;
 use crate::config::Settings;
 use crate::conn::Stopping;
 use crate::connections::ConnectionTable;
+use crate::hooks::Hooks;
 use crate::limits::Limits;
 use crate::publisher::Publisher;
 use crate::telemetry::Telemetry;
@@ -49,6 +50,8 @@ pub struct AppState {
     pub cluster: Option<Arc<ClusterNode>>,
     /// This node's SSE and WebSocket connections, for the server-side connection API.
     pub connections: Arc<ConnectionTable>,
+    /// Upstream hooks (`[[hooks]]`).
+    pub(crate) hooks: Arc<Hooks>,
 }
 
 impl AppState {

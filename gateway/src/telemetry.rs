@@ -30,6 +30,8 @@ use tracing::debug;
 
 use crate::busiest::Busiest;
 use crate::connections::{ConnectionTable, Registration, Target};
+use crate::hooks::Hooks;
+use crate::hooks::outbox::Record;
 
 use render::{describe, register_counter, register_gauge};
 use sharded::{Histogram, Sharded};
@@ -230,6 +232,7 @@ impl Telemetry {
             opened: Instant::now(),
             reason: "client_left",
             registration: None,
+            hooked: None,
         }
     }
 
@@ -409,6 +412,8 @@ pub(crate) struct Connection {
     reason: &'static str,
     /// Its entry in the connection table, for a client connection (SSE or WebSocket).
     registration: Option<Registration>,
+    /// The hook owed this connection's disconnect, and what it is told.
+    hooked: Option<Box<(Arc<Hooks>, Record)>>,
 }
 
 impl fmt::Debug for Connection {
@@ -443,6 +448,12 @@ impl Connection {
         id
     }
 
+    /// Owes `hooks` this connection's disconnect, sent (with the reason it ends for) when
+    /// this guard drops.
+    pub(crate) fn on_close(&mut self, hooks: Arc<Hooks>, record: Record) {
+        self.hooked = Some(Box::new((hooks, record)));
+    }
+
     /// The connection's entry in the connection table, if it has one.
     pub(crate) fn registration(&self) -> Option<&Registration> {
         self.registration.as_ref()
@@ -456,6 +467,10 @@ impl Connection {
 
 impl Drop for Connection {
     fn drop(&mut self) {
+        if let Some(hooked) = self.hooked.take() {
+            let (hooks, record) = *hooked;
+            hooks.send_disconnect(record, self.reason.to_string());
+        }
         let t = &self.telemetry;
         t.open[self.wire as usize].fetch_sub(1, Ordering::Relaxed);
         if self.subscriber {

@@ -39,12 +39,13 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::auth::{Auth, Need, Principal};
-use crate::channels::{self, ChannelName};
+use crate::channels::{self, ChannelName, Subscribing};
 use crate::conn::expiry::{deadline, expired};
 use crate::conn::{StopWaiter, SubscriberWriter, WsHandshake, WsStream};
 use crate::connections::Target;
 use crate::cursor;
 use crate::error::ApiError;
+use crate::hooks::{Connecting, Hooks, Route};
 use crate::limits::ClientIp;
 use crate::publisher::{Client, Publisher, Reply};
 use crate::state::AppState;
@@ -79,19 +80,22 @@ pub(crate) async fn subscribe(
             format!("{}: connect with a WebSocket client", e.body_text()),
         )
     })?;
-    let start = cursor::from_request(&uri, &headers)?;
+    let hooked = state.hooks.for_channel(&channel).is_some();
+    let start = cursor::from_request(&uri, &headers, hooked)?;
     let settings = state.settings.clone();
-    let receiver = channels::subscribe(&state, &channel, Transport::WebSocket, start).await?;
-    let mut tracked = state
-        .telemetry
-        .connection_opened(ConnKind::Ws, true, &channel);
-    let connection_id = tracked.register(
-        &state.connections,
-        principal.subject.clone(),
-        Target::Channel(Arc::from(channel.as_str())),
-        Transport::WebSocket,
-        receiver.outlet(),
-    );
+    let (tracked, receiver, connection_id) = channels::connect(
+        &state,
+        Subscribing {
+            channel: &channel,
+            transport: Transport::WebSocket,
+            start,
+            principal: &principal,
+            uri: &uri,
+            headers: &headers,
+            ip,
+        },
+    )
+    .await?;
     // Base64 in JSON inflates a payload by 4/3; leave room for it and the envelope.
     let max_message = settings.limits.max_message_size.0 as usize / 3 * 4 + 64 * 1024;
     let conn = WsSession {
@@ -113,6 +117,90 @@ pub(crate) async fn subscribe(
     let tasks = state.tasks.clone();
     let telemetry = state.telemetry.clone();
     let response = upgrade.accept(max_message, telemetry, false, move |ws, direct| {
+        tasks.track_future(conn.run(ws, direct))
+    });
+    Ok(with_connection_id(response, &connection_id))
+}
+
+/// `GET /v1/hooks/{name}/ws`: a WebSocket whose every message goes to the hook `name`
+/// (docs/HOOKS.md), as API Gateway's WebSocket APIs send theirs to a backend.
+pub(crate) async fn hooked(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Extension(ClientIp(ip)): Extension<ClientIp>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+    upgrade: Result<WsHandshake, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let route = state
+        .hooks
+        .named(&name)
+        .cloned()
+        .ok_or_else(|| ApiError::not_found(format!("no hook named {name:?} is configured")))?;
+    let upgrade = upgrade.map_err(|e| {
+        ApiError::new(
+            e.status(),
+            "websocket_upgrade_required",
+            format!("{}: connect with a WebSocket client", e.body_text()),
+        )
+    })?;
+    let settings = state.settings.clone();
+    let queue = settings.limits.subscriber_queue.0 as usize;
+    let (socket, receiver) =
+        dormouse_runtime::Socket::new(Transport::WebSocket, queue, Bytes::new());
+    let mut tracked =
+        state
+            .telemetry
+            .connection_opened(ConnKind::Ws, false, &format!("hooks/{name}"));
+    let connection_id = tracked.register(
+        &state.connections,
+        principal.subject.clone(),
+        Target::Hook(Arc::from(name.as_str())),
+        Transport::WebSocket,
+        receiver.outlet(),
+    );
+    tracked.ending("refused");
+    let admitted = state
+        .hooks
+        .admit(
+            &route,
+            &mut tracked,
+            Connecting {
+                subject: &principal.subject,
+                channel: None,
+                transport: "websocket",
+                query: uri.query(),
+                headers: &headers,
+                ip,
+            },
+        )
+        .await?;
+    tracked.ending("client_left");
+    let subject = admitted
+        .subject
+        .map_or_else(|| principal.subject.clone(), |s| Arc::from(s.as_str()));
+    let conn = WsSession {
+        tracked,
+        expires_at: principal.time_left().map(|left| Instant::now() + left),
+        mode: Mode::Hooked(Box::new(Hooked {
+            hooks: state.hooks.clone(),
+            route,
+            connection_id: connection_id.clone(),
+            subject,
+            attachment: admitted.attachment,
+            sent: 0,
+            _socket: socket,
+        })),
+        receiver,
+        stopping: state.stopping.waiter(),
+        ping_interval: settings.websocket.ping_interval,
+        idle_timeout: settings.websocket.idle_timeout,
+    };
+    let max_message = settings.limits.max_message_size.0 as usize + 64 * 1024;
+    let tasks = state.tasks.clone();
+    let telemetry = state.telemetry.clone();
+    let response = upgrade.accept(max_message, telemetry, true, move |ws, direct| {
         tasks.track_future(conn.run(ws, direct))
     });
     Ok(with_connection_id(response, &connection_id))
@@ -159,6 +247,9 @@ pub(crate) enum Mode {
         /// Where the client connects from, for the publish rate per address.
         ip: Option<IpAddr>,
     },
+    /// A hook's own WebSocket (`/v1/hooks/{name}/ws`): each message goes to the hook's
+    /// `message` call, and what it answers goes back, in the order the client sent them.
+    Hooked(Box<Hooked>),
     /// A socket accepted by a user object: messages are forwarded, in order, to the object.
     Object {
         forward: mpsc::UnboundedSender<Inbound>,
@@ -167,6 +258,21 @@ pub(crate) enum Mode {
         /// closed with 1012 to reconnect.
         lost: Arc<tokio::sync::Notify>,
     },
+}
+
+/// What a hook's WebSocket keeps.
+pub(crate) struct Hooked {
+    hooks: Arc<Hooks>,
+    route: Arc<Route>,
+    connection_id: String,
+    subject: Arc<str>,
+    /// What the `connect` answer asked to keep, sent with every message.
+    attachment: Option<Value>,
+    /// Messages sent to the hook so far: the next one's number.
+    sent: u64,
+    /// Keeps the connection's queue open: nothing else sends to it but backends, through
+    /// the connection table.
+    _socket: dormouse_runtime::Socket,
 }
 
 /// A text message a channel subscriber may send (see the module doc for the framing).
@@ -347,7 +453,7 @@ impl WsSession {
         let mut expiry = deadline(armed_for);
         let lost = match &self.mode {
             Mode::Object { lost, .. } => Some(lost.clone()),
-            Mode::Channel { .. } => None,
+            Mode::Channel { .. } | Mode::Hooked(_) => None,
         };
         loop {
             if self.expires_at != armed_for {
@@ -432,7 +538,9 @@ impl WsSession {
                         if let Some(code) = rejected {
                             self.tracked.telemetry().rejected(code);
                         }
-                        if ws.feed(Message::text(frame)).await.is_err() {
+                        if let Some(frame) = frame
+                            && ws.feed(frame).await.is_err()
+                        {
                             return End::WriteFailed;
                         }
                         fed += 1;
@@ -459,6 +567,10 @@ impl WsSession {
                             Mode::Object { forward, .. } => {
                                 let _ = forward.send(Inbound::Text(text.as_str().to_string()));
                             }
+                            Mode::Hooked(_) => {
+                                let answer = self.on_hook_message(Bytes::from(text));
+                                answers.get_or_insert_default().push_back(answer);
+                            }
                         },
                         Some(Ok(Message::Binary(data))) => match &self.mode {
                             Mode::Channel { .. } => {
@@ -472,6 +584,10 @@ impl WsSession {
                             }
                             Mode::Object { forward, .. } => {
                                 let _ = forward.send(Inbound::Binary(data));
+                            }
+                            Mode::Hooked(_) => {
+                                let answer = self.on_hook_message(data);
+                                answers.get_or_insert_default().push_back(answer);
                             }
                         },
                         // tungstenite answers pings itself; a pong only proves liveness; raw
@@ -600,6 +716,53 @@ impl WsSession {
         }
     }
 
+    /// Sends a client's message on a hook's WebSocket to the hook's `message` call; its
+    /// answer (`{"reply"}` as text, `{"reply_base64"}` as bytes, or nothing) goes back to
+    /// the client in order. A hook that fails, or answers what cannot be read, gets the
+    /// client an `error` frame with `hook_failed`, and the failure is logged.
+    fn on_hook_message(&mut self, data: Bytes) -> Answer {
+        let Mode::Hooked(hooked) = &mut self.mode else {
+            return Answer::failed(&channels::unexpected(), None);
+        };
+        let seq = hooked.sent;
+        hooked.sent += 1;
+        let mut body = serde_json::json!({
+            "event": "message",
+            "hook": hooked.route.name(),
+            "connection_id": hooked.connection_id,
+            "subject": &*hooked.subject,
+            "attachment": hooked.attachment,
+            "seq": seq,
+            "time_ms": crate::hooks::now_ms(),
+        });
+        match std::str::from_utf8(&data) {
+            Ok(text) => body["data"] = Value::from(text),
+            Err(_) => body["data_base64"] = Value::from(BASE64.encode(&data)),
+        }
+        if !hooked.route.takes("message") {
+            // Nobody to hear it: said once per message, so a client knows.
+            let e = ApiError::bad_request(
+                "no_message_hook",
+                format!("hook {} does not take messages", hooked.route.name()),
+            );
+            return Answer::failed(&e, None);
+        }
+        let (hooks, route) = (hooked.hooks.clone(), hooked.route.clone());
+        let key = format!("{}/message/{seq}", hooked.connection_id);
+        Answer::Hook(Box::pin(async move {
+            match hooks.call(&route, "message", &key, &body).await {
+                Ok(answer) => match crate::hooks::reply(&route, answer) {
+                    Ok(frame) => Answered {
+                        frame,
+                        rejected: None,
+                    },
+                    Err(failure) => Answered::failed(&failure.to_api_error(), &None),
+                },
+                Err(failure) => Answered::failed(&failure.to_api_error(), &None),
+            }
+        }))
+    }
+
     /// Hands a client's message to the publisher, which checks it as it checks every
     /// publish; the answer waits for the channel in the connection's queue of answers, so
     /// a pipelining client costs no task per publish.
@@ -665,18 +828,21 @@ enum Answer {
     Ready(Option<Answered>),
     /// Waits for the channel to store the message.
     Publish { reply: Reply, r#ref: Option<Value> },
+    /// Waits for a hook's answer to the message.
+    Hook(futures::future::BoxFuture<'static, Answered>),
 }
 
 /// An answer's frame, and the error code to count when it refuses the message.
 struct Answered {
-    frame: String,
+    /// `None` when there is nothing to send (a hook that did not reply).
+    frame: Option<Message>,
     rejected: Option<&'static str>,
 }
 
 impl Answer {
     fn ready(frame: Frame<'_>) -> Self {
         Self::Ready(Some(Answered {
-            frame: frame.text(),
+            frame: Some(Message::text(frame.text())),
             rejected: None,
         }))
     }
@@ -689,12 +855,14 @@ impl Answer {
 impl Answered {
     fn failed(e: &ApiError, r#ref: &Option<Value>) -> Self {
         Self {
-            frame: Frame::Error {
-                code: e.code,
-                message: &e.message,
-                r#ref,
-            }
-            .text(),
+            frame: Some(Message::text(
+                Frame::Error {
+                    code: e.code,
+                    message: &e.message,
+                    r#ref,
+                }
+                .text(),
+            )),
             rejected: Some(e.code),
         }
     }
@@ -710,16 +878,19 @@ impl Future for Answer {
                     .take()
                     .unwrap_or_else(|| Answered::failed(&channels::unexpected(), &None)),
             ),
+            Answer::Hook(call) => call.as_mut().poll(cx),
             Answer::Publish { reply, r#ref } => {
                 Pin::new(reply).poll(cx).map(|outcome| match outcome {
                     Ok(results) => match results.first() {
                         Some(p) => Answered {
-                            frame: Frame::Ack {
-                                id: &p.id,
-                                duplicate: p.duplicate,
-                                r#ref,
-                            }
-                            .text(),
+                            frame: Some(Message::text(
+                                Frame::Ack {
+                                    id: &p.id,
+                                    duplicate: p.duplicate,
+                                    r#ref,
+                                }
+                                .text(),
+                            )),
                             rejected: None,
                         },
                         None => Answered::failed(&channels::unexpected(), r#ref),

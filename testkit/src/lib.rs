@@ -8,6 +8,7 @@
 
 pub mod browser;
 pub mod nats;
+pub mod upstream;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;

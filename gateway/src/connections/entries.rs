@@ -29,12 +29,14 @@ pub(super) enum Kind {
     ChannelSse,
     /// A WebSocket accepted by a user object.
     ObjectWs,
+    /// A hook's own WebSocket.
+    HookWs,
 }
 
 /// One live connection.
 pub(super) struct Entry {
     pub(super) subject: Arc<str>,
-    /// The channel, or the object as `namespace/name`.
+    /// The channel, the object as `namespace/name`, or the hook's name.
     pub(super) target: Arc<str>,
     pub(super) opened_ms: u64,
     pub(super) outlet: Outlet,

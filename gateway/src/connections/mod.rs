@@ -52,6 +52,8 @@ pub(crate) enum Target {
     Channel(Arc<str>),
     /// A WebSocket accepted by a user object, as `namespace/name`.
     Object(Arc<str>),
+    /// A hook's own WebSocket (`/v1/hooks/{name}/ws`), by the hook's name.
+    Hook(Arc<str>),
 }
 
 /// This node's connections; see the module doc.
@@ -138,6 +140,9 @@ pub(crate) struct ConnectionInfo {
     /// `namespace/name` of the object a WebSocket is connected to.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub(crate) object: Option<String>,
+    /// The hook whose own WebSocket it is.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub(crate) hook: Option<String>,
     pub(crate) connected_at_ms: u64,
     /// The node serving it.
     pub(crate) node: String,
@@ -359,6 +364,7 @@ impl ConnectionTable {
             (Target::Channel(channel), Transport::WebSocket) => (channel, Kind::ChannelWs),
             (Target::Channel(channel), Transport::Sse) => (channel, Kind::ChannelSse),
             (Target::Object(object), _) => (object, Kind::ObjectWs),
+            (Target::Hook(hook), _) => (hook, Kind::HookWs),
         };
         let key = self.lock().insert(subject, target, kind, now_ms(), outlet);
         Registration {
@@ -369,10 +375,11 @@ impl ConnectionTable {
 
     fn info(&self, key: u64, entry: &Entry) -> ConnectionInfo {
         let target = Some(entry.target.to_string());
-        let (channel, object, transport) = match entry.kind {
-            Kind::ChannelWs => (target, None, "websocket"),
-            Kind::ChannelSse => (target, None, "sse"),
-            Kind::ObjectWs => (None, target, "websocket"),
+        let (channel, object, hook, transport) = match entry.kind {
+            Kind::ChannelWs => (target, None, None, "websocket"),
+            Kind::ChannelSse => (target, None, None, "sse"),
+            Kind::ObjectWs => (None, target, None, "websocket"),
+            Kind::HookWs => (None, None, target, "websocket"),
         };
         ConnectionInfo {
             connection_id: self.id_of(key),
@@ -380,6 +387,7 @@ impl ConnectionTable {
             transport: transport.to_string(),
             channel,
             object,
+            hook,
             connected_at_ms: entry.opened_ms,
             node: self.me.name.clone(),
         }
@@ -453,7 +461,7 @@ fn send_all<'a>(
     let mut frames: [Option<Outbound>; 3] = [None, None, None];
     for (_, entry) in to {
         let (slot, transport) = match entry.kind {
-            Kind::ObjectWs => (0, None),
+            Kind::ObjectWs | Kind::HookWs => (0, None),
             Kind::ChannelWs => (1, Some(Transport::WebSocket)),
             Kind::ChannelSse => (2, Some(Transport::Sse)),
         };

@@ -1,0 +1,380 @@
+//! Upstream hooks against a real backend: an HTTP server in the test that checks every
+//! call's signature, records it and answers as each test says. Real WebSocket and SSE
+//! clients connect through it.
+
+use dormouse_testkit as support;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dormouse_gateway::{HookSettings, Settings};
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use support::upstream::{Answer, Call, Upstream};
+use support::{SseClient, TestServer, WsClient, error_of};
+use tokio_tungstenite::tungstenite::Message;
+
+const SECRET: &str = "hook-secret-0123456789-0123456789-abc";
+
+/// A backend's usual answers: let `user` in under that subject (from `?user=`), refuse
+/// `mallory`, echo messages, acknowledge disconnects.
+fn usual(call: &Call) -> Answer {
+    match call.event.as_str() {
+        "connect" => {
+            let query = call.body["query"].as_str().unwrap_or_default();
+            let user = query
+                .split('&')
+                .find_map(|p| p.strip_prefix("user="))
+                .unwrap_or("guest");
+            if user == "mallory" {
+                Answer::Json(
+                    200,
+                    r#"{"allow": false, "reason": "mallory is banned"}"#.into(),
+                )
+            } else {
+                let answer = json!({"subject": user, "attachment": {"user": user, "n": 7}});
+                Answer::Json(200, answer.to_string())
+            }
+        }
+        "message" => match call.body["data"].as_str() {
+            Some("boom") => Answer::Json(500, "backend exploded".into()),
+            Some("quiet") => Answer::Json(200, String::new()),
+            Some(text) => Answer::Json(200, json!({"reply": format!("echo:{text}")}).to_string()),
+            None => Answer::Json(
+                200,
+                json!({"reply_base64": call.body["data_base64"]}).to_string(),
+            ),
+        },
+        _ => Answer::Json(200, "{}".into()),
+    }
+}
+
+fn hooked(url: String, channels: &[&str], timeout: Duration) -> impl FnOnce(&mut Settings) {
+    let channels: Vec<String> = channels.iter().map(|c| c.to_string()).collect();
+    move |s: &mut Settings| {
+        s.hooks = vec![HookSettings {
+            name: "app".into(),
+            url,
+            secret: SECRET.into(),
+            channels,
+            events: HookSettings::EVENTS.iter().map(|e| e.to_string()).collect(),
+            timeout,
+        }];
+    }
+}
+
+#[tokio::test]
+async fn connect_decides_who_comes_in_and_disconnect_follows_every_admitted_connection() {
+    let upstream = Upstream::start(SECRET, usual).await;
+    let server =
+        TestServer::start_with(hooked(upstream.url(), &["chat:*"], Duration::from_secs(2))).await;
+
+    // Admitted, under the subject the hook set.
+    let mut alice = WsClient::connect(&server, "/v1/channels/chat:1/ws?user=alice").await;
+    let alice_id = alice.connection_id.clone().unwrap();
+    let connect = upstream.until("connect", 1).await.remove(0);
+    assert_eq!(connect.body["connection_id"], alice_id.as_str());
+    assert_eq!(connect.body["channel"], "chat:1");
+    assert_eq!(connect.body["transport"], "websocket");
+    assert_eq!(connect.body["subject"], "anonymous");
+    assert_eq!(connect.idempotency_key, format!("{alice_id}/connect"));
+    assert!(
+        connect.body["headers"]["host"].is_string(),
+        "{}",
+        connect.body
+    );
+    let listed = server.get_json("/v1/subjects/alice/connections", 200).await;
+    assert_eq!(listed["total"], 1, "{listed}");
+    // An admitted subscriber is a subscriber like any other.
+    let id = server.publish("chat:1", "hello").await;
+    alice.expect_event(&id, "message", "hello").await;
+
+    // SSE goes through the same hook.
+    let mut bob = SseClient::connect(&server, "/v1/channels/chat:1/events?user=bob", None).await;
+    let bob_id = bob.connection_id().await;
+    let listed = server.get_json("/v1/subjects/bob/connections", 200).await;
+    assert_eq!(listed["connections"][0]["connection_id"], bob_id.as_str());
+
+    // Refused: 403 with the hook's reason, before any upgrade or stream; no disconnect owed.
+    let refused =
+        support::ws_handshake_error(&server, "/v1/channels/chat:1/ws?user=mallory", &[]).await;
+    assert_eq!(
+        (refused.0, refused.1.as_str(), refused.2.as_str()),
+        (403, "hook_refused", "mallory is banned")
+    );
+    let res = server
+        .client
+        .get(server.url("/v1/channels/chat:1/events?user=mallory"))
+        .send()
+        .await
+        .unwrap();
+    let (status, code, message) = error_of(res).await;
+    assert_eq!(
+        (status, code.as_str(), message.as_str()),
+        (403, "hook_refused", "mallory is banned")
+    );
+
+    // Channels outside the hook's patterns do not call it.
+    let before = upstream.calls("connect").len();
+    let _plain = WsClient::connect(&server, "/v1/channels/news/ws").await;
+    assert_eq!(upstream.calls("connect").len(), before);
+
+    // A client that leaves: its disconnect, with the subject and attachment from connect.
+    alice.close().await;
+    let disconnect = upstream.until("disconnect", 1).await.remove(0);
+    assert_eq!(disconnect.body["connection_id"], alice_id.as_str());
+    assert_eq!(disconnect.body["subject"], "alice");
+    assert_eq!(
+        disconnect.body["attachment"],
+        json!({"user": "alice", "n": 7})
+    );
+    assert_eq!(disconnect.body["reason"], "client_left");
+    assert_eq!(disconnect.idempotency_key, format!("{alice_id}/disconnect"));
+    drop(bob);
+    let disconnects = upstream.until("disconnect", 2).await;
+    assert_eq!(disconnects[1].body["connection_id"], bob_id.as_str());
+    // Exactly one each: the refused one owed none.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(upstream.calls("disconnect").len(), 2);
+}
+
+#[tokio::test]
+async fn a_hook_that_fails_refuses_the_connection_with_what_went_wrong() {
+    let upstream = Upstream::start(SECRET, usual).await;
+    let server = TestServer::start_with(hooked(
+        upstream.url(),
+        &["chat:*"],
+        Duration::from_millis(300),
+    ))
+    .await;
+    let cases: Vec<(Answer, &str)> = vec![
+        (
+            Answer::Sleep(Duration::from_secs(2)),
+            "did not answer within",
+        ),
+        (
+            Answer::Json(500, "database down".into()),
+            "answered 500: database down",
+        ),
+        (
+            Answer::Json(200, "{not json".into()),
+            "not the documented JSON",
+        ),
+        (Answer::Json(200, "[1, 2]".into()), "expected a JSON object"),
+        (
+            Answer::Json(200, r#"{"allow": "yes"}"#.into()),
+            "\"allow\" must be true or false",
+        ),
+        (
+            Answer::Json(200, r#"{"allow": true, "role": "admin"}"#.into()),
+            "unknown field \"role\"",
+        ),
+        (
+            Answer::Json(200, r#"{"subject": 42}"#.into()),
+            "\"subject\" must be a string",
+        ),
+    ];
+    for (answer, expected) in cases {
+        let answer = Arc::new(Mutex::new(Some(answer)));
+        upstream.answer(move |_| {
+            answer
+                .lock()
+                .unwrap()
+                .take()
+                .unwrap_or(Answer::Json(200, "{}".into()))
+        });
+        let res = server
+            .client
+            .get(server.url("/v1/channels/chat:1/events"))
+            .send()
+            .await
+            .unwrap();
+        let (status, code, message) = error_of(res).await;
+        assert_eq!((status, code.as_str()), (502, "hook_failed"), "{message}");
+        assert!(message.contains(expected), "{expected:?} in {message:?}");
+    }
+    // Nobody listening at all.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let nowhere = format!("http://{}/hook", closed.local_addr().unwrap());
+    drop(closed);
+    let server = server
+        .restart_with(hooked(nowhere, &["chat:*"], Duration::from_millis(300)))
+        .await;
+    let refused = support::ws_handshake_error(&server, "/v1/channels/chat:1/ws", &[]).await;
+    assert_eq!(
+        (refused.0, refused.1.as_str()),
+        (502, "hook_failed"),
+        "{refused:?}"
+    );
+    assert!(refused.2.contains("could not be reached"), "{refused:?}");
+    // The server is unharmed: a channel without the hook still works.
+    let _ = server.publish("other", "still fine").await;
+}
+
+#[tokio::test]
+async fn a_hooks_websocket_sends_every_message_to_the_hook_and_its_replies_back() {
+    let upstream = Upstream::start(SECRET, usual).await;
+    // With auth on: the hook decides who comes in, no credential needed.
+    let server = TestServer::start_with(|s| {
+        hooked(upstream.url(), &[], Duration::from_secs(2))(s);
+        s.auth.jwt_secret = "a-jwt-secret-that-is-long-enough-for-hs256".into();
+    })
+    .await;
+    let (mut ws, response) =
+        tokio_tungstenite::connect_async(server.ws_url("/v1/hooks/app/ws?user=carol"))
+            .await
+            .expect("the hook lets carol in");
+    let id = response.headers()["dormouse-connection-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+
+    for text in ["one", "two", "quiet", "boom", "three"] {
+        ws.send(Message::text(text)).await.unwrap();
+    }
+    ws.send(Message::binary(vec![0u8, 1, 255])).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 5 {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        {
+            Message::Text(t) => got.push(t.to_string()),
+            Message::Binary(b) => got.push(format!("binary:{:?}", b.to_vec())),
+            _ => {}
+        }
+    }
+    // In order; nothing for "quiet"; an error frame for the failed call.
+    assert_eq!(got[0], "echo:one");
+    assert_eq!(got[1], "echo:two");
+    let error: Value = serde_json::from_str(&got[2]).unwrap();
+    assert_eq!(
+        (error["type"].as_str(), error["code"].as_str()),
+        (Some("error"), Some("hook_failed")),
+        "{error}"
+    );
+    assert_eq!(got[3], "echo:three");
+    assert_eq!(got[4], "binary:[0, 1, 255]");
+    let messages = upstream.until("message", 6).await;
+    for (n, call) in messages.iter().enumerate() {
+        assert_eq!(call.body["connection_id"], id.as_str());
+        assert_eq!(call.body["subject"], "carol");
+        assert_eq!(call.body["seq"], n);
+        assert_eq!(call.body["attachment"], json!({"user": "carol", "n": 7}));
+        assert_eq!(call.idempotency_key, format!("{id}/message/{n}"));
+    }
+    assert_eq!(messages[5].body["data_base64"], "AAH/");
+
+    // A backend's send reaches it as a plain frame, and the connection is listed under the
+    // hook.
+    let info = server
+        .client
+        .get(server.url(&format!("/v1/connections/{id}")))
+        .bearer_auth(support_token(&server))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(info.status(), 200);
+    let info: Value = info.json().await.unwrap();
+    assert_eq!(
+        (info["hook"].as_str(), info["subject"].as_str()),
+        (Some("app"), Some("carol"))
+    );
+
+    // Refused by the hook; unknown hook names are 404.
+    let refused = support::ws_handshake_error(&server, "/v1/hooks/app/ws?user=mallory", &[]).await;
+    assert_eq!((refused.0, refused.1.as_str()), (403, "hook_refused"));
+    let unknown = support::ws_handshake_error(&server, "/v1/hooks/nope/ws", &[]).await;
+    assert_eq!(
+        unknown.0, 401,
+        "an unknown hook decides nothing: a credential is needed"
+    );
+
+    ws.close(None).await.unwrap();
+    let disconnect = upstream.until("disconnect", 1).await.remove(0);
+    assert_eq!(disconnect.body["connection_id"], id.as_str());
+}
+
+/// A token with the connections capability, for the test server's JWT secret.
+fn support_token(_server: &TestServer) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": "backend", "exp": exp, "dormouse": {"connections": true}}),
+        &jsonwebtoken::EncodingKey::from_secret(b"a-jwt-secret-that-is-long-enough-for-hs256"),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_disconnect_is_retried_with_the_same_key_until_the_backend_takes_it() {
+    let upstream = Upstream::start(SECRET, usual).await;
+    let server =
+        TestServer::start_with(hooked(upstream.url(), &["chat:*"], Duration::from_secs(2))).await;
+    let client = WsClient::connect(&server, "/v1/channels/chat:9/ws?user=dave").await;
+    let id = client.connection_id.clone().unwrap();
+    // The backend fails the first two tries.
+    let failures = Arc::new(Mutex::new(2));
+    upstream.answer(move |call| {
+        if call.event == "disconnect" {
+            let mut left = failures.lock().unwrap();
+            if *left > 0 {
+                *left -= 1;
+                return Answer::Json(503, "busy".into());
+            }
+        }
+        usual(call)
+    });
+    client.close().await;
+    let tries = upstream.until("disconnect", 3).await;
+    for call in &tries {
+        assert_eq!(call.idempotency_key, format!("{id}/disconnect"));
+        assert_eq!(call.body["connection_id"], id.as_str());
+    }
+    // Delivered: no fourth try, and a restart owes nothing.
+    let server = server.restart().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(upstream.calls("disconnect").len(), 3);
+    drop(server);
+}
+
+#[tokio::test]
+async fn disconnects_owed_when_the_server_stopped_are_sent_by_its_next_start() {
+    let upstream = Upstream::start(SECRET, usual).await;
+    let server =
+        TestServer::start_with(hooked(upstream.url(), &["chat:*"], Duration::from_secs(2))).await;
+    // The backend is down for disconnects while the server stops.
+    upstream.answer(|call| match call.event.as_str() {
+        "disconnect" => Answer::Json(503, "down".into()),
+        _ => usual(call),
+    });
+    let client = WsClient::connect(&server, "/v1/channels/chat:2/ws?user=erin").await;
+    let id = client.connection_id.clone().unwrap();
+    let server = server.stop().await;
+    upstream.answer(usual);
+    let dir = server.expect("the data dir");
+    let settings_dir = dir.path().to_path_buf();
+    let server = TestServer::start_in(
+        &settings_dir,
+        hooked(upstream.url(), &["chat:*"], Duration::from_secs(2)),
+        |_| {},
+    )
+    .await;
+    let delivered = loop {
+        let calls = upstream.until("disconnect", 1).await;
+        if let Some(ok) = calls.iter().find(|c| c.body["reason"] == "server_restart") {
+            break ok.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(delivered.body["connection_id"], id.as_str());
+    assert_eq!(delivered.idempotency_key, format!("{id}/disconnect"));
+    assert_eq!(delivered.body["subject"], "erin");
+    drop((server, dir));
+}
