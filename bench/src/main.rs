@@ -10,6 +10,7 @@
 //! - `engine`: the `--engine` flag of the in-process scenarios.
 //! - `fanout`, `idle`, `publish`: load over the wire against a `dormouse` server (or Redis,
 //!   as a yardstick) that the bench starts, or one already running.
+//! - `hooks`: what upstream hooks add to a handshake, and a message hook's round trip.
 //! - `wire`: the server under test and minimal WebSocket, SSE and RESP clients.
 //! - `crash` (in the library): the crash-safety harness.
 //! - `cluster_fence`: a paused owner process is fenced by the log after a take-over.
@@ -20,6 +21,7 @@ mod activation;
 mod cluster_fence;
 mod engine;
 mod fanout;
+mod hooks;
 mod idle;
 mod nats_probe;
 mod publish;
@@ -62,6 +64,9 @@ enum Scenario {
     Fanout(fanout::Args),
     /// N idle WebSocket or SSE connections: the server's memory per connection.
     Idle(idle::Args),
+    /// Upstream hooks against a backend that answers at once: the latency a `connect` hook
+    /// adds to a handshake, and a `message` hook's round trip.
+    Hooks(hooks::Args),
     /// Acknowledged publishes per second over HTTP with C concurrent publishers.
     Publish(publish::Args),
     /// Kill the server with SIGKILL at random moments under publish load, restart it, and
@@ -105,6 +110,7 @@ fn main() -> anyhow::Result<()> {
         Scenario::RetainedOpen(args) => serde_json::to_string(&retained::open(args)?)?,
         Scenario::Fanout(args) => serde_json::to_string(&fanout::run(args)?)?,
         Scenario::Idle(args) => serde_json::to_string(&idle::run(args)?)?,
+        Scenario::Hooks(args) => serde_json::to_string(&hooks::run(args)?)?,
         Scenario::Publish(args) => serde_json::to_string(&publish::run(args)?)?,
         Scenario::ClusterFenceOwner(args) => {
             return tokio::runtime::Runtime::new()?.block_on(cluster_fence::owner(args));

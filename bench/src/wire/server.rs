@@ -52,7 +52,7 @@ pub(crate) struct ServerArgs {
     /// More environment for the started server, KEY=VALUE, repeatable (e.g.
     /// DORMOUSE_LIMITS_SUBSCRIBER_QUEUE=16MiB).
     #[arg(long = "server-env", value_name = "KEY=VALUE")]
-    server_env: Vec<String>,
+    pub(crate) server_env: Vec<String>,
 }
 
 /// The server under test, for scenarios that also run against Redis.
