@@ -520,3 +520,63 @@ async fn a_backend_reaches_connections_on_any_node_and_a_dead_nodes_are_gone() {
         alice_sse_id.as_str()
     );
 }
+
+/// A node that dies owes its hooked connections their disconnects: another node takes its
+/// records over and sends them (reason `node_lost`), with the keys the dead node would have
+/// used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_nodes_hooked_connections_get_their_disconnects_from_a_survivor() {
+    use dormouse_testkit::upstream::{Answer, Upstream};
+    const SECRET: &str = "cluster-hook-secret-0123456789abcdefgh";
+    let upstream = Upstream::start(SECRET, |_| Answer::Json(200, "{}".into())).await;
+    let nats = NatsCluster::start(3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("dormouse.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[hooks]]\nname = \"app\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\nchannels = [\"room:*\"]\n",
+            upstream.url()
+        ),
+    )
+    .unwrap();
+    let mut nodes = Vec::new();
+    for name in ["n1", "n2", "n3"] {
+        nodes.push(
+            nats.node(
+                Path::new(env!("CARGO_BIN_EXE_dormouse")),
+                dir.path(),
+                name,
+                &[("DORMOUSE_CONFIG", config.to_str().unwrap())],
+            )
+            .await,
+        );
+    }
+    let doomed = WsClient::connect(&nodes[0], "/v1/channels/room:1/ws").await;
+    let doomed_id = doomed.connection_id.clone().expect("an id");
+    let mut survivor = WsClient::connect(&nodes[1], "/v1/channels/room:1/ws").await;
+    let survivor_id = survivor.connection_id.clone().expect("an id");
+    upstream.until("connect", 2).await;
+
+    nodes.remove(0).kill();
+    let disconnect = upstream.until("disconnect", 1).await.remove(0);
+    assert_eq!(disconnect.body["connection_id"], doomed_id.as_str());
+    assert_eq!(disconnect.body["reason"], "node_lost");
+    assert_eq!(
+        disconnect.idempotency_key,
+        format!("{doomed_id}/disconnect")
+    );
+    // The connection on a live node was not reported.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(upstream.calls("disconnect").len(), 1);
+    let id = publish(&nodes[0], "room:1", "still here", None).await;
+    let got = survivor.next().await.unwrap();
+    assert_eq!(
+        (got["id"].as_str(), got["data"].as_str()),
+        (id["id"].as_str(), Some("still here"))
+    );
+    drop(survivor);
+    let disconnects = upstream.until("disconnect", 2).await;
+    assert_eq!(disconnects[1].body["connection_id"], survivor_id.as_str());
+    assert_eq!(disconnects[1].body["reason"], "client_left");
+}

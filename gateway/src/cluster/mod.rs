@@ -456,6 +456,7 @@ impl ClusterNode {
 
     /// Starts answering other nodes' calls with `state`'s namespaces.
     pub(crate) async fn serve(self: &Arc<Self>, state: AppState) -> anyhow::Result<()> {
+        let hooks = state.hooks.clone();
         let node = self.clone();
         let server = rpc::serve(&self.nats, self.me(), move |kind, body| {
             let (node, state) = (node.clone(), state.clone());
@@ -477,15 +478,29 @@ impl ClusterNode {
         .await?;
         *self.rpc.lock().unwrap_or_else(PoisonError::into_inner) = Some(server);
         // The relayed sockets of a node that died, or whose connection is gone, are
-        // reported closed to their objects.
+        // reported closed to their objects; a dead node's hook records are taken over by
+        // the node they are placed on, which sends their disconnects.
         let node = Arc::downgrade(self);
         let watch = tokio::spawn(async move {
             let mut tick = tokio::time::interval(sockets::LIVENESS_EVERY);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut probed = tokio::time::Instant::now();
+            let mut alive_before: Vec<String> = Vec::new();
             loop {
                 tick.tick().await;
                 let Some(node) = node.upgrade() else { return };
+                let alive = node.membership.alive_nodes();
+                if hooks.any() {
+                    for gone in alive_before.iter().filter(|n| !alive.contains_key(*n)) {
+                        let object = crate::hooks::outbox::object_of(gone).to_string();
+                        if place(&object, alive.keys().map(String::as_str))
+                            == Some(node.me().name.as_str())
+                        {
+                            hooks.take_over_dead(gone.clone());
+                        }
+                    }
+                }
+                alive_before = alive.into_keys().collect();
                 let mut gone = node.relays.orphans(|n| node.membership.alive(n));
                 if probed.elapsed() >= sockets::PROBE_EVERY {
                     probed = tokio::time::Instant::now();

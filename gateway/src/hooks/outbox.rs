@@ -10,8 +10,10 @@
 //! of one disconnect carries the same idempotency key, `{connection id}/disconnect`.
 //!
 //! In cluster mode the object is the node's own: a node restarted under its name takes it
-//! over (fencing its former run) and sends what that run left. A node that never comes
-//! back leaves its records until one does (docs/HOOKS.md, limits).
+//! over (fencing its former run) and sends what that run left. A node that dies is found
+//! by the others' membership: the live node its object's name is placed on takes the object
+//! over, sends every disconnect it holds (reason `node_lost`), and gives the object up once
+//! they are acknowledged, so the dead node, if it comes back, takes it over again.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -67,10 +69,15 @@ impl Outbox {
     pub(crate) fn new(storage: Arc<dyn Storage>, node: &str) -> Self {
         Self {
             storage,
-            id: ObjectId::new(NAMESPACE, node),
+            id: object_of(node),
             ready: AtomicBool::new(false),
         }
     }
+}
+
+/// The object holding node `node`'s records.
+pub(crate) fn object_of(node: &str) -> ObjectId {
+    ObjectId::new(NAMESPACE, node)
 }
 
 impl Hooks {
@@ -111,21 +118,35 @@ impl Hooks {
     }
 
     async fn take_over(self: &Arc<Self>) -> anyhow::Result<usize> {
-        let outbox = &self.outbox;
-        outbox.storage.acquire(&outbox.id).await?;
-        let mut left = 0;
+        let own = self.outbox.id.clone();
+        let sending = self.send_left(&own, "server_restart").await?;
+        self.outbox.ready.store(true, Ordering::Release);
+        Ok(sending.len())
+    }
+
+    /// Takes the object `from` over and sends the disconnect of every record in it, for
+    /// `reason`; the deliveries, running.
+    async fn send_left(
+        self: &Arc<Self>,
+        from: &ObjectId,
+        reason: &str,
+    ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+        let storage = &self.outbox.storage;
+        storage.acquire(from).await?;
+        let mut sending = Vec::new();
         let mut after: Option<Vec<u8>> = None;
         loop {
-            let page = outbox
-                .storage
-                .list(&outbox.id, PREFIX, after.as_deref(), PAGE)?;
+            let page = storage.list(from, PREFIX, after.as_deref(), PAGE)?;
             let Some((last, _)) = page.last() else { break };
             after = Some(last.clone());
             for (key, value) in &page {
                 match serde_json::from_slice::<Record>(value) {
                     Ok(record) => {
-                        left += 1;
-                        self.send_disconnect(record, "server_restart".to_string());
+                        sending.push(self.send_disconnect_from(
+                            from.clone(),
+                            record,
+                            reason.to_string(),
+                        ));
                     }
                     Err(e) => {
                         // Written by this code; unreadable means damaged: said, and kept.
@@ -134,8 +155,39 @@ impl Hooks {
                 }
             }
         }
-        outbox.ready.store(true, Ordering::Release);
-        Ok(left)
+        Ok(sending)
+    }
+
+    /// Node `node` died (cluster mode) and its records are placed on this node: sends the
+    /// disconnect of each of its connections (reason `node_lost`), then gives its object
+    /// up. Retried while the object cannot be taken over yet.
+    pub(crate) fn take_over_dead(self: &Arc<Self>, node: String) {
+        let hooks = self.clone();
+        tokio::spawn(async move {
+            let from = object_of(&node);
+            let mut pause = FIRST_PAUSE;
+            let sending = loop {
+                match hooks.send_left(&from, "node_lost").await {
+                    Ok(sending) => break sending,
+                    Err(e) if pause < MAX_PAUSE => {
+                        tracing::debug!(%node, error = %e, "a dead node's hook records not taken over yet; retrying");
+                        tokio::time::sleep(pause).await;
+                        pause *= 2;
+                    }
+                    Err(e) => {
+                        tracing::warn!(%node, error = %e, "a dead node's hook records could not be taken over; its next start sends them");
+                        return;
+                    }
+                }
+            };
+            if !sending.is_empty() {
+                tracing::info!(%node, disconnects = sending.len(), "sending a dead node's disconnects");
+            }
+            for delivery in sending {
+                let _ = delivery.await;
+            }
+            hooks.outbox.storage.release(&from);
+        });
     }
 
     /// Stores `record` durably: the connection it names may be told it is connected once
@@ -168,6 +220,17 @@ impl Hooks {
     /// The connection of `record` ended for `reason`: its disconnect goes out, again and
     /// again until acknowledged, and then its record is forgotten.
     pub(crate) fn send_disconnect(self: &Arc<Self>, record: Record, reason: String) {
+        let own = self.outbox.id.clone();
+        self.send_disconnect_from(own, record, reason);
+    }
+
+    /// [`Hooks::send_disconnect`] for a record kept in the object `from`.
+    fn send_disconnect_from(
+        self: &Arc<Self>,
+        from: ObjectId,
+        record: Record,
+        reason: String,
+    ) -> tokio::task::JoinHandle<()> {
         let hooks = self.clone();
         hooks
             .counters
@@ -183,7 +246,7 @@ impl Hooks {
                 batch.delete(record.key());
                 // Not waited for: a delete that a crash loses sends the disconnect once
                 // more, which at least once allows.
-                if let Err(e) = hooks.outbox.storage.apply(&hooks.outbox.id, batch) {
+                if let Err(e) = hooks.outbox.storage.apply(&from, batch) {
                     tracing::warn!(error = %e, connection = %record.connection_id, "a delivered disconnect's record was not removed");
                 }
             }
@@ -192,7 +255,7 @@ impl Hooks {
                 .counters
                 .pending_disconnects
                 .fetch_sub(1, Ordering::Relaxed);
-        });
+        })
     }
 
     /// The server is stopping: disconnects still owed get up to `grace` to be delivered;
