@@ -25,6 +25,16 @@ async fn node(nats: &NatsCluster, name: &str, dir: &Path) -> ChildServer {
     .await
 }
 
+/// Nodes n1, n2 and n3 with the kit's defaults and `vars`.
+async fn nodes_with(nats: &NatsCluster, dir: &Path, vars: &[(&str, &str)]) -> Vec<ChildServer> {
+    let mut nodes = Vec::new();
+    for name in ["n1", "n2", "n3"] {
+        let binary = Path::new(env!("CARGO_BIN_EXE_dormouse"));
+        nodes.push(nats.node(binary, dir, name, vars).await);
+    }
+    nodes
+}
+
 async fn three_nodes(nats: &NatsCluster, dir: &Path) -> Vec<ChildServer> {
     let mut nodes = Vec::new();
     for name in ["n1", "n2", "n3"] {
@@ -400,18 +410,12 @@ async fn backend(node: &ChildServer, method: &str, path: &str, body: &str) -> (u
 async fn a_backend_reaches_connections_on_any_node_and_a_dead_nodes_are_gone() {
     let nats = NatsCluster::start(3).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut nodes = Vec::new();
-    for name in ["n1", "n2", "n3"] {
-        nodes.push(
-            nats.node(
-                Path::new(env!("CARGO_BIN_EXE_dormouse")),
-                dir.path(),
-                name,
-                &[("DORMOUSE_AUTH_JWT_SECRET", JWT_SECRET)],
-            )
-            .await,
-        );
-    }
+    let mut nodes = nodes_with(
+        &nats,
+        dir.path(),
+        &[("DORMOUSE_AUTH_JWT_SECRET", JWT_SECRET)],
+    )
+    .await;
     let subscriber = |sub: &str| token(sub, json!({"subscribe": ["room"]}));
     let mut alice_ws = WsClient::connect(
         &nodes[0],
@@ -540,18 +544,12 @@ async fn a_dead_nodes_hooked_connections_get_their_disconnects_from_a_survivor()
         ),
     )
     .unwrap();
-    let mut nodes = Vec::new();
-    for name in ["n1", "n2", "n3"] {
-        nodes.push(
-            nats.node(
-                Path::new(env!("CARGO_BIN_EXE_dormouse")),
-                dir.path(),
-                name,
-                &[("DORMOUSE_CONFIG", config.to_str().unwrap())],
-            )
-            .await,
-        );
-    }
+    let mut nodes = nodes_with(
+        &nats,
+        dir.path(),
+        &[("DORMOUSE_CONFIG", config.to_str().unwrap())],
+    )
+    .await;
     let doomed = WsClient::connect(&nodes[0], "/v1/channels/room:1/ws").await;
     let doomed_id = doomed.connection_id.clone().expect("an id");
     let mut survivor = WsClient::connect(&nodes[1], "/v1/channels/room:1/ws").await;

@@ -223,15 +223,8 @@ async fn connect(
         Transport::WebSocket,
         receiver.outlet(),
     );
-    let conn = WsSession {
-        tracked,
-        expires_at: caller.expires_at,
-        mode: Mode::Object { forward, lost },
-        receiver,
-        stopping: state.stopping.waiter(),
-        ping_interval: settings.websocket.ping_interval,
-        idle_timeout: settings.websocket.idle_timeout,
-    };
+    let mode = Mode::Object { forward, lost };
+    let conn = WsSession::new(&state, tracked, caller.expires_at, mode, receiver);
     let max_message = settings.limits.max_message_size.0 as usize + 64 * 1024;
     let tasks = state.tasks.clone();
     let telemetry = state.telemetry.clone();

@@ -73,13 +73,7 @@ pub(crate) async fn subscribe(
     headers: HeaderMap,
     upgrade: Result<WsHandshake, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    let upgrade = upgrade.map_err(|e| {
-        ApiError::new(
-            e.status(),
-            "websocket_upgrade_required",
-            format!("{}: connect with a WebSocket client", e.body_text()),
-        )
-    })?;
+    let upgrade = upgrade.map_err(upgrade_required)?;
     let hooked = state.hooks.for_channel(&channel).is_some();
     let start = cursor::from_request(&uri, &headers, hooked)?;
     let settings = state.settings.clone();
@@ -98,22 +92,16 @@ pub(crate) async fn subscribe(
     .await?;
     // Base64 in JSON inflates a payload by 4/3; leave room for it and the envelope.
     let max_message = settings.limits.max_message_size.0 as usize / 3 * 4 + 64 * 1024;
-    let conn = WsSession {
-        tracked,
-        expires_at: principal.time_left().map(|left| Instant::now() + left),
-        mode: Mode::Channel {
-            channel,
-            publisher: state.publisher.clone(),
-            client_publish: settings.websocket.client_publish,
-            auth: state.auth.clone(),
-            principal,
-            ip,
-        },
-        receiver,
-        stopping: state.stopping.waiter(),
-        ping_interval: settings.websocket.ping_interval,
-        idle_timeout: settings.websocket.idle_timeout,
+    let expires_at = principal.time_left().map(|left| Instant::now() + left);
+    let mode = Mode::Channel {
+        channel,
+        publisher: state.publisher.clone(),
+        client_publish: settings.websocket.client_publish,
+        auth: state.auth.clone(),
+        principal,
+        ip,
     };
+    let conn = WsSession::new(&state, tracked, expires_at, mode, receiver);
     let tasks = state.tasks.clone();
     let telemetry = state.telemetry.clone();
     let response = upgrade.accept(max_message, telemetry, false, move |ws, direct| {
@@ -138,13 +126,7 @@ pub(crate) async fn hooked(
         .named(&name)
         .cloned()
         .ok_or_else(|| ApiError::not_found(format!("no hook named {name:?} is configured")))?;
-    let upgrade = upgrade.map_err(|e| {
-        ApiError::new(
-            e.status(),
-            "websocket_upgrade_required",
-            format!("{}: connect with a WebSocket client", e.body_text()),
-        )
-    })?;
+    let upgrade = upgrade.map_err(upgrade_required)?;
     let settings = state.settings.clone();
     let queue = settings.limits.subscriber_queue.0 as usize;
     let (socket, receiver) =
@@ -180,23 +162,17 @@ pub(crate) async fn hooked(
     let subject = admitted
         .subject
         .map_or_else(|| principal.subject.clone(), |s| Arc::from(s.as_str()));
-    let conn = WsSession {
-        tracked,
-        expires_at: principal.time_left().map(|left| Instant::now() + left),
-        mode: Mode::Hooked(Box::new(Hooked {
-            hooks: state.hooks.clone(),
-            route,
-            connection_id: connection_id.clone(),
-            subject,
-            attachment: admitted.attachment,
-            sent: 0,
-            _socket: socket,
-        })),
-        receiver,
-        stopping: state.stopping.waiter(),
-        ping_interval: settings.websocket.ping_interval,
-        idle_timeout: settings.websocket.idle_timeout,
-    };
+    let mode = Mode::Hooked(Box::new(Hooked {
+        hooks: state.hooks.clone(),
+        route,
+        connection_id: connection_id.clone(),
+        subject,
+        attachment: admitted.attachment,
+        sent: 0,
+        _socket: socket,
+    }));
+    let expires_at = principal.time_left().map(|left| Instant::now() + left);
+    let conn = WsSession::new(&state, tracked, expires_at, mode, receiver);
     let max_message = settings.limits.max_message_size.0 as usize + 64 * 1024;
     let tasks = state.tasks.clone();
     let telemetry = state.telemetry.clone();
@@ -204,6 +180,15 @@ pub(crate) async fn hooked(
         tasks.track_future(conn.run(ws, direct))
     });
     Ok(with_connection_id(response, &connection_id))
+}
+
+/// A request to a WebSocket route that is not a WebSocket handshake.
+fn upgrade_required(e: WebSocketUpgradeRejection) -> ApiError {
+    ApiError::new(
+        e.status(),
+        "websocket_upgrade_required",
+        format!("{}: connect with a WebSocket client", e.body_text()),
+    )
 }
 
 /// The header that tells a client (or a proxy's log) its connection id before any frame
@@ -374,6 +359,27 @@ enum End {
 }
 
 impl WsSession {
+    /// A session with the server's WebSocket settings (pings, idle timeout) and its stop
+    /// signal.
+    pub(crate) fn new(
+        state: &AppState,
+        tracked: Connection,
+        expires_at: Option<Instant>,
+        mode: Mode,
+        receiver: SocketReceiver,
+    ) -> Self {
+        let settings = &state.settings.websocket;
+        Self {
+            tracked,
+            expires_at,
+            mode,
+            receiver,
+            stopping: state.stopping.waiter(),
+            ping_interval: settings.ping_interval,
+            idle_timeout: settings.idle_timeout,
+        }
+    }
+
     /// Serves the connection to its end. Not an `async fn`: an idle connection's task is
     /// mostly this future, and an `async fn` keeps each by-value argument twice (as it was
     /// passed and as the local it is moved to: ~600 more bytes for the stream and `self`),
