@@ -161,7 +161,17 @@ impl Dormouse {
         Ok(Self {
             connections,
             state: AppState {
-                hooks: Arc::new(Hooks::new(&settings.hooks, storage.clone(), &me.name)?),
+                // A single node's records keep one name, whatever the host is called now (a
+                // container recreated on the same volume gets another host name).
+                hooks: Arc::new(Hooks::new(
+                    &settings.hooks,
+                    storage.clone(),
+                    if cluster.is_some() {
+                        &me.name
+                    } else {
+                        "single"
+                    },
+                )?),
                 connections: ConnectionTable::new(me),
                 runtime,
                 publisher,

@@ -461,6 +461,12 @@ impl WsSession {
             Mode::Object { lost, .. } => Some(lost.clone()),
             Mode::Channel { .. } | Mode::Hooked(_) => None,
         };
+        // Each message on a hook's WebSocket is an HTTP call to the backend, held until it
+        // answers: far fewer may wait than a channel's publishes, which merge.
+        let max_unanswered = match &self.mode {
+            Mode::Hooked(_) => MAX_HOOK_CALLS,
+            _ => MAX_UNANSWERED,
+        };
         loop {
             if self.expires_at != armed_for {
                 armed_for = self.expires_at;
@@ -500,7 +506,7 @@ impl WsSession {
                 } => Wake::Answer(answered),
                 // A client that sends faster than its answers come back waits (TCP pushes
                 // back) once MAX_UNANSWERED are pending: what one connection queues is bounded.
-                incoming = ws.next(), if answers.as_ref().is_none_or(|a| a.len() < MAX_UNANSWERED) => {
+                incoming = ws.next(), if answers.as_ref().is_none_or(|a| a.len() < max_unanswered) => {
                     Wake::Incoming(incoming)
                 }
                 _ = ping.tick() => Wake::Ping,
@@ -912,6 +918,10 @@ impl Future for Answer {
 /// its frames. Well above what a pipelining client needs to keep a channel's commits full
 /// (a merged call takes up to 512 messages), and a bound on what one connection can queue.
 const MAX_UNANSWERED: usize = 4096;
+
+/// Most messages of one hook WebSocket waiting for the hook's answers: a client that sends
+/// faster waits (TCP pushes back), and one client cannot hold more calls to the backend.
+const MAX_HOOK_CALLS: usize = 32;
 
 /// Most answers to a client's publishes written together, so a long run of them cannot keep
 /// the connection from its other work (pings, the stop signal, outbound messages).

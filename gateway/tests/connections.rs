@@ -395,7 +395,7 @@ async fn a_subjects_connections_are_listed_sent_to_and_closed_together() {
         post(
             &server,
             "/v1/subjects/alice/close",
-            r#"{"code": 4001, "reason": "account suspended"}"#,
+            r#"{"code": 4101, "reason": "account suspended"}"#,
         )
         .await,
     )
@@ -405,7 +405,7 @@ async fn a_subjects_connections_are_listed_sent_to_and_closed_together() {
         let close = client.next().await.unwrap();
         assert_eq!(
             (close["type"].as_str(), close["code"].as_u64()),
-            (Some("close"), Some(4001))
+            (Some("close"), Some(4101))
         );
     }
     assert_eq!(a3.next().await.unwrap().event, "dormouse.close");
@@ -504,11 +504,13 @@ async fn bad_calls_get_a_precise_status_and_code() {
         (r#"{"code": 5000}"#, "bad_close_code"),
         (r#"{"code": 2999}"#, "bad_close_code"),
         (
-            r#"{"code": 4000, "reason": "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}"#,
+            r#"{"code": 4100, "reason": "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}"#,
             "bad_close_reason",
         ),
         ("{not json", "bad_json"),
-        (r#"{"code": 4000, "extra": 1}"#, "bad_json"),
+        (r#"{"code": 4100, "extra": 1}"#, "bad_json"),
+        (r#"{"code": 4000}"#, "bad_close_code"),
+        (r#"{"code": 4099}"#, "bad_close_code"),
     ] {
         expect(400, code)(
             error_of(post(&server, &format!("/v1/connections/{id}/close"), body).await).await,

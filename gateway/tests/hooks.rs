@@ -154,7 +154,7 @@ async fn a_hook_that_fails_refuses_the_connection_with_what_went_wrong() {
         ),
         (
             Answer::Json(500, "database down".into()),
-            "answered 500: database down",
+            "answered 500 (the server's log says more)",
         ),
         (
             Answer::Json(200, "{not json".into()),
@@ -377,4 +377,53 @@ async fn disconnects_owed_when_the_server_stopped_are_sent_by_its_next_start() {
     assert_eq!(delivered.idempotency_key, format!("{id}/disconnect"));
     assert_eq!(delivered.body["subject"], "erin");
     drop((server, dir));
+}
+
+#[tokio::test]
+async fn a_subject_a_hook_chose_stays_when_the_client_refreshes_its_credential() {
+    const JWT: &str = "a-jwt-secret-that-is-long-enough-for-hs256";
+    let upstream = Upstream::start(SECRET, usual).await;
+    let server = TestServer::start_with(|s| {
+        hooked(upstream.url(), &["chat:*"], Duration::from_secs(2))(s);
+        s.auth.jwt_secret = JWT.into();
+    })
+    .await;
+    let token = |sub: &str| {
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 600;
+        let grants = json!({"subscribe": ["chat:*"], "connections": true});
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &json!({"sub": sub, "exp": exp, "dormouse": grants}),
+            &jsonwebtoken::EncodingKey::from_secret(JWT.as_bytes()),
+        )
+        .unwrap()
+    };
+    let path = format!(
+        "/v1/channels/chat:1/ws?user=alice&access_token={}",
+        token("guest")
+    );
+    let mut client = WsClient::connect(&server, &path).await;
+    client
+        .send_json(json!({"type": "auth", "token": token("mallory"), "ref": 1}))
+        .await;
+    assert_eq!(client.next().await.unwrap()["type"], "auth_ok");
+    let count = |subject: &'static str| {
+        let (server, token) = (&server, token("backend"));
+        async move {
+            let res = server
+                .client
+                .get(server.url(&format!("/v1/subjects/{subject}/connections")))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap();
+            res.json::<Value>().await.unwrap()["total"].clone()
+        }
+    };
+    assert_eq!(count("alice").await, 1, "the hook's subject holds");
+    assert_eq!(count("mallory").await, 0);
 }

@@ -45,6 +45,8 @@ pub(super) struct Entry {
     next: u32,
     generation: u32,
     pub(super) kind: Kind,
+    /// A hook chose the subject: a credential the client refreshes does not move it.
+    pinned: bool,
 }
 
 /// See the module doc.
@@ -91,6 +93,7 @@ impl Entries {
             next: NONE,
             generation,
             kind,
+            pinned: false,
         });
         // A slab index past u32 would need four billion connections at once.
         let slot = u32::try_from(slot).unwrap_or(NONE);
@@ -180,11 +183,21 @@ impl Entries {
             .map(|(slot, entry)| (key(slot as u32, entry.generation), entry))
     }
 
-    /// Moves the connection under `key` to another subject's list.
-    pub(super) fn set_subject(&mut self, key: u64, subject: Arc<str>) {
+    /// Moves the connection under `key` to another subject's list; `pin` keeps it there
+    /// against later moves without `pin` (a hook chose it, a refreshed credential does not
+    /// move it).
+    pub(super) fn set_subject(&mut self, key: u64, subject: Arc<str>, pin: bool) {
         match self.get(key) {
+            Some(entry) if entry.pinned && !pin => return,
             Some(entry) if *entry.subject != *subject => {}
-            _ => return,
+            Some(_) => {
+                let (slot, _) = split(key);
+                if let Some(entry) = self.entry_mut(slot) {
+                    entry.pinned |= pin;
+                }
+                return;
+            }
+            None => return,
         }
         let (slot, _) = split(key);
         self.unlink(slot);
@@ -194,6 +207,7 @@ impl Entries {
             .map_or(subject, |(known, _)| known.clone());
         if let Some(entry) = self.entry_mut(slot) {
             entry.subject = subject;
+            entry.pinned |= pin;
         }
         self.link(slot);
     }
@@ -252,10 +266,18 @@ mod tests {
         assert!(entries.get(a3).is_none() && entries.get(a2).is_none());
         entries.remove(a3); // a stale key removes nothing
         assert_eq!(subjects(&entries, "alice"), [a1, a4]);
-        entries.set_subject(a1, Arc::from("bob"));
+        entries.set_subject(a1, Arc::from("bob"), false);
         assert_eq!(subjects(&entries, "alice"), [a4]);
         assert_eq!(subjects(&entries, "bob"), [b1, a1]);
-        for key in [a1, a4, b1] {
+        // Pinned (a hook chose it): an unpinned move leaves it, a pinned one moves it.
+        entries.set_subject(a4, Arc::from("carol"), true);
+        entries.set_subject(a4, Arc::from("alice"), false);
+        assert_eq!(subjects(&entries, "carol"), [a4]);
+        entries.set_subject(a4, Arc::from("dave"), true);
+        assert_eq!(subjects(&entries, "dave"), [a4]);
+        entries.remove(a4);
+        let a4 = a1;
+        for key in [a4, b1] {
             entries.remove(key);
         }
         assert!(entries.is_empty());

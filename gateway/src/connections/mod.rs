@@ -225,13 +225,18 @@ impl Default for CloseRequest {
 
 impl CloseRequest {
     /// Refuses what a WebSocket close frame cannot carry, or what would tell the client
-    /// something the server does not mean (1001–2999 belong to the protocol).
+    /// something the server does not mean: 1001–2999 belong to the protocol, and 4000–4099
+    /// to Dormouse (4000 heartbeat timeout, 4001 token expired), which clients act on.
     pub(crate) fn check(&self) -> Result<(), ApiError> {
-        if self.code != 1000 && !(3000..=4999).contains(&self.code) {
+        let allowed = self.code == 1000
+            || (3000..=3999).contains(&self.code)
+            || (4100..=4999).contains(&self.code);
+        if !allowed {
             return Err(ApiError::bad_request(
                 "bad_close_code",
                 format!(
-                    "close code {} is not one a server may send; use 1000 or 3000 to 4999",
+                    "close code {} is not one a backend may send; use 1000, 3000 to 3999 or \
+                     4100 to 4999 (4000 to 4099 are Dormouse's own)",
                     self.code
                 ),
             ));
@@ -316,8 +321,19 @@ impl Registration {
 
     /// The connection's credential was replaced by one with another subject (a WebSocket
     /// client's `auth` message): sends to the new subject reach it, to the old one no more.
+    /// A subject a hook chose stays: see [`Registration::pin_subject`].
     pub(crate) fn set_subject(&self, subject: &Arc<str>) {
-        self.table.lock().set_subject(self.key, subject.clone());
+        self.table
+            .lock()
+            .set_subject(self.key, subject.clone(), false);
+    }
+
+    /// A `connect` hook chose the connection's subject: it keeps it for its life, whatever
+    /// credential the client sends later.
+    pub(crate) fn pin_subject(&self, subject: &Arc<str>) {
+        self.table
+            .lock()
+            .set_subject(self.key, subject.clone(), true);
     }
 }
 

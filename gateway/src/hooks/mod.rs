@@ -89,8 +89,14 @@ pub(crate) enum HookFailure {
         status: u16,
         body: String,
     },
-    #[error("hook {hook} answered what is not the documented JSON: {why}")]
-    BadAnswer { hook: String, why: String },
+    #[error("hook {hook} answered what is not the documented JSON: {why}{}", excerpt.as_deref().map(|e| format!(": {e}")).unwrap_or_default())]
+    BadAnswer {
+        hook: String,
+        /// What is wrong, in Dormouse's words: shown to the client too.
+        why: String,
+        /// The start of what the backend sent: for the log only.
+        excerpt: Option<String>,
+    },
 }
 
 impl HookFailure {
@@ -104,13 +110,23 @@ impl HookFailure {
         }
     }
 
-    /// What a client that was refused because of it is told: the backend's own words stay
-    /// in the server's log.
+    /// What a client that was refused because of it is told: what kind of failure, never
+    /// the backend's own words or address, which stay in the server's log.
     pub(crate) fn to_api_error(&self) -> ApiError {
+        let what = match self {
+            Self::Timeout { hook, timeout } => {
+                format!("hook {hook} did not answer within {timeout:?}")
+            }
+            Self::Unreachable { hook, .. } => format!("hook {hook} could not be reached"),
+            Self::Status { hook, status, .. } => format!("hook {hook} answered {status}"),
+            Self::BadAnswer { hook, why, .. } => {
+                format!("hook {hook} answered what is not the documented JSON: {why}")
+            }
+        };
         ApiError::new(
             StatusCode::BAD_GATEWAY,
             "hook_failed",
-            format!("the connection could not be checked: {self}"),
+            format!("the call could not be completed: {what} (the server's log says more)"),
         )
     }
 }
@@ -298,16 +314,15 @@ impl Hooks {
         }
         match serde_json::from_slice::<Value>(&bytes) {
             Ok(value @ Value::Object(_)) => Ok(value),
-            Ok(other) => Err(HookFailure::BadAnswer {
+            Ok(_) => Err(HookFailure::BadAnswer {
                 hook,
-                why: format!(
-                    "expected a JSON object, got {}",
-                    excerpt(other.to_string().as_bytes())
-                ),
+                why: "expected a JSON object".to_string(),
+                excerpt: Some(excerpt(&bytes)),
             }),
             Err(e) => Err(HookFailure::BadAnswer {
                 hook,
-                why: format!("{e}: {}", excerpt(&bytes)),
+                why: e.to_string(),
+                excerpt: Some(excerpt(&bytes)),
             }),
         }
     }
@@ -362,6 +377,7 @@ pub(crate) fn admission(route: &Route, answer: Value) -> Result<Admission, ApiEr
         HookFailure::BadAnswer {
             hook: route.name().to_string(),
             why,
+            excerpt: None,
         }
         .to_api_error()
     };
@@ -477,7 +493,7 @@ impl Hooks {
         }
         let subject = match (&admitted.subject, conn.registration()) {
             (Some(subject), Some(registration)) => {
-                registration.set_subject(&Arc::from(subject.as_str()));
+                registration.pin_subject(&Arc::from(subject.as_str()));
                 subject.clone()
             }
             _ => connecting.subject.to_string(),
@@ -491,8 +507,11 @@ impl Hooks {
                 attachment: admitted.attachment.clone(),
                 connected_at_ms: now_ms(),
             };
+            // Owed from here on, whatever happens next: the guard sends it when it drops,
+            // even if this handler is dropped during the write below, or the write fails
+            // (the backend heard of the connect, so it hears of the end).
+            conn.on_close(self.clone(), record.clone());
             self.opened(&record).await?;
-            conn.on_close(self.clone(), record);
         }
         Ok(admitted)
     }
@@ -508,6 +527,7 @@ pub(crate) fn reply(
     let bad = |why: String| HookFailure::BadAnswer {
         hook: route.name().to_string(),
         why,
+        excerpt: None,
     };
     let Value::Object(mut fields) = answer else {
         return Ok(None);

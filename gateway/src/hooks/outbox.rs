@@ -62,7 +62,7 @@ pub(crate) struct Outbox {
     id: ObjectId,
     /// Set once the object is this node's (at once on a single node; in cluster mode once
     /// the node's former run is fenced) and what it left was queued.
-    ready: AtomicBool,
+    ready: Arc<AtomicBool>,
 }
 
 impl Outbox {
@@ -70,7 +70,7 @@ impl Outbox {
         Self {
             storage,
             id: object_of(node),
-            ready: AtomicBool::new(false),
+            ready: Arc::new(AtomicBool::new(false)),
         }
     }
 }
@@ -117,6 +117,10 @@ impl Hooks {
         }
     }
 
+    fn outbox_ready(&self) -> Arc<AtomicBool> {
+        self.outbox.ready.clone()
+    }
+
     async fn take_over(self: &Arc<Self>) -> anyhow::Result<usize> {
         let own = self.outbox.id.clone();
         let sending = self.send_left(&own, "server_restart").await?;
@@ -158,17 +162,19 @@ impl Hooks {
         Ok(sending)
     }
 
-    /// Node `node` died (cluster mode) and its records are placed on this node: sends the
-    /// disconnect of each of its connections (reason `node_lost`), then gives its object
-    /// up. Retried while the object cannot be taken over yet.
+    /// Node `node` died (cluster mode) and its records are placed on this node: moves them
+    /// into this node's own object (synced there before they leave the dead node's), gives
+    /// the dead node's object up at once (so the node, if it comes back, takes it back
+    /// without waiting for a backend), and sends each disconnect (reason `node_lost`) from
+    /// here. Retried while the object cannot be taken over yet.
     pub(crate) fn take_over_dead(self: &Arc<Self>, node: String) {
         let hooks = self.clone();
         tokio::spawn(async move {
             let from = object_of(&node);
             let mut pause = FIRST_PAUSE;
-            let sending = loop {
-                match hooks.send_left(&from, "node_lost").await {
-                    Ok(sending) => break sending,
+            let moved = loop {
+                match hooks.move_records(&from).await {
+                    Ok(moved) => break moved,
                     Err(e) if pause < MAX_PAUSE => {
                         tracing::debug!(%node, error = %e, "a dead node's hook records not taken over yet; retrying");
                         tokio::time::sleep(pause).await;
@@ -180,14 +186,54 @@ impl Hooks {
                     }
                 }
             };
-            if !sending.is_empty() {
-                tracing::info!(%node, disconnects = sending.len(), "sending a dead node's disconnects");
-            }
-            for delivery in sending {
-                let _ = delivery.await;
-            }
             hooks.outbox.storage.release(&from);
+            if !moved.is_empty() {
+                tracing::info!(%node, disconnects = moved.len(), "sending a dead node's disconnects");
+            }
+            for record in moved {
+                hooks.send_disconnect(record, "node_lost".to_string());
+            }
         });
+    }
+
+    /// Copies every record of the object `from` into this node's own, syncs them, then
+    /// deletes them from `from` and syncs that: a crash in between leaves a record in both
+    /// (sent twice, which at least once allows), never in neither.
+    async fn move_records(&self, from: &ObjectId) -> anyhow::Result<Vec<Record>> {
+        let storage = &self.outbox.storage;
+        let own = &self.outbox.id;
+        anyhow::ensure!(
+            self.outbox.ready.load(Ordering::Acquire),
+            "this node's own records are not ready"
+        );
+        storage.acquire(from).await?;
+        let mut moved = Vec::new();
+        loop {
+            let page = storage.list(from, PREFIX, None, PAGE)?;
+            if page.is_empty() {
+                break;
+            }
+            let (mut copy, mut remove) = (WriteBatch::new(), WriteBatch::new());
+            for (key, value) in &page {
+                match serde_json::from_slice::<Record>(value) {
+                    Ok(record) => {
+                        copy.put(key.clone(), value.clone());
+                        moved.push(record);
+                    }
+                    Err(e) => {
+                        tracing::error!(key = %String::from_utf8_lossy(key), error = %e, "an unreadable hook record of a dead node, dropped");
+                    }
+                }
+                remove.delete(key.clone());
+            }
+            if !copy.is_empty() {
+                storage.apply(own, copy)?;
+                storage.sync_object(own).await?;
+            }
+            storage.apply(from, remove)?;
+            storage.sync_object(from).await?;
+        }
+        Ok(moved)
     }
 
     /// Stores `record` durably: the connection it names may be told it is connected once
@@ -211,10 +257,36 @@ impl Hooks {
         };
         synced.map_err(|e| {
             tracing::warn!(error = %e, connection = %record.connection_id, "a hook record was not stored");
+            // Cluster mode: another node took this node's records over while it seemed dead
+            // (a pause, a cut-off), or the journal could not replicate: the object must be
+            // acquired again before it takes writes. Until then, refuse. (On a single node
+            // acquiring is immediate, and a full disk refuses by itself.)
+            self.retake();
             ApiError::unavailable(format!(
                 "the connection's disconnect could not be promised (storage: {e}); retry"
             ))
+            .retry_after(1)
         })
+    }
+
+    /// Takes this node's records back after another node took them over, and serves again
+    /// once it has. Sends nothing: what the other node took, it sends; a record it could
+    /// not remove is sent once more at this node's next start.
+    fn retake(&self) {
+        if !self.outbox.ready.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let (storage, id) = (self.outbox.storage.clone(), self.outbox.id.clone());
+        let ready = self.outbox_ready();
+        tokio::spawn(async move {
+            let mut pause = FIRST_PAUSE;
+            while let Err(e) = storage.acquire(&id).await {
+                tracing::warn!(error = %e, "hook records not taken back yet; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            ready.store(true, Ordering::Release);
+        });
     }
 
     /// The connection of `record` ended for `reason`: its disconnect goes out, again and
