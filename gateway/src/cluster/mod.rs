@@ -466,10 +466,19 @@ impl ClusterNode {
                     connections::CALL_KIND => {
                         let op: Op = serde_json::from_slice(&body)
                             .map_err(|e| format!("a connections call: {e}"))?;
-                        let outcome = state.connections.apply(&op);
-                        serde_json::to_vec(&outcome)
-                            .map(Bytes::from)
-                            .map_err(|e| e.to_string())
+                        let mut outcome = state.connections.apply(&op);
+                        // A listing fits one NATS message: fewer connections then (the total
+                        // still counts them all, so the answer says it was cut).
+                        loop {
+                            let bytes = serde_json::to_vec(&outcome).map_err(|e| e.to_string())?;
+                            if bytes.len() + ENVELOPE <= node.max_payload
+                                || outcome.connections.is_empty()
+                            {
+                                break Ok(Bytes::from(bytes));
+                            }
+                            let keep = outcome.connections.len() / 2;
+                            outcome.connections.truncate(keep);
+                        }
                     }
                     _ => Ok(node.serve_call(&state, body).await),
                 }
@@ -602,6 +611,23 @@ impl ClusterNode {
         nodes
     }
 
+    /// Whether `op` fits in one NATS message to another node: a 413 that says so, before
+    /// anything is sent anywhere, when it does not (a send to a subject must not reach one
+    /// node's connections and not another's).
+    pub(crate) fn fits(&self, op: &Op) -> std::result::Result<Bytes, crate::error::ApiError> {
+        let body = Bytes::from(serde_json::to_vec(op).unwrap_or_default());
+        if body.len() + ENVELOPE > self.max_payload {
+            return Err(crate::error::ApiError::too_large(format!(
+                "the message takes {} bytes between nodes (base64 in JSON), more than the NATS \
+                 servers' max_payload of {} bytes: send it to this connection through the node \
+                 that serves it, or raise max_payload",
+                body.len(),
+                self.max_payload
+            )));
+        }
+        Ok(body)
+    }
+
     /// Runs a connections operation on `node`'s connections; the error says, for the
     /// caller's answer, why it could not.
     pub(crate) async fn connections_call(
@@ -609,16 +635,7 @@ impl ClusterNode {
         node: &NodeId,
         op: &Op,
     ) -> std::result::Result<Outcome, String> {
-        let body = Bytes::from(serde_json::to_vec(op).map_err(|e| e.to_string())?);
-        if body.len() + ENVELOPE > self.max_payload {
-            return Err(format!(
-                "the request ({} bytes) is larger than the NATS servers' max_payload ({} \
-                 bytes) and cannot reach node {}",
-                body.len(),
-                self.max_payload,
-                node.name
-            ));
-        }
+        let body = self.fits(op).map_err(|e| e.message)?;
         match rpc::call(
             &self.nats,
             node,

@@ -50,6 +50,7 @@ async fn on_one(
         // Another node's id, or this node's before a restart: nothing here answers to it.
         return Ok(Outcome::default());
     };
+    cluster.fits(&op)?;
     match cluster.connection_node(&parsed) {
         Some(node) => cluster
             .connections_call(&node, &op)
@@ -60,8 +61,16 @@ async fn on_one(
 }
 
 /// Runs an operation on every live node's connections and adds the answers up; nodes that
-/// did not answer are named, since what they hold may or may not have been reached.
-async fn on_all(state: &AppState, op: Op, limit: usize) -> (Outcome, Vec<String>) {
+/// did not answer are named, since what they hold may or may not have been reached. An
+/// operation too large to reach other nodes is refused before it reaches any (413).
+async fn on_all(
+    state: &AppState,
+    op: Op,
+    limit: usize,
+) -> Result<(Outcome, Vec<String>), ApiError> {
+    if let Some(cluster) = &state.cluster {
+        cluster.fits(&op)?;
+    }
     let mut outcome = state.connections.apply(&op);
     let mut unreachable = Vec::new();
     if let Some(cluster) = &state.cluster {
@@ -82,7 +91,7 @@ async fn on_all(state: &AppState, op: Op, limit: usize) -> (Outcome, Vec<String>
             }
         }
     }
-    (outcome, unreachable)
+    Ok((outcome, unreachable))
 }
 
 /// `GET /v1/connections/{id}`
@@ -260,7 +269,7 @@ pub(crate) async fn subject_list(
         subject: subject.clone(),
         limit,
     };
-    let (outcome, unreachable) = on_all(&state, op, limit).await;
+    let (outcome, unreachable) = on_all(&state, op, limit).await?;
     Ok(listing("subject", subject, outcome, unreachable))
 }
 
@@ -278,7 +287,7 @@ pub(crate) async fn subject_send(
         subject: subject.clone(),
         message,
     };
-    let (outcome, unreachable) = on_all(&state, op, 0).await;
+    let (outcome, unreachable) = on_all(&state, op, 0).await?;
     let mut answer = json!({
         "subject": subject,
         "queued": outcome.done,
@@ -303,7 +312,7 @@ pub(crate) async fn subject_close(
         subject: subject.clone(),
         close,
     };
-    let (outcome, unreachable) = on_all(&state, op, 0).await;
+    let (outcome, unreachable) = on_all(&state, op, 0).await?;
     let mut answer = json!({"subject": subject, "closing": outcome.done});
     if !unreachable.is_empty() {
         answer["unreachable_nodes"] = json!(unreachable);
@@ -322,6 +331,6 @@ pub(crate) async fn channel_connections(
         channel: channel.clone(),
         limit,
     };
-    let (outcome, unreachable) = on_all(&state, op, limit).await;
+    let (outcome, unreachable) = on_all(&state, op, limit).await?;
     Ok(listing("channel", channel, outcome, unreachable))
 }
