@@ -141,7 +141,18 @@ pub(crate) async fn publish(
         idempotency_key,
     };
     // The names were checked above and the size while reading: `Publisher::check` in two
-    // steps, the first before the body is read.
+    // steps, the first before the body is read. The channel's hook, if it screens
+    // publishes, may refuse or rewrite it.
+    let message = state
+        .hooks
+        .screen(
+            &channel,
+            &principal.subject,
+            None,
+            message,
+            publisher.max_message_size(),
+        )
+        .await?;
     let mut results = publisher.publish(&channel, vec![message]).await?;
     let published = results.pop().ok_or_else(unexpected)?;
     let status = if published.duplicate {

@@ -72,8 +72,9 @@ pub struct HookSettings {
     /// `connect` and `disconnect` (the first hook whose pattern matches a channel is its).
     #[serde(default)]
     pub channels: Vec<String>,
-    /// The events sent: `connect`, `message`, `disconnect`; all of them when left out.
-    #[serde(default = "HookSettings::all_events")]
+    /// The events sent: `connect`, `message`, `disconnect` (the default), and `publish`,
+    /// which puts every client publish to the hook's channels through the backend.
+    #[serde(default = "HookSettings::default_events")]
     pub events: Vec<String>,
     /// How long a call may take before it counts as failed.
     #[serde(default = "HookSettings::default_timeout", with = "humantime_serde")]
@@ -82,10 +83,15 @@ pub struct HookSettings {
 
 impl HookSettings {
     /// Every event a hook can be sent.
-    pub const EVENTS: [&'static str; 3] = ["connect", "message", "disconnect"];
+    pub const EVENTS: [&'static str; 4] = ["connect", "message", "disconnect", "publish"];
 
-    fn all_events() -> Vec<String> {
-        Self::EVENTS.iter().map(|e| e.to_string()).collect()
+    /// The events a hook gets when its entry names none: `publish` only when asked for, as
+    /// it puts a backend call in front of every publish.
+    pub fn default_events() -> Vec<String> {
+        ["connect", "message", "disconnect"]
+            .iter()
+            .map(|e| e.to_string())
+            .collect()
     }
 
     fn default_timeout() -> Duration {

@@ -118,6 +118,19 @@ pub(crate) async fn batch(
     let messages = planned.iter().filter(|p| p.is_ok()).count();
     publisher.charge(client, messages)?;
 
+    // Items for channels whose hook screens publishes go through it, all at once; the
+    // order they are published in is still the batch's (groups are made after).
+    let max = publisher.max_message_size();
+    let planned: Vec<Planned> = futures::future::join_all(planned.into_iter().map(|pair| {
+        let (hooks, subject) = (&state.hooks, &principal.subject);
+        async move {
+            let (channel, message) = pair?;
+            let message = hooks.screen(&channel, subject, None, message, max).await?;
+            Ok((channel, message))
+        }
+    }))
+    .await;
+
     // Group by channel, remembering each pair's position in the answer.
     let mut groups: HashMap<String, (Vec<usize>, Vec<NewMessage>)> = HashMap::new();
     let mut results: Vec<Option<Value>> = vec![None; planned.len()];

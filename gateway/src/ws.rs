@@ -93,6 +93,10 @@ pub(crate) async fn subscribe(
     // Base64 in JSON inflates a payload by 4/3; leave room for it and the envelope.
     let max_message = settings.limits.max_message_size.0 as usize / 3 * 4 + 64 * 1024;
     let expires_at = principal.time_left().map(|left| Instant::now() + left);
+    let screened = state
+        .hooks
+        .screening(&channel)
+        .map(|_| Screened::new(state.hooks.clone(), connection_id.clone()));
     let mode = Mode::Channel {
         channel,
         publisher: state.publisher.clone(),
@@ -100,6 +104,7 @@ pub(crate) async fn subscribe(
         auth: state.auth.clone(),
         principal,
         ip,
+        screened,
     };
     let conn = WsSession::new(&state, tracked, expires_at, mode, receiver);
     let tasks = state.tasks.clone();
@@ -231,6 +236,8 @@ pub(crate) enum Mode {
         principal: Principal,
         /// Where the client connects from, for the publish rate per address.
         ip: Option<IpAddr>,
+        /// Set when the channel's hook screens publishes.
+        screened: Option<Arc<Screened>>,
     },
     /// A hook's own WebSocket (`/v1/hooks/{name}/ws`): each message goes to the hook's
     /// `message` call, and what it answers goes back, in the order the client sent them.
@@ -785,6 +792,7 @@ impl WsSession {
             client_publish,
             principal,
             ip,
+            screened,
             ..
         } = &self.mode
         else {
@@ -800,10 +808,43 @@ impl WsSession {
             return Answer::failed(&e, r#ref);
         }
         let client = Client { principal, ip: *ip };
-        match publisher.publish_one(client, channel, message) {
-            Ok(reply) => Answer::Publish { reply, r#ref },
-            Err(e) => Answer::failed(&e, r#ref),
+        let Some(screened) = screened else {
+            return match publisher.publish_one(client, channel, message) {
+                Ok(reply) => Answer::Publish { reply, r#ref },
+                Err(e) => Answer::failed(&e, r#ref),
+            };
+        };
+        // The same checks as `publish_one`, then the hook, then the channel, in turn.
+        let checked = publisher
+            .authorize(client, channel)
+            .and_then(|()| publisher.charge(client, 1))
+            .and_then(|()| publisher.check(&message));
+        if let Err(e) = checked {
+            return Answer::failed(&e, r#ref);
         }
+        let ticket = screened.ticket();
+        let (screened, publisher) = (screened.clone(), publisher.clone());
+        let (channel, subject) = (channel.clone(), principal.subject.clone());
+        Answer::Hook(Box::pin(async move {
+            let decided = screened
+                .hooks
+                .screen(
+                    &channel,
+                    &subject,
+                    Some(&screened.connection_id),
+                    message,
+                    publisher.max_message_size(),
+                )
+                .await;
+            screened.turn(ticket).await;
+            let turn = Turn(&screened);
+            let reply = match decided {
+                Ok(message) => publisher.publish(&channel, vec![message]),
+                Err(e) => return Answered::failed(&e, &r#ref),
+            };
+            drop(turn);
+            Answered::acked(reply.await, &r#ref)
+        }))
     }
 }
 
@@ -891,26 +932,90 @@ impl Future for Answer {
                     .unwrap_or_else(|| Answered::failed(&channels::unexpected(), &None)),
             ),
             Answer::Hook(call) => call.as_mut().poll(cx),
-            Answer::Publish { reply, r#ref } => {
-                Pin::new(reply).poll(cx).map(|outcome| match outcome {
-                    Ok(results) => match results.first() {
-                        Some(p) => Answered {
-                            frame: Some(Message::text(
-                                Frame::Ack {
-                                    id: &p.id,
-                                    duplicate: p.duplicate,
-                                    r#ref,
-                                }
-                                .text(),
-                            )),
-                            rejected: None,
-                        },
-                        None => Answered::failed(&channels::unexpected(), r#ref),
-                    },
-                    Err(e) => Answered::failed(&ApiError::from(e), r#ref),
-                })
-            }
+            Answer::Publish { reply, r#ref } => Pin::new(reply)
+                .poll(cx)
+                .map(|outcome| Answered::acked(outcome, r#ref)),
         }
+    }
+}
+
+impl Answered {
+    /// The `ack` (or `error`) for a publish the channel answered.
+    fn acked(
+        outcome: dormouse_runtime::Result<Vec<dormouse_actors::channel::Published>>,
+        r#ref: &Option<Value>,
+    ) -> Self {
+        match outcome {
+            Ok(results) => match results.first() {
+                Some(p) => Answered {
+                    frame: Some(Message::text(
+                        Frame::Ack {
+                            id: &p.id,
+                            duplicate: p.duplicate,
+                            r#ref,
+                        }
+                        .text(),
+                    )),
+                    rejected: None,
+                },
+                None => Answered::failed(&channels::unexpected(), r#ref),
+            },
+            Err(e) => Answered::failed(&ApiError::from(e), r#ref),
+        }
+    }
+}
+
+/// A channel socket's publishes that its channel's hook screens (docs/HOOKS.md,
+/// `publish`): each call may take its own time, but the messages enter the channel in the
+/// order the client sent them. Each takes a ticket when its frame is read, and enters the
+/// publisher only once every earlier one has (or was refused).
+pub(crate) struct Screened {
+    hooks: Arc<Hooks>,
+    connection_id: String,
+    issued: std::sync::atomic::AtomicU64,
+    next: std::sync::atomic::AtomicU64,
+    turn: tokio::sync::Notify,
+}
+
+impl Screened {
+    pub(crate) fn new(hooks: Arc<Hooks>, connection_id: String) -> Arc<Self> {
+        Arc::new(Self {
+            hooks,
+            connection_id,
+            issued: Default::default(),
+            next: Default::default(),
+            turn: tokio::sync::Notify::new(),
+        })
+    }
+
+    fn ticket(&self) -> u64 {
+        self.issued
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
+    }
+
+    /// Waits until every publish before `ticket` entered the publisher (or was refused).
+    async fn turn(&self, ticket: u64) {
+        loop {
+            let notified = self.turn.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.next.load(std::sync::atomic::Ordering::Acquire) == ticket {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Lets the next screened publish go, also when the one holding the turn is dropped.
+struct Turn<'a>(&'a Screened);
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        self.0
+            .next
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.0.turn.notify_waiters();
     }
 }
 

@@ -57,7 +57,7 @@ fn hooked(url: String, channels: &[&str], timeout: Duration) -> impl FnOnce(&mut
             url,
             secret: SECRET.into(),
             channels,
-            events: HookSettings::EVENTS.iter().map(|e| e.to_string()).collect(),
+            events: HookSettings::default_events(),
             timeout,
         }];
     }
@@ -426,4 +426,130 @@ async fn a_subject_a_hook_chose_stays_when_the_client_refreshes_its_credential()
     };
     assert_eq!(count("alice").await, 1, "the hook's subject holds");
     assert_eq!(count("mallory").await, 0);
+}
+
+/// A backend that screens publishes: refuses "spam", rewrites "upper:..." to upper case
+/// under the event `shout`, and takes its time over "slow..." ones.
+fn moderator(call: &Call) -> Answer {
+    if call.event != "publish" {
+        return usual(call);
+    }
+    let data = call.body["data"].as_str().unwrap_or_default();
+    if data == "spam" {
+        Answer::Json(200, r#"{"allow": false, "reason": "no spam here"}"#.into())
+    } else if let Some(rest) = data.strip_prefix("upper:") {
+        let answer = json!({"data": rest.to_uppercase(), "event": "shout"});
+        Answer::Json(200, answer.to_string())
+    } else if data.starts_with("slow") {
+        Answer::Sleep(Duration::from_millis(150))
+    } else if data == "bad-rewrite" {
+        Answer::Json(200, r#"{"event": "has space"}"#.into())
+    } else {
+        Answer::Json(200, String::new())
+    }
+}
+
+#[tokio::test]
+async fn a_publish_hook_refuses_or_rewrites_every_way_a_client_publishes_in_order() {
+    let upstream = Upstream::start(SECRET, moderator).await;
+    let server = TestServer::start_with(|s| {
+        hooked(upstream.url(), &["chat:*"], Duration::from_secs(2))(s);
+        s.hooks[0].events.push("publish".into());
+    })
+    .await;
+    let c = &server.client;
+    let post = |body: &'static str| {
+        c.post(server.url("/v1/channels/chat:1/messages"))
+            .body(body)
+            .send()
+    };
+    // HTTP: allowed, refused with the backend's reason, rewritten, a bad rewrite.
+    assert_eq!(post("hello").await.unwrap().status(), 201);
+    let (status, code, message) = error_of(post("spam").await.unwrap()).await;
+    assert_eq!(
+        (status, code.as_str(), message.as_str()),
+        (403, "hook_refused", "no spam here")
+    );
+    assert_eq!(post("upper:hi").await.unwrap().status(), 201);
+    let (status, code, message) = error_of(post("bad-rewrite").await.unwrap()).await;
+    assert_eq!((status, code.as_str()), (502, "hook_failed"), "{message}");
+    assert!(
+        message.contains("not one a client may publish"),
+        "{message}"
+    );
+    let calls = upstream.calls("publish");
+    assert_eq!(calls[0].body["channel"], "chat:1");
+    assert_eq!(calls[0].body["subject"], "anonymous");
+    assert_eq!(calls[0].body["data"], "hello");
+
+    // A batch: each item on its own.
+    let batch = c
+        .post(server.url("/v1/publish"))
+        .json(&json!([
+            {"channel": "chat:1", "data": "second"},
+            {"channel": "chat:1", "data": "spam"},
+            {"channel": "chat:1", "data": "upper:batch"},
+            {"channel": "news", "data": "spam"},
+        ]))
+        .send()
+        .await
+        .unwrap();
+    let batch: Value = batch.json().await.unwrap();
+    assert_eq!(batch["published"], 3, "{batch}");
+    assert_eq!(
+        batch["results"][1]["error"]["code"], "hook_refused",
+        "{batch}"
+    );
+    assert!(
+        batch["results"][3]["id"].is_string(),
+        "news has no hook: {batch}"
+    );
+
+    // A WebSocket client pipelining: the slow calls do not let later messages overtake.
+    let mut ws = WsClient::connect(&server, "/v1/channels/chat:1/ws").await;
+    let sent = ["slow-1", "w2", "spam", "slow-4", "upper:w5", "w6"];
+    for (n, data) in sent.iter().enumerate() {
+        ws.send_json(json!({"type": "publish", "data": data, "ref": n}))
+            .await;
+    }
+    let mut answers = Vec::new();
+    while answers.len() < sent.len() {
+        let frame = ws.next().await.unwrap();
+        if frame["type"] == "message" {
+            continue;
+        }
+        answers.push(frame);
+    }
+    for (n, answer) in answers.iter().enumerate() {
+        assert_eq!(answer["ref"], n, "answers in order: {answers:?}");
+        let expected = if sent[n] == "spam" { "error" } else { "ack" };
+        assert_eq!(answer["type"], expected, "{answer}");
+    }
+    assert_eq!(answers[2]["code"], "hook_refused");
+    let stored: Vec<(String, String)> = server
+        .all_history("chat:1")
+        .await
+        .iter()
+        .map(|e| {
+            (
+                e["event"].as_str().unwrap().to_string(),
+                e["data"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, String)> = [
+        ("message", "hello"),
+        ("shout", "HI"),
+        ("message", "second"),
+        ("shout", "BATCH"),
+        ("message", "slow-1"),
+        ("message", "w2"),
+        ("message", "slow-4"),
+        ("shout", "W5"),
+        ("message", "w6"),
+    ]
+    .iter()
+    .map(|(e, d)| (e.to_string(), d.to_string()))
+    .collect();
+    assert_eq!(stored, expected);
 }

@@ -81,7 +81,7 @@ async fn a_python_backend_runs_the_chat_through_hooks_and_the_connection_api() {
             url: format!("http://127.0.0.1:{port}/hook"),
             secret: SECRET.into(),
             channels: Vec::new(),
-            events: HookSettings::EVENTS.iter().map(|e| e.to_string()).collect(),
+            events: HookSettings::default_events(),
             timeout: Duration::from_secs(5),
         }];
         s.auth.api_keys = vec![ApiKeySettings {

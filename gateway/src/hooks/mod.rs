@@ -33,6 +33,7 @@ use crate::config::HookSettings;
 use crate::connections::Registration;
 use crate::error::ApiError;
 use crate::telemetry::Connection;
+use dormouse_actors::channel::NewMessage;
 use outbox::Record;
 
 pub(crate) mod outbox;
@@ -153,6 +154,10 @@ pub(crate) struct Hooks {
     /// Cancelled when the server stops: deliveries still failing then are left to the
     /// next start, which finds their records.
     stopped: tokio_util::sync::CancellationToken,
+    /// Makes the idempotency keys of publishes without one unique to this process...
+    nonce: u64,
+    /// ...and within it.
+    published: AtomicU64,
 }
 
 impl std::fmt::Debug for Hooks {
@@ -211,6 +216,18 @@ impl Hooks {
             counters: HookCounters::default(),
             outbox: outbox::Outbox::new(storage, node),
             stopped: tokio_util::sync::CancellationToken::new(),
+            nonce: {
+                use std::hash::{BuildHasher as _, Hasher as _};
+                let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+                hasher.write_u128(
+                    SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .map(|d| d.as_nanos())
+                        .unwrap_or(0),
+                );
+                hasher.finish()
+            },
+            published: AtomicU64::new(0),
         })
     }
 
@@ -596,4 +613,135 @@ impl Hooks {
         );
         out
     }
+}
+
+impl Hooks {
+    /// The channel's hook that screens publishes, if any.
+    pub(crate) fn screening(&self, channel: &str) -> Option<&Arc<Route>> {
+        self.for_channel(channel).filter(|r| r.takes("publish"))
+    }
+
+    /// Puts a client's publish to `channel` through its hook's `publish` call, when it
+    /// takes one: the message to store (as sent, or as the hook rewrote it), or the refusal
+    /// (`403 hook_refused`) or failure (`502 hook_failed`) to answer the client with.
+    pub(crate) async fn screen(
+        &self,
+        channel: &str,
+        subject: &str,
+        connection_id: Option<&str>,
+        message: NewMessage,
+        max_message_size: usize,
+    ) -> Result<NewMessage, ApiError> {
+        let Some(route) = self.screening(channel) else {
+            return Ok(message);
+        };
+        let mut body = json!({
+            "event": "publish",
+            "hook": route.name(),
+            "channel": channel,
+            "subject": subject,
+            "connection_id": connection_id,
+            "event_name": message.event,
+            "idempotency_key": message.idempotency_key,
+            "time_ms": now_ms(),
+        });
+        match std::str::from_utf8(&message.data) {
+            Ok(text) => body["data"] = Value::from(text),
+            Err(_) => {
+                use base64::Engine as _;
+                body["data_base64"] =
+                    Value::from(base64::engine::general_purpose::STANDARD.encode(&message.data));
+            }
+        }
+        // A retry of the same publish (same idempotency key) is the same call; any other
+        // publish is a call of its own.
+        let key = match &message.idempotency_key {
+            Some(k) => format!("{channel}/publish/{k}"),
+            None => format!(
+                "{channel}/publish/{:x}-{:x}",
+                self.nonce,
+                self.published.fetch_add(1, Ordering::Relaxed)
+            ),
+        };
+        let answer = self
+            .call(route, "publish", &key, &body)
+            .await
+            .map_err(|f| f.to_api_error())?;
+        let rewritten = rewrite(route, answer, message).inspect_err(|e| {
+            if e.code == "hook_refused" {
+                self.counters.refused.fetch_add(1, Ordering::Relaxed);
+            }
+        })?;
+        crate::publisher::check_message(&rewritten, max_message_size).map_err(|e| {
+            HookFailure::BadAnswer {
+                hook: route.name().to_string(),
+                why: format!(
+                    "the rewritten message is not one a client may publish: {}",
+                    e.message
+                ),
+                excerpt: None,
+            }
+            .to_api_error()
+        })?;
+        Ok(rewritten)
+    }
+}
+
+/// Reads a `publish` answer: `{"allow"?, "reason"?, "data"? | "data_base64"?, "event"?}`.
+fn rewrite(route: &Route, answer: Value, mut message: NewMessage) -> Result<NewMessage, ApiError> {
+    let bad = |why: String| {
+        HookFailure::BadAnswer {
+            hook: route.name().to_string(),
+            why,
+            excerpt: None,
+        }
+        .to_api_error()
+    };
+    let Value::Object(mut fields) = answer else {
+        return Ok(message);
+    };
+    let allow = match fields.remove("allow") {
+        None | Some(Value::Bool(true)) => true,
+        Some(Value::Bool(false)) => false,
+        Some(other) => return Err(bad(format!("\"allow\" must be true or false, not {other}"))),
+    };
+    let reason = match fields.remove("reason") {
+        None => None,
+        Some(Value::String(reason)) => Some(reason),
+        Some(other) => return Err(bad(format!("\"reason\" must be a string, not {other}"))),
+    };
+    if !allow {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "hook_refused",
+            reason.unwrap_or_else(|| format!("hook {} refused the message", route.name())),
+        ));
+    }
+    match (fields.remove("data"), fields.remove("data_base64")) {
+        (None, None) => {}
+        (Some(Value::String(text)), None) => message.data = Bytes::from(text),
+        (None, Some(Value::String(b64))) => {
+            use base64::Engine as _;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b64.as_bytes())
+                .map_err(|e| bad(format!("\"data_base64\" is not base64: {e}")))?;
+            message.data = Bytes::from(bytes);
+        }
+        (Some(_), Some(_)) => return Err(bad("give data or data_base64, not both".into())),
+        (Some(other), None) | (None, Some(other)) => {
+            return Err(bad(format!("data must be a string, not {other}")));
+        }
+    }
+    match fields.remove("event") {
+        None => {}
+        Some(Value::String(event)) => message.event = Some(event),
+        Some(other) => return Err(bad(format!("\"event\" must be a string, not {other}"))),
+    }
+    if let Some(unknown) = fields.keys().next() {
+        return Err(bad(format!(
+            "unknown field {unknown:?}; a publish answer may carry allow, reason, data, \
+             data_base64 and event"
+        )));
+    }
+    Ok(message)
 }
