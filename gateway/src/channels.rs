@@ -226,7 +226,15 @@ pub(crate) async fn connect(
         // The reason a guard dropped on the way out logs (and, once admitted, tells the
         // hook in the disconnect).
         conn.ending("refused");
-        state.hooks.admit(route, &mut conn, connecting).await?;
+        let admitted = state.hooks.admit(route, &mut conn, connecting).await?;
+        let subject = admitted
+            .subject
+            .as_deref()
+            .unwrap_or(&how.principal.subject);
+        let attachment = admitted.attachment.as_ref();
+        (state.hooks)
+            .may_subscribe(route, &connection_id, subject, how.channel, attachment)
+            .await?;
     }
     conn.ending("subscribe_failed");
     subscribe(state, how.channel, socket, how.start).await?;

@@ -72,8 +72,9 @@ pub struct HookSettings {
     /// `connect` and `disconnect` (the first hook whose pattern matches a channel is its).
     #[serde(default)]
     pub channels: Vec<String>,
-    /// The events sent: `connect`, `message`, `disconnect` (the default), and `publish`,
-    /// which puts every client publish to the hook's channels through the backend.
+    /// The events sent: `connect`, `message`, `disconnect` (the default), `subscribe` (each
+    /// subscription to one of the hook's channels), and `publish`, which puts every client
+    /// publish to the hook's channels through the backend.
     #[serde(default = "HookSettings::default_events")]
     pub events: Vec<String>,
     /// How long a call may take before it counts as failed.
@@ -83,7 +84,8 @@ pub struct HookSettings {
 
 impl HookSettings {
     /// Every event a hook can be sent.
-    pub const EVENTS: [&'static str; 4] = ["connect", "message", "disconnect", "publish"];
+    pub const EVENTS: [&'static str; 5] =
+        ["connect", "message", "disconnect", "subscribe", "publish"];
 
     /// The events a hook gets when its entry names none: `publish` only when asked for, as
     /// it puts a backend call in front of every publish.

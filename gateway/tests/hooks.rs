@@ -553,3 +553,35 @@ async fn a_publish_hook_refuses_or_rewrites_every_way_a_client_publishes_in_orde
     .collect();
     assert_eq!(stored, expected);
 }
+
+#[tokio::test]
+async fn a_subscribe_hook_decides_each_subscription_after_connect() {
+    let upstream = Upstream::start(SECRET, |call| match call.event.as_str() {
+        "subscribe" if call.body["channel"] == "chat:secret" => {
+            Answer::Json(200, r#"{"allow": false, "reason": "members only"}"#.into())
+        }
+        "subscribe" => Answer::Json(200, "{}".into()),
+        _ => usual(call),
+    })
+    .await;
+    let server = TestServer::start_with(|s| {
+        hooked(upstream.url(), &["chat:*"], Duration::from_secs(2))(s);
+        s.hooks[0].events.push("subscribe".into());
+    })
+    .await;
+    let _open = SseClient::connect(&server, "/v1/channels/chat:open/events?user=erin", None).await;
+    let call = upstream.until("subscribe", 1).await.remove(0);
+    assert_eq!(call.body["channel"], "chat:open");
+    assert_eq!(call.body["subject"], "erin", "the subject connect chose");
+    assert_eq!(call.body["attachment"], json!({"user": "erin", "n": 7}));
+    let refused =
+        support::ws_handshake_error(&server, "/v1/channels/chat:secret/ws?user=erin", &[]).await;
+    assert_eq!(
+        (refused.0, refused.1.as_str(), refused.2.as_str()),
+        (403, "hook_refused", "members only")
+    );
+    // Admitted by connect, refused by subscribe: the backend hears it ended.
+    let ended = upstream.until("disconnect", 1).await.remove(0);
+    assert_eq!(ended.body["reason"], "refused");
+    assert_eq!(ended.body["channel"], "chat:secret");
+}

@@ -64,6 +64,16 @@ impl Route {
         self.settings.events.iter().any(|e| e == event)
     }
 
+    /// The failure of an answer that is JSON but not what the event allows: `why` is
+    /// Dormouse's own words, so the client may see them.
+    fn bad_answer(&self, why: impl Into<String>) -> HookFailure {
+        HookFailure::BadAnswer {
+            hook: self.name().to_string(),
+            why: why.into(),
+            excerpt: None,
+        }
+    }
+
     /// `Dormouse-Signature` for a body sent at `timestamp`: `t=TIMESTAMP,v1=HEX`, the
     /// HMAC-SHA256 of `TIMESTAMP.BODY` under the hook's secret.
     pub(crate) fn signature(&self, timestamp: u64, body: &[u8]) -> String {
@@ -248,6 +258,19 @@ impl Hooks {
             .find(|r| r.settings.channels.iter().any(|p| glob(p, channel)))
     }
 
+    /// [`Hooks::call`] for a decision: a failure is the client's `502 hook_failed`.
+    async fn decide(
+        &self,
+        route: &Route,
+        event: &str,
+        idempotency_key: &str,
+        body: &Value,
+    ) -> Result<Value, ApiError> {
+        self.call(route, event, idempotency_key, body)
+            .await
+            .map_err(|failure| failure.to_api_error())
+    }
+
     /// Sends `body` as `event` to `route` and reads its answer: the JSON object it
     /// answered, or `Value::Null` for an empty 2xx body.
     pub(crate) async fn call(
@@ -390,27 +413,11 @@ pub(crate) struct Admission {
 /// is `403 hook_refused` with the hook's reason; an answer with a field of the wrong type
 /// or an unknown field is the hook's mistake, `502 hook_failed`.
 pub(crate) fn admission(route: &Route, answer: Value) -> Result<Admission, ApiError> {
-    let bad = |why: String| {
-        HookFailure::BadAnswer {
-            hook: route.name().to_string(),
-            why,
-            excerpt: None,
-        }
-        .to_api_error()
-    };
+    let bad = |why: String| route.bad_answer(why).to_api_error();
     let Value::Object(mut fields) = answer else {
         return Ok(Admission::default());
     };
-    let allow = match fields.remove("allow") {
-        None | Some(Value::Bool(true)) => true,
-        Some(Value::Bool(false)) => false,
-        Some(other) => return Err(bad(format!("\"allow\" must be true or false, not {other}"))),
-    };
-    let reason = match fields.remove("reason") {
-        None => None,
-        Some(Value::String(reason)) => Some(reason),
-        Some(other) => return Err(bad(format!("\"reason\" must be a string, not {other}"))),
-    };
+    decided(route, &mut fields, "the connection")?;
     let subject = match fields.remove("subject") {
         None => None,
         Some(Value::String(s)) if !s.is_empty() && s.len() <= 256 => Some(s),
@@ -433,13 +440,6 @@ pub(crate) fn admission(route: &Route, answer: Value) -> Result<Admission, ApiEr
         return Err(bad(format!(
             "unknown field {unknown:?}; a connect answer may carry allow, reason, subject and attachment"
         )));
-    }
-    if !allow {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "hook_refused",
-            reason.unwrap_or_else(|| format!("hook {} refused the connection", route.name())),
-        ));
     }
     Ok(Admission {
         subject,
@@ -498,15 +498,8 @@ impl Hooks {
                 "time_ms": now_ms(),
             });
             let key = format!("{connection_id}/connect");
-            let answer = self
-                .call(route, "connect", &key, &body)
-                .await
-                .map_err(|failure| failure.to_api_error())?;
-            admitted = admission(route, answer).inspect_err(|e| {
-                if e.code == "hook_refused" {
-                    self.counters.refused.fetch_add(1, Ordering::Relaxed);
-                }
-            })?;
+            let answer = self.decide(route, "connect", &key, &body).await?;
+            admitted = admission(route, answer).inspect_err(|e| self.count_refusal(e))?;
         }
         let subject = match (&admitted.subject, conn.registration()) {
             (Some(subject), Some(registration)) => {
@@ -541,11 +534,7 @@ pub(crate) fn reply(
     answer: Value,
 ) -> Result<Option<tokio_tungstenite::tungstenite::Message>, HookFailure> {
     use tokio_tungstenite::tungstenite::Message;
-    let bad = |why: String| HookFailure::BadAnswer {
-        hook: route.name().to_string(),
-        why,
-        excerpt: None,
-    };
+    let bad = |why: String| route.bad_answer(why);
     let Value::Object(mut fields) = answer else {
         return Ok(None);
     };
@@ -573,6 +562,13 @@ pub(crate) fn reply(
 }
 
 impl Hooks {
+    /// Counts a decision that refused (not one that failed).
+    fn count_refusal(&self, e: &ApiError) {
+        if e.code == "hook_refused" {
+            self.counters.refused.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// `/metrics` lines: calls by outcome, connections refused, disconnects owed.
     pub(crate) fn render_metrics(&self) -> String {
         use std::fmt::Write as _;
@@ -663,25 +659,14 @@ impl Hooks {
                 self.published.fetch_add(1, Ordering::Relaxed)
             ),
         };
-        let answer = self
-            .call(route, "publish", &key, &body)
-            .await
-            .map_err(|f| f.to_api_error())?;
-        let rewritten = rewrite(route, answer, message).inspect_err(|e| {
-            if e.code == "hook_refused" {
-                self.counters.refused.fetch_add(1, Ordering::Relaxed);
-            }
-        })?;
+        let answer = self.decide(route, "publish", &key, &body).await?;
+        let rewritten = rewrite(route, answer, message).inspect_err(|e| self.count_refusal(e))?;
         crate::publisher::check_message(&rewritten, max_message_size).map_err(|e| {
-            HookFailure::BadAnswer {
-                hook: route.name().to_string(),
-                why: format!(
-                    "the rewritten message is not one a client may publish: {}",
-                    e.message
-                ),
-                excerpt: None,
-            }
-            .to_api_error()
+            let why = format!(
+                "the rewritten message is not one a client may publish: {}",
+                e.message
+            );
+            route.bad_answer(why).to_api_error()
         })?;
         Ok(rewritten)
     }
@@ -689,34 +674,11 @@ impl Hooks {
 
 /// Reads a `publish` answer: `{"allow"?, "reason"?, "data"? | "data_base64"?, "event"?}`.
 fn rewrite(route: &Route, answer: Value, mut message: NewMessage) -> Result<NewMessage, ApiError> {
-    let bad = |why: String| {
-        HookFailure::BadAnswer {
-            hook: route.name().to_string(),
-            why,
-            excerpt: None,
-        }
-        .to_api_error()
-    };
+    let bad = |why: String| route.bad_answer(why).to_api_error();
     let Value::Object(mut fields) = answer else {
         return Ok(message);
     };
-    let allow = match fields.remove("allow") {
-        None | Some(Value::Bool(true)) => true,
-        Some(Value::Bool(false)) => false,
-        Some(other) => return Err(bad(format!("\"allow\" must be true or false, not {other}"))),
-    };
-    let reason = match fields.remove("reason") {
-        None => None,
-        Some(Value::String(reason)) => Some(reason),
-        Some(other) => return Err(bad(format!("\"reason\" must be a string, not {other}"))),
-    };
-    if !allow {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "hook_refused",
-            reason.unwrap_or_else(|| format!("hook {} refused the message", route.name())),
-        ));
-    }
+    decided(route, &mut fields, "the message")?;
     match (fields.remove("data"), fields.remove("data_base64")) {
         (None, None) => {}
         (Some(Value::String(text)), None) => message.data = Bytes::from(text),
@@ -744,4 +706,77 @@ fn rewrite(route: &Route, answer: Value, mut message: NewMessage) -> Result<NewM
         )));
     }
     Ok(message)
+}
+
+/// Takes a decision's `allow` and `reason` out of its answer: `Err(403 hook_refused)` with
+/// the hook's reason when it refuses `what`, `Err(502 hook_failed)` when either has the
+/// wrong type. Every decision (connect, subscribe, publish) reads them alike.
+fn decided(
+    route: &Route,
+    fields: &mut serde_json::Map<String, Value>,
+    what: &str,
+) -> Result<(), ApiError> {
+    let bad = |why: String| route.bad_answer(why).to_api_error();
+    let allow = match fields.remove("allow") {
+        None | Some(Value::Bool(true)) => true,
+        Some(Value::Bool(false)) => false,
+        Some(other) => return Err(bad(format!("\"allow\" must be true or false, not {other}"))),
+    };
+    let reason = match fields.remove("reason") {
+        None => None,
+        Some(Value::String(reason)) => Some(reason),
+        Some(other) => return Err(bad(format!("\"reason\" must be a string, not {other}"))),
+    };
+    if allow {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        "hook_refused",
+        reason.unwrap_or_else(|| format!("hook {} refused {what}", route.name())),
+    ))
+}
+
+impl Hooks {
+    /// Asks the channel's hook, when it takes `subscribe`, whether connection
+    /// `connection_id` (of `subject`, with the attachment its `connect` set) may subscribe
+    /// to `channel`: `403 hook_refused` or `502 hook_failed` when not.
+    pub(crate) async fn may_subscribe(
+        &self,
+        route: &Route,
+        connection_id: &str,
+        subject: &str,
+        channel: &str,
+        attachment: Option<&Value>,
+    ) -> Result<(), ApiError> {
+        if !route.takes("subscribe") {
+            return Ok(());
+        }
+        let body = json!({
+            "event": "subscribe",
+            "hook": route.name(),
+            "connection_id": connection_id,
+            "subject": subject,
+            "channel": channel,
+            "attachment": attachment,
+            "time_ms": now_ms(),
+        });
+        let key = format!("{connection_id}/subscribe/{channel}");
+        let answer = self.decide(route, "subscribe", &key, &body).await?;
+        let Value::Object(mut fields) = answer else {
+            return Ok(());
+        };
+        decided(
+            route,
+            &mut fields,
+            &format!("the subscription to {channel}"),
+        )
+        .inspect_err(|e| self.count_refusal(e))?;
+        if let Some(unknown) = fields.keys().next() {
+            let why =
+                format!("unknown field {unknown:?}; a subscribe answer may carry allow and reason");
+            return Err(route.bad_answer(why).to_api_error());
+        }
+        Ok(())
+    }
 }
