@@ -433,6 +433,9 @@ pub struct LimitsSettings {
     pub subscriber_queue: ByteSize,
     /// Most events one history request returns.
     pub max_history_page: usize,
+    /// Most hook disconnects sent (and retried) from memory at once; past it they wait in
+    /// storage and a sweep sends them as room frees up (docs/HOOKS.md).
+    pub hook_disconnects_in_memory: usize,
     /// A connection whose writes make no progress for this long (a client that stopped
     /// reading) is closed; the client resumes with its last id when it comes back.
     #[serde(with = "humantime_serde")]
@@ -576,6 +579,7 @@ impl Default for LimitsSettings {
             max_batch_messages: 10_000,
             subscriber_queue: ByteSize::mib(8),
             max_history_page: 1000,
+            hook_disconnects_in_memory: 10_000,
             write_timeout: Duration::from_secs(30),
             max_connections: 50_000,
             max_connections_per_ip: 10_000,

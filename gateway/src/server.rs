@@ -171,6 +171,7 @@ impl Dormouse {
                     } else {
                         "single"
                     },
+                    settings.limits.hook_disconnects_in_memory,
                 )?),
                 connections: ConnectionTable::new(me),
                 runtime,

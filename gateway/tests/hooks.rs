@@ -585,3 +585,48 @@ async fn a_subscribe_hook_decides_each_subscription_after_connect() {
     assert_eq!(ended.body["reason"], "refused");
     assert_eq!(ended.body["channel"], "chat:secret");
 }
+
+#[tokio::test]
+async fn past_the_memory_bound_disconnects_wait_in_storage_and_are_all_sent() {
+    let upstream = Upstream::start(SECRET, |call| match call.event.as_str() {
+        "disconnect" => Answer::Json(503, "down".into()),
+        _ => usual(call),
+    })
+    .await;
+    let server = TestServer::start_with(|s| {
+        hooked(upstream.url(), &["chat:*"], Duration::from_secs(2))(s);
+        s.limits.hook_disconnects_in_memory = 1;
+    })
+    .await;
+    let mut ids = std::collections::BTreeSet::new();
+    for n in 0..5 {
+        let client =
+            WsClient::connect(&server, &format!("/v1/channels/chat:{n}/ws?user=u{n}")).await;
+        ids.insert(client.connection_id.clone().unwrap());
+        client.close().await;
+    }
+    // The backend is down: one disconnect is retried from memory, the rest wait on disk.
+    upstream.until("disconnect", 2).await;
+    assert_eq!(
+        server.metric("dormouse_hook_disconnects_pending").await,
+        1.0
+    );
+    upstream.answer(usual);
+    let mut delivered = std::collections::BTreeSet::new();
+    for _ in 0..600 {
+        delivered = upstream
+            .calls("disconnect")
+            .iter()
+            .filter(|c| c.body["reason"] == "client_left")
+            .map(|c| c.body["connection_id"].as_str().unwrap().to_string())
+            .collect();
+        if delivered == ids {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        delivered, ids,
+        "every disconnect, with the reason it ended for"
+    );
+}

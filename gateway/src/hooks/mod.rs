@@ -201,6 +201,7 @@ impl Hooks {
         settings: &[HookSettings],
         storage: Arc<dyn Storage>,
         node: &str,
+        max_in_memory: usize,
     ) -> anyhow::Result<Self> {
         let mut routes: Vec<Arc<Route>> = Vec::new();
         for hook in settings {
@@ -224,7 +225,7 @@ impl Hooks {
             routes,
             http,
             counters: HookCounters::default(),
-            outbox: outbox::Outbox::new(storage, node),
+            outbox: outbox::Outbox::new(storage, node, max_in_memory),
             stopped: tokio_util::sync::CancellationToken::new(),
             nonce: {
                 use std::hash::{BuildHasher as _, Hasher as _};
@@ -516,6 +517,7 @@ impl Hooks {
                 channel: connecting.channel.map(str::to_string),
                 attachment: admitted.attachment.clone(),
                 connected_at_ms: now_ms(),
+                closed: None,
             };
             // Owed from here on, whatever happens next: the guard sends it when it drops,
             // even if this handler is dropped during the write below, or the write fails

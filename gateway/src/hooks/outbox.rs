@@ -35,6 +35,8 @@ const FIRST_PAUSE: Duration = Duration::from_millis(500);
 const MAX_PAUSE: Duration = Duration::from_secs(60);
 /// Records read per page when a start sends what an earlier run left.
 const PAGE: usize = 1000;
+/// How often the sweep looks for disconnects waiting in storage.
+const SWEEP_EVERY: Duration = Duration::from_secs(2);
 
 /// What is kept of a connection until its disconnect is acknowledged.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -47,6 +49,11 @@ pub(crate) struct Record {
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub(crate) attachment: Option<Value>,
     pub(crate) connected_at_ms: u64,
+    /// Why the connection ended, once it has and its disconnect waits in storage rather
+    /// than in memory (more were owed than `limits.hook_disconnects_in_memory`); the sweep
+    /// sends it.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub(crate) closed: Option<String>,
 }
 
 impl Record {
@@ -63,14 +70,26 @@ pub(crate) struct Outbox {
     /// Set once the object is this node's (at once on a single node; in cluster mode once
     /// the node's former run is fenced) and what it left was queued.
     ready: Arc<AtomicBool>,
+    /// Most disconnects being sent (and retried) at once from memory
+    /// (`limits.hook_disconnects_in_memory`). Past it, a disconnect waits in storage, its
+    /// reason written into its record, for the sweep: a backend that is down while many
+    /// clients come and go costs disk, not a task and a record in memory each.
+    max_in_memory: u64,
+    /// Set when a disconnect was left in storage for the sweep.
+    backlog: AtomicBool,
+    /// Connections whose disconnect is being sent from memory now (the sweep skips them).
+    sending: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Outbox {
-    pub(crate) fn new(storage: Arc<dyn Storage>, node: &str) -> Self {
+    pub(crate) fn new(storage: Arc<dyn Storage>, node: &str, max_in_memory: usize) -> Self {
         Self {
             storage,
             id: object_of(node),
+            max_in_memory: max_in_memory.max(1) as u64,
             ready: Arc::new(AtomicBool::new(false)),
+            backlog: AtomicBool::new(false),
+            sending: std::sync::Mutex::default(),
         }
     }
 }
@@ -89,17 +108,77 @@ impl Hooks {
         if !self.any() {
             return;
         }
-        if self.took_over().await {
-            return;
-        }
         let hooks = self.clone();
+        let taken = self.took_over().await;
         tokio::spawn(async move {
             let mut pause = FIRST_PAUSE;
-            while !hooks.took_over().await {
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(5));
+            if !taken {
+                while !hooks.took_over().await {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
             }
+            hooks.sweep_forever().await;
         });
+    }
+
+    /// Sends the disconnects left in storage for want of room in memory, as room frees up.
+    async fn sweep_forever(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(SWEEP_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = self.stopped.cancelled() => return,
+            }
+            if !self.outbox.backlog.swap(false, Ordering::AcqRel) {
+                continue;
+            }
+            if let Err(e) = self.sweep() {
+                tracing::warn!(error = %e, "disconnects waiting in storage not read; retrying");
+                self.outbox.backlog.store(true, Ordering::Release);
+            }
+        }
+    }
+
+    /// One pass over the records whose connection ended: each not being sent goes out,
+    /// while there is room; what is left waits for the next pass.
+    fn sweep(self: &Arc<Self>) -> anyhow::Result<()> {
+        let outbox = &self.outbox;
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = outbox
+                .storage
+                .list(&outbox.id, PREFIX, after.as_deref(), PAGE)?;
+            let Some((last, _)) = page.last() else {
+                return Ok(());
+            };
+            after = Some(last.clone());
+            for (_, value) in &page {
+                let Ok(record) = serde_json::from_slice::<Record>(value) else {
+                    continue;
+                };
+                let Some(reason) = record.closed.clone() else {
+                    continue;
+                };
+                if self.lock_sending().contains(&record.connection_id) {
+                    continue;
+                }
+                if self.counters.pending_disconnects.load(Ordering::Acquire) >= outbox.max_in_memory
+                {
+                    outbox.backlog.store(true, Ordering::Release);
+                    return Ok(());
+                }
+                self.send_disconnect(record, reason);
+            }
+        }
+    }
+
+    fn lock_sending(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.outbox
+            .sending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     async fn took_over(self: &Arc<Self>) -> bool {
@@ -123,21 +202,18 @@ impl Hooks {
 
     async fn take_over(self: &Arc<Self>) -> anyhow::Result<usize> {
         let own = self.outbox.id.clone();
-        let sending = self.send_left(&own, "server_restart").await?;
+        // Ready first: what does not fit in memory is written back as waiting, which
+        // needs the object this node's.
         self.outbox.ready.store(true, Ordering::Release);
-        Ok(sending.len())
+        self.send_left(&own, "server_restart").await
     }
 
     /// Takes the object `from` over and sends the disconnect of every record in it, for
     /// `reason`; the deliveries, running.
-    async fn send_left(
-        self: &Arc<Self>,
-        from: &ObjectId,
-        reason: &str,
-    ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    async fn send_left(self: &Arc<Self>, from: &ObjectId, reason: &str) -> anyhow::Result<usize> {
         let storage = &self.outbox.storage;
         storage.acquire(from).await?;
-        let mut sending = Vec::new();
+        let mut sending = 0;
         let mut after: Option<Vec<u8>> = None;
         loop {
             let page = storage.list(from, PREFIX, after.as_deref(), PAGE)?;
@@ -146,11 +222,9 @@ impl Hooks {
             for (key, value) in &page {
                 match serde_json::from_slice::<Record>(value) {
                     Ok(record) => {
-                        sending.push(self.send_disconnect_from(
-                            from.clone(),
-                            record,
-                            reason.to_string(),
-                        ));
+                        let reason = record.closed.clone().unwrap_or_else(|| reason.to_string());
+                        self.send_disconnect(record, reason);
+                        sending += 1;
                     }
                     Err(e) => {
                         // Written by this code; unreadable means damaged: said, and kept.
@@ -290,24 +364,42 @@ impl Hooks {
     }
 
     /// The connection of `record` ended for `reason`: its disconnect goes out, again and
-    /// again until acknowledged, and then its record is forgotten.
-    pub(crate) fn send_disconnect(self: &Arc<Self>, record: Record, reason: String) {
-        let own = self.outbox.id.clone();
-        self.send_disconnect_from(own, record, reason);
-    }
-
-    /// [`Hooks::send_disconnect`] for a record kept in the object `from`.
-    fn send_disconnect_from(
-        self: &Arc<Self>,
-        from: ObjectId,
-        record: Record,
-        reason: String,
-    ) -> tokio::task::JoinHandle<()> {
+    /// again until acknowledged, and then its record (in this node's object) is forgotten.
+    /// Past `limits.hook_disconnects_in_memory` in flight it waits in storage for the sweep.
+    pub(crate) fn send_disconnect(self: &Arc<Self>, mut record: Record, reason: String) {
         let hooks = self.clone();
-        hooks
+        let from = self.outbox.id.clone();
+        let pending = hooks
             .counters
             .pending_disconnects
-            .fetch_add(1, Ordering::Relaxed);
+            .fetch_add(1, Ordering::AcqRel);
+        if pending >= self.outbox.max_in_memory {
+            hooks
+                .counters
+                .pending_disconnects
+                .fetch_sub(1, Ordering::AcqRel);
+            record.closed = Some(reason);
+            let mut batch = WriteBatch::new();
+            batch.put(
+                record.key(),
+                serde_json::to_vec(&record).unwrap_or_default(),
+            );
+            // Not synced: lost in a crash, the record is sent by the next start instead
+            // (reason `server_restart`).
+            if let Err(e) = self.outbox.storage.apply(&from, batch) {
+                tracing::warn!(error = %e, connection = %record.connection_id, "a waiting disconnect was not written; the next start sends it");
+            }
+            self.outbox.backlog.store(true, Ordering::Release);
+            return;
+        }
+        if !self.lock_sending().insert(record.connection_id.clone()) {
+            // Already being sent (a sweep and a take-over met): once is enough here.
+            hooks
+                .counters
+                .pending_disconnects
+                .fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
         tokio::spawn(async move {
             let delivered = tokio::select! {
                 () = hooks.deliver(&record, &reason) => true,
@@ -323,11 +415,12 @@ impl Hooks {
                 }
             }
             // Otherwise the record stays for the next start.
+            hooks.lock_sending().remove(&record.connection_id);
             hooks
                 .counters
                 .pending_disconnects
                 .fetch_sub(1, Ordering::Relaxed);
-        })
+        });
     }
 
     /// The server is stopping: disconnects still owed get up to `grace` to be delivered;
