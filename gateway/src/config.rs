@@ -331,6 +331,25 @@ pub struct ApiKeySettings {
     pub connections: bool,
 }
 
+impl ApiKeySettings {
+    /// A key named `name` that may do nothing yet: a program (or a test) that configures
+    /// keys in code grants what it needs with struct update syntax, so a capability added
+    /// later is off for it until it asks.
+    pub fn new(name: impl Into<String>, key: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            key: key.into(),
+            publish: Vec::new(),
+            subscribe: Vec::new(),
+            history: Vec::new(),
+            objects: Vec::new(),
+            admin: false,
+            metrics: false,
+            connections: false,
+        }
+    }
+}
+
 /// `[cors]`: off (no CORS headers) unless origins are listed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

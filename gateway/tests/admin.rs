@@ -19,15 +19,11 @@ const PUBLISHER: &str = "publisher-key-0123456789";
 fn key(name: &str, key: &str, admin: bool) -> ApiKeySettings {
     let all = vec!["*".to_string()];
     ApiKeySettings {
-        name: name.to_string(),
-        key: key.to_string(),
         publish: all.clone(),
         subscribe: if admin { all.clone() } else { Vec::new() },
         history: if admin { all } else { Vec::new() },
-        objects: Vec::new(),
         admin,
-        metrics: false,
-        connections: false,
+        ..ApiKeySettings::new(name, key)
     }
 }
 

@@ -37,15 +37,9 @@ fn token(sub: &str, ttl_secs: i64, grants: Value) -> String {
 fn secured(s: &mut Settings) {
     s.auth.jwt_secret = SECRET.to_string();
     s.auth.api_keys = vec![ApiKeySettings {
-        name: "backend".to_string(),
-        key: PUBLISHER_KEY.to_string(),
         publish: vec!["*".to_string()],
-        subscribe: Vec::new(),
         history: vec!["*".to_string()],
-        objects: Vec::new(),
-        admin: false,
-        metrics: false,
-        connections: false,
+        ..ApiKeySettings::new("backend", PUBLISHER_KEY)
     }];
 }
 

@@ -38,15 +38,10 @@ fn token(sub: &str) -> String {
 
 fn key(name: &str, key: &str, connections: bool, admin: bool) -> ApiKeySettings {
     ApiKeySettings {
-        name: name.to_string(),
-        key: key.to_string(),
         publish: vec!["*".to_string()],
-        subscribe: Vec::new(),
-        history: Vec::new(),
-        objects: Vec::new(),
         admin,
-        metrics: false,
         connections,
+        ..ApiKeySettings::new(name, key)
     }
 }
 

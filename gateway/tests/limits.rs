@@ -170,15 +170,8 @@ async fn publishers_over_their_rate_get_429_with_retry_after() {
         s.auth.api_keys = ["key-one-0123456789", "key-two-0123456789"]
             .iter()
             .map(|k| ApiKeySettings {
-                name: k.to_string(),
-                key: k.to_string(),
                 publish: vec!["*".to_string()],
-                subscribe: Vec::new(),
-                history: Vec::new(),
-                objects: Vec::new(),
-                admin: false,
-                metrics: false,
-                connections: false,
+                ..ApiKeySettings::new(*k, *k)
             })
             .collect();
     })

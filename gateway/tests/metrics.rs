@@ -467,15 +467,10 @@ async fn a_slow_subscriber_cut_off_is_counted() {
 #[tokio::test]
 async fn with_auth_on_metrics_need_the_metrics_or_admin_capability() {
     let key = |name: &str, key: &str, metrics: bool, admin: bool| ApiKeySettings {
-        name: name.to_string(),
-        key: key.to_string(),
         publish: vec!["*".to_string()],
-        subscribe: Vec::new(),
-        history: Vec::new(),
-        objects: Vec::new(),
         admin,
         metrics,
-        connections: false,
+        ..ApiKeySettings::new(name, key)
     };
     let server = TestServer::start_with(|s| {
         s.auth.api_keys = vec![

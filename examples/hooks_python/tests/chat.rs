@@ -85,15 +85,8 @@ async fn a_python_backend_runs_the_chat_through_hooks_and_the_connection_api() {
             timeout: Duration::from_secs(5),
         }];
         s.auth.api_keys = vec![ApiKeySettings {
-            name: "backend".into(),
-            key: KEY.into(),
-            publish: Vec::new(),
-            subscribe: Vec::new(),
-            history: Vec::new(),
-            objects: Vec::new(),
-            admin: false,
-            metrics: false,
             connections: true,
+            ..ApiKeySettings::new("backend", KEY)
         }];
     })
     .await;
