@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use crate::auth::Principal;
 use crate::connections::Target;
 use crate::error::ApiError;
-use crate::hooks::Connecting;
+use crate::hooks::{Connecting, Route};
 use crate::limits::ClientIp;
 use crate::publisher::{Client, check_names};
 use crate::state::AppState;
@@ -187,6 +187,8 @@ pub(crate) struct Subscribing<'a> {
     pub(crate) uri: &'a Uri,
     pub(crate) headers: &'a HeaderMap,
     pub(crate) ip: Option<IpAddr>,
+    /// The channel's hook (looked up once, by the handler, which also needs it).
+    pub(crate) hook: Option<&'a Arc<Route>>,
 }
 
 /// A new subscriber: counted, entered in the connection table, put through its channel's
@@ -197,8 +199,7 @@ pub(crate) async fn connect(
     state: &AppState,
     how: Subscribing<'_>,
 ) -> Result<(Connection, SocketReceiver, String), ApiError> {
-    let queue = state.settings.limits.subscriber_queue.0 as usize;
-    let (socket, receiver) = Socket::new(how.transport, queue, Bytes::new());
+    let (socket, receiver) = state.client_socket(how.transport);
     let kind = match how.transport {
         Transport::WebSocket => ConnKind::Ws,
         Transport::Sse => ConnKind::Sse,
@@ -211,7 +212,7 @@ pub(crate) async fn connect(
         how.transport,
         receiver.outlet(),
     );
-    if let Some(route) = state.hooks.for_channel(how.channel) {
+    if let Some(route) = how.hook {
         let connecting = Connecting {
             subject: &how.principal.subject,
             channel: Some(how.channel),

@@ -6,8 +6,8 @@ use axum::body::Body;
 use axum::extract::{FromRequestParts, Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
-use dormouse_runtime::{DynNamespace, Inbound, Socket, Transport};
+
+use dormouse_runtime::{DynNamespace, Inbound, Transport};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
@@ -134,8 +134,7 @@ async fn connect(
     caller: Caller,
 ) -> Result<Response, ApiError> {
     let settings = state.settings.clone();
-    let queue = settings.limits.subscriber_queue.0 as usize;
-    let (socket, receiver) = Socket::new(Transport::WebSocket, queue, Bytes::new());
+    let (socket, receiver) = state.client_socket(Transport::WebSocket);
     let socket_id = socket.id();
     // This connection delivers its close as an event (below), so the object sees it.
     socket.set_close_reported();

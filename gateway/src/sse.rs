@@ -33,6 +33,7 @@ use crate::conn::{BodyWriter, Framing, RawSocket, StopWaiter, SubscriberWriter, 
 use crate::connections::Registration;
 use crate::cursor;
 use crate::error::ApiError;
+use crate::hooks::Route;
 use crate::limits::ClientIp;
 use crate::state::AppState;
 use crate::telemetry::{ConnKind, Connection};
@@ -51,14 +52,15 @@ pub(crate) async fn subscribe(
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let hooked = state.hooks.for_channel(&channel).is_some();
-    let start = cursor::from_request(&uri, &headers, hooked)?;
+    let hook = state.hooks.for_channel(&channel).cloned();
+    let start = cursor::from_request(&uri, &headers, hook.is_some())?;
     let request = Request {
         principal: &principal,
         raw,
         uri: &uri,
         headers: &headers,
         ip,
+        hook,
     };
     open(state, channel, start, request).await
 }
@@ -98,6 +100,7 @@ pub(crate) async fn subscribe_compat(
         uri: &uri,
         headers: &headers,
         ip,
+        hook: state.hooks.for_channel(&channel).cloned(),
     };
     open(state, channel, start, request).await
 }
@@ -109,6 +112,8 @@ struct Request<'a> {
     uri: &'a Uri,
     headers: &'a HeaderMap,
     ip: Option<std::net::IpAddr>,
+    /// The channel's hook, looked up once.
+    hook: Option<Arc<Route>>,
 }
 
 async fn open(
@@ -123,6 +128,7 @@ async fn open(
         uri,
         headers,
         ip,
+        hook,
     } = request;
     let (conn, receiver, connection_id) = channels::connect(
         &state,
@@ -134,6 +140,7 @@ async fn open(
             uri,
             headers,
             ip,
+            hook: hook.as_ref(),
         },
     )
     .await?;

@@ -55,6 +55,17 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// A new client connection's socket, its queue bounded by `limits.subscriber_queue`:
+    /// every kind of connection (channel, object, hook, a cluster proxy) is cut off as a
+    /// slow consumer at the same size.
+    pub(crate) fn client_socket(
+        &self,
+        transport: dormouse_runtime::Transport,
+    ) -> (dormouse_runtime::Socket, dormouse_runtime::SocketReceiver) {
+        let queue = self.settings.limits.subscriber_queue.0 as usize;
+        dormouse_runtime::Socket::new(transport, queue, bytes::Bytes::new())
+    }
+
     /// Each namespace's counters (channels first), read from the runtime at call time.
     pub(crate) fn namespace_stats(&self) -> Vec<(String, dormouse_runtime::NamespaceStats)> {
         let mut all = vec![(NAMESPACE.to_string(), self.channels.stats())];

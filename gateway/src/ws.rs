@@ -74,8 +74,8 @@ pub(crate) async fn subscribe(
     upgrade: Result<WsHandshake, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let upgrade = upgrade.map_err(upgrade_required)?;
-    let hooked = state.hooks.for_channel(&channel).is_some();
-    let start = cursor::from_request(&uri, &headers, hooked)?;
+    let hook = state.hooks.for_channel(&channel);
+    let start = cursor::from_request(&uri, &headers, hook.is_some())?;
     let settings = state.settings.clone();
     let (tracked, receiver, connection_id) = channels::connect(
         &state,
@@ -87,15 +87,15 @@ pub(crate) async fn subscribe(
             uri: &uri,
             headers: &headers,
             ip,
+            hook,
         },
     )
     .await?;
     // Base64 in JSON inflates a payload by 4/3; leave room for it and the envelope.
     let max_message = settings.limits.max_message_size.0 as usize / 3 * 4 + 64 * 1024;
     let expires_at = principal.time_left().map(|left| Instant::now() + left);
-    let screened = state
-        .hooks
-        .screening(&channel)
+    let screened = hook
+        .filter(|route| route.takes("publish"))
         .map(|_| Screened::new(state.hooks.clone(), connection_id.clone()));
     let mode = Mode::Channel {
         channel,
@@ -133,9 +133,7 @@ pub(crate) async fn hooked(
         .ok_or_else(|| ApiError::not_found(format!("no hook named {name:?} is configured")))?;
     let upgrade = upgrade.map_err(upgrade_required)?;
     let settings = state.settings.clone();
-    let queue = settings.limits.subscriber_queue.0 as usize;
-    let (socket, receiver) =
-        dormouse_runtime::Socket::new(Transport::WebSocket, queue, Bytes::new());
+    let (socket, receiver) = state.client_socket(Transport::WebSocket);
     let mut tracked =
         state
             .telemetry

@@ -245,12 +245,18 @@ fn list_limit(uri: &Uri) -> Result<usize, ApiError> {
 
 fn listing(key: &str, name: String, outcome: Outcome, unreachable: Vec<String>) -> Json<Value> {
     let truncated = outcome.total > outcome.connections.len();
-    let mut answer = json!({
+    let answer = json!({
         key: name,
         "connections": outcome.connections,
         "total": outcome.total,
         "truncated": truncated,
     });
+    naming_unreachable(answer, unreachable)
+}
+
+/// `answer`, with the nodes that did not answer named when there are any: what they hold
+/// may or may not have been reached.
+fn naming_unreachable(mut answer: Value, unreachable: Vec<String>) -> Json<Value> {
     if !unreachable.is_empty() {
         answer["unreachable_nodes"] = json!(unreachable);
     }
@@ -288,15 +294,12 @@ pub(crate) async fn subject_send(
         message,
     };
     let (outcome, unreachable) = on_all(&state, op, 0).await?;
-    let mut answer = json!({
+    let answer = json!({
         "subject": subject,
         "queued": outcome.done,
         "slow_consumers": outcome.slow,
     });
-    if !unreachable.is_empty() {
-        answer["unreachable_nodes"] = json!(unreachable);
-    }
-    Ok(Json(answer))
+    Ok(naming_unreachable(answer, unreachable))
 }
 
 /// `POST /v1/subjects/{subject}/close`
@@ -313,11 +316,8 @@ pub(crate) async fn subject_close(
         close,
     };
     let (outcome, unreachable) = on_all(&state, op, 0).await?;
-    let mut answer = json!({"subject": subject, "closing": outcome.done});
-    if !unreachable.is_empty() {
-        answer["unreachable_nodes"] = json!(unreachable);
-    }
-    Ok(Json(answer))
+    let answer = json!({"subject": subject, "closing": outcome.done});
+    Ok(naming_unreachable(answer, unreachable))
 }
 
 /// `GET /v1/channels/{channel}/connections`
