@@ -166,7 +166,8 @@ pub(crate) async fn publish(
     ))
 }
 
-fn header(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiError> {
+/// A request header as text, `None` when absent; 400 `bad_header` when it is not ASCII.
+pub(crate) fn header(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiError> {
     headers
         .get(name)
         .map(|v| {

@@ -60,13 +60,7 @@ impl Upstream {
             axum::routing::post(move |headers: HeaderMap, body: Bytes| {
                 let (recorded, decide, secret) = (recorded.clone(), decide.clone(), secret.clone());
                 async move {
-                    let header = |name: &str| {
-                        headers
-                            .get(name)
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or_default()
-                            .to_string()
-                    };
+                    let header = |name: &str| header_text(&headers, name);
                     let signature = header("dormouse-signature");
                     let (t, v1) = signature
                         .split_once(",v1=")
@@ -151,4 +145,14 @@ impl std::fmt::Debug for Upstream {
             .field("addr", &self.addr)
             .finish_non_exhaustive()
     }
+}
+
+/// A request header as text, empty when it is missing or not ASCII: what a test backend
+/// compares against.
+pub fn header_text(headers: &HeaderMap, name: &str) -> String {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
 }

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{CloseRequest, Direct, MAX_LIST, Op, Outcome, parse_id};
-use crate::channels::{ChannelName, query, read_body};
+use crate::channels::{ChannelName, header, query, read_body};
 use crate::error::ApiError;
 use crate::publisher::check_names;
 use crate::state::AppState;
@@ -125,17 +125,7 @@ async fn direct(
     let SendQuery { event } = query(uri)?;
     let event = match event {
         Some(event) => Some(event),
-        None => headers
-            .get("x-dormouse-event")
-            .map(|v| {
-                v.to_str().map(str::to_string).map_err(|_| {
-                    ApiError::bad_request(
-                        "bad_header",
-                        "header x-dormouse-event must be ASCII text",
-                    )
-                })
-            })
-            .transpose()?,
+        None => header(headers, "x-dormouse-event")?,
     };
     check_names(event.as_deref(), None)?;
     let limit = state.settings.limits.max_message_size.0;

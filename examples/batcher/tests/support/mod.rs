@@ -129,13 +129,7 @@ impl FakeUpstream {
 }
 
 async fn receive(State(sink): State<Arc<Sink>>, headers: HeaderMap, body: Bytes) -> StatusCode {
-    let header = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string()
-    };
+    let header = |name: &str| dormouse_testkit::upstream::header_text(&headers, name);
     let text = String::from_utf8_lossy(&body).into_owned();
     if header("content-type") != "application/x-ndjson" || !text.ends_with('\n') {
         sink.log
