@@ -527,7 +527,8 @@ async fn a_backend_reaches_connections_on_any_node_and_a_dead_nodes_are_gone() {
 
 /// A node that dies owes its hooked connections their disconnects: another node takes its
 /// records over and sends them (reason `node_lost`), with the keys the dead node would have
-/// used.
+/// used. A channel is occupied once whatever the number of nodes its subscribers are on,
+/// and vacated when the last of them leaves, even by dying with its node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_nodes_hooked_connections_get_their_disconnects_from_a_survivor() {
     use dormouse_testkit::upstream::{Answer, Upstream};
@@ -539,7 +540,8 @@ async fn a_dead_nodes_hooked_connections_get_their_disconnects_from_a_survivor()
     std::fs::write(
         &config,
         format!(
-            "[[hooks]]\nname = \"app\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\nchannels = [\"room:*\"]\n",
+            "[[hooks]]\nname = \"app\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\nchannels = [\"room:*\"]\n\
+             events = [\"connect\", \"disconnect\", \"occupied\", \"vacated\"]\n",
             upstream.url()
         ),
     )
@@ -554,19 +556,53 @@ async fn a_dead_nodes_hooked_connections_get_their_disconnects_from_a_survivor()
     let doomed_id = doomed.connection_id.clone().expect("an id");
     let mut survivor = WsClient::connect(&nodes[1], "/v1/channels/room:1/ws").await;
     let survivor_id = survivor.connection_id.clone().expect("an id");
-    upstream.until("connect", 2).await;
+    let alone = WsClient::connect(&nodes[0], "/v1/channels/room:2/ws").await;
+    let alone_id = alone.connection_id.clone().expect("an id");
+    upstream.until("connect", 3).await;
+    let keys = |event: &str| -> Vec<String> {
+        let mut keys: Vec<String> = upstream
+            .calls(event)
+            .iter()
+            .map(|c| c.idempotency_key.clone())
+            .collect();
+        keys.sort();
+        keys
+    };
+    upstream.until("occupied", 2).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        keys("occupied"),
+        ["room:1/occupied/1", "room:2/occupied/1"],
+        "once per channel, whatever the nodes"
+    );
 
     nodes.remove(0).kill();
-    let disconnect = upstream.until("disconnect", 1).await.remove(0);
+    // room:2's only subscriber died with its node: vacated by a survivor.
+    let vacated = upstream.until("vacated", 1).await.remove(0);
+    assert_eq!(vacated.idempotency_key, "room:2/vacated/2");
+    let disconnects = upstream.until("disconnect", 2).await;
+    let mut lost: Vec<&str> = disconnects
+        .iter()
+        .map(|c| c.body["connection_id"].as_str().unwrap())
+        .collect();
+    lost.sort();
+    let mut expected = [doomed_id.as_str(), alone_id.as_str()];
+    expected.sort();
+    assert_eq!(lost, expected);
+    let disconnect = disconnects
+        .into_iter()
+        .find(|c| c.body["connection_id"] == doomed_id.as_str())
+        .unwrap();
     assert_eq!(disconnect.body["connection_id"], doomed_id.as_str());
     assert_eq!(disconnect.body["reason"], "node_lost");
     assert_eq!(
         disconnect.idempotency_key,
         format!("{doomed_id}/disconnect")
     );
-    // The connection on a live node was not reported.
+    // The connection on a live node was not reported, and keeps room:1 occupied.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(upstream.calls("disconnect").len(), 1);
+    assert_eq!(upstream.calls("disconnect").len(), 2);
+    assert_eq!(keys("vacated"), ["room:2/vacated/2"]);
     let id = publish(&nodes[0], "room:1", "still here", None).await;
     let got = survivor.next().await.unwrap();
     assert_eq!(
@@ -574,7 +610,9 @@ async fn a_dead_nodes_hooked_connections_get_their_disconnects_from_a_survivor()
         (id["id"].as_str(), Some("still here"))
     );
     drop(survivor);
-    let disconnects = upstream.until("disconnect", 2).await;
-    assert_eq!(disconnects[1].body["connection_id"], survivor_id.as_str());
-    assert_eq!(disconnects[1].body["reason"], "client_left");
+    let disconnects = upstream.until("disconnect", 3).await;
+    assert_eq!(disconnects[2].body["connection_id"], survivor_id.as_str());
+    assert_eq!(disconnects[2].body["reason"], "client_left");
+    upstream.until("vacated", 2).await;
+    assert_eq!(keys("vacated"), ["room:1/vacated/2", "room:2/vacated/2"]);
 }

@@ -1,7 +1,8 @@
 //! A disconnect is owed even when the server dies: `kill -9` of the real binary with hooked
 //! clients connected, then a start on the same data dir, and the backend hears every
 //! disconnect, with the key it would have had, because the records were durable before the
-//! clients were told they were connected.
+//! clients were told they were connected. The same holds for the channels they occupied:
+//! each is vacated after the restart.
 
 use dormouse_testkit as support;
 
@@ -19,14 +20,15 @@ const SECRET: &str = "kill-nine-hook-secret-0123456789abcdef";
 fn config(dir: &Path, url: &str) -> std::path::PathBuf {
     let path = dir.join("dormouse.toml");
     let text = format!(
-        "[[hooks]]\nname = \"app\"\nurl = \"{url}\"\nsecret = \"{SECRET}\"\nchannels = [\"room:*\"]\n"
+        "[[hooks]]\nname = \"app\"\nurl = \"{url}\"\nsecret = \"{SECRET}\"\nchannels = [\"room:*\"]\n\
+         events = [\"connect\", \"disconnect\", \"occupied\", \"vacated\"]\n"
     );
     std::fs::write(&path, text).unwrap();
     path
 }
 
 #[tokio::test]
-async fn disconnects_are_delivered_after_kill_9_with_the_keys_they_would_have_had() {
+async fn disconnects_and_vacated_channels_are_delivered_after_kill_9_with_their_keys() {
     let upstream = Upstream::start(SECRET, |_| Answer::Json(200, "{}".into())).await;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
@@ -42,6 +44,7 @@ async fn disconnects_are_delivered_after_kill_9_with_the_keys_they_would_have_ha
         sse.connection_id().await,
     ]);
     upstream.until("connect", 2).await;
+    upstream.until("occupied", 2).await;
     server.kill();
     assert!(
         upstream.calls("disconnect").is_empty(),
@@ -58,6 +61,15 @@ async fn disconnects_are_delivered_after_kill_9_with_the_keys_they_would_have_ha
     }
     assert!(owed.is_empty(), "not delivered: {owed:?}");
     assert_eq!(delivered[0].body["hook"], json!("app"));
+    // The channels they occupied are vacated, numbered after their occupied.
+    let mut vacated: Vec<String> = upstream
+        .until("vacated", 2)
+        .await
+        .iter()
+        .map(|c| c.idempotency_key.clone())
+        .collect();
+    vacated.sort();
+    assert_eq!(vacated, ["room:1/vacated/2", "room:2/vacated/2"]);
     // Delivered and forgotten (the records go before the gauge falls): a second restart
     // owes nothing more.
     server

@@ -240,6 +240,9 @@ pub(crate) async fn connect(
     }
     conn.ending("subscribe_failed");
     subscribe(state, how.channel, socket, how.start).await?;
+    if let Some(route) = how.hook {
+        conn.occupying(state.hooks.occupy(route, how.channel));
+    }
     conn.ending("client_left");
     Ok((conn, receiver, connection_id))
 }

@@ -73,8 +73,9 @@ pub struct HookSettings {
     #[serde(default)]
     pub channels: Vec<String>,
     /// The events sent: `connect`, `message`, `disconnect` (the default), `subscribe` (each
-    /// subscription to one of the hook's channels), and `publish`, which puts every client
-    /// publish to the hook's channels through the backend.
+    /// subscription to one of the hook's channels), `publish`, which puts every client
+    /// publish to the hook's channels through the backend, and `occupied` and `vacated`
+    /// (a channel's first subscriber came, its last one left, on any node).
     #[serde(default = "HookSettings::default_events")]
     pub events: Vec<String>,
     /// How long a call may take before it counts as failed.
@@ -84,8 +85,15 @@ pub struct HookSettings {
 
 impl HookSettings {
     /// Every event a hook can be sent.
-    pub const EVENTS: [&'static str; 5] =
-        ["connect", "message", "disconnect", "subscribe", "publish"];
+    pub const EVENTS: [&'static str; 7] = [
+        "connect",
+        "message",
+        "disconnect",
+        "subscribe",
+        "publish",
+        "occupied",
+        "vacated",
+    ];
 
     /// The events a hook gets when its entry names none: `publish` only when asked for, as
     /// it puts a backend call in front of every publish.
@@ -128,6 +136,14 @@ impl HookSettings {
                 Self::EVENTS
             );
         }
+        anyhow::ensure!(
+            !self
+                .events
+                .iter()
+                .any(|e| e == "occupied" || e == "vacated")
+                || !self.channels.is_empty(),
+            "hooks.{name}: occupied and vacated are about channels; give the hook channel patterns"
+        );
         anyhow::ensure!(
             self.timeout >= Duration::from_millis(10) && self.timeout <= Duration::from_secs(60),
             "hooks.{name}: timeout {:?} must be between 10ms and 60s",
@@ -771,6 +787,23 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn a_hook_entry_says_what_is_wrong_with_its_events() {
+        let hook = |events: &[&str], channels: &[&str]| HookSettings {
+            name: "app".into(),
+            url: "http://127.0.0.1:9/hook".into(),
+            secret: "0123456789abcdef0123456789abcdef".into(),
+            channels: channels.iter().map(|c| c.to_string()).collect(),
+            events: events.iter().map(|e| e.to_string()).collect(),
+            timeout: Duration::from_secs(1),
+        };
+        assert!(hook(&["occupied", "vacated"], &["room:*"]).check().is_ok());
+        let e = hook(&["vacated"], &[]).check().unwrap_err().to_string();
+        assert!(e.contains("occupied and vacated are about channels"), "{e}");
+        let e = hook(&["joined"], &[]).check().unwrap_err().to_string();
+        assert!(e.contains("unknown event \"joined\""), "{e}");
     }
 
     #[test]

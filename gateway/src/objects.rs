@@ -60,9 +60,13 @@ async fn handle(state: AppState, request: Request) -> Result<Response, ApiError>
     let namespace = get("namespace").unwrap_or_default();
     let name = get("name").unwrap_or_default();
     let rest = get("rest").unwrap_or_default();
-    let target = state.object_namespace(&namespace).ok_or_else(|| {
-        ApiError::not_found(format!("no object namespace {namespace:?} is mounted"))
-    })?;
+    // The server's own namespaces (their names have a dot) are not for clients.
+    let target = check_namespace_name(&namespace)
+        .ok()
+        .and_then(|()| state.object_namespace(&namespace))
+        .ok_or_else(|| {
+            ApiError::not_found(format!("no object namespace {namespace:?} is mounted"))
+        })?;
     check_channel(&name).map_err(|e| {
         ApiError::bad_request(
             "bad_object_name",

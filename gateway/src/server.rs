@@ -158,7 +158,7 @@ impl Dormouse {
             Some(cluster) => cluster.me().clone(),
             None => dormouse_cluster::NodeId::start(settings.cluster.node()),
         };
-        Ok(Self {
+        let server = Self {
             connections,
             state: AppState {
                 // A single node's records keep one name, whatever the host is called now (a
@@ -187,7 +187,29 @@ impl Dormouse {
                 cluster,
             },
             storage,
-        })
+        };
+        server.start_occupancy();
+        Ok(server)
+    }
+
+    /// Runs the channels' occupancy objects when a hook takes `occupied` or `vacated`
+    /// (docs/HOOKS.md). They are a namespace of the runtime like a mounted one, so cluster
+    /// mode routes calls to them (and fires their alarms) as it does any object's.
+    fn start_occupancy(&self) {
+        let state = &self.state;
+        if !state.hooks.takes_occupancy() {
+            return;
+        }
+        let namespace: Arc<dyn DynNamespace> = Arc::new(crate::hooks::occupancy::namespace(
+            &state.runtime,
+            &state.hooks,
+        ));
+        state
+            .objects
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(namespace.name().to_string(), namespace.clone());
+        state.hooks.link_occupancy(namespace, state.cluster.clone());
     }
 
     /// The runtime, to create namespaces of user-defined objects.

@@ -31,6 +31,7 @@ use tracing::debug;
 use crate::busiest::Busiest;
 use crate::connections::{ConnectionTable, Registration, Target};
 use crate::hooks::Hooks;
+use crate::hooks::occupancy::Occupant;
 use crate::hooks::outbox::Record;
 
 use render::{describe, register_counter, register_gauge};
@@ -233,6 +234,7 @@ impl Telemetry {
             reason: "client_left",
             registration: None,
             hooked: None,
+            occupant: None,
         }
     }
 
@@ -414,6 +416,8 @@ pub(crate) struct Connection {
     registration: Option<Registration>,
     /// The hook owed this connection's disconnect, and what it is told.
     hooked: Option<Box<(Arc<Hooks>, Record)>>,
+    /// Its place in its channel's occupancy count, given up when it closes.
+    occupant: Option<Occupant>,
 }
 
 impl fmt::Debug for Connection {
@@ -452,6 +456,11 @@ impl Connection {
     /// this guard drops.
     pub(crate) fn on_close(&mut self, hooks: Arc<Hooks>, record: Record) {
         self.hooked = Some(Box::new((hooks, record)));
+    }
+
+    /// Counts the connection in its channel's occupancy until it closes.
+    pub(crate) fn occupying(&mut self, occupant: Option<Occupant>) {
+        self.occupant = occupant;
     }
 
     /// The connection's entry in the connection table, if it has one.

@@ -630,3 +630,121 @@ async fn past_the_memory_bound_disconnects_wait_in_storage_and_are_all_sent() {
         "every disconnect, with the reason it ended for"
     );
 }
+
+fn occupancy(url: String) -> impl FnOnce(&mut Settings) {
+    move |s: &mut Settings| {
+        s.hooks = vec![HookSettings {
+            name: "app".into(),
+            url,
+            secret: SECRET.into(),
+            channels: vec!["room:*".into()],
+            events: vec!["occupied".into(), "vacated".into()],
+            timeout: Duration::from_secs(2),
+        }];
+    }
+}
+
+/// The occupancy events heard so far, as `(channel, event, seq)` in arrival order.
+fn occupancy_events(upstream: &Upstream) -> Vec<(String, String, u64)> {
+    let mut calls = upstream.calls("occupied");
+    calls.extend(upstream.calls("vacated"));
+    calls.sort_by_key(|c| c.body["time_ms"].as_u64());
+    calls
+        .iter()
+        .map(|c| {
+            (
+                c.body["channel"].as_str().unwrap().to_string(),
+                c.event.clone(),
+                c.body["seq"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn occupied_and_vacated_follow_a_channels_first_and_last_subscriber_in_order() {
+    let upstream = Upstream::start(SECRET, usual).await;
+    let server = TestServer::start_with(occupancy(upstream.url())).await;
+
+    // The first subscriber occupies the channel, over either transport.
+    let ws = WsClient::connect(&server, "/v1/channels/room:1/ws").await;
+    let occupied = upstream.until("occupied", 1).await.remove(0);
+    assert_eq!(occupied.body["channel"], "room:1", "{}", occupied.body);
+    assert_eq!(occupied.body["hook"], "app");
+    assert_eq!(occupied.body["seq"], 1);
+    assert!(occupied.body["time_ms"].as_u64().unwrap() > 0);
+    assert_eq!(occupied.idempotency_key, "room:1/occupied/1");
+    // A second subscriber, the first one leaving, a channel outside the patterns: nothing.
+    let sse = SseClient::connect(&server, "/v1/channels/room:1/events", None).await;
+    let _other = WsClient::connect(&server, "/v1/channels/lobby/ws").await;
+    ws.close().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        occupancy_events(&upstream),
+        [("room:1".into(), "occupied".into(), 1)]
+    );
+    // The last one leaving vacates it; coming back occupies it again, numbered on.
+    drop(sse);
+    let vacated = upstream.until("vacated", 1).await.remove(0);
+    assert_eq!(vacated.body["seq"], 2, "{}", vacated.body);
+    assert_eq!(vacated.idempotency_key, "room:1/vacated/2");
+
+    // A backend that fails: each event is retried with its key, and they arrive in order.
+    let failures = Arc::new(Mutex::new(2));
+    upstream.answer(move |call| {
+        let mut left = failures.lock().unwrap();
+        if call.event == "occupied" && *left > 0 {
+            *left -= 1;
+            return Answer::Json(503, "busy".into());
+        }
+        usual(call)
+    });
+    let again = WsClient::connect(&server, "/v1/channels/room:1/ws").await;
+    again.close().await;
+    upstream.until("vacated", 2).await;
+    let tries = upstream.calls("occupied");
+    assert_eq!(tries.len(), 4, "one, then three tries of the next");
+    for call in &tries[1..] {
+        assert_eq!(call.idempotency_key, "room:1/occupied/3");
+    }
+    let vacated = upstream.calls("vacated");
+    assert_eq!(vacated[1].idempotency_key, "room:1/vacated/4");
+    assert_eq!(
+        occupancy_events(&upstream).last().cloned(),
+        Some(("room:1".into(), "vacated".into(), 4)),
+        "the vacated waited for the occupied before it"
+    );
+
+    // Clients cannot reach the occupancy objects.
+    let res = server
+        .client
+        .post(server.url("/v1/objects/dormouse.occupancy/room:1/change"))
+        .body(r#"{"node":"x","occupied":true,"hook":"app"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(res).await.0, 404);
+}
+
+#[tokio::test]
+async fn an_occupancy_event_the_backend_had_not_taken_is_sent_by_the_next_start() {
+    let upstream = Upstream::start(SECRET, |call| match call.event.as_str() {
+        "vacated" => Answer::Json(503, "down".into()),
+        _ => usual(call),
+    })
+    .await;
+    let server = TestServer::start_with(occupancy(upstream.url())).await;
+    let client = WsClient::connect(&server, "/v1/channels/room:7/ws").await;
+    upstream.until("occupied", 1).await;
+    // Stopping closes the client: the channel is vacated, and the backend refuses it.
+    drop(client);
+    let server = server.stop().await;
+    let refused = upstream.until("vacated", 1).await.len();
+    upstream.answer(usual);
+    let dir = server.expect("the data dir");
+    let server = TestServer::start_in(dir.path(), occupancy(upstream.url()), |_| {}).await;
+    let delivered = upstream.until("vacated", refused + 1).await.remove(refused);
+    assert_eq!(delivered.idempotency_key, "room:7/vacated/2");
+    assert_eq!(delivered.body["channel"], "room:7");
+    drop((server, dir));
+}

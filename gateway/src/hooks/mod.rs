@@ -10,10 +10,11 @@
 //!   times out, answers non-2xx or answers what cannot be read refuses the connection
 //!   (`502 hook_failed`) or the message (an `error` frame); the outcome is logged with what
 //!   went wrong and counted.
-//! - **Notifications** (`disconnect`) are at least once: a connection's record is written
+//! - **Notifications** are at least once. `disconnect`: a connection's record is written
 //!   durably before the client is told it is connected ([`outbox`]), removed only after the
 //!   backend acknowledged its disconnect, and a start finds the records a stopped or
-//!   crashed run left and sends them.
+//!   crashed run left and sends them. `occupied` and `vacated`: stored by the channel's
+//!   occupancy object in the commit that changed it, and sent by its alarm ([`occupancy`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,6 +37,7 @@ use crate::telemetry::Connection;
 use dormouse_actors::channel::NewMessage;
 use outbox::Record;
 
+pub(crate) mod occupancy;
 pub(crate) mod outbox;
 
 /// One configured hook; see the module doc.
@@ -161,6 +163,11 @@ pub(crate) struct Hooks {
     http: reqwest::Client,
     pub(crate) counters: HookCounters,
     outbox: outbox::Outbox,
+    /// This node's name, as the occupancy objects know it.
+    node: String,
+    /// This node's subscriber counts of the channels whose hook takes `occupied` or
+    /// `vacated`.
+    occupancy: occupancy::Tracker,
     /// Cancelled when the server stops: deliveries still failing then are left to the
     /// next start, which finds their records.
     stopped: tokio_util::sync::CancellationToken,
@@ -226,6 +233,8 @@ impl Hooks {
             http,
             counters: HookCounters::default(),
             outbox: outbox::Outbox::new(storage, node, max_in_memory),
+            node: node.to_string(),
+            occupancy: occupancy::Tracker::default(),
             stopped: tokio_util::sync::CancellationToken::new(),
             nonce: {
                 use std::hash::{BuildHasher as _, Hasher as _};

@@ -65,7 +65,7 @@ impl Record {
 /// The node's records; see the module doc.
 #[derive(Debug)]
 pub(crate) struct Outbox {
-    storage: Arc<dyn Storage>,
+    pub(super) storage: Arc<dyn Storage>,
     id: ObjectId,
     /// Set once the object is this node's (at once on a single node; in cluster mode once
     /// the node's former run is fenced) and what it left was queued.
@@ -205,7 +205,25 @@ impl Hooks {
         // Ready first: what does not fit in memory is written back as waiting, which
         // needs the object this node's.
         self.outbox.ready.store(true, Ordering::Release);
-        self.send_left(&own, "server_restart").await
+        let left = self.send_left(&own, "server_restart").await?;
+        // The channels an earlier run occupied: told it no longer does, unless a
+        // subscriber is here again.
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = self.outbox.storage.list(
+                &own,
+                super::occupancy::OCCUPYING,
+                after.as_deref(),
+                PAGE,
+            )?;
+            let Some((last, _)) = page.last() else { break };
+            after = Some(last.clone());
+            for (key, hook) in &page {
+                let channel = String::from_utf8_lossy(&key[super::occupancy::OCCUPYING.len()..]);
+                self.restore_occupancy(&channel, &String::from_utf8_lossy(hook));
+            }
+        }
+        Ok(left)
     }
 
     /// Takes the object `from` over and sends the disconnect of every record in it, for
@@ -260,6 +278,18 @@ impl Hooks {
                     }
                 }
             };
+            // The channels it occupied: told it no longer does. A failure leaves the rest
+            // for its next start (or the next node to take it over).
+            let mut pause = FIRST_PAUSE;
+            while let Err(e) = hooks.leave_for_dead(&from, &node).await {
+                if pause >= MAX_PAUSE {
+                    tracing::warn!(%node, error = %e, "a dead node's channels not all vacated; its next start does it");
+                    break;
+                }
+                tracing::debug!(%node, error = %e, "a dead node's channels not vacated yet; retrying");
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
             hooks.outbox.storage.release(&from);
             if !moved.is_empty() {
                 tracing::info!(%node, disconnects = moved.len(), "sending a dead node's disconnects");
@@ -341,6 +371,26 @@ impl Hooks {
             ))
             .retry_after(1)
         })
+    }
+
+    /// Writes `batch` into this node's records and syncs it; refused until they are this
+    /// node's.
+    pub(crate) async fn outbox_write(&self, batch: WriteBatch) -> anyhow::Result<()> {
+        let outbox = &self.outbox;
+        self.outbox_write_unsynced(batch)?;
+        outbox.storage.sync_object(&outbox.id).await?;
+        Ok(())
+    }
+
+    /// [`Hooks::outbox_write`] without waiting for the sync.
+    pub(crate) fn outbox_write_unsynced(&self, batch: WriteBatch) -> anyhow::Result<()> {
+        let outbox = &self.outbox;
+        anyhow::ensure!(
+            outbox.ready.load(Ordering::Acquire),
+            "this node's hook records are not ready yet"
+        );
+        outbox.storage.apply(&outbox.id, batch)?;
+        Ok(())
     }
 
     /// Takes this node's records back after another node took them over, and serves again
@@ -427,7 +477,8 @@ impl Hooks {
     /// what is left then is sent by the next start (the records stay).
     pub(crate) async fn stop(&self, grace: Duration) {
         let deadline = tokio::time::Instant::now() + grace;
-        while self.counters.pending_disconnects.load(Ordering::Acquire) > 0
+        while (self.counters.pending_disconnects.load(Ordering::Acquire) > 0
+            || self.occupancy.pending.load(Ordering::Acquire) > 0)
             && tokio::time::Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
