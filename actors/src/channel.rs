@@ -68,6 +68,40 @@ pub enum Start {
     Oldest,
     /// The event after this id (a `Last-Event-ID`).
     After(EventId),
+    /// The newest this many events (a subscriber's `rewind`: "the last N, then live").
+    Latest(usize),
+}
+
+/// Which stored events a history page holds, and in which order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Range {
+    /// Oldest first from a start, or newest first going back.
+    pub direction: Direction,
+    /// Only events stored at or after this time (milliseconds since the Unix epoch).
+    pub since_ms: Option<u64>,
+    /// Only events stored before this time.
+    pub until_ms: Option<u64>,
+}
+
+/// The way a history page walks the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Oldest first, from `Start` (with a time range: from its beginning).
+    Forward(Start),
+    /// Newest first, from the event before this id, or from the newest (with a time range:
+    /// from its end). "The last 50 messages" is one such page.
+    Backward(Option<EventId>),
+}
+
+impl Range {
+    /// Oldest first from `start`, at any time.
+    pub fn forward(start: Start) -> Self {
+        Self {
+            direction: Direction::Forward(start),
+            since_ms: None,
+            until_ms: None,
+        }
+    }
 }
 
 /// What a channel can be asked.
@@ -82,10 +116,10 @@ pub enum ChannelRequest {
         /// Where its stream starts.
         start: Start,
     },
-    /// Reads stored events from `start`.
+    /// Reads a page of stored events.
     History {
-        /// Where the page starts.
-        start: Start,
+        /// Which events, in which order.
+        range: Range,
         /// Most events to return.
         limit: usize,
     },
@@ -130,7 +164,8 @@ pub enum ChannelResponse {
 pub struct HistoryPage {
     /// Present when the requested start is no longer (or never was) available.
     pub gap: Option<Control>,
-    /// The events, oldest first.
+    /// The events, in the order the page's [`Direction`] walks (a backward page is newest
+    /// first).
     pub events: Vec<Arc<Event>>,
 }
 
@@ -272,8 +307,8 @@ impl Object for Channel {
                 });
                 Ok(ChannelResponse::Subscribed)
             }
-            ChannelRequest::History { start, limit } => {
-                let (gap, events) = self.read(ctx, start, limit)?;
+            ChannelRequest::History { range, limit } => {
+                let (gap, events) = self.page(ctx, range, limit)?;
                 Ok(ChannelResponse::History(HistoryPage { gap, events }))
             }
             ChannelRequest::Info => Ok(ChannelResponse::Info(self.info(ctx)?)),
@@ -524,6 +559,7 @@ impl Channel {
     ) -> anyhow::Result<(Option<Control>, Vec<Arc<Event>>)> {
         let (mut gap, from, cursor) = match start {
             Start::Live => return Ok((None, Vec::new())),
+            Start::Latest(n) => return Ok((None, self.newest_before(ctx, self.next_seq, n)?)),
             Start::Oldest => (None, 1, None),
             Start::After(cursor) if self.epoch == 0 || cursor.epoch != self.epoch => (
                 Some((
@@ -586,6 +622,146 @@ impl Channel {
             requested_id: cursor.map(|c| c.to_string()),
         });
         Ok((control, events))
+    }
+
+    /// The newest `limit` events before `before_seq`, oldest first: from the memory tail
+    /// (which holds what was handed out and may not be in the log yet), then the log.
+    fn newest_before(
+        &self,
+        ctx: &Context<'_>,
+        before_seq: u64,
+        limit: usize,
+    ) -> anyhow::Result<Vec<Arc<Event>>> {
+        let before_seq = before_seq.min(self.next_seq);
+        let mut newest: Vec<Arc<Event>> = self
+            .tail
+            .iter()
+            .rev()
+            .filter(|e| e.id.seq < before_seq)
+            .take(limit)
+            .cloned()
+            .collect();
+        newest.reverse();
+        if newest.len() < limit {
+            let older_than = newest.first().map_or(before_seq, |e| e.id.seq);
+            let mut events = ctx
+                .read_log_before(older_than, limit - newest.len())?
+                .iter()
+                .map(|entry| {
+                    Event::from_record(self.epoch, entry.seq, entry.timestamp_ms, &entry.data)
+                        .map(Arc::new)
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .context("reading the channel log")?;
+            events.append(&mut newest);
+            newest = events;
+        }
+        Ok(newest)
+    }
+
+    /// The first seq whose event was stored at or after `ms`, or `next_seq` if none was:
+    /// a binary search of the log, which assumes stored times do not go backwards (the
+    /// page's events are filtered by time anyway, so a clock that stepped back can only
+    /// leave some out, never put others in).
+    fn first_at_or_after(&self, ctx: &Context<'_>, ms: u64) -> anyhow::Result<u64> {
+        let Some(meta) = ctx.log_meta()?.filter(|m| m.count > 0) else {
+            return Ok(self.next_seq);
+        };
+        let (mut low, mut high) = (meta.first_seq, self.next_seq);
+        while low < high {
+            let middle = low + (high - low) / 2;
+            match ctx.read_log(middle, 1)?.first() {
+                Some(entry) if entry.seq < high && entry.timestamp_ms < ms => low = entry.seq + 1,
+                _ => high = middle,
+            }
+        }
+        Ok(low)
+    }
+
+    /// A history page: [`Channel::read`] forward, [`Channel::newest_before`] backward, both
+    /// kept within the range's times.
+    fn page(
+        &self,
+        ctx: &Context<'_>,
+        range: Range,
+        limit: usize,
+    ) -> anyhow::Result<(Option<Control>, Vec<Arc<Event>>)> {
+        let in_time = |e: &Arc<Event>| {
+            range.since_ms.is_none_or(|t| e.timestamp_ms >= t)
+                && range.until_ms.is_none_or(|t| e.timestamp_ms < t)
+        };
+        match range.direction {
+            Direction::Forward(start) => {
+                let start = match (start, range.since_ms) {
+                    // A time range without a cursor starts where the range does.
+                    (Start::Oldest, Some(since)) => {
+                        match self.first_at_or_after(ctx, since)?.checked_sub(1) {
+                            Some(seq) if seq > 0 => Start::After(EventId {
+                                epoch: self.epoch,
+                                seq,
+                            }),
+                            _ => Start::Oldest,
+                        }
+                    }
+                    (start, _) => start,
+                };
+                let (gap, mut events) = self.read(ctx, start, limit)?;
+                // Oldest first: past the end of the range, nothing later is in it.
+                if let Some(until) = range.until_ms {
+                    events.truncate(
+                        events
+                            .iter()
+                            .position(|e| e.timestamp_ms >= until)
+                            .unwrap_or(events.len()),
+                    );
+                }
+                events.retain(in_time);
+                Ok((gap, events))
+            }
+            Direction::Backward(before) => {
+                let (gap, mut before_seq) = match before {
+                    None => (None, self.next_seq),
+                    Some(cursor) if self.epoch == 0 || cursor.epoch != self.epoch => (
+                        Some((
+                            "epoch_changed",
+                            "the id is from an earlier incarnation of this channel; paging back from its newest event",
+                        )),
+                        self.next_seq,
+                    ),
+                    Some(cursor) if cursor.seq > self.next_seq => (
+                        Some((
+                            "unknown_id",
+                            "the id is newer than anything this channel holds (history was lost); paging back from its newest event",
+                        )),
+                        self.next_seq,
+                    ),
+                    Some(cursor) => (None, cursor.seq),
+                };
+                if let Some(until) = range.until_ms {
+                    before_seq = before_seq.min(self.first_at_or_after(ctx, until)?);
+                }
+                let mut events = self.newest_before(ctx, before_seq, limit)?;
+                events.reverse();
+                // Newest first: past the start of the range, nothing earlier is in it.
+                if let Some(since) = range.since_ms {
+                    events.truncate(
+                        events
+                            .iter()
+                            .position(|e| e.timestamp_ms < since)
+                            .unwrap_or(events.len()),
+                    );
+                }
+                events.retain(in_time);
+                let gap = gap.map(|(reason, message)| Control {
+                    r#type: "gap",
+                    reason,
+                    message: message.to_string(),
+                    earliest_id: None,
+                    requested_id: before.map(|c| c.to_string()),
+                });
+                Ok((gap, events))
+            }
+        }
     }
 
     fn info(&self, ctx: &Context<'_>) -> anyhow::Result<ChannelInfo> {

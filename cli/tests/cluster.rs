@@ -115,7 +115,20 @@ async fn any_node_serves_any_client_and_every_subscriber_gets_every_event_once_i
         let ids: Vec<&str> = events.iter().map(|e| e["id"].as_str().unwrap()).collect();
         let want: Vec<&str> = sent.iter().map(|(id, _)| id.as_str()).collect();
         assert_eq!(ids, want, "history through {:?}", node.addr);
+        // Backward, by whichever node owns the channel.
+        let page = node.history("news", "?direction=backward&limit=3").await;
+        let ids: Vec<&str> = page["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, [want[23], want[22], want[21]]);
     }
+    // A subscriber that rewinds on a node that does not own the channel.
+    let mut rewound =
+        SseClient::connect(&nodes[2], "/v1/channels/news/events?rewind=2", None).await;
+    assert_eq!(take(&mut rewound, 2).await, sent[22..]);
 
     // A retry with the same idempotency key through another node is recognised.
     let first = publish(&nodes[0], "news", "once", Some("key-1")).await;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use dormouse_actors::channel::{
-    Channel, ChannelEnv, ChannelRequest, ChannelResponse, NewMessage, Start,
+    Channel, ChannelEnv, ChannelRequest, ChannelResponse, NewMessage, Range, Start,
 };
 use dormouse_cluster::{
     ClusterStorage, Directory, DirectorySpec, FencedLog, JournalSpec, LogSpec, Membership,
@@ -442,7 +442,7 @@ async fn a_channel_continues_on_another_node_with_the_same_ids() {
             .call(
                 "news",
                 ChannelRequest::History {
-                    start: Start::Oldest,
+                    range: Range::forward(Start::Oldest),
                     limit: 100,
                 },
             )

@@ -7,7 +7,8 @@ use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::{Extension, Json};
 use bytes::Bytes;
 use dormouse_actors::channel::{
-    ChannelRequest, ChannelResponse, EventId, NAMESPACE, NewMessage, Start, validate_channel_name,
+    ChannelRequest, ChannelResponse, Direction, EventId, NAMESPACE, NewMessage, Range, Start,
+    validate_channel_name,
 };
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -289,46 +290,131 @@ pub(crate) fn unexpected() -> ApiError {
 #[serde(deny_unknown_fields)]
 struct HistoryQuery {
     after: Option<String>,
+    before: Option<String>,
+    direction: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
     limit: Option<usize>,
     /// The credential, read by the auth middleware; allowed here so it is not refused.
     #[serde(rename = "access_token")]
     _access_token: Option<serde::de::IgnoredAny>,
 }
 
-/// `GET /v1/channels/{channel}/messages?after=ID&limit=N`: stored events as JSON.
+/// A time bound of a history query: milliseconds since the Unix epoch, or an RFC 3339
+/// time (`2026-12-07T18:00:00Z`).
+fn parse_time(raw: &str, name: &str) -> Result<u64, ApiError> {
+    if let Ok(ms) = raw.parse::<u64>() {
+        return Ok(ms);
+    }
+    humantime::parse_rfc3339_weak(raw)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .and_then(|d| u64::try_from(d.as_millis()).ok())
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "bad_time",
+                format!(
+                    "{name} must be milliseconds since the Unix epoch or an RFC 3339 time \
+                     such as 2026-12-07T18:00:00Z; got {raw:?}"
+                ),
+            )
+        })
+}
+
+/// `GET /v1/channels/{channel}/messages`: a page of stored events as JSON. Forward (oldest
+/// first) from the oldest or `after=ID`; backward (newest first) with `direction=backward`
+/// or `before=ID`; either within `since` and `until`.
 pub(crate) async fn history(
     State(state): State<AppState>,
     ChannelName(channel): ChannelName,
     uri: Uri,
 ) -> Result<Json<Value>, ApiError> {
-    let HistoryQuery { after, limit, .. } = query(&uri)?;
+    let q: HistoryQuery = query(&uri)?;
     let max = state.settings.limits.max_history_page;
-    let limit = limit.unwrap_or(100.min(max));
+    let limit = q.limit.unwrap_or(100.min(max));
     if limit == 0 || limit > max {
         return Err(ApiError::bad_request(
             "bad_limit",
             format!("limit must be between 1 and {max}"),
         ));
     }
-    let start = match after {
-        Some(raw) => Start::After(parse_id(&raw, "after")?),
-        None => Start::Oldest,
+    let backward = match (q.direction.as_deref(), &q.after, &q.before) {
+        (Some("forward") | None, _, None) => false,
+        (Some("backward") | None, None, _) => true,
+        (Some("forward"), _, Some(_))
+        | (Some("backward"), Some(_), _)
+        | (None, Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "bad_range",
+                "after pages forward and before pages backward: give one, and a direction \
+                 that agrees with it",
+            ));
+        }
+        (Some(other), _, _) => {
+            return Err(ApiError::bad_request(
+                "bad_direction",
+                format!("direction must be forward or backward; got {other:?}"),
+            ));
+        }
+    };
+    let since_ms = q
+        .since
+        .as_deref()
+        .map(|t| parse_time(t, "since"))
+        .transpose()?;
+    let until_ms = q
+        .until
+        .as_deref()
+        .map(|t| parse_time(t, "until"))
+        .transpose()?;
+    if let (Some(since), Some(until)) = (since_ms, until_ms)
+        && since >= until
+    {
+        return Err(ApiError::bad_request(
+            "bad_range",
+            "since must be earlier than until",
+        ));
+    }
+    let direction = if backward {
+        Direction::Backward(
+            q.before
+                .as_deref()
+                .map(|raw| parse_id(raw, "before"))
+                .transpose()?,
+        )
+    } else {
+        Direction::Forward(match &q.after {
+            Some(raw) => Start::After(parse_id(raw, "after")?),
+            None => Start::Oldest,
+        })
+    };
+    let range = Range {
+        direction,
+        since_ms,
+        until_ms,
     };
     let response = state
         .publisher
-        .call(&channel, ChannelRequest::History { start, limit })
+        .call(&channel, ChannelRequest::History { range, limit })
         .await?;
     let ChannelResponse::History(page) = response else {
         return Err(unexpected());
     };
     let events: Vec<Value> = page.events.iter().map(|e| e.json()).collect();
-    let next_after = page.events.last().map(|e| e.id.to_string());
-    Ok(Json(json!({
+    let last = page.events.last().map(|e| e.id.to_string());
+    let mut body = json!({
         "channel": channel,
+        "direction": if backward { "backward" } else { "forward" },
         "events": events,
         "gap": page.gap,
-        "next_after": next_after,
-    })))
+    });
+    if backward {
+        // Nothing older is left once a page comes back short.
+        body["next_before"] = json!(last.filter(|_| page.events.len() == limit));
+    } else {
+        body["next_after"] = json!(last);
+    }
+    Ok(Json(body))
 }
 
 /// `GET /v1/channels/{channel}`: what the channel holds, without waking it if it sleeps.

@@ -1,7 +1,9 @@
 //! Where a subscriber's stream starts: after the `Last-Event-ID` header (what EventSource
 //! sends when it reconnects) or the `last_event_id` query parameter (for clients that cannot
 //! set headers, such as a browser's first EventSource connection or WebSocket). The header
-//! wins, because a reconnecting EventSource keeps its original URL.
+//! wins, because a reconnecting EventSource keeps its original URL. Without either, `rewind=N`
+//! starts with the channel's newest N events, then live ("the last N, then everything
+//! new"); a cursor wins over it, so a client that reconnects resumes exactly.
 
 use axum::http::{HeaderMap, Uri};
 use dormouse_actors::channel::Start;
@@ -14,6 +16,7 @@ use crate::error::ApiError;
 #[serde(deny_unknown_fields)]
 struct SubscribeQuery {
     last_event_id: Option<String>,
+    rewind: Option<String>,
     /// The credential, read by the auth middleware; allowed here so it is not refused.
     #[serde(rename = "access_token")]
     _access_token: Option<serde::de::IgnoredAny>,
@@ -24,24 +27,48 @@ struct SubscribeQuery {
 #[derive(Debug, Deserialize)]
 struct HookedQuery {
     last_event_id: Option<String>,
+    rewind: Option<String>,
 }
 
-/// The start of a subscribe request, whose only query parameter is `last_event_id` unless
-/// the channel is `hooked`.
+/// The start of a subscribe request, whose only query parameters are `last_event_id` and
+/// `rewind` (at most `max_rewind`) unless the channel is `hooked`.
 pub(crate) fn from_request(
     uri: &Uri,
     headers: &HeaderMap,
     hooked: bool,
+    max_rewind: usize,
 ) -> Result<Start, ApiError> {
-    let last_event_id = if hooked {
-        query::<HookedQuery>(uri)?.last_event_id
+    let (last_event_id, rewind) = if hooked {
+        let q = query::<HookedQuery>(uri)?;
+        (q.last_event_id, q.rewind)
     } else {
-        query::<SubscribeQuery>(uri)?.last_event_id
+        let q = query::<SubscribeQuery>(uri)?;
+        (q.last_event_id, q.rewind)
     };
-    start(headers, last_event_id.as_deref())
+    start(
+        headers,
+        last_event_id.as_deref(),
+        rewind.as_deref(),
+        max_rewind,
+    )
 }
 
-pub(crate) fn start(headers: &HeaderMap, query: Option<&str>) -> Result<Start, ApiError> {
+pub(crate) fn start(
+    headers: &HeaderMap,
+    query: Option<&str>,
+    rewind: Option<&str>,
+    max_rewind: usize,
+) -> Result<Start, ApiError> {
+    // Checked even when a cursor wins: a bad parameter is an error whenever it is sent.
+    let rewind = rewind
+        .map(|raw| match raw.parse::<usize>() {
+            Ok(n) if (1..=max_rewind).contains(&n) => Ok(n),
+            _ => Err(ApiError::bad_request(
+                "bad_rewind",
+                format!("rewind must be a number of events from 1 to {max_rewind}; got {raw:?}"),
+            )),
+        })
+        .transpose()?;
     let header = headers
         .get("last-event-id")
         .map(|v| {
@@ -55,6 +82,6 @@ pub(crate) fn start(headers: &HeaderMap, query: Option<&str>) -> Result<Start, A
             Ok(Start::After(parse_id(raw.trim(), "Last-Event-ID")?))
         }
         (_, Some(raw)) if !raw.is_empty() => Ok(Start::After(parse_id(raw, "last_event_id")?)),
-        _ => Ok(Start::Live),
+        _ => Ok(rewind.map_or(Start::Live, Start::Latest)),
     }
 }

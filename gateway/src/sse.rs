@@ -53,7 +53,12 @@ pub(crate) async fn subscribe(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let hook = state.hooks.for_channel(&channel).cloned();
-    let start = cursor::from_request(&uri, &headers, hook.is_some())?;
+    let start = cursor::from_request(
+        &uri,
+        &headers,
+        hook.is_some(),
+        state.settings.limits.max_history_page,
+    )?;
     let request = Request {
         principal: &principal,
         raw,
@@ -70,6 +75,7 @@ pub(crate) async fn subscribe(
 struct CompatQuery {
     channel: Option<String>,
     last_event_id: Option<String>,
+    rewind: Option<String>,
     /// The credential, read by the auth middleware; allowed here so it is not refused.
     #[serde(rename = "access_token")]
     _access_token: Option<serde::de::IgnoredAny>,
@@ -87,13 +93,19 @@ pub(crate) async fn subscribe_compat(
     let CompatQuery {
         channel,
         last_event_id,
+        rewind,
         ..
     } = query(&uri)?;
     let channel = channel.ok_or_else(|| {
         ApiError::bad_request("missing_channel", "the channel query parameter is required")
     })?;
     check_channel(&channel)?;
-    let start = cursor::start(&headers, last_event_id.as_deref())?;
+    let start = cursor::start(
+        &headers,
+        last_event_id.as_deref(),
+        rewind.as_deref(),
+        state.settings.limits.max_history_page,
+    )?;
     let request = Request {
         principal: &principal,
         raw,

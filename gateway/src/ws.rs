@@ -75,7 +75,12 @@ pub(crate) async fn subscribe(
 ) -> Result<Response, ApiError> {
     let upgrade = upgrade.map_err(upgrade_required)?;
     let hook = state.hooks.for_channel(&channel);
-    let start = cursor::from_request(&uri, &headers, hook.is_some())?;
+    let start = cursor::from_request(
+        &uri,
+        &headers,
+        hook.is_some(),
+        state.settings.limits.max_history_page,
+    )?;
     let settings = state.settings.clone();
     let (tracked, receiver, connection_id) = channels::connect(
         &state,

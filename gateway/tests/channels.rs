@@ -133,8 +133,159 @@ async fn history_pages_through_the_exact_events() {
         .await;
     assert_eq!(
         page,
-        json!({"channel": "hist", "events": [], "gap": null, "next_after": null})
+        json!({"channel": "hist", "direction": "forward", "events": [], "gap": null, "next_after": null})
     );
+    server.stop().await;
+}
+
+/// The ids of a history page's events, in the page's order.
+fn ids_of(page: &Value) -> Vec<String> {
+    page["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The backward and time-range pages of `history_pages_back...`'s channel.
+async fn check_pages(server: &TestServer, ids: &[String], times: &[u64]) {
+    let newest_first: Vec<String> = ids.iter().rev().cloned().collect();
+    // "The last 5": newest first, then page back with next_before.
+    let page = server.history("talk", "?direction=backward&limit=5").await;
+    assert_eq!(page["direction"], "backward");
+    assert_eq!(ids_of(&page), newest_first[..5]);
+    assert_eq!(page["next_before"], ids[7].as_str());
+    let page = server
+        .history("talk", &format!("?before={}&limit=5", ids[7]))
+        .await;
+    assert_eq!(ids_of(&page), newest_first[5..10]);
+    let page = server
+        .history("talk", &format!("?before={}&limit=5", ids[2]))
+        .await;
+    assert_eq!(ids_of(&page), newest_first[10..]);
+    assert_eq!(page["next_before"], Value::Null, "nothing older");
+
+    // The middle burst by time, either way; RFC 3339 bounds are accepted too.
+    let (since, until) = (times[4], times[8]);
+    let page = server
+        .history("talk", &format!("?since={since}&until={until}"))
+        .await;
+    assert_eq!(ids_of(&page), ids[4..8]);
+    let page = server
+        .history(
+            "talk",
+            &format!("?direction=backward&since={since}&until={until}&limit=3"),
+        )
+        .await;
+    assert_eq!(ids_of(&page), newest_first[4..7]);
+    let page = server
+        .history(
+            "talk",
+            &format!("?before={}&since={since}&until={until}&limit=3", ids[5]),
+        )
+        .await;
+    assert_eq!(ids_of(&page), [ids[4].clone()]);
+    assert_eq!(page["next_before"], Value::Null);
+    let rfc =
+        humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(times[8]));
+    let page = server.history("talk", &format!("?since={rfc}")).await;
+    assert_eq!(ids_of(&page), ids[8..]);
+}
+
+#[tokio::test]
+async fn history_pages_back_from_the_newest_and_within_a_time_range() {
+    let server = TestServer::start_with(|s| {
+        // A small memory tail: the older pages come from the log.
+        s.channels.memory_tail = dormouse_gateway::ByteSize(64);
+    })
+    .await;
+    // Three bursts, far enough apart in time to tell apart.
+    let mut ids = Vec::new();
+    for burst in 0..3 {
+        for n in 0..4 {
+            ids.push(server.publish("talk", format!("{burst}.{n}")).await);
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let all = server.history("talk", "?limit=100").await;
+    let times: Vec<u64> = all["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["timestamp_ms"].as_u64().unwrap())
+        .collect();
+    check_pages(&server, &ids, &times).await;
+    // The same from a cold start, where every page comes from storage.
+    let server = server.restart().await;
+    check_pages(&server, &ids, &times).await;
+
+    // Said precisely when wrong.
+    for (query, code) in [
+        ("?direction=sideways", "bad_direction"),
+        ("?after=1-1&before=1-2", "bad_range"),
+        ("?direction=forward&before=1-2", "bad_range"),
+        ("?since=yesterday", "bad_time"),
+        ("?since=20&until=10", "bad_range"),
+        ("?before=nonsense", "bad_event_id"),
+    ] {
+        let res = server
+            .client
+            .get(server.url(&format!("/v1/channels/talk/messages{query}")))
+            .send()
+            .await
+            .unwrap();
+        let (status, got, message) = error_of(res).await;
+        assert_eq!((status, got.as_str()), (400, code), "{query}: {message}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn rewind_starts_a_subscription_with_the_last_n_events_unless_a_cursor_is_given() {
+    let server = TestServer::start().await;
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        ids.push(server.publish("replay", format!("m{n}")).await);
+    }
+    let mut ws = WsClient::connect(&server, "/v1/channels/replay/ws?rewind=2").await;
+    ws.expect_event(&ids[3], "message", "m3").await;
+    ws.expect_event(&ids[4], "message", "m4").await;
+    let mut sse = SseClient::connect(&server, "/v1/channels/replay/events?rewind=3", None).await;
+    for (n, id) in ids.iter().enumerate().skip(2) {
+        sse.expect_event(id, "message", &format!("m{n}")).await;
+    }
+    // More than the channel holds: everything it holds.
+    let mut all = SseClient::connect(&server, "/sub?channel=replay&rewind=50", None).await;
+    for (n, id) in ids.iter().enumerate() {
+        all.expect_event(id, "message", &format!("m{n}")).await;
+    }
+    // A reconnect resumes exactly: the cursor wins over rewind.
+    let mut resumed = SseClient::connect(
+        &server,
+        "/v1/channels/replay/events?rewind=1",
+        Some(ids[1].as_str()),
+    )
+    .await;
+    for (n, id) in ids.iter().enumerate().skip(2) {
+        resumed.expect_event(id, "message", &format!("m{n}")).await;
+    }
+    // Then live, for all of them.
+    let live = server.publish("replay", "live").await;
+    ws.expect_event(&live, "message", "live").await;
+    sse.expect_event(&live, "message", "live").await;
+    resumed.expect_event(&live, "message", "live").await;
+
+    for rewind in ["0", "-1", "1001", "many"] {
+        let res = server
+            .client
+            .get(server.url(&format!("/v1/channels/replay/events?rewind={rewind}")))
+            .send()
+            .await
+            .unwrap();
+        let (status, code, _) = error_of(res).await;
+        assert_eq!((status, code.as_str()), (400, "bad_rewind"), "{rewind}");
+    }
     server.stop().await;
 }
 

@@ -10,7 +10,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
 use dormouse_actors::channel::{
     ChannelInfo, ChannelRequest, ChannelResponse, ChannelSettings, EventId, HistoryPage,
-    NewMessage, Published, Start,
+    NewMessage, Published, Range, Start,
 };
 use dormouse_actors::{Channel, ChannelEnv};
 use dormouse_runtime::storage::{MemoryStorage, Storage};
@@ -104,7 +104,13 @@ pub async fn history(
     limit: usize,
 ) -> HistoryPage {
     match ns
-        .call(name, ChannelRequest::History { start, limit })
+        .call(
+            name,
+            ChannelRequest::History {
+                range: Range::forward(start),
+                limit,
+            },
+        )
         .await
     {
         Ok(ChannelResponse::History(page)) => page,

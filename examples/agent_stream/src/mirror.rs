@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use dormouse_actors::channel::{
-    ChannelRequest, ChannelResponse, EventId, NewMessage, Start, validate_channel_name,
+    ChannelRequest, ChannelResponse, Direction, NewMessage, Range, validate_channel_name,
 };
 use dormouse_gateway::Publisher;
 
@@ -84,25 +84,15 @@ impl Mirror {
     /// The `seq` of the newest run event the channel holds: `None` when it holds none, or
     /// when its newest event is not one of ours.
     pub(crate) async fn last_seq(&self) -> anyhow::Result<Option<u64>> {
-        let info = match self
-            .publisher
-            .call(&self.channel, ChannelRequest::Info)
-            .await?
-        {
-            ChannelResponse::Info(info) => info,
-            other => anyhow::bail!("the channel answered {other:?} to info"),
+        // One page of one event, walking back from the newest.
+        let range = Range {
+            direction: Direction::Backward(None),
+            since_ms: None,
+            until_ms: None,
         };
-        let Some(last) = info.last_id else {
-            return Ok(None);
-        };
-        let last: EventId = last.parse()?;
-        let start = Start::After(EventId {
-            epoch: last.epoch,
-            seq: last.seq.saturating_sub(1),
-        });
         match self
             .publisher
-            .call(&self.channel, ChannelRequest::History { start, limit: 1 })
+            .call(&self.channel, ChannelRequest::History { range, limit: 1 })
             .await?
         {
             ChannelResponse::History(page) => Ok(page

@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use dormouse_actors::channel::{
-    ChannelInfo, ChannelRequest, ChannelResponse, Control, Event, EventId, HistoryPage, NewMessage,
-    Published, Start,
+    ChannelInfo, ChannelRequest, ChannelResponse, Control, Direction, Event, EventId, HistoryPage,
+    NewMessage, Published, Range, Start,
 };
 use dormouse_cluster::NodeId;
 use dormouse_cluster::wire::{Reader, Undecodable, len32, put_bytes, put_opt_str, put_str};
@@ -60,7 +60,7 @@ pub(crate) enum Forwarded {
 #[derive(Debug, Clone)]
 pub(crate) enum ChannelCall {
     Publish(Vec<NewMessage>),
-    History { start: Start, limit: usize },
+    History { range: Range, limit: usize },
     Info,
     Delete,
 }
@@ -70,7 +70,7 @@ impl ChannelCall {
     pub(crate) fn from_request(request: ChannelRequest) -> Result<Self, ChannelRequest> {
         Ok(match request {
             ChannelRequest::Publish(messages) => Self::Publish(messages),
-            ChannelRequest::History { start, limit } => Self::History { start, limit },
+            ChannelRequest::History { range, limit } => Self::History { range, limit },
             ChannelRequest::Info => Self::Info,
             ChannelRequest::Delete => Self::Delete,
             other => return Err(other),
@@ -80,7 +80,7 @@ impl ChannelCall {
     pub(crate) fn into_request(self) -> ChannelRequest {
         match self {
             Self::Publish(messages) => ChannelRequest::Publish(messages),
-            Self::History { start, limit } => ChannelRequest::History { start, limit },
+            Self::History { range, limit } => ChannelRequest::History { range, limit },
             Self::Info => ChannelRequest::Info,
             Self::Delete => ChannelRequest::Delete,
         }
@@ -132,15 +132,39 @@ pub(crate) fn encode_forwarded(call: &Forwarded) -> Bytes {
                         put_opt_str(&mut out, message.idempotency_key.as_deref());
                     }
                 }
-                ChannelCall::History { start, limit } => {
+                ChannelCall::History { range, limit } => {
                     out.put_u8(2);
-                    match start {
-                        Start::Live => out.put_u8(0),
-                        Start::Oldest => out.put_u8(1),
-                        Start::After(id) => {
+                    match range.direction {
+                        Direction::Forward(start) => {
+                            out.put_u8(0);
+                            match start {
+                                Start::Live => out.put_u8(0),
+                                Start::Oldest => out.put_u8(1),
+                                Start::After(id) => {
+                                    out.put_u8(2);
+                                    out.put_u64(id.epoch);
+                                    out.put_u64(id.seq);
+                                }
+                                Start::Latest(n) => {
+                                    out.put_u8(3);
+                                    out.put_u64(n as u64);
+                                }
+                            }
+                        }
+                        Direction::Backward(None) => out.put_u8(1),
+                        Direction::Backward(Some(id)) => {
                             out.put_u8(2);
                             out.put_u64(id.epoch);
                             out.put_u64(id.seq);
+                        }
+                    }
+                    for bound in [range.since_ms, range.until_ms] {
+                        match bound {
+                            None => out.put_u8(0),
+                            Some(ms) => {
+                                out.put_u8(1);
+                                out.put_u64(ms);
+                            }
                         }
                     }
                     out.put_u64(*limit as u64);
@@ -261,17 +285,39 @@ pub(crate) fn decode_forwarded(bytes: &[u8]) -> Result<Forwarded, Undecodable> {
                     ChannelCall::Publish(messages)
                 }
                 2 => {
-                    let start = match r.u8()? {
-                        0 => Start::Live,
-                        1 => Start::Oldest,
-                        2 => Start::After(EventId {
+                    let direction = match r.u8()? {
+                        0 => Direction::Forward(match r.u8()? {
+                            0 => Start::Live,
+                            1 => Start::Oldest,
+                            2 => Start::After(EventId {
+                                epoch: r.u64()?,
+                                seq: r.u64()?,
+                            }),
+                            3 => Start::Latest(usize::try_from(r.u64()?).unwrap_or(usize::MAX)),
+                            other => return Err(Undecodable(format!("start kind {other}"))),
+                        }),
+                        1 => Direction::Backward(None),
+                        2 => Direction::Backward(Some(EventId {
                             epoch: r.u64()?,
                             seq: r.u64()?,
-                        }),
-                        other => return Err(Undecodable(format!("start kind {other}"))),
+                        })),
+                        other => return Err(Undecodable(format!("direction kind {other}"))),
+                    };
+                    let mut bound = || -> Result<Option<u64>, Undecodable> {
+                        Ok(match r.u8()? {
+                            0 => None,
+                            1 => Some(r.u64()?),
+                            other => return Err(Undecodable(format!("time bound kind {other}"))),
+                        })
+                    };
+                    let (since_ms, until_ms) = (bound()?, bound()?);
+                    let range = Range {
+                        direction,
+                        since_ms,
+                        until_ms,
                     };
                     let limit = usize::try_from(r.u64()?).unwrap_or(usize::MAX);
-                    ChannelCall::History { start, limit }
+                    ChannelCall::History { range, limit }
                 }
                 3 => ChannelCall::Info,
                 4 => ChannelCall::Delete,
@@ -588,6 +634,33 @@ mod tests {
                 },
             ]),
         };
+        for range in [
+            Range::forward(Start::Latest(7)),
+            Range::forward(Start::After(EventId { epoch: 3, seq: 9 })),
+            Range {
+                direction: Direction::Backward(Some(EventId { epoch: 2, seq: 5 })),
+                since_ms: Some(10),
+                until_ms: None,
+            },
+            Range {
+                direction: Direction::Backward(None),
+                since_ms: None,
+                until_ms: Some(u64::MAX),
+            },
+        ] {
+            let history = Forwarded::Channel {
+                name: "h".into(),
+                call: ChannelCall::History { range, limit: 42 },
+            };
+            let Forwarded::Channel {
+                call: ChannelCall::History { range: back, limit },
+                ..
+            } = decode_forwarded(&encode_forwarded(&history)).unwrap()
+            else {
+                panic!("another call came out");
+            };
+            assert_eq!((back, limit), (range, 42));
+        }
         let bytes = encode_forwarded(&publish);
         let Forwarded::Channel {
             name,
