@@ -25,7 +25,11 @@ use support::{
 
 const IDLE: Duration = Duration::from_millis(20);
 const AWAKE: Duration = Duration::from_secs(600);
-const TRANSPORTS: [Transport; 2] = [Transport::Sse, Transport::WebSocket];
+const TRANSPORTS: [Transport; 3] = [
+    Transport::Sse,
+    Transport::WebSocket,
+    Transport::WebSocketBinary,
+];
 
 fn payloads(range: std::ops::RangeInclusive<u32>) -> Vec<String> {
     range.map(|i| format!("m{i}")).collect()
@@ -625,7 +629,7 @@ async fn a_thousand_subscribers_get_the_same_fifty_events_in_order() {
     let mut subs = Vec::with_capacity(SUBSCRIBERS);
     let mut pending = Vec::with_capacity(SUBSCRIBERS);
     for i in 0..SUBSCRIBERS {
-        let transport = TRANSPORTS[i % 2];
+        let transport = TRANSPORTS[i % TRANSPORTS.len()];
         let (socket, rx) = Socket::new(transport, ROOMY, Bytes::new());
         subs.push(Subscriber { transport, rx });
         pending.push(ns.call(

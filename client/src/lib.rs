@@ -1,9 +1,11 @@
 //! What a client of Dormouse needs to read its protocols, kept apart from the server so a
-//! client does not compile it: today the Server-Sent Events parser ([`sse::Parser`]) that
-//! the `dormouse tail` command, the test kit and the load harnesses read streams with.
+//! client does not compile it: the Server-Sent Events parser ([`sse::Parser`]) that the
+//! `dormouse tail` command, the test kit and the load harnesses read streams with, and the
+//! binary WebSocket frame ([`binary::Frame`]), whose constants the server writes with.
 //! A parser written here rather than taken from a crate because it must tell an event
 //! without an `id:` line (a control event, which must not move a resume cursor) from one
 //! that carries the last id over, as WHATWG's `lastEventId` does, and keep CR, LF and CRLF
 //! line ends split across chunks right.
 
+pub mod binary;
 pub mod sse;

@@ -203,7 +203,7 @@ pub(crate) async fn connect(
 ) -> Result<(Connection, SocketReceiver, String), ApiError> {
     let (socket, receiver) = state.client_socket(how.transport);
     let kind = match how.transport {
-        Transport::WebSocket => ConnKind::Ws,
+        Transport::WebSocket | Transport::WebSocketBinary => ConnKind::Ws,
         Transport::Sse => ConnKind::Sse,
     };
     let mut conn = state.telemetry.connection_opened(kind, true, &how.channel);
@@ -219,7 +219,7 @@ pub(crate) async fn connect(
             subject: &how.principal.subject,
             channel: Some(how.channel),
             transport: match how.transport {
-                Transport::WebSocket => "websocket",
+                Transport::WebSocket | Transport::WebSocketBinary => "websocket",
                 Transport::Sse => "sse",
             },
             query: how.uri.query(),

@@ -17,6 +17,7 @@ use crate::error::ApiError;
 struct SubscribeQuery {
     last_event_id: Option<String>,
     rewind: Option<String>,
+    format: Option<String>,
     /// The credential, read by the auth middleware; allowed here so it is not refused.
     #[serde(rename = "access_token")]
     _access_token: Option<serde::de::IgnoredAny>,
@@ -28,29 +29,32 @@ struct SubscribeQuery {
 struct HookedQuery {
     last_event_id: Option<String>,
     rewind: Option<String>,
+    format: Option<String>,
 }
 
-/// The start of a subscribe request, whose only query parameters are `last_event_id` and
-/// `rewind` (at most `max_rewind`) unless the channel is `hooked`.
+/// The start of a subscribe request, and the `format` it asked for (WebSocket only). Its
+/// only query parameters are `last_event_id`, `rewind` (at most `max_rewind`) and
+/// `format`, unless the channel is `hooked`.
 pub(crate) fn from_request(
     uri: &Uri,
     headers: &HeaderMap,
     hooked: bool,
     max_rewind: usize,
-) -> Result<Start, ApiError> {
-    let (last_event_id, rewind) = if hooked {
+) -> Result<(Start, Option<String>), ApiError> {
+    let (last_event_id, rewind, format) = if hooked {
         let q = query::<HookedQuery>(uri)?;
-        (q.last_event_id, q.rewind)
+        (q.last_event_id, q.rewind, q.format)
     } else {
         let q = query::<SubscribeQuery>(uri)?;
-        (q.last_event_id, q.rewind)
+        (q.last_event_id, q.rewind, q.format)
     };
-    start(
+    let start = start(
         headers,
         last_event_id.as_deref(),
         rewind.as_deref(),
         max_rewind,
-    )
+    )?;
+    Ok((start, format))
 }
 
 pub(crate) fn start(

@@ -53,12 +53,18 @@ pub(crate) async fn subscribe(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let hook = state.hooks.for_channel(&channel).cloned();
-    let start = cursor::from_request(
+    let (start, format) = cursor::from_request(
         &uri,
         &headers,
         hook.is_some(),
         state.settings.limits.max_history_page,
     )?;
+    if format.is_some() && hook.is_none() {
+        return Err(ApiError::bad_request(
+            "bad_query",
+            "format chooses how a WebSocket carries events; an event stream has one format",
+        ));
+    }
     let request = Request {
         principal: &principal,
         raw,

@@ -63,6 +63,10 @@ mod close {
     pub(super) const TOKEN_EXPIRED: u16 = 4001;
 }
 
+/// The subprotocol a client offers to read events as binary frames, like `?format=binary`
+/// (a browser's `new WebSocket(url, ["dormouse.binary"])`).
+pub(crate) const BINARY_PROTOCOL: &str = "dormouse.binary";
+
 /// `GET /v1/channels/{channel}/ws`
 pub(crate) async fn subscribe(
     State(state): State<AppState>,
@@ -73,20 +77,40 @@ pub(crate) async fn subscribe(
     headers: HeaderMap,
     upgrade: Result<WsHandshake, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    let upgrade = upgrade.map_err(upgrade_required)?;
+    let mut upgrade = upgrade.map_err(upgrade_required)?;
     let hook = state.hooks.for_channel(&channel);
-    let start = cursor::from_request(
+    let (start, format) = cursor::from_request(
         &uri,
         &headers,
         hook.is_some(),
         state.settings.limits.max_history_page,
     )?;
+    let binary = match format.as_deref() {
+        None => upgrade.offers(BINARY_PROTOCOL),
+        Some("binary") => true,
+        Some("json") => false,
+        // A hooked channel's query is its hook's too: a format of its own is not ours.
+        Some(_) if hook.is_some() => upgrade.offers(BINARY_PROTOCOL),
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                "bad_format",
+                format!("format must be json (the default) or binary; got {other:?}"),
+            ));
+        }
+    };
+    if binary {
+        upgrade.choose(BINARY_PROTOCOL);
+    }
     let settings = state.settings.clone();
     let (tracked, receiver, connection_id) = channels::connect(
         &state,
         Subscribing {
             channel: &channel,
-            transport: Transport::WebSocket,
+            transport: if binary {
+                Transport::WebSocketBinary
+            } else {
+                Transport::WebSocket
+            },
             start,
             principal: &principal,
             uri: &uri,

@@ -465,3 +465,90 @@ async fn a_graceful_stop_closes_the_socket_with_1012() {
         .expect("server stops in time")
         .expect("stop task");
 }
+
+#[tokio::test]
+async fn binary_mode_carries_events_as_binary_frames_and_control_messages_as_json() {
+    use dormouse_client::binary::{DIRECT, EVENT, Frame};
+    let server = TestServer::start().await;
+    let first = server.publish_event("bin", "old", "before").await;
+
+    // Asked for by query, with a rewind: the newest event first, then live ones.
+    let mut by_query =
+        WsClient::connect(&server, "/v1/channels/bin/ws?format=binary&rewind=1").await;
+    let frame = by_query.next_binary().await;
+    assert_eq!(frame[0], EVENT);
+    let got = Frame::parse(&frame).expect("a frame the client reads");
+    assert_eq!(
+        (got.id, got.event, got.data),
+        (Some(first.as_str()), "old", &b"before"[..])
+    );
+
+    // Asked for by subprotocol, as a browser does: the handshake names it back (the
+    // client refuses one that does not).
+    let mut by_protocol = WsClient::connect_with(
+        &server,
+        "/v1/channels/bin/ws",
+        &[("sec-websocket-protocol", "chat.v2, dormouse.binary")],
+    )
+    .await;
+    // A megabyte of bytes that are not text: as published, not base64 (a third more).
+    let payload: Vec<u8> = (0..1024 * 1024).map(|i| (i * 7 % 256) as u8).collect();
+    let id = server.publish_event("bin", "blob", payload.clone()).await;
+    for client in [&mut by_query, &mut by_protocol] {
+        let frame = client.next_binary().await;
+        assert_eq!(frame.len(), payload.len() + 3 + id.len() + "blob".len());
+        let got = Frame::parse(&frame).unwrap();
+        assert_eq!((got.id, got.event), (Some(id.as_str()), "blob"));
+        assert!(
+            got.data == payload.as_slice(),
+            "the payload arrived changed"
+        );
+    }
+
+    // A backend's message to one connection: a direct frame, without an id.
+    let connection = by_query.connection_id.clone().unwrap();
+    let res = server
+        .client
+        .post(server.url(&format!("/v1/connections/{connection}/messages?event=note")))
+        .body("just you")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200, "{}", res.text().await.unwrap());
+    let frame = by_query.next_binary().await;
+    assert_eq!(frame[0], DIRECT);
+    let got = Frame::parse(&frame).unwrap();
+    assert_eq!(
+        (got.id, got.event, got.data),
+        (None, "note", &b"just you"[..])
+    );
+
+    // Control messages stay JSON text: a cursor newer than the channel gets its gap.
+    let epoch = first.split('-').next().unwrap();
+    let mut resumed = WsClient::connect(
+        &server,
+        &format!("/v1/channels/bin/ws?format=binary&last_event_id={epoch}-999"),
+    )
+    .await;
+    let gap = resumed.next().await.unwrap();
+    assert_eq!(
+        (gap["type"].as_str(), gap["reason"].as_str()),
+        (Some("gap"), Some("unknown_id"))
+    );
+
+    // JSON stays the default; an unknown format, or one on an event stream, is refused.
+    let mut plain = WsClient::connect(&server, "/v1/channels/bin/ws").await;
+    let id = server.publish("bin", "text").await;
+    plain.expect_event(&id, "message", "text").await;
+    let (status, code, _) =
+        ws_handshake_error(&server, "/v1/channels/bin/ws?format=xml", &[]).await;
+    assert_eq!((status, code.as_str()), (400, "bad_format"));
+    let res = server
+        .client
+        .get(server.url("/v1/channels/bin/events?format=binary"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(res).await.0, 400);
+    server.stop().await;
+}

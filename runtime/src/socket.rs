@@ -27,6 +27,16 @@ pub enum Transport {
     Sse,
     /// A WebSocket: frames are WebSocket messages.
     WebSocket,
+    /// A WebSocket whose client asked for events as binary frames (a small header, then the
+    /// payload as published) instead of JSON text, which would carry bytes as base64.
+    WebSocketBinary,
+}
+
+impl Transport {
+    /// True for both kinds of WebSocket.
+    pub fn is_websocket(self) -> bool {
+        matches!(self, Self::WebSocket | Self::WebSocketBinary)
+    }
 }
 
 /// One unit of output for a connection. Payloads are `Bytes` so an event encoded once is

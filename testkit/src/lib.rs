@@ -384,6 +384,24 @@ impl WsClient {
         .expect("timed out waiting for a WebSocket message")
     }
 
+    /// The next binary message (a binary-mode event or direct message), skipping the
+    /// `connected` greeting and pings; panics on any other text message, which a test
+    /// reading binary frames did not expect.
+    pub async fn next_binary(&mut self) -> Vec<u8> {
+        tokio::time::timeout(PATIENCE, async {
+            loop {
+                match self.ws.next().await {
+                    Some(Ok(Message::Binary(bytes))) => return bytes.to_vec(),
+                    Some(Ok(Message::Text(t))) if t.contains(r#""type":"connected""#) => {}
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                    other => panic!("expected a binary message, got {other:?}"),
+                }
+            }
+        })
+        .await
+        .expect("timed out waiting for a binary WebSocket message")
+    }
+
     pub async fn send_json(&mut self, value: Value) {
         self.ws
             .send(Message::Text(value.to_string().into()))

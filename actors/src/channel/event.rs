@@ -11,6 +11,7 @@ use dormouse_runtime::{Outbound, Transport};
 use serde::Serialize;
 
 use super::id::EventId;
+use dormouse_client::binary;
 
 /// The event type clients see when the publisher named none (EventSource's default).
 pub const DEFAULT_EVENT: &str = "message";
@@ -34,6 +35,7 @@ pub struct Event {
     pub text: bool,
     sse: OnceLock<Bytes>,
     ws: OnceLock<Bytes>,
+    binary: OnceLock<Bytes>,
 }
 
 /// Why a stored record could not be read back.
@@ -56,6 +58,7 @@ impl Event {
             text,
             sse: OnceLock::new(),
             ws: OnceLock::new(),
+            binary: OnceLock::new(),
         }
     }
 
@@ -102,6 +105,7 @@ impl Event {
             text,
             sse: OnceLock::new(),
             ws: OnceLock::new(),
+            binary: OnceLock::new(),
         })
     }
 
@@ -112,6 +116,13 @@ impl Event {
             Transport::WebSocket => {
                 Outbound::Text(self.ws.get_or_init(|| self.encode_ws()).clone())
             }
+            Transport::WebSocketBinary => Outbound::Binary(
+                self.binary
+                    .get_or_init(|| {
+                        binary_frame(binary::EVENT, &self.id.to_string(), &self.name, &self.data)
+                    })
+                    .clone(),
+            ),
         }
     }
 
@@ -220,10 +231,28 @@ fn ws_frame(r#type: &str, id: Option<String>, name: &str, data: &[u8], text: boo
 /// an event of type `event` (`base64:event` for bytes) without an `id:` line.
 pub fn direct_frame(transport: Transport, name: &str, data: &[u8]) -> Outbound {
     let text = is_text(data);
-    Outbound::Text(match transport {
-        Transport::Sse => sse_frame(None, name, data, text),
-        Transport::WebSocket => ws_frame("direct", None, name, data, text),
-    })
+    match transport {
+        Transport::Sse => Outbound::Text(sse_frame(None, name, data, text)),
+        Transport::WebSocket => Outbound::Text(ws_frame("direct", None, name, data, text)),
+        Transport::WebSocketBinary => {
+            Outbound::Binary(binary_frame(binary::DIRECT, "", name, data))
+        }
+    }
+}
+
+/// A binary-mode WebSocket frame, as `dormouse_client::binary` defines it: the kind, the
+/// id's length and ASCII bytes, the event name's length and bytes, then the payload exactly
+/// as published, so bytes travel without base64's third and a client reads them without a
+/// JSON parser. Ids and event names are far shorter than 256 bytes.
+fn binary_frame(kind: u8, id: &str, name: &str, data: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(3 + id.len() + name.len() + data.len());
+    out.put_u8(kind);
+    out.put_u8(u8::try_from(id.len()).unwrap_or(u8::MAX));
+    out.put_slice(&id.as_bytes()[..id.len().min(255)]);
+    out.put_u8(u8::try_from(name.len()).unwrap_or(u8::MAX));
+    out.put_slice(&name.as_bytes()[..name.len().min(255)]);
+    out.put_slice(data);
+    out.freeze()
 }
 
 fn is_text(data: &[u8]) -> bool {
@@ -257,7 +286,9 @@ impl Control {
                 "event: dormouse.{}\ndata: {json}\n\n",
                 self.r#type
             ))),
-            Transport::WebSocket => Outbound::Text(Bytes::from(json)),
+            // Control messages stay JSON text in binary mode: a client tells them from
+            // events by the frame's type.
+            Transport::WebSocket | Transport::WebSocketBinary => Outbound::Text(Bytes::from(json)),
         }
     }
 }
@@ -276,6 +307,24 @@ mod tests {
             Bytes::copy_from_slice(data),
             1000,
         )
+    }
+
+    #[test]
+    fn binary_frames_carry_the_payload_as_published_and_read_back() {
+        let e = event(b"\0\xffbytes\r\n", "tick");
+        let Outbound::Binary(frame) = e.frame(Transport::WebSocketBinary) else {
+            panic!("not binary");
+        };
+        let back = binary::Frame::parse(&frame).unwrap();
+        assert_eq!(back.id, Some("ab-7"));
+        assert_eq!(back.event, "tick");
+        assert_eq!(back.data, b"\0\xffbytes\r\n");
+        let Outbound::Binary(direct) = direct_frame(Transport::WebSocketBinary, "note", b"hi")
+        else {
+            panic!("not binary");
+        };
+        let back = binary::Frame::parse(&direct).unwrap();
+        assert_eq!((back.id, back.event, back.data), (None, "note", &b"hi"[..]));
     }
 
     fn text(frame: Outbound) -> String {

@@ -250,12 +250,26 @@ pub fn decode(transport: Transport, outbound: Outbound) -> Frame {
     let bytes = match outbound {
         Outbound::Text(bytes) => bytes,
         Outbound::Close { code, .. } => return Frame::Close { code },
-        Outbound::Binary(bytes) => panic!("the channel never sends binary messages: {bytes:?}"),
+        Outbound::Binary(bytes) => {
+            assert_eq!(
+                transport,
+                Transport::WebSocketBinary,
+                "binary frames only in binary mode"
+            );
+            let frame = dormouse_client::binary::Frame::parse(&bytes)
+                .unwrap_or_else(|| panic!("a binary frame a client reads: {bytes:?}"));
+            return Frame::Event {
+                id: frame.id.expect("a channel event has an id").to_string(),
+                event: frame.event.to_string(),
+                data: frame.data.to_vec(),
+            };
+        }
     };
     let text = std::str::from_utf8(&bytes).expect("text frames are UTF-8");
     match transport {
         Transport::Sse => decode_sse(text),
-        Transport::WebSocket => decode_ws(text),
+        // Control messages are JSON text in both WebSocket modes.
+        Transport::WebSocket | Transport::WebSocketBinary => decode_ws(text),
     }
 }
 

@@ -46,6 +46,10 @@ pub(crate) struct WsHandshake {
     /// upgrade nothing but this WebSocket uses it. (On HTTP/2 the stream carries other
     /// requests' frames too: never written to directly.)
     stream: Option<SharedTcp>,
+    /// The subprotocols the client offered (`Sec-WebSocket-Protocol`).
+    offered: Option<HeaderValue>,
+    /// The one chosen, answered in the handshake.
+    chosen: Option<&'static str>,
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for WsHandshake {
@@ -78,11 +82,29 @@ impl<S: Send + Sync> FromRequestParts<S> for WsHandshake {
             on_upgrade,
             accept,
             stream,
+            offered: parts.headers.get(header::SEC_WEBSOCKET_PROTOCOL).cloned(),
+            chosen: None,
         })
     }
 }
 
 impl WsHandshake {
+    /// Whether the client offered `protocol` as a subprotocol.
+    pub(crate) fn offers(&self, protocol: &str) -> bool {
+        self.offered
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|list| list.split(',').any(|p| p.trim() == protocol))
+    }
+
+    /// Answers with `protocol` chosen (the client must have offered it: a browser fails a
+    /// handshake that names one it did not).
+    pub(crate) fn choose(&mut self, protocol: &'static str) {
+        if self.offers(protocol) {
+            self.chosen = Some(protocol);
+        }
+    }
+
     /// Answers the handshake and, once the client has the answer, runs `serve` on the
     /// connection in its own task, with the connection's [`SubscriberWriter`] (enabled when the
     /// socket can be shared). Buffers: a 1 KiB read buffer is allocated for every
@@ -132,6 +154,12 @@ impl WsHandshake {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
             headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+        }
+        if let Some(protocol) = self.chosen {
+            response.headers_mut().insert(
+                header::SEC_WEBSOCKET_PROTOCOL,
+                HeaderValue::from_static(protocol),
+            );
         }
         response
     }

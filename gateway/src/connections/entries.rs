@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use dormouse_runtime::Outlet;
+use dormouse_runtime::{Outlet, Transport};
 use slab::Slab;
 
 /// No slot: the end of a list.
@@ -23,10 +23,8 @@ const NONE: u32 = u32::MAX;
 /// What a connection is, for how a message to it is framed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Kind {
-    /// A channel's WebSocket subscriber.
-    ChannelWs,
-    /// A channel's SSE subscriber.
-    ChannelSse,
+    /// A channel's subscriber, and how it reads events.
+    Channel(Transport),
     /// A WebSocket accepted by a user object.
     ObjectWs,
     /// A hook's own WebSocket.
@@ -245,7 +243,7 @@ mod tests {
             entries.insert(
                 Arc::from(subject),
                 Arc::from("room"),
-                Kind::ChannelWs,
+                Kind::Channel(Transport::WebSocket),
                 0,
                 outlet(),
             )
@@ -292,7 +290,7 @@ mod tests {
                 entries.insert(
                     Arc::from(format!("s{}", i % 7).as_str()),
                     Arc::from("room"),
-                    Kind::ChannelSse,
+                    Kind::Channel(Transport::Sse),
                     0,
                     outlet(),
                 )
@@ -315,7 +313,7 @@ mod tests {
                 entries.insert(
                     Arc::from("s3"),
                     Arc::from("room"),
-                    Kind::ChannelSse,
+                    Kind::Channel(Transport::Sse),
                     0,
                     outlet(),
                 )

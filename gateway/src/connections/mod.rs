@@ -377,8 +377,7 @@ impl ConnectionTable {
         outlet: Outlet,
     ) -> Registration {
         let (target, kind) = match (target, transport) {
-            (Target::Channel(channel), Transport::WebSocket) => (channel, Kind::ChannelWs),
-            (Target::Channel(channel), Transport::Sse) => (channel, Kind::ChannelSse),
+            (Target::Channel(channel), transport) => (channel, Kind::Channel(transport)),
             (Target::Object(object), _) => (object, Kind::ObjectWs),
             (Target::Hook(hook), _) => (hook, Kind::HookWs),
         };
@@ -392,8 +391,8 @@ impl ConnectionTable {
     fn info(&self, key: u64, entry: &Entry) -> ConnectionInfo {
         let target = Some(entry.target.to_string());
         let (channel, object, hook, transport) = match entry.kind {
-            Kind::ChannelWs => (target, None, None, "websocket"),
-            Kind::ChannelSse => (target, None, None, "sse"),
+            Kind::Channel(Transport::Sse) => (target, None, None, "sse"),
+            Kind::Channel(_) => (target, None, None, "websocket"),
             Kind::ObjectWs => (None, target, None, "websocket"),
             Kind::HookWs => (None, None, target, "websocket"),
         };
@@ -446,9 +445,7 @@ impl ConnectionTable {
                 let mut found: Vec<_> = entries
                     .all()
                     .filter(|(_, e)| {
-                        matches!(e.kind, Kind::ChannelWs | Kind::ChannelSse)
-                            && *e.target == **channel
-                            && open(e)
+                        matches!(e.kind, Kind::Channel(_)) && *e.target == **channel && open(e)
                     })
                     .collect();
                 found.sort_by_key(|(key, e)| (e.opened_ms, *key));
@@ -474,12 +471,13 @@ fn send_all<'a>(
     message: &Direct,
     outcome: &mut Outcome,
 ) {
-    let mut frames: [Option<Outbound>; 3] = [None, None, None];
+    let mut frames: [Option<Outbound>; 4] = [None, None, None, None];
     for (_, entry) in to {
         let (slot, transport) = match entry.kind {
             Kind::ObjectWs | Kind::HookWs => (0, None),
-            Kind::ChannelWs => (1, Some(Transport::WebSocket)),
-            Kind::ChannelSse => (2, Some(Transport::Sse)),
+            Kind::Channel(Transport::WebSocket) => (1, Some(Transport::WebSocket)),
+            Kind::Channel(Transport::Sse) => (2, Some(Transport::Sse)),
+            Kind::Channel(Transport::WebSocketBinary) => (3, Some(Transport::WebSocketBinary)),
         };
         let frame = frames[slot]
             .get_or_insert_with(|| match transport {
