@@ -116,6 +116,12 @@ pub enum ChannelRequest {
         /// Where its stream starts.
         start: Start,
     },
+    /// Removes a subscriber (by its socket's id): one client following several channels on
+    /// one connection stops following this one.
+    Unsubscribe {
+        /// [`dormouse_runtime::Socket::id`] of the connection.
+        socket: u64,
+    },
     /// Reads a page of stored events.
     History {
         /// Which events, in which order.
@@ -141,6 +147,11 @@ pub enum ChannelResponse {
     Published(Vec<Published>),
     /// The subscriber was added.
     Subscribed,
+    /// The subscriber was removed, or was not there.
+    Unsubscribed {
+        /// Whether the socket was a subscriber.
+        was_subscribed: bool,
+    },
     /// The channel already holds `limit` subscribers; this one was not added.
     Full {
         /// The configured `max_subscribers`.
@@ -188,6 +199,9 @@ pub struct ChannelInfo {
 /// A live channel.
 #[derive(Debug)]
 pub struct Channel {
+    /// The channel's name, which every frame it sends carries (a client may follow several
+    /// channels on one connection).
+    name: Arc<str>,
     settings: ChannelSettings,
     memory_tail_bytes: usize,
     /// See [`ChannelEnv::max_subscribers`].
@@ -222,6 +236,7 @@ impl Object for Channel {
     async fn activate(ctx: &mut Context<'_>, env: &ChannelEnv) -> anyhow::Result<Self> {
         let settings = env.settings_for(ctx.name()).clone();
         let mut channel = Channel {
+            name: Arc::from(ctx.name()),
             settings,
             memory_tail_bytes: env.memory_tail_bytes.max(1),
             max_subscribers: env.max_subscribers,
@@ -294,6 +309,7 @@ impl Object for Channel {
                 let subscriber = socket.clone();
                 ctx.accept_socket(socket);
                 let observer = self.observer.clone();
+                let name = self.name.clone();
                 ctx.after_commit(move || {
                     if let Some(gap) = gap {
                         subscriber.send(gap.frame(transport));
@@ -302,11 +318,14 @@ impl Object for Channel {
                         }
                     }
                     for event in backlog {
-                        subscriber.send(event.frame(transport));
+                        subscriber.send(event.frame(transport, &name));
                     }
                 });
                 Ok(ChannelResponse::Subscribed)
             }
+            ChannelRequest::Unsubscribe { socket } => Ok(ChannelResponse::Unsubscribed {
+                was_subscribed: ctx.remove_socket(socket).is_some(),
+            }),
             ChannelRequest::History { range, limit } => {
                 let (gap, events) = self.page(ctx, range, limit)?;
                 Ok(ChannelResponse::History(HistoryPage { gap, events }))
@@ -321,6 +340,7 @@ impl Object for Channel {
                     r#type: "gap",
                     reason: "deleted",
                     message: "the channel was deleted; its history is gone".to_string(),
+                    channel: Some(self.name.to_string()),
                     earliest_id: None,
                     requested_id: None,
                 };
@@ -414,11 +434,12 @@ impl Channel {
         }
         let sockets = ctx.sockets();
         if !sockets.is_empty() {
+            let name = self.name.clone();
             ctx.after_commit(move || {
                 for socket in sockets.iter() {
                     let transport = socket.transport();
                     for event in &fresh {
-                        socket.send_stamped(event.frame(transport), accepted);
+                        socket.send_stamped(event.frame(transport, &name), accepted);
                     }
                 }
             });
@@ -475,10 +496,12 @@ impl Channel {
                 r#type: "gap",
                 reason,
                 message: message.to_string(),
+                channel: Some(self.name.to_string()),
                 earliest_id: fresh.first().map(|e| e.id.to_string()),
                 requested_id: None,
             });
             let observer = self.observer.clone();
+            let name = self.name.clone();
             ctx.after_commit(move || {
                 for socket in sockets.iter() {
                     let transport = socket.transport();
@@ -489,7 +512,7 @@ impl Channel {
                         }
                     }
                     for event in &fresh {
-                        socket.send(event.frame(transport));
+                        socket.send(event.frame(transport, &name));
                     }
                 }
             });
@@ -618,6 +641,7 @@ impl Channel {
             r#type: "gap",
             reason,
             message: message.to_string(),
+            channel: Some(self.name.to_string()),
             earliest_id: events.first().map(|e| e.id.to_string()),
             requested_id: cursor.map(|c| c.to_string()),
         });
@@ -756,6 +780,7 @@ impl Channel {
                     r#type: "gap",
                     reason,
                     message: message.to_string(),
+                    channel: Some(self.name.to_string()),
                     earliest_id: None,
                     requested_id: before.map(|c| c.to_string()),
                 });

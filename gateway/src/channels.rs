@@ -24,7 +24,7 @@ use crate::connections::Target;
 use crate::error::ApiError;
 use crate::hooks::{Connecting, Route};
 use crate::limits::ClientIp;
-use crate::publisher::{Client, check_names};
+use crate::publisher::{Client, Publisher, check_names};
 use crate::state::AppState;
 use crate::telemetry::{ConnKind, Connection};
 
@@ -240,7 +240,7 @@ pub(crate) async fn connect(
             .await?;
     }
     conn.ending("subscribe_failed");
-    subscribe(state, how.channel, socket, how.start).await?;
+    subscribe(&state.publisher, how.channel, socket, how.start).await?;
     if let Some(route) = how.hook {
         conn.occupying(state.hooks.occupy(route, how.channel));
     }
@@ -250,14 +250,13 @@ pub(crate) async fn connect(
 
 /// Subscribes `socket` to `channel` from `start`. The channel sends the backlog and adds
 /// the socket in one step.
-async fn subscribe(
-    state: &AppState,
+pub(crate) async fn subscribe(
+    publisher: &Publisher,
     channel: &str,
     socket: Socket,
     start: Start,
 ) -> Result<(), ApiError> {
-    let response = state
-        .publisher
+    let response = publisher
         .call(channel, ChannelRequest::Subscribe { socket, start })
         .await?;
     match response {

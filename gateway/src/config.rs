@@ -466,8 +466,11 @@ pub struct LimitsSettings {
     /// Bytes queued for one subscriber before it is cut off as too slow (it reconnects and
     /// resumes from its last id).
     pub subscriber_queue: ByteSize,
-    /// Most events one history request returns.
+    /// Most events one history request returns (and a subscriber's `rewind` asks for).
     pub max_history_page: usize,
+    /// Most channels one WebSocket connection follows (the one it was opened for, plus those
+    /// its `subscribe` messages added).
+    pub max_channels_per_connection: usize,
     /// Most hook disconnects sent (and retried) from memory at once; past it they wait in
     /// storage and a sweep sends them as room frees up (docs/HOOKS.md).
     pub hook_disconnects_in_memory: usize,
@@ -614,6 +617,7 @@ impl Default for LimitsSettings {
             max_batch_messages: 10_000,
             subscriber_queue: ByteSize::mib(8),
             max_history_page: 1000,
+            max_channels_per_connection: 100,
             hook_disconnects_in_memory: 10_000,
             write_timeout: Duration::from_secs(30),
             max_connections: 50_000,

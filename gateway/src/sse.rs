@@ -421,6 +421,7 @@ fn reconnect(reason: &'static str, message: &str) -> Bytes {
         r#type: "reconnect",
         reason,
         message: message.to_string(),
+        channel: None,
         earliest_id: None,
         requested_id: None,
     };

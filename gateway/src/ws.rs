@@ -40,6 +40,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::auth::{Auth, Need, Principal};
 use crate::channels::{self, ChannelName, Subscribing};
+use crate::config::Settings;
 use crate::conn::expiry::{deadline, expired};
 use crate::conn::{StopWaiter, SubscriberWriter, WsHandshake, WsStream};
 use crate::connections::Target;
@@ -134,6 +135,9 @@ pub(crate) async fn subscribe(
         principal,
         ip,
         screened,
+        more: Vec::new(),
+        hooks: state.hooks.clone(),
+        settings: settings.clone(),
     };
     let conn = WsSession::new(&state, tracked, expires_at, mode, receiver);
     let tasks = state.tasks.clone();
@@ -265,6 +269,12 @@ pub(crate) enum Mode {
         ip: Option<IpAddr>,
         /// Set when the channel's hook screens publishes.
         screened: Option<Arc<Screened>>,
+        /// The channels the client added with `subscribe` messages, besides `channel`.
+        more: Vec<String>,
+        /// What a `subscribe` message needs: the hooks (a hooked channel is not added to a
+        /// connection) and the limits.
+        hooks: Arc<Hooks>,
+        settings: Arc<Settings>,
     },
     /// A hook's own WebSocket (`/v1/hooks/{name}/ws`): each message goes to the hook's
     /// `message` call, and what it answers goes back, in the order the client sent them.
@@ -297,8 +307,11 @@ pub(crate) struct Hooked {
 /// A text message a channel subscriber may send (see the module doc for the framing).
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClientMessage {
-    /// `{"type":"publish","event"?,"data"|"data_base64","idempotency_key"?,"ref"?}`
+    /// `{"type":"publish","channel"?,"event"?,"data"|"data_base64","idempotency_key"?,"ref"?}`
     Publish {
+        /// One of the channels the connection follows; the one it was opened for when
+        /// absent.
+        channel: Option<String>,
         /// The event name, not yet validated.
         event: Option<String>,
         /// The payload, decoded from base64 when given as `data_base64`.
@@ -315,6 +328,26 @@ pub enum ClientMessage {
         /// Echoed in the answer.
         r#ref: Option<Value>,
     },
+    /// `{"type":"subscribe","channel","last_event_id"?,"rewind"?,"ref"?}`: follow one more
+    /// channel on this connection, from a cursor (or the newest `rewind` events, or live).
+    Subscribe {
+        /// Not yet validated.
+        channel: String,
+        /// Not yet parsed.
+        last_event_id: Option<String>,
+        /// Not yet bounded.
+        rewind: Option<u64>,
+        /// Echoed in the answer.
+        r#ref: Option<Value>,
+    },
+    /// `{"type":"unsubscribe","channel","ref"?}`: stop following a channel added with
+    /// `subscribe`.
+    Unsubscribe {
+        /// Not yet validated.
+        channel: String,
+        /// Echoed in the answer.
+        r#ref: Option<Value>,
+    },
 }
 
 /// Parses a client's text message, or says what is wrong with it (with the `ref` it
@@ -325,6 +358,9 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, (ApiError, Opti
     #[serde(deny_unknown_fields)]
     struct Raw {
         r#type: String,
+        channel: Option<String>,
+        last_event_id: Option<String>,
+        rewind: Option<u64>,
         token: Option<String>,
         event: Option<String>,
         data: Option<String>,
@@ -369,19 +405,50 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, (ApiError, Opti
                 }
             };
             Ok(ClientMessage::Publish {
+                channel: raw.channel,
                 event: raw.event,
                 data,
                 idempotency_key: raw.idempotency_key,
                 r#ref: raw.r#ref,
             })
         }
+        "subscribe" | "unsubscribe" => {
+            let Some(channel) = raw.channel else {
+                return Err((
+                    bad(format!("a {} message needs a \"channel\"", raw.r#type)),
+                    raw.r#ref,
+                ));
+            };
+            if raw.r#type == "subscribe" {
+                Ok(ClientMessage::Subscribe {
+                    channel,
+                    last_event_id: raw.last_event_id,
+                    rewind: raw.rewind,
+                    r#ref: raw.r#ref,
+                })
+            } else {
+                Ok(ClientMessage::Unsubscribe {
+                    channel,
+                    r#ref: raw.r#ref,
+                })
+            }
+        }
         other => Err((
             bad(format!(
-                "unknown message type {other:?}; clients may send \"publish\" or \"auth\""
+                "unknown message type {other:?}; clients may send \"publish\", \"subscribe\", \"unsubscribe\" or \"auth\""
             )),
             raw.r#ref,
         )),
     }
+}
+
+/// The refusal of a message about a channel the connection does not follow.
+fn not_following(channel: &str) -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::CONFLICT,
+        "not_subscribed",
+        format!("this connection does not follow channel {channel:?}; subscribe to it first"),
+    )
 }
 
 /// Why a connection ended, for the log line.
@@ -580,9 +647,19 @@ impl WsSession {
                     // write each.
                     let mut next = Some(answered);
                     let mut fed = 0;
-                    while let Some(Answered { frame, rejected }) = next {
+                    while let Some(Answered {
+                        frame,
+                        rejected,
+                        not_following,
+                    }) = next
+                    {
                         if let Some(code) = rejected {
                             self.tracked.telemetry().rejected(code);
+                        }
+                        if let (Some(channel), Mode::Channel { more, .. }) =
+                            (not_following, &mut self.mode)
+                        {
+                            more.retain(|c| *c != channel);
                         }
                         if let Some(frame) = frame
                             && ws.feed(frame).await.is_err()
@@ -710,11 +787,13 @@ impl WsSession {
         match parse_client_message(text) {
             Ok(ClientMessage::Auth { token, r#ref }) => self.on_auth(&token, r#ref),
             Ok(ClientMessage::Publish {
+                channel,
                 event,
                 data,
                 idempotency_key,
                 r#ref,
-            }) => self.on_publish(
+            }) => self.on_publish_to(
+                channel,
                 NewMessage {
                     event,
                     data,
@@ -722,6 +801,15 @@ impl WsSession {
                 },
                 r#ref,
             ),
+            Ok(ClientMessage::Subscribe {
+                channel,
+                last_event_id,
+                rewind,
+                r#ref,
+            }) => self.on_subscribe(channel, last_event_id, rewind, r#ref),
+            Ok(ClientMessage::Unsubscribe { channel, r#ref }) => {
+                self.on_unsubscribe(channel, r#ref)
+            }
             Err((e, r#ref)) => Answer::failed(&e, r#ref),
         }
     }
@@ -733,15 +821,20 @@ impl WsSession {
             channel,
             auth,
             principal,
+            more,
             ..
         } = &mut self.mode
         else {
             // Only channel sockets read client messages.
             return Answer::failed(&channels::unexpected(), r#ref);
         };
-        let fresh = auth
-            .verify(token)
-            .and_then(|p| p.require(Need::Subscribe(channel)).map(|()| p));
+        // The fresh credential must grant every channel the connection follows.
+        let fresh = auth.verify(token).and_then(|p| {
+            std::iter::once(&*channel)
+                .chain(more.iter())
+                .try_for_each(|c| p.require(Need::Subscribe(c)))
+                .map(|()| p)
+        });
         match fresh {
             Ok(fresh) => {
                 self.expires_at = fresh.time_left().map(|left| Instant::now() + left);
@@ -801,6 +894,7 @@ impl WsSession {
                     Ok(frame) => Answered {
                         frame,
                         rejected: None,
+                        not_following: None,
                     },
                     Err(failure) => Answered::failed(&failure.to_api_error(), &None),
                 },
@@ -812,6 +906,183 @@ impl WsSession {
     /// Hands a client's message to the publisher, which checks it as it checks every
     /// publish; the answer waits for the channel in the connection's queue of answers, so
     /// a pipelining client costs no task per publish.
+    /// A publish to `channel` (one the connection follows; its own when `None`).
+    fn on_publish_to(
+        &self,
+        to: Option<String>,
+        message: NewMessage,
+        r#ref: Option<Value>,
+    ) -> Answer {
+        let Mode::Channel {
+            channel,
+            more,
+            publisher,
+            client_publish,
+            principal,
+            ip,
+            ..
+        } = &self.mode
+        else {
+            return Answer::failed(&channels::unexpected(), r#ref);
+        };
+        let Some(to) = to.filter(|to| to != channel) else {
+            return self.on_publish(message, r#ref);
+        };
+        if !more.contains(&to) {
+            return Answer::failed(&not_following(&to), r#ref);
+        }
+        if !client_publish {
+            return self.on_publish(message, r#ref);
+        }
+        // A channel added with `subscribe` has no hook (see `on_subscribe`): nothing to
+        // screen.
+        let client = Client { principal, ip: *ip };
+        match publisher.publish_one(client, &to, message) {
+            Ok(reply) => Answer::Publish { reply, r#ref },
+            Err(e) => Answer::failed(&e, r#ref),
+        }
+    }
+
+    /// Follows one more channel on this connection: checked like a subscription of its own
+    /// (name, credential, the connection's channel limit), then subscribed with this
+    /// connection's queue, from the cursor given. Its events then arrive among the others',
+    /// each naming its channel.
+    fn on_subscribe(
+        &mut self,
+        to: String,
+        last_event_id: Option<String>,
+        rewind: Option<u64>,
+        r#ref: Option<Value>,
+    ) -> Answer {
+        let Mode::Channel {
+            channel,
+            more,
+            publisher,
+            principal,
+            hooks,
+            settings,
+            ..
+        } = &mut self.mode
+        else {
+            return Answer::failed(&channels::unexpected(), r#ref);
+        };
+        let limits = &settings.limits;
+        let checked = channels::check_channel(&to)
+            .and_then(|()| principal.require(Need::Subscribe(&to)))
+            .and_then(|()| {
+                if to == *channel || more.contains(&to) {
+                    return Err(ApiError::new(
+                        axum::http::StatusCode::CONFLICT,
+                        "already_subscribed",
+                        format!("this connection already follows channel {to:?}"),
+                    ));
+                }
+                if more.len() + 1 >= limits.max_channels_per_connection {
+                    return Err(ApiError::new(
+                        axum::http::StatusCode::CONFLICT,
+                        "too_many_channels",
+                        format!(
+                            "this connection follows {} channels, the most one may \
+                             (limits.max_channels_per_connection); unsubscribe from one first",
+                            more.len() + 1
+                        ),
+                    ));
+                }
+                if hooks.for_channel(&to).is_some() {
+                    return Err(ApiError::new(
+                        axum::http::StatusCode::FORBIDDEN,
+                        "hooked_channel",
+                        format!(
+                            "channel {to:?} goes through a hook, which admits connections one \
+                             channel at a time: open a connection to it"
+                        ),
+                    ));
+                }
+                let rewind = rewind.map(|n| n.to_string());
+                cursor::start(
+                    &HeaderMap::new(),
+                    last_event_id.as_deref(),
+                    rewind.as_deref(),
+                    limits.max_history_page,
+                )
+            });
+        let start = match checked {
+            Ok(start) => start,
+            Err(e) => return Answer::failed(&e, r#ref),
+        };
+        let Some(socket) = self.receiver.socket() else {
+            return Answer::failed(&channels::unexpected(), r#ref);
+        };
+        more.push(to.clone());
+        let publisher = publisher.clone();
+        Answer::Hook(Box::pin(async move {
+            match channels::subscribe(&publisher, &to, socket, start).await {
+                Ok(()) => Answered {
+                    frame: Some(Message::text(
+                        Frame::Subscribed {
+                            channel: &to,
+                            r#ref: &r#ref,
+                        }
+                        .text(),
+                    )),
+                    rejected: None,
+                    not_following: None,
+                },
+                Err(e) => Answered {
+                    not_following: Some(to),
+                    ..Answered::failed(&e, &r#ref)
+                },
+            }
+        }))
+    }
+
+    /// Stops following a channel added with `subscribe` (the one the connection was opened
+    /// for stays until it closes). Events of it already queued may still arrive.
+    fn on_unsubscribe(&mut self, from: String, r#ref: Option<Value>) -> Answer {
+        let Mode::Channel {
+            channel,
+            more,
+            publisher,
+            ..
+        } = &mut self.mode
+        else {
+            return Answer::failed(&channels::unexpected(), r#ref);
+        };
+        if from == *channel {
+            let e = ApiError::new(
+                axum::http::StatusCode::CONFLICT,
+                "opened_for_channel",
+                format!(
+                    "this connection was opened for channel {from:?}, which it follows until \
+                     it closes"
+                ),
+            );
+            return Answer::failed(&e, r#ref);
+        }
+        let Some(at) = more.iter().position(|c| *c == from) else {
+            return Answer::failed(&not_following(&from), r#ref);
+        };
+        more.swap_remove(at);
+        let (publisher, socket) = (publisher.clone(), self.receiver.id());
+        Answer::Hook(Box::pin(async move {
+            let request = dormouse_actors::channel::ChannelRequest::Unsubscribe { socket };
+            match publisher.call(&from, request).await {
+                Ok(_) => Answered {
+                    frame: Some(Message::text(
+                        Frame::Unsubscribed {
+                            channel: &from,
+                            r#ref: &r#ref,
+                        }
+                        .text(),
+                    )),
+                    rejected: None,
+                    not_following: None,
+                },
+                Err(e) => Answered::failed(&ApiError::from(e), &r#ref),
+            }
+        }))
+    }
+
     fn on_publish(&self, message: NewMessage, r#ref: Option<Value>) -> Answer {
         let Mode::Channel {
             channel,
@@ -888,6 +1159,14 @@ enum Frame<'a> {
         expires_at: Option<u64>,
         r#ref: &'a Option<Value>,
     },
+    Subscribed {
+        channel: &'a str,
+        r#ref: &'a Option<Value>,
+    },
+    Unsubscribed {
+        channel: &'a str,
+        r#ref: &'a Option<Value>,
+    },
     Error {
         code: &'a str,
         message: &'a str,
@@ -917,6 +1196,9 @@ struct Answered {
     /// `None` when there is nothing to send (a hook that did not reply).
     frame: Option<Message>,
     rejected: Option<&'static str>,
+    /// A channel a `subscribe` message named that the connection does not follow after
+    /// all (the channel refused it): forgotten when the answer is sent.
+    not_following: Option<String>,
 }
 
 impl Answer {
@@ -924,6 +1206,7 @@ impl Answer {
         Self::Ready(Some(Answered {
             frame: Some(Message::text(frame.text())),
             rejected: None,
+            not_following: None,
         }))
     }
 
@@ -944,6 +1227,7 @@ impl Answered {
                 .text(),
             )),
             rejected: Some(e.code),
+            not_following: None,
         }
     }
 }
@@ -984,6 +1268,7 @@ impl Answered {
                         .text(),
                     )),
                     rejected: None,
+                    not_following: None,
                 },
                 None => Answered::failed(&channels::unexpected(), r#ref),
             },

@@ -370,7 +370,7 @@ async fn after_a_delete_old_cursors_get_an_epoch_changed_gap_then_the_new_events
     // A connected subscriber is told, and stays connected.
     assert_eq!(
         live.expect_control("gap").await,
-        json!({"type": "gap", "reason": "deleted", "message": "the channel was deleted; its history is gone"})
+        json!({"type": "gap", "reason": "deleted", "channel": "del", "message": "the channel was deleted; its history is gone"})
     );
     let info = server.get_json("/v1/channels/del", 200).await;
     assert_eq!(
@@ -388,7 +388,7 @@ async fn after_a_delete_old_cursors_get_an_epoch_changed_gap_then_the_new_events
     live.expect_event(&new2, "message", "new-2").await;
 
     let gap = json!({
-        "type": "gap", "reason": "epoch_changed",
+        "type": "gap", "reason": "epoch_changed", "channel": "del",
         "message": "the id is from an earlier incarnation of this channel; replaying everything retained",
         "earliest_id": new1, "requested_id": old2,
     });
@@ -437,7 +437,7 @@ async fn a_cursor_older_than_the_buffer_gets_a_trimmed_gap_then_the_retained_eve
         ids.push(server.publish("trim", format!("e{i}")).await);
     }
     let gap = json!({
-        "type": "gap", "reason": "trimmed",
+        "type": "gap", "reason": "trimmed", "channel": "trim",
         "message": "events after the id were dropped from the replay buffer; replaying from the oldest retained",
         "earliest_id": ids[15], "requested_id": ids[1],
     });

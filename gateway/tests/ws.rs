@@ -70,7 +70,7 @@ async fn text_arrives_as_readable_json_and_binary_as_exact_base64() {
     // The payload is the JSON string as published, not re-encoded or base64-encoded.
     assert_eq!(
         got,
-        json!({"type": "message", "id": text_id, "event": "message", "data": json_text})
+        json!({"type": "message", "channel": "room-ws", "id": text_id, "event": "message", "data": json_text})
     );
 
     let multi = "line one\n\n  line three: with colon\n";
@@ -100,7 +100,7 @@ async fn text_arrives_as_readable_json_and_binary_as_exact_base64() {
     let got = ws.next().await.expect("crlf message");
     assert_eq!(
         got,
-        json!({"type": "message", "id": crlf_id, "event": "message", "data_base64": BASE64.encode(&crlf)})
+        json!({"type": "message", "channel": "room-ws", "id": crlf_id, "event": "message", "data_base64": BASE64.encode(&crlf)})
     );
     drop(ws);
     server.stop().await;
@@ -121,7 +121,7 @@ async fn a_client_publishes_over_the_socket_and_gets_an_ack_with_its_ref() {
         got,
         vec![
             json!({"type": "ack", "id": id, "duplicate": false, "ref": 1}),
-            json!({"type": "message", "id": id, "event": "message", "data": "x"}),
+            json!({"type": "message", "channel": "room-ws", "id": id, "event": "message", "data": "x"}),
         ]
     );
     other.expect_event(&id, "message", "x").await;
@@ -136,7 +136,7 @@ async fn a_client_publishes_over_the_socket_and_gets_an_ack_with_its_ref() {
         got,
         vec![
             json!({"type": "ack", "id": chat, "duplicate": false, "ref": "r2"}),
-            json!({"type": "message", "id": chat, "event": "chat", "data": "hi"}),
+            json!({"type": "message", "channel": "room-ws", "id": chat, "event": "chat", "data": "hi"}),
         ]
     );
     other.expect_event(&chat, "chat", "hi").await;
@@ -155,8 +155,7 @@ async fn a_client_publishes_over_the_socket_and_gets_an_ack_with_its_ref() {
         .expect("send binary");
     let got = next_n_by_type(&mut publisher, 2).await;
     let blob = got[0]["id"].as_str().expect("ack id").to_string();
-    let message =
-        json!({"type": "message", "id": blob, "event": "message", "data_base64": "AAEC/w=="});
+    let message = json!({"type": "message", "channel": "room-ws", "id": blob, "event": "message", "data_base64": "AAEC/w=="});
     assert_eq!(
         got,
         vec![
@@ -343,9 +342,11 @@ async fn a_malformed_client_message_gets_an_error_and_the_socket_stays_usable() 
 
     let cases = [
         (
-            json!({"type": "subscribe", "ref": 7}),
+            json!({"type": "dance", "ref": 7}),
             "bad_message",
-            Some(r#"unknown message type "subscribe"; clients may send "publish" or "auth""#),
+            Some(
+                r#"unknown message type "dance"; clients may send "publish", "subscribe", "unsubscribe" or "auth""#,
+            ),
         ),
         (
             json!({"type": "publish", "ref": 8}),
@@ -406,7 +407,7 @@ async fn a_malformed_client_message_gets_an_error_and_the_socket_stays_usable() 
     );
     assert_eq!(
         got[1],
-        json!({"type": "message", "id": id, "event": "message", "data": "ok"})
+        json!({"type": "message", "channel": "talk", "id": id, "event": "message", "data": "ok"})
     );
     watcher.expect_event(&id, "message", "ok").await;
     let history = server.history("talk", "").await;
@@ -496,9 +497,15 @@ async fn binary_mode_carries_events_as_binary_frames_and_control_messages_as_jso
     let id = server.publish_event("bin", "blob", payload.clone()).await;
     for client in [&mut by_query, &mut by_protocol] {
         let frame = client.next_binary().await;
-        assert_eq!(frame.len(), payload.len() + 3 + id.len() + "blob".len());
+        assert_eq!(
+            frame.len(),
+            payload.len() + 4 + id.len() + "bin".len() + "blob".len()
+        );
         let got = Frame::parse(&frame).unwrap();
-        assert_eq!((got.id, got.event), (Some(id.as_str()), "blob"));
+        assert_eq!(
+            (got.id, got.channel, got.event),
+            (Some(id.as_str()), Some("bin"), "blob")
+        );
         assert!(
             got.data == payload.as_slice(),
             "the payload arrived changed"
@@ -550,5 +557,148 @@ async fn binary_mode_carries_events_as_binary_frames_and_control_messages_as_jso
         .await
         .unwrap();
     assert_eq!(error_of(res).await.0, 400);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn one_websocket_follows_many_channels_with_subscribe_and_unsubscribe() {
+    let server = TestServer::start_with(|s| {
+        s.limits.max_channels_per_connection = 4;
+        // A channel with a hook is not added to a connection (the hook is never called).
+        s.hooks = vec![dormouse_gateway::HookSettings {
+            name: "app".into(),
+            url: "http://127.0.0.1:9/hook".into(),
+            secret: "0123456789abcdef0123456789abcdef".into(),
+            channels: vec!["hooked:*".into()],
+            events: vec!["subscribe".into()],
+            timeout: std::time::Duration::from_secs(1),
+        }];
+    })
+    .await;
+    let old_c = server.publish("c", "c-old").await;
+    let new_c = server.publish("c", "c-new").await;
+    let mut ws = WsClient::connect(&server, "/v1/channels/a/ws").await;
+
+    // Another channel, live; then one from a cursor, whose backlog comes first.
+    ws.send_json(json!({"type": "subscribe", "channel": "b", "ref": 1}))
+        .await;
+    assert_eq!(
+        ws.next().await.unwrap(),
+        json!({"type": "subscribed", "channel": "b", "ref": 1})
+    );
+    ws.send_json(json!({"type": "subscribe", "channel": "c", "last_event_id": old_c, "ref": 2}))
+        .await;
+    let mut got = vec![ws.next().await.unwrap(), ws.next().await.unwrap()];
+    got.sort_by_key(|m| m["type"].as_str().unwrap().to_string());
+    assert_eq!(got[0]["type"], "message", "{got:?}");
+    assert_eq!(
+        (got[0]["channel"].as_str(), got[0]["id"].as_str()),
+        (Some("c"), Some(new_c.as_str()))
+    );
+    assert_eq!(
+        got[1],
+        json!({"type": "subscribed", "channel": "c", "ref": 2})
+    );
+
+    // Events of every followed channel arrive on the one socket, each naming its channel.
+    for channel in ["a", "b", "c"] {
+        let id = server.publish(channel, format!("to {channel}")).await;
+        let event = ws.next().await.unwrap();
+        assert_eq!(
+            event,
+            json!({"type": "message", "channel": channel, "id": id, "event": "message", "data": format!("to {channel}")})
+        );
+    }
+    // A publish names its channel, which the connection must follow.
+    ws.send_json(json!({"type": "publish", "channel": "b", "data": "from ws", "ref": 3}))
+        .await;
+    let mut got = vec![ws.next().await.unwrap(), ws.next().await.unwrap()];
+    got.sort_by_key(|m| m["type"].as_str().unwrap().to_string());
+    assert_eq!(
+        (got[0]["type"].as_str(), got[0]["ref"].as_i64()),
+        (Some("ack"), Some(3))
+    );
+    assert_eq!(
+        (got[1]["channel"].as_str(), got[1]["data"].as_str()),
+        (Some("b"), Some("from ws"))
+    );
+
+    // Refusals, each precise; the socket stays usable.
+    let refusals = [
+        (
+            json!({"type": "subscribe", "channel": "b", "ref": 10}),
+            "already_subscribed",
+        ),
+        (
+            json!({"type": "subscribe", "channel": "a", "ref": 11}),
+            "already_subscribed",
+        ),
+        (
+            json!({"type": "subscribe", "channel": "bad name", "ref": 12}),
+            "bad_channel_name",
+        ),
+        (
+            json!({"type": "subscribe", "channel": "hooked:1", "ref": 13}),
+            "hooked_channel",
+        ),
+        (
+            json!({"type": "subscribe", "channel": "d", "last_event_id": "nope", "ref": 14}),
+            "bad_event_id",
+        ),
+        (
+            json!({"type": "subscribe", "channel": "d", "rewind": 0, "ref": 15}),
+            "bad_rewind",
+        ),
+        (json!({"type": "subscribe", "ref": 16}), "bad_message"),
+        (
+            json!({"type": "unsubscribe", "channel": "a", "ref": 17}),
+            "opened_for_channel",
+        ),
+        (
+            json!({"type": "unsubscribe", "channel": "zzz", "ref": 18}),
+            "not_subscribed",
+        ),
+        (
+            json!({"type": "publish", "channel": "zzz", "data": "x", "ref": 19}),
+            "not_subscribed",
+        ),
+    ];
+    for (message, code) in &refusals {
+        ws.send_json(message.clone()).await;
+        let answer = ws.next().await.unwrap();
+        assert_eq!(
+            (
+                answer["type"].as_str(),
+                answer["code"].as_str(),
+                &answer["ref"]
+            ),
+            (Some("error"), Some(*code), &message["ref"]),
+            "{message}: {answer}"
+        );
+    }
+    // The limit counts the channel the connection was opened for.
+    ws.send_json(json!({"type": "subscribe", "channel": "d", "rewind": 5, "ref": 20}))
+        .await;
+    assert_eq!(ws.next().await.unwrap()["type"], "subscribed");
+    ws.send_json(json!({"type": "subscribe", "channel": "e", "ref": 21}))
+        .await;
+    assert_eq!(ws.next().await.unwrap()["code"], "too_many_channels");
+
+    // Unsubscribed: its events stop; the others go on.
+    ws.send_json(json!({"type": "unsubscribe", "channel": "b", "ref": 22}))
+        .await;
+    assert_eq!(
+        ws.next().await.unwrap(),
+        json!({"type": "unsubscribed", "channel": "b", "ref": 22})
+    );
+    server.publish("b", "not for us").await;
+    let id = server.publish("a", "still a").await;
+    let event = ws.next().await.unwrap();
+    assert_eq!(
+        (event["channel"].as_str(), event["id"].as_str()),
+        (Some("a"), Some(id.as_str()))
+    );
+    let info = server.get_json("/v1/channels/b", 200).await;
+    assert_eq!(info["subscribers"], 0, "{info}");
     server.stop().await;
 }

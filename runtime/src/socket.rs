@@ -671,6 +671,22 @@ impl SocketReceiver {
         self.inner.id
     }
 
+    /// Another handle on this connection, to be accepted by another object (one client
+    /// following several channels on one connection): same id, same queue, and it keeps
+    /// the connection open like the first. `None` once every handle is gone (the stream is
+    /// ending).
+    pub fn socket(&self) -> Option<Socket> {
+        self.inner
+            .senders
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n > 0).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Socket {
+                inner: self.inner.clone(),
+            })
+    }
+
     /// A way in for the server itself, beside the object's: the gateway's connection table
     /// keeps one per connection so a backend can send to, or close, that one client.
     pub fn outlet(&self) -> Outlet {

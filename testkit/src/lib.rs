@@ -679,10 +679,26 @@ impl WsClient {
             .await
             .expect("a message, not the end of the socket");
         assert_eq!(
-            got,
+            without_channel(got),
             serde_json::json!({"type": "message", "id": id, "event": event, "data": data})
         );
     }
+}
+
+/// A WebSocket event without its `channel` field, after checking it names a channel: for
+/// tests of one channel, which compare the rest exactly.
+pub fn without_channel(mut event: Value) -> Value {
+    let channel = event
+        .as_object_mut()
+        .and_then(|fields| fields.remove("channel"));
+    assert!(
+        channel
+            .as_ref()
+            .and_then(Value::as_str)
+            .is_some_and(|c| !c.is_empty()),
+        "a WebSocket event names its channel: {event}"
+    );
+    event
 }
 
 /// The handshake a WebSocket client sends, made with reqwest so that an error answer can be

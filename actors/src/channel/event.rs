@@ -109,17 +109,25 @@ impl Event {
         })
     }
 
-    /// The frame for a subscriber on `transport`, encoded on first use and shared after.
-    pub fn frame(&self, transport: Transport) -> Outbound {
+    /// The frame for a subscriber on `transport`, encoded on first use and shared after. A
+    /// WebSocket frame names `channel` (the event's, always the same for one event), so a
+    /// client following several channels on one connection tells them apart.
+    pub fn frame(&self, transport: Transport, channel: &str) -> Outbound {
         match transport {
             Transport::Sse => Outbound::Text(self.sse.get_or_init(|| self.encode_sse()).clone()),
             Transport::WebSocket => {
-                Outbound::Text(self.ws.get_or_init(|| self.encode_ws()).clone())
+                Outbound::Text(self.ws.get_or_init(|| self.encode_ws(channel)).clone())
             }
             Transport::WebSocketBinary => Outbound::Binary(
                 self.binary
                     .get_or_init(|| {
-                        binary_frame(binary::EVENT, &self.id.to_string(), &self.name, &self.data)
+                        binary_frame(
+                            binary::EVENT,
+                            &self.id.to_string(),
+                            channel,
+                            &self.name,
+                            &self.data,
+                        )
                     })
                     .clone(),
             ),
@@ -135,9 +143,10 @@ impl Event {
         )
     }
 
-    fn encode_ws(&self) -> Bytes {
+    fn encode_ws(&self, channel: &str) -> Bytes {
         ws_frame(
             "message",
+            Some(channel),
             Some(self.id.to_string()),
             &self.name,
             &self.data,
@@ -198,10 +207,19 @@ fn sse_frame(id: Option<&str>, name: &str, data: &[u8], text: bool) -> Bytes {
 }
 
 /// A JSON text message of `type`: `data` holds the text as is, or `data_base64` the bytes.
-fn ws_frame(r#type: &str, id: Option<String>, name: &str, data: &[u8], text: bool) -> Bytes {
+fn ws_frame(
+    r#type: &str,
+    channel: Option<&str>,
+    id: Option<String>,
+    name: &str,
+    data: &[u8],
+    text: bool,
+) -> Bytes {
     #[derive(Serialize)]
     struct Message<'a> {
         r#type: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        channel: Option<&'a str>,
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<String>,
         event: &'a str,
@@ -212,6 +230,7 @@ fn ws_frame(r#type: &str, id: Option<String>, name: &str, data: &[u8], text: boo
     }
     let message = Message {
         r#type,
+        channel,
         id,
         event: name,
         data: if text {
@@ -233,9 +252,9 @@ pub fn direct_frame(transport: Transport, name: &str, data: &[u8]) -> Outbound {
     let text = is_text(data);
     match transport {
         Transport::Sse => Outbound::Text(sse_frame(None, name, data, text)),
-        Transport::WebSocket => Outbound::Text(ws_frame("direct", None, name, data, text)),
+        Transport::WebSocket => Outbound::Text(ws_frame("direct", None, None, name, data, text)),
         Transport::WebSocketBinary => {
-            Outbound::Binary(binary_frame(binary::DIRECT, "", name, data))
+            Outbound::Binary(binary_frame(binary::DIRECT, "", "", name, data))
         }
     }
 }
@@ -244,13 +263,14 @@ pub fn direct_frame(transport: Transport, name: &str, data: &[u8]) -> Outbound {
 /// id's length and ASCII bytes, the event name's length and bytes, then the payload exactly
 /// as published, so bytes travel without base64's third and a client reads them without a
 /// JSON parser. Ids and event names are far shorter than 256 bytes.
-fn binary_frame(kind: u8, id: &str, name: &str, data: &[u8]) -> Bytes {
-    let mut out = BytesMut::with_capacity(3 + id.len() + name.len() + data.len());
+fn binary_frame(kind: u8, id: &str, channel: &str, name: &str, data: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(4 + id.len() + channel.len() + name.len() + data.len());
     out.put_u8(kind);
-    out.put_u8(u8::try_from(id.len()).unwrap_or(u8::MAX));
-    out.put_slice(&id.as_bytes()[..id.len().min(255)]);
-    out.put_u8(u8::try_from(name.len()).unwrap_or(u8::MAX));
-    out.put_slice(&name.as_bytes()[..name.len().min(255)]);
+    for field in [id, channel, name] {
+        let len = field.len().min(255);
+        out.put_u8(len as u8);
+        out.put_slice(&field.as_bytes()[..len]);
+    }
     out.put_slice(data);
     out.freeze()
 }
@@ -268,6 +288,9 @@ pub struct Control {
     pub reason: &'static str,
     /// Human-readable explanation.
     pub message: String,
+    /// The channel it is about (a client may follow several on one connection).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
     /// The oldest id still available, when there is one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub earliest_id: Option<String>,
@@ -312,7 +335,7 @@ mod tests {
     #[test]
     fn binary_frames_carry_the_payload_as_published_and_read_back() {
         let e = event(b"\0\xffbytes\r\n", "tick");
-        let Outbound::Binary(frame) = e.frame(Transport::WebSocketBinary) else {
+        let Outbound::Binary(frame) = e.frame(Transport::WebSocketBinary, "c1") else {
             panic!("not binary");
         };
         let back = binary::Frame::parse(&frame).unwrap();
@@ -338,7 +361,7 @@ mod tests {
     fn sse_splits_lines_and_keeps_empty_ones() {
         let e = event(b"one\n\nthree\n", "update");
         assert_eq!(
-            text(e.frame(Transport::Sse)),
+            text(e.frame(Transport::Sse, "c1")),
             "id: ab-7\nevent: update\ndata: one\ndata: \ndata: three\ndata: \n\n"
         );
     }
@@ -348,7 +371,7 @@ mod tests {
         for data in [&[0xff, 0x00, 0x80][..], b"a\r\nb"] {
             let e = event(data, "message");
             assert!(!e.text);
-            let sse = text(e.frame(Transport::Sse));
+            let sse = text(e.frame(Transport::Sse, "c1"));
             assert_eq!(
                 sse,
                 format!(
@@ -357,7 +380,7 @@ mod tests {
                 )
             );
             let ws: serde_json::Value =
-                serde_json::from_str(&text(e.frame(Transport::WebSocket))).unwrap();
+                serde_json::from_str(&text(e.frame(Transport::WebSocket, "c1"))).unwrap();
             assert_eq!(ws["data_base64"], BASE64.encode(data));
             assert!(ws.get("data").is_none());
         }
@@ -367,7 +390,7 @@ mod tests {
     fn websocket_text_is_readable_json() {
         let e = event("héllo \"world\"\n".as_bytes(), "chat");
         let ws: serde_json::Value =
-            serde_json::from_str(&text(e.frame(Transport::WebSocket))).unwrap();
+            serde_json::from_str(&text(e.frame(Transport::WebSocket, "c1"))).unwrap();
         assert_eq!(ws["type"], "message");
         assert_eq!(ws["id"], "ab-7");
         assert_eq!(ws["event"], "chat");
@@ -392,7 +415,7 @@ mod tests {
     fn frames_are_encoded_once_and_shared() {
         let e = event(b"x", "message");
         let (Outbound::Text(a), Outbound::Text(b)) =
-            (e.frame(Transport::Sse), e.frame(Transport::Sse))
+            (e.frame(Transport::Sse, "c1"), e.frame(Transport::Sse, "c1"))
         else {
             panic!()
         };

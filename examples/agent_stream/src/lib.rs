@@ -529,6 +529,7 @@ impl Run {
             r#type: "gap",
             reason,
             message: message.to_string(),
+            channel: None,
             earliest_id: events.first().map(|e| e.id.to_string()),
             requested_id: cursor.map(|c| c.to_string()),
         });

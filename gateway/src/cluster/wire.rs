@@ -455,6 +455,7 @@ fn encode_channel_response(out: &mut BytesMut, response: &ChannelResponse) {
                     put_str(out, &gap.message);
                     put_opt_str(out, gap.earliest_id.as_deref());
                     put_opt_str(out, gap.requested_id.as_deref());
+                    put_opt_str(out, gap.channel.as_deref());
                 }
                 None => out.put_u8(0),
             }
@@ -478,6 +479,7 @@ fn encode_channel_response(out: &mut BytesMut, response: &ChannelResponse) {
         ChannelResponse::Deleted => out.put_u8(4),
         // Never forwarded: subscribing and refreshing happen on the node itself.
         ChannelResponse::Subscribed
+        | ChannelResponse::Unsubscribed { .. }
         | ChannelResponse::Full { .. }
         | ChannelResponse::Refreshed { .. } => out.put_u8(0),
     }
@@ -508,6 +510,7 @@ fn decode_channel_response(r: &mut Reader<'_>) -> Result<ChannelResponse, Undeco
                     message: r.str()?,
                     earliest_id: r.opt_str()?,
                     requested_id: r.opt_str()?,
+                    channel: r.opt_str()?,
                 }),
             };
             let count = r.u32()?;
@@ -705,6 +708,7 @@ mod tests {
                 r#type: "gap",
                 reason: "trimmed",
                 message: "m".into(),
+                channel: Some("c".into()),
                 earliest_id: Some("1-2".into()),
                 requested_id: None,
             }),
