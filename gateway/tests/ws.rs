@@ -588,7 +588,7 @@ async fn one_websocket_follows_many_channels_with_subscribe_and_unsubscribe() {
     );
     ws.send_json(json!({"type": "subscribe", "channel": "c", "last_event_id": old_c, "ref": 2}))
         .await;
-    let mut got = vec![ws.next().await.unwrap(), ws.next().await.unwrap()];
+    let mut got = [ws.next().await.unwrap(), ws.next().await.unwrap()];
     got.sort_by_key(|m| m["type"].as_str().unwrap().to_string());
     assert_eq!(got[0]["type"], "message", "{got:?}");
     assert_eq!(
@@ -612,7 +612,7 @@ async fn one_websocket_follows_many_channels_with_subscribe_and_unsubscribe() {
     // A publish names its channel, which the connection must follow.
     ws.send_json(json!({"type": "publish", "channel": "b", "data": "from ws", "ref": 3}))
         .await;
-    let mut got = vec![ws.next().await.unwrap(), ws.next().await.unwrap()];
+    let mut got = [ws.next().await.unwrap(), ws.next().await.unwrap()];
     got.sort_by_key(|m| m["type"].as_str().unwrap().to_string());
     assert_eq!(
         (got[0]["type"].as_str(), got[0]["ref"].as_i64()),
