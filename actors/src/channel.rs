@@ -24,7 +24,7 @@ pub use config::{
     MAX_IDEMPOTENCY_KEY, TailBudget, validate_channel_name, validate_event_name,
     validate_idempotency_key,
 };
-pub use event::{Control, DEFAULT_EVENT, Event, direct_frame};
+pub use event::{Control, DEFAULT_EVENT, Event, SSE_MULTI_TAG, direct_frame};
 pub use id::{BadEventId, EventId};
 
 /// The namespace channels live in (their storage key prefix).
@@ -146,7 +146,11 @@ pub enum ChannelResponse {
     /// One result per published message, in order.
     Published(Vec<Published>),
     /// The subscriber was added.
-    Subscribed,
+    Subscribed {
+        /// The last event the channel handed out before it: where a stream that started
+        /// live resumes from if it saw no event yet.
+        last_id: Option<EventId>,
+    },
     /// The subscriber was removed, or was not there.
     Unsubscribed {
         /// Whether the socket was a subscriber.
@@ -321,7 +325,12 @@ impl Object for Channel {
                         subscriber.send(event.frame(transport, &name));
                     }
                 });
-                Ok(ChannelResponse::Subscribed)
+                Ok(ChannelResponse::Subscribed {
+                    last_id: (self.epoch != 0 && self.next_seq > 1).then_some(EventId {
+                        epoch: self.epoch,
+                        seq: self.next_seq - 1,
+                    }),
+                })
             }
             ChannelRequest::Unsubscribe { socket } => Ok(ChannelResponse::Unsubscribed {
                 was_subscribed: ctx.remove_socket(socket).is_some(),

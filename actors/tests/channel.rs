@@ -25,10 +25,11 @@ use support::{
 
 const IDLE: Duration = Duration::from_millis(20);
 const AWAKE: Duration = Duration::from_secs(600);
-const TRANSPORTS: [Transport; 3] = [
+const TRANSPORTS: [Transport; 4] = [
     Transport::Sse,
     Transport::WebSocket,
     Transport::WebSocketBinary,
+    Transport::SseMulti,
 ];
 
 fn payloads(range: std::ops::RangeInclusive<u32>) -> Vec<String> {

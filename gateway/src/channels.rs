@@ -193,18 +193,25 @@ pub(crate) struct Subscribing<'a> {
     pub(crate) hook: Option<&'a Arc<Route>>,
 }
 
+/// A subscriber as [`connect`] made it.
+pub(crate) struct Connected {
+    /// The connection's guard: counted, in the connection table, owed its hook's calls.
+    pub(crate) conn: Connection,
+    /// Its side of the socket.
+    pub(crate) receiver: SocketReceiver,
+    pub(crate) connection_id: String,
+    /// The last event the channel handed out before this subscriber joined.
+    pub(crate) last_id: Option<EventId>,
+}
+
 /// A new subscriber: counted, entered in the connection table, put through its channel's
-/// hook (the `connect` decision and the disconnect record), then subscribed. Returns the
-/// connection's guard, its side of the socket, and its id. Every SSE and WebSocket
-/// subscription comes through here, so none skips its hook.
-pub(crate) async fn connect(
-    state: &AppState,
-    how: Subscribing<'_>,
-) -> Result<(Connection, SocketReceiver, String), ApiError> {
+/// hook (the `connect` decision and the disconnect record), then subscribed. Every SSE and
+/// WebSocket subscription comes through here, so none skips its hook.
+pub(crate) async fn connect(state: &AppState, how: Subscribing<'_>) -> Result<Connected, ApiError> {
     let (socket, receiver) = state.client_socket(how.transport);
     let kind = match how.transport {
         Transport::WebSocket | Transport::WebSocketBinary => ConnKind::Ws,
-        Transport::Sse => ConnKind::Sse,
+        Transport::Sse | Transport::SseMulti => ConnKind::Sse,
     };
     let mut conn = state.telemetry.connection_opened(kind, true, &how.channel);
     let connection_id = conn.register(
@@ -220,7 +227,7 @@ pub(crate) async fn connect(
             channel: Some(how.channel),
             transport: match how.transport {
                 Transport::WebSocket | Transport::WebSocketBinary => "websocket",
-                Transport::Sse => "sse",
+                Transport::Sse | Transport::SseMulti => "sse",
             },
             query: how.uri.query(),
             headers: how.headers,
@@ -240,27 +247,32 @@ pub(crate) async fn connect(
             .await?;
     }
     conn.ending("subscribe_failed");
-    subscribe(&state.publisher, how.channel, socket, how.start).await?;
+    let last_id = subscribe(&state.publisher, how.channel, socket, how.start).await?;
     if let Some(route) = how.hook {
         conn.occupying(state.hooks.occupy(route, how.channel));
     }
     conn.ending("client_left");
-    Ok((conn, receiver, connection_id))
+    Ok(Connected {
+        conn,
+        receiver,
+        connection_id,
+        last_id,
+    })
 }
 
 /// Subscribes `socket` to `channel` from `start`. The channel sends the backlog and adds
-/// the socket in one step.
+/// the socket in one step; answers the last event it had handed out before.
 pub(crate) async fn subscribe(
     publisher: &Publisher,
     channel: &str,
     socket: Socket,
     start: Start,
-) -> Result<(), ApiError> {
+) -> Result<Option<EventId>, ApiError> {
     let response = publisher
         .call(channel, ChannelRequest::Subscribe { socket, start })
         .await?;
     match response {
-        ChannelResponse::Subscribed => Ok(()),
+        ChannelResponse::Subscribed { last_id } => Ok(last_id),
         ChannelResponse::Full { limit } => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "channel_full",

@@ -115,6 +115,8 @@ pub(crate) async fn require(
             namespace: param("namespace"),
             name: param("name"),
         },
+        // A stream of several channels checks each itself.
+        (_, routes::EVENTS) => Need::Credential,
         // Batch publish (checked per channel by the handler) and anything added later:
         // a credential at least, never open by omission.
         _ => Need::Credential,

@@ -11,6 +11,8 @@ pub(crate) const CHANNEL: &str = "/v1/channels/{channel}";
 pub(crate) const CHANNEL_MESSAGES: &str = "/v1/channels/{channel}/messages";
 /// `GET`: subscribe over SSE.
 pub(crate) const CHANNEL_EVENTS: &str = "/v1/channels/{channel}/events";
+/// `GET ?channel=a&channel=b`: one event stream of several channels.
+pub(crate) const EVENTS: &str = "/v1/events";
 /// `GET`: subscribe (and publish) over WebSocket.
 pub(crate) const CHANNEL_WS: &str = "/v1/channels/{channel}/ws";
 /// `GET`: the channel's connections on every node (connections).

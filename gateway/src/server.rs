@@ -401,7 +401,8 @@ fn router(state: AppState) -> Router {
         .route(routes::OBJECT_REST, any(objects::route))
         // Compatibility with Redis-backed SSE proxies.
         .route(routes::COMPAT_PUBLISH, post(channels::publish))
-        .route(routes::COMPAT_SUBSCRIBE, get(sse::subscribe_compat));
+        .route(routes::COMPAT_SUBSCRIBE, get(sse::subscribe_compat))
+        .route(routes::EVENTS, get(sse::subscribe_many));
     let api = if state.settings.admin.enabled {
         api.route(routes::ADMIN_STATS, get(admin::stats))
     } else {

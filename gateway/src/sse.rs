@@ -12,7 +12,6 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::Duration;
 
 use axum::Extension;
 use axum::body::Body;
@@ -20,7 +19,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, Uri, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
-use dormouse_actors::channel::{Control, Start};
+use dormouse_actors::channel::{Control, SSE_MULTI_TAG, Start};
 use dormouse_runtime::{Outbound, SocketReceiver, Transport};
 use futures::Stream;
 use serde::Deserialize;
@@ -28,6 +27,7 @@ use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
 
 use crate::auth::Principal;
 use crate::channels::{self, ChannelName, Subscribing, check_channel, query};
+use crate::config::SseSettings;
 use crate::conn::expiry::{deadline, expired};
 use crate::conn::{BodyWriter, Framing, RawSocket, StopWaiter, SubscriberWriter, Writable};
 use crate::connections::Registration;
@@ -123,6 +123,208 @@ pub(crate) async fn subscribe_compat(
     open(state, channel, start, request).await
 }
 
+/// `GET /v1/events?channel=a&channel=b[&last_event_id=..|&rewind=N]`: one event stream of
+/// several channels, for browsers that may open only six connections to a server. Each
+/// event's data is the WebSocket JSON message (it names the channel and its own id), and
+/// its `id:` is a cursor of every channel's position in the URL's order, so the
+/// `Last-Event-ID` an EventSource sends back when it reconnects resumes each channel
+/// exactly. Each channel is checked as a subscription of its own; channels with a hook are
+/// not taken (a hook admits connections one channel at a time).
+pub(crate) async fn subscribe_many(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Extension(ClientIp(ip)): Extension<ClientIp>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (mut channels, mut last_event_id, mut rewind) = (Vec::<String>::new(), None, None);
+    for (key, value) in crate::auth::form_pairs(uri.query().unwrap_or("")) {
+        match key.as_str() {
+            "channel" => channels.push(value),
+            "last_event_id" => last_event_id = Some(value),
+            "rewind" => rewind = Some(value),
+            // Read by the auth middleware.
+            "access_token" => {}
+            other => {
+                return Err(ApiError::bad_request(
+                    "bad_query",
+                    format!(
+                        "unknown query parameter {other:?}; this route takes channel (one per \
+                         channel), last_event_id and rewind"
+                    ),
+                ));
+            }
+        }
+    }
+    let limits = &state.settings.limits;
+    if channels.is_empty() {
+        return Err(ApiError::bad_request(
+            "missing_channel",
+            "name the channels to follow: ?channel=a&channel=b",
+        ));
+    }
+    if channels.len() > limits.max_channels_per_connection {
+        return Err(ApiError::bad_request(
+            "too_many_channels",
+            format!(
+                "{} channels asked for; one connection follows at most {} \
+                 (limits.max_channels_per_connection)",
+                channels.len(),
+                limits.max_channels_per_connection
+            ),
+        ));
+    }
+    for (i, channel) in channels.iter().enumerate() {
+        check_channel(channel)?;
+        if channels[..i].contains(channel) {
+            return Err(ApiError::bad_request(
+                "bad_query",
+                format!("channel {channel:?} is named twice"),
+            ));
+        }
+        principal.require(crate::auth::Need::Subscribe(channel))?;
+        if state.hooks.for_channel(channel).is_some() {
+            return Err(ApiError::new(
+                axum::http::StatusCode::FORBIDDEN,
+                "hooked_channel",
+                format!(
+                    "channel {channel:?} goes through a hook, which admits connections one \
+                     channel at a time: subscribe to it on a connection of its own"
+                ),
+            ));
+        }
+    }
+    let starts = Cursor::starts(
+        &headers,
+        last_event_id.as_deref(),
+        rewind.as_deref(),
+        channels.len(),
+        limits.max_history_page,
+    )?;
+    let connected = channels::connect(
+        &state,
+        Subscribing {
+            channel: &channels[0],
+            transport: Transport::SseMulti,
+            start: starts[0],
+            principal: &principal,
+            uri: &uri,
+            headers: &headers,
+            ip,
+            hook: None,
+        },
+    )
+    .await?;
+    let mut positions = vec![Cursor::initial(starts[0], connected.last_id)];
+    for (channel, start) in channels.iter().zip(&starts).skip(1) {
+        let socket = connected
+            .receiver
+            .socket()
+            .ok_or_else(channels::unexpected)?;
+        let last_id = channels::subscribe(&state.publisher, channel, socket, *start).await?;
+        positions.push(Cursor::initial(*start, last_id));
+    }
+    let cursor = Box::new(Cursor {
+        channels,
+        positions,
+    });
+    respond(&state, connected, None, &principal, Some(cursor))
+}
+
+/// Where a stream of several channels is in each: the id of the last event of each it
+/// wrote (or, before any, where the subscription started), in the URL's order. Written
+/// before every event as its `id:`, `{position},{position},...`, a position empty while a
+/// channel had no event; EventSource sends the last one back as `Last-Event-ID`.
+pub(crate) struct Cursor {
+    channels: Vec<String>,
+    positions: Vec<Option<String>>,
+}
+
+impl Cursor {
+    /// Each channel's start from a composite cursor (the header, else `last_event_id`), or,
+    /// without one, live (or the newest `rewind` events) for all.
+    fn starts(
+        headers: &HeaderMap,
+        last_event_id: Option<&str>,
+        rewind: Option<&str>,
+        channels: usize,
+        max_rewind: usize,
+    ) -> Result<Vec<Start>, ApiError> {
+        let header = headers
+            .get("last-event-id")
+            .map(|v| {
+                v.to_str().map_err(|_| {
+                    ApiError::bad_request("bad_event_id", "Last-Event-ID must be ASCII text")
+                })
+            })
+            .transpose()?
+            .map(str::trim)
+            .filter(|v| !v.is_empty());
+        // Checked even when a cursor wins, as on a single channel's route.
+        let fresh = cursor::start(&HeaderMap::new(), None, rewind, max_rewind)?;
+        let Some(raw) = header.or(last_event_id.filter(|v| !v.is_empty())) else {
+            return Ok(vec![fresh; channels]);
+        };
+        let parts: Vec<&str> = raw.split(',').collect();
+        if parts.len() != channels {
+            return Err(ApiError::bad_request(
+                "bad_event_id",
+                format!(
+                    "the cursor has {} positions for {channels} channels; a stream of several \
+                     channels resumes with the id it sent, for the same channels in the same order",
+                    parts.len()
+                ),
+            ));
+        }
+        parts
+            .into_iter()
+            .map(|part| match part {
+                "" => Ok(Start::Oldest),
+                id => Ok(Start::After(channels::parse_id(id, "Last-Event-ID")?)),
+            })
+            .collect()
+    }
+
+    /// A channel's position before any of its events is written: the cursor it resumes
+    /// from, or the last event it had when a live subscription began.
+    fn initial(start: Start, last_id: Option<dormouse_actors::channel::EventId>) -> Option<String> {
+        match start {
+            Start::After(id) => Some(id.to_string()),
+            Start::Live => last_id.map(|id| id.to_string()),
+            Start::Oldest | Start::Latest(_) => None,
+        }
+    }
+
+    /// An event's bytes with the cursor, moved past it, as its `id:` line. Frames that are
+    /// not a channel's event (gaps, direct messages) go as they are.
+    fn stamp(&mut self, frame: Bytes) -> Bytes {
+        let Some(tag) = frame.strip_prefix(SSE_MULTI_TAG) else {
+            return frame;
+        };
+        let line = tag.split(|&b| b == b'\n').next().unwrap_or_default();
+        let Some((channel, id)) = std::str::from_utf8(line)
+            .ok()
+            .and_then(|line| line.split_once(' '))
+        else {
+            return frame;
+        };
+        if let Some(at) = self.channels.iter().position(|c| c == channel) {
+            self.positions[at] = Some(id.to_string());
+        }
+        let mut out = BytesMut::with_capacity(frame.len() + 16 * self.positions.len() + 8);
+        out.extend_from_slice(b"id: ");
+        for (i, position) in self.positions.iter().enumerate() {
+            if i > 0 {
+                out.extend_from_slice(b",");
+            }
+            out.extend_from_slice(position.as_deref().unwrap_or_default().as_bytes());
+        }
+        out.extend_from_slice(b"\n");
+        out.extend_from_slice(&frame);
+        out.freeze()
+    }
+}
+
 /// What both SSE routes take from their request.
 struct Request<'a> {
     principal: &'a Principal,
@@ -148,7 +350,7 @@ async fn open(
         ip,
         hook,
     } = request;
-    let (conn, receiver, connection_id) = channels::connect(
+    let connected = channels::connect(
         &state,
         Subscribing {
             channel: &channel,
@@ -162,8 +364,27 @@ async fn open(
         },
     )
     .await?;
-    // Only a response written outside hyper may have its body written around it.
+    respond(&state, connected, raw, principal, None)
+}
+
+/// The event stream of a subscribed connection; `cursor` for one of several channels.
+fn respond(
+    state: &AppState,
+    connected: channels::Connected,
+    raw: Option<Extension<RawSocket>>,
+    principal: &Principal,
+    cursor: Option<Box<Cursor>>,
+) -> Result<Response, ApiError> {
+    let channels::Connected {
+        conn,
+        receiver,
+        connection_id,
+        ..
+    } = connected;
+    // Only a response written outside hyper may have its body written around it; a stream
+    // of several channels writes its cursor into each event, so its task writes them all.
     let direct = raw
+        .filter(|_| cursor.is_none())
         .filter(|Extension(raw)| raw.writable == Writable::ResponseBody)
         .map(|Extension(raw)| {
             SubscriberWriter::new(
@@ -172,15 +393,14 @@ async fn open(
                 Framing::EventStream,
             )
         });
-    let sse = &state.settings.sse;
     let body = Body::from_stream(stream(
         conn,
         receiver,
         direct.clone(),
-        sse.keepalive,
-        sse.retry,
+        &state.settings.sse,
         state.stopping.waiter(),
         principal.time_left().map(|left| Instant::now() + left),
+        cursor,
     ));
     let mut response = with_connection_id(body.into_response(), &connection_id);
     if let Some(direct) = direct {
@@ -213,17 +433,20 @@ struct EventStream {
     expired: Option<Pin<Box<Sleep>>>,
     opening: Option<Bytes>,
     done: bool,
+    /// A stream of several channels: every channel's position, written as each event's id.
+    cursor: Option<Box<Cursor>>,
 }
 
 fn stream(
     conn: Connection,
     receiver: SocketReceiver,
     direct: Option<Arc<SubscriberWriter>>,
-    keepalive: Duration,
-    retry: Duration,
+    settings: &SseSettings,
     stopping: StopWaiter,
     expires_at: Option<Instant>,
-) -> impl Stream<Item = Result<Bytes, std::convert::Infallible>> + Send {
+    cursor: Option<Box<Cursor>>,
+) -> impl Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + use<> {
+    let (keepalive, retry) = (settings.keepalive, settings.retry);
     let mut keepalive = tokio::time::interval_at(Instant::now() + keepalive, keepalive);
     keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let hello = serde_json::json!({
@@ -247,6 +470,7 @@ fn stream(
             hello,
         ))),
         done: false,
+        cursor,
     };
     futures::stream::unfold(conn, |mut conn| async move {
         if conn.done {
@@ -358,7 +582,10 @@ impl EventStream {
         match message {
             Outbound::Text(bytes) => {
                 self.conn.telemetry().delivered(ConnKind::Sse, 1, stamp);
-                Some(bytes)
+                Some(match &mut self.cursor {
+                    Some(cursor) => cursor.stamp(bytes),
+                    None => bytes,
+                })
             }
             // The object never sends binary frames to SSE; drop rather than corrupt.
             Outbound::Binary(_) => Some(Bytes::new()),

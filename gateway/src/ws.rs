@@ -103,7 +103,12 @@ pub(crate) async fn subscribe(
         upgrade.choose(BINARY_PROTOCOL);
     }
     let settings = state.settings.clone();
-    let (tracked, receiver, connection_id) = channels::connect(
+    let channels::Connected {
+        conn: tracked,
+        receiver,
+        connection_id,
+        ..
+    } = channels::connect(
         &state,
         Subscribing {
             channel: &channel,
@@ -1017,7 +1022,7 @@ impl WsSession {
         let publisher = publisher.clone();
         Answer::Hook(Box::pin(async move {
             match channels::subscribe(&publisher, &to, socket, start).await {
-                Ok(()) => Answered {
+                Ok(_) => Answered {
                     frame: Some(Message::text(
                         Frame::Subscribed {
                             channel: &to,

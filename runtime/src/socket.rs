@@ -25,6 +25,10 @@ use futures::task::AtomicWaker;
 pub enum Transport {
     /// A `text/event-stream` response: frames are SSE-encoded text.
     Sse,
+    /// An event stream of several channels (`GET /v1/events?channel=a&channel=b`): each
+    /// event's data names its channel and id, and the connection writes, as the event's
+    /// `id:`, one cursor holding every channel's position.
+    SseMulti,
     /// A WebSocket: frames are WebSocket messages.
     WebSocket,
     /// A WebSocket whose client asked for events as binary frames (a small header, then the

@@ -36,6 +36,7 @@ pub struct Event {
     sse: OnceLock<Bytes>,
     ws: OnceLock<Bytes>,
     binary: OnceLock<Bytes>,
+    sse_multi: OnceLock<Bytes>,
 }
 
 /// Why a stored record could not be read back.
@@ -59,6 +60,7 @@ impl Event {
             sse: OnceLock::new(),
             ws: OnceLock::new(),
             binary: OnceLock::new(),
+            sse_multi: OnceLock::new(),
         }
     }
 
@@ -106,6 +108,7 @@ impl Event {
             sse: OnceLock::new(),
             ws: OnceLock::new(),
             binary: OnceLock::new(),
+            sse_multi: OnceLock::new(),
         })
     }
 
@@ -115,6 +118,14 @@ impl Event {
     pub fn frame(&self, transport: Transport, channel: &str) -> Outbound {
         match transport {
             Transport::Sse => Outbound::Text(self.sse.get_or_init(|| self.encode_sse()).clone()),
+            Transport::SseMulti => Outbound::Text(
+                self.sse_multi
+                    .get_or_init(|| {
+                        let json = self.ws.get_or_init(|| self.encode_ws(channel));
+                        sse_multi_frame(channel, &self.id.to_string(), &self.name, json)
+                    })
+                    .clone(),
+            ),
             Transport::WebSocket => {
                 Outbound::Text(self.ws.get_or_init(|| self.encode_ws(channel)).clone())
             }
@@ -173,6 +184,28 @@ impl Event {
     pub fn weight(&self) -> usize {
         self.data.len() + self.name.len() + 64
     }
+}
+
+/// The first line of an event in a stream of several channels: a comment (which
+/// EventSource ignores) naming the event's channel and id, for the connection to update its
+/// cursor from before it writes the cursor as the event's `id:`.
+pub const SSE_MULTI_TAG: &[u8] = b":";
+
+/// An event of a stream of several channels: the tag line (`:{channel} {id}`), the event
+/// name, and the WebSocket JSON message as the data, which names the channel and the event's
+/// own id (JSON has no raw line breaks, so it is one `data:` line).
+fn sse_multi_frame(channel: &str, id: &str, name: &str, json: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(json.len() + channel.len() + id.len() + name.len() + 24);
+    out.put_slice(SSE_MULTI_TAG);
+    out.put_slice(channel.as_bytes());
+    out.put_u8(b' ');
+    out.put_slice(id.as_bytes());
+    out.put_slice(b"\nevent: ");
+    out.put_slice(name.as_bytes());
+    out.put_slice(b"\ndata: ");
+    out.put_slice(json);
+    out.put_slice(b"\n\n");
+    out.freeze()
 }
 
 /// An SSE frame: `id` (when given), `event` and one `data:` line per payload line. Binary
@@ -251,7 +284,7 @@ fn ws_frame(
 pub fn direct_frame(transport: Transport, name: &str, data: &[u8]) -> Outbound {
     let text = is_text(data);
     match transport {
-        Transport::Sse => Outbound::Text(sse_frame(None, name, data, text)),
+        Transport::Sse | Transport::SseMulti => Outbound::Text(sse_frame(None, name, data, text)),
         Transport::WebSocket => Outbound::Text(ws_frame("direct", None, None, name, data, text)),
         Transport::WebSocketBinary => {
             Outbound::Binary(binary_frame(binary::DIRECT, "", "", name, data))
@@ -305,7 +338,7 @@ impl Control {
     pub fn frame(&self, transport: Transport) -> Outbound {
         let json = serde_json::to_string(self).unwrap_or_default();
         match transport {
-            Transport::Sse => Outbound::Text(Bytes::from(format!(
+            Transport::Sse | Transport::SseMulti => Outbound::Text(Bytes::from(format!(
                 "event: dormouse.{}\ndata: {json}\n\n",
                 self.r#type
             ))),

@@ -138,7 +138,7 @@ pub async fn subscribe_bounded(
         .call(name, ChannelRequest::Subscribe { socket, start })
         .await
     {
-        Ok(ChannelResponse::Subscribed) => {}
+        Ok(ChannelResponse::Subscribed { .. }) => {}
         other => panic!("subscribe to {name}: {other:?}"),
     }
     Subscriber { transport, rx }
@@ -268,9 +268,36 @@ pub fn decode(transport: Transport, outbound: Outbound) -> Frame {
     let text = std::str::from_utf8(&bytes).expect("text frames are UTF-8");
     match transport {
         Transport::Sse => decode_sse(text),
+        Transport::SseMulti => decode_sse_multi(text),
         // Control messages are JSON text in both WebSocket modes.
         Transport::WebSocket | Transport::WebSocketBinary => decode_ws(text),
     }
+}
+
+/// A stream of several channels: an event is its tag line (`:{channel} {id}`, which the
+/// connection turns into the stream's cursor), then `event:` and the WebSocket JSON as
+/// `data:`; a control is as on one channel.
+fn decode_sse_multi(text: &str) -> Frame {
+    let Some(tagged) = text.strip_prefix(':') else {
+        return decode_sse(text);
+    };
+    let (tag, rest) = tagged.split_once('\n').expect("a tag line");
+    let (channel, id) = tag.split_once(' ').expect("the tag names channel and id");
+    let json = rest
+        .lines()
+        .find_map(|line| line.strip_prefix("data: "))
+        .expect("a data line");
+    let frame = decode_ws(json);
+    let value: serde_json::Value = serde_json::from_str(json).unwrap();
+    assert_eq!(
+        value["channel"], channel,
+        "the tag and the data agree: {text}"
+    );
+    match &frame {
+        Frame::Event { id: event_id, .. } => assert_eq!(event_id, id, "{text}"),
+        other => panic!("a tagged frame is an event: {other:?}"),
+    }
+    frame
 }
 
 fn decode_sse(text: &str) -> Frame {

@@ -478,7 +478,7 @@ fn encode_channel_response(out: &mut BytesMut, response: &ChannelResponse) {
         }
         ChannelResponse::Deleted => out.put_u8(4),
         // Never forwarded: subscribing and refreshing happen on the node itself.
-        ChannelResponse::Subscribed
+        ChannelResponse::Subscribed { .. }
         | ChannelResponse::Unsubscribed { .. }
         | ChannelResponse::Full { .. }
         | ChannelResponse::Refreshed { .. } => out.put_u8(0),

@@ -391,7 +391,7 @@ impl ConnectionTable {
     fn info(&self, key: u64, entry: &Entry) -> ConnectionInfo {
         let target = Some(entry.target.to_string());
         let (channel, object, hook, transport) = match entry.kind {
-            Kind::Channel(Transport::Sse) => (target, None, None, "sse"),
+            Kind::Channel(Transport::Sse | Transport::SseMulti) => (target, None, None, "sse"),
             Kind::Channel(_) => (target, None, None, "websocket"),
             Kind::ObjectWs => (None, target, None, "websocket"),
             Kind::HookWs => (None, None, target, "websocket"),
@@ -471,12 +471,13 @@ fn send_all<'a>(
     message: &Direct,
     outcome: &mut Outcome,
 ) {
-    let mut frames: [Option<Outbound>; 4] = [None, None, None, None];
+    let mut frames: [Option<Outbound>; 4] = Default::default();
     for (_, entry) in to {
         let (slot, transport) = match entry.kind {
             Kind::ObjectWs | Kind::HookWs => (0, None),
             Kind::Channel(Transport::WebSocket) => (1, Some(Transport::WebSocket)),
-            Kind::Channel(Transport::Sse) => (2, Some(Transport::Sse)),
+            // A direct message carries no id: the same frame on either kind of stream.
+            Kind::Channel(Transport::Sse | Transport::SseMulti) => (2, Some(Transport::Sse)),
             Kind::Channel(Transport::WebSocketBinary) => (3, Some(Transport::WebSocketBinary)),
         };
         let frame = frames[slot]
