@@ -47,6 +47,11 @@ pub(crate) struct Args {
     /// The channel.
     #[arg(long, default_value = "bench-fanout")]
     channel: String,
+    /// Channels each subscriber follows on its one connection: the published channel and
+    /// this many minus one that stay quiet (`{channel}-quiet-{n}`), listed first, so that an
+    /// event stream's cursor ends with the published channel's position.
+    #[arg(long, default_value_t = 1)]
+    channels_per_connection: usize,
     /// Connections opened at once while subscribing.
     #[arg(long, default_value_t = 128)]
     connect_concurrency: usize,
@@ -80,6 +85,7 @@ pub(crate) struct Report {
     durability: String,
     server_env: Vec<String>,
     subscribers: usize,
+    channels_per_connection: usize,
     messages: u64,
     size: usize,
     rate: f64,
@@ -166,15 +172,13 @@ async fn run_async(args: Args) -> anyhow::Result<Report> {
     let server_rss_before_bytes = server.rss_bytes()?;
 
     let connect_started = payload::now_ns();
+    let follows: Vec<String> = (1..args.channels_per_connection)
+        .map(|n| format!("{}-quiet-{n}", args.channel))
+        .chain(std::iter::once(args.channel.clone()))
+        .collect();
     let subscribers = wire::connect_all(args.subscribers, args.connect_concurrency, |i| {
         let source = wire::source_ip(i, args.source_ips);
-        Subscriber::connect(
-            &server,
-            args.transport,
-            &args.channel,
-            source,
-            args.read_buffer,
-        )
+        Subscriber::connect_many(&server, args.transport, &follows, source, args.read_buffer)
     })
     .await?;
     let connect_secs = secs(payload::now_ns() - connect_started);
@@ -313,6 +317,7 @@ async fn run_async(args: Args) -> anyhow::Result<Report> {
         durability: server.durability.clone(),
         server_env: server.env.clone(),
         subscribers: args.subscribers,
+        channels_per_connection: args.channels_per_connection,
         messages: args.messages,
         size: args.size,
         rate: args.rate,

@@ -28,6 +28,10 @@ pub(crate) struct Args {
     /// Channels the connections are spread over (connection i joins channel i mod this).
     #[arg(long, default_value_t = 1)]
     channels: usize,
+    /// Channels each connection follows: channel i mod `channels` and the next ones, on one
+    /// WebSocket (`subscribe` messages) or one event stream (`/v1/events`).
+    #[arg(long, default_value_t = 1)]
+    channels_per_connection: usize,
     /// Source addresses 127.0.0.2 and up to spread client sockets over (each has ~28k
     /// ephemeral ports).
     #[arg(long, default_value_t = 4)]
@@ -82,10 +86,12 @@ pub(crate) struct Report {
     server_env: Vec<String>,
     connections: usize,
     channels: usize,
+    channels_per_connection: usize,
     source_ips: usize,
     nofile_limit: u64,
     settle_ms: u128,
-    /// Every connection opened, none was closed, and the closing publish reached all.
+    /// Every connection opened, none was closed, and the closing publish reached all (one
+    /// message per channel it follows).
     complete: bool,
     connect_secs: f64,
     connects_per_sec: f64,
@@ -119,6 +125,10 @@ struct Counts {
 
 async fn run_async(args: Args) -> anyhow::Result<Report> {
     anyhow::ensure!(args.channels > 0, "--channels must be at least 1");
+    anyhow::ensure!(
+        (1..=args.channels).contains(&args.channels_per_connection),
+        "--channels-per-connection must be between 1 and --channels"
+    );
     let want = args.connections as u64 + 4096;
     let nofile_limit = wire::raise_nofile(want)?;
     anyhow::ensure!(
@@ -133,15 +143,21 @@ async fn run_async(args: Args) -> anyhow::Result<Report> {
     );
     let settle = Duration::from(args.settle);
     let channel = |i: usize| format!("bench-idle-{}", i % args.channels);
+    let follows = |i: usize| -> Vec<String> {
+        (0..args.channels_per_connection)
+            .map(|j| channel(i + j))
+            .collect()
+    };
     let client = wire::server::http_client()?;
 
     // The fixed costs go into the baseline: the channels exist, the connection path ran.
     publish_to_all(&server, &client, args.channels, &channel).await?;
     let warmup = wire::connect_all(args.warmup, args.connect_concurrency, |i| {
-        let (server, channel) = (&server, channel(i));
+        let (server, channels) = (&server, follows(i));
         let source = wire::source_ip(i, args.source_ips);
         async move {
-            Subscriber::connect(server, args.transport, &channel, source, args.read_buffer).await
+            Subscriber::connect_many(server, args.transport, &channels, source, args.read_buffer)
+                .await
         }
     })
     .await
@@ -157,14 +173,14 @@ async fn run_async(args: Args) -> anyhow::Result<Report> {
         wire::connect_all(args.connections, args.connect_concurrency, |i| {
             let counts = counts.clone();
             let stopped = stopped.clone();
-            let channel = channel(i);
+            let channels = follows(i);
             let server = &server;
             let transport = args.transport;
             let source = wire::source_ip(i, args.source_ips);
             let buffer = args.read_buffer;
             async move {
                 let subscriber =
-                    Subscriber::connect(server, transport, &channel, source, buffer).await?;
+                    Subscriber::connect_many(server, transport, &channels, source, buffer).await?;
                 Ok(tokio::spawn(hold(subscriber, counts, stopped)))
             }
         })
@@ -183,8 +199,13 @@ async fn run_async(args: Args) -> anyhow::Result<Report> {
         DeliverBy::Subject => send_to_subject(&server, &client, args.connections).await?,
     }
     let delivery_until = tokio::time::Instant::now() + Duration::from(args.delivery_timeout);
-    while counts.delivered.load(Ordering::Acquire) + counts.closed.load(Ordering::Acquire)
-        < args.connections as u64
+    let per_connection = match args.deliver_by {
+        DeliverBy::Publish => args.channels_per_connection as u64,
+        DeliverBy::Subject => 1,
+    };
+    while counts.delivered.load(Ordering::Acquire)
+        + counts.closed.load(Ordering::Acquire) * per_connection
+        < args.connections as u64 * per_connection
         && tokio::time::Instant::now() < delivery_until
     {
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -214,10 +235,11 @@ async fn run_async(args: Args) -> anyhow::Result<Report> {
         server_env: server.env.clone(),
         connections: args.connections,
         channels: args.channels,
+        channels_per_connection: args.channels_per_connection,
         source_ips: args.source_ips,
         nofile_limit,
         settle_ms: settle.as_millis(),
-        complete: closed_early == 0 && delivered_after_idle == n,
+        complete: closed_early == 0 && delivered_after_idle == n * per_connection,
         connect_secs: round3(connect_secs),
         connects_per_sec: round1(n as f64 / connect_secs),
         server_rss_before_bytes,

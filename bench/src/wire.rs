@@ -108,6 +108,53 @@ impl Subscriber {
         })
     }
 
+    /// Connects and follows every channel of `channels` on one connection: a WebSocket to
+    /// the first that sends a `subscribe` for each other and waits for their answers, or one
+    /// event stream of them all (`/v1/events`). On return every subscription is live.
+    pub(crate) async fn connect_many(
+        server: &Server,
+        transport: Transport,
+        channels: &[String],
+        source: Option<IpAddr>,
+        buffer: usize,
+    ) -> anyhow::Result<Self> {
+        let (first, rest) = channels.split_first().context("no channel to follow")?;
+        if rest.is_empty() {
+            return Self::connect(server, transport, first, source, buffer).await;
+        }
+        anyhow::ensure!(
+            server.kind == Kind::Dormouse,
+            "several channels per connection need a dormouse server"
+        );
+        Ok(match transport {
+            Transport::Ws => {
+                let path = format!("/v1/channels/{first}/ws");
+                let mut client = ws::WsClient::connect(server.addr, source, &path, buffer).await?;
+                for channel in rest {
+                    let subscribe = format!(r#"{{"type":"subscribe","channel":"{channel}"}}"#);
+                    client.send_text(&subscribe).await?;
+                }
+                let mut answered = 0;
+                while answered < rest.len() {
+                    match client.next().await? {
+                        Some(Incoming::Other) => answered += 1,
+                        Some(Incoming::Connected) => {}
+                        Some(Incoming::Message { .. }) => {
+                            anyhow::bail!("an event before the subscriptions were answered")
+                        }
+                        None => anyhow::bail!("closed while subscribing"),
+                    }
+                }
+                Self::Ws(client)
+            }
+            Transport::Sse | Transport::SseKeptAlive => {
+                let query: Vec<String> = channels.iter().map(|c| format!("channel={c}")).collect();
+                let path = format!("/v1/events?{}", query.join("&"));
+                Self::Sse(sse::SseClient::connect(server.addr, source, &path, buffer).await?)
+            }
+        })
+    }
+
     /// The next message; `None` once the server ended the subscription.
     pub(crate) async fn next(&mut self) -> anyhow::Result<Option<Incoming<'_>>> {
         match self {

@@ -54,4 +54,4 @@ pub(crate) const READYZ: &str = "/readyz";
 
 /// The `GET` routes that answer with an event stream, which the connection layer serves
 /// outside hyper on HTTP/1.x (`conn/sniff.rs`, `conn/raw_sse.rs`).
-pub(crate) const SSE_SUBSCRIPTIONS: [&str; 2] = [CHANNEL_EVENTS, COMPAT_SUBSCRIBE];
+pub(crate) const SSE_SUBSCRIPTIONS: [&str; 3] = [CHANNEL_EVENTS, COMPAT_SUBSCRIBE, EVENTS];

@@ -175,7 +175,24 @@ fn parse_event(frame: &[u8]) -> Event {
     }
     match (data, control) {
         (Some(_), true) if connected => Event::Connected,
-        (Some(data), false) => Event::Message { seq, data },
+        (Some(data), false) => {
+            let value = &frame[data.clone()];
+            if !value.starts_with(br#"{"type":"message","channel":""#) {
+                return Event::Message { seq, data };
+            }
+            // A stream of several channels: the data is the WebSocket JSON message, whose
+            // own id and data count (the event's `id:` is the stream's cursor).
+            match super::ws::decode(value) {
+                Incoming::Message { seq, data: inner } => {
+                    let start = data.start + (inner.as_ptr() as usize - value.as_ptr() as usize);
+                    Event::Message {
+                        seq,
+                        data: start..start + inner.len(),
+                    }
+                }
+                _ => Event::Other,
+            }
+        }
         (Some(_), true) => Event::Other,
         (None, _) => Event::Skip,
     }
@@ -260,6 +277,16 @@ mod tests {
     #[test]
     fn events_comments_and_controls() {
         let frame = b"id: ab-7\nevent: message\ndata: 00ffxx\n";
+        let Event::Message { seq, data } = parse_event(frame) else {
+            panic!("not a message");
+        };
+        assert_eq!((seq, &frame[data]), (Some(7), &b"00ffxx"[..]));
+        // A stream of several channels: the cursor is the id, the JSON the event.
+        let frame = br#"id: ab-9,ab-7
+:c ab-7
+event: message
+data: {"type":"message","channel":"c","id":"ab-7","event":"message","data":"00ffxx"}
+"#;
         let Event::Message { seq, data } = parse_event(frame) else {
             panic!("not a message");
         };

@@ -1,7 +1,8 @@
 //! A minimal WebSocket subscriber: the RFC 6455 handshake, frame headers, pong replies, and
 //! nothing else. The server's JSON message is not parsed: its layout is fixed
-//! (`{"type":"message","id":"..","event":"..","data":".."}`), so the `id` and `data` fields are
-//! located by position, which keeps the client far cheaper than the server it measures.
+//! (`{"type":"message","channel":"..","id":"..","event":"..","data":".."}`), so the `id` and
+//! `data` fields are located by position, which keeps the client far cheaper than the server
+//! it measures.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::LazyLock;
@@ -60,6 +61,25 @@ impl WsClient {
             fragments: Vec::new(),
             in_fragments: false,
         })
+    }
+
+    /// Sends a text message (masked, as a client's must be; a zero mask leaves it as is).
+    pub(crate) async fn send_text(&mut self, text: &str) -> anyhow::Result<()> {
+        let len = text.len();
+        let mut frame = Vec::with_capacity(len + 8);
+        frame.push(0x80 | OP_TEXT);
+        match u16::try_from(len) {
+            Ok(short) if len < 126 => frame.push(0x80 | short as u8),
+            Ok(medium) => {
+                frame.push(0x80 | 126);
+                frame.extend_from_slice(&medium.to_be_bytes());
+            }
+            Err(_) => anyhow::bail!("a bench message over 64 KiB"),
+        }
+        frame.extend_from_slice(&[0, 0, 0, 0]);
+        frame.extend_from_slice(text.as_bytes());
+        self.conn.write_all(&frame).await?;
+        Ok(())
     }
 
     /// The next message; `None` once the server closed the connection.
@@ -163,12 +183,19 @@ fn pong(payload: &[u8]) -> Vec<u8> {
 /// Locates `id` and `data` in a server message (a message sent to this connection alone,
 /// `direct`, has data and no id); anything else (gap, ack, error, binary payloads sent as
 /// `data_base64`) is `Other`.
-fn decode(text: &[u8]) -> Incoming<'_> {
-    const PREFIX: &[u8] = br#"{"type":"message","id":""#;
+pub(super) fn decode(text: &[u8]) -> Incoming<'_> {
+    const PREFIX: &[u8] = br#"{"type":"message","channel":""#;
+    const ID: &[u8] = br#"","id":""#;
     const DIRECT: &[u8] = br#"{"type":"direct","#;
     const DATA: &[u8] = br#""data":""#;
     let (seq, rest) = match text.strip_prefix(PREFIX) {
         Some(rest) => {
+            // Channel names need no JSON escaping: the name ends at the next quote.
+            let Some(rest) =
+                memchr::memchr(b'"', rest).and_then(|end| rest[end..].strip_prefix(ID))
+            else {
+                return Incoming::Other;
+            };
             let Some(id_end) = memchr::memchr(b'"', rest) else {
                 return Incoming::Other;
             };
@@ -223,7 +250,8 @@ mod tests {
 
     #[test]
     fn decodes_messages_by_position() {
-        let text = br#"{"type":"message","id":"18a3-42","event":"message","data":"0011xx"}"#;
+        let text =
+            br#"{"type":"message","channel":"c","id":"18a3-42","event":"message","data":"0011xx"}"#;
         assert_eq!(
             decode(text),
             Incoming::Message {
@@ -243,7 +271,8 @@ mod tests {
         assert_eq!(decode(hello), Incoming::Connected);
         let gap = br#"{"type":"gap","reason":"expired","message":"m"}"#;
         assert_eq!(decode(gap), Incoming::Other);
-        let binary = br#"{"type":"message","id":"1-2","event":"message","data_base64":"AA=="}"#;
+        let binary =
+            br#"{"type":"message","channel":"c","id":"1-2","event":"message","data_base64":"AA=="}"#;
         assert_eq!(decode(binary), Incoming::Other);
     }
 

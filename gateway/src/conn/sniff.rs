@@ -183,6 +183,7 @@ mod tests {
         assert!(sse(
             "GET /v1/channels/news/events?last_event_id=1-2 HTTP/1.1\r\n\r\n"
         ));
+        assert!(sse("GET /v1/events?channel=a&channel=b HTTP/1.1\r\n\r\n"));
         assert!(sse("GET /sub?channel=news HTTP/1.0\r\n\r\n"));
         // Taken as the router takes it; the handler refuses the empty name.
         assert!(sse("GET /v1/channels//events HTTP/1.1\r\n\r\n"));
