@@ -24,7 +24,7 @@ pub use config::{
     MAX_IDEMPOTENCY_KEY, TailBudget, validate_channel_name, validate_event_name,
     validate_idempotency_key,
 };
-pub use event::{Control, DEFAULT_EVENT, Event, SSE_MULTI_TAG, direct_frame};
+pub use event::{Control, DEFAULT_EVENT, Event, direct_frame};
 pub use id::{BadEventId, EventId};
 
 /// The namespace channels live in (their storage key prefix).

@@ -12,6 +12,19 @@
 //! assert_eq!(parser.take_retry(), Some(2000));
 //! ```
 
+/// How an event of a stream of several channels (`GET /v1/events?channel=a&channel=b`)
+/// starts as the server's channel encodes it: a comment line (which EventSource ignores)
+/// `:{channel} {id}` naming the event's channel and its own id. The server's connection reads
+/// it to move the stream's cursor, which it writes before the event as its `id:`.
+pub const CHANNEL_TAG: u8 = b':';
+
+/// The channel and id of an event's [`CHANNEL_TAG`] line, if `frame` starts with one.
+pub fn channel_tag(frame: &[u8]) -> Option<(&str, &str)> {
+    let rest = frame.strip_prefix(&[CHANNEL_TAG])?;
+    let line = &rest[..rest.iter().position(|&b| b == b'\n')?];
+    std::str::from_utf8(line).ok()?.split_once(' ')
+}
+
 /// One dispatched event: the fields of one block, `data` lines joined with `\n`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {

@@ -19,7 +19,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, Uri, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
-use dormouse_actors::channel::{Control, SSE_MULTI_TAG, Start};
+use dormouse_actors::channel::{Control, Start};
 use dormouse_runtime::{Outbound, SocketReceiver, Transport};
 use futures::Stream;
 use serde::Deserialize;
@@ -29,7 +29,9 @@ use crate::auth::Principal;
 use crate::channels::{self, ChannelName, Subscribing, check_channel, query};
 use crate::config::SseSettings;
 use crate::conn::expiry::{deadline, expired};
-use crate::conn::{BodyWriter, Framing, RawSocket, StopWaiter, SubscriberWriter, Writable};
+use crate::conn::{
+    BodyWriter, Framing, RawSocket, StopWaiter, StreamCursor, SubscriberWriter, Writable,
+};
 use crate::connections::Registration;
 use crate::cursor;
 use crate::error::ApiError;
@@ -134,6 +136,7 @@ pub(crate) async fn subscribe_many(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     Extension(ClientIp(ip)): Extension<ClientIp>,
+    raw: Option<Extension<RawSocket>>,
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -194,7 +197,7 @@ pub(crate) async fn subscribe_many(
             ));
         }
     }
-    let starts = Cursor::starts(
+    let starts = starts_of_many(
         &headers,
         last_event_id.as_deref(),
         rewind.as_deref(),
@@ -215,113 +218,73 @@ pub(crate) async fn subscribe_many(
         },
     )
     .await?;
-    let mut positions = vec![Cursor::initial(starts[0], connected.last_id)];
+    let mut positions = vec![initial_position(starts[0], connected.last_id)];
     for (channel, start) in channels.iter().zip(&starts).skip(1) {
         let socket = connected
             .receiver
             .socket()
             .ok_or_else(channels::unexpected)?;
         let last_id = channels::subscribe(&state.publisher, channel, socket, *start).await?;
-        positions.push(Cursor::initial(*start, last_id));
+        positions.push(initial_position(*start, last_id));
     }
-    let cursor = Box::new(Cursor {
-        channels,
-        positions,
-    });
-    respond(&state, connected, None, &principal, Some(cursor))
+    let cursor = Box::new(StreamCursor::new(channels, positions));
+    respond(&state, connected, raw, &principal, Some(cursor))
 }
 
-/// Where a stream of several channels is in each: the id of the last event of each it
-/// wrote (or, before any, where the subscription started), in the URL's order. Written
-/// before every event as its `id:`, `{position},{position},...`, a position empty while a
-/// channel had no event; EventSource sends the last one back as `Last-Event-ID`.
-pub(crate) struct Cursor {
-    channels: Vec<String>,
-    positions: Vec<Option<String>>,
+/// Each channel's start from a composite cursor (the header, else `last_event_id`), or,
+/// without one, live (or the newest `rewind` events) for all.
+fn starts_of_many(
+    headers: &HeaderMap,
+    last_event_id: Option<&str>,
+    rewind: Option<&str>,
+    channels: usize,
+    max_rewind: usize,
+) -> Result<Vec<Start>, ApiError> {
+    let header = headers
+        .get("last-event-id")
+        .map(|v| {
+            v.to_str().map_err(|_| {
+                ApiError::bad_request("bad_event_id", "Last-Event-ID must be ASCII text")
+            })
+        })
+        .transpose()?
+        .map(str::trim)
+        .filter(|v| !v.is_empty());
+    // Checked even when a cursor wins, as on a single channel's route.
+    let fresh = cursor::start(&HeaderMap::new(), None, rewind, max_rewind)?;
+    let Some(raw) = header.or(last_event_id.filter(|v| !v.is_empty())) else {
+        return Ok(vec![fresh; channels]);
+    };
+    let parts: Vec<&str> = raw.split(',').collect();
+    if parts.len() != channels {
+        return Err(ApiError::bad_request(
+            "bad_event_id",
+            format!(
+                "the cursor has {} positions for {channels} channels; a stream of several \
+                 channels resumes with the id it sent, for the same channels in the same order",
+                parts.len()
+            ),
+        ));
+    }
+    parts
+        .into_iter()
+        .map(|part| match part {
+            "" => Ok(Start::Oldest),
+            id => Ok(Start::After(channels::parse_id(id, "Last-Event-ID")?)),
+        })
+        .collect()
 }
 
-impl Cursor {
-    /// Each channel's start from a composite cursor (the header, else `last_event_id`), or,
-    /// without one, live (or the newest `rewind` events) for all.
-    fn starts(
-        headers: &HeaderMap,
-        last_event_id: Option<&str>,
-        rewind: Option<&str>,
-        channels: usize,
-        max_rewind: usize,
-    ) -> Result<Vec<Start>, ApiError> {
-        let header = headers
-            .get("last-event-id")
-            .map(|v| {
-                v.to_str().map_err(|_| {
-                    ApiError::bad_request("bad_event_id", "Last-Event-ID must be ASCII text")
-                })
-            })
-            .transpose()?
-            .map(str::trim)
-            .filter(|v| !v.is_empty());
-        // Checked even when a cursor wins, as on a single channel's route.
-        let fresh = cursor::start(&HeaderMap::new(), None, rewind, max_rewind)?;
-        let Some(raw) = header.or(last_event_id.filter(|v| !v.is_empty())) else {
-            return Ok(vec![fresh; channels]);
-        };
-        let parts: Vec<&str> = raw.split(',').collect();
-        if parts.len() != channels {
-            return Err(ApiError::bad_request(
-                "bad_event_id",
-                format!(
-                    "the cursor has {} positions for {channels} channels; a stream of several \
-                     channels resumes with the id it sent, for the same channels in the same order",
-                    parts.len()
-                ),
-            ));
-        }
-        parts
-            .into_iter()
-            .map(|part| match part {
-                "" => Ok(Start::Oldest),
-                id => Ok(Start::After(channels::parse_id(id, "Last-Event-ID")?)),
-            })
-            .collect()
-    }
-
-    /// A channel's position before any of its events is written: the cursor it resumes
-    /// from, or the last event it had when a live subscription began.
-    fn initial(start: Start, last_id: Option<dormouse_actors::channel::EventId>) -> Option<String> {
-        match start {
-            Start::After(id) => Some(id.to_string()),
-            Start::Live => last_id.map(|id| id.to_string()),
-            Start::Oldest | Start::Latest(_) => None,
-        }
-    }
-
-    /// An event's bytes with the cursor, moved past it, as its `id:` line. Frames that are
-    /// not a channel's event (gaps, direct messages) go as they are.
-    fn stamp(&mut self, frame: Bytes) -> Bytes {
-        let Some(tag) = frame.strip_prefix(SSE_MULTI_TAG) else {
-            return frame;
-        };
-        let line = tag.split(|&b| b == b'\n').next().unwrap_or_default();
-        let Some((channel, id)) = std::str::from_utf8(line)
-            .ok()
-            .and_then(|line| line.split_once(' '))
-        else {
-            return frame;
-        };
-        if let Some(at) = self.channels.iter().position(|c| c == channel) {
-            self.positions[at] = Some(id.to_string());
-        }
-        let mut out = BytesMut::with_capacity(frame.len() + 16 * self.positions.len() + 8);
-        out.extend_from_slice(b"id: ");
-        for (i, position) in self.positions.iter().enumerate() {
-            if i > 0 {
-                out.extend_from_slice(b",");
-            }
-            out.extend_from_slice(position.as_deref().unwrap_or_default().as_bytes());
-        }
-        out.extend_from_slice(b"\n");
-        out.extend_from_slice(&frame);
-        out.freeze()
+/// A channel's position before any of its events is written: the cursor it resumes
+/// from, or the last event it had when a live subscription began.
+fn initial_position(
+    start: Start,
+    last_id: Option<dormouse_actors::channel::EventId>,
+) -> Option<String> {
+    match start {
+        Start::After(id) => Some(id.to_string()),
+        Start::Live => last_id.map(|id| id.to_string()),
+        Start::Oldest | Start::Latest(_) => None,
     }
 }
 
@@ -373,7 +336,7 @@ fn respond(
     connected: channels::Connected,
     raw: Option<Extension<RawSocket>>,
     principal: &Principal,
-    cursor: Option<Box<Cursor>>,
+    cursor: Option<Box<StreamCursor>>,
 ) -> Result<Response, ApiError> {
     let channels::Connected {
         conn,
@@ -381,10 +344,8 @@ fn respond(
         connection_id,
         ..
     } = connected;
-    // Only a response written outside hyper may have its body written around it; a stream
-    // of several channels writes its cursor into each event, so its task writes them all.
+    // Only a response written outside hyper may have its body written around it.
     let direct = raw
-        .filter(|_| cursor.is_none())
         .filter(|Extension(raw)| raw.writable == Writable::ResponseBody)
         .map(|Extension(raw)| {
             SubscriberWriter::new(
@@ -393,6 +354,14 @@ fn respond(
                 Framing::EventStream,
             )
         });
+    // The cursor goes where the events are written: the direct writer, or the task.
+    let cursor = match (&direct, cursor) {
+        (Some(direct), Some(cursor)) => {
+            direct.keep_cursor(cursor);
+            None
+        }
+        (_, cursor) => cursor,
+    };
     let body = Body::from_stream(stream(
         conn,
         receiver,
@@ -433,8 +402,9 @@ struct EventStream {
     expired: Option<Pin<Box<Sleep>>>,
     opening: Option<Bytes>,
     done: bool,
-    /// A stream of several channels: every channel's position, written as each event's id.
-    cursor: Option<Box<Cursor>>,
+    /// A stream of several channels written by this task (not by a direct writer, which
+    /// then keeps it): every channel's position, written as each event's id.
+    cursor: Option<Box<StreamCursor>>,
 }
 
 fn stream(
@@ -444,7 +414,7 @@ fn stream(
     settings: &SseSettings,
     stopping: StopWaiter,
     expires_at: Option<Instant>,
-    cursor: Option<Box<Cursor>>,
+    cursor: Option<Box<StreamCursor>>,
 ) -> impl Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + use<> {
     let (keepalive, retry) = (settings.keepalive, settings.retry);
     let mut keepalive = tokio::time::interval_at(Instant::now() + keepalive, keepalive);
@@ -582,8 +552,9 @@ impl EventStream {
         match message {
             Outbound::Text(bytes) => {
                 self.conn.telemetry().delivered(ConnKind::Sse, 1, stamp);
-                Some(match &mut self.cursor {
-                    Some(cursor) => cursor.stamp(bytes),
+                let line = self.cursor.as_mut().and_then(|c| c.id_line(&bytes));
+                Some(match line {
+                    Some(line) => [line, bytes].concat().into(),
                     None => bytes,
                 })
             }

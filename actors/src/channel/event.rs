@@ -186,17 +186,13 @@ impl Event {
     }
 }
 
-/// The first line of an event in a stream of several channels: a comment (which
-/// EventSource ignores) naming the event's channel and id, for the connection to update its
-/// cursor from before it writes the cursor as the event's `id:`.
-pub const SSE_MULTI_TAG: &[u8] = b":";
-
-/// An event of a stream of several channels: the tag line (`:{channel} {id}`), the event
+/// An event of a stream of several channels: the tag line (`:{channel} {id}`, as
+/// `dormouse_client::sse::CHANNEL_TAG` defines it), the event
 /// name, and the WebSocket JSON message as the data, which names the channel and the event's
 /// own id (JSON has no raw line breaks, so it is one `data:` line).
 fn sse_multi_frame(channel: &str, id: &str, name: &str, json: &[u8]) -> Bytes {
     let mut out = BytesMut::with_capacity(json.len() + channel.len() + id.len() + name.len() + 24);
-    out.put_slice(SSE_MULTI_TAG);
+    out.put_u8(dormouse_client::sse::CHANNEL_TAG);
     out.put_slice(channel.as_bytes());
     out.put_u8(b' ');
     out.put_slice(id.as_bytes());

@@ -31,6 +31,46 @@ impl Framing {
     }
 }
 
+/// Where an event stream of several channels is in each: the id of the last event of each
+/// it wrote (or, before any, where its subscription started), in the order the client named
+/// them. Written before every event as its `id:`, `{position},{position},...`, a position
+/// empty while a channel had no event; EventSource sends the last one back as
+/// `Last-Event-ID`, which resumes every channel exactly. Kept where the stream's events are
+/// written: by its writer under the connection's lock, or by its task.
+#[derive(Debug)]
+pub(crate) struct StreamCursor {
+    channels: Vec<String>,
+    positions: Vec<Option<String>>,
+}
+
+impl StreamCursor {
+    pub(crate) fn new(channels: Vec<String>, positions: Vec<Option<String>>) -> Self {
+        Self {
+            channels,
+            positions,
+        }
+    }
+
+    /// The `id:` line to write before `frame` when it is an event of one of the channels
+    /// (it starts with the channel tag), the cursor moved past it; `None` for anything else
+    /// (a gap, a message to this connection alone), which does not move it.
+    pub(crate) fn id_line(&mut self, frame: &[u8]) -> Option<Bytes> {
+        let (channel, id) = dormouse_client::sse::channel_tag(frame)?;
+        let at = self.channels.iter().position(|c| c == channel)?;
+        self.positions[at] = Some(id.to_string());
+        let mut line = BytesMut::with_capacity(8 + 20 * self.positions.len());
+        line.extend_from_slice(b"id: ");
+        for (i, position) in self.positions.iter().enumerate() {
+            if i > 0 {
+                line.extend_from_slice(b",");
+            }
+            line.extend_from_slice(position.as_deref().unwrap_or_default().as_bytes());
+        }
+        line.extend_from_slice(b"\n");
+        Some(line.freeze())
+    }
+}
+
 /// What one batch of queued messages came to: what was framed, their stamps, a close
 /// queued after them, and (once written) whether the socket failed.
 #[derive(Debug, Default)]
@@ -67,19 +107,28 @@ impl FrameBatch {
     pub(crate) const MAX_BYTES: usize = 256 * 1024;
     pub(crate) const MAX_FRAMES: usize = 256;
 
-    /// Frames for `taken`, up to a close, and what they amount to (`failed` unset).
+    /// Frames for `taken`, up to a close, and what they amount to (`failed` unset). An
+    /// event stream of several channels writes its `cursor` before each event.
     pub(crate) fn gather(
         taken: Vec<(Outbound, Option<Instant>)>,
         framing: Framing,
+        mut cursor: Option<&mut StreamCursor>,
     ) -> (Self, Drained) {
         let mut written = Drained {
             stamps: Vec::with_capacity(taken.len()),
             ..Drained::default()
         };
         let mut frames = FrameBatch::with_capacity(taken.len());
+        let mut messages: u64 = 0;
         for (outbound, stamp) in taken {
             match (outbound, framing) {
-                (Outbound::Text(bytes), Framing::EventStream) => frames.push_raw(bytes),
+                (Outbound::Text(bytes), Framing::EventStream) => {
+                    if let Some(line) = cursor.as_mut().and_then(|c| c.id_line(&bytes)) {
+                        frames.push_raw(line);
+                    }
+                    frames.push_raw(bytes);
+                    messages += 1;
+                }
                 (Outbound::Binary(_), Framing::EventStream) => continue,
                 (Outbound::Text(bytes), Framing::WebSocket { check_text }) => {
                     if check_text && std::str::from_utf8(&bytes).is_err() {
@@ -87,9 +136,11 @@ impl FrameBatch {
                         continue;
                     }
                     frames.push(Opcode::Text, bytes);
+                    messages += 1;
                 }
                 (Outbound::Binary(bytes), Framing::WebSocket { .. }) => {
                     frames.push(Opcode::Binary, bytes);
+                    messages += 1;
                 }
                 (Outbound::Close { code, reason }, _) => {
                     // Whatever was queued after a close is not written.
@@ -99,7 +150,7 @@ impl FrameBatch {
             }
             written.stamps.extend(stamp);
         }
-        written.messages = frames.count() as u64;
+        written.messages = messages;
         (frames, written)
     }
 
@@ -124,10 +175,6 @@ impl FrameBatch {
         self.headers.push(header);
         self.bytes += payload.len();
         self.payloads.push(payload);
-    }
-
-    pub(crate) fn count(&self) -> usize {
-        self.payloads.len()
     }
 
     /// Writes every frame without blocking; returns the bytes the socket did not take
@@ -263,13 +310,37 @@ mod tests {
             ),
             (Outbound::Text(Bytes::from_static(b"never")), None),
         ];
-        let (frames, written) = FrameBatch::gather(taken, Framing::EventStream);
+        let (frames, written) = FrameBatch::gather(taken, Framing::EventStream, None);
         assert_eq!(written.messages, 2);
         assert_eq!(written.stamps, [now]);
         assert_eq!(written.close, Some((1008, "slow".to_string())));
         let mut out = Vec::new();
         frames.write_to(&mut out).await.unwrap();
         assert_eq!(out, b"id: 1-1\ndata: a\n\nid: 1-2\ndata: b\n\n");
+    }
+
+    /// A stream of several channels: each event gets the cursor, moved past it, as its id;
+    /// what is not a channel's event passes without moving it.
+    #[tokio::test]
+    async fn a_stream_of_several_channels_writes_its_cursor_before_each_event() {
+        let mut cursor =
+            StreamCursor::new(vec!["a".into(), "b".into()], vec![Some("1-4".into()), None]);
+        let text = |s: &'static str| (Outbound::Text(Bytes::from_static(s.as_bytes())), None);
+        let taken = vec![
+            text(":b 2-1\nevent: message\ndata: {}\n\n"),
+            text("event: dormouse.gap\ndata: {}\n\n"),
+            text(":a 1-5\nevent: message\ndata: {}\n\n"),
+        ];
+        let (frames, written) = FrameBatch::gather(taken, Framing::EventStream, Some(&mut cursor));
+        assert_eq!(written.messages, 3);
+        let mut out = Vec::new();
+        frames.write_to(&mut out).await.unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "id: 1-4,2-1\n:b 2-1\nevent: message\ndata: {}\n\n\
+             event: dormouse.gap\ndata: {}\n\n\
+             id: 1-5,2-1\n:a 1-5\nevent: message\ndata: {}\n\n"
+        );
     }
 
     /// A batch larger than one write can take arrives whole and in order through a pipe

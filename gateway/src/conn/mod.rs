@@ -44,7 +44,7 @@ pub(crate) mod writer;
 
 pub(crate) use accept::ConnContext;
 pub(crate) use admit::ConnLimits;
-pub(crate) use framing::Framing;
+pub(crate) use framing::{Framing, StreamCursor};
 pub(crate) use listen::ConnListener;
 pub(crate) use shutdown::{KillSwitch, StopWaiter};
 pub use shutdown::{Stopping, shutdown_signal};

@@ -32,7 +32,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use dormouse_runtime::{Outbound, Queued, SocketReceiver, WriteOnRelease};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::framing::{Drained, FrameBatch, Framing};
+use super::framing::{Drained, FrameBatch, Framing, StreamCursor};
 use super::tcp::SharedTcp;
 use crate::telemetry::Telemetry;
 
@@ -53,6 +53,8 @@ struct State {
     pending: Bytes,
     /// A write failed: the connection is over; the task finds out on its next turn.
     failed: bool,
+    /// An event stream of several channels: its cursor, written before each event.
+    cursor: Option<Box<StreamCursor>>,
 }
 
 impl SubscriberWriter {
@@ -73,6 +75,11 @@ impl SubscriberWriter {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Writes `cursor` before each event from now on (an event stream of several channels).
+    pub(crate) fn keep_cursor(&self, cursor: Box<StreamCursor>) {
+        self.lock().cursor = Some(cursor);
     }
 
     /// True when the socket is shared, so messages can be written without the task.
@@ -133,7 +140,8 @@ impl SubscriberWriter {
     ) -> Drained {
         let mut taken = Vec::new();
         receiver.try_recv_many(&mut taken, FrameBatch::MAX_FRAMES, FrameBatch::MAX_BYTES);
-        let (frames, mut drained) = FrameBatch::gather(taken, self.framing);
+        // A WebSocket's path (an SSE stream's writer always shares its socket): no cursor.
+        let (frames, mut drained) = FrameBatch::gather(taken, self.framing, None);
         if frames.write_to(io).await.is_err() {
             // Nothing counts as delivered from a write that failed.
             drained = Drained {
@@ -147,7 +155,8 @@ impl SubscriberWriter {
     /// Frames `taken` and writes them without blocking; what the socket does not take goes
     /// to `pending`.
     fn write_taken(&self, state: &mut State, taken: Vec<(Outbound, Option<Instant>)>) -> Drained {
-        let (frames, mut written) = FrameBatch::gather(taken, self.framing);
+        let (frames, mut written) =
+            FrameBatch::gather(taken, self.framing, state.cursor.as_deref_mut());
         let Some(stream) = state.stream.as_ref() else {
             written.failed = true;
             return written;
