@@ -13,16 +13,19 @@
 //! ```
 
 /// How an event of a stream of several channels (`GET /v1/events?channel=a&channel=b`)
-/// starts as the server's channel encodes it: a comment line (which EventSource ignores)
+/// starts as the server's channel encodes it, shared by every subscriber: a comment line
 /// `:{channel} {id}` naming the event's channel and its own id. The server's connection reads
-/// it to move the stream's cursor, which it writes before the event as its `id:`.
+/// it to move the stream's cursor, which it writes in its place as the event's `id:`; a
+/// client never sees it.
 pub const CHANNEL_TAG: u8 = b':';
 
-/// The channel and id of an event's [`CHANNEL_TAG`] line, if `frame` starts with one.
-pub fn channel_tag(frame: &[u8]) -> Option<(&str, &str)> {
+/// The channel and id of an event's [`CHANNEL_TAG`] line, if `frame` starts with one, and
+/// the length of the line (with its line feed).
+pub fn channel_tag(frame: &[u8]) -> Option<(&str, &str, usize)> {
     let rest = frame.strip_prefix(&[CHANNEL_TAG])?;
-    let line = &rest[..rest.iter().position(|&b| b == b'\n')?];
-    std::str::from_utf8(line).ok()?.split_once(' ')
+    let end = rest.iter().position(|&b| b == b'\n')?;
+    let (channel, id) = std::str::from_utf8(&rest[..end]).ok()?.split_once(' ')?;
+    Some((channel, id, end + 2))
 }
 
 /// One dispatched event: the fields of one block, `data` lines joined with `\n`.

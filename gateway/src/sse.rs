@@ -552,9 +552,8 @@ impl EventStream {
         match message {
             Outbound::Text(bytes) => {
                 self.conn.telemetry().delivered(ConnKind::Sse, 1, stamp);
-                let line = self.cursor.as_mut().and_then(|c| c.id_line(&bytes));
-                Some(match line {
-                    Some(line) => [line, bytes].concat().into(),
+                Some(match &mut self.cursor {
+                    Some(cursor) => cursor.stamp(bytes),
                     None => bytes,
                 })
             }

@@ -212,6 +212,45 @@ async fn a_connection_that_asked_for_an_upgrade_stays_with_hyper() {
     server.stop().await;
 }
 
+/// A stream of several channels that hyper serves (the connection asked for an upgrade
+/// first) is written by its task, which writes the stream's cursor as each event's id as
+/// the direct writer does.
+#[tokio::test]
+async fn a_stream_of_several_channels_served_by_hyper_writes_its_cursor_too() {
+    let server = TestServer::start().await;
+    let before = server.publish("one", "before").await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    let (head, _) = ask(
+        &mut stream,
+        b"GET /v1/channels/one/ws?last_event_id=nope HTTP/1.1\r\nHost: x\r\n\
+          Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("http/1.1 400"), "{head}");
+    stream
+        .write_all(b"GET /v1/events?channel=one&channel=two HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    read_until(&mut stream, &mut seen, ": connected").await;
+    let text = String::from_utf8_lossy(&seen).to_ascii_lowercase();
+    assert!(text.contains("transfer-encoding: chunked"), "{text}");
+    let id = server.publish("two", "via hyper").await;
+    read_until(
+        &mut stream,
+        &mut seen,
+        &format!("id: {before},{id}\nevent: message\n"),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&seen).to_string();
+    assert!(
+        !text.contains(":two "),
+        "the tag line is not written: {text}"
+    );
+    server.stop().await;
+}
+
 /// A stop closes an idle kept-alive connection (hyper's graceful shutdown, started by the
 /// server's stop signal) rather than waiting for the client.
 #[tokio::test]

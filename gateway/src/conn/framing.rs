@@ -40,34 +40,64 @@ impl Framing {
 #[derive(Debug)]
 pub(crate) struct StreamCursor {
     channels: Vec<String>,
-    positions: Vec<Option<String>>,
+    /// Empty for a channel with no position yet; rewritten in place (no allocation once a
+    /// channel's ids stop growing).
+    positions: Vec<String>,
 }
 
 impl StreamCursor {
     pub(crate) fn new(channels: Vec<String>, positions: Vec<Option<String>>) -> Self {
         Self {
             channels,
-            positions,
+            positions: positions
+                .into_iter()
+                .map(Option::unwrap_or_default)
+                .collect(),
         }
     }
 
-    /// The `id:` line to write before `frame` when it is an event of one of the channels
-    /// (it starts with the channel tag), the cursor moved past it; `None` for anything else
-    /// (a gap, a message to this connection alone), which does not move it.
-    pub(crate) fn id_line(&mut self, frame: &[u8]) -> Option<Bytes> {
-        let (channel, id) = dormouse_client::sse::channel_tag(frame)?;
+    /// Appends to `lines` the `id:` line to write instead of `frame`'s tag line when it is
+    /// an event of one of the channels, the cursor moved past it, and answers the tag line's
+    /// length (what of `frame` not to write); `None`, appending nothing, for anything else (a
+    /// gap, a message to this connection alone), which does not move it. A batch's lines
+    /// share one buffer: one allocation per write, not per event.
+    pub(crate) fn write_id_line(&mut self, frame: &[u8], lines: &mut BytesMut) -> Option<usize> {
+        let (channel, id, tag) = dormouse_client::sse::channel_tag(frame)?;
         let at = self.channels.iter().position(|c| c == channel)?;
-        self.positions[at] = Some(id.to_string());
-        let mut line = BytesMut::with_capacity(8 + 20 * self.positions.len());
-        line.extend_from_slice(b"id: ");
+        let position = &mut self.positions[at];
+        position.clear();
+        position.push_str(id);
+        lines.extend_from_slice(b"id: ");
         for (i, position) in self.positions.iter().enumerate() {
             if i > 0 {
-                line.extend_from_slice(b",");
+                lines.extend_from_slice(b",");
             }
-            line.extend_from_slice(position.as_deref().unwrap_or_default().as_bytes());
+            lines.extend_from_slice(position.as_bytes());
         }
-        line.extend_from_slice(b"\n");
-        Some(line.freeze())
+        lines.extend_from_slice(b"\n");
+        Some(tag)
+    }
+
+    /// About how long an `id:` line is now, to size a batch's buffer.
+    fn line_estimate(&self) -> usize {
+        5 + self
+            .positions
+            .iter()
+            .map(|p| p.len().max(16) + 1)
+            .sum::<usize>()
+    }
+
+    /// One frame as the stream writes it: its `id:` line, then the frame without its tag
+    /// (the task's path, a frame at a time).
+    pub(crate) fn stamp(&mut self, frame: Bytes) -> Bytes {
+        let mut out = BytesMut::new();
+        match self.write_id_line(&frame, &mut out) {
+            Some(tag) => {
+                out.extend_from_slice(&frame[tag..]);
+                out.freeze()
+            }
+            None => frame,
+        }
     }
 }
 
@@ -120,13 +150,24 @@ impl FrameBatch {
         };
         let mut frames = FrameBatch::with_capacity(taken.len());
         let mut messages: u64 = 0;
+        // A stream of several channels' id lines, one buffer for the batch.
+        let mut lines = match &cursor {
+            Some(cursor) => BytesMut::with_capacity(taken.len() * cursor.line_estimate()),
+            None => BytesMut::new(),
+        };
         for (outbound, stamp) in taken {
             match (outbound, framing) {
                 (Outbound::Text(bytes), Framing::EventStream) => {
-                    if let Some(line) = cursor.as_mut().and_then(|c| c.id_line(&bytes)) {
-                        frames.push_raw(line);
+                    match cursor
+                        .as_mut()
+                        .and_then(|c| c.write_id_line(&bytes, &mut lines))
+                    {
+                        Some(tag) => {
+                            frames.push_raw(lines.split().freeze());
+                            frames.push_raw(bytes.slice(tag..));
+                        }
+                        None => frames.push_raw(bytes),
                     }
-                    frames.push_raw(bytes);
                     messages += 1;
                 }
                 (Outbound::Binary(_), Framing::EventStream) => continue,
@@ -337,9 +378,9 @@ mod tests {
         frames.write_to(&mut out).await.unwrap();
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "id: 1-4,2-1\n:b 2-1\nevent: message\ndata: {}\n\n\
+            "id: 1-4,2-1\nevent: message\ndata: {}\n\n\
              event: dormouse.gap\ndata: {}\n\n\
-             id: 1-5,2-1\n:a 1-5\nevent: message\ndata: {}\n\n"
+             id: 1-5,2-1\nevent: message\ndata: {}\n\n"
         );
     }
 
