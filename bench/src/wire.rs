@@ -109,8 +109,9 @@ impl Subscriber {
     }
 
     /// Connects and follows every channel of `channels` on one connection: a WebSocket to
-    /// the first that sends a `subscribe` for each other and waits for their answers, or one
-    /// event stream of them all (`/v1/events`). On return every subscription is live.
+    /// the first that sends a `subscribe` for each other and waits for their answers, one
+    /// event stream of them all (`/v1/events`), or a Redis connection that subscribes to
+    /// each. On return every subscription is live.
     pub(crate) async fn connect_many(
         server: &Server,
         transport: Transport,
@@ -122,10 +123,14 @@ impl Subscriber {
         if rest.is_empty() {
             return Self::connect(server, transport, first, source, buffer).await;
         }
-        anyhow::ensure!(
-            server.kind == Kind::Dormouse,
-            "several channels per connection need a dormouse server"
-        );
+        if server.kind == Kind::Redis {
+            // One connection, one SUBSCRIBE per channel, as a Redis client follows several.
+            let mut conn = resp::RespConn::connect(server.addr, source, buffer).await?;
+            for channel in channels {
+                conn.subscribe(channel).await?;
+            }
+            return Ok(Self::Redis(conn));
+        }
         Ok(match transport {
             Transport::Ws => {
                 let path = format!("/v1/channels/{first}/ws");
