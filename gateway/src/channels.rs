@@ -202,6 +202,8 @@ pub(crate) struct Connected {
     pub(crate) connection_id: String,
     /// The last event the channel handed out before this subscriber joined.
     pub(crate) last_id: Option<EventId>,
+    /// Channels its hook's `connect` answer subscribed it to as well.
+    pub(crate) more: Vec<String>,
 }
 
 /// A new subscriber: counted, entered in the connection table, put through its channel's
@@ -214,6 +216,7 @@ pub(crate) async fn connect(state: &AppState, how: Subscribing<'_>) -> Result<Co
         Transport::Sse | Transport::SseMulti => ConnKind::Sse,
     };
     let mut conn = state.telemetry.connection_opened(kind, true, &how.channel);
+    let mut more = Vec::new();
     let connection_id = conn.register(
         &state.connections,
         how.principal.subject.clone(),
@@ -245,11 +248,19 @@ pub(crate) async fn connect(state: &AppState, how: Subscribing<'_>) -> Result<Co
         (state.hooks)
             .may_subscribe(route, &connection_id, subject, how.channel, attachment)
             .await?;
+        more = admitted.channels;
+        if !more.is_empty() && !how.transport.is_websocket() {
+            let why = "a connect answer picks channels for WebSocket connections only (an \
+                       event stream follows the channels its URL names)";
+            return Err(route.bad_answer(why).to_api_error());
+        }
     }
     conn.ending("subscribe_failed");
     let last_id = subscribe(&state.publisher, how.channel, socket, how.start).await?;
     if let Some(route) = how.hook {
         conn.occupying(state.hooks.occupy(route, how.channel));
+        let occupants = follow_picked(state, route, &receiver, how.channel, &more).await?;
+        conn.occupying(occupants);
     }
     conn.ending("client_left");
     Ok(Connected {
@@ -257,7 +268,47 @@ pub(crate) async fn connect(state: &AppState, how: Subscribing<'_>) -> Result<Co
         receiver,
         connection_id,
         last_id,
+        more,
     })
+}
+
+/// Subscribes a connection that `route` admitted to the `channels` its `connect` answer
+/// picked (from now on), besides `opened_for` (its own channel, if any). Each must be a
+/// channel of that hook or of none: another hook did not admit the connection. Answers the
+/// occupancy places to keep while the connection lives.
+pub(crate) async fn follow_picked(
+    state: &AppState,
+    route: &Arc<Route>,
+    receiver: &SocketReceiver,
+    opened_for: &str,
+    channels: &[String],
+) -> Result<Vec<crate::hooks::occupancy::Occupant>, ApiError> {
+    let most = state.settings.limits.max_channels_per_connection;
+    if channels.len() + 1 > most {
+        let why = format!(
+            "\"channels\" names {} channels; a connection follows at most {most} \
+             (limits.max_channels_per_connection)",
+            channels.len()
+        );
+        return Err(route.bad_answer(why).to_api_error());
+    }
+    let mut occupants = Vec::new();
+    for channel in channels.iter().filter(|c| *c != opened_for) {
+        let hook = state.hooks.for_channel(channel);
+        if let Some(other) = hook.filter(|other| other.name() != route.name()) {
+            let why = format!(
+                "\"channels\" names {channel:?}, which goes through hook {}",
+                other.name()
+            );
+            return Err(route.bad_answer(why).to_api_error());
+        }
+        let socket = receiver.socket().ok_or_else(unexpected)?;
+        subscribe(&state.publisher, channel, socket, Start::Live).await?;
+        if hook.is_some() {
+            occupants.extend(state.hooks.occupy(route, channel));
+        }
+    }
+    Ok(occupants)
 }
 
 /// Subscribes `socket` to `channel` from `start`. The channel sends the backlog and adds

@@ -234,7 +234,7 @@ impl Telemetry {
             reason: "client_left",
             registration: None,
             hooked: None,
-            occupant: None,
+            occupants: Box::default(),
         }
     }
 
@@ -416,8 +416,8 @@ pub(crate) struct Connection {
     registration: Option<Registration>,
     /// The hook owed this connection's disconnect, and what it is told.
     hooked: Option<Box<(Arc<Hooks>, Record)>>,
-    /// Its place in its channel's occupancy count, given up when it closes.
-    occupant: Option<Occupant>,
+    /// Its places in its channels' occupancy counts, given up when it closes.
+    occupants: Box<[Occupant]>,
 }
 
 impl fmt::Debug for Connection {
@@ -458,9 +458,11 @@ impl Connection {
         self.hooked = Some(Box::new((hooks, record)));
     }
 
-    /// Counts the connection in its channel's occupancy until it closes.
-    pub(crate) fn occupying(&mut self, occupant: Option<Occupant>) {
-        self.occupant = occupant;
+    /// Counts the connection in these channels' occupancy until it closes.
+    pub(crate) fn occupying(&mut self, occupants: impl IntoIterator<Item = Occupant>) {
+        let mut all = std::mem::take(&mut self.occupants).into_vec();
+        all.extend(occupants);
+        self.occupants = all.into_boxed_slice();
     }
 
     /// The connection's entry in the connection table, if it has one.

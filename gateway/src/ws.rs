@@ -107,6 +107,7 @@ pub(crate) async fn subscribe(
         conn: tracked,
         receiver,
         connection_id,
+        mut more,
         ..
     } = channels::connect(
         &state,
@@ -132,6 +133,7 @@ pub(crate) async fn subscribe(
     let screened = hook
         .filter(|route| route.takes("publish"))
         .map(|_| Screened::new(state.hooks.clone(), connection_id.clone()));
+    more.retain(|c| *c != channel);
     let mode = Mode::Channel {
         channel,
         publisher: state.publisher.clone(),
@@ -140,7 +142,7 @@ pub(crate) async fn subscribe(
         principal,
         ip,
         screened,
-        more: Vec::new(),
+        more,
         hooks: state.hooks.clone(),
         settings: settings.clone(),
     };
@@ -199,6 +201,11 @@ pub(crate) async fn hooked(
             },
         )
         .await?;
+    // The channels the hook picked: their events come on this WebSocket too.
+    tracked.ending("subscribe_failed");
+    let occupants =
+        channels::follow_picked(&state, &route, &receiver, "", &admitted.channels).await?;
+    tracked.occupying(occupants);
     tracked.ending("client_left");
     let subject = admitted
         .subject
@@ -1048,6 +1055,7 @@ impl WsSession {
             channel,
             more,
             publisher,
+            hooks,
             ..
         } = &mut self.mode
         else {
@@ -1067,6 +1075,17 @@ impl WsSession {
         let Some(at) = more.iter().position(|c| *c == from) else {
             return Answer::failed(&not_following(&from), r#ref);
         };
+        if hooks.for_channel(&from).is_some() {
+            // Its hook picked it at connect and counts it in its occupancy until the end.
+            let e = ApiError::new(
+                axum::http::StatusCode::CONFLICT,
+                "hooked_channel",
+                format!(
+                    "channel {from:?} was picked by its hook and is followed until the connection closes"
+                ),
+            );
+            return Answer::failed(&e, r#ref);
+        }
         more.swap_remove(at);
         let (publisher, socket) = (publisher.clone(), self.receiver.id());
         Answer::Hook(Box::pin(async move {

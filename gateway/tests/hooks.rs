@@ -748,3 +748,83 @@ async fn an_occupancy_event_the_backend_had_not_taken_is_sent_by_the_next_start(
     assert_eq!(delivered.body["channel"], "room:7");
     drop((server, dir));
 }
+
+#[tokio::test]
+async fn a_connect_answer_picks_more_channels_for_a_websocket() {
+    let upstream = Upstream::start(SECRET, |call| match call.event.as_str() {
+        "connect" => {
+            let query = call.body["query"].as_str().unwrap_or_default();
+            let channels = match query {
+                "pick=other" => json!(["chat:lobby", "other:1"]),
+                _ => json!(["chat:lobby", "news", "chat:lobby"]),
+            };
+            Answer::Json(
+                200,
+                json!({"subject": "picked", "channels": channels}).to_string(),
+            )
+        }
+        _ => Answer::Json(200, "{}".into()),
+    })
+    .await;
+    let server = TestServer::start_with(|s| {
+        hooked(upstream.url(), &["chat:*"], Duration::from_secs(2))(s);
+        s.hooks.push(HookSettings {
+            name: "other".into(),
+            url: upstream.url(),
+            secret: SECRET.into(),
+            channels: vec!["other:*".into()],
+            events: vec!["connect".into()],
+            timeout: Duration::from_secs(2),
+        });
+    })
+    .await;
+
+    // A channel's WebSocket: its own channel, and the ones the hook picked (a channel of
+    // no hook too), each event naming its channel.
+    let mut ws = WsClient::connect(&server, "/v1/channels/chat:1/ws").await;
+    for channel in ["chat:1", "chat:lobby", "news"] {
+        let id = server.publish(channel, format!("to {channel}")).await;
+        let got = ws.next().await.unwrap();
+        assert_eq!(
+            (got["channel"].as_str(), got["id"].as_str()),
+            (Some(channel), Some(id.as_str())),
+            "{got}"
+        );
+    }
+    // A picked channel of the hook's stays until the connection closes.
+    ws.send_json(json!({"type": "unsubscribe", "channel": "chat:lobby", "ref": 1}))
+        .await;
+    assert_eq!(ws.next().await.unwrap()["code"], "hooked_channel");
+
+    // The hook's own WebSocket gets the picked channels' events too.
+    let mut own = WsClient::connect(&server, "/v1/hooks/app/ws").await;
+    let id = server.publish("news", "for both").await;
+    for client in [&mut ws, &mut own] {
+        let got = client.next().await.unwrap();
+        assert_eq!(
+            (got["channel"].as_str(), got["id"].as_str()),
+            (Some("news"), Some(id.as_str()))
+        );
+    }
+
+    // An event stream follows the channels its URL names: the answer cannot add any.
+    let res = server
+        .client
+        .get(server.url("/v1/channels/chat:2/events"))
+        .send()
+        .await
+        .unwrap();
+    let (status, code, message) = error_of(res).await;
+    assert_eq!((status, code.as_str()), (502, "hook_failed"), "{message}");
+    assert!(message.contains("WebSocket connections only"), "{message}");
+    // Another hook's channel was not the hook's to give.
+    let refused =
+        support::ws_handshake_error(&server, "/v1/channels/chat:3/ws?pick=other", &[]).await;
+    assert_eq!((refused.0, refused.1.as_str()), (502, "hook_failed"));
+    assert!(
+        refused.2.contains("goes through hook other"),
+        "{}",
+        refused.2
+    );
+    server.stop().await;
+}

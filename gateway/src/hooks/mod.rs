@@ -68,7 +68,7 @@ impl Route {
 
     /// The failure of an answer that is JSON but not what the event allows: `why` is
     /// Dormouse's own words, so the client may see them.
-    fn bad_answer(&self, why: impl Into<String>) -> HookFailure {
+    pub(crate) fn bad_answer(&self, why: impl Into<String>) -> HookFailure {
         HookFailure::BadAnswer {
             hook: self.name().to_string(),
             why: why.into(),
@@ -417,6 +417,9 @@ pub(crate) struct Admission {
     pub(crate) subject: Option<String>,
     /// What the hook asked to keep with the connection: sent back with its later calls.
     pub(crate) attachment: Option<Value>,
+    /// Channels the hook subscribed the connection to, besides the one it asked for (a
+    /// WebSocket's; see [`crate::channels::follow_picked`]).
+    pub(crate) channels: Vec<String>,
 }
 
 /// Reads a `connect` answer: `{"allow"?, "reason"?, "subject"?, "attachment"?}`. A refusal
@@ -437,6 +440,30 @@ pub(crate) fn admission(route: &Route, answer: Value) -> Result<Admission, ApiEr
             )));
         }
     };
+    let channels = match fields.remove("channels") {
+        None => Vec::new(),
+        Some(Value::Array(items)) => {
+            let mut channels = Vec::with_capacity(items.len());
+            for item in items {
+                let Value::String(channel) = item else {
+                    return Err(bad(format!(
+                        "\"channels\" must be channel names, not {item}"
+                    )));
+                };
+                crate::channels::check_channel(&channel)
+                    .map_err(|e| bad(format!("\"channels\" holds a bad name: {}", e.message)))?;
+                if !channels.contains(&channel) {
+                    channels.push(channel);
+                }
+            }
+            channels
+        }
+        Some(other) => {
+            return Err(bad(format!(
+                "\"channels\" must be an array of channel names, not {other}"
+            )));
+        }
+    };
     let attachment = fields.remove("attachment");
     if attachment
         .as_ref()
@@ -448,12 +475,14 @@ pub(crate) fn admission(route: &Route, answer: Value) -> Result<Admission, ApiEr
     }
     if let Some(unknown) = fields.keys().next() {
         return Err(bad(format!(
-            "unknown field {unknown:?}; a connect answer may carry allow, reason, subject and attachment"
+            "unknown field {unknown:?}; a connect answer may carry allow, reason, subject, \
+             attachment and channels"
         )));
     }
     Ok(Admission {
         subject,
         attachment,
+        channels,
     })
 }
 
