@@ -147,9 +147,10 @@ pub enum ChannelResponse {
     Published(Vec<Published>),
     /// The subscriber was added.
     Subscribed {
-        /// The last event the channel handed out before it: where a stream that started
-        /// live resumes from if it saw no event yet.
-        last_id: Option<EventId>,
+        /// Where the subscriber's stream starts: just before the first event of its backlog,
+        /// or, with none, after the last event the channel had handed out. A client that
+        /// saw no event yet resumes from here.
+        starts_after: Option<EventId>,
     },
     /// The subscriber was removed, or was not there.
     Unsubscribed {
@@ -309,6 +310,18 @@ impl Object for Channel {
                 // Everything retained after the cursor: the log may hold more than
                 // `max_events` until the next publish trims it (after a config change).
                 let (gap, backlog) = self.read(ctx, start, usize::MAX)?;
+                // Where this subscriber's stream starts: just before its first backlog
+                // event, else after the last event handed out (it gets only new ones).
+                let starts_after = match backlog.first() {
+                    Some(first) => Some(EventId {
+                        epoch: first.id.epoch,
+                        seq: first.id.seq - 1,
+                    }),
+                    None => (self.epoch != 0 && self.next_seq > 1).then_some(EventId {
+                        epoch: self.epoch,
+                        seq: self.next_seq - 1,
+                    }),
+                };
                 let transport = socket.transport();
                 let subscriber = socket.clone();
                 ctx.accept_socket(socket);
@@ -325,12 +338,7 @@ impl Object for Channel {
                         subscriber.send(event.frame(transport, &name));
                     }
                 });
-                Ok(ChannelResponse::Subscribed {
-                    last_id: (self.epoch != 0 && self.next_seq > 1).then_some(EventId {
-                        epoch: self.epoch,
-                        seq: self.next_seq - 1,
-                    }),
-                })
+                Ok(ChannelResponse::Subscribed { starts_after })
             }
             ChannelRequest::Unsubscribe { socket } => Ok(ChannelResponse::Unsubscribed {
                 was_subscribed: ctx.remove_socket(socket).is_some(),
@@ -734,6 +742,18 @@ impl Channel {
                                 seq,
                             }),
                             _ => Start::Oldest,
+                        }
+                    }
+                    // With a cursor too, the page starts at the later of the two.
+                    (Start::After(cursor), Some(since)) if cursor.epoch == self.epoch => {
+                        let from = self.first_at_or_after(ctx, since)?;
+                        if from > cursor.seq + 1 {
+                            Start::After(EventId {
+                                epoch: self.epoch,
+                                seq: from - 1,
+                            })
+                        } else {
+                            start
                         }
                     }
                     (start, _) => start,

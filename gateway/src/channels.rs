@@ -200,8 +200,8 @@ pub(crate) struct Connected {
     /// Its side of the socket.
     pub(crate) receiver: SocketReceiver,
     pub(crate) connection_id: String,
-    /// The last event the channel handed out before this subscriber joined.
-    pub(crate) last_id: Option<EventId>,
+    /// Where its stream starts (see `ChannelResponse::Subscribed`).
+    pub(crate) starts_after: Option<EventId>,
     /// Channels its hook's `connect` answer subscribed it to as well.
     pub(crate) more: Vec<String>,
 }
@@ -256,7 +256,7 @@ pub(crate) async fn connect(state: &AppState, how: Subscribing<'_>) -> Result<Co
         }
     }
     conn.ending("subscribe_failed");
-    let last_id = subscribe(&state.publisher, how.channel, socket, how.start).await?;
+    let starts_after = subscribe(&state.publisher, how.channel, socket, how.start).await?;
     if let Some(route) = how.hook {
         conn.occupying(state.hooks.occupy(route, how.channel));
         let occupants = follow_picked(state, route, &receiver, how.channel, &more).await?;
@@ -267,7 +267,7 @@ pub(crate) async fn connect(state: &AppState, how: Subscribing<'_>) -> Result<Co
         conn,
         receiver,
         connection_id,
-        last_id,
+        starts_after,
         more,
     })
 }
@@ -283,12 +283,13 @@ pub(crate) async fn follow_picked(
     opened_for: &str,
     channels: &[String],
 ) -> Result<Vec<crate::hooks::occupancy::Occupant>, ApiError> {
-    let most = state.settings.limits.max_channels_per_connection;
-    if channels.len() + 1 > most {
+    let most = state.settings.limits.channels_per_connection();
+    let picked = channels.iter().filter(|c| *c != opened_for).count();
+    let total = picked + usize::from(!opened_for.is_empty());
+    if total > most {
         let why = format!(
-            "\"channels\" names {} channels; a connection follows at most {most} \
-             (limits.max_channels_per_connection)",
-            channels.len()
+            "\"channels\" names {picked} channels, {total} with the connection's own; a \
+             connection follows at most {most} (limits.max_channels_per_connection)"
         );
         return Err(route.bad_answer(why).to_api_error());
     }
@@ -312,7 +313,7 @@ pub(crate) async fn follow_picked(
 }
 
 /// Subscribes `socket` to `channel` from `start`. The channel sends the backlog and adds
-/// the socket in one step; answers the last event it had handed out before.
+/// the socket in one step; answers where the subscriber's stream starts.
 pub(crate) async fn subscribe(
     publisher: &Publisher,
     channel: &str,
@@ -323,7 +324,7 @@ pub(crate) async fn subscribe(
         .call(channel, ChannelRequest::Subscribe { socket, start })
         .await?;
     match response {
-        ChannelResponse::Subscribed { last_id } => Ok(last_id),
+        ChannelResponse::Subscribed { starts_after } => Ok(starts_after),
         ChannelResponse::Full { limit } => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "channel_full",

@@ -468,8 +468,8 @@ pub struct LimitsSettings {
     pub subscriber_queue: ByteSize,
     /// Most events one history request returns (and a subscriber's `rewind` asks for).
     pub max_history_page: usize,
-    /// Most channels one WebSocket connection follows (the one it was opened for, plus those
-    /// its `subscribe` messages added).
+    /// Most channels one connection follows (a WebSocket's own, those its hook picked and
+    /// those its `subscribe` messages added; an event stream's); 0 counts as 1.
     pub max_channels_per_connection: usize,
     /// Most hook disconnects sent (and retried) from memory at once; past it they wait in
     /// storage and a sweep sends them as room frees up (docs/HOOKS.md).
@@ -688,6 +688,13 @@ impl ChannelsSettings {
             observer: None,
             tails: Some(Arc::new(TailBudget::new(self.memory_tail_total.0 as usize))),
         }
+    }
+}
+
+impl LimitsSettings {
+    /// [`LimitsSettings::max_channels_per_connection`], at least 1.
+    pub(crate) fn channels_per_connection(&self) -> usize {
+        self.max_channels_per_connection.max(1)
     }
 }
 

@@ -166,14 +166,14 @@ pub(crate) async fn subscribe_many(
             "name the channels to follow: ?channel=a&channel=b",
         ));
     }
-    if channels.len() > limits.max_channels_per_connection {
+    if channels.len() > limits.channels_per_connection() {
         return Err(ApiError::bad_request(
             "too_many_channels",
             format!(
                 "{} channels asked for; one connection follows at most {} \
                  (limits.max_channels_per_connection)",
                 channels.len(),
-                limits.max_channels_per_connection
+                limits.channels_per_connection()
             ),
         ));
     }
@@ -218,14 +218,14 @@ pub(crate) async fn subscribe_many(
         },
     )
     .await?;
-    let mut positions = vec![initial_position(starts[0], connected.last_id)];
+    let mut positions = vec![connected.starts_after.map(|id| id.to_string())];
     for (channel, start) in channels.iter().zip(&starts).skip(1) {
         let socket = connected
             .receiver
             .socket()
             .ok_or_else(channels::unexpected)?;
-        let last_id = channels::subscribe(&state.publisher, channel, socket, *start).await?;
-        positions.push(initial_position(*start, last_id));
+        let starts_after = channels::subscribe(&state.publisher, channel, socket, *start).await?;
+        positions.push(starts_after.map(|id| id.to_string()));
     }
     let cursor = Box::new(StreamCursor::new(channels, positions));
     respond(&state, connected, raw, &principal, Some(cursor))
@@ -273,19 +273,6 @@ fn starts_of_many(
             id => Ok(Start::After(channels::parse_id(id, "Last-Event-ID")?)),
         })
         .collect()
-}
-
-/// A channel's position before any of its events is written: the cursor it resumes
-/// from, or the last event it had when a live subscription began.
-fn initial_position(
-    start: Start,
-    last_id: Option<dormouse_actors::channel::EventId>,
-) -> Option<String> {
-    match start {
-        Start::After(id) => Some(id.to_string()),
-        Start::Live => last_id.map(|id| id.to_string()),
-        Start::Oldest | Start::Latest(_) => None,
-    }
 }
 
 /// What both SSE routes take from their request.

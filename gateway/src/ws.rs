@@ -134,6 +134,7 @@ pub(crate) async fn subscribe(
         .filter(|route| route.takes("publish"))
         .map(|_| Screened::new(state.hooks.clone(), connection_id.clone()));
     more.retain(|c| *c != channel);
+    let picked = more.len();
     let mode = Mode::Channel {
         channel,
         publisher: state.publisher.clone(),
@@ -143,6 +144,7 @@ pub(crate) async fn subscribe(
         ip,
         screened,
         more,
+        picked,
         hooks: state.hooks.clone(),
         settings: settings.clone(),
     };
@@ -281,8 +283,12 @@ pub(crate) enum Mode {
         ip: Option<IpAddr>,
         /// Set when the channel's hook screens publishes.
         screened: Option<Arc<Screened>>,
-        /// The channels the client added with `subscribe` messages, besides `channel`.
+        /// The channels the connection follows besides `channel`: first the ones its hook's
+        /// `connect` answer picked, then those the client added with `subscribe` messages.
         more: Vec<String>,
+        /// How many of `more` the hook picked: followed until the connection closes, and
+        /// not the client's credential's to grant.
+        picked: usize,
         /// What a `subscribe` message needs: the hooks (a hooked channel is not added to a
         /// connection) and the limits.
         hooks: Arc<Hooks>,
@@ -714,7 +720,7 @@ impl WsSession {
                                     data,
                                     idempotency_key: None,
                                 };
-                                let answer = self.on_publish(message, None);
+                                let answer = self.on_publish(None, message, None);
                                 answers.get_or_insert_default().push_back(answer);
                             }
                             Mode::Object { forward, .. } => {
@@ -804,8 +810,8 @@ impl WsSession {
                 data,
                 idempotency_key,
                 r#ref,
-            }) => self.on_publish_to(
-                channel,
+            }) => self.on_publish(
+                channel.as_deref(),
                 NewMessage {
                     event,
                     data,
@@ -834,16 +840,18 @@ impl WsSession {
             auth,
             principal,
             more,
+            picked,
             ..
         } = &mut self.mode
         else {
             // Only channel sockets read client messages.
             return Answer::failed(&channels::unexpected(), r#ref);
         };
-        // The fresh credential must grant every channel the connection follows.
+        // The fresh credential must grant every channel the connection follows by its own
+        // right (not those its hook picked).
         let fresh = auth.verify(token).and_then(|p| {
             std::iter::once(&*channel)
-                .chain(more.iter())
+                .chain(more[*picked..].iter())
                 .try_for_each(|c| p.require(Need::Subscribe(c)))
                 .map(|()| p)
         });
@@ -918,43 +926,6 @@ impl WsSession {
     /// Hands a client's message to the publisher, which checks it as it checks every
     /// publish; the answer waits for the channel in the connection's queue of answers, so
     /// a pipelining client costs no task per publish.
-    /// A publish to `channel` (one the connection follows; its own when `None`).
-    fn on_publish_to(
-        &self,
-        to: Option<String>,
-        message: NewMessage,
-        r#ref: Option<Value>,
-    ) -> Answer {
-        let Mode::Channel {
-            channel,
-            more,
-            publisher,
-            client_publish,
-            principal,
-            ip,
-            ..
-        } = &self.mode
-        else {
-            return Answer::failed(&channels::unexpected(), r#ref);
-        };
-        let Some(to) = to.filter(|to| to != channel) else {
-            return self.on_publish(message, r#ref);
-        };
-        if !more.contains(&to) {
-            return Answer::failed(&not_following(&to), r#ref);
-        }
-        if !client_publish {
-            return self.on_publish(message, r#ref);
-        }
-        // A channel added with `subscribe` has no hook (see `on_subscribe`): nothing to
-        // screen.
-        let client = Client { principal, ip: *ip };
-        match publisher.publish_one(client, &to, message) {
-            Ok(reply) => Answer::Publish { reply, r#ref },
-            Err(e) => Answer::failed(&e, r#ref),
-        }
-    }
-
     /// Follows one more channel on this connection: checked like a subscription of its own
     /// (name, credential, the connection's channel limit), then subscribed with this
     /// connection's queue, from the cursor given. Its events then arrive among the others',
@@ -979,6 +950,17 @@ impl WsSession {
             return Answer::failed(&channels::unexpected(), r#ref);
         };
         let limits = &settings.limits;
+        if more.contains(&to)
+            && let Some(cursor) = last_event_id.as_deref()
+        {
+            // Followed already (picked by the hook at connect, or subscribed): resumed from
+            // the cursor, as a client that reconnected catches up.
+            let start = match cursor::start(&HeaderMap::new(), Some(cursor), None, 1) {
+                Ok(start) => start,
+                Err(e) => return Answer::failed(&e, r#ref),
+            };
+            return self.resume(to, start, r#ref);
+        }
         let checked = channels::check_channel(&to)
             .and_then(|()| principal.require(Need::Subscribe(&to)))
             .and_then(|()| {
@@ -989,7 +971,7 @@ impl WsSession {
                         format!("this connection already follows channel {to:?}"),
                     ));
                 }
-                if more.len() + 1 >= limits.max_channels_per_connection {
+                if more.len() + 1 >= limits.channels_per_connection() {
                     return Err(ApiError::new(
                         axum::http::StatusCode::CONFLICT,
                         "too_many_channels",
@@ -1029,21 +1011,46 @@ impl WsSession {
         let publisher = publisher.clone();
         Answer::Hook(Box::pin(async move {
             match channels::subscribe(&publisher, &to, socket, start).await {
-                Ok(_) => Answered {
-                    frame: Some(Message::text(
-                        Frame::Subscribed {
-                            channel: &to,
-                            r#ref: &r#ref,
-                        }
-                        .text(),
-                    )),
-                    rejected: None,
-                    not_following: None,
-                },
+                Ok(_) => Answered::ready(Frame::Subscribed {
+                    channel: &to,
+                    r#ref: &r#ref,
+                }),
                 Err(e) => Answered {
                     not_following: Some(to),
                     ..Answered::failed(&e, &r#ref)
                 },
+            }
+        }))
+    }
+
+    /// Moves a channel the connection follows to `start`: its socket leaves the channel,
+    /// then joins it again from the cursor, whose backlog covers what was published in
+    /// between (an event may come twice, never not at all).
+    fn resume(
+        &mut self,
+        to: String,
+        start: dormouse_actors::channel::Start,
+        r#ref: Option<Value>,
+    ) -> Answer {
+        let Mode::Channel { publisher, .. } = &self.mode else {
+            return Answer::failed(&channels::unexpected(), r#ref);
+        };
+        let Some(socket) = self.receiver.socket() else {
+            return Answer::failed(&channels::unexpected(), r#ref);
+        };
+        let (publisher, id) = (publisher.clone(), self.receiver.id());
+        Answer::Hook(Box::pin(async move {
+            let request = dormouse_actors::channel::ChannelRequest::Unsubscribe { socket: id };
+            let resumed = match publisher.call(&to, request).await {
+                Ok(_) => channels::subscribe(&publisher, &to, socket, start).await,
+                Err(e) => Err(ApiError::from(e)),
+            };
+            match resumed {
+                Ok(_) => Answered::ready(Frame::Subscribed {
+                    channel: &to,
+                    r#ref: &r#ref,
+                }),
+                Err(e) => Answered::failed(&e, &r#ref),
             }
         }))
     }
@@ -1054,8 +1061,8 @@ impl WsSession {
         let Mode::Channel {
             channel,
             more,
+            picked,
             publisher,
-            hooks,
             ..
         } = &mut self.mode
         else {
@@ -1075,51 +1082,59 @@ impl WsSession {
         let Some(at) = more.iter().position(|c| *c == from) else {
             return Answer::failed(&not_following(&from), r#ref);
         };
-        if hooks.for_channel(&from).is_some() {
-            // Its hook picked it at connect and counts it in its occupancy until the end.
+        if at < *picked {
+            // Its hook picked it at connect (and may count it in its occupancy).
             let e = ApiError::new(
                 axum::http::StatusCode::CONFLICT,
-                "hooked_channel",
+                "picked_channel",
                 format!(
-                    "channel {from:?} was picked by its hook and is followed until the connection closes"
+                    "channel {from:?} was picked by the connection's hook and is followed \
+                     until the connection closes"
                 ),
             );
             return Answer::failed(&e, r#ref);
         }
-        more.swap_remove(at);
+        // In order: the picked ones stay first.
+        more.remove(at);
         let (publisher, socket) = (publisher.clone(), self.receiver.id());
         Answer::Hook(Box::pin(async move {
             let request = dormouse_actors::channel::ChannelRequest::Unsubscribe { socket };
             match publisher.call(&from, request).await {
-                Ok(_) => Answered {
-                    frame: Some(Message::text(
-                        Frame::Unsubscribed {
-                            channel: &from,
-                            r#ref: &r#ref,
-                        }
-                        .text(),
-                    )),
-                    rejected: None,
-                    not_following: None,
-                },
+                Ok(_) => Answered::ready(Frame::Unsubscribed {
+                    channel: &from,
+                    r#ref: &r#ref,
+                }),
                 Err(e) => Answered::failed(&ApiError::from(e), &r#ref),
             }
         }))
     }
 
-    fn on_publish(&self, message: NewMessage, r#ref: Option<Value>) -> Answer {
+    /// A client's publish to `to`, one of the channels the connection follows (its own
+    /// when `None`). Screened by the channel's hook when it takes `publish`, whichever
+    /// channel of the connection it is.
+    fn on_publish(&self, to: Option<&str>, message: NewMessage, r#ref: Option<Value>) -> Answer {
         let Mode::Channel {
             channel,
+            more,
             publisher,
             client_publish,
             principal,
             ip,
             screened,
+            hooks,
             ..
         } = &self.mode
         else {
             // Only channel sockets read client messages.
             return Answer::failed(&channels::unexpected(), r#ref);
+        };
+        let channel = match to {
+            None => channel,
+            Some(to) if to == channel => channel,
+            Some(to) => match more.iter().find(|c| *c == to) {
+                Some(followed) => followed,
+                None => return Answer::failed(&not_following(to), r#ref),
+            },
         };
         if !client_publish {
             let e = ApiError::new(
@@ -1130,11 +1145,16 @@ impl WsSession {
             return Answer::failed(&e, r#ref);
         }
         let client = Client { principal, ip: *ip };
-        let Some(screened) = screened else {
+        if hooks.screening(channel).is_none() {
             return match publisher.publish_one(client, channel, message) {
                 Ok(reply) => Answer::Publish { reply, r#ref },
                 Err(e) => Answer::failed(&e, r#ref),
             };
+        }
+        // Only the connection's own hook's channels are followed with a hook, and a
+        // connection whose hook screens publishes has its tickets.
+        let Some(screened) = screened else {
+            return Answer::failed(&channels::unexpected(), r#ref);
         };
         // The same checks as `publish_one`, then the hook, then the channel, in turn.
         let checked = publisher
@@ -1227,11 +1247,7 @@ struct Answered {
 
 impl Answer {
     fn ready(frame: Frame<'_>) -> Self {
-        Self::Ready(Some(Answered {
-            frame: Some(Message::text(frame.text())),
-            rejected: None,
-            not_following: None,
-        }))
+        Self::Ready(Some(Answered::ready(frame)))
     }
 
     fn failed(e: &ApiError, r#ref: Option<Value>) -> Self {
@@ -1240,6 +1256,15 @@ impl Answer {
 }
 
 impl Answered {
+    /// An answer that is this frame.
+    fn ready(frame: Frame<'_>) -> Self {
+        Self {
+            frame: Some(Message::text(frame.text())),
+            rejected: None,
+            not_following: None,
+        }
+    }
+
     fn failed(e: &ApiError, r#ref: &Option<Value>) -> Self {
         Self {
             frame: Some(Message::text(

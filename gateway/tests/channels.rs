@@ -191,6 +191,11 @@ async fn check_pages(server: &TestServer, ids: &[String], times: &[u64]) {
         humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(times[8]));
     let page = server.history("talk", &format!("?since={rfc}")).await;
     assert_eq!(ids_of(&page), ids[8..]);
+    // A cursor before the range: the page starts where the range does.
+    let page = server
+        .history("talk", &format!("?after={}&since={since}&limit=2", ids[1]))
+        .await;
+    assert_eq!(ids_of(&page), ids[4..6]);
 }
 
 #[tokio::test]

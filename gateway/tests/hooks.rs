@@ -763,11 +763,16 @@ async fn a_connect_answer_picks_more_channels_for_a_websocket() {
                 json!({"subject": "picked", "channels": channels}).to_string(),
             )
         }
+        "publish" if call.body["data"] == "forbidden" => Answer::Json(
+            200,
+            json!({"allow": false, "reason": "screened"}).to_string(),
+        ),
         _ => Answer::Json(200, "{}".into()),
     })
     .await;
     let server = TestServer::start_with(|s| {
         hooked(upstream.url(), &["chat:*"], Duration::from_secs(2))(s);
+        s.hooks[0].events.push("publish".into());
         s.hooks.push(HookSettings {
             name: "other".into(),
             url: upstream.url(),
@@ -791,10 +796,42 @@ async fn a_connect_answer_picks_more_channels_for_a_websocket() {
             "{got}"
         );
     }
-    // A picked channel of the hook's stays until the connection closes.
+    // A picked channel stays until the connection closes.
     ws.send_json(json!({"type": "unsubscribe", "channel": "chat:lobby", "ref": 1}))
         .await;
-    assert_eq!(ws.next().await.unwrap()["code"], "hooked_channel");
+    assert_eq!(ws.next().await.unwrap()["code"], "picked_channel");
+    // A publish to a picked channel of the hook's goes through its publish hook too.
+    ws.send_json(
+        json!({"type": "publish", "channel": "chat:lobby", "data": "forbidden", "ref": 2}),
+    )
+    .await;
+    let refused = ws.next().await.unwrap();
+    assert_eq!(
+        (refused["code"].as_str(), refused["message"].as_str()),
+        (Some("hook_refused"), Some("screened"))
+    );
+    // A client that reconnected catches a picked channel up from its cursor.
+    let seen = server.publish("chat:lobby", "seen").await;
+    assert_eq!(ws.next().await.unwrap()["id"], seen.as_str());
+    let missed = server.publish("chat:lobby", "missed").await;
+    ws.send_json(
+        json!({"type": "subscribe", "channel": "chat:lobby", "last_event_id": seen, "ref": 3}),
+    )
+    .await;
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let frame = ws.next().await.unwrap();
+        if frame["type"] == "subscribed" {
+            got.push("subscribed".to_string());
+        } else {
+            got.push(frame["id"].as_str().unwrap().to_string());
+        }
+    }
+    assert!(
+        got.contains(&missed),
+        "the missed event came again: {got:?}"
+    );
+    assert!(got.contains(&"subscribed".to_string()), "{got:?}");
 
     // The hook's own WebSocket gets the picked channels' events too.
     let mut own = WsClient::connect(&server, "/v1/hooks/app/ws").await;

@@ -18,7 +18,8 @@ use dormouse_cluster::NodeId;
 use dormouse_cluster::wire::{Reader, Undecodable, len32, put_bytes, put_opt_str, put_str};
 use dormouse_runtime::{Error, HttpRequest, HttpResponse, Inbound};
 
-const VERSION: u8 = 1;
+/// 2: history calls carry a direction and a time range, gaps their channel.
+const VERSION: u8 = 2;
 
 /// A call another node may serve for this one.
 #[derive(Debug, Clone)]

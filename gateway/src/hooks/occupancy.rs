@@ -344,6 +344,13 @@ impl Hooks {
     /// A start found that this node may occupy `channel` (its earlier run recorded so):
     /// unless a subscriber is here now, the object is told it does not.
     pub(crate) fn restore_occupancy(self: &Arc<Self>, channel: &str, hook: &str) {
+        if self.occupancy.link.get().is_none() {
+            // No hook takes occupancy events any more: nobody to tell, nothing to keep.
+            let mut batch = WriteBatch::new();
+            batch.delete([OCCUPYING, channel.as_bytes()].concat());
+            let _ = self.outbox_write_unsynced(batch);
+            return;
+        }
         let channel: Arc<str> = Arc::from(channel);
         let mut entries = self.lock_entries();
         let entry = entries.entry(channel.clone()).or_insert_with(|| Entry {
