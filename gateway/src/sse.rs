@@ -89,7 +89,8 @@ struct CompatQuery {
     _access_token: Option<serde::de::IgnoredAny>,
 }
 
-/// `GET /sub?channel=NAME`: the same stream, for clients of Redis-backed SSE proxies.
+/// `GET /sub?channel=NAME`: the same stream, for clients of Redis-backed SSE proxies; with
+/// several `channel` parameters, the stream of several channels (`GET /v1/events`).
 pub(crate) async fn subscribe_compat(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -98,6 +99,14 @@ pub(crate) async fn subscribe_compat(
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    let named = crate::auth::form_pairs(uri.query().unwrap_or(""))
+        .iter()
+        .filter(|(key, _)| key == "channel")
+        .count();
+    if named > 1 {
+        let (principal, ip) = (Extension(principal), Extension(ClientIp(ip)));
+        return subscribe_many(State(state), principal, ip, raw, uri, headers).await;
+    }
     let CompatQuery {
         channel,
         last_event_id,

@@ -159,6 +159,15 @@ async fn one_stream_follows_many_channels_and_its_cursor_resumes_each_exactly() 
     want.sort();
     assert_eq!(latest, want);
 
+    // The compatibility route takes several channels too.
+    let mut compat = SseClient::connect(&server, "/sub?channel=a&channel=b", None).await;
+    compat.connection_id().await;
+    let b4 = server.publish("b", "b4").await;
+    assert_eq!(
+        next_of_many(&mut compat).await,
+        (format!("{a4},{b4}"), "b".into(), b4.clone(), "b4".into())
+    );
+
     // Refused, precisely.
     for (query, code, last_event_id) in [
         ("", "missing_channel", None),
