@@ -81,9 +81,12 @@ impl Browser {
         browser
     }
 
-    /// Chromium writes the port it picked to this file once DevTools listens.
+    /// Chromium writes the port it picked to this file once DevTools listens. A first start
+    /// on a fresh machine builds its caches, and a test binary may run it beside five NATS
+    /// clusters on two cores: it gets three times the usual patience (a start that fails
+    /// still fails, and says so).
     async fn devtools_port(&mut self, file: &Path) -> u16 {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
+        let deadline = tokio::time::Instant::now() + 3 * PATIENCE;
         loop {
             if let Ok(text) = std::fs::read_to_string(file)
                 && let Some(Ok(port)) = text.lines().next().map(str::parse)
