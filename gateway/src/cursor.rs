@@ -57,6 +57,8 @@ pub(crate) fn from_request(
     Ok((start, format))
 }
 
+/// A subscribe request's start: its cursor (the header, else `last_event_id`), else the
+/// newest `rewind` events (at most `max_rewind`), else live.
 pub(crate) fn start(
     headers: &HeaderMap,
     query: Option<&str>,
@@ -64,15 +66,53 @@ pub(crate) fn start(
     max_rewind: usize,
 ) -> Result<Start, ApiError> {
     // Checked even when a cursor wins: a bad parameter is an error whenever it is sent.
-    let rewind = rewind
-        .map(|raw| match raw.parse::<usize>() {
-            Ok(n) if (1..=max_rewind).contains(&n) => Ok(n),
-            _ => Err(ApiError::bad_request(
-                "bad_rewind",
-                format!("rewind must be a number of events from 1 to {max_rewind}; got {raw:?}"),
-            )),
+    let rewind = rewind_of(rewind, max_rewind)?;
+    match given(headers, query)? {
+        Some((raw, name)) => Ok(Start::After(parse_id(raw, name)?)),
+        None => Ok(rewind.map_or(Start::Live, Start::Latest)),
+    }
+}
+
+/// Each channel's start in a stream of several: from the composite cursor its id lines
+/// carry (one position per channel, in the request's order; an empty one is a channel
+/// that had no event yet), or, without one, live (or the newest `rewind` events) for all.
+pub(crate) fn starts_of_many(
+    headers: &HeaderMap,
+    query: Option<&str>,
+    rewind: Option<&str>,
+    channels: usize,
+    max_rewind: usize,
+) -> Result<Vec<Start>, ApiError> {
+    let rewind = rewind_of(rewind, max_rewind)?;
+    let Some((raw, name)) = given(headers, query)? else {
+        return Ok(vec![rewind.map_or(Start::Live, Start::Latest); channels]);
+    };
+    let parts: Vec<&str> = raw.split(',').collect();
+    if parts.len() != channels {
+        return Err(ApiError::bad_request(
+            "bad_event_id",
+            format!(
+                "the cursor has {} positions for {channels} channels; a stream of several \
+                 channels resumes with the id it sent, for the same channels in the same order",
+                parts.len()
+            ),
+        ));
+    }
+    parts
+        .into_iter()
+        .map(|part| match part {
+            "" => Ok(Start::Oldest),
+            id => Ok(Start::After(parse_id(id, name)?)),
         })
-        .transpose()?;
+        .collect()
+}
+
+/// The cursor a request gives, and where (for an error message): the `Last-Event-ID`
+/// header, else the `last_event_id` query parameter; blank ones are none.
+fn given<'a>(
+    headers: &'a HeaderMap,
+    query: Option<&'a str>,
+) -> Result<Option<(&'a str, &'static str)>, ApiError> {
     let header = headers
         .get("last-event-id")
         .map(|v| {
@@ -80,12 +120,25 @@ pub(crate) fn start(
                 ApiError::bad_request("bad_event_id", "Last-Event-ID must be ASCII text")
             })
         })
-        .transpose()?;
-    match (header, query) {
-        (Some(raw), _) if !raw.trim().is_empty() => {
-            Ok(Start::After(parse_id(raw.trim(), "Last-Event-ID")?))
-        }
-        (_, Some(raw)) if !raw.is_empty() => Ok(Start::After(parse_id(raw, "last_event_id")?)),
-        _ => Ok(rewind.map_or(Start::Live, Start::Latest)),
-    }
+        .transpose()?
+        .map(str::trim)
+        .filter(|v| !v.is_empty());
+    Ok(match (header, query.filter(|q| !q.is_empty())) {
+        (Some(raw), _) => Some((raw, "Last-Event-ID")),
+        (None, Some(raw)) => Some((raw, "last_event_id")),
+        (None, None) => None,
+    })
+}
+
+/// `rewind`, checked: a number of events from 1 to `max_rewind`.
+fn rewind_of(rewind: Option<&str>, max_rewind: usize) -> Result<Option<usize>, ApiError> {
+    rewind
+        .map(|raw| match raw.parse::<usize>() {
+            Ok(n) if (1..=max_rewind).contains(&n) => Ok(n),
+            _ => Err(ApiError::bad_request(
+                "bad_rewind",
+                format!("rewind must be a number of events from 1 to {max_rewind}; got {raw:?}"),
+            )),
+        })
+        .transpose()
 }

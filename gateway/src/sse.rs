@@ -206,7 +206,7 @@ pub(crate) async fn subscribe_many(
             ));
         }
     }
-    let starts = starts_of_many(
+    let starts = cursor::starts_of_many(
         &headers,
         last_event_id.as_deref(),
         rewind.as_deref(),
@@ -238,50 +238,6 @@ pub(crate) async fn subscribe_many(
     }
     let cursor = Box::new(StreamCursor::new(channels, positions));
     respond(&state, connected, raw, &principal, Some(cursor))
-}
-
-/// Each channel's start from a composite cursor (the header, else `last_event_id`), or,
-/// without one, live (or the newest `rewind` events) for all.
-fn starts_of_many(
-    headers: &HeaderMap,
-    last_event_id: Option<&str>,
-    rewind: Option<&str>,
-    channels: usize,
-    max_rewind: usize,
-) -> Result<Vec<Start>, ApiError> {
-    let header = headers
-        .get("last-event-id")
-        .map(|v| {
-            v.to_str().map_err(|_| {
-                ApiError::bad_request("bad_event_id", "Last-Event-ID must be ASCII text")
-            })
-        })
-        .transpose()?
-        .map(str::trim)
-        .filter(|v| !v.is_empty());
-    // Checked even when a cursor wins, as on a single channel's route.
-    let fresh = cursor::start(&HeaderMap::new(), None, rewind, max_rewind)?;
-    let Some(raw) = header.or(last_event_id.filter(|v| !v.is_empty())) else {
-        return Ok(vec![fresh; channels]);
-    };
-    let parts: Vec<&str> = raw.split(',').collect();
-    if parts.len() != channels {
-        return Err(ApiError::bad_request(
-            "bad_event_id",
-            format!(
-                "the cursor has {} positions for {channels} channels; a stream of several \
-                 channels resumes with the id it sent, for the same channels in the same order",
-                parts.len()
-            ),
-        ));
-    }
-    parts
-        .into_iter()
-        .map(|part| match part {
-            "" => Ok(Start::Oldest),
-            id => Ok(Start::After(channels::parse_id(id, "Last-Event-ID")?)),
-        })
-        .collect()
 }
 
 /// What both SSE routes take from their request.
