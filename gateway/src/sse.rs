@@ -195,16 +195,7 @@ pub(crate) async fn subscribe_many(
             ));
         }
         principal.require(crate::auth::Need::Subscribe(channel))?;
-        if state.hooks.for_channel(channel).is_some() {
-            return Err(ApiError::new(
-                axum::http::StatusCode::FORBIDDEN,
-                "hooked_channel",
-                format!(
-                    "channel {channel:?} goes through a hook, which admits connections one \
-                     channel at a time: subscribe to it on a connection of its own"
-                ),
-            ));
-        }
+        state.hooks.may_add(channel)?;
     }
     let starts = cursor::starts_of_many(
         &headers,

@@ -982,16 +982,7 @@ impl WsSession {
                         ),
                     ));
                 }
-                if hooks.for_channel(&to).is_some() {
-                    return Err(ApiError::new(
-                        axum::http::StatusCode::FORBIDDEN,
-                        "hooked_channel",
-                        format!(
-                            "channel {to:?} goes through a hook, which admits connections one \
-                             channel at a time: open a connection to it"
-                        ),
-                    ));
-                }
+                hooks.may_add(&to)?;
                 let rewind = rewind.map(|n| n.to_string());
                 cursor::start(
                     &HeaderMap::new(),

@@ -268,6 +268,23 @@ impl Hooks {
             .find(|r| r.settings.channels.iter().any(|p| glob(p, channel)))
     }
 
+    /// Refuses adding `channel` to a connection that follows several (`403
+    /// hooked_channel`) when a hook takes it: a hook admits connections one channel at a
+    /// time, so such a channel is subscribed to on a connection of its own.
+    pub(crate) fn may_add(&self, channel: &str) -> Result<(), ApiError> {
+        if self.for_channel(channel).is_none() {
+            return Ok(());
+        }
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "hooked_channel",
+            format!(
+                "channel {channel:?} goes through a hook, which admits connections one channel \
+                 at a time: subscribe to it on a connection of its own"
+            ),
+        ))
+    }
+
     /// [`Hooks::call`] for a decision: a failure is the client's `502 hook_failed`.
     async fn decide(
         &self,
