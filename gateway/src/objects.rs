@@ -138,7 +138,7 @@ async fn connect(
     caller: Caller,
 ) -> Result<Response, ApiError> {
     let settings = state.settings.clone();
-    let (socket, receiver) = state.client_socket(Transport::WebSocket);
+    let (mut socket, receiver) = state.client_socket(Transport::WebSocket);
     let socket_id = socket.id();
     // This connection delivers its close as an event (below), so the object sees it.
     socket.set_close_reported();

@@ -111,9 +111,9 @@ struct Inner {
     /// The bound on `queued`; beyond it the client is cut off rather than buffered.
     max_queued: usize,
     overflowed: AtomicBool,
-    /// The connection reports its close as an event (`Object::socket_close`), so the
-    /// runtime must not drop it silently when it sees it closed.
-    close_reported: AtomicBool,
+    /// Run once when the receiver goes (the client left or was cut off): see
+    /// [`Socket::when_closed`].
+    on_close: Mutex<Vec<Box<dyn FnOnce() + Send>>>,
     /// The outbound queue. A plain deque plus a waker rather than a tokio channel: an
     /// idle connection's empty deque allocates nothing, where a channel preallocates a
     /// block of slots (about 2 KB) for every connection. Each message carries the instant
@@ -183,6 +183,11 @@ impl fmt::Debug for Inner {
 /// The receiver sees the end of the stream once the last clone is dropped.
 pub struct Socket {
     inner: Arc<Inner>,
+    /// This handle's object hears of the close as an event (`Object::socket_close`), so the
+    /// runtime must not drop the handle silently when it sees it closed. Per handle: one
+    /// connection following several objects (channels) may report its close to some of
+    /// them only.
+    close_reported: bool,
 }
 
 impl Clone for Socket {
@@ -190,6 +195,7 @@ impl Clone for Socket {
         self.inner.senders.fetch_add(1, Ordering::AcqRel);
         Self {
             inner: self.inner.clone(),
+            close_reported: self.close_reported,
         }
     }
 }
@@ -224,12 +230,22 @@ impl Drop for SocketReceiver {
         let dropped: Vec<(Outbound, Option<Instant>)> = self.inner.lock_queue().drain(..).collect();
         let bytes: usize = dropped.iter().map(|(message, _)| message.cost()).sum();
         self.inner.queued.fetch_sub(bytes, Ordering::AcqRel);
+        // Taken under the lock after `receiver_alive` went false: a watcher registered
+        // meanwhile either is in this list or saw the socket closed and ran itself.
+        let watchers = std::mem::take(&mut *self.inner.lock_watchers());
+        for watcher in watchers {
+            watcher();
+        }
     }
 }
 
 impl Inner {
     fn lock_queue(&self) -> std::sync::MutexGuard<'_, VecDeque<(Outbound, Option<Instant>)>> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_watchers(&self) -> std::sync::MutexGuard<'_, Vec<Box<dyn FnOnce() + Send>>> {
+        self.on_close.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Pops one message and accounts for it.
@@ -476,13 +492,14 @@ impl Socket {
             queued: AtomicUsize::new(0),
             max_queued: max_queued_bytes,
             overflowed: AtomicBool::new(false),
-            close_reported: AtomicBool::new(false),
+            on_close: Mutex::new(Vec::new()),
             attachment: Mutex::new(attachment),
             on_release: OnceLock::new(),
         });
         (
             Socket {
                 inner: inner.clone(),
+                close_reported: false,
             },
             SocketReceiver { inner },
         )
@@ -516,16 +533,34 @@ impl Socket {
             .unwrap_or_else(|p| p.into_inner()) = attachment;
     }
 
-    /// Declares that whoever owns the connection will deliver its close to the object as an
-    /// event; until then the socket stays in the object's list even once it reads as closed,
-    /// so the object's `socket_close` sees it. (Channels' subscribers do not report closes:
-    /// leaving must not wake a hibernated channel, so they are pruned silently.)
-    pub fn set_close_reported(&self) {
-        self.inner.close_reported.store(true, Ordering::Release);
+    /// Declares that whoever owns the connection will deliver its close to the object this
+    /// handle goes to, as an event; until then the handle stays in the object's list even
+    /// once it reads as closed, so the object's `socket_close` (or whatever request reports
+    /// it) sees it. (Channels' subscribers do not report closes, except on a channel with
+    /// presence, which tells the others who left: leaving must not wake a hibernated
+    /// channel, so they are pruned silently.) Clones of this handle report too; other
+    /// handles on the same connection do not.
+    pub fn set_close_reported(&mut self) {
+        self.close_reported = true;
     }
 
     fn close_reported(&self) -> bool {
-        self.inner.close_reported.load(Ordering::Acquire)
+        self.close_reported
+    }
+
+    /// Runs `watcher` once the client is gone (its connection dropped the receiver: it
+    /// left, or was cut off), or now if it already is: how whoever reports a close learns
+    /// of it without holding the connection. Watchers run on the thread that ends the
+    /// connection, so they must be quick (spawn a task for anything more).
+    pub fn when_closed(&self, watcher: impl FnOnce() + Send + 'static) {
+        {
+            let mut watchers = self.inner.lock_watchers();
+            if self.inner.receiver_alive.load(Ordering::Acquire) {
+                watchers.push(Box::new(watcher));
+                return;
+            }
+        }
+        watcher();
     }
 
     /// True once the client went away or was cut off; such a socket can be dropped.
@@ -688,6 +723,7 @@ impl SocketReceiver {
             .ok()
             .map(|_| Socket {
                 inner: self.inner.clone(),
+                close_reported: false,
             })
     }
 

@@ -739,7 +739,7 @@ impl ClusterNode {
             }) => match state.object_namespace(&namespace) {
                 None => self.not_mounted(&namespace),
                 Some(target) => {
-                    let (proxy, receiver) = state.client_socket(Transport::WebSocket);
+                    let (mut proxy, receiver) = state.client_socket(Transport::WebSocket);
                     // Its node reports the client's close, as a local connection does.
                     proxy.set_close_reported();
                     let socket = proxy.id();
