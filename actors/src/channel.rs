@@ -9,6 +9,7 @@
 mod config;
 mod event;
 mod id;
+mod presence;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -26,6 +27,9 @@ pub use config::{
 };
 pub use event::{Control, DEFAULT_EVENT, Event, direct_frame};
 pub use id::{BadEventId, EventId};
+pub use presence::{MAX_INFO, Member, PresenceMember, PresencePage};
+
+use presence::Presence;
 
 /// The namespace channels live in (their storage key prefix).
 pub const NAMESPACE: &str = "channel";
@@ -109,7 +113,8 @@ impl Range {
 pub enum ChannelRequest {
     /// Publishes messages, in order.
     Publish(Vec<NewMessage>),
-    /// Adds a subscriber, first sending it the backlog from `start`.
+    /// Adds a subscriber, first sending it the backlog from `start`; a socket that already
+    /// follows the channel starts again from `start` instead.
     Subscribe {
         /// The client's connection.
         socket: Socket,
@@ -131,6 +136,13 @@ pub enum ChannelRequest {
     },
     /// Describes the channel.
     Info,
+    /// A page of the channel's members (presence), in subject order, with counts.
+    Presence {
+        /// Members after this subject.
+        after: Option<String>,
+        /// Most members to return.
+        limit: usize,
+    },
     /// Deletes the channel's events and state; the next publish starts a new epoch.
     Delete,
     /// The channel's log changed in storage underneath this activation: it is a copy kept
@@ -166,6 +178,8 @@ pub enum ChannelResponse {
     History(HistoryPage),
     /// The channel's description.
     Info(ChannelInfo),
+    /// Its members; `None` when the channel has no presence (its settings say so).
+    Presence(Option<PresencePage>),
     /// The channel was deleted.
     Deleted,
     /// The activation caught up with its log; `events` new ones went to its subscribers.
@@ -222,6 +236,11 @@ pub struct Channel {
     observer: Option<Arc<dyn ChannelObserver>>,
     /// See [`ChannelEnv::tails`]; `tail_bytes` are counted in it.
     tails: Option<Arc<TailBudget>>,
+    /// Members by subject, when the channel keeps presence.
+    presence: Option<Presence>,
+    /// Members rebuilt on wake may include connections that closed while the channel
+    /// slept: the first request looks for them and says they left.
+    sweep_due: bool,
 }
 
 impl Drop for Channel {
@@ -252,7 +271,21 @@ impl Object for Channel {
             keyed_publishes: 0,
             observer: env.observer.clone(),
             tails: env.tails.clone(),
+            presence: None,
+            sweep_due: false,
         };
+        if channel.settings.presence {
+            // Who was here when the channel went to sleep: its parked sockets, closed ones
+            // too (their close is reported, so they were kept to say they left).
+            let mut presence = Presence::default();
+            for socket in ctx.sockets().iter() {
+                if let Some(member) = Member::from_attachment(&socket.attachment()) {
+                    presence.add(socket.id(), &member);
+                }
+                channel.sweep_due |= socket.is_closed();
+            }
+            channel.presence = Some(presence);
+        }
         if let Some(meta) = ctx.log_meta()? {
             channel.epoch = meta.epoch;
             channel.next_seq = meta.last_seq + 1;
@@ -300,9 +333,16 @@ impl Object for Channel {
         ctx: &mut Context<'_>,
         request: ChannelRequest,
     ) -> anyhow::Result<ChannelResponse> {
+        if std::mem::take(&mut self.sweep_due) {
+            self.sweep_closed(ctx);
+        }
         match request {
             ChannelRequest::Publish(messages) => self.publish(ctx, messages),
-            ChannelRequest::Subscribe { socket, start } => {
+            ChannelRequest::Subscribe { mut socket, start } => {
+                // A socket already here moves to the new start (a client resuming a
+                // channel its connection follows): its old handle goes, and it stays the
+                // member it was, with no leave and join.
+                ctx.remove_socket(socket.id());
                 let limit = self.max_subscribers;
                 if limit > 0 && ctx.socket_count() >= limit {
                     return Ok(ChannelResponse::Full { limit });
@@ -323,6 +363,18 @@ impl Object for Channel {
                     }),
                 };
                 let transport = socket.transport();
+                // A member's connection reports its close (the server unsubscribes it),
+                // so it is not pruned silently: the others hear that it left.
+                let joined = match (
+                    &mut self.presence,
+                    Member::from_attachment(&socket.attachment()),
+                ) {
+                    (Some(presence), Some(member)) => {
+                        socket.set_close_reported();
+                        presence.add(socket.id(), &member).then_some(member)
+                    }
+                    _ => None,
+                };
                 let subscriber = socket.clone();
                 ctx.accept_socket(socket);
                 let observer = self.observer.clone();
@@ -338,11 +390,29 @@ impl Object for Channel {
                         subscriber.send(event.frame(transport, &name));
                     }
                 });
+                // After its backlog: the new member hears of its own join too, so every
+                // member's view of the list is built from the same events.
+                if let Some(member) = joined {
+                    self.announce(ctx, "join", &member);
+                }
                 Ok(ChannelResponse::Subscribed { starts_after })
             }
-            ChannelRequest::Unsubscribe { socket } => Ok(ChannelResponse::Unsubscribed {
-                was_subscribed: ctx.remove_socket(socket).is_some(),
-            }),
+            ChannelRequest::Unsubscribe { socket } => {
+                let was_subscribed = ctx.remove_socket(socket).is_some();
+                if let Some(left) = self.presence.as_mut().and_then(|p| p.remove(socket)) {
+                    self.announce(ctx, "leave", &left);
+                }
+                Ok(ChannelResponse::Unsubscribed { was_subscribed })
+            }
+            ChannelRequest::Presence { after, limit } => {
+                // A close whose report was lost still shows as closed here.
+                self.sweep_closed(ctx);
+                Ok(ChannelResponse::Presence(
+                    self.presence
+                        .as_ref()
+                        .map(|p| p.page(after.as_deref(), limit)),
+                ))
+            }
             ChannelRequest::History { range, limit } => {
                 let (gap, events) = self.page(ctx, range, limit)?;
                 Ok(ChannelResponse::History(HistoryPage { gap, events }))
@@ -378,6 +448,40 @@ impl Object for Channel {
 }
 
 impl Channel {
+    /// Tells every subscriber that `member` joined or left, after the commit.
+    fn announce(&self, ctx: &mut Context<'_>, kind: &str, member: &Member) {
+        let frames = presence::frame(kind, &self.name, member);
+        let sockets = ctx.sockets();
+        ctx.after_commit(move || {
+            for socket in sockets.iter() {
+                socket.send(frames.for_transport(socket.transport()));
+            }
+        });
+    }
+
+    /// Drops members' connections that closed without their unsubscribe reaching the
+    /// channel (it slept meanwhile, or the report was lost), each a leave if it was its
+    /// subject's last.
+    fn sweep_closed(&mut self, ctx: &mut Context<'_>) {
+        let Some(presence) = &mut self.presence else {
+            return;
+        };
+        let closed: Vec<u64> = ctx
+            .sockets()
+            .iter()
+            .filter(|s| s.is_closed())
+            .map(|s| s.id())
+            .collect();
+        let mut left = Vec::new();
+        for id in closed {
+            ctx.remove_socket(id);
+            left.extend(presence.remove(id));
+        }
+        for member in left {
+            self.announce(ctx, "leave", &member);
+        }
+    }
+
     fn publish(
         &mut self,
         ctx: &mut Context<'_>,

@@ -629,3 +629,95 @@ async fn a_dead_nodes_hooked_connections_get_their_disconnects_from_a_survivor()
     upstream.until("vacated", 2).await;
     assert_eq!(keys("vacated"), ["room:1/vacated/2", "room:2/vacated/2"]);
 }
+
+/// Presence in cluster mode: each node keeps the members it serves, from its copy of the
+/// channel (joins, leaves and the presence query), whichever node owns the channel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_covers_the_members_each_node_serves() {
+    let nats = NatsCluster::start(3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = nodes_with(
+        &nats,
+        dir.path(),
+        &[
+            ("DORMOUSE_AUTH_JWT_SECRET", JWT_SECRET),
+            ("DORMOUSE_CHANNELS_PRESENCE", "true"),
+        ],
+    )
+    .await;
+    let member = |sub: &str| token(sub, json!({"subscribe": ["room"], "publish": ["room"]}));
+    let ws_path = |sub: &str| format!("/v1/channels/room/ws?access_token={}", member(sub));
+    // The channel is owned by whichever node its first publish reached: n3 here.
+    let sent = nodes[2]
+        .client
+        .post(nodes[2].url("/v1/channels/room/messages"))
+        .bearer_auth(member("owner"))
+        .body("first")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sent.status(), 201);
+
+    let mut alice = WsClient::connect(&nodes[0], &ws_path("alice")).await;
+    assert_eq!(alice.next().await.unwrap()["subject"], "alice");
+    let mut bob = WsClient::connect(&nodes[0], &ws_path("bob")).await;
+    let join = json!({"type": "join", "channel": "room", "subject": "bob"});
+    assert_eq!(bob.next().await.unwrap(), join);
+    assert_eq!(alice.next().await.unwrap(), join);
+    let mut carol = WsClient::connect(&nodes[1], &ws_path("carol")).await;
+    assert_eq!(carol.next().await.unwrap()["subject"], "carol");
+
+    let listed = |i: usize| {
+        let node = &nodes[i];
+        let who = member("reader");
+        async move {
+            let res = node
+                .client
+                .get(node.url("/v1/channels/room/presence"))
+                .bearer_auth(who)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 200);
+            let body: Value = res.json().await.unwrap();
+            body["members"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["subject"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(listed(0).await, ["alice", "bob"]);
+    assert_eq!(listed(1).await, ["carol"]);
+    assert!(listed(2).await.is_empty());
+
+    // A leave reaches the members of the node that served it.
+    bob.close().await;
+    assert_eq!(
+        alice.next().await.unwrap(),
+        json!({"type": "leave", "channel": "room", "subject": "bob"})
+    );
+    assert_eq!(listed(0).await, ["alice"]);
+    // Events still reach every node's members, after the presence events.
+    let id = nodes[1]
+        .client
+        .post(nodes[1].url("/v1/channels/room/messages"))
+        .bearer_auth(member("carol"))
+        .body("hello")
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap()["id"]
+        .clone();
+    for ws in [&mut alice, &mut carol] {
+        let got = ws.next().await.unwrap();
+        assert_eq!(
+            (&got["type"], &got["id"]),
+            (&json!("message"), &id),
+            "{got}"
+        );
+    }
+}

@@ -19,6 +19,8 @@ use axum::response::{IntoResponse, Response};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::{Deserialize, Serialize};
 
+use dormouse_actors::channel::MAX_INFO;
+
 use crate::config::AuthSettings;
 use crate::error::ApiError;
 
@@ -113,6 +115,9 @@ pub struct Principal {
     pub expires: Option<SystemTime>,
     /// False for the anonymous caller of a server without auth.
     authenticated: bool,
+    /// The token's `info` claim as compact JSON: what presence shows of this client
+    /// besides its subject (a display name, an avatar).
+    pub info: Option<bytes::Bytes>,
 }
 
 impl Principal {
@@ -122,6 +127,7 @@ impl Principal {
             grants: Arc::new(Grants::all()),
             expires: None,
             authenticated: false,
+            info: None,
         }
     }
 
@@ -133,6 +139,7 @@ impl Principal {
             grants: Arc::new(Grants::default()),
             expires: None,
             authenticated: false,
+            info: None,
         }
     }
 
@@ -258,6 +265,9 @@ struct Claims {
     exp: u64,
     #[serde(default)]
     dormouse: Grants,
+    /// What presence shows of the client (any JSON, at most [`MAX_INFO`] bytes).
+    #[serde(default)]
+    info: Option<serde_json::Value>,
 }
 
 /// Shortest HS256 secret accepted: a guessable secret lets anyone mint tokens.
@@ -377,6 +387,7 @@ impl Verifier {
                     grants: grants.clone(),
                     expires: None,
                     authenticated: true,
+                    info: None,
                 })
                 .ok_or_else(|| unauthorized("bad_credential", "unknown API key"));
         }
@@ -432,11 +443,29 @@ impl Verifier {
             }
         })?;
         let claims = data.claims;
+        let info = match claims.info {
+            None | Some(serde_json::Value::Null) => None,
+            Some(info) => {
+                let json = serde_json::to_vec(&info).unwrap_or_default();
+                if json.len() > MAX_INFO {
+                    return Err(unauthorized(
+                        "bad_token",
+                        format!(
+                            "the token's info claim is {} bytes as JSON; at most {MAX_INFO} \
+                             are accepted (it travels with every presence event)",
+                            json.len()
+                        ),
+                    ));
+                }
+                Some(bytes::Bytes::from(json))
+            }
+        };
         Ok(Principal {
             subject: Arc::from(claims.sub.unwrap_or_else(|| "token".to_string())),
             grants: Arc::new(claims.dormouse),
             expires: Some(UNIX_EPOCH + Duration::from_secs(claims.exp)),
             authenticated: true,
+            info,
         })
     }
 }

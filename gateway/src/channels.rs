@@ -248,12 +248,19 @@ pub(crate) async fn connect(state: &AppState, how: Subscribing<'_>) -> Result<Co
         (state.hooks)
             .may_subscribe(route, &connection_id, subject, how.channel, attachment)
             .await?;
+        state.identify(
+            &socket,
+            subject,
+            admitted.info.or(how.principal.info.clone()),
+        );
         more = admitted.channels;
         if !more.is_empty() && !how.transport.is_websocket() {
             let why = "a connect answer picks channels for WebSocket connections only (an \
                        event stream follows the channels its URL names)";
             return Err(route.bad_answer(why).to_api_error());
         }
+    } else {
+        state.identify(&socket, &how.principal.subject, how.principal.info.clone());
     }
     conn.ending("subscribe_failed");
     let starts_after = subscribe(&state.publisher, how.channel, socket, how.start).await?;
@@ -320,11 +327,17 @@ pub(crate) async fn subscribe(
     socket: Socket,
     start: Start,
 ) -> Result<Option<EventId>, ApiError> {
+    let watch = publisher.keeps_presence(channel).then(|| socket.clone());
     let response = publisher
         .call(channel, ChannelRequest::Subscribe { socket, start })
         .await?;
     match response {
-        ChannelResponse::Subscribed { starts_after } => Ok(starts_after),
+        ChannelResponse::Subscribed { starts_after } => {
+            if let Some(watch) = watch {
+                leave_on_close(publisher, channel, &watch);
+            }
+            Ok(starts_after)
+        }
         ChannelResponse::Full { limit } => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "channel_full",
@@ -336,6 +349,27 @@ pub(crate) async fn subscribe(
         .retry_after(CHANNEL_FULL_RETRY_AFTER_SECS)),
         _ => Err(unexpected()),
     }
+}
+
+/// Unsubscribes a member from `channel` once its connection ends (at once if it already
+/// did): the channel does not prune a member's socket silently, so it can tell the others
+/// who left, and this is how it hears. Registered after the subscribe was answered, so the
+/// unsubscribe always comes after it.
+fn leave_on_close(publisher: &Publisher, channel: &str, socket: &Socket) {
+    let (publisher, channel, id) = (publisher.clone(), channel.to_string(), socket.id());
+    socket.when_closed(move || {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            let request = ChannelRequest::Unsubscribe { socket: id };
+            if let Err(e) = publisher.call(&channel, request).await {
+                // The channel looks for closed members itself before its next presence
+                // page, so this leave is late, not lost.
+                tracing::debug!(channel, error = %e, "a member's unsubscribe on close failed");
+            }
+        });
+    });
 }
 
 /// `Retry-After` for a subscriber refused by a full channel: places free up as clients leave.
@@ -478,6 +512,73 @@ pub(crate) async fn history(
         body["next_after"] = json!(last);
     }
     Ok(Json(body))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PresenceQuery {
+    after: Option<String>,
+    limit: Option<usize>,
+    /// The credential, read by the auth middleware; allowed here so it is not refused.
+    #[serde(rename = "access_token")]
+    _access_token: Option<serde::de::IgnoredAny>,
+}
+
+/// Most members one presence page lists.
+const MAX_PRESENCE_PAGE: usize = 1000;
+
+/// `GET /v1/channels/{channel}/presence?after=SUBJECT&limit=N`: the channel's members in
+/// subject order, each with its info and its number of connections, plus the totals. Asks
+/// the channel, which wakes if it sleeps: its members are its parked sockets.
+pub(crate) async fn presence(
+    State(state): State<AppState>,
+    ChannelName(channel): ChannelName,
+    uri: Uri,
+) -> Result<Json<Value>, ApiError> {
+    let PresenceQuery { after, limit, .. } = query(&uri)?;
+    let limit = limit.unwrap_or(100);
+    if limit == 0 || limit > MAX_PRESENCE_PAGE {
+        return Err(ApiError::bad_request(
+            "bad_limit",
+            format!("limit must be between 1 and {MAX_PRESENCE_PAGE}"),
+        ));
+    }
+    if !state.publisher.keeps_presence(&channel) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "presence_not_enabled",
+            format!(
+                "channel {channel:?} keeps no presence: set presence = true in [channels] or \
+                 in a [[channels.prefix]] entry that matches it"
+            ),
+        ));
+    }
+    let response = state
+        .publisher
+        .call(&channel, ChannelRequest::Presence { after, limit })
+        .await?;
+    let ChannelResponse::Presence(Some(page)) = response else {
+        return Err(unexpected());
+    };
+    let members: Vec<Value> = page
+        .members
+        .iter()
+        .map(|m| {
+            json!({
+                "subject": m.subject,
+                // JSON the server checked when the connection came in.
+                "info": m.info.as_ref().and_then(|i| serde_json::from_slice::<Value>(i).ok()),
+                "connections": m.connections,
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "channel": channel,
+        "members": members,
+        "subjects": page.subjects,
+        "connections": page.connections,
+        "next_after": page.next_after,
+    })))
 }
 
 /// `GET /v1/channels/{channel}`: what the channel holds, without waking it if it sleeps.

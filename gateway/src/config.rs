@@ -430,7 +430,10 @@ pub struct ChannelsSettings {
     /// burst across many channels costs the memory set here, not memory per channel
     /// touched.
     pub max_active: usize,
-    /// Per name-prefix overrides of the retention settings; the longest prefix wins.
+    /// Presence on every channel: subscribers listed by subject, with join and leave
+    /// events (docs/API.md, "Presence"). Usually set per prefix instead.
+    pub presence: bool,
+    /// Per name-prefix overrides of these settings; the longest prefix wins.
     pub prefix: Vec<PrefixSettings>,
 }
 
@@ -450,6 +453,8 @@ pub struct PrefixSettings {
     /// See `[channels] idempotency_window`.
     #[serde(default, with = "humantime_serde::option")]
     pub idempotency_window: Option<Duration>,
+    /// See `[channels] presence`.
+    pub presence: Option<bool>,
 }
 
 /// `[limits]`
@@ -604,6 +609,7 @@ impl Default for ChannelsSettings {
             memory_tail: ByteSize::mib(1),
             memory_tail_total: ByteSize::mib(64),
             max_active: 10_000,
+            presence: d.presence,
             prefix: Vec::new(),
         }
     }
@@ -661,6 +667,7 @@ impl ChannelsSettings {
             max_bytes: self.max_bytes.0,
             max_age: self.max_age,
             idempotency_window: self.idempotency_window,
+            presence: self.presence,
         };
         let prefixes = self
             .prefix
@@ -675,6 +682,7 @@ impl ChannelsSettings {
                         idempotency_window: p
                             .idempotency_window
                             .unwrap_or(default.idempotency_window),
+                        presence: p.presence.unwrap_or(default.presence),
                     },
                 )
             })

@@ -102,7 +102,9 @@ pub(crate) async fn require(
             Need::Publish(param("channel"))
         }
         (_, routes::CHANNEL_MESSAGES) => Need::History(param("channel")),
-        (_, routes::CHANNEL_EVENTS | routes::CHANNEL_WS) => Need::Subscribe(param("channel")),
+        (_, routes::CHANNEL_EVENTS | routes::CHANNEL_WS | routes::CHANNEL_PRESENCE) => {
+            Need::Subscribe(param("channel"))
+        }
         (_, routes::COMPAT_SUBSCRIBE) => {
             compat_channel = form_pairs(request.uri().query().unwrap_or(""))
                 .into_iter()

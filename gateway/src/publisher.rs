@@ -116,6 +116,19 @@ impl Publisher {
         }
     }
 
+    /// Whether `channel` keeps presence (its settings say so), so its subscribers are
+    /// members who join and leave.
+    pub(crate) fn keeps_presence(&self, channel: &str) -> bool {
+        self.inner.channels.env().settings_for(channel).presence
+    }
+
+    /// Whether any channel keeps presence: only then does a connection carry who it is to
+    /// its channels (a socket attachment each).
+    pub(crate) fn any_presence(&self) -> bool {
+        let env = self.inner.channels.env();
+        env.default.presence || env.prefixes.iter().any(|(_, s)| s.presence)
+    }
+
     /// Whether `client` may publish to `channel` (403 when its credential does not grant it).
     pub(crate) fn authorize(
         &self,

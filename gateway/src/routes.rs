@@ -15,6 +15,8 @@ pub(crate) const CHANNEL_EVENTS: &str = "/v1/channels/{channel}/events";
 pub(crate) const EVENTS: &str = "/v1/events";
 /// `GET`: subscribe (and publish) over WebSocket.
 pub(crate) const CHANNEL_WS: &str = "/v1/channels/{channel}/ws";
+/// `GET`: who follows the channel, by subject (subscribe), where it keeps presence.
+pub(crate) const CHANNEL_PRESENCE: &str = "/v1/channels/{channel}/presence";
 /// `GET`: the channel's connections on every node (connections).
 pub(crate) const CHANNEL_CONNECTIONS: &str = "/v1/channels/{channel}/connections";
 /// `GET`: one connection (connections).

@@ -378,6 +378,7 @@ fn router(state: AppState) -> Router {
         )
         .route(routes::CHANNEL_EVENTS, get(sse::subscribe))
         .route(routes::CHANNEL_WS, get(ws::subscribe))
+        .route(routes::CHANNEL_PRESENCE, get(channels::presence))
         .route(routes::PUBLISH, post(publish::batch))
         .route(
             routes::CHANNEL_CONNECTIONS,

@@ -66,6 +66,23 @@ impl AppState {
         dormouse_runtime::Socket::new(transport, queue, bytes::Bytes::new())
     }
 
+    /// Tells the channels `socket` follows who it is, for presence: `subject` and its
+    /// client `info`. Costs nothing where no channel keeps presence.
+    pub(crate) fn identify(
+        &self,
+        socket: &dormouse_runtime::Socket,
+        subject: &str,
+        info: Option<bytes::Bytes>,
+    ) {
+        if self.publisher.any_presence() {
+            let member = dormouse_actors::channel::Member {
+                subject: std::sync::Arc::from(subject),
+                info,
+            };
+            socket.set_attachment(member.attachment());
+        }
+    }
+
     /// Each namespace's counters (channels first), read from the runtime at call time.
     pub(crate) fn namespace_stats(&self) -> Vec<(String, dormouse_runtime::NamespaceStats)> {
         let mut all = vec![(NAMESPACE.to_string(), self.channels.stats())];

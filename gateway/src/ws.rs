@@ -203,15 +203,16 @@ pub(crate) async fn hooked(
             },
         )
         .await?;
+    let subject = admitted
+        .subject
+        .map_or_else(|| principal.subject.clone(), |s| Arc::from(s.as_str()));
+    state.identify(&socket, &subject, admitted.info.or(principal.info.clone()));
     // The channels the hook picked: their events come on this WebSocket too.
     tracked.ending("subscribe_failed");
     let occupants =
         channels::follow_picked(&state, &route, &receiver, "", &admitted.channels).await?;
     tracked.occupying(occupants);
     tracked.ending("client_left");
-    let subject = admitted
-        .subject
-        .map_or_else(|| principal.subject.clone(), |s| Arc::from(s.as_str()));
     let mode = Mode::Hooked(Box::new(Hooked {
         hooks: state.hooks.clone(),
         route,
@@ -1014,9 +1015,9 @@ impl WsSession {
         }))
     }
 
-    /// Moves a channel the connection follows to `start`: its socket leaves the channel,
-    /// then joins it again from the cursor, whose backlog covers what was published in
-    /// between (an event may come twice, never not at all).
+    /// Moves a channel the connection follows to `start`: the channel replaces its socket's
+    /// handle and sends the backlog from the cursor, which covers what was already sent
+    /// from there (an event may come twice, never not at all).
     fn resume(
         &mut self,
         to: String,
@@ -1029,14 +1030,10 @@ impl WsSession {
         let Some(socket) = self.receiver.socket() else {
             return Answer::failed(&channels::unexpected(), r#ref);
         };
-        let (publisher, id) = (publisher.clone(), self.receiver.id());
+        let publisher = publisher.clone();
         Answer::Hook(Box::pin(async move {
-            let request = dormouse_actors::channel::ChannelRequest::Unsubscribe { socket: id };
-            let resumed = match publisher.call(&to, request).await {
-                Ok(_) => channels::subscribe(&publisher, &to, socket, start).await,
-                Err(e) => Err(ApiError::from(e)),
-            };
-            match resumed {
+            // The channel takes a socket it already holds as a move to the new start.
+            match channels::subscribe(&publisher, &to, socket, start).await {
                 Ok(_) => Answered::ready(Frame::Subscribed {
                     channel: &to,
                     r#ref: &r#ref,

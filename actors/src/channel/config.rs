@@ -26,6 +26,10 @@ pub struct ChannelSettings {
     pub max_age: Duration,
     /// How long an `Idempotency-Key` is remembered.
     pub idempotency_window: Duration,
+    /// Whether the channel keeps presence: its subscribers as members by subject, with
+    /// join and leave events to every subscriber and a member list to query. Off by
+    /// default: every join and leave is a message to every subscriber.
+    pub presence: bool,
 }
 
 impl Default for ChannelSettings {
@@ -35,6 +39,7 @@ impl Default for ChannelSettings {
             max_bytes: 64 * 1024 * 1024,
             max_age: Duration::from_secs(24 * 3600),
             idempotency_window: Duration::from_secs(3600),
+            presence: false,
         }
     }
 }

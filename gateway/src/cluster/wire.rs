@@ -478,8 +478,10 @@ fn encode_channel_response(out: &mut BytesMut, response: &ChannelResponse) {
             out.put_u64(info.subscribers as u64);
         }
         ChannelResponse::Deleted => out.put_u8(4),
-        // Never forwarded: subscribing and refreshing happen on the node itself.
+        // Never forwarded: subscribing, refreshing and presence happen on the node
+        // itself.
         ChannelResponse::Subscribed { .. }
+        | ChannelResponse::Presence(_)
         | ChannelResponse::Unsubscribed { .. }
         | ChannelResponse::Full { .. }
         | ChannelResponse::Refreshed { .. } => out.put_u8(0),

@@ -437,11 +437,14 @@ pub(crate) struct Admission {
     /// Channels the hook subscribed the connection to, besides the one it asked for (a
     /// WebSocket's; see [`crate::channels::follow_picked`]).
     pub(crate) channels: Vec<String>,
+    /// What presence shows of the client, as compact JSON (instead of its token's `info`).
+    pub(crate) info: Option<bytes::Bytes>,
 }
 
-/// Reads a `connect` answer: `{"allow"?, "reason"?, "subject"?, "attachment"?}`. A refusal
-/// is `403 hook_refused` with the hook's reason; an answer with a field of the wrong type
-/// or an unknown field is the hook's mistake, `502 hook_failed`.
+/// Reads a `connect` answer: `{"allow"?, "reason"?, "subject"?, "attachment"?,
+/// "channels"?, "info"?}`. A refusal is `403 hook_refused` with the hook's reason; an
+/// answer with a field of the wrong type or an unknown field is the hook's mistake,
+/// `502 hook_failed`.
 pub(crate) fn admission(route: &Route, answer: Value) -> Result<Admission, ApiError> {
     let bad = |why: String| route.bad_answer(why).to_api_error();
     let Value::Object(mut fields) = answer else {
@@ -490,16 +493,32 @@ pub(crate) fn admission(route: &Route, answer: Value) -> Result<Admission, ApiEr
             "\"attachment\" is over {MAX_ATTACHMENT} bytes as JSON"
         )));
     }
+    let info = match fields.remove("info") {
+        None | Some(Value::Null) => None,
+        Some(info) => {
+            let json = info.to_string();
+            if json.len() > dormouse_actors::channel::MAX_INFO {
+                return Err(bad(format!(
+                    "\"info\" is {} bytes as JSON, over {} (it travels with every presence \
+                     event)",
+                    json.len(),
+                    dormouse_actors::channel::MAX_INFO
+                )));
+            }
+            Some(bytes::Bytes::from(json))
+        }
+    };
     if let Some(unknown) = fields.keys().next() {
         return Err(bad(format!(
             "unknown field {unknown:?}; a connect answer may carry allow, reason, subject, \
-             attachment and channels"
+             attachment, channels and info"
         )));
     }
     Ok(Admission {
         subject,
         attachment,
         channels,
+        info,
     })
 }
 
