@@ -110,24 +110,36 @@ pub(crate) enum Need<'a> {
 pub struct Principal {
     /// `sub` of the token, the API key's name, or `anonymous` when auth is off.
     pub subject: Arc<str>,
-    grants: Arc<Grants>,
+    /// What the credential grants and says: shared, so a connection's copy stays small.
+    held: Arc<Held>,
     /// When the credential stops being valid; live connections end then.
     pub expires: Option<SystemTime>,
     /// False for the anonymous caller of a server without auth.
     authenticated: bool,
+}
+
+/// The part of a [`Principal`] every copy of it shares.
+#[derive(Debug, Default)]
+struct Held {
+    grants: Grants,
     /// The token's `info` claim as compact JSON: what presence shows of this client
     /// besides its subject (a display name, an avatar).
-    pub info: Option<bytes::Bytes>,
+    info: Option<bytes::Bytes>,
+}
+
+impl Held {
+    fn granting(grants: Grants) -> Arc<Self> {
+        Arc::new(Self { grants, info: None })
+    }
 }
 
 impl Principal {
     fn anonymous() -> Self {
         Self {
             subject: Arc::from("anonymous"),
-            grants: Arc::new(Grants::all()),
+            held: Held::granting(Grants::all()),
             expires: None,
             authenticated: false,
-            info: None,
         }
     }
 
@@ -136,11 +148,16 @@ impl Principal {
     pub(crate) fn nobody() -> Self {
         Self {
             subject: Arc::from("anonymous"),
-            grants: Arc::new(Grants::default()),
+            held: Held::granting(Grants::default()),
             expires: None,
             authenticated: false,
-            info: None,
         }
+    }
+
+    /// What presence shows of this caller besides its subject: its token's `info` claim,
+    /// as compact JSON.
+    pub fn info(&self) -> Option<&bytes::Bytes> {
+        self.held.info.as_ref()
     }
 
     /// Whether a credential identified this caller (per-credential limits apply then).
@@ -150,7 +167,7 @@ impl Principal {
 
     /// Whether this caller has `need`.
     pub(crate) fn allows(&self, need: Need<'_>) -> bool {
-        let g = &*self.grants;
+        let g = &self.held.grants;
         match need {
             Need::Credential => true,
             Need::Publish(channel) => any_match(&g.publish, channel),
@@ -242,7 +259,7 @@ struct Verifier {
     hs256: Option<DecodingKey>,
     /// A public key and the one algorithm it is used with.
     public: Option<(DecodingKey, Algorithm)>,
-    api_keys: Vec<(String, Arc<str>, Arc<Grants>)>,
+    api_keys: Vec<(String, Arc<str>, Arc<Held>)>,
     issuer: Option<String>,
     audience: Option<String>,
     leeway: u64,
@@ -317,7 +334,7 @@ impl Auth {
             api_keys.push((
                 key.key.clone(),
                 Arc::from(name),
-                Arc::new(Grants::from(key)),
+                Held::granting(Grants::from(key)),
             ));
         }
         if hs256.is_none() && public.is_none() && api_keys.is_empty() {
@@ -382,12 +399,11 @@ impl Verifier {
                 .api_keys
                 .iter()
                 .find(|(key, _, _)| constant_time_eq(key.as_bytes(), credential.as_bytes()))
-                .map(|(_, name, grants)| Principal {
+                .map(|(_, name, held)| Principal {
                     subject: name.clone(),
-                    grants: grants.clone(),
+                    held: held.clone(),
                     expires: None,
                     authenticated: true,
-                    info: None,
                 })
                 .ok_or_else(|| unauthorized("bad_credential", "unknown API key"));
         }
@@ -462,10 +478,12 @@ impl Verifier {
         };
         Ok(Principal {
             subject: Arc::from(claims.sub.unwrap_or_else(|| "token".to_string())),
-            grants: Arc::new(claims.dormouse),
+            held: Arc::new(Held {
+                grants: claims.dormouse,
+                info,
+            }),
             expires: Some(UNIX_EPOCH + Duration::from_secs(claims.exp)),
             authenticated: true,
-            info,
         })
     }
 }

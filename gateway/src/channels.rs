@@ -251,7 +251,7 @@ pub(crate) async fn connect(state: &AppState, how: Subscribing<'_>) -> Result<Co
         state.identify(
             &socket,
             subject,
-            admitted.info.or(how.principal.info.clone()),
+            admitted.info.or(how.principal.info().cloned()),
         );
         more = admitted.channels;
         if !more.is_empty() && !how.transport.is_websocket() {
@@ -260,7 +260,11 @@ pub(crate) async fn connect(state: &AppState, how: Subscribing<'_>) -> Result<Co
             return Err(route.bad_answer(why).to_api_error());
         }
     } else {
-        state.identify(&socket, &how.principal.subject, how.principal.info.clone());
+        state.identify(
+            &socket,
+            &how.principal.subject,
+            how.principal.info().cloned(),
+        );
     }
     conn.ending("subscribe_failed");
     let starts_after = subscribe(&state.publisher, how.channel, socket, how.start).await?;

@@ -206,7 +206,11 @@ pub(crate) async fn hooked(
     let subject = admitted
         .subject
         .map_or_else(|| principal.subject.clone(), |s| Arc::from(s.as_str()));
-    state.identify(&socket, &subject, admitted.info.or(principal.info.clone()));
+    state.identify(
+        &socket,
+        &subject,
+        admitted.info.or(principal.info().cloned()),
+    );
     // The channels the hook picked: their events come on this WebSocket too.
     tracked.ending("subscribe_failed");
     let occupants =
@@ -520,11 +524,12 @@ impl WsSession {
             if let (Mode::Channel { .. }, Some(registration)) =
                 (&self.mode, self.tracked.registration())
             {
-                let hello = serde_json::json!({
-                    "type": "connected",
-                    "connection_id": registration.id(),
-                })
-                .to_string();
+                // "type" first, as in every other frame (a `json!` object sorts its keys),
+                // so a client may tell frames apart by their first bytes.
+                let hello = format!(
+                    r#"{{"type":"connected","connection_id":{}}}"#,
+                    Value::String(registration.id().to_string())
+                );
                 let sent = match direct.write_first(Outbound::Text(Bytes::from(hello.clone()))) {
                     Some(sent) => sent,
                     None => ws.send(Message::text(hello)).await.is_ok(),
