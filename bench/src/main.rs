@@ -10,6 +10,7 @@
 //! - `engine`: the `--engine` flag of the in-process scenarios.
 //! - `fanout`, `idle`, `publish`: load over the wire against a `dormouse` server (or Redis,
 //!   as a yardstick) that the bench starts, or one already running.
+//! - `presence`: members joining and leaving a channel with presence, over the wire.
 //! - `hooks`: what upstream hooks add to a handshake, and a message hook's round trip.
 //! - `wire`: the server under test and minimal WebSocket, SSE and RESP clients.
 //! - `crash` (in the library): the crash-safety harness.
@@ -24,6 +25,7 @@ mod fanout;
 mod hooks;
 mod idle;
 mod nats_probe;
+mod presence;
 mod publish;
 mod retained;
 mod storage_churn;
@@ -69,6 +71,9 @@ enum Scenario {
     Hooks(hooks::Args),
     /// Acknowledged publishes per second over HTTP with C concurrent publishers.
     Publish(publish::Args),
+    /// N members, each its own subject, join one channel with presence, then half leave:
+    /// the join and leave frames, their time and server CPU, and the presence list's latency.
+    Presence(presence::Args),
     /// Kill the server with SIGKILL at random moments under publish load, restart it, and
     /// check that resuming consumers got every acknowledged message exactly once, in order.
     Crash(dormouse_bench::crash::Args),
@@ -112,6 +117,7 @@ fn main() -> anyhow::Result<()> {
         Scenario::Idle(args) => serde_json::to_string(&idle::run(args)?)?,
         Scenario::Hooks(args) => serde_json::to_string(&hooks::run(args)?)?,
         Scenario::Publish(args) => serde_json::to_string(&publish::run(args)?)?,
+        Scenario::Presence(args) => serde_json::to_string(&presence::run(args)?)?,
         Scenario::ClusterFenceOwner(args) => {
             return tokio::runtime::Runtime::new()?.block_on(cluster_fence::owner(args));
         }

@@ -68,7 +68,7 @@ pub(crate) struct TargetArgs {
     #[arg(long, default_value = "redis-server")]
     redis_bin: PathBuf,
     #[command(flatten)]
-    server: ServerArgs,
+    pub(crate) server: ServerArgs,
 }
 
 impl From<ServerArgs> for TargetArgs {
