@@ -145,6 +145,7 @@ pub(crate) async fn subscribe(
         screened,
         more,
         picked,
+        subscribing: Vec::new(),
         hooks: state.hooks.clone(),
         settings: settings.clone(),
     };
@@ -294,6 +295,11 @@ pub(crate) enum Mode {
         /// How many of `more` the hook picked: followed until the connection closes, and
         /// not the client's credential's to grant.
         picked: usize,
+        /// Channels of `subscribe` messages not answered yet, one entry per message: a
+        /// refused one is forgotten from `more` only when no later `subscribe` to the same
+        /// channel is on its way (the client may unsubscribe and subscribe again before
+        /// the first answer).
+        subscribing: Vec<String>,
         /// What a `subscribe` message needs: the hooks (a hooked channel is not added to a
         /// connection) and the limits.
         hooks: Arc<Hooks>,
@@ -674,16 +680,25 @@ impl WsSession {
                     while let Some(Answered {
                         frame,
                         rejected,
-                        not_following,
+                        subscribe_of,
                     }) = next
                     {
                         if let Some(code) = rejected {
                             self.tracked.telemetry().rejected(code);
                         }
-                        if let (Some(channel), Mode::Channel { more, .. }) =
-                            (not_following, &mut self.mode)
+                        if let (
+                            Some((channel, followed)),
+                            Mode::Channel {
+                                more, subscribing, ..
+                            },
+                        ) = (subscribe_of, &mut self.mode)
                         {
-                            more.retain(|c| *c != channel);
+                            if let Some(at) = subscribing.iter().position(|c| *c == channel) {
+                                subscribing.remove(at);
+                            }
+                            if !followed && !subscribing.contains(&channel) {
+                                more.retain(|c| *c != channel);
+                            }
                         }
                         if let Some(frame) = frame
                             && ws.feed(frame).await.is_err()
@@ -920,7 +935,7 @@ impl WsSession {
                     Ok(frame) => Answered {
                         frame,
                         rejected: None,
-                        not_following: None,
+                        subscribe_of: None,
                     },
                     Err(failure) => Answered::failed(&failure.to_api_error(), &None),
                 },
@@ -946,6 +961,7 @@ impl WsSession {
         let Mode::Channel {
             channel,
             more,
+            subscribing,
             publisher,
             principal,
             hooks,
@@ -1005,15 +1021,19 @@ impl WsSession {
             return Answer::failed(&channels::unexpected(), r#ref);
         };
         more.push(to.clone());
+        subscribing.push(to.clone());
         let publisher = publisher.clone();
         Answer::Hook(Box::pin(async move {
             match channels::subscribe(&publisher, &to, socket, start).await {
-                Ok(_) => Answered::ready(Frame::Subscribed {
-                    channel: &to,
-                    r#ref: &r#ref,
-                }),
+                Ok(_) => Answered {
+                    subscribe_of: Some((to.clone(), true)),
+                    ..Answered::ready(Frame::Subscribed {
+                        channel: &to,
+                        r#ref: &r#ref,
+                    })
+                },
                 Err(e) => Answered {
-                    not_following: Some(to),
+                    subscribe_of: Some((to, false)),
                     ..Answered::failed(&e, &r#ref)
                 },
             }
@@ -1233,9 +1253,10 @@ struct Answered {
     /// `None` when there is nothing to send (a hook that did not reply).
     frame: Option<Message>,
     rejected: Option<&'static str>,
-    /// A channel a `subscribe` message named that the connection does not follow after
-    /// all (the channel refused it): forgotten when the answer is sent.
-    not_following: Option<String>,
+    /// The answer to a `subscribe` message: its channel, and whether the connection follows
+    /// it now (a refused one is forgotten when the answer is sent, unless another
+    /// `subscribe` to it is on its way).
+    subscribe_of: Option<(String, bool)>,
 }
 
 impl Answer {
@@ -1254,7 +1275,7 @@ impl Answered {
         Self {
             frame: Some(Message::text(frame.text())),
             rejected: None,
-            not_following: None,
+            subscribe_of: None,
         }
     }
 
@@ -1269,7 +1290,7 @@ impl Answered {
                 .text(),
             )),
             rejected: Some(e.code),
-            not_following: None,
+            subscribe_of: None,
         }
     }
 }
@@ -1310,7 +1331,7 @@ impl Answered {
                         .text(),
                     )),
                     rejected: None,
-                    not_following: None,
+                    subscribe_of: None,
                 },
                 None => Answered::failed(&channels::unexpected(), r#ref),
             },
