@@ -938,3 +938,58 @@ async fn a_cluster_node_refuses_to_start_on_nats_that_cannot_carry_it_saying_why
         );
     }
 }
+
+/// Presence as `tail` shows it: joins and leaves on standard error, and as lines with
+/// `--json`, between the events.
+#[tokio::test]
+async fn tail_shows_who_joins_and_leaves_a_channel_with_presence() {
+    let server = TestServer::start_with(|s| {
+        s.auth.jwt_secret = SECRET.to_string();
+        s.channels.presence = true;
+    })
+    .await;
+    let url = server.url("");
+    let mint = |sub: &'static str| {
+        let url = url.clone();
+        async move {
+            let args = [
+                "token",
+                "--secret",
+                SECRET,
+                "--subscribe",
+                "room",
+                "--publish",
+                "room",
+                "--sub",
+                sub,
+            ];
+            run(&url, &args, None).await.ok_lines().remove(0)
+        }
+    };
+    let (alice, bob) = (mint("alice").await, mint("bob").await);
+    let mut tail = Tail::spawn(&url, &["room", "--count", "1", "--json", "--token", &alice]);
+    assert_eq!(
+        tail.next_json().await,
+        json!({"type": "join", "channel": "room", "subject": "alice"})
+    );
+    let visitor =
+        support::WsClient::connect(&server, &format!("/v1/channels/room/ws?access_token={bob}"))
+            .await;
+    assert_eq!(
+        tail.next_json().await,
+        json!({"type": "join", "channel": "room", "subject": "bob"})
+    );
+    visitor.close().await;
+    assert_eq!(
+        tail.next_json().await,
+        json!({"type": "leave", "channel": "room", "subject": "bob"})
+    );
+    let id = publish(&url, &["publish", "room", "bye", "--token", &alice]).await;
+    assert_eq!(tail.next_json().await, message(&id, "message", "bye"));
+    let (code, _, stderr) = tail.finish().await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("join: bob") && stderr.contains("leave: bob"),
+        "{stderr}"
+    );
+}

@@ -200,6 +200,14 @@ impl Tail {
                     eprintln!("connected as {}", field("connection_id"));
                     Ok(None)
                 }
+                // Presence: who joined or left, on standard error (with --json, as a line).
+                "join" | "leave" => {
+                    eprintln!("{kind}: {}", field("subject"));
+                    if self.args.json {
+                        output::line(&event.data)?;
+                    }
+                    Ok(None)
+                }
                 // A backend ended this connection on purpose: not a reason to reconnect.
                 "close" => Err(anyhow::anyhow!(
                     "the server closed the connection: {} {}",
