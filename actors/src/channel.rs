@@ -340,11 +340,11 @@ impl Object for Channel {
             ChannelRequest::Publish(messages) => self.publish(ctx, messages),
             ChannelRequest::Subscribe { mut socket, start } => {
                 // A socket already here moves to the new start (a client resuming a
-                // channel its connection follows): its old handle goes, and it stays the
-                // member it was, with no leave and join.
-                ctx.remove_socket(socket.id());
+                // channel its connection follows): its old handle is replaced below, once
+                // nothing can fail, and it stays the member it was, with no leave and join.
+                let here = ctx.socket(socket.id()).is_some();
                 let limit = self.max_subscribers;
-                if limit > 0 && ctx.socket_count() >= limit {
+                if !here && limit > 0 && ctx.socket_count() >= limit {
                     return Ok(ChannelResponse::Full { limit });
                 }
                 // Everything retained after the cursor: the log may hold more than
@@ -363,18 +363,22 @@ impl Object for Channel {
                     }),
                 };
                 let transport = socket.transport();
+                if here {
+                    ctx.remove_socket(socket.id());
+                }
                 // A member's connection reports its close (the server unsubscribes it),
-                // so it is not pruned silently: the others hear that it left.
-                let joined = match (
-                    &mut self.presence,
-                    Member::from_attachment(&socket.attachment()),
-                ) {
+                // so it is not pruned silently: the others hear that it left. (One that
+                // closed already is no member: it goes with the next prune.)
+                let member =
+                    Member::from_attachment(&socket.attachment()).filter(|_| !socket.is_closed());
+                let joined = match (&mut self.presence, member) {
                     (Some(presence), Some(member)) => {
                         socket.set_close_reported();
                         presence.add(socket.id(), &member).then_some(member)
                     }
                     _ => None,
                 };
+                let (id, gone) = (socket.id(), socket.is_closed());
                 let subscriber = socket.clone();
                 ctx.accept_socket(socket);
                 let observer = self.observer.clone();
@@ -394,6 +398,14 @@ impl Object for Channel {
                 // member's view of the list is built from the same events.
                 if let Some(member) = joined {
                     self.announce(ctx, "join", &member);
+                } else if let Some(left) = self
+                    .presence
+                    .as_mut()
+                    .filter(|_| here && gone)
+                    .and_then(|p| p.remove(id))
+                {
+                    // A member moving to a new start whose client has gone meanwhile.
+                    self.announce(ctx, "leave", &left);
                 }
                 Ok(ChannelResponse::Subscribed { starts_after })
             }

@@ -332,16 +332,15 @@ pub(crate) async fn subscribe(
     start: Start,
 ) -> Result<Option<EventId>, ApiError> {
     let watch = publisher.keeps_presence(channel).then(|| socket.clone());
-    let response = publisher
-        .call(channel, ChannelRequest::Subscribe { socket, start })
-        .await?;
-    match response {
-        ChannelResponse::Subscribed { starts_after } => {
-            if let Some(watch) = watch {
-                leave_on_close(publisher, channel, &watch);
-            }
-            Ok(starts_after)
-        }
+    let reply = publisher.call(channel, ChannelRequest::Subscribe { socket, start });
+    // Registered once the subscribe is queued (calls to a channel keep their order, so
+    // the unsubscribe comes after it) and before waiting for its answer, so a caller that
+    // gives up waiting (its client left) still leaves.
+    if let Some(watch) = watch {
+        leave_on_close(publisher, channel, &watch);
+    }
+    match reply.await? {
+        ChannelResponse::Subscribed { starts_after } => Ok(starts_after),
         ChannelResponse::Full { limit } => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "channel_full",
@@ -357,11 +356,12 @@ pub(crate) async fn subscribe(
 
 /// Unsubscribes a member from `channel` once its connection ends (at once if it already
 /// did): the channel does not prune a member's socket silently, so it can tell the others
-/// who left, and this is how it hears. Registered after the subscribe was answered, so the
-/// unsubscribe always comes after it.
+/// who left, and this is how it hears. One watcher per channel of a connection.
 fn leave_on_close(publisher: &Publisher, channel: &str, socket: &Socket) {
-    let (publisher, channel, id) = (publisher.clone(), channel.to_string(), socket.id());
-    socket.when_closed(move || {
+    let (publisher, id) = (publisher.clone(), socket.id());
+    let key = channel;
+    let channel = channel.to_string();
+    socket.when_closed(key, move || {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };

@@ -1049,21 +1049,33 @@ impl WsSession {
         start: dormouse_actors::channel::Start,
         r#ref: Option<Value>,
     ) -> Answer {
-        let Mode::Channel { publisher, .. } = &self.mode else {
+        let Mode::Channel {
+            publisher,
+            subscribing,
+            ..
+        } = &mut self.mode
+        else {
             return Answer::failed(&channels::unexpected(), r#ref);
         };
         let Some(socket) = self.receiver.socket() else {
             return Answer::failed(&channels::unexpected(), r#ref);
         };
         let publisher = publisher.clone();
+        // Counted like any subscribe on its way; whatever its answer, the channel stays
+        // followed (a refused move leaves the socket where it was).
+        subscribing.push(to.clone());
         Answer::Hook(Box::pin(async move {
             // The channel takes a socket it already holds as a move to the new start.
-            match channels::subscribe(&publisher, &to, socket, start).await {
+            let answered = match channels::subscribe(&publisher, &to, socket, start).await {
                 Ok(_) => Answered::ready(Frame::Subscribed {
                     channel: &to,
                     r#ref: &r#ref,
                 }),
                 Err(e) => Answered::failed(&e, &r#ref),
+            };
+            Answered {
+                subscribe_of: Some((to, true)),
+                ..answered
             }
         }))
     }
@@ -1110,6 +1122,10 @@ impl WsSession {
         // In order: the picked ones stay first.
         more.remove(at);
         let (publisher, socket) = (publisher.clone(), self.receiver.id());
+        // Its close has nothing more to tell this channel.
+        if let Some(handle) = self.receiver.socket() {
+            handle.forget_when_closed(&from);
+        }
         Answer::Hook(Box::pin(async move {
             let request = dormouse_actors::channel::ChannelRequest::Unsubscribe { socket };
             match publisher.call(&from, request).await {

@@ -460,3 +460,69 @@ async fn a_connect_hook_names_the_member_and_its_info() {
     assert_eq!((status, code.as_str()), (502, "hook_failed"));
     assert!(message.contains("\"info\" is"), "{message}");
 }
+
+#[tokio::test]
+async fn a_member_that_leaves_before_its_subscribe_is_answered_still_leaves() {
+    let server = TestServer::start_with(with_presence).await;
+    let carol = token("carol", Value::Null);
+    let dave = token("dave", Value::Null);
+    let mut watcher = SseClient::connect(
+        &server,
+        &format!("/v1/channels/room:z/events?access_token={carol}"),
+        None,
+    )
+    .await;
+    assert_eq!(watcher.expect_control("join").await["subject"], "carol");
+    // Each time: a WebSocket opened for another channel asks to follow room:z and is gone
+    // at once, before (or while) its subscribe is answered.
+    for round in 0..20 {
+        let mut ws = WsClient::connect(
+            &server,
+            &format!("/v1/channels/plain/ws?access_token={dave}"),
+        )
+        .await;
+        ws.send_json(json!({"type": "subscribe", "channel": "room:z", "ref": round}))
+            .await;
+        drop(ws);
+    }
+    // Whatever got in went out: every join of dave's is followed by his leave.
+    let mut present = false;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let event = tokio::time::timeout(Duration::from_millis(500), watcher.next()).await;
+        match event {
+            Ok(Some(event)) => {
+                let value: Value = serde_json::from_str(&event.data).unwrap();
+                assert_eq!(value["subject"], "dave", "{value}");
+                match event.event.as_str() {
+                    "dormouse.join" => {
+                        assert!(!present, "two joins in a row: {value}");
+                        present = true;
+                    }
+                    "dormouse.leave" => {
+                        assert!(present, "a leave without a join: {value}");
+                        present = false;
+                    }
+                    other => panic!("unexpected {other}"),
+                }
+            }
+            Ok(None) => panic!("the watcher's stream ended"),
+            Err(_) if !present => break,
+            Err(_) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "dave joined and never left"
+            ),
+        }
+    }
+    let listed = server
+        .client
+        .get(server.url("/v1/channels/room:z/presence"))
+        .bearer_auth(&carol)
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    assert_eq!(listed["subjects"], 1, "{listed}");
+}

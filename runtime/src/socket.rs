@@ -179,8 +179,8 @@ impl fmt::Debug for Inner {
     }
 }
 
-/// What runs when a socket's client is gone.
-type Watchers = Vec<Box<dyn FnOnce() + Send>>;
+/// What runs when a socket's client is gone, each under the key it was registered with.
+type Watchers = Vec<(Box<str>, Box<dyn FnOnce() + Send>)>;
 
 /// What a socket keeps under its small lock.
 struct Kept {
@@ -243,7 +243,7 @@ impl Drop for SocketReceiver {
         // Taken under the lock after `receiver_alive` went false: a watcher registered
         // meanwhile either is in this list or saw the socket closed and ran itself.
         let watchers = self.inner.lock_kept().on_close.take();
-        for watcher in watchers.into_iter().flat_map(|w| *w) {
+        for (_, watcher) in watchers.into_iter().flat_map(|w| *w) {
             watcher();
         }
     }
@@ -554,19 +554,29 @@ impl Socket {
 
     /// Runs `watcher` once the client is gone (its connection dropped the receiver: it
     /// left, or was cut off), or now if it already is: how whoever reports a close learns
-    /// of it without holding the connection. Watchers run on the thread that ends the
+    /// of it without holding the connection. A watcher registered under a `key` that has
+    /// one already replaces it, so a connection that subscribes to the same channel again
+    /// and again keeps one watcher for it. Watchers run on the thread that ends the
     /// connection, so they must be quick (spawn a task for anything more).
-    pub fn when_closed(&self, watcher: impl FnOnce() + Send + 'static) {
+    pub fn when_closed(&self, key: &str, watcher: impl FnOnce() + Send + 'static) {
         {
             let mut kept = self.inner.lock_kept();
             if self.inner.receiver_alive.load(Ordering::Acquire) {
-                kept.on_close
-                    .get_or_insert_default()
-                    .push(Box::new(watcher));
+                let watchers = kept.on_close.get_or_insert_default();
+                watchers.retain(|(k, _)| **k != *key);
+                watchers.push((Box::from(key), Box::new(watcher)));
                 return;
             }
         }
         watcher();
+    }
+
+    /// Drops the watcher registered under `key`, if any: its reason to run is gone (the
+    /// connection stopped following the channel it would report to).
+    pub fn forget_when_closed(&self, key: &str) {
+        if let Some(watchers) = self.inner.lock_kept().on_close.as_mut() {
+            watchers.retain(|(k, _)| **k != *key);
+        }
     }
 
     /// True once the client went away or was cut off; such a socket can be dropped.
