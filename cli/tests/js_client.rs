@@ -10,7 +10,10 @@ use std::process::Command;
 fn node() -> (String, Vec<&'static str>) {
     let node = std::env::var("NODE").unwrap_or_else(|_| "node".to_string());
     let probe = Command::new(&node)
-        .args(["-e", "process.exit(typeof WebSocket === 'function' ? 0 : 1)"])
+        .args([
+            "-e",
+            "process.exit(typeof WebSocket === 'function' ? 0 : 1)",
+        ])
         .output()
         .unwrap_or_else(|e| {
             panic!(
@@ -45,4 +48,102 @@ fn the_javascript_client_passes_its_tests_against_the_server() {
     assert!(output.status.success(), "node --test failed:\n{text}");
     // Not vacuous: the runner found and ran the tests.
     assert!(text.contains("pass") && !text.contains("tests 0"), "{text}");
+}
+
+/// The library in the browser it is for: headless Chromium imports it (the page is the
+/// server's own origin, as an app's would be behind one host), follows two channels on one
+/// connection over each transport, publishes, and keeps every message exactly once across
+/// a server restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_browser_the_client_resumes_every_channel_across_a_server_restart() {
+    use dormouse_testkit::TestServer;
+    use dormouse_testkit::browser::Browser;
+    use serde_json::Value;
+    let tweak = |s: &mut dormouse_gateway::Settings| {
+        s.sse.retry = std::time::Duration::from_millis(300);
+        s.channels.presence = true;
+    };
+    let mut server = TestServer::start_with(tweak).await;
+    let source = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../clients/js/dormouse.js"),
+    )
+    .expect("read clients/js/dormouse.js");
+    let browser = Browser::launch().await;
+    let mut page = browser.page().await;
+    page.call("Page.enable", serde_json::json!({})).await;
+    page.call(
+        "Page.navigate",
+        serde_json::json!({"url": server.url("/healthz")}),
+    )
+    .await;
+    page.until("the page", "document.readyState", |v| v == "complete")
+        .await;
+    // The module as the browser loads one: imported by URL.
+    let import = format!(
+        "(async () => {{
+            const url = URL.createObjectURL(new Blob([{}], {{type: 'text/javascript'}}));
+            window.lib = await import(url);
+            return typeof lib.Dormouse;
+        }})()",
+        Value::String(source)
+    );
+    assert_eq!(page.eval(&import).await, "function");
+
+    for transport in ["websocket", "sse"] {
+        let (news, chat) = (format!("news-{transport}"), format!("chat-{transport}"));
+        page.eval(&format!(
+            r#"window.got = []; window.joins = [];
+               window.client = new lib.Dormouse({{url: location.origin, transport: "{transport}",
+                                                 backoff: {{initialMs: 100, maxMs: 500}}}});
+               for (const name of ["{news}", "{chat}"]) {{
+                 const sub = client.subscribe(name);
+                 sub.on("message", m => got.push([m.channel, m.id, m.data]));
+                 sub.on("join", m => joins.push(m.subject));
+               }}
+               true"#
+        ))
+        .await;
+        page.until("both channels followed", "joins.length", |v| v == 2)
+            .await;
+        let n1 = server.publish(&news, "n1").await;
+        let mine = page
+            .eval(&format!(
+                r#"client.publish("{chat}", "from the page").then(r => r.id)"#
+            ))
+            .await;
+        page.until("two messages", "got.length", |v| v == 2).await;
+
+        server = server.restart_in_place(tweak).await;
+        // Published before the page is back: it comes from the replay buffers.
+        let n2 = server.publish(&news, "n2").await;
+        let c2 = server.publish(&chat, "c2").await;
+        let got = page
+            .until("four messages", "got", |v| {
+                v.as_array().is_some_and(|a| a.len() >= 4)
+            })
+            .await;
+        let of = |channel: &str| -> Vec<Value> {
+            got.as_array()
+                .unwrap()
+                .iter()
+                .filter(|m| m[0] == channel)
+                .map(|m| m[1].clone())
+                .collect()
+        };
+        assert_eq!(of(&news), [n1.as_str(), n2.as_str()], "{transport}: {got}");
+        assert_eq!(
+            of(&chat),
+            [mine.clone(), Value::from(c2)],
+            "{transport}: {got}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert_eq!(
+            page.eval("got.length").await,
+            4,
+            "{transport}: nothing twice"
+        );
+        page.eval("client.close(); true").await;
+    }
+    browser.close().await;
+    server.stop().await;
 }
