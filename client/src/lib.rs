@@ -6,6 +6,12 @@
 //! without an `id:` line (a control event, which must not move a resume cursor) from one
 //! that carries the last id over, as WHATWG's `lastEventId` does, and keep CR, LF and CRLF
 //! line ends split across chunks right.
+//!
+//! With the `http` feature, [`http::Client`] publishes and follows channels of a running
+//! server, resuming by itself after any interruption; the `dormouse` CLI's `publish` and
+//! `tail` are built on it.
 
 pub mod binary;
+#[cfg(feature = "http")]
+pub mod http;
 pub mod sse;

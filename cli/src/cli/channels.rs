@@ -4,7 +4,7 @@
 
 use serde_json::Value;
 
-use super::client::{Client, ConnArgs};
+use super::client::{ConnArgs, client};
 use super::output;
 
 #[derive(Debug, clap::Args)]
@@ -22,7 +22,7 @@ pub(crate) struct ChannelsArgs {
 const PAGE: &str = "1000";
 
 pub(crate) async fn run(args: ChannelsArgs) -> anyhow::Result<()> {
-    let client = Client::new(&args.conn)?;
+    let client = client(&args.conn)?;
     if let Some(channel) = &args.channel {
         let info = client
             .get_json(client.url(&["v1", "channels", channel]))

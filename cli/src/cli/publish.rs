@@ -14,7 +14,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt as _, AsyncReadExt as _, BufReader};
 
-use super::client::{Client, ConnArgs, ServerError};
+use super::client::{Client, ConnArgs, Error, client};
 use super::output;
 
 #[derive(Debug, clap::Args)]
@@ -54,7 +54,7 @@ enum Input {
 }
 
 pub(crate) async fn run(args: PublishArgs) -> anyhow::Result<()> {
-    let client = Client::new(&args.conn)?;
+    let client = client(&args.conn)?;
     let input = match (&args.data, &args.file) {
         (Some(data), None) if data != "-" => Input::Arg(data.clone()),
         (_, Some(path)) => Input::File(path.clone()),
@@ -282,13 +282,15 @@ impl Bulk<'_> {
                     break response.json().await.context("reading the batch answer")?;
                 }
                 Err(e) => {
-                    let retry = e
-                        .downcast_ref::<ServerError>()
-                        .filter(|s| s.is_transient() && attempt < BATCH_RETRIES)
-                        .map(|s| s.retry_after.unwrap_or(Duration::from_secs(1)));
+                    let retry = match &e {
+                        Error::Server(s) if s.is_transient() && attempt < BATCH_RETRIES => {
+                            Some(s.retry_after.unwrap_or(Duration::from_secs(1)))
+                        }
+                        _ => None,
+                    };
                     let Some(wait) = retry else {
                         let first = batch.first().map_or(0, |l| l.number);
-                        return Err(e.context(format!(
+                        return Err(anyhow::Error::from(e).context(format!(
                             "{} messages published; the batch starting at line {first} was \
                              refused",
                             self.published

@@ -8,14 +8,12 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use futures::StreamExt as _;
-use reqwest::Method;
 use serde::Serialize;
-use serde_json::Value;
 
-use super::client::{Client, ConnArgs, ServerError, error_of};
+use super::client::{ConnArgs, client};
 use super::output;
-use dormouse_client::sse::{Event, Parser};
+use dormouse_client::http::Item;
+use dormouse_client::sse::Event;
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct TailArgs {
@@ -41,204 +39,72 @@ pub(crate) struct TailArgs {
     idle_timeout: Duration,
 }
 
-/// Wait before reconnecting until the server sends its `retry:` hint.
-const DEFAULT_RETRY: Duration = Duration::from_secs(1);
-/// Longest wait between attempts, however many failed in a row.
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
-
-/// Why one connection ended.
-enum End {
-    /// `--count` messages were printed.
-    Done,
-    /// The connection ended or failed; reconnect.
-    Lost(String),
-}
-
-struct Tail {
-    args: TailArgs,
-    client: Client,
-    /// The cursor: the id of the last event printed (or `--from`).
-    last_id: Option<String>,
-    /// The server's `retry:` hint, the base of the backoff.
-    retry: Duration,
-    printed: u64,
-}
-
 pub(crate) async fn run(args: TailArgs) -> anyhow::Result<()> {
-    let client = Client::new(&args.conn)?;
-    let mut tail = Tail {
-        last_id: args.from.clone(),
-        args,
-        client,
-        retry: DEFAULT_RETRY,
-        printed: 0,
-    };
-    if tail.args.count == Some(0) {
+    if args.count == Some(0) {
         return Ok(());
     }
-    // The first connection must work: a wrong URL, channel or token is an error at once,
-    // not a silent retry loop.
-    let response = tail.connect().await?;
-    let mut end = tail.follow(response).await?;
-    let mut failures: u32 = 0;
+    let client = client(&args.conn)?;
+    // The client's follower resumes by itself; this prints what it yields.
+    let mut follow = client
+        .follow(&args.channel, args.from.clone())
+        .idle_timeout(args.idle_timeout);
+    let mut printed: u64 = 0;
     loop {
-        let reason = match end {
-            End::Done => return Ok(()),
-            End::Lost(reason) => reason,
-        };
-        let wait = backoff(tail.retry, failures);
-        eprintln!(
-            "connection lost ({reason}); reconnecting in {} {}",
-            humantime::format_duration(wait),
-            match &tail.last_id {
-                Some(id) => format!("after {id}"),
-                None => "(no event received yet: live events only)".to_string(),
-            }
-        );
-        tokio::time::sleep(wait).await;
-        end = match tail.connect().await {
-            Ok(response) => {
-                failures = 0;
-                eprintln!("reconnected");
-                tail.follow(response).await?
-            }
-            Err(e) => {
-                // A refusal that retrying cannot fix (bad credential, forbidden, bad id)
-                // ends the command; anything else (server down, restarting) is retried.
-                if let Some(server) = e.downcast_ref::<ServerError>()
-                    && !server.is_transient()
-                {
-                    return Err(e);
-                }
-                failures = failures.saturating_add(1);
-                End::Lost(format!("{e:#}"))
-            }
-        };
-    }
-}
-
-/// The wait before the next attempt: the server's hint, doubled for each failure in a row.
-fn backoff(retry: Duration, failures: u32) -> Duration {
-    retry
-        .saturating_mul(1 << failures.min(6))
-        .min(MAX_BACKOFF.max(retry))
-}
-
-impl Tail {
-    async fn connect(&self) -> anyhow::Result<reqwest::Response> {
-        let url = self
-            .client
-            .url(&["v1", "channels", &self.args.channel, "events"]);
-        let mut request = self
-            .client
-            .request(Method::GET, url.clone(), false)
-            .header(reqwest::header::ACCEPT, "text/event-stream");
-        if let Some(id) = &self.last_id {
-            request = request.header("last-event-id", id);
-        }
-        let response = self.client.send(request).await?;
-        let content_type = response
-            .headers()
-            .get(reqwest::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        if !content_type.starts_with("text/event-stream") {
-            // A proxy's page, say: treat like an error answer.
-            return Err(error_of(Method::GET, url, response).await.into());
-        }
-        Ok(response)
-    }
-
-    /// Prints the events of one connection until it ends or `--count` is reached.
-    async fn follow(&mut self, response: reqwest::Response) -> anyhow::Result<End> {
-        let mut body = response.bytes_stream();
-        let mut parser = Parser::default();
-        let mut reconnect_reason = None;
-        loop {
-            let chunk = match tokio::time::timeout(self.args.idle_timeout, body.next()).await {
-                Err(_) => {
-                    return Ok(End::Lost(format!(
-                        "nothing received for {}",
-                        humantime::format_duration(self.args.idle_timeout)
-                    )));
-                }
-                Ok(None) => {
-                    return Ok(End::Lost(
-                        reconnect_reason.unwrap_or_else(|| "the server closed the stream".into()),
-                    ));
-                }
-                Ok(Some(Err(e))) => return Ok(End::Lost(format!("{e:#}"))),
-                Ok(Some(Ok(chunk))) => chunk,
-            };
-            for event in parser.feed(&chunk) {
-                if let Some(reason) = self.handle(event)? {
-                    reconnect_reason = Some(reason);
-                }
-                if self.args.count.is_some_and(|n| self.printed >= n) {
-                    return Ok(End::Done);
+        match follow.next().await? {
+            Item::Message(event) => {
+                let text = if args.json {
+                    json_line(&event)
+                } else {
+                    format!(
+                        "{}\t{}\t{}",
+                        event.id.as_deref().unwrap_or("-"),
+                        event.event,
+                        event.data
+                    )
+                };
+                output::line(&text)?;
+                printed += 1;
+                if args.count.is_some_and(|n| printed >= n) {
+                    return Ok(());
                 }
             }
-            if let Some(ms) = parser.take_retry() {
-                self.retry = Duration::from_millis(ms);
-            }
-        }
-    }
-
-    /// Prints one event; returns the reason the server gave when it asks for a reconnect.
-    fn handle(&mut self, event: Event) -> anyhow::Result<Option<String>> {
-        if let Some(kind) = event.event.strip_prefix("dormouse.") {
-            let control: Value = serde_json::from_str(&event.data).unwrap_or(Value::Null);
-            let field = |name: &str| control[name].as_str().unwrap_or("").to_string();
-            return match kind {
-                "reconnect" => Ok(Some(format!(
-                    "server asked to reconnect: {}: {}",
-                    field("reason"),
-                    field("message")
-                ))),
-                // Said on standard error only: standard output carries the events.
-                "connected" => {
-                    eprintln!("connected as {}", field("connection_id"));
-                    Ok(None)
-                }
-                // Presence: who joined or left, on standard error (with --json, as a line).
-                "join" | "leave" => {
-                    eprintln!("{kind}: {}", field("subject"));
-                    if self.args.json {
-                        output::line(&event.data)?;
+            Item::Control { kind, data } => {
+                let field = |name: &str| data[name].as_str().unwrap_or("").to_string();
+                match kind.as_str() {
+                    // Said on standard error only: standard output carries the events.
+                    "connected" => eprintln!("connected as {}", field("connection_id")),
+                    // A backend ended this connection on purpose: not a reason to reconnect.
+                    "close" => anyhow::bail!(
+                        "the server closed the connection: {} {}",
+                        data["code"],
+                        field("reason")
+                    ),
+                    // Presence: who joined or left, on standard error (with --json, as a
+                    // line).
+                    "join" | "leave" => {
+                        eprintln!("{kind}: {}", field("subject"));
+                        if args.json {
+                            output::line(&data.to_string())?;
+                        }
                     }
-                    Ok(None)
-                }
-                // A backend ended this connection on purpose: not a reason to reconnect.
-                "close" => Err(anyhow::anyhow!(
-                    "the server closed the connection: {} {}",
-                    control["code"],
-                    field("reason")
-                )),
-                _ => {
-                    eprintln!("{kind}: {}: {}", field("reason"), field("message"));
-                    if self.args.json {
-                        output::line(&event.data)?;
+                    _ => {
+                        eprintln!("{kind}: {}: {}", field("reason"), field("message"));
+                        if args.json {
+                            output::line(&data.to_string())?;
+                        }
                     }
-                    Ok(None)
                 }
-            };
+            }
+            Item::Lost { reason, wait } => eprintln!(
+                "connection lost ({reason}); reconnecting in {} {}",
+                humantime::format_duration(wait),
+                match follow.last_id() {
+                    Some(id) => format!("after {id}"),
+                    None => "(no event received yet: live events only)".to_string(),
+                }
+            ),
+            Item::Reconnected => eprintln!("reconnected"),
         }
-        let text = if self.args.json {
-            json_line(&event)
-        } else {
-            format!(
-                "{}\t{}\t{}",
-                event.id.as_deref().unwrap_or("-"),
-                event.event,
-                event.data
-            )
-        };
-        output::line(&text)?;
-        if let Some(id) = event.id {
-            self.last_id = Some(id);
-        }
-        self.printed += 1;
-        Ok(None)
     }
 }
 
@@ -278,17 +144,6 @@ fn json_line(event: &Event) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn backoff_starts_at_the_hint_and_doubles_to_a_cap() {
-        let hint = Duration::from_millis(500);
-        assert_eq!(backoff(hint, 0), hint);
-        assert_eq!(backoff(hint, 1), Duration::from_secs(1));
-        assert_eq!(backoff(hint, 3), Duration::from_secs(4));
-        assert_eq!(backoff(hint, 40), MAX_BACKOFF);
-        // A server asking for more than the cap gets what it asked for.
-        assert_eq!(backoff(Duration::from_secs(60), 3), Duration::from_secs(60));
-    }
-
     use serde_json::json;
 
     #[test]
@@ -308,7 +163,7 @@ mod tests {
             data: "hi".into(),
         };
         assert_eq!(
-            serde_json::from_str::<Value>(&json_line(&text)).unwrap(),
+            serde_json::from_str::<serde_json::Value>(&json_line(&text)).unwrap(),
             json!({"type":"message","id":"e-3","event":"message","data":"hi"})
         );
     }

@@ -1,0 +1,265 @@
+//! Following one channel over Server-Sent Events with resume built in.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt as _;
+use futures::stream::BoxStream;
+use reqwest::Method;
+use serde_json::Value;
+
+use super::{Client, Error, error_of};
+use crate::sse::{Event, Parser};
+
+/// Wait before reconnecting until the server sends its `retry:` hint.
+const DEFAULT_RETRY: Duration = Duration::from_secs(1);
+/// Longest wait between attempts, however many failed in a row.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Reconnect when nothing, not even a keep-alive comment, arrives for this long (the
+/// server sends one every `sse.keepalive`, 15 s by default).
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(45);
+
+/// What following a channel yields, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Item {
+    /// An event: a message (with its id), or a message a backend sent to this connection
+    /// alone (without one). Binary payloads keep the `base64:` prefix of their event type
+    /// (docs/API.md).
+    Message(Event),
+    /// A control event the app may want to know of, by kind: `connected` (the connection's
+    /// id), `gap` (events were lost: what and from where), `join` and `leave` (presence),
+    /// `close` (a backend ended the connection for good: stop following). Its JSON.
+    Control {
+        /// The kind, without the `dormouse.` prefix.
+        kind: String,
+        /// The event's data.
+        data: Value,
+    },
+    /// The connection ended (`reason`); the next call waits `wait`, then reconnects with
+    /// the last id seen.
+    Lost {
+        /// Why, for a person.
+        reason: String,
+        /// How long the next call waits before it reconnects.
+        wait: Duration,
+    },
+    /// Connected again after a [`Item::Lost`].
+    Reconnected,
+}
+
+/// A channel followed over Server-Sent Events, resumed from the last id it delivered after
+/// any interruption (a server restart, a dropped connection, a proxy timeout, a
+/// slow-consumer cut, silence beyond the idle timeout), so nothing the server still retains
+/// is missed or delivered twice; what it no longer retains arrives as a `gap` control.
+///
+/// The first connection must succeed: a wrong URL, channel, cursor or credential is an
+/// error at once. Later, a refusal that waiting cannot fix (an expired or insufficient
+/// token) is an error; anything else is retried, waiting the server's `retry:` hint doubled
+/// for each failure in a row (up to 30 s).
+///
+/// ```no_run
+/// # async fn run() -> Result<(), dormouse_client::http::Error> {
+/// use dormouse_client::http::{Client, Item, parse_base_url};
+/// let url = parse_base_url("http://127.0.0.1:8080").unwrap();
+/// let client = Client::new(url, None, "my-app/1.0")?;
+/// let mut news = client.follow("news", None);
+/// loop {
+///     match news.next().await? {
+///         Item::Message(event) => println!("{:?} {}", event.id, event.data),
+///         Item::Control { kind, data } if kind == "gap" => eprintln!("lost: {data}"),
+///         Item::Lost { reason, wait } => eprintln!("{reason}; again in {wait:?}"),
+///         _ => {}
+///     }
+/// }
+/// # }
+/// ```
+pub struct Follow {
+    client: Client,
+    channel: String,
+    last_id: Option<String>,
+    retry: Duration,
+    idle_timeout: Duration,
+    failures: u32,
+    connected_once: bool,
+    body: Option<BoxStream<'static, reqwest::Result<Bytes>>>,
+    parser: Parser,
+    ready: VecDeque<Item>,
+    /// What the server said when it asked for a reconnect, for the [`Item::Lost`] after it.
+    reconnect_reason: Option<String>,
+    /// The wait before the next connection attempt.
+    wait: Option<Duration>,
+}
+
+impl std::fmt::Debug for Follow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Follow")
+            .field("channel", &self.channel)
+            .field("last_id", &self.last_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Follow {
+    pub(super) fn new(client: Client, channel: &str, from: Option<String>) -> Self {
+        Self {
+            client,
+            channel: channel.to_string(),
+            last_id: from,
+            retry: DEFAULT_RETRY,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            failures: 0,
+            connected_once: false,
+            body: None,
+            parser: Parser::default(),
+            ready: VecDeque::new(),
+            reconnect_reason: None,
+            wait: None,
+        }
+    }
+
+    /// Reconnects when nothing at all arrives for `timeout` (45 s by default; the server's
+    /// keep-alives come every 15 s).
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_timeout = timeout;
+        self
+    }
+
+    /// The id of the last message delivered (or the starting cursor): where a reconnect
+    /// resumes.
+    pub fn last_id(&self) -> Option<&str> {
+        self.last_id.as_deref()
+    }
+
+    /// The next item; an error ends the following (see [`Follow`]).
+    pub async fn next(&mut self) -> Result<Item, Error> {
+        loop {
+            if let Some(item) = self.ready.pop_front() {
+                return Ok(item);
+            }
+            let Some(body) = self.body.as_mut() else {
+                if let Some(wait) = self.wait.take() {
+                    tokio::time::sleep(wait).await;
+                }
+                match self.connect().await {
+                    Ok(response) => {
+                        self.body = Some(response.bytes_stream().boxed());
+                        self.parser = Parser::default();
+                        self.failures = 0;
+                        if std::mem::replace(&mut self.connected_once, true) {
+                            return Ok(Item::Reconnected);
+                        }
+                        continue;
+                    }
+                    Err(e) if !self.connected_once => return Err(e),
+                    Err(Error::Server(e)) if !e.is_transient() => return Err(Error::Server(e)),
+                    Err(e) => {
+                        self.failures = self.failures.saturating_add(1);
+                        return Ok(self.lost(format!("{e}")));
+                    }
+                }
+            };
+            let chunk = match tokio::time::timeout(self.idle_timeout, body.next()).await {
+                Err(_) => {
+                    let reason = format!("nothing received for {:?}", self.idle_timeout);
+                    return Ok(self.lost(reason));
+                }
+                Ok(None) => {
+                    let reason = self
+                        .reconnect_reason
+                        .take()
+                        .unwrap_or_else(|| "the server closed the stream".into());
+                    return Ok(self.lost(reason));
+                }
+                Ok(Some(Err(e))) => return Ok(self.lost(format!("{e}"))),
+                Ok(Some(Ok(chunk))) => chunk,
+            };
+            for event in self.parser.feed(&chunk) {
+                self.take(event);
+            }
+            if let Some(ms) = self.parser.take_retry() {
+                self.retry = Duration::from_millis(ms);
+            }
+        }
+    }
+
+    /// Ends the connection; the next call waits, then reconnects.
+    fn lost(&mut self, reason: String) -> Item {
+        self.body = None;
+        let wait = backoff(self.retry, self.failures);
+        self.wait = Some(wait);
+        Item::Lost { reason, wait }
+    }
+
+    fn take(&mut self, event: Event) {
+        let Some(kind) = event.event.strip_prefix("dormouse.") else {
+            if let Some(id) = &event.id {
+                self.last_id = Some(id.clone());
+            }
+            self.ready.push_back(Item::Message(event));
+            return;
+        };
+        let data: Value = serde_json::from_str(&event.data).unwrap_or(Value::Null);
+        if kind == "reconnect" {
+            // The stream ends next; say why then.
+            let field = |name: &str| data[name].as_str().unwrap_or("").to_string();
+            self.reconnect_reason = Some(format!(
+                "server asked to reconnect: {}: {}",
+                field("reason"),
+                field("message")
+            ));
+            return;
+        }
+        self.ready.push_back(Item::Control {
+            kind: kind.to_string(),
+            data,
+        });
+    }
+
+    async fn connect(&self) -> Result<reqwest::Response, Error> {
+        let url = self
+            .client
+            .url(&["v1", "channels", &self.channel, "events"]);
+        let mut request = self
+            .client
+            .request(Method::GET, url.clone(), false)
+            .header(reqwest::header::ACCEPT, "text/event-stream");
+        if let Some(id) = &self.last_id {
+            request = request.header("last-event-id", id);
+        }
+        let response = self.client.send(request).await?;
+        let content_type = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if !content_type.starts_with("text/event-stream") {
+            // A proxy's page, say: treat like an error answer.
+            return Err(error_of(Method::GET, url, response).await.into());
+        }
+        Ok(response)
+    }
+}
+
+/// The wait before the next attempt: the server's hint, doubled for each failure in a row.
+fn backoff(retry: Duration, failures: u32) -> Duration {
+    retry
+        .saturating_mul(1 << failures.min(6))
+        .min(MAX_BACKOFF.max(retry))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_starts_at_the_hint_and_doubles_to_a_cap() {
+        let hint = Duration::from_millis(500);
+        assert_eq!(backoff(hint, 0), hint);
+        assert_eq!(backoff(hint, 1), Duration::from_secs(1));
+        assert_eq!(backoff(hint, 3), Duration::from_secs(4));
+        assert_eq!(backoff(hint, 40), MAX_BACKOFF);
+        // A server asking for more than the cap gets what it asked for.
+        assert_eq!(backoff(Duration::from_secs(60), 3), Duration::from_secs(60));
+    }
+}

@@ -1,0 +1,326 @@
+//! A client of a running server over HTTP (the `http` feature): where the server is, the
+//! credential, and a refusal turned into an error that carries the server's own `code` and
+//! `message` (they say what was wrong and how to fix it better than a client could guess).
+//! [`Client::follow`] follows a channel with resume built in; [`Client::publish`] publishes
+//! with an idempotency key, so a retried publish is stored once.
+
+mod follow;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use reqwest::{Method, RequestBuilder, Response, StatusCode, Url};
+use serde_json::Value;
+
+pub use follow::{Follow, Item};
+
+/// What went wrong with a request.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The server answered with an error (boxed: it is far larger than the others).
+    #[error(transparent)]
+    Server(Box<ServerError>),
+    /// No answer: the server is down, or the URL is wrong.
+    #[error("cannot reach the server at {base}: {source}")]
+    Unreachable {
+        /// The server's base URL.
+        base: Url,
+        /// What the HTTP client saw.
+        source: reqwest::Error,
+    },
+    /// The answer could not be read, or the request could not be built.
+    #[error("{what}: {source}")]
+    Http {
+        /// What was being done.
+        what: String,
+        /// What the HTTP client saw.
+        source: reqwest::Error,
+    },
+}
+
+impl From<ServerError> for Error {
+    fn from(e: ServerError) -> Self {
+        Self::Server(Box::new(e))
+    }
+}
+
+impl Error {
+    /// Whether the same request may succeed later without any change (the server was
+    /// unreachable, overloaded, restarting or rate-limiting, not refusing the request).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Server(e) => e.is_transient(),
+            Self::Unreachable { .. } | Self::Http { .. } => true,
+        }
+    }
+}
+
+/// The server answered with an error; shown with its status, `code` and `message`.
+#[derive(Debug, thiserror::Error)]
+#[error("{method} {url}: the server answered {status} ({code}): {message}")]
+pub struct ServerError {
+    /// The request's method.
+    pub method: Method,
+    /// The request's URL.
+    pub url: Url,
+    /// The answer's status.
+    pub status: StatusCode,
+    /// The `error.code` of the JSON body (or the status text when a proxy answered without
+    /// one), for deciding what to do.
+    pub code: String,
+    /// The `error.message`: what was wrong, for a person.
+    pub message: String,
+    /// `Retry-After`, when the server said how long to wait.
+    pub retry_after: Option<Duration>,
+}
+
+impl ServerError {
+    /// Whether the same request may succeed later without any change: the server was
+    /// overloaded, restarting, or rate-limiting, not refusing the request itself.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self.status,
+            StatusCode::TOO_MANY_REQUESTS
+                | StatusCode::REQUEST_TIMEOUT
+                | StatusCode::BAD_GATEWAY
+                | StatusCode::SERVICE_UNAVAILABLE
+                | StatusCode::GATEWAY_TIMEOUT
+        )
+    }
+}
+
+/// Requests may wait on a durable commit; this only bounds a server that never answers.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An HTTP client bound to one server and credential. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: Url,
+    token: Option<String>,
+}
+
+/// The outcome of one publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// The message's id.
+    pub id: String,
+    /// True when the idempotency key matched an earlier publish: nothing new was stored.
+    pub duplicate: bool,
+}
+
+impl Client {
+    /// A client of the server at `base` (an `http` or `https` URL without query or
+    /// fragment; a path prefix is kept, for servers behind a proxy), sending `token` (a JWT
+    /// or an API key) as `Authorization: Bearer`. `agent` names the program in
+    /// `User-Agent`.
+    pub fn new(base: Url, token: Option<String>, agent: &str) -> Result<Self, Error> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .user_agent(agent)
+            .build()
+            .map_err(|source| Error::Http {
+                what: "building the HTTP client".into(),
+                source,
+            })?;
+        Ok(Self {
+            http,
+            base,
+            token: token.filter(|t| !t.is_empty()),
+        })
+    }
+
+    /// The server's base URL.
+    pub fn base(&self) -> &Url {
+        &self.base
+    }
+
+    /// The URL of `segments` under the base URL, each segment percent-encoded as needed, so
+    /// a channel name is never read as a path or a query.
+    pub fn url(&self, segments: &[&str]) -> Url {
+        let mut url = self.base.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().extend(segments);
+        }
+        url
+    }
+
+    /// A request with the credential; `timeout` is off for streams.
+    pub fn request(&self, method: Method, url: Url, timeout: bool) -> RequestBuilder {
+        let mut request = self.http.request(method, url);
+        if timeout {
+            request = request.timeout(REQUEST_TIMEOUT);
+        }
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        request
+    }
+
+    /// Sends `request`: a success as is; an error answer as [`Error::Server`]; no answer as
+    /// [`Error::Unreachable`], since the usual cause is a wrong URL.
+    pub async fn send(&self, request: RequestBuilder) -> Result<Response, Error> {
+        let (client, request) = request.build_split();
+        let request = request.map_err(|source| Error::Http {
+            what: "building the request".into(),
+            source,
+        })?;
+        let (method, url) = (request.method().clone(), request.url().clone());
+        let response = client
+            .execute(request)
+            .await
+            .map_err(|source| Error::Unreachable {
+                base: self.base.clone(),
+                source,
+            })?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        Err(error_of(method, url, response).await.into())
+    }
+
+    /// `GET` of a JSON document.
+    pub async fn get_json(&self, url: Url) -> Result<Value, Error> {
+        let response = self
+            .send(self.request(Method::GET, url.clone(), true))
+            .await?;
+        response.json().await.map_err(|source| Error::Http {
+            what: format!("reading the answer to GET {url}"),
+            source,
+        })
+    }
+
+    /// Publishes `data` to `channel` (as event type `event`, `message` when `None`) and
+    /// waits until the server stored it. With an `idempotency_key`, a publish retried after
+    /// a failure that may or may not have reached the server is stored once: the server
+    /// answers the first id, `duplicate`.
+    pub async fn publish(
+        &self,
+        channel: &str,
+        data: impl Into<Bytes>,
+        event: Option<&str>,
+        idempotency_key: Option<&str>,
+    ) -> Result<Published, Error> {
+        let mut url = self.url(&["v1", "channels", channel, "messages"]);
+        if let Some(event) = event {
+            url.query_pairs_mut().append_pair("event", event);
+        }
+        let mut request = self.request(Method::POST, url.clone(), true);
+        if let Some(key) = idempotency_key {
+            request = request.header("idempotency-key", key);
+        }
+        let response = self.send(request.body(data.into())).await?;
+        let body: Value = response.json().await.map_err(|source| Error::Http {
+            what: format!("reading the answer to POST {url}"),
+            source,
+        })?;
+        Ok(Published {
+            id: body["id"].as_str().unwrap_or_default().to_string(),
+            duplicate: body["duplicate"].as_bool().unwrap_or(false),
+        })
+    }
+
+    /// Follows `channel` over Server-Sent Events from after `from` (or from now on),
+    /// reconnecting by itself with the last id it saw; see [`Follow`].
+    pub fn follow(&self, channel: &str, from: Option<String>) -> Follow {
+        Follow::new(self.clone(), channel, from)
+    }
+}
+
+/// Reads an error answer: the documented `{"error": {"code", "message"}}`, or whatever a
+/// proxy in between sent instead (the start of its body stands in for the message).
+pub async fn error_of(method: Method, url: Url, response: Response) -> ServerError {
+    let status = response.status();
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let text = response.text().await.unwrap_or_default();
+    let parsed = serde_json::from_str::<Value>(&text).ok();
+    let field = |name: &str| {
+        parsed
+            .as_ref()
+            .and_then(|v| v["error"][name].as_str())
+            .map(str::to_string)
+    };
+    let (code, message) = match (field("code"), field("message")) {
+        (Some(code), Some(message)) => (code, message),
+        _ => {
+            let mut body: String = text.trim().chars().take(300).collect();
+            if body.is_empty() {
+                body = "(no body)".to_string();
+            }
+            let code = status
+                .canonical_reason()
+                .unwrap_or("error")
+                .to_lowercase()
+                .replace(' ', "_");
+            (code, body)
+        }
+    };
+    ServerError {
+        method,
+        url,
+        status,
+        code,
+        message,
+        retry_after,
+    }
+}
+
+/// Checks a base URL: `http` or `https`, without query or fragment (they would be lost or
+/// misread when paths are appended). The error says what is wrong, for a person.
+pub fn parse_base_url(raw: &str) -> Result<Url, String> {
+    let url =
+        Url::parse(raw).map_err(|e| format!("not a URL ({e}); e.g. http://127.0.0.1:8080"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!(
+            "the scheme must be http or https, not {:?}",
+            url.scheme()
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err("the URL must not have a query or a fragment".to_string());
+    }
+    Ok(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(base: &str) -> Client {
+        Client::new(parse_base_url(base).unwrap(), None, "test").unwrap()
+    }
+
+    #[test]
+    fn channel_names_become_one_encoded_path_segment_under_the_base() {
+        let c = client("http://127.0.0.1:8080");
+        assert_eq!(
+            c.url(&["v1", "channels", "tenant:room@1=x", "events"])
+                .as_str(),
+            "http://127.0.0.1:8080/v1/channels/tenant:room@1=x/events"
+        );
+        // A bad name stays one segment, for the server to refuse by name.
+        assert_eq!(
+            c.url(&["v1", "channels", "a b/../c?d"]).as_str(),
+            "http://127.0.0.1:8080/v1/channels/a%20b%2F..%2Fc%3Fd"
+        );
+        let prefixed = client("https://example.test/dormouse/");
+        assert_eq!(
+            prefixed.url(&["v1", "channels"]).as_str(),
+            "https://example.test/dormouse/v1/channels"
+        );
+    }
+
+    #[test]
+    fn base_urls_must_be_plain_http() {
+        assert!(parse_base_url("127.0.0.1:8080").is_err());
+        assert!(parse_base_url("ftp://host/").is_err());
+        assert!(parse_base_url("http://host/?q=1").is_err());
+        assert!(parse_base_url("https://host:8443").is_ok());
+    }
+}
