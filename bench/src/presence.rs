@@ -89,18 +89,10 @@ const CHANNEL: &str = "bench-presence";
 fn token(subject: &str, grants: serde_json::Value) -> anyhow::Result<String> {
     let claims = serde_json::json!({
         "sub": subject,
-        "exp": std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_secs()
-            + 3600,
         "dormouse": grants,
         "info": {"name": format!("Member {subject}")},
     });
-    Ok(jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-    )?)
+    Ok(dormouse_testkit::jwt(SECRET, 3600, claims))
 }
 
 /// Frames each member counted: presence events, and messages.

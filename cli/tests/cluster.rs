@@ -388,17 +388,7 @@ const JWT_SECRET: &str = "cluster-connections-secret-long-enough";
 
 /// An HS256 token for `sub` with `grants`, valid for an hour.
 fn token(sub: &str, grants: Value) -> String {
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 3600;
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &json!({"sub": sub, "exp": exp, "dormouse": grants}),
-        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
-    )
-    .unwrap()
+    dormouse_testkit::jwt(JWT_SECRET, 3600, json!({"sub": sub, "dormouse": grants}))
 }
 
 /// A backend's call to `node`, with a token that has the `connections` capability.

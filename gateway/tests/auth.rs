@@ -24,14 +24,7 @@ fn now() -> u64 {
 
 /// An HS256 token for `sub` valid for `ttl_secs` (negative: already expired) with `grants`.
 fn token(sub: &str, ttl_secs: i64, grants: Value) -> String {
-    let exp = now().saturating_add_signed(ttl_secs);
-    let claims = json!({"sub": sub, "exp": exp, "dormouse": grants});
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
+    support::jwt(SECRET, ttl_secs, json!({"sub": sub, "dormouse": grants}))
 }
 
 fn secured(s: &mut Settings) {

@@ -5,10 +5,9 @@
 
 use dormouse_testkit as support;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use dormouse_gateway::{ApiKeySettings, ByteSize, Settings};
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 use support::{SseClient, TestServer, WsClient, error_of};
 
@@ -18,22 +17,8 @@ const ADMIN_KEY: &str = "admin-key-0123456789ab";
 
 /// A token for `sub` that may subscribe to and publish on every `chat:*` channel.
 fn token(sub: &str) -> String {
-    let exp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 3600;
-    let claims = json!({
-        "sub": sub,
-        "exp": exp,
-        "dormouse": {"subscribe": ["chat:*"], "publish": ["chat:*"]},
-    });
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
+    let grants = json!({"subscribe": ["chat:*"], "publish": ["chat:*"]});
+    support::jwt(SECRET, 3600, json!({"sub": sub, "dormouse": grants}))
 }
 
 fn key(name: &str, key: &str, connections: bool, admin: bool) -> ApiKeySettings {

@@ -5,10 +5,9 @@
 
 use dormouse_testkit as support;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use dormouse_gateway::{PrefixSettings, Settings};
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 use support::{PATIENCE, SseClient, TestServer, WsClient, error_of};
 
@@ -16,22 +15,12 @@ const SECRET: &str = "test-secret-that-is-long-enough-for-hs256!";
 
 /// A token for `sub` that may subscribe and publish to `room:*` and `plain`, with `info`.
 fn token(sub: &str, info: Value) -> String {
-    let exp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 600;
     let grants = json!({"subscribe": ["room:*", "plain"], "publish": ["room:*"]});
-    let mut claims = json!({"sub": sub, "exp": exp, "dormouse": grants});
+    let mut claims = json!({"sub": sub, "dormouse": grants});
     if !info.is_null() {
         claims["info"] = info;
     }
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
+    support::jwt(SECRET, 600, claims)
 }
 
 /// Presence on `room:` channels only; channels hibernate a moment after their last request.
@@ -48,14 +37,17 @@ fn with_presence(s: &mut Settings) {
     }];
 }
 
+/// `GET path` with the token `as_who` (empty: no credential).
+async fn get_as(server: &TestServer, path: &str, as_who: &str) -> reqwest::Response {
+    let mut request = server.client.get(server.url(path));
+    if !as_who.is_empty() {
+        request = request.bearer_auth(as_who);
+    }
+    request.send().await.unwrap()
+}
+
 async fn presence(server: &TestServer, channel: &str, as_who: &str) -> Value {
-    let res = server
-        .client
-        .get(server.url(&format!("/v1/channels/{channel}/presence")))
-        .bearer_auth(as_who)
-        .send()
-        .await
-        .unwrap();
+    let res = get_as(server, &format!("/v1/channels/{channel}/presence"), as_who).await;
     assert_eq!(res.status(), 200);
     res.json().await.unwrap()
 }
@@ -79,13 +71,7 @@ async fn publish(server: &TestServer, channel: &str, as_who: &str, data: &str) -
 async fn hibernated(server: &TestServer, channel: &str, as_who: &str) {
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
-        let res = server
-            .client
-            .get(server.url(&format!("/v1/channels/{channel}")))
-            .bearer_auth(as_who)
-            .send()
-            .await
-            .unwrap();
+        let res = get_as(server, &format!("/v1/channels/{channel}"), as_who).await;
         let info: Value = res.json().await.unwrap();
         if info["state"] == "hibernated" {
             return;
@@ -304,13 +290,12 @@ async fn presence_pages_and_errors() {
     let page = |query: &'static str| {
         let (server, reader) = (&server, &reader);
         async move {
-            let res = server
-                .client
-                .get(server.url(&format!("/v1/channels/room:p/presence{query}")))
-                .bearer_auth(reader)
-                .send()
-                .await
-                .unwrap();
+            let res = get_as(
+                server,
+                &format!("/v1/channels/room:p/presence{query}"),
+                reader,
+            )
+            .await;
             (res.status().as_u16(), res.json::<Value>().await.unwrap())
         }
     };
@@ -340,53 +325,29 @@ async fn presence_pages_and_errors() {
         ("?limit=x", "bad_query"),
         ("?color=red", "bad_query"),
     ] {
-        let res = server
-            .client
-            .get(server.url(&format!("/v1/channels/room:p/presence{query}")))
-            .bearer_auth(&reader)
-            .send()
-            .await
-            .unwrap();
+        let res = get_as(
+            &server,
+            &format!("/v1/channels/room:p/presence{query}"),
+            &reader,
+        )
+        .await;
         let (status, got, _) = error_of(res).await;
         assert_eq!((status, got.as_str()), (400, code), "{query}");
     }
     // A channel without presence says how to turn it on.
-    let res = server
-        .client
-        .get(server.url("/v1/channels/plain/presence"))
-        .bearer_auth(&reader)
-        .send()
-        .await
-        .unwrap();
+    let res = get_as(&server, "/v1/channels/plain/presence", &reader).await;
     let (status, code, message) = error_of(res).await;
     assert_eq!((status, code.as_str()), (404, "presence_not_enabled"));
     assert!(message.contains("presence = true"), "{message}");
     // Who is in a channel is for those who may subscribe to it.
-    let res = server
-        .client
-        .get(server.url("/v1/channels/other:1/presence"))
-        .bearer_auth(&reader)
-        .send()
-        .await
-        .unwrap();
+    let res = get_as(&server, "/v1/channels/other:1/presence", &reader).await;
     assert_eq!(error_of(res).await.0, 403);
-    let res = server
-        .client
-        .get(server.url("/v1/channels/room:p/presence"))
-        .send()
-        .await
-        .unwrap();
+    let res = get_as(&server, "/v1/channels/room:p/presence", "").await;
     assert_eq!(error_of(res).await.0, 401);
 
     // An info claim too large to travel with every presence event refuses the token.
     let big = token("big", json!({"bio": "x".repeat(2000)}));
-    let res = server
-        .client
-        .get(server.url("/v1/channels/room:p/presence"))
-        .bearer_auth(&big)
-        .send()
-        .await
-        .unwrap();
+    let res = get_as(&server, "/v1/channels/room:p/presence", &big).await;
     let (status, code, message) = error_of(res).await;
     assert_eq!((status, code.as_str()), (401, "bad_token"));
     assert!(message.contains("info claim"), "{message}");
@@ -450,12 +411,7 @@ async fn a_connect_hook_names_the_member_and_its_info() {
         json!([{"subject": "moderator-7", "info": {"role": "mod"}, "connections": 2}])
     );
     // An info too large to carry is the hook's mistake, said as such.
-    let res = server
-        .client
-        .get(server.url("/v1/channels/room:h1/events?big=1"))
-        .send()
-        .await
-        .unwrap();
+    let res = get_as(&server, "/v1/channels/room:h1/events?big=1", "").await;
     let (status, code, message) = error_of(res).await;
     assert_eq!((status, code.as_str()), (502, "hook_failed"));
     assert!(message.contains("\"info\" is"), "{message}");
@@ -514,13 +470,8 @@ async fn a_member_that_leaves_before_its_subscribe_is_answered_still_leaves() {
             ),
         }
     }
-    let listed = server
-        .client
-        .get(server.url("/v1/channels/room:z/presence"))
-        .bearer_auth(&carol)
-        .send()
+    let listed = get_as(&server, "/v1/channels/room:z/presence", &carol)
         .await
-        .unwrap()
         .json::<Value>()
         .await
         .unwrap();

@@ -410,6 +410,26 @@ impl WsClient {
     }
 }
 
+/// A JWT of `claims`, signed HS256 with `secret` (what a server whose `auth.jwt_secret` is
+/// `secret` accepts), expiring `ttl_secs` from now (negative: already expired) unless the
+/// claims set `exp` themselves. Tests build the claims (`sub`, `dormouse` grants, `info`)
+/// and sign them here.
+pub fn jwt(secret: &str, ttl_secs: i64, mut claims: Value) -> String {
+    if claims.get("exp").is_none() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("a clock after 1970")
+            .as_secs();
+        claims["exp"] = Value::from(now.saturating_add_signed(ttl_secs));
+    }
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("sign a test token")
+}
+
 /// A JSON error answer taken apart: (status, `error.code`, `error.message`). Panics when the
 /// body is not the documented `{"error": {"code", "message"}}` shape.
 pub async fn error_of(res: reqwest::Response) -> (u16, String, String) {
