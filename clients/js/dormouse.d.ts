@@ -124,6 +124,8 @@ export class Dormouse {
       limit?: number;
     },
   ): Promise<HistoryPage>;
+  /** A WebSocket to a user object, kept open (its protocol is the object's own). */
+  object(namespace: string, name: string, options?: { path?: string; query?: Record<string, string> }): ObjectSocket;
   close(): void;
   on(type: "state", listener: (state: State) => void): Unlisten;
   on(type: "connected", listener: (connectionId: string) => void): Unlisten;
@@ -133,6 +135,19 @@ export class Dormouse {
   on(type: "closed", listener: (value: { code: number; reason: string }) => void): Unlisten;
   /** A message a backend sent to this connection alone. */
   on(type: "direct", listener: (message: Omit<Message, "channel" | "id">) => void): Unlisten;
+}
+
+/** A WebSocket to a user object, reconnected with backoff until closed for good. */
+export class ObjectSocket {
+  readonly open: boolean;
+  /** Sends a string, bytes, or a value as JSON; queued while the socket is down. */
+  send(data: string | Uint8Array | ArrayBuffer | unknown): void;
+  close(): void;
+  on(type: "open", listener: () => void): Unlisten;
+  on(type: "message", listener: (data: string | Uint8Array) => void): Unlisten;
+  /** It dropped (it reconnects unless `closed` follows). */
+  on(type: "close", listener: (value: { code: number; reason: string }) => void): Unlisten;
+  on(type: "closed", listener: (value: { code: number; reason: string }) => void): Unlisten;
 }
 
 /** Seconds since the epoch at which a JWT expires, or null. */

@@ -295,6 +295,21 @@ export class Dormouse extends Emitter {
     return page;
   }
 
+  /**
+   * A WebSocket to a user object (`/v1/objects/{namespace}/{name}{path}`), which speaks the
+   * object's own protocol: reconnected with backoff when it drops (unless a backend or the
+   * app closed it for good), with what the app sends while it is down queued until it is
+   * back. Options: `path` (default `/ws`), `query` (an object of query parameters).
+   */
+  object(namespace, name, options = {}) {
+    return new ObjectSocket(this, namespace, name, options);
+  }
+
+  /** What an {@link ObjectSocket} needs of its client. */
+  _objectSocketParts() {
+    return { url: this.url, WebSocket: this.WebSocket, token: () => this.#currentToken(), delay: (n) => this.#delay(n) };
+  }
+
   /** Disconnects for good. */
   close() {
     this.#closed = true;
@@ -666,6 +681,99 @@ export class Dormouse extends Emitter {
     if (data && typeof data === "object" && data.type === "message") {
       this.#subs.get(data.channel)?._deliver(message(data.channel, data.id, data.event, data.data, data.data_base64));
     }
+  }
+}
+
+/**
+ * A WebSocket to a user object, kept open. Emits `open`, `message` (a string, or a
+ * Uint8Array for a binary frame), `close` ({code, reason}, each time it drops) and
+ * `closed` (for good: the app called `close()`, or a backend closed it with a code of
+ * 3000–3999 or 4100–4999).
+ */
+export class ObjectSocket extends Emitter {
+  #parts;
+  #path;
+  #socket = null;
+  #queue = [];
+  #failures = 0;
+  #timer = null;
+  #closed = false;
+
+  constructor(client, namespace, name, options) {
+    super();
+    this.#parts = client._objectSocketParts();
+    const query = new URLSearchParams(options.query ?? {});
+    this.#path = `/v1/objects/${encodeURIComponent(namespace)}/${encodeURIComponent(name)}${options.path ?? "/ws"}`;
+    this.query = query;
+    this.#open();
+  }
+
+  /** True while the socket is open. */
+  get open() {
+    return this.#socket?.readyState === 1;
+  }
+
+  /** Sends a string, bytes, or a value as JSON; queued while the socket is down. */
+  send(data) {
+    const frame = typeof data === "string" || data instanceof Uint8Array || data instanceof ArrayBuffer ? data : JSON.stringify(data);
+    if (this.open) this.#socket.send(frame);
+    else this.#queue.push(frame);
+  }
+
+  /** Closes for good. */
+  close() {
+    this.#closed = true;
+    clearTimeout(this.#timer);
+    if (this.#socket) {
+      this.#socket.onclose = this.#socket.onerror = null;
+      this.#socket.close(1000);
+    }
+    this.emit("closed", { code: 1000, reason: "closed by the app" });
+  }
+
+  async #open() {
+    let token = null;
+    try {
+      token = await this.#parts.token();
+    } catch (e) {
+      this.emit("close", { code: 1006, reason: String(e) });
+      this.#retry();
+      return;
+    }
+    if (this.#closed) return;
+    const query = new URLSearchParams(this.query);
+    if (token) query.set("access_token", token);
+    const base = this.#parts.url.replace(/^http/, "ws");
+    const socket = new this.#parts.WebSocket(`${base}${this.#path}?${query}`);
+    socket.binaryType = "arraybuffer";
+    this.#socket = socket;
+    let done = false;
+    socket.onopen = () => {
+      this.#failures = 0;
+      this.emit("open");
+      for (const frame of this.#queue.splice(0)) socket.send(frame);
+    };
+    socket.onmessage = (e) => this.emit("message", typeof e.data === "string" ? e.data : new Uint8Array(e.data));
+    const lost = (code, reason) => {
+      if (done || this.#socket !== socket) return;
+      done = true;
+      this.emit("close", { code, reason });
+      if (isFinalClose(code)) {
+        this.#closed = true;
+        this.emit("closed", { code, reason });
+        return;
+      }
+      this.#retry();
+    };
+    socket.onclose = (e) => lost(e.code, e.reason);
+    socket.onerror = () => lost(1006, "");
+  }
+
+  #retry() {
+    if (this.#closed) return;
+    this.#failures++;
+    clearTimeout(this.#timer);
+    this.#timer = setTimeout(() => this.#open(), this.#parts.delay(this.#failures));
   }
 }
 

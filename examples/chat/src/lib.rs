@@ -4,7 +4,8 @@
 //! with their attachments) and costs the room no memory while nobody speaks. The last
 //! messages are kept in the room's log for newcomers.
 //!
-//! - `GET /v1/objects/rooms/{room}` serves a small web page to chat from.
+//! - `GET /v1/objects/rooms/{room}` serves a small web page to chat from, which talks to
+//!   the room with the JavaScript client (`clients/js`, served at `.../dormouse.js`).
 //! - WebSocket `/v1/objects/rooms/{room}/ws?name=NAME`: the server sends
 //!   `{"type":"welcome","you","members","history"}`, then `join`, `leave` and `message`
 //!   events; the client sends `{"type":"message","text":"..."}`.
@@ -31,6 +32,8 @@ const MAX_NAME: usize = 32;
 const MAX_TEXT: usize = 2000;
 
 const PAGE: &str = include_str!("../static/index.html");
+/// The JavaScript client the page talks to the room with (`clients/js`), served beside it.
+const CLIENT: &str = include_str!("../../../clients/js/dormouse.js");
 
 /// One chat room.
 #[derive(Debug)]
@@ -74,6 +77,11 @@ impl Object for Room {
             (&Method::GET, "/") => {
                 with_type(StatusCode::OK, "text/html; charset=utf-8", PAGE.into())
             }
+            (&Method::GET, "/dormouse.js") => with_type(
+                StatusCode::OK,
+                "text/javascript; charset=utf-8",
+                CLIENT.into(),
+            ),
             (&Method::GET, "/members") => {
                 respond::json(StatusCode::OK, &json!({"members": members(ctx)}))
             }

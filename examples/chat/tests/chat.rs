@@ -130,7 +130,30 @@ async fn the_page_is_served_and_a_nameless_join_is_refused() {
             .starts_with("text/html")
     );
     let page = res.text().await.unwrap();
-    assert!(page.contains("new WebSocket("), "the page talks WebSocket");
+    assert!(
+        page.contains("dormouse.js"),
+        "the page talks through the client"
+    );
+    let client = reqwest::get(format!(
+        "http://{}/v1/objects/{NAMESPACE}/lobby/dormouse.js",
+        server.addr
+    ))
+    .await
+    .unwrap();
+    assert_eq!(client.status(), 200);
+    assert!(
+        client.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/javascript")
+    );
+    assert!(
+        client
+            .text()
+            .await
+            .unwrap()
+            .contains("export class Dormouse")
+    );
 
     let url = format!("ws://{}/v1/objects/{NAMESPACE}/lobby/ws", server.addr);
     let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
@@ -139,5 +162,68 @@ async fn the_page_is_served_and_a_nameless_join_is_refused() {
     assert!(refused["message"].as_str().unwrap().contains("?name="));
     assert_eq!(next(&mut ws).await["type"], "closed");
 
+    server.stop().await;
+}
+
+/// The page in a browser: headless Chromium joins through the JavaScript client, sees a
+/// second person (a plain WebSocket) come in, and the two talk both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_chats_in_a_browser_through_the_javascript_client() {
+    use dormouse_testkit::browser::Browser;
+    let server = start(Duration::from_secs(30)).await;
+    let browser = Browser::launch().await;
+    let mut page = browser.page().await;
+    page.call("Page.enable", json!({})).await;
+    let url = format!("http://{}/v1/objects/{NAMESPACE}/lobby", server.addr);
+    page.call("Page.navigate", json!({"url": url})).await;
+    // The page's script has its client once it names the room.
+    page.until(
+        "the page's script",
+        "document.getElementById('room').textContent",
+        |v| v == "#lobby",
+    )
+    .await;
+    page.eval(
+        r#"document.getElementById("name").value = "ann";
+           document.getElementById("join").requestSubmit(); true"#,
+    )
+    .await;
+    page.until(
+        "ann connected",
+        "document.getElementById('status').textContent",
+        |v| v == "connected as ann",
+    )
+    .await;
+    let (mut bob, welcome) = join(&server, "lobby", "bob").await;
+    assert_eq!(welcome["members"], json!(["ann", "bob"]), "{welcome}");
+    page.until(
+        "bob in the list",
+        "document.getElementById('members').innerText",
+        |v| v.as_str().is_some_and(|t| t.contains("bob")),
+    )
+    .await;
+    page.eval(
+        r#"document.getElementById("text").value = "hello from the page";
+           document.getElementById("say").requestSubmit(); true"#,
+    )
+    .await;
+    let heard = next(&mut bob).await;
+    assert_eq!(
+        (&heard["type"], &heard["name"], &heard["text"]),
+        (
+            &json!("message"),
+            &json!("ann"),
+            &json!("hello from the page")
+        ),
+        "{heard}"
+    );
+    say(&mut bob, "hi ann").await;
+    page.until(
+        "bob's answer",
+        "document.getElementById('log').innerText",
+        |v| v.as_str().is_some_and(|t| t.contains("bob: hi ann")),
+    )
+    .await;
+    browser.close().await;
     server.stop().await;
 }
