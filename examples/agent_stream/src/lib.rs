@@ -28,6 +28,9 @@
 //! `seq` is the event's place in the run: increasing, and it may skip after a crash.
 //! Artifacts travel base64-encoded (standard alphabet), whole, in one event.
 //!
+//! - **A page**, `GET /v1/objects/runs/{run}`: the run's text as it streams, its artifacts
+//!   and final state, watched through the run's channel with the JavaScript client
+//!   (`clients/js`, served at `.../dormouse.js`).
 //! - **WebSocket**, served by the run itself: `ws://HOST/v1/objects/runs/{run}/ws`. Text
 //!   messages are the event JSON plus `"id"`, the run's event id (opaque, increasing). Without
 //!   a cursor a viewer gets the run from its start, then live events; with `?last_event_id=ID`
@@ -102,6 +105,10 @@ const MIRRORED_KEY: &[u8] = b"mirrored";
 const SEQ_JUMP_AFTER_CRASH: u64 = 1 << 32;
 /// Log entries read per storage call when replaying.
 const READ_PAGE: usize = 64;
+/// A viewer's page (`GET /v1/objects/runs/{run}`), which watches the run through its
+/// channel with the JavaScript client (`clients/js`), served beside it.
+const PAGE: &str = include_str!("../static/index.html");
+const CLIENT: &str = include_str!("../../../clients/js/dormouse.js");
 const MAX_ARTIFACT_NAME: usize = 128;
 
 /// What every run shares.
@@ -277,6 +284,12 @@ impl Object for Run {
                 }
             },
             (&Method::GET, "/state") => RunRequest::Status,
+            (&Method::GET, "/") => {
+                return page(StatusCode::OK, "text/html; charset=utf-8", PAGE);
+            }
+            (&Method::GET, "/dormouse.js") => {
+                return page(StatusCode::OK, "text/javascript; charset=utf-8", CLIENT);
+            }
             (_, "/ws") => {
                 return respond::error(
                     StatusCode::UPGRADE_REQUIRED,
@@ -296,7 +309,7 @@ impl Object for Run {
                     StatusCode::NOT_FOUND,
                     "not_found",
                     format!(
-                        "no route for {path}: producers POST /chunks, /artifacts?name=, /finish; viewers GET /state or connect to /ws"
+                        "no route for {path}: producers POST /chunks, /artifacts?name=, /finish; viewers GET / (a page), /state or connect to /ws"
                     ),
                 );
             }
@@ -634,6 +647,18 @@ fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A static answer: the viewer's page or the client it loads.
+fn page(
+    status: StatusCode,
+    content_type: &str,
+    body: &'static str,
+) -> anyhow::Result<HttpResponse> {
+    Ok(dormouse_runtime::http::Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Bytes::from_static(body.as_bytes()))?)
 }
 
 #[cfg(test)]

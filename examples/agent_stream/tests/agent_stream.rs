@@ -329,3 +329,57 @@ async fn bad_requests_and_cursors_get_clear_answers() {
     assert_same_events("live", &live, &producer.expected[2..]);
     server.stop().await;
 }
+
+/// The viewer's page in headless Chromium: what was produced before it opened (from the
+/// channel's history) and what comes after (live, through the JavaScript client), once
+/// each, then the artifact and the final state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_viewers_page_shows_the_run_from_its_start_in_a_browser() {
+    use dormouse_testkit::browser::Browser;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), Duration::from_millis(500)).await;
+    let mut producer = Producer::new("page-run");
+    producer.chunk(&server, "Hello").await;
+    producer.chunk(&server, ", ").await;
+    let browser = Browser::launch().await;
+    let mut page = browser.page().await;
+    page.call("Page.enable", json!({})).await;
+    let url = server.url("/v1/objects/runs/page-run");
+    page.call("Page.navigate", json!({"url": url})).await;
+    page.until(
+        "the stored chunks",
+        "document.getElementById('output').textContent",
+        |v| v == "Hello, ",
+    )
+    .await;
+    page.until(
+        "live",
+        "document.getElementById('status').textContent",
+        |v| v == "live",
+    )
+    .await;
+    producer.chunk(&server, "world").await;
+    producer
+        .artifact(&server, "notes.txt", b"some notes".to_vec())
+        .await;
+    producer.finish(&server, json!({"answer": 42})).await;
+    page.until(
+        "finished",
+        "document.getElementById('status').textContent",
+        |v| v == "finished",
+    )
+    .await;
+    let shown = page
+        .eval(
+            "[document.getElementById('output').textContent,
+              document.getElementById('artifacts').innerText,
+              JSON.parse(document.getElementById('state').textContent)]",
+        )
+        .await;
+    assert_eq!(
+        shown,
+        json!(["Hello, world", "notes.txt (10 bytes)", {"answer": 42}])
+    );
+    browser.close().await;
+    server.stop().await;
+}
