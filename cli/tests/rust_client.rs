@@ -111,3 +111,80 @@ async fn follows_a_channel_across_a_restart_and_publishes_once() {
     }
     server.stop().await;
 }
+
+#[tokio::test]
+async fn follows_several_channels_on_one_stream_and_reads_history_and_presence() {
+    let tweak = |s: &mut dormouse_gateway::Settings| {
+        s.sse.retry = Duration::from_millis(200);
+        s.channels.presence = true;
+    };
+    let mut server = TestServer::start_with(tweak).await;
+    let client = client_of(&server);
+    let a0 = client.publish("a", "a0", None, None).await.unwrap();
+    // Channel a from after a0 (nothing to replay), channel b from now on.
+    let mut both = client.follow_many(&[("a", Some(a0.id.clone())), ("b", None)]);
+    // Its own join on each channel first (presence is on), then the messages.
+    let mut joins = 0;
+    while joins < 2 {
+        if let Item::Control { kind, .. } = both.next().await.unwrap()
+            && kind == "join"
+        {
+            joins += 1;
+        }
+    }
+    let members = client.presence("a", &[]).await.unwrap();
+    assert_eq!(members["subjects"], 1, "{members}");
+    let b1 = client.publish("b", "b1", None, None).await.unwrap();
+    let a1 = client.publish("a", "a1", None, None).await.unwrap();
+    let message = |data: &str| -> (String, String) {
+        let v: serde_json::Value = serde_json::from_str(data).unwrap();
+        (
+            v["channel"].as_str().unwrap().into(),
+            v["data"].as_str().unwrap().into(),
+        )
+    };
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        if let Item::Message(event) = both.next().await.unwrap() {
+            got.push(message(&event.data));
+        }
+    }
+    assert_eq!(got, [("b".into(), "b1".into()), ("a".into(), "a1".into())]);
+    assert_eq!(
+        (both.cursor("a"), both.cursor("b")),
+        (Some(a1.id.as_str()), Some(b1.id.as_str()))
+    );
+
+    // Across a restart, each channel resumes from its own cursor.
+    server = server.restart_in_place(tweak).await;
+    client.publish("a", "a2", None, None).await.unwrap();
+    client.publish("b", "b2", None, None).await.unwrap();
+    let mut after = Vec::new();
+    tokio::time::timeout(PATIENCE, async {
+        while after.len() < 2 {
+            if let Item::Message(event) = both.next().await.unwrap() {
+                after.push(message(&event.data));
+            }
+        }
+    })
+    .await
+    .unwrap();
+    after.sort();
+    assert_eq!(
+        after,
+        [("a".into(), "a2".into()), ("b".into(), "b2".into())]
+    );
+
+    let page = client
+        .history("a", &[("direction", "backward"), ("limit", "2")])
+        .await
+        .unwrap();
+    let texts: Vec<&str> = page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["data"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["a2", "a1"]);
+    server.stop().await;
+}

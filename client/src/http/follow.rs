@@ -1,4 +1,4 @@
-//! Following one channel over Server-Sent Events with resume built in.
+//! Following channels over Server-Sent Events with resume built in.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -48,7 +48,8 @@ pub enum Item {
     Reconnected,
 }
 
-/// A channel followed over Server-Sent Events, resumed from the last id it delivered after
+/// Channels followed over Server-Sent Events (one, or several on one stream), each resumed
+/// from the last id it delivered after
 /// any interruption (a server restart, a dropped connection, a proxy timeout, a
 /// slow-consumer cut, silence beyond the idle timeout), so nothing the server still retains
 /// is missed or delivered twice; what it no longer retains arrives as a `gap` control.
@@ -76,8 +77,10 @@ pub enum Item {
 /// ```
 pub struct Follow {
     client: Client,
-    channel: String,
-    last_id: Option<String>,
+    /// The channels followed, and each one's cursor: the id of its last message delivered.
+    /// One channel is followed on its own route; several on one stream (`/v1/events`),
+    /// whose cursor is theirs joined in this order.
+    channels: Vec<(String, Option<String>)>,
     retry: Duration,
     idle_timeout: Duration,
     failures: u32,
@@ -94,18 +97,16 @@ pub struct Follow {
 impl std::fmt::Debug for Follow {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Follow")
-            .field("channel", &self.channel)
-            .field("last_id", &self.last_id)
+            .field("channels", &self.channels)
             .finish_non_exhaustive()
     }
 }
 
 impl Follow {
-    pub(super) fn new(client: Client, channel: &str, from: Option<String>) -> Self {
+    pub(super) fn new(client: Client, channels: Vec<(String, Option<String>)>) -> Self {
         Self {
             client,
-            channel: channel.to_string(),
-            last_id: from,
+            channels,
             retry: DEFAULT_RETRY,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             failures: 0,
@@ -125,10 +126,18 @@ impl Follow {
         self
     }
 
-    /// The id of the last message delivered (or the starting cursor): where a reconnect
-    /// resumes.
+    /// The id of the last message delivered of the (first) channel, or its starting
+    /// cursor: where a reconnect resumes it.
     pub fn last_id(&self) -> Option<&str> {
-        self.last_id.as_deref()
+        self.channels.first().and_then(|(_, id)| id.as_deref())
+    }
+
+    /// [`Follow::last_id`] of one of the channels followed.
+    pub fn cursor(&self, channel: &str) -> Option<&str> {
+        self.channels
+            .iter()
+            .find(|(c, _)| c == channel)
+            .and_then(|(_, id)| id.as_deref())
     }
 
     /// The next item; an error ends the following (see [`Follow`]).
@@ -193,8 +202,20 @@ impl Follow {
 
     fn take(&mut self, event: Event) {
         let Some(kind) = event.event.strip_prefix("dormouse.") else {
-            if let Some(id) = &event.id {
-                self.last_id = Some(id.clone());
+            if let [(_, cursor)] = self.channels.as_mut_slice() {
+                if let Some(id) = &event.id {
+                    *cursor = Some(id.clone());
+                }
+            } else if event.id.is_some() {
+                // A stream of several channels: the data is the message as JSON, naming its
+                // channel and its own id (the `id:` line is the whole stream's cursor).
+                let message: Value = serde_json::from_str(&event.data).unwrap_or(Value::Null);
+                if let (Some(channel), Some(id)) =
+                    (message["channel"].as_str(), message["id"].as_str())
+                    && let Some((_, cursor)) = self.channels.iter_mut().find(|(c, _)| c == channel)
+                {
+                    *cursor = Some(id.to_string());
+                }
             }
             self.ready.push_back(Item::Message(event));
             return;
@@ -217,15 +238,32 @@ impl Follow {
     }
 
     async fn connect(&self) -> Result<reqwest::Response, Error> {
-        let url = self
-            .client
-            .url(&["v1", "channels", &self.channel, "events"]);
+        let (url, cursor) = match self.channels.as_slice() {
+            [(channel, id)] => (
+                self.client.url(&["v1", "channels", channel, "events"]),
+                id.clone(),
+            ),
+            many => {
+                let mut url = self.client.url(&["v1", "events"]);
+                for (channel, _) in many {
+                    url.query_pairs_mut().append_pair("channel", channel);
+                }
+                // Every channel's position in the URL's order, empty for one with none.
+                let cursor = many.iter().any(|(_, id)| id.is_some()).then(|| {
+                    many.iter()
+                        .map(|(_, id)| id.as_deref().unwrap_or(""))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                });
+                (url, cursor)
+            }
+        };
         let mut request = self
             .client
             .request(Method::GET, url.clone(), false)
             .header(reqwest::header::ACCEPT, "text/event-stream");
-        if let Some(id) = &self.last_id {
-            request = request.header("last-event-id", id);
+        if let Some(cursor) = cursor {
+            request = request.header("last-event-id", cursor);
         }
         let response = self.client.send(request).await?;
         let content_type = response

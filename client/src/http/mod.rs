@@ -224,7 +224,34 @@ impl Client {
     /// Follows `channel` over Server-Sent Events from after `from` (or from now on),
     /// reconnecting by itself with the last id it saw; see [`Follow`].
     pub fn follow(&self, channel: &str, from: Option<String>) -> Follow {
-        Follow::new(self.clone(), channel, from)
+        Follow::new(self.clone(), vec![(channel.to_string(), from)])
+    }
+
+    /// Follows several channels on one event stream (`/v1/events`), each from after its
+    /// own cursor (or from now on); a message's data is its JSON, which names its channel
+    /// and id. See [`Follow`].
+    pub fn follow_many(&self, channels: &[(&str, Option<String>)]) -> Follow {
+        let channels = channels
+            .iter()
+            .map(|(channel, from)| (channel.to_string(), from.clone()))
+            .collect();
+        Follow::new(self.clone(), channels)
+    }
+
+    /// A page of `channel`'s stored messages, as the history route answers it; `query`
+    /// holds its parameters (`after`, `before`, `direction`, `since`, `until`, `limit`).
+    pub async fn history(&self, channel: &str, query: &[(&str, &str)]) -> Result<Value, Error> {
+        let mut url = self.url(&["v1", "channels", channel, "messages"]);
+        url.query_pairs_mut().extend_pairs(query);
+        self.get_json(url).await
+    }
+
+    /// Who follows `channel` (one that keeps presence): a page of members by subject with
+    /// their info and connections, and the totals; `query` may hold `after` and `limit`.
+    pub async fn presence(&self, channel: &str, query: &[(&str, &str)]) -> Result<Value, Error> {
+        let mut url = self.url(&["v1", "channels", channel, "presence"]);
+        url.query_pairs_mut().extend_pairs(query);
+        self.get_json(url).await
     }
 }
 
