@@ -188,3 +188,49 @@ async fn follows_several_channels_on_one_stream_and_reads_history_and_presence()
     assert_eq!(texts, ["a2", "a1"]);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_token_provider_keeps_a_following_going_past_each_tokens_expiry() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const SECRET: &str = "rust-client-test-secret-long-enough-hs256";
+    let server = TestServer::start_with(|s| {
+        s.auth.jwt_secret = SECRET.to_string();
+        s.sse.retry = Duration::from_millis(100);
+    })
+    .await;
+    let grants = serde_json::json!({"subscribe": ["news"], "publish": ["news"]});
+    let asked = Arc::new(AtomicU32::new(0));
+    let counter = asked.clone();
+    let short_grants = grants.clone();
+    let reader = client_of(&server).with_token_provider(move || {
+        counter.fetch_add(1, Ordering::SeqCst);
+        let claims = serde_json::json!({"sub": "reader", "dormouse": short_grants.clone()});
+        async move { Ok(dormouse_testkit::jwt(SECRET, 2, claims)) }
+    });
+    let writer = Client::new(
+        parse_base_url(&server.url("")).unwrap(),
+        Some(dormouse_testkit::jwt(
+            SECRET,
+            600,
+            serde_json::json!({"sub": "writer", "dormouse": grants}),
+        )),
+        "test",
+    )
+    .unwrap();
+    let mut follow = reader.follow("news", None);
+    // Connected (the first control) before anything is published.
+    assert!(matches!(follow.next().await.unwrap(), Item::Control { .. }));
+    let first = writer.publish("news", "before", None, None).await.unwrap();
+    assert_eq!(next_message(&mut follow).await.0, first.id);
+    // Past the first token's expiry: the server ends the stream, the follower comes back
+    // with a fresh token and its cursor.
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let later = writer.publish("news", "after", None, None).await.unwrap();
+    assert_eq!(next_message(&mut follow).await, (later.id, "after".into()));
+    assert!(
+        asked.load(Ordering::SeqCst) >= 2,
+        "a fresh token was asked for"
+    );
+    server.stop().await;
+}

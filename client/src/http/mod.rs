@@ -6,6 +6,9 @@
 
 mod follow;
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -28,6 +31,9 @@ pub enum Error {
         /// What the HTTP client saw.
         source: reqwest::Error,
     },
+    /// The token provider failed (its message).
+    #[error("getting a token: {0}")]
+    Token(String),
     /// The answer could not be read, or the request could not be built.
     #[error("{what}: {source}")]
     Http {
@@ -50,7 +56,7 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Server(e) => e.is_transient(),
-            Self::Unreachable { .. } | Self::Http { .. } => true,
+            Self::Unreachable { .. } | Self::Http { .. } | Self::Token(_) => true,
         }
     }
 }
@@ -98,7 +104,31 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Client {
     http: reqwest::Client,
     base: Url,
-    token: Option<String>,
+    token: Token,
+}
+
+/// What a token provider returns.
+type TokenFuture = Pin<Box<dyn Future<Output = Result<String, String>> + Send>>;
+
+/// Where the credential comes from.
+#[derive(Clone)]
+enum Token {
+    None,
+    Fixed(String),
+    /// Asked before every request and every (re)connection: a token about to expire is
+    /// replaced by the next one it gives (an event stream cannot take a new one in place,
+    /// so it gets it when it reconnects, which the server asks for at expiry).
+    Provider(Arc<dyn Fn() -> TokenFuture + Send + Sync>),
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::None => "None",
+            Self::Fixed(_) => "Fixed(..)",
+            Self::Provider(_) => "Provider(..)",
+        })
+    }
 }
 
 /// The outcome of one publish.
@@ -127,8 +157,22 @@ impl Client {
         Ok(Self {
             http,
             base,
-            token: token.filter(|t| !t.is_empty()),
+            token: token
+                .filter(|t| !t.is_empty())
+                .map_or(Token::None, Token::Fixed),
         })
+    }
+
+    /// Takes each request's credential from `provider` instead (your app's token endpoint,
+    /// say): it is asked before every request and every reconnection, so a following that
+    /// outlives a token goes on with the next one.
+    pub fn with_token_provider<F, Fut>(mut self, provider: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<String, String>> + Send + 'static,
+    {
+        self.token = Token::Provider(Arc::new(move || Box::pin(provider())));
+        self
     }
 
     /// The server's base URL.
@@ -146,14 +190,11 @@ impl Client {
         url
     }
 
-    /// A request with the credential; `timeout` is off for streams.
+    /// A request (the credential is added when it is sent); `timeout` is off for streams.
     pub fn request(&self, method: Method, url: Url, timeout: bool) -> RequestBuilder {
         let mut request = self.http.request(method, url);
         if timeout {
             request = request.timeout(REQUEST_TIMEOUT);
-        }
-        if let Some(token) = &self.token {
-            request = request.bearer_auth(token);
         }
         request
     }
@@ -162,10 +203,22 @@ impl Client {
     /// [`Error::Unreachable`], since the usual cause is a wrong URL.
     pub async fn send(&self, request: RequestBuilder) -> Result<Response, Error> {
         let (client, request) = request.build_split();
-        let request = request.map_err(|source| Error::Http {
+        let mut request = request.map_err(|source| Error::Http {
             what: "building the request".into(),
             source,
         })?;
+        let token = match &self.token {
+            Token::None => None,
+            Token::Fixed(token) => Some(token.clone()),
+            Token::Provider(provider) => Some(provider().await.map_err(Error::Token)?),
+        };
+        if let Some(token) = token {
+            let value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+                .map_err(|_| Error::Token("the token is not a valid header value".into()))?;
+            request
+                .headers_mut()
+                .insert(reqwest::header::AUTHORIZATION, value);
+        }
         let (method, url) = (request.method().clone(), request.url().clone());
         let response = client
             .execute(request)
