@@ -22,8 +22,8 @@ use serde::Serialize;
 
 pub use config::{
     ChannelEnv, ChannelObserver, ChannelSettings, MAX_CHANNEL_NAME, MAX_EVENT_NAME,
-    MAX_IDEMPOTENCY_KEY, TailBudget, validate_channel_name, validate_event_name,
-    validate_idempotency_key,
+    MAX_IDEMPOTENCY_KEY, RESERVED_EVENT_PREFIX, TailBudget, validate_channel_name,
+    validate_event_name, validate_idempotency_key,
 };
 pub use event::{Control, DEFAULT_EVENT, Event, direct_frame};
 pub use id::{BadEventId, EventId};

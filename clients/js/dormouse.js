@@ -11,6 +11,9 @@ const DEFAULT_BACKOFF = { initialMs: 500, maxMs: 30_000 };
 /** Close codes after which reconnecting cannot help: a backend ended the connection. */
 const isFinalClose = (code) => (code >= 3000 && code <= 3999) || (code >= 4100 && code <= 4999);
 
+/** Error codes a WebSocket answers that waiting can fix (docs/API.md's error table). */
+const TRANSIENT_CODES = new Set(["channel_full", "overloaded", "rate_limited", "unavailable", "storage_unavailable", "network"]);
+
 /** A tiny event emitter: `on` returns a function that removes the listener. */
 class Emitter {
   #listeners = new Map();
@@ -47,7 +50,8 @@ export class DormouseError extends Error {
 
   /** True when trying again later can succeed (the server is busy or restarting). */
   get transient() {
-    return this.status === 0 || this.status === 429 || this.status >= 500;
+    if (this.status === 0) return TRANSIENT_CODES.has(this.code);
+    return this.status === 429 || this.status >= 500;
   }
 }
 
@@ -199,6 +203,9 @@ export class Dormouse extends Emitter {
   #openedFor = null;
   #closed = false;
   #retryHintMs = null;
+  /** Each connection attempt's number: handlers and awaits of an older one do nothing. */
+  #generation = 0;
+  #objects = new Set();
 
   constructor(options) {
     super();
@@ -211,6 +218,8 @@ export class Dormouse extends Emitter {
     this.tokenSource = options.token ?? null;
     this.backoff = { ...DEFAULT_BACKOFF, ...(options.backoff ?? {}) };
     this.refreshBeforeMs = options.refreshBeforeMs ?? 30_000;
+    /** An event stream silent this long (three keep-alives) is started again. */
+    this.idleTimeoutMs = options.idleTimeoutMs ?? 45_000;
     this.WebSocket = options.WebSocket ?? globalThis.WebSocket;
     this.fetch = options.fetch ?? globalThis.fetch.bind(globalThis);
     if (this.transport === "websocket" && typeof this.WebSocket !== "function") {
@@ -302,7 +311,10 @@ export class Dormouse extends Emitter {
    * back. Options: `path` (default `/ws`), `query` (an object of query parameters).
    */
   object(namespace, name, options = {}) {
-    return new ObjectSocket(this, namespace, name, options);
+    const socket = new ObjectSocket(this, namespace, name, options);
+    this.#objects.add(socket);
+    socket.on("closed", () => this.#objects.delete(socket));
+    return socket;
   }
 
   /** What an {@link ObjectSocket} needs of its client. */
@@ -316,6 +328,7 @@ export class Dormouse extends Emitter {
     clearTimeout(this.#timer);
     clearTimeout(this.#refreshTimer);
     this.#teardown();
+    for (const socket of [...this.#objects]) socket.close();
     this.#setState("closed");
     for (const [, pending] of this.#pending) pending.reject(new Error("Dormouse: the client is closed"));
     this.#pending.clear();
@@ -391,7 +404,11 @@ export class Dormouse extends Emitter {
   }
 
   #teardown() {
+    // Whatever the current attempt still has in flight is now stale.
+    this.#generation++;
     clearTimeout(this.#refreshTimer);
+    for (const [, pending] of this.#pending) pending.reject(new Error("Dormouse: the connection ended"));
+    this.#pending.clear();
     if (this.#socket) {
       const socket = this.#socket;
       this.#socket = null;
@@ -410,17 +427,30 @@ export class Dormouse extends Emitter {
 
   async #connect() {
     if (this.#closed || this.#subs.size === 0) return;
+    // One connection at a time: a pending retry or an older connection goes.
+    clearTimeout(this.#timer);
+    this.#teardown();
+    const generation = this.#generation;
     this.#setState("connecting");
     let token;
     try {
       token = await this.#currentToken(this.#failures > 0 && typeof this.tokenSource === "function");
     } catch (e) {
-      this.#scheduleReconnect(e);
+      if (generation === this.#generation) this.#scheduleReconnect(e);
       return;
     }
-    if (this.#closed) return;
-    if (this.transport === "sse") this.#connectSse(token);
-    else this.#connectWebSocket(token);
+    // Closed, superseded, or nothing left to follow while the token came.
+    if (this.#closed || generation !== this.#generation) return;
+    if (this.#subs.size === 0) {
+      this.#setState("disconnected");
+      return;
+    }
+    try {
+      if (this.transport === "sse") await this.#connectSse(token, generation);
+      else this.#connectWebSocket(token);
+    } catch (e) {
+      if (generation === this.#generation) this.#scheduleReconnect(e);
+    }
   }
 
   #connectWebSocket(token) {
@@ -437,7 +467,9 @@ export class Dormouse extends Emitter {
     socket.onopen = () => {
       opened = true;
     };
-    socket.onmessage = (event) => this.#onSocketMessage(event.data);
+    socket.onmessage = (event) => {
+      if (this.#socket === socket) this.#onSocketMessage(event.data);
+    };
     // Some WebSocket implementations (Node's) report a refused handshake with an error and
     // no close: whichever comes first ends this connection.
     const lost = (code, reason) => {
@@ -544,8 +576,11 @@ export class Dormouse extends Emitter {
     this.#request(body).then(
       () => sub.emit("subscribed", { channel: sub.channel }),
       (error) => {
-        if (error.code === "already_subscribed") return;
-        if (this.#subs.get(sub.channel) === sub) this.#fail(sub, error);
+        if (this.#subs.get(sub.channel) !== sub) return;
+        if (error.code === "already_subscribed") sub.emit("subscribed", { channel: sub.channel });
+        else if (error instanceof DormouseError && !error.transient) this.#fail(sub, error);
+        // A connection that ended (or a full channel) is asked again on the next one.
+        else if (error instanceof DormouseError) this.#scheduleReconnect(error);
       },
     );
   }
@@ -576,10 +611,15 @@ export class Dormouse extends Emitter {
     const exp = tokenExpiry(this.#token);
     if (exp === null) return;
     const lifetime = exp * 1000 - Date.now();
-    const wait = Math.max(0, lifetime - Math.min(this.refreshBeforeMs, lifetime / 2));
+    // setTimeout fires at once past 2^31-1 ms; a token that far off is looked at again
+    // then. A clock ahead of the server's (a lifetime already spent) waits a little, not 0.
+    const wait = Math.min(2 ** 31 - 1, Math.max(1000, lifetime - Math.min(this.refreshBeforeMs, lifetime / 2)));
+    const generation = this.#generation;
     this.#refreshTimer = setTimeout(async () => {
       try {
         const token = await this.#currentToken(true);
+        // The connection it was for ended meanwhile: the next one takes the new token.
+        if (generation !== this.#generation) return;
         if (this.transport === "websocket" && this.#socket && this.#state === "connected") {
           await this.#request({ type: "auth", token });
           this.#scheduleRefresh();
@@ -593,9 +633,10 @@ export class Dormouse extends Emitter {
     }, wait);
   }
 
-  async #connectSse(token) {
+  async #connectSse(token, generation) {
     const controller = new AbortController();
     this.#sse = controller;
+    const current = () => this.#sse === controller && generation === this.#generation;
     const channels = [...this.#subs.values()];
     const query = new URLSearchParams();
     for (const sub of channels) query.append("channel", sub.channel);
@@ -605,47 +646,63 @@ export class Dormouse extends Emitter {
     if (cursor) headers["Last-Event-ID"] = cursor;
     const rewind = channels.find((s) => !s.lastEventId && s.rewind)?.rewind;
     if (rewind) query.set("rewind", String(rewind));
-    let response;
+    // Silence past three keep-alives (the server sends one every 15 s) means the network
+    // went away without a word (a laptop asleep, a NAT that forgot): start again.
+    let heard = Date.now();
+    const watchdog = setInterval(() => {
+      if (!current()) clearInterval(watchdog);
+      else if (Date.now() - heard > this.idleTimeoutMs) controller.abort();
+    }, Math.min(5000, this.idleTimeoutMs));
     try {
-      response = await this.fetch(`${this.url}/v1/events?${query}`, { headers, signal: controller.signal });
-    } catch (e) {
-      if (this.#sse === controller) this.#scheduleReconnect(e);
-      return;
-    }
-    if (this.#sse !== controller) return;
-    if (!response.ok) {
-      const error = await errorOf(response);
-      if (error.status === 403 || error.status === 400) {
-        for (const sub of channels) this.#fail(sub, error);
+      let response;
+      try {
+        response = await this.fetch(`${this.url}/v1/events?${query}`, { headers, signal: controller.signal });
+      } catch (e) {
+        if (current()) this.#scheduleReconnect(e);
+        else controller.abort();
+        return;
       }
-      this.#scheduleReconnect(error);
-      return;
-    }
-    this.#failures = 0;
-    this.#setState("connected");
-    this.#scheduleRefresh();
-    for (const sub of channels) sub.emit("subscribed", { channel: sub.channel });
-    const parser = new SseParser();
-    const decoder = new TextDecoder();
-    const reader = response.body.getReader();
-    try {
-      for (;;) {
-        const { value, done } = await reader.read();
-        if (done) break;
-        for (const event of parser.feed(decoder.decode(value, { stream: true }))) {
-          if (event.retry !== undefined) {
-            this.#retryHintMs = event.retry;
-            continue;
-          }
-          this.#onSseEvent(event);
+      if (!current()) {
+        controller.abort();
+        return;
+      }
+      if (!response.ok) {
+        const error = await errorOf(response);
+        if (!current()) return;
+        if (error.status === 403 || error.status === 400) {
+          for (const sub of channels) this.#fail(sub, error);
         }
+        this.#scheduleReconnect(error);
+        return;
       }
-    } catch (e) {
-      if (this.#sse !== controller) return;
-      this.#scheduleReconnect(e);
-      return;
+      this.#failures = 0;
+      this.#setState("connected");
+      this.#scheduleRefresh();
+      for (const sub of channels) sub.emit("subscribed", { channel: sub.channel });
+      const parser = new SseParser();
+      const decoder = new TextDecoder();
+      const reader = response.body.getReader();
+      try {
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          heard = Date.now();
+          for (const event of parser.feed(decoder.decode(value, { stream: true }))) {
+            if (event.retry !== undefined) {
+              this.#retryHintMs = event.retry;
+              continue;
+            }
+            if (current()) this.#onSseEvent(event);
+          }
+        }
+      } catch (e) {
+        if (current()) this.#scheduleReconnect(e);
+        return;
+      }
+      if (current()) this.#scheduleReconnect(new Error("the server ended the event stream"));
+    } finally {
+      clearInterval(watchdog);
     }
-    if (this.#sse === controller) this.#scheduleReconnect(new Error("the server ended the event stream"));
   }
 
   /**
@@ -666,7 +723,16 @@ export class Dormouse extends Emitter {
     } catch {
       data = null;
     }
-    if (event.event.startsWith("dormouse.")) {
+    // Control events never carry an id; an event that does is a message, whatever its
+    // type is called.
+    if (!event.id && !event.event.startsWith("dormouse.")) {
+      // A message a backend sent to this connection alone (no id, not a control).
+      const bytes = event.event.startsWith("base64:");
+      const name = bytes ? event.event.slice("base64:".length) : event.event;
+      this.emit("direct", message(null, null, name, bytes ? undefined : event.data, bytes ? event.data : undefined));
+      return;
+    }
+    if (!event.id && event.event.startsWith("dormouse.")) {
       const kind = event.event.slice("dormouse.".length);
       if (kind === "connected") this.emit("connected", data?.connection_id);
       else if (kind === "gap" || kind === "join" || kind === "leave") this.#subs.get(data?.channel)?.emit(kind, data);

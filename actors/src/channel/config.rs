@@ -173,8 +173,20 @@ pub fn validate_event_name(name: &str) -> Result<(), String> {
     if let Some(c) = name.chars().find(|&c| !allowed(c, "_-.")) {
         return Err(format!("{rule}; got {c:?} in {:?}", truncate(name)));
     }
+    // An SSE client tells the server's control events (`dormouse.gap`, `dormouse.close`,
+    // ...) from messages by this prefix: a message named like one could pose as it.
+    if name.starts_with(RESERVED_EVENT_PREFIX) {
+        return Err(format!(
+            "event names starting with {RESERVED_EVENT_PREFIX:?} are reserved for the \
+             server's control events; got {:?}",
+            truncate(name)
+        ));
+    }
     Ok(())
 }
+
+/// The prefix of the server's own control events on an event stream.
+pub const RESERVED_EVENT_PREFIX: &str = "dormouse.";
 
 /// Checks an idempotency key: 1 to 200 printable ASCII characters.
 pub fn validate_idempotency_key(key: &str) -> Result<(), String> {
@@ -217,6 +229,9 @@ mod tests {
         assert!(validate_event_name("token.delta").is_ok());
         assert!(validate_event_name("base64:x").is_err());
         assert!(validate_event_name("").is_err());
+        let reserved = validate_event_name("dormouse.close").unwrap_err();
+        assert!(reserved.contains("reserved"), "{reserved}");
+        assert!(validate_event_name("dormousey").is_ok());
         assert!(validate_event_name(&"e".repeat(65)).is_err());
     }
 

@@ -81,6 +81,9 @@ pub struct Follow {
     /// One channel is followed on its own route; several on one stream (`/v1/events`),
     /// whose cursor is theirs joined in this order.
     channels: Vec<(String, Option<String>)>,
+    /// Followed on one `/v1/events` stream (a message's data is its JSON), even when it is
+    /// one channel.
+    many: bool,
     retry: Duration,
     idle_timeout: Duration,
     failures: u32,
@@ -103,10 +106,11 @@ impl std::fmt::Debug for Follow {
 }
 
 impl Follow {
-    pub(super) fn new(client: Client, channels: Vec<(String, Option<String>)>) -> Self {
+    pub(super) fn new(client: Client, channels: Vec<(String, Option<String>)>, many: bool) -> Self {
         Self {
             client,
             channels,
+            many,
             retry: DEFAULT_RETRY,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             failures: 0,
@@ -201,8 +205,15 @@ impl Follow {
     }
 
     fn take(&mut self, event: Event) {
-        let Some(kind) = event.event.strip_prefix("dormouse.") else {
-            if let [(_, cursor)] = self.channels.as_mut_slice() {
+        // Control events never carry an id: an event with one is a message.
+        let control = event
+            .id
+            .is_none()
+            .then(|| event.event.strip_prefix("dormouse."));
+        let Some(kind) = control.flatten() else {
+            if !self.many
+                && let [(_, cursor)] = self.channels.as_mut_slice()
+            {
                 if let Some(id) = &event.id {
                     *cursor = Some(id.clone());
                 }
@@ -239,7 +250,7 @@ impl Follow {
 
     async fn connect(&self) -> Result<reqwest::Response, Error> {
         let (url, cursor) = match self.channels.as_slice() {
-            [(channel, id)] => (
+            [(channel, id)] if !self.many => (
                 self.client.url(&["v1", "channels", channel, "events"]),
                 id.clone(),
             ),

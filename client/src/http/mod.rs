@@ -87,6 +87,8 @@ impl ServerError {
         matches!(
             self.status,
             StatusCode::TOO_MANY_REQUESTS
+                // A bug met on the way: the channel is rebuilt for the next request.
+                | StatusCode::INTERNAL_SERVER_ERROR
                 | StatusCode::REQUEST_TIMEOUT
                 | StatusCode::BAD_GATEWAY
                 | StatusCode::SERVICE_UNAVAILABLE
@@ -277,7 +279,7 @@ impl Client {
     /// Follows `channel` over Server-Sent Events from after `from` (or from now on),
     /// reconnecting by itself with the last id it saw; see [`Follow`].
     pub fn follow(&self, channel: &str, from: Option<String>) -> Follow {
-        Follow::new(self.clone(), vec![(channel.to_string(), from)])
+        Follow::new(self.clone(), vec![(channel.to_string(), from)], false)
     }
 
     /// Follows several channels on one event stream (`/v1/events`), each from after its
@@ -288,7 +290,7 @@ impl Client {
             .iter()
             .map(|(channel, from)| (channel.to_string(), from.clone()))
             .collect();
-        Follow::new(self.clone(), channels)
+        Follow::new(self.clone(), channels, true)
     }
 
     /// A page of `channel`'s stored messages, as the history route answers it; `query`

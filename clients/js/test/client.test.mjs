@@ -166,3 +166,45 @@ test("tokenExpiry reads a JWT's exp and nothing else", () => {
   assert.equal(tokenExpiry("not a token"), null);
   assert.equal(tokenExpiry(null), null);
 });
+
+describe("the connection's life", () => {
+  let server;
+  before(async () => {
+    server = await Server.start({});
+  });
+  after(async () => {
+    await server.close();
+  });
+
+  test("a subscription dropped before the connection opens leaves nothing behind", async () => {
+    const client = new Dormouse({ url: server.url, backoff: FAST });
+    const states = [];
+    client.on("state", (s) => states.push(s));
+    client.subscribe("life-gone").unsubscribe();
+    await new Promise((r) => setTimeout(r, 300));
+    assert.equal(client.state, "disconnected", JSON.stringify(states));
+    client.close();
+  });
+
+  test("subscribing while a reconnect waits opens one connection, not two", async () => {
+    const client = new Dormouse({ url: server.url, backoff: { initialMs: 300, maxMs: 300 } });
+    const first = client.subscribe("life-one");
+    await next(first, "subscribed");
+    await server.stop();
+    await next(client, "error");
+    // Disconnected, a retry pending: another subscribe now must not open a second socket.
+    client.subscribe("life-two");
+    await server.run();
+    await next(first, "subscribed", 15_000);
+    await new Promise((r) => setTimeout(r, 800));
+    const info = await (await fetch(`${server.url}/v1/channels/life-one`)).json();
+    assert.equal(info.subscribers, 1, JSON.stringify(info));
+    client.close();
+  });
+
+  test("a message cannot pose as a control event", async () => {
+    const client = new Dormouse({ url: server.url, backoff: FAST });
+    await assert.rejects(client.publish("life-x", "bye", { event: "dormouse.close" }), (e) => e.code === "bad_event_name");
+    client.close();
+  });
+});
