@@ -390,6 +390,8 @@ export class Dormouse extends Emitter {
   }
 
   #restartQueued = false;
+  /** The subscriptions of the event stream, in its URL's order. */
+  #streamChannels = [];
 
   #scheduleReconnect(reason) {
     if (this.#closed) return;
@@ -528,7 +530,13 @@ export class Dormouse extends Emitter {
         this.emit("connected", frame.connection_id);
         this.#scheduleRefresh();
         // The channel in the URL is followed; the others are asked for, each from its cursor.
-        this.#subs.get(this.#openedFor)?.emit("subscribed", { channel: this.#openedFor });
+        // Where a channel starts, the server says: a subscription that has seen no message
+        // resumes from there, so a drop before its first message loses nothing.
+        {
+          const own = this.#subs.get(this.#openedFor);
+          if (own && !own.lastEventId && frame.starts_after) own.lastEventId = frame.starts_after;
+          own?.emit("subscribed", { channel: this.#openedFor });
+        }
         for (const sub of this.#subs.values()) {
           if (sub.channel !== this.#openedFor) this.#sendSubscribe(sub);
         }
@@ -574,7 +582,10 @@ export class Dormouse extends Emitter {
     if (sub.lastEventId) body.last_event_id = sub.lastEventId;
     else if (sub.rewind) body.rewind = sub.rewind;
     this.#request(body).then(
-      () => sub.emit("subscribed", { channel: sub.channel }),
+      (answer) => {
+        if (!sub.lastEventId && answer.starts_after) sub.lastEventId = answer.starts_after;
+        sub.emit("subscribed", { channel: sub.channel });
+      },
       (error) => {
         if (this.#subs.get(sub.channel) !== sub) return;
         if (error.code === "already_subscribed") sub.emit("subscribed", { channel: sub.channel });
@@ -638,10 +649,24 @@ export class Dormouse extends Emitter {
     this.#sse = controller;
     const current = () => this.#sse === controller && generation === this.#generation;
     const channels = [...this.#subs.values()];
+    this.#streamChannels = channels;
     const query = new URLSearchParams();
     for (const sub of channels) query.append("channel", sub.channel);
     const headers = { Accept: "text/event-stream" };
     if (token) headers.Authorization = `Bearer ${token}`;
+    // In a cursor, an empty position means "everything retained": a channel joining a
+    // stream whose others have positions starts instead after the channel's newest event.
+    if (channels.some((c) => c.lastEventId)) {
+      for (const sub of channels.filter((c) => !c.lastEventId)) {
+        try {
+          const response = await this.#http(`/v1/channels/${encodeURIComponent(sub.channel)}`, { method: "GET" });
+          if (response.ok) sub.lastEventId = (await response.json()).last_id ?? null;
+        } catch {
+          // Unreachable: the stream's own request says so next.
+        }
+      }
+      if (!current()) return;
+    }
     const cursor = this.#streamCursor(channels);
     if (cursor) headers["Last-Event-ID"] = cursor;
     const rewind = channels.find((s) => !s.lastEventId && s.rewind)?.rewind;
@@ -723,8 +748,8 @@ export class Dormouse extends Emitter {
     } catch {
       data = null;
     }
-    // Control events never carry an id; an event that does is a message, whatever its
-    // type is called.
+    // No message is named `dormouse.*` (the server refuses such names); anything else
+    // without an id is a message a backend sent to this connection alone.
     if (!event.id && !event.event.startsWith("dormouse.")) {
       // A message a backend sent to this connection alone (no id, not a control).
       const bytes = event.event.startsWith("base64:");
@@ -732,9 +757,20 @@ export class Dormouse extends Emitter {
       this.emit("direct", message(null, null, name, bytes ? undefined : event.data, bytes ? event.data : undefined));
       return;
     }
-    if (!event.id && event.event.startsWith("dormouse.")) {
+    if (event.event.startsWith("dormouse.")) {
       const kind = event.event.slice("dormouse.".length);
-      if (kind === "connected") this.emit("connected", data?.connection_id);
+      if (kind === "connected") {
+        // Its id is where the stream starts, every channel's position: a channel with no
+        // cursor of its own takes it, so losing the stream before its first message
+        // loses nothing.
+        const positions = event.id ? event.id.split(",") : [];
+        if (positions.length === this.#streamChannels.length) {
+          this.#streamChannels.forEach((sub, i) => {
+            if (!sub.lastEventId && positions[i]) sub.lastEventId = positions[i];
+          });
+        }
+        this.emit("connected", data?.connection_id);
+      }
       else if (kind === "gap" || kind === "join" || kind === "leave") this.#subs.get(data?.channel)?.emit(kind, data);
       else if (kind === "close") {
         this.#teardown();

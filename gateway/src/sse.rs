@@ -285,8 +285,15 @@ fn respond(
         conn,
         receiver,
         connection_id,
+        starts_after,
         ..
     } = connected;
+    // Where the stream starts, told first: a client that loses the stream before its first
+    // event resumes from here, and misses nothing published meanwhile.
+    let start = match &cursor {
+        Some(cursor) => cursor.current(),
+        None => starts_after.map(|id| id.to_string()),
+    };
     // Only a response written outside hyper may have its body written around it.
     let direct = raw
         .filter(|Extension(raw)| raw.writable == Writable::ResponseBody)
@@ -312,7 +319,7 @@ fn respond(
         &state.settings.sse,
         state.stopping.waiter(),
         principal.time_left().map(|left| Instant::now() + left),
-        cursor,
+        Begin { cursor, start },
     ));
     let mut response = with_connection_id(body.into_response(), &connection_id);
     if let Some(direct) = direct {
@@ -350,6 +357,14 @@ struct EventStream {
     cursor: Option<Box<StreamCursor>>,
 }
 
+/// Where a stream begins: the cursor of a stream of several channels, when its task
+/// writes the events (a direct writer keeps it otherwise), and the position its first
+/// event tells.
+struct Begin {
+    cursor: Option<Box<StreamCursor>>,
+    start: Option<String>,
+}
+
 fn stream(
     conn: Connection,
     receiver: SocketReceiver,
@@ -357,8 +372,9 @@ fn stream(
     settings: &SseSettings,
     stopping: StopWaiter,
     expires_at: Option<Instant>,
-    cursor: Option<Box<StreamCursor>>,
+    begin: Begin,
 ) -> impl Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + use<> {
+    let Begin { cursor, start } = begin;
     let (keepalive, retry) = (settings.keepalive, settings.retry);
     let mut keepalive = tokio::time::interval_at(Instant::now() + keepalive, keepalive);
     keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -375,11 +391,13 @@ fn stream(
         stopping,
         expired: deadline(expires_at),
         // Sent at once, so the client (and any proxy) sees the stream open immediately,
-        // with its connection id as the first event: a control event, with no id, so it
-        // never moves the client's cursor.
+        // with its connection id as the first event. Its id, when the stream has a
+        // position, is where the stream starts: the cursor a client that saw no event yet
+        // resumes from (an EventSource keeps it as its lastEventId).
         opening: Some(Bytes::from(format!(
-            ": connected\nretry: {}\n\nevent: dormouse.connected\ndata: {}\n\n",
+            ": connected\nretry: {}\n\n{}event: dormouse.connected\ndata: {}\n\n",
             retry.as_millis(),
+            start.map_or_else(String::new, |id| format!("id: {id}\n")),
             hello,
         ))),
         done: false,

@@ -108,7 +108,7 @@ pub(crate) async fn subscribe(
         receiver,
         connection_id,
         mut more,
-        ..
+        starts_after,
     } = channels::connect(
         &state,
         Subscribing {
@@ -146,6 +146,7 @@ pub(crate) async fn subscribe(
         more,
         picked,
         subscribing: Vec::new(),
+        starts_after: starts_after.map(|id| id.to_string()),
         hooks: state.hooks.clone(),
         settings: settings.clone(),
     };
@@ -300,6 +301,9 @@ pub(crate) enum Mode {
         /// channel is on its way (the client may unsubscribe and subscribe again before
         /// the first answer).
         subscribing: Vec<String>,
+        /// Where the connection's own channel starts (see `Frame::Subscribed`), told in its
+        /// `connected` frame.
+        starts_after: Option<String>,
         /// What a `subscribe` message needs: the hooks (a hooked channel is not added to a
         /// connection) and the limits.
         hooks: Arc<Hooks>,
@@ -527,13 +531,16 @@ impl WsSession {
             // A channel's client learns its connection id first, before anything the
             // channel queued (nothing is written for it until the writer is registered
             // below). An object's client speaks the object's protocol: it gets the header.
-            if let (Mode::Channel { .. }, Some(registration)) =
+            if let (Mode::Channel { starts_after, .. }, Some(registration)) =
                 (&self.mode, self.tracked.registration())
             {
                 // "type" first, as in every other frame (a `json!` object sorts its keys),
                 // so a client may tell frames apart by their first bytes.
+                let start = starts_after.as_ref().map_or_else(String::new, |id| {
+                    format!(r#","starts_after":{}"#, Value::String(id.clone()))
+                });
                 let hello = format!(
-                    r#"{{"type":"connected","connection_id":{}}}"#,
+                    r#"{{"type":"connected","connection_id":{}{start}}}"#,
                     Value::String(registration.id().to_string())
                 );
                 let sent = match direct.write_first(Outbound::Text(Bytes::from(hello.clone()))) {
@@ -1025,10 +1032,11 @@ impl WsSession {
         let publisher = publisher.clone();
         Answer::Hook(Box::pin(async move {
             match channels::subscribe(&publisher, &to, socket, start).await {
-                Ok(_) => Answered {
+                Ok(starts_after) => Answered {
                     subscribe_of: Some((to.clone(), true)),
                     ..Answered::ready(Frame::Subscribed {
                         channel: &to,
+                        starts_after: starts_after.map(|id| id.to_string()),
                         r#ref: &r#ref,
                     })
                 },
@@ -1067,8 +1075,9 @@ impl WsSession {
         Answer::Hook(Box::pin(async move {
             // The channel takes a socket it already holds as a move to the new start.
             let answered = match channels::subscribe(&publisher, &to, socket, start).await {
-                Ok(_) => Answered::ready(Frame::Subscribed {
+                Ok(starts_after) => Answered::ready(Frame::Subscribed {
                     channel: &to,
+                    starts_after: starts_after.map(|id| id.to_string()),
                     r#ref: &r#ref,
                 }),
                 Err(e) => Answered::failed(&e, &r#ref),
@@ -1234,6 +1243,10 @@ enum Frame<'a> {
     },
     Subscribed {
         channel: &'a str,
+        /// Where the channel's stream starts for this connection: the cursor to resume it
+        /// from until a message of it arrives.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        starts_after: Option<String>,
         r#ref: &'a Option<Value>,
     },
     Unsubscribed {

@@ -595,9 +595,10 @@ async fn one_websocket_follows_many_channels_with_subscribe_and_unsubscribe() {
         (got[0]["channel"].as_str(), got[0]["id"].as_str()),
         (Some("c"), Some(new_c.as_str()))
     );
+    // The answer says where the channel starts for this connection: just before its backlog.
     assert_eq!(
         got[1],
-        json!({"type": "subscribed", "channel": "c", "ref": 2})
+        json!({"type": "subscribed", "channel": "c", "starts_after": old_c, "ref": 2})
     );
 
     // Events of every followed channel arrive on the one socket, each naming its channel.

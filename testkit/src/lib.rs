@@ -280,7 +280,8 @@ impl SseClient {
     }
 
     fn note_connected(&mut self, event: &SseEvent) {
-        assert_eq!(event.id, None, "the connected event carries no event id");
+        // Its id, when it has one, is where the stream starts (kept as the last id, as
+        // EventSource does).
         let value: Value = serde_json::from_str(&event.data).expect("connected JSON");
         assert_eq!(value["type"], "connected", "{value}");
         let id = value["connection_id"].as_str().expect("a connection_id");

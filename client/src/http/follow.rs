@@ -205,12 +205,8 @@ impl Follow {
     }
 
     fn take(&mut self, event: Event) {
-        // Control events never carry an id: an event with one is a message.
-        let control = event
-            .id
-            .is_none()
-            .then(|| event.event.strip_prefix("dormouse."));
-        let Some(kind) = control.flatten() else {
+        // No message is named `dormouse.*` (the server refuses such names).
+        let Some(kind) = event.event.strip_prefix("dormouse.") else {
             if !self.many
                 && let [(_, cursor)] = self.channels.as_mut_slice()
             {
@@ -232,6 +228,22 @@ impl Follow {
             return;
         };
         let data: Value = serde_json::from_str(&event.data).unwrap_or(Value::Null);
+        if let (Some(start), "connected") = (&event.id, kind) {
+            // Where the stream starts: each channel without a cursor of its own takes its
+            // position, so losing the stream before its first message loses nothing.
+            let positions: Vec<&str> = if self.many {
+                start.split(',').collect()
+            } else {
+                vec![start.as_str()]
+            };
+            if positions.len() == self.channels.len() {
+                for ((_, cursor), position) in self.channels.iter_mut().zip(positions) {
+                    if cursor.is_none() && !position.is_empty() {
+                        *cursor = Some(position.to_string());
+                    }
+                }
+            }
+        }
         if kind == "reconnect" {
             // The stream ends next; say why then.
             let field = |name: &str| data[name].as_str().unwrap_or("").to_string();
@@ -248,7 +260,24 @@ impl Follow {
         });
     }
 
-    async fn connect(&self) -> Result<reqwest::Response, Error> {
+    async fn connect(&mut self) -> Result<reqwest::Response, Error> {
+        // In a cursor, an empty position means "everything retained": a channel without one
+        // beside channels with one starts instead after its newest event.
+        if self.many && self.channels.iter().any(|(_, id)| id.is_some()) {
+            for at in 0..self.channels.len() {
+                if self.channels[at].1.is_none() {
+                    let url = self.client.url(&["v1", "channels", &self.channels[at].0]);
+                    match self.client.get_json(url).await {
+                        Ok(info) => {
+                            self.channels[at].1 = info["last_id"].as_str().map(str::to_string);
+                        }
+                        // A channel with no events and no subscribers: nothing to skip.
+                        Err(Error::Server(e)) if e.status == reqwest::StatusCode::NOT_FOUND => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
         let (url, cursor) = match self.channels.as_slice() {
             [(channel, id)] if !self.many => (
                 self.client.url(&["v1", "channels", channel, "events"]),

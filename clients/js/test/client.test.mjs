@@ -75,6 +75,35 @@ for (const transport of ["websocket", "sse"]) {
       cutter.close();
     });
 
+    test("a subscription that saw nothing yet misses nothing published while it was away", async () => {
+      const channel = `${transport}-quiet`;
+      await server.publish(channel, "old");
+      const client = new Dormouse({ url: server.url, transport, backoff: FAST });
+      const sub = client.subscribe(channel);
+      await next(sub, "subscribed");
+      const got = collect(sub, "message", 1, 20_000);
+      await server.restart();
+      await server.publish(channel, "while away");
+      // Exactly that one: not the old one, not nothing.
+      assert.deepEqual(texts(await got), ["while away"]);
+      await new Promise((r) => setTimeout(r, 300));
+      client.close();
+    });
+
+    test("a channel added beside resumed ones starts at its newest, not its oldest", async () => {
+      const [a, b] = [`${transport}-resumed`, `${transport}-added`];
+      const kept = await server.publish(a, "a0");
+      await server.publish(b, "history of b");
+      const client = new Dormouse({ url: server.url, transport, backoff: FAST });
+      const subA = client.subscribe(a, { lastEventId: kept });
+      const subB = client.subscribe(b);
+      await Promise.all([next(subA, "subscribed"), next(subB, "subscribed")]);
+      const gotB = collect(subB, "message", 1);
+      await server.publish(b, "new in b");
+      assert.deepEqual(texts(await gotB), ["new in b"]);
+      client.close();
+    });
+
     test("a cursor older than the buffer says so with a gap, then replays what is kept", async () => {
       const channel = `${transport}-gap`;
       const old = await server.publish(channel, "0");

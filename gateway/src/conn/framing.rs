@@ -56,6 +56,15 @@ impl StreamCursor {
         }
     }
 
+    /// The cursor now, as an `id:` line carries it; `None` while no channel has a position
+    /// (the stream then starts live everywhere, which a reconnect without a cursor repeats).
+    pub(crate) fn current(&self) -> Option<String> {
+        self.positions
+            .iter()
+            .any(|p| !p.is_empty())
+            .then(|| self.positions.join(","))
+    }
+
     /// Appends to `lines` the `id:` line to write instead of `frame`'s tag line when it is
     /// an event of one of the channels, the cursor moved past it, and answers the tag line's
     /// length (what of `frame` not to write); `None`, appending nothing, for anything else (a
