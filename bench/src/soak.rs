@@ -319,7 +319,8 @@ async fn sse_session(
                 (None, "message") => {
                     problems.push(format!("{channel}: a message without an id: {data:?}"));
                 }
-                (None, "dormouse.connected") => {}
+                // Its id, when it has one, is where the stream starts: not an event.
+                (_, "dormouse.connected") => {}
                 (_, event) => problems.push(format!("{channel}: SSE event {event}: {data:?}")),
             }
         }
