@@ -131,7 +131,7 @@ export class Dormouse {
   on(type: "connected", listener: (connectionId: string) => void): Unlisten;
   /** Something went wrong; the client keeps trying unless it was closed. */
   on(type: "error", listener: (error: Error) => void): Unlisten;
-  /** A backend closed the connection for good. */
+  /** A backend closed the connection for good: the client is closed, as after `close()`. */
   on(type: "closed", listener: (value: { code: number; reason: string }) => void): Unlisten;
   /** A message a backend sent to this connection alone. */
   on(type: "direct", listener: (message: Omit<Message, "channel" | "id">) => void): Unlisten;

@@ -343,10 +343,29 @@ export class Dormouse extends Emitter {
   }
 
   async #http(path, init) {
-    const token = await this.#currentToken();
-    const headers = { ...(init.headers ?? {}) };
-    if (token) headers.Authorization = `Bearer ${token}`;
-    return this.fetch(`${this.url}${path}`, { ...init, headers });
+    const send = async (fresh) => {
+      const token = await this.#currentToken(fresh);
+      const headers = { ...(init.headers ?? {}) };
+      if (token) headers.Authorization = `Bearer ${token}`;
+      return this.fetch(`${this.url}${path}`, { ...init, headers });
+    };
+    const response = await send(false);
+    // A token the server no longer takes (expired early, a clock that runs behind): a
+    // token function is asked for a fresh one, once.
+    if (response.status === 401 && typeof this.tokenSource === "function") {
+      await response.body?.cancel();
+      return send(true);
+    }
+    return response;
+  }
+
+  /** A backend ended the connection for good: the client is done, as after `close()`. */
+  #endedByBackend(code, reason) {
+    this.#teardown();
+    this.#closed = true;
+    clearTimeout(this.#timer);
+    this.#setState("closed");
+    this.emit("closed", { code, reason });
   }
 
   /** The token to use now: the cached one unless it is missing or about to expire. */
@@ -477,9 +496,7 @@ export class Dormouse extends Emitter {
     const lost = (code, reason) => {
       if (this.#socket !== socket) return;
       if (isFinalClose(code)) {
-        this.#teardown();
-        this.#setState("disconnected");
-        this.emit("closed", { code, reason });
+        this.#endedByBackend(code, reason);
         return;
       }
       if (!opened) {
@@ -772,11 +789,7 @@ export class Dormouse extends Emitter {
         this.emit("connected", data?.connection_id);
       }
       else if (kind === "gap" || kind === "join" || kind === "leave") this.#subs.get(data?.channel)?.emit(kind, data);
-      else if (kind === "close") {
-        this.#teardown();
-        this.#setState("disconnected");
-        this.emit("closed", { code: data?.code, reason: data?.reason });
-      }
+      else if (kind === "close") this.#endedByBackend(data?.code, data?.reason);
       // "reconnect": the stream ends next, and the client comes back with its cursor.
       return;
     }

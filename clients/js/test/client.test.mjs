@@ -170,6 +170,41 @@ describe("with credentials and presence", () => {
     );
   });
 
+  test("a token the server refuses is replaced once, and a backend's close ends the client", async () => {
+    let asked = 0;
+    const client = new Dormouse({
+      url: server.url,
+      // First a token signed with another secret (401 bad_token), then a good one.
+      token: () => {
+        const good = token("carl", 60, grants);
+        return ++asked === 1 ? good.replace(/[^.]+$/, "A".repeat(43)) : good;
+      },
+      backoff: FAST,
+    });
+    const sent = await client.publish("room-401", "once");
+    assert.equal(typeof sent.id, "string");
+    assert.equal(asked, 2);
+
+    for (const transport of ["websocket", "sse"]) {
+      const watched = new Dormouse({ url: server.url, token: token("dana", 60, grants), transport, backoff: FAST });
+      const connected = next(watched, "connected");
+      watched.subscribe(`room-kick-${transport}`);
+      const connectionId = await connected;
+      const closed = next(watched, "closed");
+      const backend = token("backend", 60, { connections: true });
+      const res = await fetch(`${server.url}/v1/connections/${connectionId}/close`, {
+        method: "POST",
+        headers: { Authorization: `Bearer ${backend}` },
+        body: JSON.stringify({ code: 4100, reason: "kicked" }),
+      });
+      assert.equal(res.status, 200);
+      assert.deepEqual(await closed, { code: 4100, reason: "kicked" });
+      assert.equal(watched.state, "closed", transport);
+      assert.throws(() => watched.subscribe("room-again"));
+    }
+    client.close();
+  });
+
   test("presence: joins, leaves and the member list", async () => {
     const alice = new Dormouse({ url: server.url, token: token("alice", 60, grants, { name: "Alice" }), backoff: FAST });
     const bob = new Dormouse({ url: server.url, token: token("bob", 60, grants), transport: "sse", backoff: FAST });
