@@ -306,10 +306,7 @@ async fn metrics_and_the_admin_page_show_the_cluster() {
 
     // The page shows the cluster panel (it stays hidden on one node).
     let browser = Browser::launch().await;
-    let mut page = browser.page().await;
-    page.call("Page.enable", json!({})).await;
-    page.call("Page.navigate", json!({"url": nodes[1].url("/admin")}))
-        .await;
+    let mut page = browser.open(&nodes[1].url("/admin")).await;
     let panel = page
         .until(
             "the cluster panel with three nodes and a NATS round trip",

@@ -69,13 +69,7 @@ async fn in_a_browser_the_client_resumes_every_channel_across_a_server_restart()
     )
     .expect("read clients/js/dormouse.js");
     let browser = Browser::launch().await;
-    let mut page = browser.page().await;
-    page.call("Page.enable", serde_json::json!({})).await;
-    page.call(
-        "Page.navigate",
-        serde_json::json!({"url": server.url("/healthz")}),
-    )
-    .await;
+    let mut page = browser.open(&server.url("/healthz")).await;
     page.until("the page", "document.readyState", |v| v == "complete")
         .await;
     // The module as the browser loads one: imported by URL.

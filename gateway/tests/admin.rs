@@ -104,10 +104,7 @@ const FIGURES: &str = r#"(() => {
 async fn the_dashboard_follows_messages_published_while_it_is_open() {
     let server = start_admin_server().await;
     let browser = Browser::launch().await;
-    let mut page = browser.page().await;
-    page.call("Page.enable", json!({})).await;
-    page.call("Page.navigate", json!({"url": server.url("/admin")}))
-        .await;
+    let mut page = browser.open(&server.url("/admin")).await;
 
     // Auth is on: the page asks for a token, and takes the pasted one.
     page.until("the token prompt", FIGURES, |f| f["status"] == "auth")

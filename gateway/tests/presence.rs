@@ -23,18 +23,23 @@ fn token(sub: &str, info: Value) -> String {
     support::jwt(SECRET, 600, claims)
 }
 
-/// Presence on `room:` channels only; channels hibernate a moment after their last request.
-fn with_presence(s: &mut Settings) {
-    s.auth.jwt_secret = SECRET.to_string();
-    s.channels.idle_timeout = Duration::from_millis(100);
-    s.channels.prefix = vec![PrefixSettings {
+/// Presence on channels whose names start `room:`, nothing else changed.
+fn room_presence() -> PrefixSettings {
+    PrefixSettings {
         prefix: "room:".to_string(),
         max_events: None,
         max_bytes: None,
         max_age: None,
         idempotency_window: None,
         presence: Some(true),
-    }];
+    }
+}
+
+/// Presence on `room:` channels only; channels hibernate a moment after their last request.
+fn with_presence(s: &mut Settings) {
+    s.auth.jwt_secret = SECRET.to_string();
+    s.channels.idle_timeout = Duration::from_millis(100);
+    s.channels.prefix = vec![room_presence()];
 }
 
 /// `GET path` with the token `as_who` (empty: no credential).
@@ -373,14 +378,7 @@ async fn a_connect_hook_names_the_member_and_its_info() {
     .await;
     let url = upstream.url();
     let server = TestServer::start_with(move |s| {
-        s.channels.prefix = vec![PrefixSettings {
-            prefix: "room:".to_string(),
-            max_events: None,
-            max_bytes: None,
-            max_age: None,
-            idempotency_window: None,
-            presence: Some(true),
-        }];
+        s.channels.prefix = vec![room_presence()];
         s.hooks = vec![HookSettings {
             name: "app".into(),
             url,

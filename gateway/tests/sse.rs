@@ -198,14 +198,8 @@ async fn a_browsers_eventsource_follows_two_channels_across_a_server_restart() {
     let tweak = |s: &mut dormouse_gateway::Settings| s.sse.retry = Duration::from_millis(1500);
     let server = TestServer::start_with(tweak).await;
     let browser = Browser::launch().await;
-    let mut page = browser.page().await;
-    page.call("Page.enable", serde_json::json!({})).await;
     // Same origin as the stream: a page of the server's own.
-    page.call(
-        "Page.navigate",
-        serde_json::json!({"url": server.url("/healthz")}),
-    )
-    .await;
+    let mut page = browser.open(&server.url("/healthz")).await;
     page.until("the page", "document.readyState", |v| v == "complete")
         .await;
     page.eval(

@@ -123,6 +123,15 @@ impl Browser {
         Cdp::connect(&url).await
     }
 
+    /// The browser's page, its events on, navigated to `url`: how every browser test
+    /// starts. The page is still loading when this returns; wait for what it shows.
+    pub async fn open(&self, url: &str) -> Cdp {
+        let mut page = self.page().await;
+        page.call("Page.enable", json!({})).await;
+        page.call("Page.navigate", json!({"url": url})).await;
+        page
+    }
+
     /// Asks the browser to close and waits for it; kills it by pid if it will not.
     pub async fn close(mut self) {
         if let Ok(version) = reqwest::get(format!("http://127.0.0.1:{}/json/version", self.port))

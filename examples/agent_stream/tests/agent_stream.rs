@@ -342,10 +342,7 @@ async fn the_viewers_page_shows_the_run_from_its_start_in_a_browser() {
     producer.chunk(&server, "Hello").await;
     producer.chunk(&server, ", ").await;
     let browser = Browser::launch().await;
-    let mut page = browser.page().await;
-    page.call("Page.enable", json!({})).await;
-    let url = server.url("/v1/objects/runs/page-run");
-    page.call("Page.navigate", json!({"url": url})).await;
+    let mut page = browser.open(&server.url("/v1/objects/runs/page-run")).await;
     page.until(
         "the stored chunks",
         "document.getElementById('output').textContent",

@@ -172,10 +172,8 @@ async fn the_page_chats_in_a_browser_through_the_javascript_client() {
     use dormouse_testkit::browser::Browser;
     let server = start(Duration::from_secs(30)).await;
     let browser = Browser::launch().await;
-    let mut page = browser.page().await;
-    page.call("Page.enable", json!({})).await;
     let url = format!("http://{}/v1/objects/{NAMESPACE}/lobby", server.addr);
-    page.call("Page.navigate", json!({"url": url})).await;
+    let mut page = browser.open(&url).await;
     // The page's script has its client once it names the room.
     page.until(
         "the page's script",
