@@ -8,8 +8,8 @@
 // needs to know it.
 
 const DEFAULT_BACKOFF = { initialMs: 500, maxMs: 30_000 };
-/** Close codes after which reconnecting cannot help: a backend ended the connection. */
-const isFinalClose = (code) => (code >= 3000 && code <= 3999) || (code >= 4100 && code <= 4999);
+/** A backend's close (the server never sends these on its own): reconnecting would undo it. */
+const isFinalClose = (code) => code === 1000 || (code >= 3000 && code <= 3999) || (code >= 4100 && code <= 4999);
 
 /** Error codes a WebSocket answers that waiting can fix (docs/API.md's error table). */
 const TRANSIENT_CODES = new Set(["channel_full", "overloaded", "rate_limited", "unavailable", "storage_unavailable", "network"]);
@@ -478,9 +478,10 @@ export class Dormouse extends Emitter {
     const [first] = this.#subs.values();
     this.#openedFor = first.channel;
     const query = new URLSearchParams();
-    if (token) query.set("access_token", token);
     if (first.lastEventId) query.set("last_event_id", first.lastEventId);
     else if (first.rewind) query.set("rewind", String(first.rewind));
+    const path = `/v1/channels/${encodeURIComponent(first.channel)}/ws?${query}`;
+    if (token) query.set("access_token", token);
     const base = this.url.replace(/^http/, "ws");
     const socket = new this.WebSocket(`${base}/v1/channels/${encodeURIComponent(first.channel)}/ws?${query}`);
     this.#socket = socket;
@@ -502,7 +503,7 @@ export class Dormouse extends Emitter {
       if (!opened) {
         this.#socket = null;
         // The handshake was refused: a WebSocket cannot read why, so ask over HTTP.
-        this.#explainRefusal(first.channel).then((error) => {
+        this.#explainRefusal(path).then((error) => {
           if (this.#closed || this.#socket !== null) return;
           // Nothing to retry for a channel the credential does not grant: drop it.
           if (error && (error.status === 403 || error.status === 400)) this.#fail(first, error);
@@ -516,11 +517,20 @@ export class Dormouse extends Emitter {
     socket.onerror = () => lost(1006, "");
   }
 
-  async #explainRefusal(channel) {
+  /**
+   * Why the handshake to `path` was refused: the same URL as a plain GET (the credential
+   * in a header) answers what is wrong with it, or `websocket_upgrade_required` when
+   * nothing is (then the refusal was passing: full, shedding load, or the network).
+   */
+  async #explainRefusal(path) {
     try {
-      const response = await this.#http(`/v1/channels/${encodeURIComponent(channel)}`, { method: "GET" });
-      if (response.ok || response.status === 404) return null;
-      return await errorOf(response);
+      const response = await this.#http(path, { method: "GET" });
+      if (response.ok) {
+        await response.body?.cancel();
+        return null;
+      }
+      const error = await errorOf(response);
+      return error.code === "websocket_upgrade_required" ? null : error;
     } catch {
       return null;
     }

@@ -78,26 +78,32 @@ pub(crate) async fn subscribe(
     headers: HeaderMap,
     upgrade: Result<WsHandshake, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    let mut upgrade = upgrade.map_err(upgrade_required)?;
     let hook = state.hooks.for_channel(&channel);
+    // The query is checked before the handshake: a plain GET of a WebSocket URL answers
+    // what is wrong with it (a browser's WebSocket cannot read a refused handshake, so the
+    // JavaScript client asks this way), and `websocket_upgrade_required` only when nothing
+    // else is.
     let (start, format) = cursor::from_request(
         &uri,
         &headers,
         hook.is_some(),
         state.settings.limits.max_history_page,
     )?;
+    // A hooked channel's query is its hook's too: a format of its own is not ours.
+    if let Some(other) = format.as_deref()
+        && !matches!(other, "binary" | "json")
+        && hook.is_none()
+    {
+        return Err(ApiError::bad_request(
+            "bad_format",
+            format!("format must be json (the default) or binary; got {other:?}"),
+        ));
+    }
+    let mut upgrade = upgrade.map_err(upgrade_required)?;
     let binary = match format.as_deref() {
-        None => upgrade.offers(BINARY_PROTOCOL),
         Some("binary") => true,
         Some("json") => false,
-        // A hooked channel's query is its hook's too: a format of its own is not ours.
-        Some(_) if hook.is_some() => upgrade.offers(BINARY_PROTOCOL),
-        Some(other) => {
-            return Err(ApiError::bad_request(
-                "bad_format",
-                format!("format must be json (the default) or binary; got {other:?}"),
-            ));
-        }
+        _ => upgrade.offers(BINARY_PROTOCOL),
     };
     if binary {
         upgrade.choose(BINARY_PROTOCOL);
@@ -665,7 +671,10 @@ impl WsSession {
                     return close_with(ws, close::TOKEN_EXPIRED, "token expired").await;
                 }
                 Wake::Outbound(false) => {
-                    return close_with(ws, 1000, "the server ended the connection").await;
+                    // Not 1000, which clients take as a backend's final word: this asks for a
+                    // reconnect, which finds out what became of the channel or object.
+                    return close_with(ws, 1011, "the server let go of the connection; reconnect")
+                        .await;
                 }
                 Wake::Outbound(true) => {
                     // Boxed, as they are the loop's largest steps and a future is as large

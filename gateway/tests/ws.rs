@@ -432,6 +432,23 @@ async fn a_plain_http_get_gets_a_json_error() {
     let (status, code, _) = error_of(res).await;
     assert_eq!((status, code.as_str()), (405, "method_not_allowed"));
 
+    // What is wrong with the URL itself is said first, so a client whose handshake was
+    // refused (a browser cannot read why) learns it from a plain GET of the same URL.
+    for (query, expected) in [
+        ("?last_event_id=not-an-id", "bad_event_id"),
+        ("?rewind=0", "bad_rewind"),
+        ("?format=xml", "bad_format"),
+    ] {
+        let res = server
+            .client
+            .get(server.url(&format!("{WS}{query}")))
+            .send()
+            .await
+            .unwrap();
+        let (status, code, _) = error_of(res).await;
+        assert_eq!((status, code.as_str()), (400, expected), "{query}");
+    }
+
     // A real handshake with a bad cursor is refused before upgrading.
     let (status, code, message) =
         ws_handshake_error(&server, &format!("{WS}?last_event_id=nope"), &[]).await;

@@ -20,16 +20,22 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// server sends one every `sse.keepalive`, 15 s by default).
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(45);
 
-/// What following a channel yields, in order.
+/// What following a channel yields, in order. `M` is how a message arrives: an SSE
+/// [`Event`] for [`Follow`]; with the `websocket` feature, a `Message` (bytes as
+/// published) for a `Socket`, an `ObjectMessage` for an `ObjectSocket`.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Item {
+pub enum Item<M = Event> {
     /// An event: a message (with its id), or a message a backend sent to this connection
-    /// alone (without one). Binary payloads keep the `base64:` prefix of their event type
-    /// (docs/API.md).
-    Message(Event),
+    /// alone (without one). Over SSE, binary payloads keep the `base64:` prefix of their
+    /// event type (docs/API.md).
+    Message(M),
     /// A control event the app may want to know of, by kind: `connected` (the connection's
     /// id), `gap` (events were lost: what and from where), `join` and `leave` (presence),
-    /// `close` (a backend ended the connection for good: stop following). Its JSON.
+    /// `close` (a backend ended the connection for good; the next call answers
+    /// [`Error::Closed`]). Over a WebSocket also `refused` (a channel the socket followed
+    /// was refused on a reconnection, with the server's `code`: it is not followed any
+    /// more) and `auth_refused` (a refreshed token was refused; the old one stays until it
+    /// expires). Its JSON.
     Control {
         /// The kind, without the `dormouse.` prefix.
         kind: String,
@@ -56,7 +62,8 @@ pub enum Item {
 ///
 /// The first connection must succeed: a wrong URL, channel, cursor or credential is an
 /// error at once. Later, a refusal that waiting cannot fix (an expired or insufficient
-/// token) is an error; anything else is retried, waiting the server's `retry:` hint doubled
+/// token) is an error, and a backend's close (the `close` control) ends it with
+/// [`Error::Closed`]; anything else is retried, waiting the server's `retry:` hint doubled
 /// for each failure in a row (up to 30 s).
 ///
 /// ```no_run
@@ -95,6 +102,9 @@ pub struct Follow {
     reconnect_reason: Option<String>,
     /// The wait before the next connection attempt.
     wait: Option<Duration>,
+    /// A backend closed the connection for good (`dormouse.close`): its code and reason,
+    /// answered as [`Error::Closed`] once the items before it are taken.
+    closed: Option<(u16, String)>,
 }
 
 impl std::fmt::Debug for Follow {
@@ -120,6 +130,7 @@ impl Follow {
             ready: VecDeque::new(),
             reconnect_reason: None,
             wait: None,
+            closed: None,
         }
     }
 
@@ -149,6 +160,13 @@ impl Follow {
         loop {
             if let Some(item) = self.ready.pop_front() {
                 return Ok(item);
+            }
+            if let Some((code, reason)) = &self.closed {
+                self.body = None;
+                return Err(Error::Closed {
+                    code: *code,
+                    reason: reason.clone(),
+                });
             }
             let Some(body) = self.body.as_mut() else {
                 if let Some(wait) = self.wait.take() {
@@ -244,6 +262,15 @@ impl Follow {
                 }
             }
         }
+        if kind == "close" {
+            self.closed = Some((
+                data["code"]
+                    .as_u64()
+                    .and_then(|c| u16::try_from(c).ok())
+                    .unwrap_or(1000),
+                data["reason"].as_str().unwrap_or("").to_string(),
+            ));
+        }
         if kind == "reconnect" {
             // The stream ends next; say why then.
             let field = |name: &str| data[name].as_str().unwrap_or("").to_string();
@@ -320,7 +347,7 @@ impl Follow {
 }
 
 /// The wait before the next attempt: the server's hint, doubled for each failure in a row.
-fn backoff(retry: Duration, failures: u32) -> Duration {
+pub(super) fn backoff(retry: Duration, failures: u32) -> Duration {
     retry
         .saturating_mul(1 << failures.min(6))
         .min(MAX_BACKOFF.max(retry))

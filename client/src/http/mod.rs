@@ -5,6 +5,12 @@
 //! with an idempotency key, so a retried publish is stored once.
 
 mod follow;
+#[cfg(feature = "websocket")]
+mod object;
+#[cfg(feature = "websocket")]
+mod socket;
+#[cfg(feature = "websocket")]
+mod websocket;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -16,6 +22,10 @@ use reqwest::{Method, RequestBuilder, Response, StatusCode, Url};
 use serde_json::Value;
 
 pub use follow::{Follow, Item};
+#[cfg(feature = "websocket")]
+pub use object::{ObjectMessage, ObjectSocket};
+#[cfg(feature = "websocket")]
+pub use socket::{Message, Socket, SocketHandle};
 
 /// What went wrong with a request.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +44,24 @@ pub enum Error {
     /// The token provider failed (its message).
     #[error("getting a token: {0}")]
     Token(String),
+    /// A WebSocket message was refused: the server's `error` answer to it, by `code`
+    /// (docs/API.md's table), with its `message`.
+    #[error("the server refused it ({code}): {message}")]
+    Refused {
+        /// The error's `code`, for deciding what to do.
+        code: String,
+        /// What was wrong, for a person.
+        message: String,
+    },
+    /// A backend (or the app, with `close`) ended the connection for good, with this
+    /// WebSocket close code and reason: reconnecting would go against its decision.
+    #[error("the connection was closed for good ({code}): {reason}")]
+    Closed {
+        /// The close code: 1000, 3000 to 3999, or 4100 to 4999.
+        code: u16,
+        /// The reason the backend gave.
+        reason: String,
+    },
     /// The answer could not be read, or the request could not be built.
     #[error("{what}: {source}")]
     Http {
@@ -56,10 +84,23 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Server(e) => e.is_transient(),
+            Self::Refused { code, .. } => TRANSIENT_CODES.contains(&code.as_str()),
+            Self::Closed { .. } => false,
             Self::Unreachable { .. } | Self::Http { .. } | Self::Token(_) => true,
         }
     }
 }
+
+/// Error codes that waiting can fix: the server was full, shedding load, rate-limiting,
+/// restarting, or met a bug it recovers from (docs/API.md's error table).
+const TRANSIENT_CODES: &[&str] = &[
+    "channel_full",
+    "overloaded",
+    "rate_limited",
+    "unavailable",
+    "storage_unavailable",
+    "internal",
+];
 
 /// The server answered with an error; shown with its status, `code` and `message`.
 #[derive(Debug, thiserror::Error)]
@@ -204,16 +245,32 @@ impl Client {
     /// Sends `request`: a success as is; an error answer as [`Error::Server`]; no answer as
     /// [`Error::Unreachable`], since the usual cause is a wrong URL.
     pub async fn send(&self, request: RequestBuilder) -> Result<Response, Error> {
+        let (method, url, response) = self.execute(request).await?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        Err(error_of(method, url, response).await.into())
+    }
+
+    /// Sends `request` with the credential and returns whatever answer came (a WebSocket
+    /// handshake's success is `101`, which [`Client::send`] would read as an error).
+    async fn execute(&self, request: RequestBuilder) -> Result<(Method, Url, Response), Error> {
+        let token = self.token().await?;
+        self.execute_as(request, token).await
+    }
+
+    /// [`Client::execute`] with this credential (a socket keeps the one it connected with,
+    /// to know when to replace it).
+    async fn execute_as(
+        &self,
+        request: RequestBuilder,
+        token: Option<String>,
+    ) -> Result<(Method, Url, Response), Error> {
         let (client, request) = request.build_split();
         let mut request = request.map_err(|source| Error::Http {
             what: "building the request".into(),
             source,
         })?;
-        let token = match &self.token {
-            Token::None => None,
-            Token::Fixed(token) => Some(token.clone()),
-            Token::Provider(provider) => Some(provider().await.map_err(Error::Token)?),
-        };
         if let Some(token) = token {
             let value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
                 .map_err(|_| Error::Token("the token is not a valid header value".into()))?;
@@ -229,10 +286,23 @@ impl Client {
                 base: self.base.clone(),
                 source,
             })?;
-        if response.status().is_success() {
-            return Ok(response);
-        }
-        Err(error_of(method, url, response).await.into())
+        Ok((method, url, response))
+    }
+
+    /// The credential for the next request or connection: the fixed one, or the provider's
+    /// current one.
+    async fn token(&self) -> Result<Option<String>, Error> {
+        Ok(match &self.token {
+            Token::None => None,
+            Token::Fixed(token) => Some(token.clone()),
+            Token::Provider(provider) => Some(provider().await.map_err(Error::Token)?),
+        })
+    }
+
+    /// Whether tokens come from a provider, which can replace one before it expires.
+    #[cfg(feature = "websocket")]
+    fn refreshes_tokens(&self) -> bool {
+        matches!(self.token, Token::Provider(_))
     }
 
     /// `GET` of a JSON document.
@@ -291,6 +361,38 @@ impl Client {
             .map(|(channel, from)| (channel.to_string(), from.clone()))
             .collect();
         Follow::new(self.clone(), channels, true)
+    }
+
+    /// Follows `channels` over one WebSocket, each from after its cursor (or from now on),
+    /// with publishing acknowledged on the same connection; see [`Socket`]. Connects in
+    /// the background (inside a tokio runtime): a refusal of the first connection is the
+    /// first [`Socket::next`]'s error.
+    #[cfg(feature = "websocket")]
+    pub fn socket(&self, channels: &[(&str, Option<String>)]) -> Socket {
+        let channels = channels
+            .iter()
+            .map(|(channel, from)| (channel.to_string(), from.clone()))
+            .collect();
+        Socket::new(self.clone(), channels)
+    }
+
+    /// A WebSocket to the user object `namespace`/`name`, at `path` under it (the route
+    /// its type serves, `ws` for the examples) with `query`; see [`ObjectSocket`].
+    #[cfg(feature = "websocket")]
+    pub fn object(
+        &self,
+        namespace: &str,
+        name: &str,
+        path: &str,
+        query: &[(&str, &str)],
+    ) -> ObjectSocket {
+        let mut segments = vec!["v1", "objects", namespace, name];
+        segments.extend(path.split('/').filter(|s| !s.is_empty()));
+        let mut url = self.url(&segments);
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query);
+        }
+        ObjectSocket::new(self.clone(), url)
     }
 
     /// A page of `channel`'s stored messages, as the history route answers it; `query`

@@ -57,6 +57,15 @@ for (const transport of ["websocket", "sse"]) {
       client.close();
     });
 
+    test("a malformed cursor ends the subscription with the server's reason, not retries", async () => {
+      const client = new Dormouse({ url: server.url, transport, backoff: FAST });
+      const sub = client.subscribe(`${transport}-bad-cursor`, { lastEventId: "not-an-id" });
+      const error = await next(sub, "error");
+      assert.ok(error instanceof DormouseError, String(error));
+      assert.deepEqual([error.status, error.code], [400, "bad_event_id"]);
+      client.close();
+    });
+
     test("resumes after the network drops mid-stream", async () => {
       const cutter = await Cutter.start(server.port);
       const channel = `${transport}-cut`;
@@ -185,7 +194,14 @@ describe("with credentials and presence", () => {
     assert.equal(typeof sent.id, "string");
     assert.equal(asked, 2);
 
-    for (const transport of ["websocket", "sse"]) {
+    // A backend's close ends the client on both transports, with a code it picked or the
+    // default (1000, an empty body).
+    for (const [transport, body, expected] of [
+      ["websocket", { code: 4100, reason: "kicked" }, { code: 4100, reason: "kicked" }],
+      ["sse", { code: 4100, reason: "kicked" }, { code: 4100, reason: "kicked" }],
+      ["websocket", null, { code: 1000, reason: "closed by the server" }],
+      ["sse", null, { code: 1000, reason: "closed by the server" }],
+    ]) {
       const watched = new Dormouse({ url: server.url, token: token("dana", 60, grants), transport, backoff: FAST });
       const connected = next(watched, "connected");
       watched.subscribe(`room-kick-${transport}`);
@@ -195,10 +211,10 @@ describe("with credentials and presence", () => {
       const res = await fetch(`${server.url}/v1/connections/${connectionId}/close`, {
         method: "POST",
         headers: { Authorization: `Bearer ${backend}` },
-        body: JSON.stringify({ code: 4100, reason: "kicked" }),
+        body: body === null ? undefined : JSON.stringify(body),
       });
       assert.equal(res.status, 200);
-      assert.deepEqual(await closed, { code: 4100, reason: "kicked" });
+      assert.deepEqual(await closed, expected);
       assert.equal(watched.state, "closed", transport);
       assert.throws(() => watched.subscribe("room-again"));
     }

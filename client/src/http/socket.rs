@@ -1,0 +1,855 @@
+//! Channels followed over one WebSocket, with publishing acknowledged on the same
+//! connection, resume built in, and the credential replaced in place before it expires.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::stream::SplitSink;
+use futures::{SinkExt as _, StreamExt as _};
+use reqwest::Url;
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::Message as Frame;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+use super::follow::{Item, backoff};
+use super::websocket::{self, WebSocket, is_final_close, refresh_in, token_expiry};
+use super::{Client, Error, Published};
+use crate::binary;
+
+/// The wait before reconnecting: the server sends no hint over a WebSocket.
+const RETRY: Duration = Duration::from_secs(1);
+/// Reconnect when nothing, not even a ping, arrives for this long (the server pings every
+/// `websocket.ping_interval`, 20 s by default).
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Items read ahead of the app; beyond them the socket is not read, TCP pushes back, and a
+/// server that finds this connection too slow closes it, to be resumed from its cursor.
+const READ_AHEAD: usize = 1024;
+
+/// A message of a channel (or, with `channel` and `id` `None`, one a backend sent to this
+/// connection alone), its payload as published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// The channel it was published to.
+    pub channel: Option<String>,
+    /// Its id: the cursor to resume after it.
+    pub id: Option<String>,
+    /// Its event type.
+    pub event: String,
+    /// Its payload, byte for byte.
+    pub data: Bytes,
+}
+
+/// Channels followed over one WebSocket (`/v1/channels/{c}/ws`), the counterpart of
+/// [`super::Follow`] for an app that also publishes, or follows channels it picks as it
+/// goes:
+///
+/// - each channel resumes from the last id it delivered after any interruption (the
+///   first channel with the URL's cursor, the others with a `subscribe` each), so nothing
+///   still retained is missed or delivered twice; what is no longer retained arrives as a
+///   `gap` control;
+/// - [`SocketHandle::publish`] waits for the server's acknowledgement (the message is
+///   durable), and a publish that the connection's loss left unanswered is sent again on
+///   the next connection with the same idempotency key, so it is stored exactly once;
+/// - with a token provider ([`Client::with_token_provider`]), a JWT is replaced in place
+///   (the `auth` message) before it expires, without reconnecting.
+///
+/// Payloads arrive as bytes, as published (the connection asks for binary frames).
+/// The first connection must succeed: a wrong URL, channel, cursor or credential is an
+/// error at once, with the server's `code`. Later, a refusal that waiting cannot fix ends
+/// the socket with an error; a backend's close ends it with [`Error::Closed`].
+///
+/// ```no_run
+/// # async fn run() -> Result<(), dormouse_client::http::Error> {
+/// use dormouse_client::http::{Client, Item, parse_base_url};
+/// let client = Client::new(parse_base_url("http://127.0.0.1:8080").unwrap(), None, "app/1")?;
+/// let mut socket = client.socket(&[("room:1", None)]);
+/// let sender = socket.handle();
+/// tokio::spawn(async move { sender.publish("room:1", "hello", None).await });
+/// loop {
+///     match socket.next().await? {
+///         Item::Message(m) => println!("{:?} {:?}", m.id, m.data),
+///         Item::Lost { reason, wait } => eprintln!("{reason}; again in {wait:?}"),
+///         _ => {}
+///     }
+/// }
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct Socket {
+    handle: SocketHandle,
+    items: mpsc::Receiver<Result<Item<Message>, Error>>,
+    /// Why the socket ended, once it did: every later call answers it again.
+    ended: Option<Error>,
+}
+
+/// Sends on a [`Socket`]'s connection from anywhere (it is cheap to clone): publishes,
+/// subscribes, unsubscribes, closes. Each call waits for the server's answer.
+#[derive(Debug, Clone)]
+pub struct SocketHandle {
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+#[derive(Debug)]
+enum Command {
+    Publish {
+        channel: String,
+        event: Option<String>,
+        data: Bytes,
+        key: String,
+        answer: oneshot::Sender<Result<Published, Error>>,
+    },
+    Subscribe {
+        channel: String,
+        from: Option<String>,
+        answer: oneshot::Sender<Result<(), Error>>,
+    },
+    Unsubscribe {
+        channel: String,
+        answer: oneshot::Sender<Result<(), Error>>,
+    },
+    Close,
+}
+
+impl Socket {
+    pub(super) fn new(client: Client, channels: Vec<(String, Option<String>)>) -> Self {
+        let (commands, inbox) = mpsc::unbounded_channel();
+        let (items, out) = mpsc::channel(64);
+        let followed = channels
+            .into_iter()
+            .map(|(name, cursor)| Followed {
+                name,
+                cursor,
+                waiting: Vec::new(),
+            })
+            .collect();
+        let task = Task {
+            client,
+            followed,
+            inbox,
+            items,
+            ready: VecDeque::new(),
+            outbox: VecDeque::new(),
+            pending: HashMap::new(),
+            next_ref: 0,
+            failures: 0,
+            connected_once: false,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+        };
+        tokio::spawn(task.run());
+        Self {
+            handle: SocketHandle { commands },
+            items: out,
+            ended: None,
+        }
+    }
+
+    /// A handle to publish, subscribe and unsubscribe while this socket is read.
+    pub fn handle(&self) -> SocketHandle {
+        self.handle.clone()
+    }
+
+    /// The next item, in order: messages (each channel's in order), controls (`connected`,
+    /// `gap`, `join`, `leave`, and `close` before the socket ends), and [`Item::Lost`] /
+    /// [`Item::Reconnected`] around each reconnection. An error ends the socket, and is
+    /// answered again by every later call.
+    pub async fn next(&mut self) -> Result<Item<Message>, Error> {
+        if let Some(ended) = &self.ended {
+            return Err(same(ended));
+        }
+        match self.items.recv().await {
+            Some(Ok(item)) => Ok(item),
+            Some(Err(e)) => {
+                self.ended = Some(same(&e));
+                Err(e)
+            }
+            None => {
+                let e = Error::Closed {
+                    code: 1000,
+                    reason: "closed by the app".into(),
+                };
+                self.ended = Some(same(&e));
+                Err(e)
+            }
+        }
+    }
+
+    /// Publishes `data` to `channel` (one this socket follows); see [`SocketHandle::publish`].
+    pub async fn publish(
+        &self,
+        channel: &str,
+        data: impl Into<Bytes>,
+        event: Option<&str>,
+    ) -> Result<Published, Error> {
+        self.handle.publish(channel, data, event).await
+    }
+
+    /// Closes the connection for good (code 1000); what was not yet answered fails.
+    pub fn close(&self) {
+        self.handle.close();
+    }
+}
+
+impl Drop for Socket {
+    fn drop(&mut self) {
+        self.handle.close();
+    }
+}
+
+impl SocketHandle {
+    /// Publishes `data` to `channel` (one the socket follows) as event type `event`
+    /// (`message` when `None`), and waits until the server stored it. Sent again with the
+    /// same idempotency key after a reconnection if no answer came, so it is stored once
+    /// however often the connection drops; an `error` answer (say `rate_limited`, which
+    /// [`Error::is_transient`] tells apart) is returned as is.
+    pub async fn publish(
+        &self,
+        channel: &str,
+        data: impl Into<Bytes>,
+        event: Option<&str>,
+    ) -> Result<Published, Error> {
+        let (answer, answered) = oneshot::channel();
+        self.send(Command::Publish {
+            channel: channel.to_string(),
+            event: event.map(str::to_string),
+            data: data.into(),
+            key: tokio_tungstenite::tungstenite::handshake::client::generate_key(),
+            answer,
+        })?;
+        answered.await.unwrap_or_else(|_| Err(closed()))
+    }
+
+    /// Follows one more channel on this connection, from after `from` (or from now on),
+    /// and waits until the server accepted it (its backlog is on the way). Kept across
+    /// reconnections like the others; a refusal (`forbidden`, `too_many_channels`, ...)
+    /// is returned and the channel is not followed.
+    pub async fn subscribe(&self, channel: &str, from: Option<String>) -> Result<(), Error> {
+        let (answer, answered) = oneshot::channel();
+        self.send(Command::Subscribe {
+            channel: channel.to_string(),
+            from,
+            answer,
+        })?;
+        answered.await.unwrap_or_else(|_| Err(closed()))
+    }
+
+    /// Stops following `channel` (events already on their way may still arrive). The
+    /// channel the socket was opened for stays until it closes (`opened_for_channel`).
+    pub async fn unsubscribe(&self, channel: &str) -> Result<(), Error> {
+        let (answer, answered) = oneshot::channel();
+        self.send(Command::Unsubscribe {
+            channel: channel.to_string(),
+            answer,
+        })?;
+        answered.await.unwrap_or_else(|_| Err(closed()))
+    }
+
+    /// Closes the connection for good (code 1000); what was not yet answered fails.
+    pub fn close(&self) {
+        let _ = self.commands.send(Command::Close);
+    }
+
+    fn send(&self, command: Command) -> Result<(), Error> {
+        self.commands.send(command).map_err(|_| closed())
+    }
+}
+
+fn closed() -> Error {
+    Error::Closed {
+        code: 1000,
+        reason: "the socket is closed".into(),
+    }
+}
+
+/// The error a socket ended with, answered again to every later call (an [`Error`] is not
+/// `Clone`: it may hold a `reqwest::Error`).
+fn same(e: &Error) -> Error {
+    match e {
+        Error::Closed { code, reason } => Error::Closed {
+            code: *code,
+            reason: reason.clone(),
+        },
+        Error::Refused { code, message } => Error::Refused {
+            code: code.clone(),
+            message: message.clone(),
+        },
+        other => Error::Refused {
+            code: "ended".into(),
+            message: other.to_string(),
+        },
+    }
+}
+
+/// A channel followed, and where it resumes.
+#[derive(Debug)]
+struct Followed {
+    name: String,
+    /// The id of its last message delivered (or where its stream started).
+    cursor: Option<String>,
+    /// `subscribe` calls waiting for its first `subscribed` answer.
+    waiting: Vec<oneshot::Sender<Result<(), Error>>>,
+}
+
+/// A publish not answered yet; sent again after a reconnection.
+#[derive(Debug)]
+struct Outgoing {
+    reference: u64,
+    frame: String,
+    answer: oneshot::Sender<Result<Published, Error>>,
+}
+
+/// What an answer with a `ref` belongs to.
+#[derive(Debug)]
+enum Pending {
+    Publish,
+    Subscribe(String),
+    Unsubscribe(oneshot::Sender<Result<(), Error>>),
+    Auth,
+}
+
+/// Why a connection ended.
+enum End {
+    /// Reconnect (after the backoff).
+    Lost(String),
+    /// Stop, with this error for the app.
+    Stop(Error),
+}
+
+/// The connection's task: owns the WebSocket, reconnects, keeps the cursors and what is
+/// unanswered.
+struct Task {
+    client: Client,
+    followed: Vec<Followed>,
+    inbox: mpsc::UnboundedReceiver<Command>,
+    items: mpsc::Sender<Result<Item<Message>, Error>>,
+    /// Items read and not yet taken by the app.
+    ready: VecDeque<Item<Message>>,
+    /// Publishes not answered yet, in the order they were made.
+    outbox: VecDeque<Outgoing>,
+    /// What each `ref` sent on this connection belongs to.
+    pending: HashMap<u64, Pending>,
+    next_ref: u64,
+    failures: u32,
+    connected_once: bool,
+    idle_timeout: Duration,
+}
+
+type Sink = SplitSink<WebSocket, Frame>;
+
+impl Task {
+    async fn run(mut self) {
+        let error = loop {
+            let (ws, expires) = match self.connect().await {
+                Ok(opened) => opened,
+                Err(e) if !self.connected_once => break e,
+                Err(Error::Server(e)) if !e.is_transient() => break Error::Server(e),
+                Err(e) => match self.wait_and_retry(format!("{e}")).await {
+                    Some(stop) => break stop,
+                    None => continue,
+                },
+            };
+            self.failures = 0;
+            if std::mem::replace(&mut self.connected_once, true) {
+                self.ready.push_back(Item::Reconnected);
+            }
+            match self.session(ws, expires).await {
+                End::Stop(e) => break e,
+                End::Lost(reason) => {
+                    if let Some(stop) = self.wait_and_retry(reason).await {
+                        break stop;
+                    }
+                }
+            }
+        };
+        // Everything still waiting learns the end; the app gets what was read, then it.
+        self.forget_pending();
+        for out in self.outbox.drain(..) {
+            let _ = out.answer.send(Err(same(&error)));
+        }
+        for followed in &mut self.followed {
+            for waiting in followed.waiting.drain(..) {
+                let _ = waiting.send(Err(same(&error)));
+            }
+        }
+        for item in self.ready.drain(..) {
+            if self.items.send(Ok(item)).await.is_err() {
+                return;
+            }
+        }
+        let _ = self.items.send(Err(error)).await;
+    }
+
+    /// Says the connection was lost, then waits out the backoff while still taking the
+    /// app's commands (queued for the next connection). `Some` when the app closed.
+    async fn wait_and_retry(&mut self, reason: String) -> Option<Error> {
+        self.failures = self.failures.saturating_add(1);
+        let wait = backoff(RETRY, self.failures - 1);
+        self.ready.push_back(Item::Lost { reason, wait });
+        let sleep = tokio::time::sleep(wait);
+        tokio::pin!(sleep);
+        loop {
+            let command = tokio::select! {
+                () = &mut sleep => return None,
+                permit = self.items.reserve(), if !self.ready.is_empty() => match permit {
+                    Ok(permit) => {
+                        permit.send(Ok(self.ready.pop_front().expect("not empty")));
+                        continue;
+                    }
+                    Err(_) => return Some(closed()),
+                },
+                command = self.inbox.recv() => command,
+            };
+            match command {
+                None | Some(Command::Close) => return Some(closed()),
+                Some(command) => {
+                    if let Err(e) = self.take(command, None).await {
+                        return Some(e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Opens the connection; also when its token expires, if it is a JWT.
+    async fn connect(&mut self) -> Result<(WebSocket, Option<u64>), Error> {
+        let first = self.followed.first().ok_or_else(|| Error::Refused {
+            code: "missing_channel".into(),
+            message: "a socket follows at least one channel".into(),
+        })?;
+        let mut url: Url = self.client.url(&["v1", "channels", &first.name, "ws"]);
+        url.query_pairs_mut().append_pair("format", "binary");
+        if let Some(cursor) = &first.cursor {
+            url.query_pairs_mut().append_pair("last_event_id", cursor);
+        }
+        let token = self.client.token().await?;
+        let expires = token.as_deref().and_then(token_expiry);
+        Ok((
+            websocket::open(&self.client, url, None, token).await?,
+            expires,
+        ))
+    }
+
+    /// One connection, until it ends.
+    async fn session(&mut self, ws: WebSocket, expires: Option<u64>) -> End {
+        let (mut sink, mut stream) = ws.split();
+        self.forget_pending();
+        // The other channels, each from its cursor; then what was left unanswered, in order.
+        for at in 1..self.followed.len() {
+            let (name, cursor) = (
+                self.followed[at].name.clone(),
+                self.followed[at].cursor.clone(),
+            );
+            if let Err(end) = self.send_subscribe(&mut sink, name, cursor).await {
+                return end;
+            }
+        }
+        let resend: Vec<(u64, String)> = self
+            .outbox
+            .iter()
+            .map(|out| (out.reference, out.frame.clone()))
+            .collect();
+        for (reference, frame) in resend {
+            self.pending.insert(reference, Pending::Publish);
+            if let Err(e) = sink.feed(Frame::text(frame)).await {
+                return End::Lost(format!("sending: {e}"));
+            }
+        }
+        if let Err(e) = sink.flush().await {
+            return End::Lost(format!("sending: {e}"));
+        }
+        // A provider's JWT is replaced in place before it expires.
+        let refresh = tokio::time::sleep_until(refresh_at(expires));
+        tokio::pin!(refresh);
+        let token_refreshes = self.client.refreshes_tokens() && expires.is_some();
+        enum Wake {
+            Delivered,
+            AppGone,
+            Read(Result<Option<Result<Frame, String>>, ()>),
+            Command(Option<Command>),
+            Refresh,
+        }
+        let idle_timeout = self.idle_timeout;
+        loop {
+            // Each branch only says what happened; it is handled once the select is over
+            // (its futures borrow parts of `self`).
+            let wake = tokio::select! {
+                permit = self.items.reserve(), if !self.ready.is_empty() => match permit {
+                    Ok(permit) => {
+                        permit.send(Ok(self.ready.pop_front().expect("not empty")));
+                        Wake::Delivered
+                    }
+                    Err(_) => Wake::AppGone,
+                },
+                read = tokio::time::timeout(idle_timeout, stream.next()),
+                    if self.ready.len() < READ_AHEAD => {
+                    Wake::Read(read.map(|r| r.map(|r| r.map_err(|e| e.to_string()))).map_err(|_| ()))
+                }
+                command = self.inbox.recv() => Wake::Command(command),
+                () = &mut refresh, if token_refreshes => Wake::Refresh,
+            };
+            match wake {
+                Wake::Delivered => {}
+                Wake::AppGone | Wake::Command(None | Some(Command::Close)) => {
+                    return self.close(&mut sink, closed()).await;
+                }
+                Wake::Read(Err(())) => {
+                    return End::Lost(format!("nothing received for {idle_timeout:?}"));
+                }
+                Wake::Read(Ok(None)) => return End::Lost("the connection ended".into()),
+                Wake::Read(Ok(Some(Err(e)))) => return End::Lost(e),
+                Wake::Read(Ok(Some(Ok(frame)))) => {
+                    if let Some(end) = self.read(frame) {
+                        return end;
+                    }
+                }
+                Wake::Command(Some(command)) => {
+                    if let Err(end) = self.take_connected(command, &mut sink).await {
+                        return end;
+                    }
+                }
+                Wake::Refresh => match self.refresh_token(&mut sink).await {
+                    Err(end) => return end,
+                    Ok(expires) => refresh.as_mut().reset(refresh_at(expires)),
+                },
+            }
+        }
+    }
+
+    /// Sends the provider's next token (`auth`), and answers when it expires. The server
+    /// keeps the old one if it refuses the new, and closes with `4001` at its expiry,
+    /// which reconnects with whatever the provider gives then.
+    async fn refresh_token(&mut self, sink: &mut Sink) -> Result<Option<u64>, End> {
+        let token = match self.client.token().await {
+            Ok(Some(token)) => token,
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                self.ready.push_back(Item::Control {
+                    kind: "auth_refused".into(),
+                    data: json!({"type": "auth_refused", "code": "token_provider", "message": e.to_string()}),
+                });
+                return Ok(None);
+            }
+        };
+        let reference = self.reference();
+        self.pending.insert(reference, Pending::Auth);
+        let frame = json!({"type": "auth", "token": token, "ref": reference}).to_string();
+        sink.send(Frame::text(frame))
+            .await
+            .map_err(|e| End::Lost(format!("sending: {e}")))?;
+        Ok(token_expiry(&token))
+    }
+
+    /// Forgets the answers a lost connection owed; an unsubscribe is done anyway, since
+    /// the next connection does not follow the channel.
+    fn forget_pending(&mut self) {
+        for (_, pending) in self.pending.drain() {
+            if let Pending::Unsubscribe(answer) = pending {
+                let _ = answer.send(Ok(()));
+            }
+        }
+    }
+
+    async fn close(&mut self, sink: &mut Sink, error: Error) -> End {
+        let frame = CloseFrame {
+            code: CloseCode::Normal,
+            reason: "closed by the app".into(),
+        };
+        let _ = sink.send(Frame::Close(Some(frame))).await;
+        End::Stop(error)
+    }
+
+    fn reference(&mut self) -> u64 {
+        self.next_ref += 1;
+        self.next_ref
+    }
+
+    /// A command while disconnected (`sink` is `None`): queued for the next connection.
+    async fn take(&mut self, command: Command, sink: Option<&mut Sink>) -> Result<(), Error> {
+        match command {
+            Command::Publish {
+                channel,
+                event,
+                data,
+                key,
+                answer,
+            } => {
+                let reference = self.reference();
+                let mut frame = json!({
+                    "type": "publish",
+                    "channel": channel,
+                    "idempotency_key": key,
+                    "ref": reference,
+                });
+                match std::str::from_utf8(&data) {
+                    Ok(text) => frame["data"] = json!(text),
+                    Err(_) => {
+                        use base64::Engine as _;
+                        frame["data_base64"] =
+                            json!(base64::engine::general_purpose::STANDARD.encode(&data));
+                    }
+                }
+                if let Some(event) = event {
+                    frame["event"] = json!(event);
+                }
+                let frame = frame.to_string();
+                // Kept until answered, so a send that fails is sent again on the next
+                // connection.
+                self.outbox.push_back(Outgoing {
+                    reference,
+                    frame: frame.clone(),
+                    answer,
+                });
+                if let Some(sink) = sink {
+                    self.pending.insert(reference, Pending::Publish);
+                    sink.send(Frame::text(frame))
+                        .await
+                        .map_err(|e| Error::Refused {
+                            code: "network".into(),
+                            message: format!("sending: {e}"),
+                        })?;
+                }
+            }
+            Command::Subscribe {
+                channel,
+                from,
+                answer,
+            } => {
+                if self.followed.iter().any(|f| f.name == channel) {
+                    let _ = answer.send(Err(Error::Refused {
+                        code: "already_subscribed".into(),
+                        message: format!("the socket already follows {channel:?}"),
+                    }));
+                    return Ok(());
+                }
+                self.followed.push(Followed {
+                    name: channel.clone(),
+                    cursor: from.clone(),
+                    waiting: vec![answer],
+                });
+                if let Some(sink) = sink {
+                    self.send_subscribe(sink, channel, from)
+                        .await
+                        .map_err(|_| Error::Refused {
+                            code: "network".into(),
+                            message: "sending failed".into(),
+                        })?;
+                }
+            }
+            Command::Unsubscribe { channel, answer } => {
+                let Some(at) = self.followed.iter().position(|f| f.name == channel) else {
+                    let _ = answer.send(Err(Error::Refused {
+                        code: "not_subscribed".into(),
+                        message: format!("the socket does not follow {channel:?}"),
+                    }));
+                    return Ok(());
+                };
+                if at == 0 {
+                    let _ = answer.send(Err(Error::Refused {
+                        code: "opened_for_channel".into(),
+                        message: format!(
+                            "the socket was opened for {channel:?}; it stays until the socket closes"
+                        ),
+                    }));
+                    return Ok(());
+                }
+                self.followed.remove(at);
+                match sink {
+                    Some(sink) => {
+                        let reference = self.reference();
+                        self.pending.insert(reference, Pending::Unsubscribe(answer));
+                        let frame =
+                            json!({"type": "unsubscribe", "channel": channel, "ref": reference});
+                        sink.send(Frame::text(frame.to_string()))
+                            .await
+                            .map_err(|e| Error::Refused {
+                                code: "network".into(),
+                                message: format!("sending: {e}"),
+                            })?;
+                    }
+                    // Not subscribed on the next connection: done.
+                    None => {
+                        let _ = answer.send(Ok(()));
+                    }
+                }
+            }
+            Command::Close => return Err(closed()),
+        }
+        Ok(())
+    }
+
+    async fn take_connected(&mut self, command: Command, sink: &mut Sink) -> Result<(), End> {
+        // A failed send loses the connection; what it carried waits for the next one.
+        self.take(command, Some(sink))
+            .await
+            .map_err(|e| End::Lost(format!("{e}")))
+    }
+
+    async fn send_subscribe(
+        &mut self,
+        sink: &mut Sink,
+        channel: String,
+        cursor: Option<String>,
+    ) -> Result<(), End> {
+        let reference = self.reference();
+        let mut frame = json!({"type": "subscribe", "channel": channel, "ref": reference});
+        if let Some(cursor) = cursor {
+            frame["last_event_id"] = json!(cursor);
+        }
+        self.pending.insert(reference, Pending::Subscribe(channel));
+        sink.send(Frame::text(frame.to_string()))
+            .await
+            .map_err(|e| End::Lost(format!("sending: {e}")))
+    }
+
+    /// One frame from the server; `Some` ends the connection.
+    fn read(&mut self, frame: Frame) -> Option<End> {
+        match frame {
+            Frame::Binary(bytes) => {
+                let Some(parsed) = binary::Frame::parse(&bytes) else {
+                    return Some(End::Lost(
+                        "the server sent a binary frame it could not have".into(),
+                    ));
+                };
+                let data = bytes.slice_ref(parsed.data);
+                let message = Message {
+                    channel: parsed.channel.map(str::to_string),
+                    id: parsed.id.map(str::to_string),
+                    event: parsed.event.to_string(),
+                    data,
+                };
+                if let (Some(channel), Some(id)) = (&message.channel, &message.id)
+                    && let Some(followed) = self.followed.iter_mut().find(|f| &f.name == channel)
+                {
+                    followed.cursor = Some(id.clone());
+                }
+                self.ready.push_back(Item::Message(message));
+                None
+            }
+            Frame::Text(text) => {
+                let value: Value = serde_json::from_str(text.as_str()).unwrap_or(Value::Null);
+                self.control(value);
+                None
+            }
+            Frame::Close(close) => {
+                let (code, reason) = close.map_or((1005, String::new()), |c| {
+                    (u16::from(c.code), c.reason.as_str().to_string())
+                });
+                if is_final_close(code) {
+                    self.ready.push_back(Item::Control {
+                        kind: "close".into(),
+                        data: json!({"type": "close", "code": code, "reason": reason}),
+                    });
+                    return Some(End::Stop(Error::Closed { code, reason }));
+                }
+                Some(End::Lost(format!(
+                    "the server closed the connection ({code}): {reason}"
+                )))
+            }
+            Frame::Ping(_) | Frame::Pong(_) | Frame::Frame(_) => None,
+        }
+    }
+
+    /// A JSON text frame: an answer to something sent, or a control for the app.
+    fn control(&mut self, value: Value) {
+        let kind = value["type"].as_str().unwrap_or("").to_string();
+        let text = |name: &str| value[name].as_str().map(str::to_string);
+        let pending = value["ref"].as_u64().and_then(|r| self.pending.remove(&r));
+        match (kind.as_str(), pending) {
+            ("ack", Some(Pending::Publish)) | ("error", Some(Pending::Publish)) => {
+                let reference = value["ref"].as_u64();
+                let Some(at) = self
+                    .outbox
+                    .iter()
+                    .position(|out| Some(out.reference) == reference)
+                else {
+                    return;
+                };
+                let out = self.outbox.remove(at).expect("found");
+                let result = if kind == "ack" {
+                    Ok(Published {
+                        id: text("id").unwrap_or_default(),
+                        duplicate: value["duplicate"].as_bool().unwrap_or(false),
+                    })
+                } else {
+                    Err(refused(&value))
+                };
+                let _ = out.answer.send(result);
+            }
+            ("subscribed", Some(Pending::Subscribe(channel))) => {
+                if let Some(followed) = self.followed.iter_mut().find(|f| f.name == channel) {
+                    if followed.cursor.is_none() {
+                        followed.cursor = text("starts_after");
+                    }
+                    for waiting in followed.waiting.drain(..) {
+                        let _ = waiting.send(Ok(()));
+                    }
+                }
+            }
+            ("error", Some(Pending::Subscribe(channel))) => {
+                // Refused (now): not followed any more; whoever asked learns why, and the
+                // app sees it among the items when the refusal came on a reconnection.
+                if let Some(at) = self.followed.iter().position(|f| f.name == channel) {
+                    let followed = self.followed.remove(at);
+                    if followed.waiting.is_empty() {
+                        let mut data = value.clone();
+                        data["channel"] = json!(channel);
+                        self.ready.push_back(Item::Control {
+                            kind: "refused".into(),
+                            data,
+                        });
+                    }
+                    for waiting in followed.waiting {
+                        let _ = waiting.send(Err(refused(&value)));
+                    }
+                }
+            }
+            ("unsubscribed", Some(Pending::Unsubscribe(answer))) => {
+                let _ = answer.send(Ok(()));
+            }
+            ("error", Some(Pending::Unsubscribe(answer))) => {
+                let _ = answer.send(Err(refused(&value)));
+            }
+            ("auth_ok", Some(Pending::Auth)) => {}
+            ("error", Some(Pending::Auth)) => {
+                // The old token stays in force until it expires; then `4001` reconnects
+                // with whatever the provider gives then.
+                let mut data = value.clone();
+                data["type"] = json!("auth_refused");
+                self.ready.push_back(Item::Control {
+                    kind: "auth_refused".into(),
+                    data,
+                });
+            }
+            ("connected", _) => {
+                if let Some(first) = self.followed.first_mut()
+                    && first.cursor.is_none()
+                {
+                    first.cursor = text("starts_after");
+                }
+                self.ready.push_back(Item::Control { kind, data: value });
+            }
+            // `gap`, `join`, `leave`, and whatever a newer server adds.
+            (_, _) if !kind.is_empty() => self.ready.push_back(Item::Control { kind, data: value }),
+            _ => {}
+        }
+    }
+}
+
+/// An `error` answer as an [`Error`].
+fn refused(value: &Value) -> Error {
+    Error::Refused {
+        code: value["code"].as_str().unwrap_or("error").to_string(),
+        message: value["message"].as_str().unwrap_or("").to_string(),
+    }
+}
+
+/// When to replace a token expiring at `expires` (never, for one without an expiry).
+fn refresh_at(expires: Option<u64>) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    match expires {
+        Some(exp) => now + refresh_in(exp),
+        None => now + Duration::from_secs(100 * 365 * 24 * 3600),
+    }
+}
