@@ -234,3 +234,51 @@ async fn a_token_provider_keeps_a_following_going_past_each_tokens_expiry() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_refused_channel_of_several_is_dropped_and_the_others_followed() {
+    const SECRET: &str = "rust-client-test-secret-long-enough-hs256";
+    let server = TestServer::start_with(|s| {
+        s.auth.jwt_secret = SECRET.to_string();
+    })
+    .await;
+    let claims =
+        serde_json::json!({"sub": "app", "dormouse": {"subscribe": ["a"], "publish": ["a"]}});
+    let client = Client::new(
+        parse_base_url(&server.url("")).unwrap(),
+        Some(dormouse_testkit::jwt(SECRET, 600, claims)),
+        "test",
+    )
+    .unwrap();
+    let mut both = client.follow_many(&[("a", None), ("b", None)]);
+    match both.next().await.unwrap() {
+        Item::Control { kind, data } => {
+            assert_eq!(kind, "refused");
+            assert_eq!(
+                (data["channel"].as_str(), data["code"].as_str()),
+                (Some("b"), Some("forbidden")),
+                "{data}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // Connected without b.
+    assert!(
+        matches!(both.next().await.unwrap(), Item::Control { kind, .. } if kind == "connected")
+    );
+    let a1 = client.publish("a", "a1", None, None).await.unwrap();
+    let (_, data) = next_message(&mut both).await;
+    let message: serde_json::Value = serde_json::from_str(&data).unwrap();
+    assert_eq!(
+        (message["channel"].as_str(), message["id"].as_str()),
+        (Some("a"), Some(a1.id.as_str()))
+    );
+    // Every channel refused: an error, as for one channel.
+    let mut none = client.follow_many(&[("b", None), ("c", None)]);
+    assert!(matches!(none.next().await.unwrap(), Item::Control { kind, .. } if kind == "refused"));
+    match none.next().await {
+        Err(Error::Server(e)) => assert_eq!(e.code, "forbidden"),
+        other => panic!("{other:?}"),
+    }
+    server.stop().await;
+}

@@ -8,6 +8,8 @@ export class DormouseError extends Error {
   code: string;
   /** `error.message`: what was wrong, for a person. */
   serverMessage: string;
+  /** `error.channel`: on a stream of several channels, the one refused (the others go on). */
+  channel?: string;
   /** True when trying again later can succeed (the server is busy or restarting). */
   readonly transient: boolean;
 }

@@ -59,7 +59,12 @@ async function errorOf(response) {
   const text = await response.text().catch(() => "");
   try {
     const body = JSON.parse(text);
-    if (body?.error?.code) return new DormouseError(response.status, body.error.code, body.error.message ?? "");
+    if (body?.error?.code) {
+      const error = new DormouseError(response.status, body.error.code, body.error.message ?? "");
+      // On a stream of several channels, the one refused.
+      if (typeof body.error.channel === "string") error.channel = body.error.channel;
+      return error;
+    }
   } catch {
     // Not JSON: a proxy's page, say.
   }
@@ -536,6 +541,26 @@ export class Dormouse extends Emitter {
     }
   }
 
+  /** Where a channel without a cursor starts on a stream beside channels with one. */
+  async #positionOf(sub) {
+    const channel = encodeURIComponent(sub.channel);
+    if (sub.rewind) {
+      const page = await this.#http(`/v1/channels/${channel}/messages?direction=backward&limit=${sub.rewind + 1}`, { method: "GET" });
+      if (page.ok) {
+        const { events } = await page.json();
+        // Fewer than N+1 kept: all of them, from the channel's oldest ("" in a cursor).
+        return events.length > sub.rewind ? events[events.length - 1].id : "";
+      }
+      await page.body?.cancel();
+    }
+    const response = await this.#http(`/v1/channels/${channel}`, { method: "GET" });
+    if (!response.ok) {
+      await response.body?.cancel();
+      return null;
+    }
+    return (await response.json()).last_id ?? null;
+  }
+
   #fail(sub, error) {
     sub.active = false;
     this.#subs.delete(sub.channel);
@@ -683,11 +708,15 @@ export class Dormouse extends Emitter {
     if (token) headers.Authorization = `Bearer ${token}`;
     // In a cursor, an empty position means "everything retained": a channel joining a
     // stream whose others have positions starts instead after the channel's newest event.
-    if (channels.some((c) => c.lastEventId)) {
+    // One asking to `rewind` N starts before its N newest events: the id of the one before
+    // them, read from its history (a stream's one `rewind` only applies when no channel
+    // has a position, and to all of them). Without the `history` capability it starts
+    // after its newest instead.
+    const rewinds = new Set(channels.filter((c) => !c.lastEventId).map((c) => c.rewind ?? null));
+    if (channels.some((c) => c.lastEventId) || rewinds.size > 1) {
       for (const sub of channels.filter((c) => !c.lastEventId)) {
         try {
-          const response = await this.#http(`/v1/channels/${encodeURIComponent(sub.channel)}`, { method: "GET" });
-          if (response.ok) sub.lastEventId = (await response.json()).last_id ?? null;
+          sub.lastEventId = await this.#positionOf(sub);
         } catch {
           // Unreachable: the stream's own request says so next.
         }
@@ -722,7 +751,10 @@ export class Dormouse extends Emitter {
         const error = await errorOf(response);
         if (!current()) return;
         if (error.status === 403 || error.status === 400) {
-          for (const sub of channels) this.#fail(sub, error);
+          // The server names the channel it refused when it can: only that one fails, and
+          // the stream comes back for the others.
+          const named = channels.find((sub) => sub.channel === error.channel);
+          for (const sub of named ? [named] : channels) this.#fail(sub, error);
         }
         this.#scheduleReconnect(error);
         return;

@@ -19,6 +19,9 @@ pub struct ApiError {
     pub message: String,
     /// Seconds the client should wait before retrying (`Retry-After`), for 429 and 503.
     pub retry_after: Option<u64>,
+    /// The channel the error is about, when a request names several (`GET /v1/events`):
+    /// a client drops that one and follows the others, instead of failing them all.
+    pub channel: Option<String>,
 }
 
 impl ApiError {
@@ -29,7 +32,14 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after: None,
+            channel: None,
         }
+    }
+
+    /// Names the channel the error is about (in the body's `error.channel`).
+    pub fn about(mut self, channel: &str) -> Self {
+        self.channel = Some(channel.to_string());
+        self
     }
 
     /// Adds a `Retry-After` of `secs` seconds.
@@ -65,7 +75,10 @@ pub(crate) struct ErrorCode(pub(crate) &'static str);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"code": self.code, "message": self.message}});
+        let mut body = json!({"error": {"code": self.code, "message": self.message}});
+        if let Some(channel) = self.channel {
+            body["error"]["channel"] = json!(channel);
+        }
         let mut response = (self.status, Json(body)).into_response();
         response.extensions_mut().insert(ErrorCode(self.code));
         if let Some(secs) = self.retry_after {

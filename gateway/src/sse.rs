@@ -187,15 +187,17 @@ pub(crate) async fn subscribe_many(
         ));
     }
     for (i, channel) in channels.iter().enumerate() {
-        check_channel(channel)?;
         if channels[..i].contains(channel) {
             return Err(ApiError::bad_request(
                 "bad_query",
                 format!("channel {channel:?} is named twice"),
             ));
         }
-        principal.require(crate::auth::Need::Subscribe(channel))?;
-        state.hooks.may_add(channel)?;
+        // A refusal of one channel names it: the client follows the others without it.
+        check_channel(channel)
+            .and_then(|()| principal.require(crate::auth::Need::Subscribe(channel)))
+            .and_then(|()| state.hooks.may_add(channel))
+            .map_err(|e| e.about(channel))?;
     }
     let starts = cursor::starts_of_many(
         &headers,

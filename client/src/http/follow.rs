@@ -32,9 +32,9 @@ pub enum Item<M = Event> {
     /// A control event the app may want to know of, by kind: `connected` (the connection's
     /// id), `gap` (events were lost: what and from where), `join` and `leave` (presence),
     /// `close` (a backend ended the connection for good; the next call answers
-    /// [`Error::Closed`]). Over a WebSocket also `refused` (a channel the socket followed
-    /// was refused on a reconnection, with the server's `code`: it is not followed any
-    /// more) and `auth_refused` (a refreshed token was refused; the old one stays until it
+    /// [`Error::Closed`]), `refused` (one of several channels was refused for good, with
+    /// the server's `code`: it is not followed any more, the others are), and over a
+    /// WebSocket `auth_refused` (a refreshed token was refused; the old one stays until it
     /// expires). Its JSON.
     Control {
         /// The kind, without the `dormouse.` prefix.
@@ -182,6 +182,20 @@ impl Follow {
                         }
                         continue;
                     }
+                    Err(Error::Server(e)) if self.drops_refused(&e) => {
+                        // One channel of several refused (the server named it): the
+                        // others go on without it, and the app learns which and why.
+                        let data = serde_json::json!({
+                            "type": "refused",
+                            "channel": e.channel,
+                            "code": e.code,
+                            "message": e.message,
+                        });
+                        return Ok(Item::Control {
+                            kind: "refused".into(),
+                            data,
+                        });
+                    }
                     Err(e) if !self.connected_once => return Err(e),
                     Err(Error::Server(e)) if !e.is_transient() => return Err(Error::Server(e)),
                     Err(e) => {
@@ -212,6 +226,22 @@ impl Follow {
                 self.retry = Duration::from_millis(ms);
             }
         }
+    }
+
+    /// Whether `e` refuses one channel of several for good (a `400` or `403` naming it):
+    /// then that one is no longer followed, and true is answered.
+    fn drops_refused(&mut self, e: &super::ServerError) -> bool {
+        let refuses = matches!(e.status.as_u16(), 400 | 403) && self.channels.len() > 1;
+        let Some(at) = e
+            .channel
+            .as_deref()
+            .and_then(|named| self.channels.iter().position(|(c, _)| c == named))
+            .filter(|_| refuses)
+        else {
+            return false;
+        };
+        self.channels.remove(at);
+        true
     }
 
     /// Ends the connection; the next call waits, then reconnects.

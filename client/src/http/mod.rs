@@ -119,6 +119,9 @@ pub struct ServerError {
     pub message: String,
     /// `Retry-After`, when the server said how long to wait.
     pub retry_after: Option<Duration>,
+    /// `error.channel`: on a request naming several channels (`/v1/events`), the one
+    /// refused, so a follower drops it and goes on with the others.
+    pub channel: Option<String>,
 }
 
 impl ServerError {
@@ -452,6 +455,10 @@ pub async fn error_of(method: Method, url: Url, response: Response) -> ServerErr
         code,
         message,
         retry_after,
+        channel: parsed
+            .as_ref()
+            .and_then(|v| v["error"]["channel"].as_str())
+            .map(str::to_string),
     }
 }
 

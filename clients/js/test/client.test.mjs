@@ -57,6 +57,23 @@ for (const transport of ["websocket", "sse"]) {
       client.close();
     });
 
+    test("a channel added with rewind beside a resumed one starts with its newest N", async () => {
+      const [x, y] = [`${transport}-rw-x`, `${transport}-rw-y`];
+      for (const n of [1, 2, 3, 4]) await server.publish(y, `y${n}`);
+      const client = new Dormouse({ url: server.url, transport, backoff: FAST });
+      const subX = client.subscribe(x);
+      await next(subX, "subscribed");
+      const gotX = collect(subX, "message", 1);
+      await server.publish(x, "x1");
+      await gotX;
+      const subY = client.subscribe(y, { rewind: 2 });
+      const gotY = collect(subY, "message", 3);
+      await next(subY, "subscribed");
+      await server.publish(y, "y5");
+      assert.deepEqual(texts(await gotY), ["y3", "y4", "y5"]);
+      client.close();
+    });
+
     test("a malformed cursor ends the subscription with the server's reason, not retries", async () => {
       const client = new Dormouse({ url: server.url, transport, backoff: FAST });
       const sub = client.subscribe(`${transport}-bad-cursor`, { lastEventId: "not-an-id" });
@@ -162,6 +179,19 @@ describe("with credentials and presence", () => {
     assert.equal((await got).data, "still here");
     assert.ok(asked >= 2, `a fresh token was asked for (${asked})`);
     assert.equal(reconnects, 0);
+    client.close();
+  });
+
+  test("on one event stream, a refused channel fails alone and the others go on", async () => {
+    const client = new Dormouse({ url: server.url, token: token("mia", 60, { subscribe: ["room-open"], publish: ["room-open"] }), transport: "sse", backoff: FAST });
+    const open = client.subscribe("room-open");
+    const closed = client.subscribe("room-closed");
+    const error = await next(closed, "error");
+    assert.deepEqual([error.status, error.code, error.channel], [403, "forbidden", "room-closed"]);
+    const got = next(open, "message");
+    await next(open, "subscribed");
+    await client.publish("room-open", "still followed");
+    assert.equal((await got).data, "still followed");
     client.close();
   });
 
