@@ -342,3 +342,70 @@ async fn a_token_provider_replaces_the_token_in_place_before_it_expires() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn an_app_that_waits_for_its_ack_before_reading_is_answered_and_big_payloads_go_through() {
+    let server = TestServer::start_with(|s| {
+        s.limits.max_message_size = dormouse_gateway::ByteSize::kib(256);
+    })
+    .await;
+    let client = client_at(&server.url(""));
+    let mut socket = client.socket(&[("busy", None)]);
+    next_control(&mut socket, "connected").await;
+    // 3,000 events arrive while the app does not read: more than the socket reads ahead.
+    let batch: Vec<serde_json::Value> = (0..3000)
+        .map(|n| serde_json::json!({"channel": "busy", "data": format!("e{n}")}))
+        .collect();
+    let url = client.url(&["v1", "publish"]);
+    client
+        .send(
+            client
+                .request(reqwest::Method::POST, url, true)
+                .json(&batch),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Its own publish is answered all the same (the ack comes after those events).
+    let ack = tokio::time::timeout(PATIENCE, socket.publish("busy", "mine", None))
+        .await
+        .expect("answered while 3,000 events wait to be read")
+        .unwrap();
+    for n in 0..3000 {
+        let message = next_message(&mut socket).await;
+        assert_eq!(&message.data[..], format!("e{n}").as_bytes());
+    }
+    assert_eq!(next_message(&mut socket).await.id, Some(ack.id));
+
+    // Control characters are valid UTF-8 but grow sixfold in JSON: sent as base64.
+    let zeros = vec![0u8; 150 * 1024];
+    let ack = socket.publish("busy", zeros.clone(), None).await.unwrap();
+    let got = next_message(&mut socket).await;
+    assert_eq!((got.id, got.data.len()), (Some(ack.id), zeros.len()));
+    assert!(got.data.iter().all(|b| *b == 0));
+    // Over the server's limit: refused with its reason.
+    let refused = socket
+        .publish("busy", vec![b'x'; 300 * 1024], None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, Error::Refused { code, .. } if code == "payload_too_large"),
+        "{refused}"
+    );
+    // A frame beyond what the server reads at all ends each connection instead of being
+    // answered: after a few connections it fails, rather than being sent forever, and the
+    // socket goes on.
+    let started = tokio::time::Instant::now();
+    let unanswered = socket
+        .publish("busy", vec![b'y'; 1024 * 1024], None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&unanswered, Error::Refused { code, .. } if code == "unanswered"),
+        "{unanswered}"
+    );
+    eprintln!("failed unanswered after {:?}", started.elapsed());
+    let after = socket.publish("busy", "after", None).await.unwrap();
+    assert_eq!(next_message(&mut socket).await.id, Some(after.id));
+    server.stop().await;
+}

@@ -671,10 +671,18 @@ impl WsSession {
                     return close_with(ws, close::TOKEN_EXPIRED, "token expired").await;
                 }
                 Wake::Outbound(false) => {
-                    // Not 1000, which clients take as a backend's final word: this asks for a
-                    // reconnect, which finds out what became of the channel or object.
-                    return close_with(ws, 1011, "the server let go of the connection; reconnect")
-                        .await;
+                    // An object that let go of its socket (did not accept it) decided so:
+                    // 1000, a backend's final word. A channel or hook never lets go on
+                    // purpose: 1011 asks for a reconnect, which finds out what became of it.
+                    return match self.mode {
+                        Mode::Object { .. } => {
+                            close_with(ws, 1000, "the object did not keep the connection").await
+                        }
+                        Mode::Channel { .. } | Mode::Hooked(_) => {
+                            close_with(ws, 1011, "the server let go of the connection; reconnect")
+                                .await
+                        }
+                    };
                 }
                 Wake::Outbound(true) => {
                     // Boxed, as they are the loop's largest steps and a future is as large

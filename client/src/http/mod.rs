@@ -144,6 +144,8 @@ impl ServerError {
 /// Requests may wait on a durable commit; this only bounds a server that never answers.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a token provider may take.
+const TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// An HTTP client bound to one server and credential. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -298,7 +300,14 @@ impl Client {
         Ok(match &self.token {
             Token::None => None,
             Token::Fixed(token) => Some(token.clone()),
-            Token::Provider(provider) => Some(provider().await.map_err(Error::Token)?),
+            // Bounded: a provider that hangs must not hold a socket's loop (reads,
+            // commands, close) with it.
+            Token::Provider(provider) => Some(
+                tokio::time::timeout(TOKEN_TIMEOUT, provider())
+                    .await
+                    .map_err(|_| Error::Token(format!("no token within {TOKEN_TIMEOUT:?}")))?
+                    .map_err(Error::Token)?,
+            ),
         })
     }
 

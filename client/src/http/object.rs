@@ -134,8 +134,9 @@ impl ObjectSocket {
         }
     }
 
-    /// Closes the socket for good (code 1000), after sending what was queued, and waits
-    /// until the close frame went out.
+    /// Closes the socket for good (code 1000) and waits until the close frame went out.
+    /// Frames sent before it went out first; while the socket is down (reconnecting),
+    /// what was queued is dropped.
     pub async fn close(&self) {
         let (done, closed) = oneshot::channel();
         if self.commands.send(Outbound::Close(done)).is_ok() {
@@ -225,32 +226,46 @@ impl Task {
 
     async fn session(&mut self, ws: WebSocket) -> End {
         let (mut sink, mut stream) = ws.split();
-        while let Some(frame) = self.queue.pop_front() {
-            if let Err(e) = sink.feed(frame).await {
+        // Taken off the queue once written: a connection that fails on the way leaves
+        // them for the next.
+        for frame in &self.queue {
+            if let Err(e) = sink.feed(frame.clone()).await {
                 return End::Lost(format!("sending: {e}"));
             }
         }
         if let Err(e) = sink.flush().await {
             return End::Lost(format!("sending: {e}"));
         }
+        self.queue.clear();
+        // Silence from the server for this long (not the app's activity) ends it.
+        let idle = tokio::time::sleep(IDLE_TIMEOUT);
+        tokio::pin!(idle);
         loop {
+            let reading = self.ready.len() < 1024;
+            if !reading {
+                idle.as_mut()
+                    .reset(tokio::time::Instant::now() + IDLE_TIMEOUT);
+            }
             tokio::select! {
                 permit = self.items.reserve(), if !self.ready.is_empty() => match permit {
                     Ok(permit) => permit.send(Ok(self.ready.pop_front().expect("not empty"))),
                     Err(_) => return close(&mut sink).await,
                 },
-                read = tokio::time::timeout(IDLE_TIMEOUT, stream.next()), if self.ready.len() < 1024 => {
+                () = &mut idle, if reading => {
+                    return End::Lost(format!("nothing received for {IDLE_TIMEOUT:?}"));
+                }
+                read = stream.next(), if reading => {
+                    idle.as_mut().reset(tokio::time::Instant::now() + IDLE_TIMEOUT);
                     match read {
-                        Err(_) => return End::Lost(format!("nothing received for {IDLE_TIMEOUT:?}")),
-                        Ok(None) => return End::Lost("the connection ended".into()),
-                        Ok(Some(Err(e))) => return End::Lost(format!("{e}")),
-                        Ok(Some(Ok(Frame::Text(text)))) => self
+                        None => return End::Lost("the connection ended".into()),
+                        Some(Err(e)) => return End::Lost(format!("{e}")),
+                        Some(Ok(Frame::Text(text))) => self
                             .ready
                             .push_back(Item::Message(ObjectMessage::Text(text.as_str().to_string()))),
-                        Ok(Some(Ok(Frame::Binary(data)))) => {
+                        Some(Ok(Frame::Binary(data))) => {
                             self.ready.push_back(Item::Message(ObjectMessage::Binary(data)));
                         }
-                        Ok(Some(Ok(Frame::Close(frame)))) => {
+                        Some(Ok(Frame::Close(frame))) => {
                             let (code, reason) = frame.map_or((1005, String::new()), |c| {
                                 (u16::from(c.code), c.reason.as_str().to_string())
                             });
@@ -261,7 +276,7 @@ impl Task {
                                 "the server closed the connection ({code}): {reason}"
                             ));
                         }
-                        Ok(Some(Ok(_))) => {}
+                        Some(Ok(_)) => {}
                     }
                 },
                 command = self.inbox.recv() => match command {

@@ -27,6 +27,10 @@ const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Items read ahead of the app; beyond them the socket is not read, TCP pushes back, and a
 /// server that finds this connection too slow closes it, to be resumed from its cursor.
 const READ_AHEAD: usize = 1024;
+/// Connections a publish is sent on before it fails unanswered: a frame the server cannot
+/// take (say, beyond its `limits.max_message_size`) ends the connection instead of getting
+/// an answer, and must not be sent again forever.
+const MAX_SENDS: u32 = 4;
 
 /// A message of a channel (or, with `channel` and `id` `None`, one a backend sent to this
 /// connection alone), its payload as published.
@@ -297,6 +301,8 @@ struct Followed {
 struct Outgoing {
     reference: u64,
     frame: String,
+    /// Connections it was sent on.
+    sends: u32,
     answer: oneshot::Sender<Result<Published, Error>>,
 }
 
@@ -445,11 +451,24 @@ impl Task {
                 return end;
             }
         }
-        let resend: Vec<(u64, String)> = self
-            .outbox
-            .iter()
-            .map(|out| (out.reference, out.frame.clone()))
-            .collect();
+        let mut resend = Vec::new();
+        let mut kept = VecDeque::with_capacity(self.outbox.len());
+        for mut out in self.outbox.drain(..) {
+            if out.sends >= MAX_SENDS {
+                let _ = out.answer.send(Err(Error::Refused {
+                    code: "unanswered".into(),
+                    message: format!(
+                        "no answer after it was sent on {MAX_SENDS} connections, each of \
+                         which ended first (is it larger than the server takes?)"
+                    ),
+                }));
+                continue;
+            }
+            out.sends += 1;
+            resend.push((out.reference, out.frame.clone()));
+            kept.push_back(out);
+        }
+        self.outbox = kept;
         for (reference, frame) in resend {
             self.pending.insert(reference, Pending::Publish);
             if let Err(e) = sink.feed(Frame::text(frame)).await {
@@ -460,18 +479,32 @@ impl Task {
             return End::Lost(format!("sending: {e}"));
         }
         // A provider's JWT is replaced in place before it expires.
+        let mut expires = expires;
         let refresh = tokio::time::sleep_until(refresh_at(expires));
         tokio::pin!(refresh);
-        let token_refreshes = self.client.refreshes_tokens() && expires.is_some();
+        let mut token_refreshes = self.client.refreshes_tokens() && expires.is_some();
+        // Silence from the server (not activity of the app's) for this long ends the
+        // connection: the server pings every 20 s.
+        let idle_timeout = self.idle_timeout;
+        let idle = tokio::time::sleep(idle_timeout);
+        tokio::pin!(idle);
         enum Wake {
             Delivered,
             AppGone,
-            Read(Result<Option<Result<Frame, String>>, ()>),
+            Read(Option<Result<Frame, String>>),
+            Idle,
             Command(Option<Command>),
             Refresh,
         }
-        let idle_timeout = self.idle_timeout;
         loop {
+            // Read ahead of the app up to a bound, but always while an answer is owed: an
+            // app waiting for an ack before it reads would otherwise wait forever.
+            let reading = self.ready.len() < READ_AHEAD || !self.pending.is_empty();
+            if !reading {
+                // Not reading is not silence.
+                idle.as_mut()
+                    .reset(tokio::time::Instant::now() + idle_timeout);
+            }
             // Each branch only says what happened; it is handled once the select is over
             // (its futures borrow parts of `self`).
             let wake = tokio::select! {
@@ -482,10 +515,10 @@ impl Task {
                     }
                     Err(_) => Wake::AppGone,
                 },
-                read = tokio::time::timeout(idle_timeout, stream.next()),
-                    if self.ready.len() < READ_AHEAD => {
-                    Wake::Read(read.map(|r| r.map(|r| r.map_err(|e| e.to_string()))).map_err(|_| ()))
+                read = stream.next(), if reading => {
+                    Wake::Read(read.map(|r| r.map_err(|e| e.to_string())))
                 }
+                () = &mut idle, if reading => Wake::Idle,
                 command = self.inbox.recv() => Wake::Command(command),
                 () = &mut refresh, if token_refreshes => Wake::Refresh,
             };
@@ -494,12 +527,14 @@ impl Task {
                 Wake::AppGone | Wake::Command(None | Some(Command::Close)) => {
                     return self.close(&mut sink, closed()).await;
                 }
-                Wake::Read(Err(())) => {
+                Wake::Idle => {
                     return End::Lost(format!("nothing received for {idle_timeout:?}"));
                 }
-                Wake::Read(Ok(None)) => return End::Lost("the connection ended".into()),
-                Wake::Read(Ok(Some(Err(e)))) => return End::Lost(e),
-                Wake::Read(Ok(Some(Ok(frame)))) => {
+                Wake::Read(None) => return End::Lost("the connection ended".into()),
+                Wake::Read(Some(Err(e))) => return End::Lost(e),
+                Wake::Read(Some(Ok(frame))) => {
+                    idle.as_mut()
+                        .reset(tokio::time::Instant::now() + idle_timeout);
                     if let Some(end) = self.read(frame) {
                         return end;
                     }
@@ -511,7 +546,14 @@ impl Task {
                 }
                 Wake::Refresh => match self.refresh_token(&mut sink).await {
                     Err(end) => return end,
-                    Ok(expires) => refresh.as_mut().reset(refresh_at(expires)),
+                    // Armed again only for a token that lives longer than the last: one
+                    // that does not (a provider caching its token, a clock ahead of the
+                    // server's) is left to expire, and the `4001` close reconnects.
+                    Ok(next) if next > expires => {
+                        expires = next;
+                        refresh.as_mut().reset(refresh_at(expires));
+                    }
+                    Ok(_) => token_refreshes = false,
                 },
             }
         }
@@ -582,9 +624,16 @@ impl Task {
                     "idempotency_key": key,
                     "ref": reference,
                 });
-                match std::str::from_utf8(&data) {
-                    Ok(text) => frame["data"] = json!(text),
-                    Err(_) => {
+                // Text as is, unless escaping it in JSON costs more than base64 would (a
+                // payload of control characters grows up to six times).
+                let base64_len = data.len().div_ceil(3) * 4;
+                match std::str::from_utf8(&data)
+                    .ok()
+                    .map(|text| serde_json::Value::String(text.to_string()))
+                    .filter(|text| text.to_string().len() <= base64_len + 2)
+                {
+                    Some(text) => frame["data"] = text,
+                    None => {
                         use base64::Engine as _;
                         frame["data_base64"] =
                             json!(base64::engine::general_purpose::STANDARD.encode(&data));
@@ -599,6 +648,7 @@ impl Task {
                 self.outbox.push_back(Outgoing {
                     reference,
                     frame: frame.clone(),
+                    sends: u32::from(sink.is_some()),
                     answer,
                 });
                 if let Some(sink) = sink {
@@ -654,7 +704,13 @@ impl Task {
                     }));
                     return Ok(());
                 }
-                self.followed.remove(at);
+                let followed = self.followed.remove(at);
+                for waiting in followed.waiting {
+                    let _ = waiting.send(Err(Error::Refused {
+                        code: "unsubscribed".into(),
+                        message: format!("{channel:?} was unsubscribed before it was followed"),
+                    }));
+                }
                 match sink {
                     Some(sink) => {
                         let reference = self.reference();
@@ -729,8 +785,7 @@ impl Task {
             }
             Frame::Text(text) => {
                 let value: Value = serde_json::from_str(text.as_str()).unwrap_or(Value::Null);
-                self.control(value);
-                None
+                self.control(value)
             }
             Frame::Close(close) => {
                 let (code, reason) = close.map_or((1005, String::new()), |c| {
@@ -751,21 +806,19 @@ impl Task {
         }
     }
 
-    /// A JSON text frame: an answer to something sent, or a control for the app.
-    fn control(&mut self, value: Value) {
+    /// A JSON text frame: an answer to something sent, or a control for the app; `Some`
+    /// ends the connection.
+    fn control(&mut self, value: Value) -> Option<End> {
         let kind = value["type"].as_str().unwrap_or("").to_string();
         let text = |name: &str| value[name].as_str().map(str::to_string);
         let pending = value["ref"].as_u64().and_then(|r| self.pending.remove(&r));
         match (kind.as_str(), pending) {
             ("ack", Some(Pending::Publish)) | ("error", Some(Pending::Publish)) => {
                 let reference = value["ref"].as_u64();
-                let Some(at) = self
+                let at = self
                     .outbox
                     .iter()
-                    .position(|out| Some(out.reference) == reference)
-                else {
-                    return;
-                };
+                    .position(|out| Some(out.reference) == reference)?;
                 let out = self.outbox.remove(at).expect("found");
                 let result = if kind == "ack" {
                     Ok(Published {
@@ -788,9 +841,19 @@ impl Task {
                 }
             }
             ("error", Some(Pending::Subscribe(channel))) => {
-                // Refused (now): not followed any more; whoever asked learns why, and the
-                // app sees it among the items when the refusal came on a reconnection.
-                if let Some(at) = self.followed.iter().position(|f| f.name == channel) {
+                let at = self.followed.iter().position(|f| f.name == channel)?;
+                let transient = refused(&value).is_transient();
+                if transient && self.followed[at].waiting.is_empty() {
+                    // Followed before, refused for now on a reconnection (the channel is
+                    // full, the server shedding load): try again after the backoff.
+                    let code = value["code"].as_str().unwrap_or("error");
+                    return Some(End::Lost(format!(
+                        "resubscribing to {channel:?} was refused for now ({code})"
+                    )));
+                }
+                // Refused: not followed any more; whoever asked learns why, and the app
+                // sees it among the items when the refusal came on a reconnection.
+                {
                     let followed = self.followed.remove(at);
                     if followed.waiting.is_empty() {
                         let mut data = value.clone();
@@ -834,6 +897,7 @@ impl Task {
             (_, _) if !kind.is_empty() => self.ready.push_back(Item::Control { kind, data: value }),
             _ => {}
         }
+        None
     }
 }
 
