@@ -410,6 +410,33 @@ async fn bulk_lines_are_published_in_order_one_id_per_line() {
         vec![(&*ids[0], "a"), (&*ids[1], "b"), (&*ids[2], "c")]
     );
 
+    // An import run again with the same key (as after a cut) stores only the lines not
+    // stored yet, and prints the ids the others got the first time.
+    let keyed = [
+        "publish",
+        "imports",
+        "--lines",
+        "--idempotency-key",
+        "import-1",
+    ];
+    let first = run(&url, &keyed, Some(b"one\ntwo\n")).await.ok_lines();
+    let again = run(&url, &keyed, Some(b"one\ntwo\nthree\n"))
+        .await
+        .ok_lines();
+    assert_eq!(again[..2], first[..]);
+    let stored: Vec<String> = server
+        .all_history("imports")
+        .await
+        .iter()
+        .map(|e| e["data"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(stored, ["one", "two", "three"]);
+    // Without a key, each run is its own: the same lines are stored again.
+    let plain = ["publish", "imports", "--lines"];
+    run(&url, &plain, Some(b"one\n")).await.ok_lines();
+    run(&url, &plain, Some(b"one\n")).await.ok_lines();
+    assert_eq!(server.all_history("imports").await.len(), 5);
+
     server.stop().await;
 }
 

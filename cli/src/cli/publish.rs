@@ -41,8 +41,10 @@ pub(crate) struct PublishArgs {
     #[arg(long, value_name = "N", default_value_t = 1000,
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     batch_size: u32,
-    /// A retry with the same key is answered with the first id and stores nothing.
-    #[arg(long, value_name = "KEY", conflicts_with = "lines")]
+    /// A retry with the same key is answered with the first id and stores nothing. With
+    /// --lines, line N gets the key `KEY:N`: running the same import again (after it was
+    /// cut short, say) stores only the lines not stored yet.
+    #[arg(long, value_name = "KEY")]
     idempotency_key: Option<String>,
 }
 
@@ -111,8 +113,9 @@ const BATCH_DATA_BYTES: usize = 4 << 20;
 /// a full batch.
 const LINGER: Duration = Duration::from_millis(200);
 
-/// How many times a batch refused as transient (rate limit, overload) is sent again. Safe:
-/// the server documents that a refused batch published nothing.
+/// How many times a batch refused as transient (rate limit, overload, a proxy's 502 or 504)
+/// is sent again. Safe: a refused batch published nothing, and every line carries an
+/// idempotency key for an answer lost after the server stored it.
 const BATCH_RETRIES: u32 = 5;
 
 /// One line waiting in the current batch.
@@ -141,10 +144,20 @@ async fn publish_lines(client: &Client, args: &PublishArgs, input: Input) -> any
         ),
     };
     let progress = progress_bar(total);
+    // Every line has a key, so a batch sent again after an answer that got lost (a proxy's
+    // 502 or 504 after the server stored it) stores nothing twice. Without a key given,
+    // one of this run's own: the time and the process id.
+    let keys = args.idempotency_key.clone().unwrap_or_else(|| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        format!("lines-{:x}-{:x}", now.as_nanos(), std::process::id())
+    });
     let result = Bulk {
         client,
         channel: &args.channel,
         event: args.event.as_deref(),
+        keys: &keys,
         batch_size: args.batch_size as usize,
         progress: &progress,
         published: 0,
@@ -192,6 +205,8 @@ struct Bulk<'a> {
     client: &'a Client,
     channel: &'a str,
     event: Option<&'a str>,
+    /// Line N's idempotency key is `{keys}:{N}`.
+    keys: &'a str,
     batch_size: usize,
     progress: &'a ProgressBar,
     published: u64,
@@ -257,7 +272,10 @@ impl Bulk<'_> {
         let items: Vec<Value> = batch
             .iter()
             .map(|line| {
-                let mut item = json!({"channel": self.channel});
+                let mut item = json!({
+                    "channel": self.channel,
+                    "idempotency_key": format!("{}:{}", self.keys, line.number),
+                });
                 match std::str::from_utf8(&line.data) {
                     Ok(text) => item["data"] = json!(text),
                     Err(_) => item["data_base64"] = json!(BASE64.encode(&line.data)),
