@@ -141,3 +141,117 @@ async fn in_a_browser_the_client_resumes_every_channel_across_a_server_restart()
     browser.close().await;
     server.stop().await;
 }
+
+/// The library in Chromium when the network drops mid-stream and tokens expire: the page
+/// reaches the server through a relay the test cuts, and its token function hands out a
+/// token that expires in 4 s, then longer ones. Every message arrives exactly once, over
+/// each transport.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_browser_the_client_rides_out_a_network_drop_and_an_expiring_token() {
+    use dormouse_client::http::{Client, parse_base_url};
+    use dormouse_testkit::browser::Browser;
+    use dormouse_testkit::relay::Relay;
+    use dormouse_testkit::{TestServer, jwt};
+    use serde_json::{Value, json};
+    const SECRET: &str = "js-client-browser-test-secret-long-enough";
+    let server = TestServer::start_with(|s| {
+        s.auth.jwt_secret = SECRET.to_string();
+        s.sse.retry = std::time::Duration::from_millis(300);
+    })
+    .await;
+    let relay = Relay::start(server.addr).await;
+    let grants = json!({"subscribe": ["drop-*"], "publish": ["drop-*"]});
+    let writer = Client::new(
+        parse_base_url(&server.url("")).unwrap(),
+        Some(jwt(
+            SECRET,
+            600,
+            json!({"sub": "writer", "dormouse": grants}),
+        )),
+        "test",
+    )
+    .unwrap();
+    let source = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../clients/js/dormouse.js"),
+    )
+    .expect("read clients/js/dormouse.js");
+    let browser = Browser::launch().await;
+    // The page's origin is the relay: everything the page does goes through it.
+    let mut page = browser.open(&format!("{}/healthz", relay.url())).await;
+    page.until("the page", "document.readyState", |v| v == "complete")
+        .await;
+    let import = format!(
+        "(async () => {{
+            const url = URL.createObjectURL(new Blob([{}], {{type: 'text/javascript'}}));
+            window.lib = await import(url);
+            return typeof lib.Dormouse;
+        }})()",
+        Value::String(source)
+    );
+    assert_eq!(page.eval(&import).await, "function");
+
+    for transport in ["websocket", "sse"] {
+        let channel = format!("drop-{transport}");
+        let short = jwt(SECRET, 4, json!({"sub": "page", "dormouse": grants}));
+        let long = jwt(SECRET, 600, json!({"sub": "page", "dormouse": grants}));
+        page.eval(&format!(
+            r#"window.got = []; window.asked = 0; window.states = [];
+               window.tokens = [{short}, {long}];
+               window.client = new lib.Dormouse({{
+                 url: location.origin, transport: "{transport}",
+                 token: () => {{ asked++; return tokens.length > 1 ? tokens.shift() : tokens[0]; }},
+                 backoff: {{initialMs: 100, maxMs: 500}}}});
+               client.on("state", s => states.push(s));
+               window.sub = client.subscribe("{channel}");
+               sub.on("message", m => got.push([m.id, m.data]));
+               new Promise(r => sub.on("subscribed", () => r(true)))"#,
+            short = Value::String(short),
+            long = Value::String(long),
+        ))
+        .await;
+        let m1 = writer.publish(&channel, "m1", None, None).await.unwrap().id;
+        page.until("m1", "got.length", |v| v == 1).await;
+
+        // The network drops mid-stream; m2 is published meanwhile, beside it.
+        relay.cut();
+        page.until("the drop noticed", "states.includes('connecting')", |v| {
+            v == true
+        })
+        .await;
+        let m2 = writer.publish(&channel, "m2", None, None).await.unwrap().id;
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        relay.heal();
+        page.until("m2 after the drop", "got.length", |v| v == 2)
+            .await;
+
+        // Past the first token's expiry (4 s from when it was minted).
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        let m3 = writer.publish(&channel, "m3", None, None).await.unwrap().id;
+        let got = page
+            .until("m3 after the expiry", "got", |v| {
+                v.as_array().is_some_and(|a| a.len() >= 3)
+            })
+            .await;
+        let ids: Vec<&str> = got
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m[0].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, [m1.as_str(), m2.as_str(), m3.as_str()], "{transport}");
+        let asked = page.eval("asked").await;
+        assert!(
+            asked.as_u64().unwrap() >= 2,
+            "{transport}: a fresh token ({asked})"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert_eq!(
+            page.eval("got.length").await,
+            3,
+            "{transport}: nothing twice"
+        );
+        page.eval("client.close(); true").await;
+    }
+    browser.close().await;
+    server.stop().await;
+}

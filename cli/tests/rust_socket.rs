@@ -3,14 +3,13 @@
 //! stored once across a cut connection, several channels resumed across a restart, a
 //! token replaced in place, a refused handshake read with its code, and a backend's close.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use dormouse_client::http::{Client, Error, Item, Message, Socket, parse_base_url};
+use dormouse_testkit::relay::Relay;
 use dormouse_testkit::{PATIENCE, TestServer};
-use tokio::net::{TcpListener, TcpStream};
 
 fn client_at(base: &str) -> Client {
     Client::new(parse_base_url(base).unwrap(), None, "test").unwrap()
@@ -42,67 +41,6 @@ async fn next_control(socket: &mut Socket, wanted: &str) -> serde_json::Value {
     })
     .await
     .expect("the control in time")
-}
-
-/// A TCP relay in front of the server that the test can cut: every open connection is
-/// dropped, and new ones are refused, until it is let through again.
-struct Relay {
-    addr: SocketAddr,
-    open: Arc<AtomicBool>,
-    generation: Arc<AtomicU32>,
-}
-
-impl Relay {
-    async fn start(target: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let open = Arc::new(AtomicBool::new(true));
-        let generation = Arc::new(AtomicU32::new(0));
-        let (is_open, current) = (open.clone(), generation.clone());
-        tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                if !is_open.load(Ordering::SeqCst) {
-                    continue;
-                }
-                let born = current.load(Ordering::SeqCst);
-                let current = current.clone();
-                tokio::spawn(async move {
-                    let Ok(mut server) = TcpStream::connect(target).await else {
-                        return;
-                    };
-                    let copy = tokio::io::copy_bidirectional(&mut client, &mut server);
-                    let cut = async {
-                        while current.load(Ordering::SeqCst) == born {
-                            tokio::time::sleep(Duration::from_millis(5)).await;
-                        }
-                    };
-                    tokio::select! {
-                        _ = copy => {}
-                        () = cut => {}
-                    }
-                });
-            }
-        });
-        Self {
-            addr,
-            open,
-            generation,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// Drops every connection and refuses new ones.
-    fn cut(&self) {
-        self.open.store(false, Ordering::SeqCst);
-        self.generation.fetch_add(1, Ordering::SeqCst);
-    }
-
-    fn heal(&self) {
-        self.open.store(true, Ordering::SeqCst);
-    }
 }
 
 #[tokio::test]

@@ -8,6 +8,7 @@
 
 pub mod browser;
 pub mod nats;
+pub mod relay;
 pub mod upstream;
 
 use std::collections::VecDeque;
