@@ -7,9 +7,14 @@
 //! that carries the last id over, as WHATWG's `lastEventId` does, and keep CR, LF and CRLF
 //! line ends split across chunks right.
 //!
-//! With the `http` feature, [`http::Client`] publishes and follows channels of a running
-//! server, resuming by itself after any interruption; the `dormouse` CLI's `publish` and
-//! `tail` are built on it.
+//! Features:
+//! - `http`: `http::Client` publishes, reads history and presence, and follows channels
+//!   over Server-Sent Events, resuming by itself after any interruption (the `dormouse`
+//!   CLI's `publish` and `tail` are built on it);
+//! - `websocket` (with `http`): `Client::socket` follows channels over one WebSocket and
+//!   publishes on it with acknowledgements, stored once across reconnections, replacing a
+//!   provider's token in place; `Client::object` is a reconnecting WebSocket to a user
+//!   object.
 
 pub mod binary;
 #[cfg(feature = "http")]
