@@ -25,7 +25,7 @@ pub use config::{
     MAX_IDEMPOTENCY_KEY, RESERVED_EVENT_PREFIX, TailBudget, validate_channel_name,
     validate_event_name, validate_idempotency_key,
 };
-pub use event::{Control, DEFAULT_EVENT, Event, direct_frame};
+pub use event::{Control, DEFAULT_EVENT, Event, Frames, direct_frame};
 pub use id::{BadEventId, EventId};
 pub use presence::{MAX_INFO, Member, PresenceMember, PresencePage};
 
@@ -569,10 +569,11 @@ impl Channel {
         if !sockets.is_empty() {
             let name = self.name.clone();
             ctx.after_commit(move || {
+                let mut frames = Frames::new(&fresh, &name);
                 for socket in sockets.iter() {
                     let transport = socket.transport();
-                    for event in &fresh {
-                        socket.send_stamped(event.frame(transport, &name), accepted);
+                    for at in 0..frames.len() {
+                        socket.send_stamped(frames.get(at, transport), accepted);
                     }
                 }
             });
@@ -636,6 +637,7 @@ impl Channel {
             let observer = self.observer.clone();
             let name = self.name.clone();
             ctx.after_commit(move || {
+                let mut frames = Frames::new(&fresh, &name);
                 for socket in sockets.iter() {
                     let transport = socket.transport();
                     if let Some(gap) = &gap {
@@ -644,8 +646,8 @@ impl Channel {
                             observer.gap_sent(gap.reason);
                         }
                     }
-                    for event in &fresh {
-                        socket.send(event.frame(transport, &name));
+                    for at in 0..frames.len() {
+                        socket.send(frames.get(at, transport));
                     }
                 }
             });
@@ -703,6 +705,12 @@ impl Channel {
                     tails.give_back(old.weight());
                 }
             }
+        }
+        // A tail cut down (the tails' budget is spent) gives back its slots too: thousands
+        // of active channels each keeping room for a thousand pointers is memory the
+        // budget does not see.
+        if self.tail.capacity() > 64 && self.tail.len() * 4 < self.tail.capacity() {
+            self.tail.shrink_to(self.tail.len() * 2);
         }
     }
 

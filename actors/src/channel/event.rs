@@ -1,8 +1,10 @@
 //! One published event and its encodings: the storage record, an SSE frame and a WebSocket
-//! message. Each wire encoding is built at most once per event (on first use) and shared, as
-//! `Bytes`, by every subscriber's queue.
+//! message. A release to many subscribers encodes each event once per transport
+//! ([`Frames`]) and shares it, as `Bytes`, by every subscriber's queue; the event itself
+//! keeps no encoding, so one that waits in a channel's in-memory tail costs its payload
+//! and a small fixed size, which is what the tails' budget counts.
 
-use std::sync::OnceLock;
+use std::sync::Arc;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -33,10 +35,6 @@ pub struct Event {
     /// True when the payload can travel as text on every transport: valid UTF-8 without
     /// carriage returns (which SSE cannot carry). Otherwise it travels base64-encoded.
     pub text: bool,
-    sse: OnceLock<Bytes>,
-    ws: OnceLock<Bytes>,
-    binary: OnceLock<Bytes>,
-    sse_multi: OnceLock<Bytes>,
 }
 
 /// Why a stored record could not be read back.
@@ -57,10 +55,6 @@ impl Event {
             data,
             timestamp_ms,
             text,
-            sse: OnceLock::new(),
-            ws: OnceLock::new(),
-            binary: OnceLock::new(),
-            sse_multi: OnceLock::new(),
         }
     }
 
@@ -105,43 +99,30 @@ impl Event {
             data,
             timestamp_ms,
             text,
-            sse: OnceLock::new(),
-            ws: OnceLock::new(),
-            binary: OnceLock::new(),
-            sse_multi: OnceLock::new(),
         })
     }
 
-    /// The frame for a subscriber on `transport`, encoded on first use and shared after. A
-    /// WebSocket frame names `channel` (the event's, always the same for one event), so a
-    /// client following several channels on one connection tells them apart.
+    /// The frame for a subscriber on `transport`, encoded anew (a release to many
+    /// subscribers shares one per transport through [`Frames`]). A WebSocket frame names
+    /// `channel` (the event's, always the same for one event), so a client following
+    /// several channels on one connection tells them apart.
     pub fn frame(&self, transport: Transport, channel: &str) -> Outbound {
         match transport {
-            Transport::Sse => Outbound::Text(self.sse.get_or_init(|| self.encode_sse()).clone()),
-            Transport::SseMulti => Outbound::Text(
-                self.sse_multi
-                    .get_or_init(|| {
-                        let json = self.ws.get_or_init(|| self.encode_ws(channel));
-                        sse_multi_frame(channel, &self.id.to_string(), &self.name, json)
-                    })
-                    .clone(),
-            ),
-            Transport::WebSocket => {
-                Outbound::Text(self.ws.get_or_init(|| self.encode_ws(channel)).clone())
-            }
-            Transport::WebSocketBinary => Outbound::Binary(
-                self.binary
-                    .get_or_init(|| {
-                        binary_frame(
-                            binary::EVENT,
-                            &self.id.to_string(),
-                            channel,
-                            &self.name,
-                            &self.data,
-                        )
-                    })
-                    .clone(),
-            ),
+            Transport::Sse => Outbound::Text(self.encode_sse()),
+            Transport::SseMulti => Outbound::Text(sse_multi_frame(
+                channel,
+                &self.id.to_string(),
+                &self.name,
+                &self.encode_ws(channel),
+            )),
+            Transport::WebSocket => Outbound::Text(self.encode_ws(channel)),
+            Transport::WebSocketBinary => Outbound::Binary(binary_frame(
+                binary::EVENT,
+                &self.id.to_string(),
+                channel,
+                &self.name,
+                &self.data,
+            )),
         }
     }
 
@@ -180,9 +161,59 @@ impl Event {
         value
     }
 
-    /// Bytes this event keeps in memory, for the in-memory tail's bound.
+    /// Bytes this event keeps in memory while it waits in a tail, for the tails' bound:
+    /// its slot in the tail, the event behind its `Arc`, its name and its payload (it
+    /// holds no encodings).
     pub fn weight(&self) -> usize {
-        self.data.len() + self.name.len() + 64
+        const SLOT_AND_ARC_COUNTS: usize = 3 * std::mem::size_of::<usize>();
+        std::mem::size_of::<Self>() + SLOT_AND_ARC_COUNTS + self.name.capacity() + self.data.len()
+    }
+}
+
+/// The frames of a release's events, each encoded once per transport however many
+/// subscribers receive it, and dropped with the release.
+#[derive(Debug)]
+pub struct Frames<'a> {
+    events: &'a [Arc<Event>],
+    channel: &'a str,
+    /// By event, then by transport.
+    encoded: Vec<[Option<Outbound>; 4]>,
+}
+
+impl<'a> Frames<'a> {
+    /// Frames for `events` of `channel`, none encoded yet.
+    pub fn new(events: &'a [Arc<Event>], channel: &'a str) -> Self {
+        Self {
+            events,
+            channel,
+            encoded: (0..events.len())
+                .map(|_| std::array::from_fn(|_| None))
+                .collect(),
+        }
+    }
+
+    /// The frame of the `at`th event for `transport`, encoded on first use.
+    pub fn get(&mut self, at: usize, transport: Transport) -> Outbound {
+        let slot = match transport {
+            Transport::Sse => 0,
+            Transport::SseMulti => 1,
+            Transport::WebSocket => 2,
+            Transport::WebSocketBinary => 3,
+        };
+        let (events, channel) = (self.events, self.channel);
+        self.encoded[at][slot]
+            .get_or_insert_with(|| events[at].frame(transport, channel))
+            .clone()
+    }
+
+    /// How many events.
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
     }
 }
 
@@ -441,13 +472,37 @@ mod tests {
     }
 
     #[test]
-    fn frames_are_encoded_once_and_shared() {
-        let e = event(b"x", "message");
+    fn a_releases_frames_are_encoded_once_per_transport_and_shared() {
+        let events = [Arc::new(event(b"x", "message")), Arc::new(event(b"y", "m"))];
+        let mut frames = Frames::new(&events, "c1");
         let (Outbound::Text(a), Outbound::Text(b)) =
-            (e.frame(Transport::Sse, "c1"), e.frame(Transport::Sse, "c1"))
+            (frames.get(1, Transport::Sse), frames.get(1, Transport::Sse))
         else {
             panic!()
         };
         assert_eq!(a.as_ptr(), b.as_ptr());
+        let Outbound::Text(ws) = frames.get(1, Transport::WebSocket) else {
+            panic!()
+        };
+        assert_ne!(a, ws);
+        assert_eq!(
+            frames.get(0, Transport::Sse),
+            events[0].frame(Transport::Sse, "c1")
+        );
+    }
+
+    #[test]
+    fn an_event_weighs_what_it_keeps_in_memory() {
+        // Its slot, the event behind its Arc, the name and the payload: no encodings.
+        let e = event(&[7; 64], "message");
+        assert!(
+            std::mem::size_of::<Event>() <= 96,
+            "{}",
+            std::mem::size_of::<Event>()
+        );
+        assert_eq!(
+            e.weight(),
+            std::mem::size_of::<Event>() + 24 + e.name.capacity() + 64
+        );
     }
 }
