@@ -391,7 +391,7 @@ impl Object for Channel {
                         }
                     }
                     for event in backlog {
-                        subscriber.send(event.frame(transport, &name));
+                        subscriber.send(event.replay_frame(transport, &name));
                     }
                 });
                 // After its backlog: the new member hears of its own join too, so every

@@ -431,6 +431,15 @@ async fn bulk_lines_are_published_in_order_one_id_per_line() {
         .map(|e| e["data"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(stored, ["one", "two", "three"]);
+    // A key too long to carry every line's number is refused before anything is sent.
+    let long = "k".repeat(190);
+    run(
+        &url,
+        &["publish", "imports", "--lines", "--idempotency-key", &long],
+        Some(b"x\n"),
+    )
+    .await
+    .assert_fails(1, &["at most 179 characters"]);
     // Without a key, each run is its own: the same lines are stored again.
     let plain = ["publish", "imports", "--lines"];
     run(&url, &plain, Some(b"one\n")).await.ok_lines();

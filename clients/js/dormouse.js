@@ -545,13 +545,19 @@ export class Dormouse extends Emitter {
   async #positionOf(sub) {
     const channel = encodeURIComponent(sub.channel);
     if (sub.rewind) {
-      const page = await this.#http(`/v1/channels/${channel}/messages?direction=backward&limit=${sub.rewind + 1}`, { method: "GET" });
-      if (page.ok) {
-        const { events } = await page.json();
-        // Fewer than N+1 kept: all of them, from the channel's oldest ("" in a cursor).
-        return events.length > sub.rewind ? events[events.length - 1].id : "";
+      // The N newest (N is at most the server's page size), then the one before them,
+      // after which the stream starts; none before them: from the oldest ("" in a cursor).
+      const newest = await this.#http(`/v1/channels/${channel}/messages?direction=backward&limit=${sub.rewind}`, { method: "GET" });
+      if (newest.ok) {
+        const { events } = await newest.json();
+        if (events.length < sub.rewind) return "";
+        const oldest = events[events.length - 1].id;
+        const before = await this.#http(`/v1/channels/${channel}/messages?direction=backward&limit=1&before=${encodeURIComponent(oldest)}`, { method: "GET" });
+        if (before.ok) return (await before.json()).events[0]?.id ?? "";
+        await before.body?.cancel();
+      } else {
+        await newest.body?.cancel();
       }
-      await page.body?.cancel();
     }
     const response = await this.#http(`/v1/channels/${channel}`, { method: "GET" });
     if (!response.ok) {

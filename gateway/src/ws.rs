@@ -671,18 +671,12 @@ impl WsSession {
                     return close_with(ws, close::TOKEN_EXPIRED, "token expired").await;
                 }
                 Wake::Outbound(false) => {
-                    // An object that let go of its socket (did not accept it) decided so:
-                    // 1000, a backend's final word. A channel or hook never lets go on
-                    // purpose: 1011 asks for a reconnect, which finds out what became of it.
-                    return match self.mode {
-                        Mode::Object { .. } => {
-                            close_with(ws, 1000, "the object did not keep the connection").await
-                        }
-                        Mode::Channel { .. } | Mode::Hooked(_) => {
-                            close_with(ws, 1011, "the server let go of the connection; reconnect")
-                                .await
-                        }
-                    };
+                    // Not 1000, which clients take as a backend's final word (an object that
+                    // does not accept a socket says so with a close of its own): a channel,
+                    // hook or object that let go, or a cluster relay that ended, asks for a
+                    // reconnect, which finds out what became of it.
+                    return close_with(ws, 1011, "the server let go of the connection; reconnect")
+                        .await;
                 }
                 Wake::Outbound(true) => {
                     // Boxed, as they are the loop's largest steps and a future is as large

@@ -97,7 +97,16 @@ async fn run_work<O: Object>(
         Work::Request(request) => object.handle(ctx, request).await.map(Output::Response),
         Work::Fetch(request) => object.fetch(ctx, request).await.map(Output::Http),
         Work::Connect(socket, parts) => {
+            let (id, offered) = (socket.id(), socket.clone());
             object.websocket(ctx, socket, parts).await?;
+            if ctx.socket(id).is_none() {
+                // Not accepted: the object's decision, so the client is told it is final
+                // (1000) rather than left to reconnect, as a socket that is merely lost is.
+                offered.send(crate::Outbound::Close {
+                    code: 1000,
+                    reason: "the object did not accept the connection".to_string(),
+                });
+            }
             Ok(Output::Done)
         }
         Work::SocketMessage(id, message) => {

@@ -1,10 +1,12 @@
 //! One published event and its encodings: the storage record, an SSE frame and a WebSocket
 //! message. A release to many subscribers encodes each event once per transport
 //! ([`Frames`]) and shares it, as `Bytes`, by every subscriber's queue; the event itself
-//! keeps no encoding, so one that waits in a channel's in-memory tail costs its payload
-//! and a small fixed size, which is what the tails' budget counts.
+//! keeps no encoding from that, so one that waits in a channel's in-memory tail costs its
+//! payload and a small fixed size, which is what the tails' budget counts. Only replays
+//! (a subscriber catching up) keep theirs on the event, so a reconnect storm encodes and
+//! holds each replayed event once, not once per subscriber.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -35,6 +37,8 @@ pub struct Event {
     /// True when the payload can travel as text on every transport: valid UTF-8 without
     /// carriage returns (which SSE cannot carry). Otherwise it travels base64-encoded.
     pub text: bool,
+    /// Encodings made for replays, by transport; allocated on the first replay.
+    replayed: OnceLock<Box<[OnceLock<Bytes>; 4]>>,
 }
 
 /// Why a stored record could not be read back.
@@ -55,6 +59,7 @@ impl Event {
             data,
             timestamp_ms,
             text,
+            replayed: OnceLock::new(),
         }
     }
 
@@ -99,6 +104,7 @@ impl Event {
             data,
             timestamp_ms,
             text,
+            replayed: OnceLock::new(),
         })
     }
 
@@ -123,6 +129,23 @@ impl Event {
                 &self.name,
                 &self.data,
             )),
+        }
+    }
+
+    /// [`Event::frame`] for a replay: encoded once per transport and kept with the event,
+    /// so every subscriber catching up on it shares one copy.
+    pub fn replay_frame(&self, transport: Transport, channel: &str) -> Outbound {
+        let slots = self
+            .replayed
+            .get_or_init(|| Box::new(std::array::from_fn(|_| OnceLock::new())));
+        let bytes = slots[slot(transport)].get_or_init(|| match self.frame(transport, channel) {
+            Outbound::Text(bytes) | Outbound::Binary(bytes) => bytes,
+            // `frame` makes text or binary frames only.
+            _ => Bytes::new(),
+        });
+        match transport {
+            Transport::WebSocketBinary => Outbound::Binary(bytes.clone()),
+            _ => Outbound::Text(bytes.clone()),
         }
     }
 
@@ -162,8 +185,9 @@ impl Event {
     }
 
     /// Bytes this event keeps in memory while it waits in a tail, for the tails' bound:
-    /// its slot in the tail, the event behind its `Arc`, its name and its payload (it
-    /// holds no encodings).
+    /// its slot in the tail, the event behind its `Arc`, its name and its payload. The
+    /// encodings a replay leaves on it are not counted: only replayed events have them,
+    /// one per transport however many subscribers caught up.
     pub fn weight(&self) -> usize {
         const SLOT_AND_ARC_COUNTS: usize = 3 * std::mem::size_of::<usize>();
         std::mem::size_of::<Self>() + SLOT_AND_ARC_COUNTS + self.name.capacity() + self.data.len()
@@ -194,14 +218,8 @@ impl<'a> Frames<'a> {
 
     /// The frame of the `at`th event for `transport`, encoded on first use.
     pub fn get(&mut self, at: usize, transport: Transport) -> Outbound {
-        let slot = match transport {
-            Transport::Sse => 0,
-            Transport::SseMulti => 1,
-            Transport::WebSocket => 2,
-            Transport::WebSocketBinary => 3,
-        };
         let (events, channel) = (self.events, self.channel);
-        self.encoded[at][slot]
+        self.encoded[at][slot(transport)]
             .get_or_insert_with(|| events[at].frame(transport, channel))
             .clone()
     }
@@ -214,6 +232,16 @@ impl<'a> Frames<'a> {
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.events.is_empty()
+    }
+}
+
+/// Where a transport's encoding is kept among four.
+fn slot(transport: Transport) -> usize {
+    match transport {
+        Transport::Sse => 0,
+        Transport::SseMulti => 1,
+        Transport::WebSocket => 2,
+        Transport::WebSocketBinary => 3,
     }
 }
 
@@ -489,6 +517,18 @@ mod tests {
             frames.get(0, Transport::Sse),
             events[0].frame(Transport::Sse, "c1")
         );
+        // A replay keeps its encoding with the event: the next subscriber shares it.
+        let (Outbound::Binary(c), Outbound::Binary(d)) = (
+            events[0].replay_frame(Transport::WebSocketBinary, "c1"),
+            events[0].replay_frame(Transport::WebSocketBinary, "c1"),
+        ) else {
+            panic!()
+        };
+        assert_eq!(c.as_ptr(), d.as_ptr());
+        assert_eq!(
+            Outbound::Binary(c),
+            events[0].frame(Transport::WebSocketBinary, "c1")
+        );
     }
 
     #[test]
@@ -496,7 +536,7 @@ mod tests {
         // Its slot, the event behind its Arc, the name and the payload: no encodings.
         let e = event(&[7; 64], "message");
         assert!(
-            std::mem::size_of::<Event>() <= 96,
+            std::mem::size_of::<Event>() <= 112,
             "{}",
             std::mem::size_of::<Event>()
         );

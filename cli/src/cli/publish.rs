@@ -113,6 +113,10 @@ const BATCH_DATA_BYTES: usize = 4 << 20;
 /// a full batch.
 const LINGER: Duration = Duration::from_millis(200);
 
+/// The longest `--idempotency-key` with `--lines`: room for `:` and a line number of 20
+/// digits within the server's 200 characters.
+const MAX_LINES_KEY: usize = 200 - 21;
+
 /// How many times a batch refused as transient (rate limit, overload, a proxy's 502 or 504)
 /// is sent again. Safe: a refused batch published nothing, and every line carries an
 /// idempotency key for an answer lost after the server stored it.
@@ -147,6 +151,16 @@ async fn publish_lines(client: &Client, args: &PublishArgs, input: Input) -> any
     // Every line has a key, so a batch sent again after an answer that got lost (a proxy's
     // 502 or 504 after the server stored it) stores nothing twice. Without a key given,
     // one of this run's own: the time and the process id.
+    if let Some(key) = &args.idempotency_key {
+        // Line N's key is KEY:N: it must stay a valid key (printable ASCII, at most 200
+        // characters) for every line, or the lines past some number would be refused.
+        anyhow::ensure!(
+            key.len() <= MAX_LINES_KEY && key.bytes().all(|b| (0x20..0x7f).contains(&b)),
+            "with --lines the idempotency key must be printable ASCII of at most \
+             {MAX_LINES_KEY} characters (each line's key is KEY:N, at most 200); got {} characters",
+            key.len()
+        );
+    }
     let keys = args.idempotency_key.clone().unwrap_or_else(|| {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -330,6 +330,11 @@ impl Follow {
                         }
                         // A channel with no events and no subscribers: nothing to skip.
                         Err(Error::Server(e)) if e.status == reqwest::StatusCode::NOT_FOUND => {}
+                        // Refused for this channel: say which, so only it is dropped.
+                        Err(Error::Server(mut e)) if matches!(e.status.as_u16(), 400 | 403) => {
+                            e.channel = Some(self.channels[at].0.clone());
+                            return Err(Error::Server(e));
+                        }
                         Err(e) => return Err(e),
                     }
                 }

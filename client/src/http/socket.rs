@@ -141,6 +141,8 @@ impl Socket {
             failures: 0,
             connected_once: false,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            healthy: false,
+            skipping: false,
         };
         tokio::spawn(task.run());
         Self {
@@ -340,6 +342,12 @@ struct Task {
     failures: u32,
     connected_once: bool,
     idle_timeout: Duration,
+    /// The connection was accepted (`connected`) and nothing of it was refused for now.
+    healthy: bool,
+    /// Messages were dropped past the read-ahead bound while answers were still owed: the
+    /// cursors stay at the last message kept, and every later message is dropped too
+    /// until the connection is made again from them.
+    skipping: bool,
 }
 
 type Sink = SplitSink<WebSocket, Frame>;
@@ -356,13 +364,18 @@ impl Task {
                     None => continue,
                 },
             };
-            self.failures = 0;
             if std::mem::replace(&mut self.connected_once, true) {
                 self.ready.push_back(Item::Reconnected);
             }
+            self.healthy = false;
             match self.session(ws, expires).await {
                 End::Stop(e) => break e,
                 End::Lost(reason) => {
+                    // The backoff starts again only after a connection that worked: one
+                    // refused again at once (a channel still full) waits longer each time.
+                    if self.healthy {
+                        self.failures = 0;
+                    }
                     if let Some(stop) = self.wait_and_retry(reason).await {
                         break stop;
                     }
@@ -441,6 +454,7 @@ impl Task {
     async fn session(&mut self, ws: WebSocket, expires: Option<u64>) -> End {
         let (mut sink, mut stream) = ws.split();
         self.forget_pending();
+        self.skipping = false;
         // The other channels, each from its cursor; then what was left unanswered, in order.
         for at in 1..self.followed.len() {
             let (name, cursor) = (
@@ -499,6 +513,12 @@ impl Task {
         loop {
             // Read ahead of the app up to a bound, but always while an answer is owed: an
             // app waiting for an ack before it reads would otherwise wait forever.
+            if self.skipping && self.ready.len() < READ_AHEAD / 2 {
+                return End::Lost(
+                    "messages were left unread past the read-ahead bound; resuming from the cursors"
+                        .into(),
+                );
+            }
             let reading = self.ready.len() < READ_AHEAD || !self.pending.is_empty();
             if !reading {
                 // Not reading is not silence.
@@ -768,6 +788,13 @@ impl Task {
                         "the server sent a binary frame it could not have".into(),
                     ));
                 };
+                if parsed.id.is_some() && (self.skipping || self.ready.len() >= READ_AHEAD) {
+                    // Read past the bound only for the answers behind it (the app may be
+                    // awaiting one before it reads): this and every later message of the
+                    // connection is left for the next one, from the cursors.
+                    self.skipping = true;
+                    return None;
+                }
                 let data = bytes.slice_ref(parsed.data);
                 let message = Message {
                     channel: parsed.channel.map(str::to_string),
@@ -847,6 +874,7 @@ impl Task {
                     // Followed before, refused for now on a reconnection (the channel is
                     // full, the server shedding load): try again after the backoff.
                     let code = value["code"].as_str().unwrap_or("error");
+                    self.healthy = false;
                     return Some(End::Lost(format!(
                         "resubscribing to {channel:?} was refused for now ({code})"
                     )));
@@ -886,6 +914,7 @@ impl Task {
                 });
             }
             ("connected", _) => {
+                self.healthy = true;
                 if let Some(first) = self.followed.first_mut()
                     && first.cursor.is_none()
                 {

@@ -53,6 +53,18 @@ async fn an_object_socket_talks_to_a_room_and_comes_back_after_a_restart() {
         other => panic!("{other:?}"),
     }
 
+    // A room turns away a join without a name: it says why, and the close is final (no
+    // reconnecting to be turned away again).
+    let mut nameless = client.object(NAMESPACE, "lobby", "ws", &[]);
+    assert_eq!(next(&mut nameless).await["type"], "error");
+    match tokio::time::timeout(PATIENCE, nameless.next())
+        .await
+        .unwrap()
+    {
+        Err(Error::Closed { code: 1000, .. }) => {}
+        other => panic!("{other:?}"),
+    }
+
     let mut ada = client.object(NAMESPACE, "lobby", "ws", &[("name", "ada")]);
     let welcome = next_of(&mut ada, "welcome").await;
     assert_eq!(welcome["members"], json!(["ada"]));
