@@ -102,9 +102,13 @@ async fn run_work<O: Object>(
             if ctx.socket(id).is_none() {
                 // Not accepted: the object's decision, so the client is told it is final
                 // (1000) rather than left to reconnect, as a socket that is merely lost is.
-                offered.send(crate::Outbound::Close {
-                    code: 1000,
-                    reason: "the object did not accept the connection".to_string(),
+                // After whatever the object itself sends once its work commits (and never
+                // instead of a close of its own, which comes first).
+                ctx.after_commit(move || {
+                    offered.send(crate::Outbound::Close {
+                        code: 1000,
+                        reason: "the object did not accept the connection".to_string(),
+                    });
                 });
             }
             Ok(Output::Done)
