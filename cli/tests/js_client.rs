@@ -50,6 +50,31 @@ fn the_javascript_client_passes_its_tests_against_the_server() {
     assert!(text.contains("pass") && !text.contains("tests 0"), "{text}");
 }
 
+/// A page at `url` (the origin the library's client talks to) with the library imported
+/// as `window.lib`, by URL, as a browser loads a module.
+async fn with_library(
+    browser: &dormouse_testkit::browser::Browser,
+    url: &str,
+) -> dormouse_testkit::browser::Cdp {
+    let source = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../clients/js/dormouse.js"),
+    )
+    .expect("read clients/js/dormouse.js");
+    let mut page = browser.open(url).await;
+    page.until("the page", "document.readyState", |v| v == "complete")
+        .await;
+    let import = format!(
+        "(async () => {{
+            const url = URL.createObjectURL(new Blob([{}], {{type: 'text/javascript'}}));
+            window.lib = await import(url);
+            return typeof lib.Dormouse;
+        }})()",
+        serde_json::Value::String(source)
+    );
+    assert_eq!(page.eval(&import).await, "function");
+    page
+}
+
 /// The library in the browser it is for: headless Chromium imports it (the page is the
 /// server's own origin, as an app's would be behind one host), follows two channels on one
 /// connection over each transport, publishes, and keeps every message exactly once across
@@ -64,24 +89,8 @@ async fn in_a_browser_the_client_resumes_every_channel_across_a_server_restart()
         s.channels.presence = true;
     };
     let mut server = TestServer::start_with(tweak).await;
-    let source = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../clients/js/dormouse.js"),
-    )
-    .expect("read clients/js/dormouse.js");
     let browser = Browser::launch().await;
-    let mut page = browser.open(&server.url("/healthz")).await;
-    page.until("the page", "document.readyState", |v| v == "complete")
-        .await;
-    // The module as the browser loads one: imported by URL.
-    let import = format!(
-        "(async () => {{
-            const url = URL.createObjectURL(new Blob([{}], {{type: 'text/javascript'}}));
-            window.lib = await import(url);
-            return typeof lib.Dormouse;
-        }})()",
-        Value::String(source)
-    );
-    assert_eq!(page.eval(&import).await, "function");
+    let mut page = with_library(&browser, &server.url("/healthz")).await;
 
     for transport in ["websocket", "sse"] {
         let (news, chat) = (format!("news-{transport}"), format!("chat-{transport}"));
@@ -171,24 +180,9 @@ async fn in_a_browser_the_client_rides_out_a_network_drop_and_an_expiring_token(
         "test",
     )
     .unwrap();
-    let source = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../clients/js/dormouse.js"),
-    )
-    .expect("read clients/js/dormouse.js");
     let browser = Browser::launch().await;
     // The page's origin is the relay: everything the page does goes through it.
-    let mut page = browser.open(&format!("{}/healthz", relay.url())).await;
-    page.until("the page", "document.readyState", |v| v == "complete")
-        .await;
-    let import = format!(
-        "(async () => {{
-            const url = URL.createObjectURL(new Blob([{}], {{type: 'text/javascript'}}));
-            window.lib = await import(url);
-            return typeof lib.Dormouse;
-        }})()",
-        Value::String(source)
-    );
-    assert_eq!(page.eval(&import).await, "function");
+    let mut page = with_library(&browser, &format!("{}/healthz", relay.url())).await;
 
     for transport in ["websocket", "sse"] {
         let channel = format!("drop-{transport}");
