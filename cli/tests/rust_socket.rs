@@ -349,3 +349,31 @@ async fn an_app_that_waits_for_its_ack_before_reading_is_answered_and_big_payloa
     assert_eq!(next_message(&mut socket).await.id, Some(after.id));
     server.stop().await;
 }
+
+#[tokio::test]
+async fn an_app_that_only_publishes_keeps_getting_acks_and_later_reads_everything() {
+    let server = TestServer::start_with(|s| {
+        s.channels.max_events = 10_000;
+        s.storage.durability = dormouse_storage::Durability::Never;
+    })
+    .await;
+    let client = client_at(&server.url(""));
+    let mut socket = client.socket(&[("feed", None)]);
+    next_control(&mut socket, "connected").await;
+    // 2,500 publishes, each awaited, none of the socket's own deliveries read meanwhile
+    // (more than it reads ahead): every ack still comes.
+    let mut ids = Vec::new();
+    for n in 0..2500 {
+        let ack = tokio::time::timeout(PATIENCE, socket.publish("feed", format!("p{n}"), None))
+            .await
+            .expect("acknowledged while nothing is read")
+            .unwrap();
+        ids.push(ack.id);
+    }
+    // Then every one of them is read, in order, once (what was left unread past the
+    // read-ahead comes again from the channel).
+    for id in &ids {
+        assert_eq!(next_message(&mut socket).await.id.as_ref(), Some(id));
+    }
+    server.stop().await;
+}
