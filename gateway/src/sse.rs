@@ -229,6 +229,9 @@ pub(crate) async fn subscribe_many(
         let starts_after = channels::subscribe(&state.publisher, channel, socket, *start).await?;
         positions.push(starts_after.map(|id| id.to_string()));
     }
+    if let Some(registration) = connected.conn.registration() {
+        registration.set_also(&channels[1..]);
+    }
     let cursor = Box::new(StreamCursor::new(channels, positions));
     respond(&state, connected, raw, &principal, Some(cursor))
 }

@@ -534,6 +534,8 @@ impl WsSession {
         direct: Arc<SubscriberWriter>,
     ) -> impl Future<Output = ()> + Send + 'static {
         async move {
+            // Listed under the channels its hook picked too.
+            self.list_under_its_channels();
             // A channel's client learns its connection id first, before anything the
             // channel queued (nothing is written for it until the writer is registered
             // below). An object's client speaks the object's protocol: it gets the header.
@@ -716,6 +718,7 @@ impl WsSession {
                             }
                             if !followed && !subscribing.contains(&channel) {
                                 more.retain(|c| *c != channel);
+                                self.list_under_its_channels();
                             }
                         }
                         if let Some(frame) = frame
@@ -743,6 +746,7 @@ impl WsSession {
                             Mode::Channel { .. } => {
                                 let answer = self.on_text(text.as_str());
                                 answers.get_or_insert_default().push_back(answer);
+                                self.list_under_its_channels();
                             }
                             Mode::Object { forward, .. } => {
                                 let _ = forward.send(Inbound::Text(text.as_str().to_string()));
@@ -784,6 +788,16 @@ impl WsSession {
                     }
                 }
             }
+        }
+    }
+
+    /// Tells the connection table which channels this connection follows besides the one
+    /// it was opened for, so listing a channel's connections finds it under each.
+    fn list_under_its_channels(&self) {
+        if let (Some(registration), Mode::Channel { more, .. }) =
+            (self.tracked.registration(), &self.mode)
+        {
+            registration.set_also(more);
         }
     }
 

@@ -553,3 +553,62 @@ async fn bad_calls_get_a_precise_status_and_code() {
         ok_json(post(&server, &format!("/v1/connections/{id}/messages"), "fine").await).await;
     assert_eq!(answer["queued"], true);
 }
+
+#[tokio::test]
+async fn a_connection_of_several_channels_is_listed_under_each() {
+    let server = TestServer::start_with(secured).await;
+    let listed = |channel: &'static str| {
+        let server = &server;
+        async move {
+            let page =
+                ok_json(get(server, &format!("/v1/channels/{channel}/connections")).await).await;
+            page["connections"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["connection_id"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        }
+    };
+    // A WebSocket opened for one channel, following another with `subscribe`.
+    let mut socket = ws(&server, "alice", "chat:a").await;
+    let id = socket.connection_id.clone().unwrap();
+    socket
+        .send_json(json!({"type": "subscribe", "channel": "chat:b", "ref": 1}))
+        .await;
+    loop {
+        if socket.next().await.expect("an answer")["type"] == "subscribed" {
+            break;
+        }
+    }
+    assert_eq!(listed("chat:a").await, std::slice::from_ref(&id));
+    assert_eq!(listed("chat:b").await, std::slice::from_ref(&id));
+    let page = ok_json(get(&server, "/v1/channels/chat:b/connections").await).await;
+    assert_eq!(page["connections"][0]["channel"], "chat:a", "{page}");
+    assert_eq!(
+        page["connections"][0]["also_follows"],
+        json!(["chat:b"]),
+        "{page}"
+    );
+    socket
+        .send_json(json!({"type": "unsubscribe", "channel": "chat:b", "ref": 2}))
+        .await;
+    loop {
+        if socket.next().await.expect("an answer")["type"] == "unsubscribed" {
+            break;
+        }
+    }
+    assert!(listed("chat:b").await.is_empty());
+    assert_eq!(listed("chat:a").await, [id]);
+
+    // An event stream of several channels.
+    let url = server.url(&format!(
+        "/v1/events?channel=chat:c&channel=chat:d&access_token={}",
+        token("bob")
+    ));
+    let mut stream = SseClient::connect_to(&server.client, &url, None).await;
+    let stream_id = stream.connection_id().await;
+    assert_eq!(listed("chat:c").await, std::slice::from_ref(&stream_id));
+    assert_eq!(listed("chat:d").await, [stream_id]);
+    server.stop().await;
+}

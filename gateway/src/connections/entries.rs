@@ -45,6 +45,21 @@ pub(super) struct Entry {
     pub(super) kind: Kind,
     /// A hook chose the subject: a credential the client refreshes does not move it.
     pinned: bool,
+    /// The other channels a channel connection follows (on `/v1/events`, or added with
+    /// `subscribe`, or picked by its hook); boxed, since most connections follow one.
+    pub(super) also: Option<Box<[Arc<str>]>>,
+}
+
+impl Entry {
+    /// Whether this channel connection follows `channel`.
+    pub(super) fn follows(&self, channel: &str) -> bool {
+        matches!(self.kind, Kind::Channel(_))
+            && (*self.target == *channel
+                || self
+                    .also
+                    .as_ref()
+                    .is_some_and(|also| also.iter().any(|c| **c == *channel)))
+    }
 }
 
 /// See the module doc.
@@ -92,6 +107,7 @@ impl Entries {
             generation,
             kind,
             pinned: false,
+            also: None,
         });
         // A slab index past u32 would need four billion connections at once.
         let slot = u32::try_from(slot).unwrap_or(NONE);
@@ -208,6 +224,17 @@ impl Entries {
             entry.pinned |= pin;
         }
         self.link(slot);
+    }
+
+    /// Sets the other channels connection `key` follows.
+    pub(super) fn set_also(&mut self, key: u64, channels: &[String]) {
+        let (slot, generation) = split(key);
+        if let Some(entry) = self.entry_mut(slot)
+            && entry.generation == generation
+        {
+            entry.also = (!channels.is_empty())
+                .then(|| channels.iter().map(|c| Arc::from(c.as_str())).collect());
+        }
     }
 
     /// True when nothing is left, indexes included.

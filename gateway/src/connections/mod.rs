@@ -137,6 +137,9 @@ pub(crate) struct ConnectionInfo {
     pub(crate) transport: String,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub(crate) channel: Option<String>,
+    /// The other channels it follows, on one connection (listed under each of them).
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub(crate) also_follows: Vec<String>,
     /// `namespace/name` of the object a WebSocket is connected to.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub(crate) object: Option<String>,
@@ -328,6 +331,13 @@ impl Registration {
             .set_subject(self.key, subject.clone(), false);
     }
 
+    /// The channels a channel connection follows besides the one it was opened for changed
+    /// (`subscribe`, `unsubscribe`, a hook's picks, a stream of several): it is listed under
+    /// each.
+    pub(crate) fn set_also(&self, channels: &[String]) {
+        self.table.lock().set_also(self.key, channels);
+    }
+
     /// A `connect` hook chose the connection's subject: it keeps it for its life, whatever
     /// credential the client sends later.
     pub(crate) fn pin_subject(&self, subject: &Arc<str>) {
@@ -401,6 +411,11 @@ impl ConnectionTable {
             subject: entry.subject.to_string(),
             transport: transport.to_string(),
             channel,
+            also_follows: entry
+                .also
+                .as_ref()
+                .map(|also| also.iter().map(|c| c.to_string()).collect())
+                .unwrap_or_default(),
             object,
             hook,
             connected_at_ms: entry.opened_ms,
@@ -444,9 +459,7 @@ impl ConnectionTable {
             Op::ListChannel { channel, limit } => {
                 let mut found: Vec<_> = entries
                     .all()
-                    .filter(|(_, e)| {
-                        matches!(e.kind, Kind::Channel(_)) && *e.target == **channel && open(e)
-                    })
+                    .filter(|(_, e)| e.follows(channel) && open(e))
                     .collect();
                 found.sort_by_key(|(key, e)| (e.opened_ms, *key));
                 self.list(found, *limit, &mut outcome);
