@@ -12,7 +12,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use super::follow::{Item, backoff};
-use super::websocket::{self, WebSocket, is_final_close};
+use super::websocket::{self, Items, WebSocket, by_the_app, is_final_close};
 use super::{Client, Error};
 
 const RETRY: Duration = Duration::from_secs(1);
@@ -57,8 +57,7 @@ pub enum ObjectMessage {
 #[derive(Debug)]
 pub struct ObjectSocket {
     commands: mpsc::UnboundedSender<Outbound>,
-    items: mpsc::Receiver<Result<Item<ObjectMessage>, Error>>,
-    ended: Option<(u16, String)>,
+    items: Items<Item<ObjectMessage>>,
 }
 
 #[derive(Debug)]
@@ -86,8 +85,7 @@ impl ObjectSocket {
         );
         Self {
             commands,
-            items: out,
-            ended: None,
+            items: Items::new(out),
         }
     }
 
@@ -108,30 +106,7 @@ impl ObjectSocket {
     /// The next item: the object's frames ([`Item::Message`]), and [`Item::Lost`] /
     /// [`Item::Reconnected`] around each reconnection. An error ends the socket.
     pub async fn next(&mut self) -> Result<Item<ObjectMessage>, Error> {
-        if let Some((code, reason)) = &self.ended {
-            return Err(Error::Closed {
-                code: *code,
-                reason: reason.clone(),
-            });
-        }
-        match self.items.recv().await {
-            Some(Ok(item)) => Ok(item),
-            Some(Err(e)) => {
-                let (code, reason) = match &e {
-                    Error::Closed { code, reason } => (*code, reason.clone()),
-                    other => (1006, other.to_string()),
-                };
-                self.ended = Some((code, reason));
-                Err(e)
-            }
-            None => {
-                self.ended = Some((1000, "closed by the app".into()));
-                Err(Error::Closed {
-                    code: 1000,
-                    reason: "closed by the app".into(),
-                })
-            }
-        }
+        self.items.next().await
     }
 
     /// Closes the socket for good (code 1000) and waits until the close frame went out.
@@ -304,11 +279,4 @@ async fn close(sink: &mut futures::stream::SplitSink<WebSocket, Frame>) -> End {
     };
     let _ = sink.send(Frame::Close(Some(frame))).await;
     End::Stop(by_the_app())
-}
-
-fn by_the_app() -> Error {
-    Error::Closed {
-        code: 1000,
-        reason: "closed by the app".into(),
-    }
 }

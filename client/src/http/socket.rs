@@ -15,7 +15,9 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use super::follow::{Item, backoff};
-use super::websocket::{self, WebSocket, is_final_close, refresh_in, token_expiry};
+use super::websocket::{
+    self, Items, WebSocket, again, by_the_app, is_final_close, refresh_in, token_expiry,
+};
 use super::{Client, Error, Published};
 use crate::binary;
 
@@ -84,9 +86,7 @@ pub struct Message {
 #[derive(Debug)]
 pub struct Socket {
     handle: SocketHandle,
-    items: mpsc::Receiver<Result<Item<Message>, Error>>,
-    /// Why the socket ended, once it did: every later call answers it again.
-    ended: Option<Error>,
+    items: Items<Item<Message>>,
 }
 
 /// Sends on a [`Socket`]'s connection from anywhere (it is cheap to clone): publishes,
@@ -147,8 +147,7 @@ impl Socket {
         tokio::spawn(task.run());
         Self {
             handle: SocketHandle { commands },
-            items: out,
-            ended: None,
+            items: Items::new(out),
         }
     }
 
@@ -162,24 +161,7 @@ impl Socket {
     /// [`Item::Reconnected`] around each reconnection. An error ends the socket, and is
     /// answered again by every later call.
     pub async fn next(&mut self) -> Result<Item<Message>, Error> {
-        if let Some(ended) = &self.ended {
-            return Err(same(ended));
-        }
-        match self.items.recv().await {
-            Some(Ok(item)) => Ok(item),
-            Some(Err(e)) => {
-                self.ended = Some(same(&e));
-                Err(e)
-            }
-            None => {
-                let e = Error::Closed {
-                    code: 1000,
-                    reason: "closed by the app".into(),
-                };
-                self.ended = Some(same(&e));
-                Err(e)
-            }
-        }
+        self.items.next().await
     }
 
     /// Publishes `data` to `channel` (one this socket follows); see [`SocketHandle::publish`].
@@ -224,7 +206,7 @@ impl SocketHandle {
             key: tokio_tungstenite::tungstenite::handshake::client::generate_key(),
             answer,
         })?;
-        answered.await.unwrap_or_else(|_| Err(closed()))
+        answered.await.unwrap_or_else(|_| Err(by_the_app()))
     }
 
     /// Follows one more channel on this connection, from after `from` (or from now on),
@@ -238,7 +220,7 @@ impl SocketHandle {
             from,
             answer,
         })?;
-        answered.await.unwrap_or_else(|_| Err(closed()))
+        answered.await.unwrap_or_else(|_| Err(by_the_app()))
     }
 
     /// Stops following `channel` (events already on their way may still arrive). The
@@ -249,7 +231,7 @@ impl SocketHandle {
             channel: channel.to_string(),
             answer,
         })?;
-        answered.await.unwrap_or_else(|_| Err(closed()))
+        answered.await.unwrap_or_else(|_| Err(by_the_app()))
     }
 
     /// Closes the connection for good (code 1000); what was not yet answered fails.
@@ -258,33 +240,7 @@ impl SocketHandle {
     }
 
     fn send(&self, command: Command) -> Result<(), Error> {
-        self.commands.send(command).map_err(|_| closed())
-    }
-}
-
-fn closed() -> Error {
-    Error::Closed {
-        code: 1000,
-        reason: "the socket is closed".into(),
-    }
-}
-
-/// The error a socket ended with, answered again to every later call (an [`Error`] is not
-/// `Clone`: it may hold a `reqwest::Error`).
-fn same(e: &Error) -> Error {
-    match e {
-        Error::Closed { code, reason } => Error::Closed {
-            code: *code,
-            reason: reason.clone(),
-        },
-        Error::Refused { code, message } => Error::Refused {
-            code: code.clone(),
-            message: message.clone(),
-        },
-        other => Error::Refused {
-            code: "ended".into(),
-            message: other.to_string(),
-        },
+        self.commands.send(command).map_err(|_| by_the_app())
     }
 }
 
@@ -385,11 +341,11 @@ impl Task {
         // Everything still waiting learns the end; the app gets what was read, then it.
         self.forget_pending();
         for out in self.outbox.drain(..) {
-            let _ = out.answer.send(Err(same(&error)));
+            let _ = out.answer.send(Err(again(&error)));
         }
         for followed in &mut self.followed {
             for waiting in followed.waiting.drain(..) {
-                let _ = waiting.send(Err(same(&error)));
+                let _ = waiting.send(Err(again(&error)));
             }
         }
         for item in self.ready.drain(..) {
@@ -416,12 +372,12 @@ impl Task {
                         permit.send(Ok(self.ready.pop_front().expect("not empty")));
                         continue;
                     }
-                    Err(_) => return Some(closed()),
+                    Err(_) => return Some(by_the_app()),
                 },
                 command = self.inbox.recv() => command,
             };
             match command {
-                None | Some(Command::Close) => return Some(closed()),
+                None | Some(Command::Close) => return Some(by_the_app()),
                 Some(command) => {
                     if let Err(e) = self.take(command, None).await {
                         return Some(e);
@@ -545,7 +501,7 @@ impl Task {
             match wake {
                 Wake::Delivered => {}
                 Wake::AppGone | Wake::Command(None | Some(Command::Close)) => {
-                    return self.close(&mut sink, closed()).await;
+                    return self.close(&mut sink, by_the_app()).await;
                 }
                 Wake::Idle => {
                     return End::Lost(format!("nothing received for {idle_timeout:?}"));
@@ -750,7 +706,7 @@ impl Task {
                     }
                 }
             }
-            Command::Close => return Err(closed()),
+            Command::Close => return Err(by_the_app()),
         }
         Ok(())
     }

@@ -12,6 +12,7 @@ use reqwest::header::{
 };
 use reqwest::{Method, StatusCode, Url};
 use serde_json::Value;
+use tokio::sync::mpsc;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -78,6 +79,64 @@ pub(super) async fn open(
             code: "timeout".into(),
             message: format!("no answer to the WebSocket handshake within {HANDSHAKE_TIMEOUT:?}"),
         }),
+    }
+}
+
+/// What a socket's task hands the app: its items, then the error it ended with, which
+/// every later call answers again (an [`Error`] is not `Clone`: it may hold a
+/// `reqwest::Error`).
+#[derive(Debug)]
+pub(super) struct Items<T> {
+    receiver: mpsc::Receiver<Result<T, Error>>,
+    ended: Option<Error>,
+}
+
+impl<T> Items<T> {
+    pub(super) fn new(receiver: mpsc::Receiver<Result<T, Error>>) -> Self {
+        Self {
+            receiver,
+            ended: None,
+        }
+    }
+
+    pub(super) async fn next(&mut self) -> Result<T, Error> {
+        if let Some(ended) = &self.ended {
+            return Err(again(ended));
+        }
+        let error = match self.receiver.recv().await {
+            Some(Ok(item)) => return Ok(item),
+            Some(Err(e)) => e,
+            // The task is gone without a word: only the app's close ends it so.
+            None => by_the_app(),
+        };
+        self.ended = Some(again(&error));
+        Err(error)
+    }
+}
+
+/// A socket the app closed (or dropped), as what its calls answer afterwards.
+pub(super) fn by_the_app() -> Error {
+    Error::Closed {
+        code: 1000,
+        reason: "closed by the app".into(),
+    }
+}
+
+/// `e` again, for another caller.
+pub(super) fn again(e: &Error) -> Error {
+    match e {
+        Error::Closed { code, reason } => Error::Closed {
+            code: *code,
+            reason: reason.clone(),
+        },
+        Error::Refused { code, message } => Error::Refused {
+            code: code.clone(),
+            message: message.clone(),
+        },
+        other => Error::Refused {
+            code: "ended".into(),
+            message: other.to_string(),
+        },
     }
 }
 
