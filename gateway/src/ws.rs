@@ -746,7 +746,6 @@ impl WsSession {
                             Mode::Channel { .. } => {
                                 let answer = self.on_text(text.as_str());
                                 answers.get_or_insert_default().push_back(answer);
-                                self.list_under_its_channels();
                             }
                             Mode::Object { forward, .. } => {
                                 let _ = forward.send(Inbound::Text(text.as_str().to_string()));
@@ -1055,6 +1054,7 @@ impl WsSession {
         more.push(to.clone());
         subscribing.push(to.clone());
         let publisher = publisher.clone();
+        self.list_under_its_channels();
         Answer::Hook(Box::pin(async move {
             match channels::subscribe(&publisher, &to, socket, start).await {
                 Ok(starts_after) => Answered {
@@ -1156,6 +1156,7 @@ impl WsSession {
         // In order: the picked ones stay first.
         more.remove(at);
         let (publisher, socket) = (publisher.clone(), self.receiver.id());
+        self.list_under_its_channels();
         // Its close has nothing more to tell this channel.
         if let Some(handle) = self.receiver.socket() {
             handle.forget_when_closed(&from);

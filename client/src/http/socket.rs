@@ -25,7 +25,7 @@ use crate::binary;
 const RETRY: Duration = Duration::from_secs(1);
 /// Reconnect when nothing, not even a ping, arrives for this long (the server pings every
 /// `websocket.ping_interval`, 20 s by default).
-const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Items read ahead of the app; beyond them the socket is not read, TCP pushes back, and a
 /// server that finds this connection too slow closes it, to be resumed from its cursor.
 const READ_AHEAD: usize = 1024;
@@ -140,7 +140,6 @@ impl Socket {
             next_ref: 0,
             failures: 0,
             connected_once: false,
-            idle_timeout: DEFAULT_IDLE_TIMEOUT,
             healthy: false,
             skipping: false,
         };
@@ -297,7 +296,6 @@ struct Task {
     next_ref: u64,
     failures: u32,
     connected_once: bool,
-    idle_timeout: Duration,
     /// The connection was accepted (`connected`) and nothing of it was refused for now.
     healthy: bool,
     /// Messages were dropped past the read-ahead bound while answers were still owed: the
@@ -455,7 +453,7 @@ impl Task {
         let mut token_refreshes = self.client.refreshes_tokens() && expires.is_some();
         // Silence from the server (not activity of the app's) for this long ends the
         // connection: the server pings every 20 s.
-        let idle_timeout = self.idle_timeout;
+        let idle_timeout = IDLE_TIMEOUT;
         let idle = tokio::time::sleep(idle_timeout);
         tokio::pin!(idle);
         enum Wake {
