@@ -38,7 +38,7 @@ pub struct Event {
     /// carriage returns (which SSE cannot carry). Otherwise it travels base64-encoded.
     pub text: bool,
     /// Encodings made for replays, by transport; allocated on the first replay.
-    replayed: OnceLock<Box<[OnceLock<Bytes>; 4]>>,
+    replayed: OnceLock<Box<[OnceLock<Outbound>; 4]>>,
 }
 
 /// Why a stored record could not be read back.
@@ -138,15 +138,9 @@ impl Event {
         let slots = self
             .replayed
             .get_or_init(|| Box::new(std::array::from_fn(|_| OnceLock::new())));
-        let bytes = slots[slot(transport)].get_or_init(|| match self.frame(transport, channel) {
-            Outbound::Text(bytes) | Outbound::Binary(bytes) => bytes,
-            // `frame` makes text or binary frames only.
-            _ => Bytes::new(),
-        });
-        match transport {
-            Transport::WebSocketBinary => Outbound::Binary(bytes.clone()),
-            _ => Outbound::Text(bytes.clone()),
-        }
+        slots[slot(transport)]
+            .get_or_init(|| self.frame(transport, channel))
+            .clone()
     }
 
     fn encode_sse(&self) -> Bytes {
