@@ -87,6 +87,22 @@ async fn with_library(
     page
 }
 
+/// Asserts the page's `got` stays at `count` messages a while longer (nothing arrives
+/// twice), then closes its client.
+async fn nothing_more_then_close(
+    page: &mut dormouse_testkit::browser::Cdp,
+    count: u64,
+    transport: &str,
+) {
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(
+        page.eval("got.length").await,
+        count,
+        "{transport}: nothing twice"
+    );
+    page.eval("client.close(); true").await;
+}
+
 /// The library in the browser it is for: headless Chromium imports it (the page is the
 /// server's own origin, as an app's would be behind one host), follows two channels on one
 /// connection over each transport, publishes, and keeps every message exactly once across
@@ -151,13 +167,7 @@ async fn in_a_browser_the_client_resumes_every_channel_across_a_server_restart()
             [mine.clone(), Value::from(c2)],
             "{transport}: {got}"
         );
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        assert_eq!(
-            page.eval("got.length").await,
-            4,
-            "{transport}: nothing twice"
-        );
-        page.eval("client.close(); true").await;
+        nothing_more_then_close(&mut page, 4, transport).await;
     }
     browser.close().await;
     server.stop().await;
@@ -250,13 +260,7 @@ async fn in_a_browser_the_client_rides_out_a_network_drop_and_an_expiring_token(
             asked.as_u64().unwrap() >= 2,
             "{transport}: a fresh token ({asked})"
         );
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        assert_eq!(
-            page.eval("got.length").await,
-            3,
-            "{transport}: nothing twice"
-        );
-        page.eval("client.close(); true").await;
+        nothing_more_then_close(&mut page, 3, transport).await;
     }
     browser.close().await;
     server.stop().await;

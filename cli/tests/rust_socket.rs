@@ -145,9 +145,9 @@ async fn several_channels_resume_across_a_restart() {
     let a0 = client.publish("a", "a0", None, None).await.unwrap();
     let mut socket = client.socket(&[("a", Some(a0.id.clone()))]);
     next_control(&mut socket, "connected").await;
-    socket.handle().subscribe("b", None).await.unwrap();
+    socket.subscribe("b", None).await.unwrap();
     // A channel it already follows, and one it does not.
-    let again = socket.handle().subscribe("b", None).await.unwrap_err();
+    let again = socket.subscribe("b", None).await.unwrap_err();
     assert!(
         matches!(&again, Error::Refused { code, .. } if code == "already_subscribed"),
         "{again}"
@@ -187,8 +187,8 @@ async fn several_channels_resume_across_a_restart() {
     assert_eq!(got, vec![("a".into(), a1.id), ("b".into(), b2.id)]);
 
     // Unsubscribed: b's events stop; a's go on. The channel it was opened for stays.
-    socket.handle().unsubscribe("b").await.unwrap();
-    let stays = socket.handle().unsubscribe("a").await.unwrap_err();
+    socket.unsubscribe("b").await.unwrap();
+    let stays = socket.unsubscribe("a").await.unwrap_err();
     assert!(
         matches!(&stays, Error::Refused { code, .. } if code == "opened_for_channel"),
         "{stays}"

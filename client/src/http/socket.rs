@@ -162,20 +162,15 @@ impl Socket {
     pub async fn next(&mut self) -> Result<Item<Message>, Error> {
         self.items.next().await
     }
+}
 
-    /// Publishes `data` to `channel` (one this socket follows); see [`SocketHandle::publish`].
-    pub async fn publish(
-        &self,
-        channel: &str,
-        data: impl Into<Bytes>,
-        event: Option<&str>,
-    ) -> Result<Published, Error> {
-        self.handle.publish(channel, data, event).await
-    }
+/// A socket is also its handle: `socket.publish(..)`, `socket.subscribe(..)` and the rest
+/// work on it directly; [`Socket::handle`] is for other tasks.
+impl std::ops::Deref for Socket {
+    type Target = SocketHandle;
 
-    /// Closes the connection for good (code 1000); what was not yet answered fails.
-    pub fn close(&self) {
-        self.handle.close();
+    fn deref(&self) -> &SocketHandle {
+        &self.handle
     }
 }
 
